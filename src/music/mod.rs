@@ -1,0 +1,16 @@
+//! Pure music data: notes and melodies, the MIDI and ABC readers, the step encoding of the main
+//! recipe and its vocabulary.
+//! Runs on: worker and offline threads (xtask, tests). Allocates freely, so never on the audio
+//! thread; never imports `nice_plug` or candle.
+
+pub mod abc;
+pub mod encode;
+pub mod key;
+pub mod midi;
+pub mod note;
+pub mod vocab;
+
+pub use encode::{Symbol, StepGrid};
+pub use key::{Key, Mode};
+pub use note::{Melody, Meter, Note, Source};
+pub use vocab::{TokenId, Vocab};
