@@ -1,1 +1,51 @@
-fn main() { nice_plug_xtask::main().unwrap() }
+//! `cargo xtask`: bundling the plugin, and the offline tools that share its code.
+//! Runs on: offline (a terminal).
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod corpus;
+mod generate;
+mod train;
+
+/// Antiphon's offline tools.
+#[derive(Parser)]
+#[command(name = "cargo xtask", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build and bundle the plugin: `cargo xtask bundle antiphon --release` writes
+    /// target/bundled/antiphon.clap and antiphon.vst3.
+    #[command(disable_help_flag = true)]
+    Bundle {
+        /// Passed on to the bundler (package name, --release, cargo flags).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Read the Erk tunes from ABC and from abc2midi's MIDI files and compare their encodings.
+    CorpusCheck(corpus::CheckArgs),
+    /// Report tunes read, kept, dropped by reason, symbols and the vocabulary of folders of songs.
+    CorpusStats(corpus::StatsArgs),
+    /// Train a melody model on folders of .abc and .mid files.
+    Train(train::TrainArgs),
+    /// Continue a primer melody with a model and write MIDI.
+    Generate(generate::GenerateArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bundle { args } => {
+            let args = std::iter::once("bundle".to_string()).chain(args);
+            nice_plug_xtask::main_with_args("cargo xtask", args)
+        }
+        Command::CorpusCheck(args) => corpus::check(args),
+        Command::CorpusStats(args) => corpus::stats(args),
+        Command::Train(args) => train::run(args),
+        Command::Generate(args) => generate::run(args),
+    }
+}
