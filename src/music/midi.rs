@@ -198,14 +198,13 @@ const DRUM_CHANNEL_IDX: u8 = 9;
 /// Returns at least one melody, or an error: see the module documentation for what is read,
 /// how melodies are chosen and which damage is refused.
 pub fn parse_midi(bytes: &[u8], path: &str, choice: MelodyChoice) -> Result<Vec<Melody>, MidiError> {
-    let file = read_file(bytes, path)?;
+    let mut file = read_file(bytes, path)?;
     let mut groups = Vec::new();
-    for (track_idx, track) in file.tracks.iter().enumerate() {
-        for notes in track.notes_by_channel.values() {
-            if notes.is_empty() {
-                continue;
+    for (track_idx, track) in file.tracks.iter_mut().enumerate() {
+        for notes in std::mem::take(&mut track.notes_by_channel).into_values() {
+            if !notes.is_empty() {
+                groups.push(Group::new(track_idx, notes));
             }
-            groups.push(Group::new(track_idx, notes.clone()));
         }
     }
     if groups.is_empty() {
@@ -245,7 +244,8 @@ pub fn read_midi_file(path: &Path, choice: MelodyChoice) -> Result<Vec<Melody>, 
 /// meter if it has a power-of-two denominator, the key signature (modes other than major and
 /// minor are written with their signature and the major flag, so they read back as major),
 /// then the notes on channel 1. Beats are rounded to the nearest tick; a note never becomes
-/// shorter than one tick, and notes with a start that is not finite are left out. At a shared
+/// shorter than one tick, and notes with a start that is not finite or past about 8.9 million
+/// beats are left out. At a shared
 /// tick, note-offs come before note-ons, so a repeated pitch reads back as two notes. The End
 /// of Track event is at `melody.end_beats` or the last note-off, whichever is later.
 pub fn write_midi(melody: &Melody, tempo_qpm: f64) -> Vec<u8> {
@@ -281,11 +281,11 @@ pub fn write_midi(melody: &Melody, tempo_qpm: f64) -> Vec<u8> {
     }
     let mut last_ticks = 0u64;
     for note in &melody.notes {
-        if !note.start_beats.is_finite() || note.pitch > 127 {
+        let start_ticks = beats_to_ticks(note.start_beats);
+        if !note.start_beats.is_finite() || start_ticks >= MAX_WRITE_TICKS || note.pitch > 127 {
             continue;
         }
-        let start_ticks = beats_to_ticks(note.start_beats);
-        let end_ticks = beats_to_ticks(note.end_beats()).max(start_ticks + 1);
+        let end_ticks = beats_to_ticks(note.end_beats()).clamp(start_ticks + 1, MAX_WRITE_TICKS);
         let key = u7::new(note.pitch);
         let on = MidiMessage::NoteOn { key, vel: u7::new(note.velocity.clamp(1, 127)) };
         let off = MidiMessage::NoteOff { key, vel: u7::new(64) };
@@ -296,7 +296,8 @@ pub fn write_midi(melody: &Melody, tempo_qpm: f64) -> Vec<u8> {
     }
     // Stable: events of one kind at one tick keep the melody's order.
     timed.sort_by_key(|(ticks, order, _)| (*ticks, *order));
-    let end_ticks = if melody.end_beats.is_finite() { beats_to_ticks(melody.end_beats) } else { 0 };
+    let end_ticks =
+        if melody.end_beats.is_finite() { beats_to_ticks(melody.end_beats).min(MAX_WRITE_TICKS) } else { 0 };
     timed.push((end_ticks.max(last_ticks), TimedOrder::Meta, TrackEventKind::Meta(MetaMessage::EndOfTrack)));
 
     let mut track = Vec::with_capacity(timed.len());
@@ -328,6 +329,10 @@ pub fn write_midi(melody: &Melody, tempo_qpm: f64) -> Vec<u8> {
 pub fn write_midi_file(path: &Path, melody: &Melody, tempo_qpm: f64) -> std::io::Result<()> {
     std::fs::write(path, write_midi(melody, tempo_qpm))
 }
+
+/// Latest tick `write_midi` writes, about 8.9 million beats in: notes that start later are
+/// left out and later ends are cut here, which bounds the file however wild the melody's times.
+const MAX_WRITE_TICKS: u64 = u32::MAX as u64;
 
 /// Order of events that share a tick in `write_midi`: metadata, then note-offs, then note-ons.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -947,10 +952,18 @@ mod tests {
     fn writing_rounds_to_ticks_and_repairs_bad_values() {
         // 1/1000 beat rounds to 0 ticks, so the note is kept one tick long; a start that is not
         // finite is left out; a bad tempo becomes the default.
-        let mut written = melody(&[(60, 0.0, 0.001), (62, 1.0 / 3.0, 1.0 / 3.0), (64, f64::NAN, 1.0)]);
+        let mut written = melody(&[
+            (60, 0.0, 0.001),
+            (62, 1.0 / 3.0, 1.0 / 3.0),
+            (64, f64::NAN, 1.0),
+            (65, 1e300, 1.0),
+            (66, f64::INFINITY, 1.0),
+            // Further than one delta time reaches: bridged with empty markers.
+            (67, 5_000_000.0, 1.0),
+        ]);
         written.end_beats = f64::INFINITY;
         let read = parse_one(&write_midi(&written, -5.0));
-        assert_eq!(ticks_of(&read, 480.0), [(60, 0, 1), (62, 160, 160)]);
+        assert_eq!(ticks_of(&read, 480.0), [(60, 0, 1), (62, 160, 160), (67, 2_400_000_000, 480)]);
         assert_eq!(read.tempo_qpm, Some(DEFAULT_TEMPO_QPM));
         assert_eq!(parse_one(&write_midi(&written, f64::NAN)).tempo_qpm, Some(DEFAULT_TEMPO_QPM));
     }
