@@ -884,6 +884,7 @@ impl TuneReader {
                         self.events.push(Event::Rest { len });
                         self.last_timed_idx = Some(self.events.len() - 1);
                     }
+                    self.tie_carry = None;
                 }
                 b'y' => {
                     i += 1;
