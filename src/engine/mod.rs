@@ -257,6 +257,9 @@ impl Engine {
         let (request_tx, request_rx) = bounded(REQUEST_QUEUE_LEN);
         let (chunk_tx, chunk_rx) = bounded(CHUNK_QUEUE_LEN);
         status.set(EngineState::Loading, model.get().to_string());
+        // Before the thread runs, so the audio thread never asks a worker that has no model yet.
+        live.is_model_ready.store(false, Ordering::Release);
+        live.is_model_loading.store(true, Ordering::Release);
         let worker = worker::Worker::new(factory, model, live, status.clone(), request_rx, chunk_tx);
         let thread = std::thread::Builder::new()
             .name("antiphon-worker".into())

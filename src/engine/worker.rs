@@ -249,9 +249,11 @@ impl Worker {
     fn load_model(&mut self) {
         let epoch = self.model.epoch();
         let choice = self.model.get();
+        let is_reload = self.loaded_epoch.is_some();
         self.answer = None;
         self.continuer = None;
         self.live.is_model_ready.store(false, Ordering::Release);
+        self.live.is_model_loading.store(true, Ordering::Release);
         self.status.set(EngineState::Loading, choice.to_string());
         let loaded = choice.validate().and_then(|()| self.factory.load(&choice));
         match loaded {
@@ -267,8 +269,11 @@ impl Worker {
             }
         }
         self.loaded_epoch = Some(epoch);
-        // Whatever the audio thread plays from the previous model ends now.
-        self.live.model_epoch.fetch_add(1, Ordering::AcqRel);
+        self.live.is_model_loading.store(false, Ordering::Release);
+        if is_reload {
+            // Whatever the audio thread plays from the previous model ends now.
+            self.live.model_epoch.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     fn start_answer(&mut self, request: AnswerRequest) {

@@ -236,6 +236,8 @@ pub struct LiveShared {
     pub model_epoch: AtomicU32,
     /// Whether the worker has a model that can answer. Without one, notes only pass through.
     pub is_model_ready: AtomicBool,
+    /// Whether the worker is loading a model (an offline render waits for it).
+    pub is_model_loading: AtomicBool,
     /// Requests that never reached the worker: the queue was full, and the answer was
     /// cancelled (or a newer phrase replaced it) before there was room.
     pub num_dropped_requests: AtomicU32,
@@ -254,6 +256,7 @@ impl LiveShared {
             active_answer_id: AtomicU32::new(0),
             model_epoch: AtomicU32::new(0),
             is_model_ready: AtomicBool::new(false),
+            is_model_loading: AtomicBool::new(false),
             num_dropped_requests: AtomicU32::new(0),
             num_late_notes: AtomicU32::new(0),
             num_lost_events: AtomicU32::new(0),

@@ -527,6 +527,14 @@ impl Scheduler {
 
     /// Ends the phrase at `at_beats` and asks the worker for an answer.
     fn end_phrase(&mut self, at_beats: f64, settings: &Settings) {
+        if self.is_offline && self.link.is_some() {
+            // Offline, a model still loading is waited for (bounded), as a live player would
+            // have waited before playing.
+            let started = Instant::now();
+            while self.live.is_model_loading.load(Ordering::Acquire) && started.elapsed() < MAX_OFFLINE_WAIT {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
         if self.link.is_none() || !self.live.is_model_ready.load(Ordering::Acquire) {
             // No model: notes only pass through.
             self.capture.clear();
