@@ -249,7 +249,7 @@ pub fn encode(melody: &Melody, cfg: &EncodeConfig) -> Result<Vec<Symbol>, Reject
 
     let mut symbols = Vec::new();
     let mut cursor_beats = 0.0;
-    let mut push_run = |symbols: &mut Vec<Symbol>, first: Symbol, from_beats: f64, to_beats: f64| {
+    let push_run = |symbols: &mut Vec<Symbol>, first: Symbol, from_beats: f64, to_beats: f64| {
         let from = steps_at(from_beats)?;
         let to = steps_at(to_beats)?;
         if to > from {
