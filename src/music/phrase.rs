@@ -127,7 +127,7 @@ fn meter_of_bar(bar_beats: f64) -> Option<Meter> {
         return None;
     }
     let eighths = eighths.round() as u8;
-    Some(if eighths % 2 == 0 {
+    Some(if eighths.is_multiple_of(2) {
         Meter { numerator: eighths / 2, denominator: 4 }
     } else {
         Meter { numerator: eighths, denominator: 8 }

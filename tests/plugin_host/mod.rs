@@ -256,6 +256,8 @@ impl Plugin {
             in_events: EventBuffer::with_capacity(1024),
             next_sample: 0,
             max_block_len,
+            process_times: Vec::new(),
+            is_timing: false,
         }
     }
 
@@ -319,6 +321,9 @@ pub struct Processor {
     /// Samples processed so far.
     pub next_sample: u64,
     pub max_block_len: u32,
+    /// How long each `process` call took, when `is_timing` is set.
+    pub process_times: Vec<Duration>,
+    pub is_timing: bool,
 }
 
 impl Processor {
@@ -357,9 +362,7 @@ impl Processor {
         let input_audio = self.input_ports.with_input_buffers([AudioPortBuffer {
             latency: 0,
             channels: AudioPortBufferType::f32_input_only(
-                [&mut in_l[..len_usize], &mut in_r[..len_usize]]
-                    .into_iter()
-                    .map(|b| InputChannel::constant(b)),
+                [&mut in_l[..len_usize], &mut in_r[..len_usize]].into_iter().map(InputChannel::constant),
             ),
         }]);
         let mut output_audio = self.output_ports.with_output_buffers([AudioPortBuffer {
@@ -368,6 +371,7 @@ impl Processor {
                 [&mut out_l[..len_usize], &mut out_r[..len_usize]].into_iter(),
             ),
         }]);
+        let started = Instant::now();
         self.started
             .process(
                 &input_audio,
@@ -378,6 +382,9 @@ impl Processor {
                 transport_event.as_ref(),
             )
             .expect("process");
+        if self.is_timing {
+            self.process_times.push(started.elapsed());
+        }
         let mut outputs = Vec::new();
         for event in self.out_events.iter() {
             let (raw, is_on) = if let Some(on) = event.as_event::<NoteOnEvent>() {
