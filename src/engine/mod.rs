@@ -143,6 +143,10 @@ pub struct Constraints {
     pub highest_pitch: u8,
     /// Only pitches of this key's scale, when set.
     pub key: Option<Key>,
+    /// Whether the continuation may end here (a `Delimiter`). Off for an answer of a fixed
+    /// length, which should fill it; on in continuous mode, where the worker starts over from
+    /// the answer's own recent output.
+    pub may_end: bool,
 }
 
 impl Constraints {

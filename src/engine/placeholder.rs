@@ -172,7 +172,7 @@ mod tests {
     use crate::music::encode::parse_symbols;
 
     fn wide() -> Constraints {
-        Constraints { lowest_pitch: 0, highest_pitch: 127, key: None }
+        Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false }
     }
 
     fn run(primer: &str, seed: u64, temperatures: &[f32]) -> Vec<Symbol> {
@@ -204,7 +204,7 @@ mod tests {
     fn pitches_stay_in_the_range() {
         let mut c = EchoContinuer::new(StepGrid::SIXTEENTHS);
         c.begin(&parse_symbols("60 67 74 81").unwrap(), 3).unwrap();
-        let narrow = Constraints { lowest_pitch: 60, highest_pitch: 72, key: None };
+        let narrow = Constraints { lowest_pitch: 60, highest_pitch: 72, key: None, may_end: false };
         for _ in 0..200 {
             if let Symbol::Pitch(p) = c.next_symbol(1.5, &narrow).unwrap() {
                 assert!((60..=72).contains(&p), "{p}");

@@ -260,7 +260,7 @@ fn dropping_the_engine_joins_the_worker() {
 
 #[test]
 fn note_streams_turn_symbols_into_starts_and_ends() {
-    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None };
+    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
     let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, Some(2.0));
     let mut events = Vec::new();
     for symbol in parse_symbols("60 _ 62 r _ 64 64 _").unwrap() {
@@ -286,17 +286,25 @@ fn note_streams_turn_symbols_into_starts_and_ends() {
 
 #[test]
 fn pitches_are_moved_into_range_and_scale() {
-    let c_major =
-        Constraints { lowest_pitch: 60, highest_pitch: 72, key: Some(Key::from_tonic(0, Mode::Major)) };
+    let c_major = Constraints {
+        lowest_pitch: 60,
+        highest_pitch: 72,
+        key: Some(Key::from_tonic(0, Mode::Major)),
+        may_end: false,
+    };
     assert_eq!(constrain_pitch(61, &c_major), 60); // C# → C (the lower on a tie)
     assert_eq!(constrain_pitch(66, &c_major), 65); // F# → F
     assert_eq!(constrain_pitch(40, &c_major), 64); // E2 → E4 by octaves
     assert_eq!(constrain_pitch(90, &c_major), 65); // F#6 → F#4 → F4
     assert_eq!(constrain_pitch(127, &c_major), 67); // G9 → G4 by octaves
-    let tight =
-        Constraints { lowest_pitch: 61, highest_pitch: 61, key: Some(Key::from_tonic(0, Mode::Major)) };
+    let tight = Constraints {
+        lowest_pitch: 61,
+        highest_pitch: 61,
+        key: Some(Key::from_tonic(0, Mode::Major)),
+        may_end: false,
+    };
     assert_eq!(constrain_pitch(70, &tight), 61); // nothing in the scale fits: the range wins
-    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None };
+    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
     for p in 0..=127 {
         assert_eq!(constrain_pitch(p, &free), p);
     }

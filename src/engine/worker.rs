@@ -399,10 +399,14 @@ fn begin_answer(continuer: &mut dyn Continuer, request: &AnswerRequest) -> Resul
         KeyLock::FollowPhrase => estimate_key(&melody.notes),
         KeyLock::Fixed(key) => Some(key),
     };
-    let constraints =
-        Constraints { lowest_pitch: settings.lowest_pitch, highest_pitch: settings.highest_pitch, key };
-    continuer.begin(&primer, request.seed)?;
     let is_continuous = settings.len_beats.is_none();
+    let constraints = Constraints {
+        lowest_pitch: settings.lowest_pitch,
+        highest_pitch: settings.highest_pitch,
+        key,
+        may_end: is_continuous,
+    };
+    continuer.begin(&primer, request.seed)?;
     Ok(ActiveAnswer {
         id: request.answer_id,
         stream: NoteStream::new(grid, settings.len_beats),
