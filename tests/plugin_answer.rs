@@ -212,3 +212,33 @@ fn block_sizes_and_sample_rates_give_the_same_music() {
         assert!(same, "{sample_rate_hz} Hz, blocks of {block_len}:\n{answer:?}\nvs\n{reference:?}");
     }
 }
+
+#[test]
+fn key_range_velocity_and_gate_shape_the_answer() {
+    let mut plugin = prepared();
+    plugin.set(&[
+        ("Key Lock", "Fixed"),
+        ("Key", "D"),
+        ("Scale", "Minor"),
+        ("Lowest Note", "C4"),
+        ("Highest Note", "C5"),
+        ("Velocity Mode", "Fixed"),
+        ("Velocity", "50"),
+        ("Gate", "50"),
+        ("Answer Length", "4"),
+    ]);
+    let heard = perform(&mut plugin, 48_000.0, 512, &Take::new(120.0, two_bars(), 30.0));
+    let answer = notes_on(&heard, ANSWER_CHANNEL);
+    assert!(answer.len() >= 4, "{answer:?}");
+    // D natural minor: D E F G A B♭ C.
+    let d_minor = [2, 4, 5, 7, 9, 10, 0];
+    for &(key, start, end) in &answer {
+        assert!((60..=72).contains(&key), "{key} outside C4..C5");
+        assert!(d_minor.contains(&(key % 12)), "{key} is not in D minor");
+        // The placeholder writes whole beats here; half of each sounds.
+        assert!((end - start - 0.5).abs() < 1e-3, "{key} lasts {}", end - start);
+    }
+    for h in heard.iter().filter(|h| h.channel == ANSWER_CHANNEL && h.is_on) {
+        assert!((h.velocity - 50.0 / 127.0).abs() < 1e-3, "velocity {}", h.velocity);
+    }
+}

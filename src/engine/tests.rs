@@ -172,6 +172,18 @@ fn the_answer_ends_at_its_length() {
 }
 
 #[test]
+fn a_full_answer_ends_its_last_note_without_waiting_for_the_playhead() {
+    let w = start("67 _ _ _ _ _ _ _", ModelChoice::Builtin);
+    wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
+    // One beat long: exactly the first lookahead, with the playhead still before the start.
+    w.ask(request(4, Some(1.0)));
+    let (events, written, finished) = w.collect(4, 100.0);
+    assert!(finished);
+    assert_eq!(written, 1.0);
+    assert_eq!(events, vec![on(0.0, 67), off(1.0, 67)]);
+}
+
+#[test]
 fn the_temperature_is_read_before_every_step() {
     let w = start("60 _ _ _", ModelChoice::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));

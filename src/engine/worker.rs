@@ -237,7 +237,8 @@ impl Worker {
             return true;
         }
         let Some(answer) = &self.answer else { return false };
-        !answer.stream.is_finished() && answer.stream.written_until_beats() < self.target_beats()
+        !answer.stream.is_finished()
+            && (answer.stream.is_full() || answer.stream.written_until_beats() < self.target_beats())
     }
 
     /// How far the answer should be written: a lookahead past the playhead, and the first
@@ -320,7 +321,11 @@ impl Worker {
         let mut failure = None;
         let written_before_beats = answer.stream.written_until_beats();
         // Room for the two events one step can make (an end and a start).
-        while chunk.events.remaining_capacity() >= 2 && answer.stream.written_until_beats() < target_beats {
+        // A full answer is finished at once, target or not, so its last note's end is known
+        // before the answer's end is reached.
+        while chunk.events.remaining_capacity() >= 2
+            && (answer.stream.is_full() || answer.stream.written_until_beats() < target_beats)
+        {
             let mut push = |event| chunk.events.push(event);
             if answer.stream.is_full() {
                 answer.stream.finish(&mut push);

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{Receiver, Sender, TrySendError};
 
 use crate::music::phrase::{
-    AnswerChunk, AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Request,
+    AnswerChunk, AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Request, LOOKAHEAD_BEATS,
 };
 
 pub use capture::{Capture, TriggerMode};
@@ -654,16 +654,20 @@ impl Scheduler {
         }
     }
 
-    /// Offline only: waits (bounded) until the worker has written the answer up to `until_beats`
-    /// on the timeline. In real time it only takes what has arrived.
+    /// Offline only: waits (bounded) until the worker has written the answer a lookahead past
+    /// `until_beats` on the timeline, as far ahead as it keeps in real time, so a render comes
+    /// out as a live take that kept up would. In real time nothing waits.
     fn wait_for_worker(&mut self, until_beats: f64) {
         let Some(answer) = self.answer else { return };
         if !self.is_offline || self.link.is_none() {
             return;
         }
         let until_answer_beats = until_beats - answer.start_beats;
-        if answer.is_finished || answer.written_until_beats >= until_answer_beats || until_answer_beats <= 0.0
-        {
+        let mut needed_beats = until_answer_beats.max(0.0) + LOOKAHEAD_BEATS;
+        if let Some(end) = answer.end_beats {
+            needed_beats = needed_beats.min(end - answer.start_beats);
+        }
+        if answer.is_finished || answer.written_until_beats >= needed_beats {
             return;
         }
         self.live.playhead_beats.fetch_max(until_answer_beats, Ordering::AcqRel);
@@ -672,7 +676,7 @@ impl Scheduler {
             self.flush_outbox();
             self.take_chunks();
             match &self.answer {
-                Some(a) if !a.is_finished && a.written_until_beats < until_answer_beats => {}
+                Some(a) if !a.is_finished && a.written_until_beats < needed_beats => {}
                 _ => return,
             }
             std::thread::sleep(Duration::from_micros(20));

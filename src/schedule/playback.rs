@@ -8,6 +8,8 @@
 
 use arrayvec::ArrayVec;
 
+use crate::music::phrase::LOOKAHEAD_BEATS;
+
 /// Most answer notes waiting to start. The worker writes about a beat ahead, a handful of notes.
 pub const MAX_QUEUED_NOTES: usize = 256;
 
@@ -174,11 +176,20 @@ impl Playback {
     }
 
     /// When the sounding note at `idx` ends: its start plus `gate` (0..=1) of its written length,
-    /// but at least `min_len_beats` after its start. `None` while its end is not written.
+    /// but at least `min_len_beats` after its start, and at most [`LOOKAHEAD_BEATS`] before its
+    /// written end. A note's end is written only about that far ahead, so a gated end earlier
+    /// than that could not be known in time; the cap keeps the result the same however the
+    /// worker's chunks fall. `None` while its end is not written.
     pub fn off_beats(&self, idx: usize, gate: f64, min_len_beats: f64) -> Option<f64> {
         let note = self.sounding.get(idx)?;
         let end = note.end_beats?;
-        Some(note.start_beats + ((end - note.start_beats) * gate.clamp(0.0, 1.0)).max(min_len_beats))
+        let gated = note.start_beats + (end - note.start_beats) * gate.clamp(0.0, 1.0);
+        Some(
+            gated
+                .max(end - LOOKAHEAD_BEATS)
+                .max(note.start_beats + min_len_beats)
+                .min(end.max(note.start_beats + min_len_beats)),
+        )
     }
 
     /// The earliest thing due and its time; an end comes before a start at the same time.
@@ -289,11 +300,17 @@ mod tests {
     fn the_gate_shortens_notes_but_not_below_the_minimum() {
         let mut p = Playback::default();
         p.push_on(60, 0.0, 0.0, 0.1).unwrap();
-        p.push_off(60, 2.0);
+        p.push_off(60, 0.5);
         p.start_next(3, 0.0).unwrap();
-        assert_eq!(p.off_beats(0, 0.5, 0.0), Some(1.0));
+        assert_eq!(p.off_beats(0, 0.5, 0.0), Some(0.25));
         assert_eq!(p.off_beats(0, 0.0, 0.01), Some(0.01));
-        assert_eq!(p.off_beats(0, 1.0, 0.0), Some(2.0));
+        assert_eq!(p.off_beats(0, 1.0, 0.0), Some(0.5));
+        // A long note ends no earlier than a lookahead before its written end.
+        p.push_on(62, 1.0, 0.0, 0.1).unwrap();
+        p.push_off(62, 5.0);
+        p.start_next(3, 1.0).unwrap();
+        assert_eq!(p.off_beats(1, 0.5, 0.0), Some(5.0 - LOOKAHEAD_BEATS));
+        assert_eq!(p.off_beats(1, 0.9, 0.0), Some(4.6));
     }
 
     #[test]
