@@ -45,9 +45,11 @@ pub enum TriggerParam {
 /// Where an answer starts, as the host shows it.
 #[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AnswerStartParam {
+    /// On the first bar line at or after the phrase's end.
     #[id = "bar"]
     #[name = "Next Bar"]
     NextBar,
+    /// On the first beat at or after the phrase's end.
     #[id = "beat"]
     #[name = "Next Beat"]
     NextBeat,
@@ -56,6 +58,7 @@ pub enum AnswerStartParam {
 /// The scale constraint, as the host shows it.
 #[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyLockParam {
+    /// Any pitch in the range.
     #[id = "off"]
     #[name = "Off"]
     Off,
@@ -72,39 +75,51 @@ pub enum KeyLockParam {
 /// Tonic of the fixed key.
 #[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyRootParam {
+    /// Tonic C.
     #[id = "c"]
     #[name = "C"]
     C,
+    /// Tonic C#/Db.
     #[id = "cs"]
     #[name = "C#/Db"]
     CSharp,
+    /// Tonic D.
     #[id = "d"]
     #[name = "D"]
     D,
+    /// Tonic D#/Eb.
     #[id = "ds"]
     #[name = "D#/Eb"]
     DSharp,
+    /// Tonic E.
     #[id = "e"]
     #[name = "E"]
     E,
+    /// Tonic F.
     #[id = "f"]
     #[name = "F"]
     F,
+    /// Tonic F#/Gb.
     #[id = "fs"]
     #[name = "F#/Gb"]
     FSharp,
+    /// Tonic G.
     #[id = "g"]
     #[name = "G"]
     G,
+    /// Tonic G#/Ab.
     #[id = "gs"]
     #[name = "G#/Ab"]
     GSharp,
+    /// Tonic A.
     #[id = "a"]
     #[name = "A"]
     A,
+    /// Tonic A#/Bb.
     #[id = "as"]
     #[name = "A#/Bb"]
     ASharp,
+    /// Tonic B.
     #[id = "b"]
     #[name = "B"]
     B,
@@ -113,24 +128,31 @@ pub enum KeyRootParam {
 /// Scale of the fixed key.
 #[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScaleParam {
+    /// The major scale (mode).
     #[id = "major"]
     #[name = "Major"]
     Major,
+    /// The minor scale (mode).
     #[id = "minor"]
     #[name = "Minor"]
     Minor,
+    /// The dorian scale (mode).
     #[id = "dorian"]
     #[name = "Dorian"]
     Dorian,
+    /// The phrygian scale (mode).
     #[id = "phrygian"]
     #[name = "Phrygian"]
     Phrygian,
+    /// The lydian scale (mode).
     #[id = "lydian"]
     #[name = "Lydian"]
     Lydian,
+    /// The mixolydian scale (mode).
     #[id = "mixolydian"]
     #[name = "Mixolydian"]
     Mixolydian,
+    /// The locrian scale (mode).
     #[id = "locrian"]
     #[name = "Locrian"]
     Locrian,
@@ -153,9 +175,11 @@ impl ScaleParam {
 /// Where answer velocities come from, as the host shows it.
 #[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VelocityModeParam {
+    /// The phrase's mean velocity.
     #[id = "phrase"]
     #[name = "From Phrase"]
     FromPhrase,
+    /// The Velocity parameter.
     #[id = "fixed"]
     #[name = "Fixed"]
     Fixed,
