@@ -242,3 +242,32 @@ fn key_range_velocity_and_gate_shape_the_answer() {
         assert!((h.velocity - 50.0 / 127.0).abs() < 1e-3, "velocity {}", h.velocity);
     }
 }
+
+#[test]
+fn a_fixed_seed_repeats_and_a_fresh_seed_varies() {
+    // The same phrase twice: answers at 12..20 and 36..44.
+    let mut notes = two_bars();
+    notes.extend(two_bars().into_iter().map(|(k, s, l)| (k, s + 24.0, l)));
+    let take = Take::new(120.0, notes, 46.0);
+    let halves = |answer: Vec<(u8, f64, f64)>| {
+        let first: Vec<_> = answer.iter().filter(|n| n.1 < 24.0).map(|n| (n.0, n.1, n.2)).collect();
+        let second: Vec<_> =
+            answer.iter().filter(|n| n.1 >= 24.0).map(|n| (n.0, n.1 - 24.0, n.2 - 24.0)).collect();
+        (first, second)
+    };
+    let same = |a: &[(u8, f64, f64)], b: &[(u8, f64, f64)]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.0 == y.0 && (x.1 - y.1).abs() < 1e-6 && (x.2 - y.2).abs() < 1e-6)
+    };
+    let mut plugin = prepared();
+    let (first, second) = halves(notes_on(&perform(&mut plugin, 48_000.0, 512, &take), ANSWER_CHANNEL));
+    assert!(!first.is_empty() && same(&first, &second), "a fixed seed answered the same phrase differently");
+    plugin.set(&[("Fresh Seed", "On")]);
+    let (first, second) = halves(notes_on(&perform(&mut plugin, 48_000.0, 512, &take), ANSWER_CHANNEL));
+    assert!(
+        !first.is_empty() && !second.is_empty() && !same(&first, &second),
+        "fresh seeds gave the same answer"
+    );
+}
