@@ -21,6 +21,10 @@ fn started_workers() -> usize {
 
 #[test]
 fn the_worker_lives_from_activation_to_deactivation() {
+    if !std::path::Path::new("/proc/self/task").exists() {
+        eprintln!("skipped: threads are counted through /proc, which this system lacks");
+        return;
+    }
     assert_eq!(workers(), 0);
     let mut plugin = Plugin::load();
     assert_eq!(workers(), 0, "a thread started at scan time");
