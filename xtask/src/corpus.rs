@@ -218,9 +218,11 @@ pub fn stats(args: StatsArgs) -> Result<()> {
     for path in &args.data {
         anyhow::ensure!(path.exists(), "{}: no such file or folder", path.display());
     }
-    let collection = Collection::read(&args.data, choice);
+    let mut collection = Collection::read(&args.data, choice);
+    let grid = StepGrid { steps_per_quarter: args.steps_per_quarter };
+    collection.quantize_midi(grid);
     let cfg = EncodeConfig {
-        grid: StepGrid { steps_per_quarter: args.steps_per_quarter },
+        grid,
         durations: if args.recipe_durations { DurationFilter::recipe() } else { DurationFilter::OnGrid },
         ..EncodeConfig::default()
     };
