@@ -3,7 +3,7 @@
 //! - how long the plugin's `process()` takes per block, through a real CLAP host.
 //!
 //! Run: `cargo test --release --test plugin_bench -- --ignored --nocapture --test-threads 1`
-//! (`ANTIPHON_CLAP=target/bundled/Antiphon.clap` after `cargo xtask bundle antiphon --release`
+//! (`ANTIPHON_CLAP=target/bundled/antiphon.clap` after `cargo xtask bundle antiphon --release`
 //! times the release bundle; without it the debug bundle is timed).
 
 mod plugin_host;

@@ -38,7 +38,7 @@ impl HostHandlers for TestHost {
     type AudioProcessor<'a> = ();
 }
 
-/// Where the built plugin is: `$ANTIPHON_CLAP`, or `bundled/Antiphon.clap` in the target folder.
+/// Where the built plugin is: `$ANTIPHON_CLAP`, or `bundled/antiphon.clap` in the target folder.
 /// Fails with a message that says how to build it when it is missing or older than the sources.
 pub fn bundle_path() -> PathBuf {
     if let Ok(path) = std::env::var("ANTIPHON_CLAP") {
@@ -47,7 +47,7 @@ pub fn bundle_path() -> PathBuf {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let target_dir =
         std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| manifest_dir.join("target"));
-    let candidates = [target_dir.join("bundled/Antiphon.clap"), target_dir.join("bundled/antiphon.clap")];
+    let candidates = [target_dir.join("bundled/antiphon.clap"), target_dir.join("bundled/Antiphon.clap")];
     let Some(path) = candidates.iter().find(|p| p.exists()) else {
         panic!(
             "the plugin bundle is missing ({}): build it first with `cargo xtask bundle antiphon` \
