@@ -31,6 +31,19 @@ fn perform(plugin: &mut Plugin, sample_rate_hz: f64, block_len: u32, take: &Take
     heard
 }
 
+/// Checks that the answer begins at `start_beats`: nothing before it, and its first note on the
+/// sixteenth-note grid counted from there, within the first bar (a model may open with a rest).
+fn assert_starts_at(answer: &[(u8, f64, f64)], start_beats: f64, tolerance_beats: f64) {
+    let first = answer.first().expect("no answer").1;
+    let sixteenths = (first - start_beats) * 4.0;
+    assert!(
+        first >= start_beats - tolerance_beats
+            && (sixteenths - sixteenths.round()).abs() * 0.25 <= tolerance_beats
+            && first < start_beats + 4.0,
+        "the answer should begin at {start_beats}; its first note is at {first}"
+    );
+}
+
 /// Beats of one sample at `sample_rate_hz` and `tempo_bpm`.
 fn sample_beats(sample_rate_hz: f64, tempo_bpm: f64) -> f64 {
     tempo_bpm / 60.0 / sample_rate_hz
@@ -49,7 +62,7 @@ fn the_answer_starts_on_the_bar_after_the_phrase() {
     let answer = notes_on(&heard, ANSWER_CHANNEL);
     assert!(answer.len() >= 2, "{answer:?}");
     let tolerance = sample_beats(48_000.0, 120.0);
-    assert!((answer[0].1 - 12.0).abs() <= tolerance, "first answer note at {}", answer[0].1);
+    assert_starts_at(&answer, 12.0, tolerance);
     for &(key, start, end) in &answer {
         assert!(
             start >= 12.0 - tolerance && end <= 20.0 + tolerance,
@@ -137,11 +150,7 @@ fn with_the_transport_stopped_it_still_answers() {
     let heard = perform(&mut plugin, 44_100.0, 441, &take);
     let answer = notes_on(&heard, ANSWER_CHANNEL);
     assert!(!answer.is_empty());
-    assert!(
-        (answer[0].1 - 5.3).abs() <= sample_beats(44_100.0, 100.0),
-        "first answer note at {}",
-        answer[0].1
-    );
+    assert_starts_at(&answer, 5.3, sample_beats(44_100.0, 100.0));
     assert!(answer.iter().all(|n| n.2 <= 13.3 + 1e-3));
 
     // No transport at all: the free-run tempo parameter sets the clock.
@@ -151,11 +160,7 @@ fn with_the_transport_stopped_it_still_answers() {
     let heard = perform(&mut plugin, 44_100.0, 441, &take);
     let answer = notes_on(&heard, ANSWER_CHANNEL);
     assert!(!answer.is_empty());
-    assert!(
-        (answer[0].1 - 5.3).abs() <= sample_beats(44_100.0, 150.0),
-        "first answer note at {}",
-        answer[0].1
-    );
+    assert_starts_at(&answer, 5.3, sample_beats(44_100.0, 150.0));
 }
 
 #[test]
@@ -224,19 +229,26 @@ fn key_range_velocity_and_gate_shape_the_answer() {
         ("Highest Note", "C5"),
         ("Velocity Mode", "Fixed"),
         ("Velocity", "50"),
-        ("Gate", "50"),
         ("Answer Length", "4"),
     ]);
-    let heard = perform(&mut plugin, 48_000.0, 512, &Take::new(120.0, two_bars(), 30.0));
+    let take = Take::new(120.0, two_bars(), 30.0);
+    let full = notes_on(&perform(&mut plugin, 48_000.0, 512, &take), ANSWER_CHANNEL);
+    plugin.set(&[("Gate", "50")]);
+    let heard = perform(&mut plugin, 48_000.0, 512, &take);
     let answer = notes_on(&heard, ANSWER_CHANNEL);
     assert!(answer.len() >= 4, "{answer:?}");
+    assert_eq!(answer.len(), full.len());
     // D natural minor: D E F G A B♭ C.
     let d_minor = [2, 4, 5, 7, 9, 10, 0];
-    for &(key, start, end) in &answer {
+    for (&(key, start, end), &(full_key, full_start, full_end)) in answer.iter().zip(&full) {
         assert!((60..=72).contains(&key), "{key} outside C4..C5");
         assert!(d_minor.contains(&(key % 12)), "{key} is not in D minor");
-        // The placeholder writes whole beats here; half of each sounds.
-        assert!((end - start - 0.5).abs() < 1e-3, "{key} lasts {}", end - start);
+        // The same notes, each sounding half its written length (but ending at most the
+        // one-beat lookahead before its written end).
+        assert_eq!((key, start), (full_key, full_start));
+        let written = full_end - full_start;
+        let expected = (written * 0.5).max(written - 1.0);
+        assert!((end - start - expected).abs() < 1e-3, "{key} lasts {} of {written}", end - start);
     }
     for h in heard.iter().filter(|h| h.channel == ANSWER_CHANNEL && h.is_on) {
         assert!((h.velocity - 50.0 / 127.0).abs() < 1e-3, "velocity {}", h.velocity);

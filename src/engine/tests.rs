@@ -273,7 +273,7 @@ fn dropping_the_engine_joins_the_worker() {
 #[test]
 fn note_streams_turn_symbols_into_starts_and_ends() {
     let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
-    let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, Some(2.0));
+    let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, Some(2.0), None);
     let mut events = Vec::new();
     for symbol in parse_symbols("60 _ 62 r _ 64 64 _").unwrap() {
         stream.push(symbol, &free, &mut |e| events.push(e));
@@ -294,6 +294,27 @@ fn note_streams_turn_symbols_into_starts_and_ends() {
         ]
     );
     assert!(stream.is_finished());
+}
+
+#[test]
+fn an_answer_that_holds_the_phrase_s_last_note_plays_it_anew() {
+    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
+    let primer = parse_symbols("60 _ 62 _ _").unwrap();
+    assert_eq!(NoteStream::last_sounding_pitch(&primer), Some(62));
+    assert_eq!(NoteStream::last_sounding_pitch(&parse_symbols("60 _ r _").unwrap()), None);
+    let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, None, Some(62));
+    let mut events = Vec::new();
+    for symbol in parse_symbols("_ _ 64 _").unwrap() {
+        stream.push(symbol, &free, &mut |e| events.push(e));
+    }
+    assert_eq!(events, vec![on(0.0, 62), off(0.5, 62), on(0.5, 64)]);
+    // A continuation that starts with its own note or a rest does not carry it.
+    let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, None, Some(62));
+    let mut events = Vec::new();
+    for symbol in parse_symbols("r _ 64").unwrap() {
+        stream.push(symbol, &free, &mut |e| events.push(e));
+    }
+    assert_eq!(events, vec![on(0.5, 64)]);
 }
 
 #[test]

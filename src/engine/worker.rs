@@ -60,18 +60,31 @@ pub struct NoteStream {
     len_steps: Option<u64>,
     num_steps: u64,
     sounding_pitch: Option<u8>,
+    /// The primer's last note, when it sounds up to the primer's end: a continuation that
+    /// starts by holding it plays it anew at the answer's start.
+    carried_pitch: Option<u8>,
     is_finished: bool,
 }
 
 impl NoteStream {
-    /// A stream on `grid` that ends after `len_beats` (never, for `None`).
-    pub fn new(grid: StepGrid, len_beats: Option<f64>) -> Self {
+    /// A stream on `grid` that ends after `len_beats` (never, for `None`). `carried_pitch` is
+    /// the note the primer ends on, if it sounds up to the primer's end.
+    pub fn new(grid: StepGrid, len_beats: Option<f64>, carried_pitch: Option<u8>) -> Self {
         Self {
             step_beats: grid.step_beats(),
             len_steps: len_beats.map(|len| grid.nearest_steps(len) as u64),
             num_steps: 0,
             sounding_pitch: None,
+            carried_pitch,
             is_finished: false,
+        }
+    }
+
+    /// The note a primer's symbols end on, if it sounds up to their end (no rest after it).
+    pub fn last_sounding_pitch(primer: &[Symbol]) -> Option<u8> {
+        match primer.iter().rev().find(|s| **s != Symbol::Hold) {
+            Some(Symbol::Pitch(pitch)) => Some(*pitch),
+            _ => None,
         }
     }
 
@@ -108,6 +121,14 @@ impl NoteStream {
         }
         let at_beats = self.written_until_beats();
         let mut is_delimiter = false;
+        if let Some(pitch) = self.carried_pitch.take() {
+            if symbol == Symbol::Hold {
+                // The phrase's last note goes on: the answer starts with it.
+                let pitch = constrain_pitch(pitch, constraints);
+                out(AnswerEvent { at_beats, kind: AnswerEventKind::NoteOn { pitch } });
+                self.sounding_pitch = Some(pitch);
+            }
+        }
         match symbol {
             Symbol::Pitch(pitch) => {
                 self.end_note(at_beats, out);
@@ -414,7 +435,7 @@ fn begin_answer(continuer: &mut dyn Continuer, request: &AnswerRequest) -> Resul
     continuer.begin(&primer, request.seed)?;
     Ok(ActiveAnswer {
         id: request.answer_id,
-        stream: NoteStream::new(grid, settings.len_beats),
+        stream: NoteStream::new(grid, settings.len_beats, NoteStream::last_sounding_pitch(&primer)),
         constraints,
         is_continuous,
         seed: request.seed,
