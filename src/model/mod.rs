@@ -30,6 +30,28 @@ pub use io::LoadedModel;
 pub use lstm::{GenState, MelodyLstm};
 pub use sample::{PitchClassSet, Sampler, SamplingSettings};
 
+pub use candle_core::Device;
+
+/// The device called `cpu`, `cuda` (the first GPU) or `metal`. The GPU ones need the crate
+/// feature of the same name.
+pub fn select_device(name: &str) -> Result<Device, ModelError> {
+    let unavailable =
+        |e: candle_core::Error| ModelError::Device { name: name.to_string(), reason: e.to_string() };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if cfg!(feature = "cuda") => Device::new_cuda(0).map_err(unavailable),
+        "metal" if cfg!(feature = "metal") => Device::new_metal(0).map_err(unavailable),
+        "cuda" | "metal" => Err(ModelError::Device {
+            name: name.to_string(),
+            reason: format!("this build lacks the '{name}' feature (build with --features {name})"),
+        }),
+        _ => Err(ModelError::Device {
+            name: name.to_string(),
+            reason: "expected cpu, cuda or metal".to_string(),
+        }),
+    }
+}
+
 /// Everything that can go wrong loading, running or training a model. Each variant carries the
 /// file and the offending values.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +103,9 @@ pub enum ModelError {
     /// The training data gave nothing to train or validate on.
     #[error("training data: {0}")]
     Data(String),
+    /// The requested device cannot be used.
+    #[error("device '{name}': {reason}")]
+    Device { name: String, reason: String },
     /// A tensor operation failed.
     #[error("tensor operation: {0}")]
     Candle(#[from] candle_core::Error),
