@@ -131,6 +131,8 @@ pub struct PhraseContinuation {
     generator: Generator,
     /// Semitones from the player's key to the model's.
     shift_semitones: i32,
+    /// Where the continuation starts, in beats of the primer's time.
+    start_beats: f64,
     symbols: Vec<Symbol>,
 }
 
@@ -147,12 +149,19 @@ impl PhraseContinuation {
         let shift_semitones = model_shift(primer, cfg.transposition, cfg.lowest_pitch, cfg.highest_pitch);
         let moved = fit_into_vocab(&shift_melody(primer, shift_semitones), &cfg.vocab);
         let symbols = encode_primer(&moved, cfg.grid)?;
+        let start_beats = symbols.len() as f64 * cfg.grid.step_beats();
         let mut lead = vec![Symbol::Delimiter; cfg.delimiter_len.max(1)];
         lead.extend_from_slice(&symbols);
         let mut generator = Generator::new(model, seed);
         generator.set_max_steps(Some(max_steps));
         generator.prime(&lead)?;
-        Ok(Self { generator, shift_semitones, symbols: Vec::with_capacity(max_steps) })
+        Ok(Self { generator, shift_semitones, start_beats, symbols: Vec::with_capacity(max_steps) })
+    }
+
+    /// Where the continuation starts, in beats of the primer's time: the primer's end on the
+    /// grid (never before its last note ends).
+    pub fn start_beats(&self) -> f64 {
+        self.start_beats
     }
 
     /// Semitones the primer was moved by to reach the model's key convention and range.
