@@ -47,7 +47,7 @@ fn formula_model(cfg: &ModelConfig) -> LoadedModel {
         tensors.insert(name, Tensor::from_vec(values, shape, &Device::Cpu).unwrap());
     }
     let lstm = MelodyLstm::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
-    LoadedModel { config: cfg.clone(), lstm, origin: "formula".to_string() }
+    LoadedModel::new(cfg.clone(), lstm, "formula").unwrap()
 }
 
 /// A seeded, untrained model over pitches 55..=79.
@@ -55,7 +55,7 @@ fn random_model(input: InputKind, seed: u64) -> LoadedModel {
     let cfg = ModelConfig::new(Vocab::for_pitch_range(55, 79), input, 24, 2, 0.0);
     let tensors = MelodyLstm::initial_tensors(&cfg, seed, &Device::Cpu).unwrap();
     let lstm = MelodyLstm::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
-    LoadedModel { config: cfg, lstm, origin: "random".to_string() }
+    LoadedModel::new(cfg, lstm, "random").unwrap()
 }
 
 #[derive(serde::Deserialize)]

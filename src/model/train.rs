@@ -77,7 +77,7 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { context_len: 64, batch_size: 256, max_targets: None, select_on: None }
+        Self { context_len: 64, batch_size: 512, max_targets: None, select_on: None }
     }
 }
 
@@ -672,6 +672,7 @@ pub fn evaluate(
     let hold = vocab.id(Symbol::Hold).map(|t| t.0 as u32);
     let (mut all, mut song, mut non_hold) = (ScoreSum::default(), ScoreSum::default(), ScoreSum::default());
     let device = lstm.device();
+    let weights = lstm.step_weights()?;
     let mut done = 0;
     for chunk in targets.chunks(eval.batch_size.max(1)) {
         let mut windows = Vec::with_capacity(chunk.len() * eval.context_len);
@@ -681,7 +682,7 @@ pub fn evaluate(
         let inputs = Tensor::from_vec(windows, (chunk.len(), eval.context_len), device)?;
         let wanted: Vec<u32> = chunk.iter().map(|&i| tokens[i]).collect();
         let wanted_t = Tensor::from_slice(&wanted, chunk.len(), device)?;
-        let logits = lstm.forward_last(&inputs)?.detach();
+        let logits = lstm.forward_last_with(&weights, &inputs)?.detach();
         let (nll, argmax) = nll_and_argmax(&logits, &wanted_t)?;
         let nll = nll.to_vec1::<f32>()?;
         let argmax = argmax.to_vec1::<u32>()?;
