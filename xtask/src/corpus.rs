@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use antiphon::music::corpus::{encode_all, Collection, ReadError};
-use antiphon::music::encode::{encode, symbols_to_string, DurationFilter, EncodeConfig};
+use antiphon::music::encode::{encode, quantize, symbols_to_string, DurationFilter, EncodeConfig};
 use antiphon::music::key::{shift_to_convention, KeySource};
 use antiphon::music::midi::{parse_midi, MelodyChoice};
 use antiphon::music::{abc, Melody, StepGrid, Symbol, Vocab};
+use anyhow::{Context, Result};
 
 /// The Erk tunebooks, in the order of the benchmark split.
 const ERK_FILES: [&str; 4] = ["erk5", "erk10", "erk20", "erk30"];
@@ -51,7 +51,9 @@ impl Verdict {
     fn describe(self) -> &'static str {
         match self {
             Verdict::Identical => "identical",
-            Verdict::IdenticalButTrailingRest => "identical but for a trailing rest (MIDI has no rests after the last note)",
+            Verdict::IdenticalButTrailingRest => {
+                "identical but for a trailing rest (MIDI has no rests after the last note)"
+            }
             Verdict::AbcUnreadable => "ABC tune not readable",
             Verdict::MidiUnreadable => "MIDI file not readable",
             Verdict::MidiMissing => "no MIDI file for this tune",
@@ -106,7 +108,8 @@ pub fn check(args: CheckArgs) -> Result<()> {
     let mut num_tunes = 0;
     for name in ERK_FILES {
         let abc_path = args.corpus.join("essen").join(format!("{name}.abc"));
-        let book = abc::read_tunebook(&abc_path).with_context(|| format!("reading {}", abc_path.display()))?;
+        let book =
+            abc::read_tunebook(&abc_path).with_context(|| format!("reading {}", abc_path.display()))?;
         for error in &book.errors {
             num_tunes += 1;
             verdicts.entry(Verdict::AbcUnreadable).or_default().push(error.to_string());
@@ -116,15 +119,8 @@ pub fn check(args: CheckArgs) -> Result<()> {
             let number = tune.source.number.unwrap_or(0);
             let midi_path = midi_dir.join(format!("{name}-{number:04}.mid"));
             let label = format!("{name}.abc X:{number}");
-            let verdict = match compare_tune(tune, &midi_path, &cfg) {
-                Ok((verdict, detail)) => {
-                    let entry = verdicts.entry(verdict).or_default();
-                    entry.push(format!("{label}{detail}"));
-                    continue;
-                }
-                Err(verdict) => verdict,
-            };
-            verdicts.entry(verdict).or_default().push(label);
+            let (verdict, detail) = compare_tune(tune, &midi_path, &cfg);
+            verdicts.entry(verdict).or_default().push(format!("{label}{detail}"));
         }
     }
     let num_midi_files = std::fs::read_dir(&midi_dir)
@@ -132,7 +128,10 @@ pub fn check(args: CheckArgs) -> Result<()> {
         .filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "mid")))
         .count();
 
-    println!("Erk tunes: {num_tunes} in ABC; {num_midi_files} abc2midi MIDI files; grid {} steps per quarter", grid.steps_per_quarter);
+    println!(
+        "Erk tunes: {num_tunes} in ABC; {num_midi_files} abc2midi MIDI files; grid {} steps per quarter",
+        grid.steps_per_quarter
+    );
     for (verdict, tunes) in &verdicts {
         println!("{:>6}  {}", tunes.len(), verdict.describe());
         if !matches!(verdict, Verdict::Identical | Verdict::IdenticalButTrailingRest) {
@@ -145,18 +144,34 @@ pub fn check(args: CheckArgs) -> Result<()> {
         .iter()
         .map(|v| verdicts.get(v).map_or(0, Vec::len))
         .sum();
-    println!("agree: {num_agreeing} of {num_tunes} ({:.1}%)", 100.0 * num_agreeing as f64 / num_tunes.max(1) as f64);
+    println!(
+        "agree: {num_agreeing} of {num_tunes} ({:.1}%)",
+        100.0 * num_agreeing as f64 / num_tunes.max(1) as f64
+    );
     Ok(())
 }
 
-/// Compares one tune with its MIDI file; `Err` for a tune that could not be compared.
-fn compare_tune(tune: &Melody, midi_path: &Path, cfg: &EncodeConfig) -> Result<(Verdict, String), Verdict> {
-    let bytes = std::fs::read(midi_path).map_err(|_| Verdict::MidiMissing)?;
+/// Compares one tune with its MIDI file: the verdict and, for a disagreement, what differs.
+fn compare_tune(tune: &Melody, midi_path: &Path, cfg: &EncodeConfig) -> (Verdict, String) {
+    match try_compare_tune(tune, midi_path, cfg) {
+        Ok(result) => result,
+        Err(result) => result,
+    }
+}
+
+fn try_compare_tune(
+    tune: &Melody,
+    midi_path: &Path,
+    cfg: &EncodeConfig,
+) -> Result<(Verdict, String), (Verdict, String)> {
+    let bytes = std::fs::read(midi_path).map_err(|e| (Verdict::MidiMissing, format!(": {e}")))?;
     let melodies = parse_midi(&bytes, &midi_path.display().to_string(), MelodyChoice::MainTrack)
-        .map_err(|_| Verdict::MidiUnreadable)?;
-    let midi_melody = melodies.first().ok_or(Verdict::MidiUnreadable)?;
-    let abc_symbols = encode(tune, cfg).map_err(|_| Verdict::OffGrid)?;
-    let midi_symbols = encode(midi_melody, cfg).map_err(|_| Verdict::OffGrid)?;
+        .map_err(|e| (Verdict::MidiUnreadable, format!(": {e}")))?;
+    let midi_melody = melodies.first().ok_or((Verdict::MidiUnreadable, ": no melody".to_string()))?;
+    let abc_symbols = encode(tune, cfg).map_err(|e| (Verdict::OffGrid, format!(": ABC side: {e}")))?;
+    // abc2midi starts every note a tick late; snap its times to the grid before comparing.
+    let midi_symbols = encode(&quantize(midi_melody, cfg.grid), cfg)
+        .map_err(|e| (Verdict::OffGrid, format!(": MIDI side: {e}")))?;
     let verdict = compare(&abc_symbols, &midi_symbols);
     let detail = match verdict {
         Verdict::Identical | Verdict::IdenticalButTrailingRest => String::new(),
@@ -203,9 +218,11 @@ pub fn stats(args: StatsArgs) -> Result<()> {
     for path in &args.data {
         anyhow::ensure!(path.exists(), "{}: no such file or folder", path.display());
     }
-    let collection = Collection::read(&args.data, choice);
+    let mut collection = Collection::read(&args.data, choice);
+    let grid = StepGrid { steps_per_quarter: args.steps_per_quarter };
+    collection.quantize_midi(grid);
     let cfg = EncodeConfig {
-        grid: StepGrid { steps_per_quarter: args.steps_per_quarter },
+        grid,
         durations: if args.recipe_durations { DurationFilter::recipe() } else { DurationFilter::OnGrid },
         ..EncodeConfig::default()
     };
@@ -233,7 +250,10 @@ pub fn stats(args: StatsArgs) -> Result<()> {
     let vocab = Vocab::from_symbols(encoded.songs.iter().flat_map(|(_, s)| s.iter().copied()));
     let num_holds: usize = encoded.songs.iter().flat_map(|(_, s)| s).filter(|s| **s == Symbol::Hold).count();
 
-    println!("files read:      {} ({} other files skipped)", collection.num_files, collection.num_skipped_files);
+    println!(
+        "files read:      {} ({} other files skipped)",
+        collection.num_files, collection.num_skipped_files
+    );
     println!("tunes read:      {}", collection.melodies.len());
     for (kind, count) in &errors_by_kind {
         println!("  not read:      {count} ({kind})");
@@ -242,7 +262,10 @@ pub fn stats(args: StatsArgs) -> Result<()> {
     for (reason, count) in &encoded.dropped {
         println!("  dropped:       {count} ({reason})");
     }
-    println!("symbols:         {num_symbols} in kept songs ({:.1}% hold)", 100.0 * num_holds as f64 / num_symbols.max(1) as f64);
+    println!(
+        "symbols:         {num_symbols} in kept songs ({:.1}% hold)",
+        100.0 * num_holds as f64 / num_symbols.max(1) as f64
+    );
     println!("vocabulary:      {} symbols: {}", vocab.len(), symbols_to_string(vocab.symbols()));
     if let Some((lowest, highest)) = vocab.pitch_range() {
         println!("pitch range:     {lowest}..={highest}");
