@@ -145,7 +145,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let device = select_device(&args.device)?;
     let mut sets = Vec::new();
     for set in &cfg.sets {
-        let collection = read_set(set);
+        let collection = read_set(set, &cfg.data);
         println!(
             "{}: {} files, {} melodies, {} unreadable",
             set.name,
