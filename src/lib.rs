@@ -15,7 +15,7 @@ use std::sync::Arc;
 use nice_plug::midi::{Channel as MidiChannel, Key as MidiKey, VoiceID};
 use nice_plug::prelude::*;
 
-use engine::placeholder::PlaceholderFactory;
+use engine::lstm::LstmFactory;
 use engine::{ContinuerFactory, Engine, EngineStatus};
 use music::phrase::LiveShared;
 use params::AntiphonParams;
@@ -33,8 +33,7 @@ pub struct Antiphon {
     status: Arc<EngineStatus>,
     /// The running worker, between `activate` and `deactivate`.
     engine: Option<Engine>,
-    /// Loads the model the worker drives. PLACEHOLDER: to be replaced by the LSTM generator's
-    /// factory once `model` is merged.
+    /// Loads the model the worker drives: the built-in LSTM or a model directory.
     factory: Arc<dyn ContinuerFactory>,
 }
 
@@ -47,7 +46,7 @@ impl Default for Antiphon {
             live,
             status: Arc::new(EngineStatus::default()),
             engine: None,
-            factory: Arc::new(PlaceholderFactory),
+            factory: Arc::new(LstmFactory),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use antiphon::engine::placeholder::PlaceholderFactory;
+use antiphon::engine::lstm::LstmFactory;
 use antiphon::engine::{Engine, EngineStatus, ModelSlot};
 use antiphon::music::note::Note;
 use antiphon::music::phrase::{
@@ -56,8 +56,7 @@ fn time_from_phrase_end_to_first_note() {
     let live = Arc::new(LiveShared::new());
     let model = Arc::new(ModelSlot::default());
     let (engine, channels) =
-        Engine::spawn(Arc::new(PlaceholderFactory), model, live.clone(), Arc::new(EngineStatus::default()))
-            .unwrap();
+        Engine::spawn(Arc::new(LstmFactory), model, live.clone(), Arc::new(EngineStatus::default())).unwrap();
     while !live.is_model_ready.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -94,7 +93,7 @@ fn time_from_phrase_end_to_first_note() {
         while channels.chunk_rx.try_recv().is_ok() {}
     }
     engine.shutdown();
-    println!("phrase end → first answer note ready (placeholder continuer): {}", describe(&mut times));
+    println!("phrase end → first answer note ready (built-in LSTM): {}", describe(&mut times));
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use antiphon::engine::placeholder::PlaceholderFactory;
+use antiphon::engine::lstm::LstmFactory;
 use antiphon::engine::{Engine, EngineStatus};
 use antiphon::music::phrase::LiveShared;
 use antiphon::params::AntiphonParams;
@@ -68,7 +68,7 @@ fn session(is_offline: bool) -> (usize, usize) {
     let status = Arc::new(EngineStatus::default());
     let params = AntiphonParams::default();
     let (engine, channels) =
-        Engine::spawn(Arc::new(PlaceholderFactory), params.model.clone(), live.clone(), status).unwrap();
+        Engine::spawn(Arc::new(LstmFactory), params.model.clone(), live.clone(), status).unwrap();
     let mut scheduler = Scheduler::new(live.clone());
     scheduler.configure(SAMPLE_RATE_HZ as f32, is_offline);
     scheduler.connect(EngineLink { request_tx: channels.request_tx, chunk_rx: channels.chunk_rx });

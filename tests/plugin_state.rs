@@ -152,3 +152,29 @@ fn a_model_that_does_not_load_leaves_notes_passing_through() {
     plugin.deactivate(processor);
     assert!(!notes_on(&heard, 1).is_empty(), "no answer with the built-in model");
 }
+
+#[test]
+fn a_model_directory_saved_with_the_project_answers() {
+    // The built-in model's own files, loaded as a user's model directory, answer exactly as the
+    // built-in model does.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/models/default");
+    let notes: Vec<(u8, f64, f64)> =
+        [62, 64, 66, 67, 69, 67, 66, 64].iter().enumerate().map(|(i, &k)| (k, i as f64, 1.0)).collect();
+    let take = Take::new(120.0, notes, 21.0);
+    let answer_with = |model: Value| {
+        let mut plugin = Plugin::load();
+        plugin.set(&[("Output Channel", "2"), ("Fresh Seed", "Off")]);
+        plugin.set_offline(true);
+        let mut state = state_json(&plugin.save_state());
+        state["fields"]["model"] = model;
+        assert!(plugin.load_state(&state_bytes(&state)));
+        let mut processor = plugin.activate(48_000.0, 256);
+        let heard = take.perform(&mut processor, 256);
+        plugin.deactivate(processor);
+        notes_on(&heard, 1)
+    };
+    let builtin = answer_with(json!("\"builtin\""));
+    let directory = answer_with(json!(serde_json::to_string(&json!({ "directory": dir })).unwrap()));
+    assert!(!builtin.is_empty());
+    assert_eq!(builtin, directory);
+}

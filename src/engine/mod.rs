@@ -9,7 +9,7 @@
 //! `music::encode` grid: a `Pitch` starts a note and ends the one before, `Hold` continues, `Rest`
 //! ends it, `Delimiter` ends the answer) and sends them in fixed-capacity chunks.
 
-pub mod placeholder;
+pub mod lstm;
 mod worker;
 
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
@@ -158,8 +158,7 @@ impl Constraints {
 }
 
 /// Anything that continues music symbols on a step grid, one symbol at a time: the model the
-/// worker drives. Implemented for the LSTM generator by the model side; a placeholder lives in
-/// [`placeholder`].
+/// worker drives. Implemented for the LSTM generator in [`lstm`].
 pub trait Continuer: Send {
     /// The step grid the continuer writes on (steps per quarter note). The primer comes on it.
     fn grid(&self) -> StepGrid;
