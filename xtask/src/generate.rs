@@ -1,11 +1,216 @@
-//! `cargo xtask generate`.
+//! `cargo xtask generate`: continues a primer (a MIDI or ABC file, or symbols) with a model,
+//! with the plugin's sampling, prints the symbols and writes MIDI.
+//! Runs on: offline (a terminal).
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// Options of `cargo xtask generate`.
+use antiphon::model::{LoadedModel, PhraseContinuation, PitchClassSet, SamplingSettings};
+use antiphon::music::encode::{decode, parse_symbols, symbols_to_string};
+use antiphon::music::midi::{parse_midi, write_midi, MelodyChoice};
+use antiphon::music::{abc, Key, Melody, Meter, Mode};
+use anyhow::{bail, Context, Result};
+
+/// Continue a primer melody with a model and write MIDI.
+///
+/// The same model, primer, settings and seed always give the same notes, as in the plugin.
+/// Example: cargo xtask generate --primer "60 _ 62 _ 64 _ _ _" --bars 4 --seed 7 --out answer.mid
 #[derive(clap::Args)]
-pub struct GenerateArgs {}
+pub struct GenerateArgs {
+    /// Model directory (default: the model built into the plugin).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The primer: a .mid or .abc file, or symbols such as "60 _ 62 _ 64 _ _ _" (a pitch starts
+    /// a note, `r` a rest, `_` holds for a step). Empty: a fresh song.
+    #[arg(long, default_value = "")]
+    primer: String,
+    /// Which tune of an ABC tunebook, or melody of a MIDI file, is the primer (0-based).
+    #[arg(long, default_value_t = 0)]
+    tune: usize,
+    /// Steps to generate (one step is a sixteenth on the default grid).
+    #[arg(long, conflicts_with = "bars")]
+    steps: Option<usize>,
+    /// Bars to generate, in the primer's meter (4/4 when it has none). Default: 4 bars.
+    #[arg(long)]
+    bars: Option<usize>,
+    /// Sampling temperature: 1 as trained, toward 0 tamer (0: always the likeliest), above 1
+    /// wilder.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Choose among the k likeliest symbols only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Choose among the likeliest symbols that make up this much probability (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Seed of the random choices.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Allow only the notes of this scale, such as "G", "E minor", "Bb dorian".
+    #[arg(long)]
+    scale: Option<String>,
+    /// Lowest pitch allowed (MIDI number).
+    #[arg(long, default_value_t = 0)]
+    lowest: u8,
+    /// Highest pitch allowed (MIDI number).
+    #[arg(long, default_value_t = 127)]
+    highest: u8,
+    /// Fill the whole length: never end the song early.
+    #[arg(long)]
+    no_end: bool,
+    /// MIDI file to write: the primer, then the continuation.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Tempo of the MIDI file in quarter notes per minute, when the primer gives none.
+    #[arg(long, default_value_t = 100.0)]
+    tempo: f64,
+}
 
-pub fn run(_args: GenerateArgs) -> Result<()> {
-    anyhow::bail!("not written yet")
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let model = match &args.model {
+        Some(dir) => {
+            LoadedModel::load_dir(dir).with_context(|| format!("loading the model in {}", dir.display()))?
+        }
+        None => LoadedModel::builtin().context("loading the built-in model")?,
+    };
+    let model = Arc::new(model);
+    let primer = read_primer(&args.primer, args.tune, &model)?;
+    let grid = model.config.grid;
+    let num_steps = match (args.steps, args.bars) {
+        (Some(steps), _) => steps,
+        (None, bars) => {
+            let bar_beats = primer.meter.unwrap_or(Meter::COMMON).bar_beats();
+            grid.nearest_steps(bar_beats * bars.unwrap_or(4) as f64) as usize
+        }
+    };
+    let settings = SamplingSettings {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        pitch_classes: match &args.scale {
+            Some(text) => PitchClassSet::of_key(parse_key(text)?),
+            None => PitchClassSet::ALL,
+        },
+        lowest_pitch: args.lowest,
+        highest_pitch: args.highest,
+        may_end: !args.no_end,
+    };
+
+    let mut phrase = PhraseContinuation::start(Arc::clone(&model), &primer, num_steps, args.seed)?;
+    while phrase.next_symbol(&settings)?.is_some() {}
+    println!("model: {}", model.origin);
+    println!("moved by {} semitones into the model's key and range", phrase.shift_semitones());
+    println!("{}", symbols_to_string(phrase.symbols()));
+
+    if let Some(out) = &args.out {
+        let mut song = primer.clone();
+        let start_beats = phrase.start_beats();
+        let continuation = phrase.melody();
+        song.notes.retain(|n| n.start_beats < start_beats);
+        for note in &mut song.notes {
+            note.len_beats = note.len_beats.min(start_beats - note.start_beats);
+        }
+        song.notes.extend(continuation.notes.iter().map(|n| {
+            let mut n = *n;
+            n.start_beats += start_beats;
+            n
+        }));
+        song.end_beats = start_beats + continuation.end_beats;
+        let tempo = primer.tempo_qpm.unwrap_or(args.tempo);
+        std::fs::write(out, write_midi(&song, tempo))
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!(
+            "wrote {} ({} primer notes, {} new)",
+            out.display(),
+            primer.notes.len(),
+            continuation.notes.len()
+        );
+    }
+    Ok(())
+}
+
+/// The primer from a file or from symbol text (on the model's grid).
+fn read_primer(text: &str, tune: usize, model: &LoadedModel) -> Result<Melody> {
+    let path = Path::new(text);
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if matches!(ext.as_str(), "mid" | "midi") {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {text}"))?;
+        let melodies =
+            parse_midi(&bytes, text, MelodyChoice::EveryTrack).with_context(|| format!("reading {text}"))?;
+        let count = melodies.len();
+        return melodies
+            .into_iter()
+            .nth(tune)
+            .with_context(|| format!("{text} has {count} melodies, no #{tune}"));
+    }
+    if ext == "abc" {
+        let book = abc::read_tunebook(path).with_context(|| format!("reading {text}"))?;
+        let count = book.tunes.len();
+        return book
+            .tunes
+            .into_iter()
+            .nth(tune)
+            .with_context(|| format!("{text} has {count} readable tunes, no #{tune}"));
+    }
+    let symbols = parse_symbols(text).context("the primer is neither a .mid/.abc file nor symbols")?;
+    Ok(decode(&symbols, model.config.grid))
+}
+
+/// "G", "F# minor", "Bb dorian" → the key.
+fn parse_key(text: &str) -> Result<Key> {
+    let mut words = text.split_whitespace();
+    let tonic = words.next().context("--scale: empty")?;
+    let mut chars = tonic.chars();
+    let letter = chars.next().context("--scale: empty")?.to_ascii_uppercase();
+    let mut pc: i32 = match letter {
+        'C' => 0,
+        'D' => 2,
+        'E' => 4,
+        'F' => 5,
+        'G' => 7,
+        'A' => 9,
+        'B' => 11,
+        _ => bail!("--scale {text}: the tonic must be a letter A-G"),
+    };
+    for accidental in chars {
+        pc += match accidental {
+            '#' => 1,
+            'b' => -1,
+            _ => bail!("--scale {text}: expected # or b after the letter"),
+        };
+    }
+    let mode = match words.next().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("major") | Some("ionian") => Mode::Major,
+        Some("minor") | Some("aeolian") => Mode::Minor,
+        Some("dorian") => Mode::Dorian,
+        Some("phrygian") => Mode::Phrygian,
+        Some("lydian") => Mode::Lydian,
+        Some("mixolydian") => Mode::Mixolydian,
+        Some("locrian") => Mode::Locrian,
+        Some(other) => bail!("--scale {text}: unknown mode {other}"),
+    };
+    Ok(Key::from_tonic(pc.rem_euclid(12) as u8, mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_from_text() {
+        assert_eq!(parse_key("G").unwrap(), Key::from_tonic(7, Mode::Major));
+        assert_eq!(parse_key("f# minor").unwrap(), Key::from_tonic(6, Mode::Minor));
+        assert_eq!(parse_key("Bb Dorian").unwrap(), Key::from_tonic(10, Mode::Dorian));
+        assert!(parse_key("H").is_err());
+        assert!(parse_key("C blues").is_err());
+    }
+
+    #[test]
+    fn symbol_primers_use_the_model_grid() {
+        let model = LoadedModel::builtin().unwrap();
+        let m = read_primer("60 _ 62 _ 64 _ _ _", 0, &model).unwrap();
+        assert_eq!(m.notes.len(), 3);
+        assert_eq!(m.end_beats, 2.0);
+        assert!(read_primer("60 x", 0, &model).is_err());
+    }
 }

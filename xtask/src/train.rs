@@ -1,11 +1,575 @@
-//! `cargo xtask train`.
+//! `cargo xtask train`: trains a melody model on folders of `.abc` and `.mid` files and writes
+//! a model directory (`model.safetensors`, `config.json`, `train.json`, `loss.png`).
+//! Runs on: offline (a terminal).
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
 
-/// Options of `cargo xtask train`.
+use antiphon::model::data::read_set;
+use antiphon::model::train::{
+    build_dataset, read_train_config, train, BatchProgress, DataSet, EpochRecord, LrSchedule, Split,
+    TrainConfig, TrainObserver, TrainSummary,
+};
+use antiphon::model::{select_device, InputKind, Transposition};
+use antiphon::music::encode::DurationFilter;
+use antiphon::music::key::KeySource;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use plotters::prelude::*;
+
+/// Train a melody model on folders of .abc and .mid files.
+///
+/// Settings come from `--config FILE` (JSON, every field optional) and then from the flags
+/// given here; nothing else is built in. Example, the benchmark split of the Erk tunes:
+///
+///   cargo xtask train --data erk=../shared/corpus/essen/erk5.abc,../shared/corpus/essen/erk10.abc,../shared/corpus/essen/erk20.abc,../shared/corpus/essen/erk30.abc --durations recipe --out my-model
 #[derive(clap::Args)]
-pub struct TrainArgs {}
+pub struct TrainArgs {
+    /// Settings file (JSON): a TrainConfig; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Training data as `[NAME=]PATH[,PATH...]`; repeat for several sets. Each set is split on
+    /// its own and validated on its own.
+    #[arg(long = "data", value_name = "[NAME=]PATHS")]
+    data: Vec<String>,
+    /// The model directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in `--out` from its last epoch (same data and settings).
+    #[arg(long)]
+    resume: bool,
+    /// Where to train: cpu, cuda or metal (the last two need the build feature of that name).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Seed of the weights, window order and dropout.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Most epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Epochs without a better validation loss before stopping (0: never).
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Windows per batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Symbols per training window (every position is a target).
+    #[arg(long)]
+    window: Option<usize>,
+    /// Distance between window starts.
+    #[arg(long)]
+    stride: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Linear warmup steps.
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    /// Decay after warmup: `cosine`, `constant`, or `step:EPOCHS:FACTOR`.
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Final learning rate of the cosine schedule, as a share of the peak.
+    #[arg(long)]
+    min_lr_ratio: Option<f64>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Largest global gradient norm (0: no clipping).
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// LSTM width.
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// LSTM layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Embedding width; 0 for the recipe's one-hot input.
+    #[arg(long)]
+    embedding: Option<usize>,
+    /// Dropout between layers and before the output layer.
+    #[arg(long)]
+    dropout: Option<f32>,
+    /// `every-nth` (song index % --val-every == 0 is validation) or `random`.
+    #[arg(long)]
+    split: Option<String>,
+    /// N of the every-nth split (10: the benchmark split).
+    #[arg(long)]
+    val_every: Option<usize>,
+    /// Share of songs the random split puts in validation.
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    /// Seed of the random split.
+    #[arg(long)]
+    split_seed: Option<u64>,
+    /// Allowed note lengths: `recipe` (1/4 … 4 quarters) or `grid` (anything on the grid).
+    #[arg(long)]
+    durations: Option<String>,
+    /// Key used for the transposition to C major / A minor: `declared` (then estimated) or
+    /// `estimated`.
+    #[arg(long)]
+    key_source: Option<String>,
+    /// Keep songs in their own keys.
+    #[arg(long)]
+    no_transpose: bool,
+    /// Also train on every transposition of each training song that fits the pitch range.
+    #[arg(long)]
+    augment: bool,
+    /// Pitch range `LO-HI` (MIDI numbers, inclusive); songs outside are dropped. Default: the
+    /// range of the data.
+    #[arg(long)]
+    pitch_range: Option<String>,
+    /// Keep training songs that equal a validation song.
+    #[arg(long)]
+    keep_duplicates: bool,
+    /// Windows per validation batch.
+    #[arg(long)]
+    eval_batch: Option<usize>,
+    /// Validate on at most this many evenly spaced symbols per set (default: all).
+    #[arg(long)]
+    eval_max_targets: Option<usize>,
+    /// The set whose validation loss picks the best epoch (default: the first).
+    #[arg(long)]
+    select_on: Option<String>,
+    /// Cut each epoch to this many batches (quick trials).
+    #[arg(long)]
+    max_batches: Option<usize>,
+}
 
-pub fn run(_args: TrainArgs) -> Result<()> {
-    anyhow::bail!("not written yet")
+/// File name of the loss plot in the model directory.
+const PLOT_FILE: &str = "loss.png";
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let cfg = settings(&args)?;
+    if cfg.sets.is_empty() {
+        bail!("no training data: give --data PATH (or \"sets\" in --config)");
+    }
+    let device = select_device(&args.device)?;
+    let mut sets = Vec::new();
+    for set in &cfg.sets {
+        let collection = read_set(set, &cfg.data);
+        println!(
+            "{}: {} files, {} melodies, {} unreadable",
+            set.name,
+            collection.num_files,
+            collection.melodies.len(),
+            collection.errors.len()
+        );
+        for error in collection.errors.iter().take(3) {
+            println!("  e.g. {error}");
+        }
+        sets.push((set.name.clone(), collection));
+    }
+    let data = build_dataset(sets, &cfg.data).context("building the dataset")?;
+    for c in &data.counts {
+        let rejected: Vec<String> = c.rejected.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+        println!(
+            "{}: kept {} of {} (dropped: {}); train {} songs (+{} transposed copies), validation {} songs",
+            c.name,
+            c.num_kept,
+            c.num_melodies,
+            if rejected.is_empty() { "none".to_string() } else { rejected.join(", ") },
+            c.num_train_songs,
+            c.num_augmented_copies,
+            c.num_validation_songs
+        );
+    }
+    println!(
+        "vocabulary: {} symbols (pitches {}..={}); training stream {} symbols; validation {}",
+        data.vocab.len(),
+        data.lowest_pitch,
+        data.highest_pitch,
+        data.train_tokens.len(),
+        data.validation
+            .iter()
+            .map(|v| format!("{} {}", v.name, v.tokens.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut observer = Progress::new(&args.out);
+    let summary = train(&cfg, &data, &args.out, &device, args.resume, &mut observer)?;
+    observer.finish();
+    println!("stopped: {}", summary.stop_reason);
+    if let Some(best) = summary.best_epoch {
+        println!("best epoch {best}, on every validation symbol:");
+        for (name, m) in &summary.final_validation {
+            println!(
+                "  {name}: loss {:.4} acc {:.4} | songs only: loss {:.4} acc {:.4} | non-hold: loss {:.4} acc {:.4}",
+                m.all.loss, m.all.accuracy, m.song.loss, m.song.accuracy, m.non_hold.loss, m.non_hold.accuracy
+            );
+        }
+    }
+    println!(
+        "wall {:.0} s, training {:.0} s, {:.0} symbols/s; model in {}",
+        summary.wall_s,
+        summary.train_wall_s,
+        summary.symbols_per_s,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The config file (or defaults) with the flags applied.
+fn settings(args: &TrainArgs) -> Result<TrainConfig> {
+    let mut cfg = match &args.config {
+        Some(path) => read_train_config(path).with_context(|| format!("reading {}", path.display()))?,
+        None => TrainConfig::default(),
+    };
+    if !args.data.is_empty() {
+        cfg.sets = args.data.iter().enumerate().map(|(i, spec)| parse_set(spec, i)).collect();
+    }
+    set(&mut cfg.seed, args.seed);
+    set(&mut cfg.epochs, args.epochs);
+    set(&mut cfg.patience, args.patience);
+    set(&mut cfg.batch_size, args.batch_size);
+    set(&mut cfg.window_len, args.window);
+    if let Some(window) = args.window {
+        // A new window length moves the default stride with it.
+        if args.stride.is_none() {
+            cfg.window_stride = window;
+        }
+    }
+    set(&mut cfg.window_stride, args.stride);
+    set(&mut cfg.learning_rate, args.lr);
+    set(&mut cfg.warmup_steps, args.warmup_steps);
+    set(&mut cfg.weight_decay, args.weight_decay);
+    set(&mut cfg.grad_clip_norm, args.grad_clip);
+    if let Some(text) = &args.schedule {
+        cfg.schedule = parse_schedule(text, args.min_lr_ratio)?;
+    } else if let (Some(ratio), LrSchedule::Cosine { min_ratio }) = (args.min_lr_ratio, &mut cfg.schedule) {
+        *min_ratio = ratio;
+    }
+    set(&mut cfg.model.hidden_size, args.hidden);
+    set(&mut cfg.model.num_layers, args.layers);
+    set(&mut cfg.model.dropout, args.dropout);
+    if let Some(dim) = args.embedding {
+        cfg.model.input = if dim == 0 { InputKind::OneHot } else { InputKind::Embedding { dim } };
+    }
+    match args.split.as_deref() {
+        None => {}
+        Some("every-nth") => cfg.data.split = Split::EveryNth { n: args.val_every.unwrap_or(10) },
+        Some("random") => {
+            cfg.data.split = Split::Random {
+                fraction: args.val_fraction.unwrap_or(0.1),
+                seed: args.split_seed.unwrap_or(cfg.seed),
+            }
+        }
+        Some(other) => bail!("--split {other}: expected every-nth or random"),
+    }
+    if let (Some(n), Split::EveryNth { n: current }) = (args.val_every, &mut cfg.data.split) {
+        *current = n;
+    }
+    match args.durations.as_deref() {
+        None => {}
+        Some("recipe") => cfg.data.durations = DurationFilter::recipe(),
+        Some("grid") => cfg.data.durations = DurationFilter::OnGrid,
+        Some(other) => bail!("--durations {other}: expected recipe or grid"),
+    }
+    if let Some(text) = &args.key_source {
+        let key_source = match text.as_str() {
+            "declared" => KeySource::DeclaredThenEstimated,
+            "estimated" => KeySource::Estimated,
+            other => bail!("--key-source {other}: expected declared or estimated"),
+        };
+        cfg.data.transposition = Transposition::PlainSignature { key_source };
+    }
+    if args.no_transpose {
+        cfg.data.transposition = Transposition::None;
+    }
+    if args.augment {
+        cfg.data.augment_keys = true;
+    }
+    if args.keep_duplicates {
+        cfg.data.drop_validation_duplicates = false;
+    }
+    if let Some(text) = &args.pitch_range {
+        let (lo, hi) = text.split_once('-').context("--pitch-range: expected LO-HI, such as 48-84")?;
+        cfg.data.pitch_range = Some((lo.trim().parse()?, hi.trim().parse()?));
+    }
+    set(&mut cfg.eval.batch_size, args.eval_batch);
+    if args.eval_max_targets.is_some() {
+        cfg.eval.max_targets = args.eval_max_targets;
+    }
+    if args.select_on.is_some() {
+        cfg.eval.select_on = args.select_on.clone();
+    }
+    if args.max_batches.is_some() {
+        cfg.max_batches_per_epoch = args.max_batches;
+    }
+    Ok(cfg)
+}
+
+fn set<T: Copy>(field: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *field = v;
+    }
+}
+
+/// `name=a,b` or `a,b` (named after the first path's file stem, or `set{index}`).
+fn parse_set(spec: &str, index: usize) -> DataSet {
+    let (name, paths) = match spec.split_once('=') {
+        Some((name, paths)) => (Some(name.to_string()), paths),
+        None => (None, spec),
+    };
+    let paths: Vec<PathBuf> = paths.split(',').filter(|p| !p.is_empty()).map(PathBuf::from).collect();
+    let name = name.unwrap_or_else(|| {
+        paths
+            .first()
+            .and_then(|p| p.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("set{index}"))
+    });
+    DataSet { name, paths }
+}
+
+fn parse_schedule(text: &str, min_lr_ratio: Option<f64>) -> Result<LrSchedule> {
+    let parts: Vec<&str> = text.split(':').collect();
+    Ok(match parts.as_slice() {
+        ["cosine"] => LrSchedule::Cosine { min_ratio: min_lr_ratio.unwrap_or(0.05) },
+        ["constant"] => LrSchedule::Constant,
+        ["step", every, factor] => LrSchedule::Step { every_epochs: every.parse()?, factor: factor.parse()? },
+        _ => bail!("--schedule {text}: expected cosine, constant or step:EPOCHS:FACTOR"),
+    })
+}
+
+/// Progress bars for training and validation, a line per epoch, and the loss plot.
+struct Progress {
+    out_dir: PathBuf,
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    fn new(out_dir: &Path) -> Self {
+        Self { out_dir: out_dir.to_path_buf(), bar: None }
+    }
+
+    fn new_bar(&mut self, len: usize, prefix: String) -> &ProgressBar {
+        if let Some(old) = self.bar.take() {
+            old.finish_and_clear();
+        }
+        let bar = ProgressBar::new(len as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(prefix);
+        self.bar.insert(bar)
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl TrainObserver for Progress {
+    fn on_start(&mut self, summary: &TrainSummary) {
+        println!("{} weights on {}", summary.num_params, summary.device);
+        if !summary.epochs.is_empty() {
+            println!("resuming after epoch {}", summary.epochs.len());
+        }
+    }
+
+    fn on_epoch_start(&mut self, epoch: usize, num_batches: usize) {
+        self.new_bar(num_batches, format!("epoch {epoch}"));
+    }
+
+    fn on_batch(&mut self, p: &BatchProgress) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(p.batch_idx as u64 + 1);
+            bar.set_message(format!(
+                "loss {:.4} acc {:.3} {:.0} sym/s lr {:.2e}",
+                p.loss, p.accuracy, p.symbols_per_s, p.learning_rate
+            ));
+        }
+    }
+
+    fn on_eval_start(&mut self, _epoch: usize, num_targets: usize) {
+        self.new_bar(num_targets, "validate".to_string());
+    }
+
+    fn on_eval_progress(&mut self, num_done: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(num_done as u64);
+        }
+    }
+
+    fn on_epoch_end(&mut self, r: &EpochRecord, summary: &TrainSummary) {
+        self.finish();
+        let validation: Vec<String> = r
+            .validation
+            .iter()
+            .map(|(name, m)| {
+                format!(
+                    "{name} loss {:.4} acc {:.4} (songs {:.4}/{:.4}, non-hold {:.4}/{:.4})",
+                    m.all.loss,
+                    m.all.accuracy,
+                    m.song.loss,
+                    m.song.accuracy,
+                    m.non_hold.loss,
+                    m.non_hold.accuracy
+                )
+            })
+            .collect();
+        println!(
+            "epoch {:>3}: train loss {:.4} acc {:.4} | {} | {:.0}+{:.0} s, {:.0} sym/s{}",
+            r.epoch,
+            r.train_loss,
+            r.train_accuracy,
+            validation.join(" | "),
+            r.train_wall_s,
+            r.eval_wall_s,
+            r.symbols_per_s,
+            if r.is_best { " *best" } else { "" }
+        );
+        let path = self.out_dir.join(PLOT_FILE);
+        if let Err(e) = plot_losses(&path, summary) {
+            eprintln!("could not draw {}: {e}", path.display());
+        }
+    }
+}
+
+/// Draws training and validation loss per epoch. Text is drawn with a small built-in pixel
+/// font, so the plot needs no system fonts.
+fn plot_losses(path: &Path, summary: &TrainSummary) -> Result<()> {
+    const WIDTH: u32 = 800;
+    const HEIGHT: u32 = 480;
+    let train: Vec<(f64, f64)> = summary.epochs.iter().map(|e| (e.epoch as f64, e.train_loss)).collect();
+    let validation: Vec<(f64, f64)> = summary
+        .epochs
+        .iter()
+        .filter_map(|e| e.validation.first().map(|(_, m)| (e.epoch as f64, m.all.loss)))
+        .collect();
+    let values = train.iter().chain(&validation).map(|p| p.1).filter(|v| v.is_finite());
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    if !lo.is_finite() {
+        return Ok(());
+    }
+    let pad = ((hi - lo) * 0.1).max(0.01);
+    let (y_lo, y_hi) = ((lo - pad).max(0.0), hi + pad);
+    let x_hi = (summary.epochs.len().max(2)) as f64;
+
+    let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .margin_left(70)
+        .margin_right(20)
+        .margin_top(40)
+        .margin_bottom(50)
+        .build_cartesian_2d(1.0..x_hi, y_lo..y_hi)?;
+    let grey = RGBColor(220, 220, 220);
+    let y_ticks = 5;
+    for i in 0..=y_ticks {
+        let y = y_lo + (y_hi - y_lo) * i as f64 / y_ticks as f64;
+        chart.draw_series(std::iter::once(PathElement::new(vec![(1.0, y), (x_hi, y)], grey)))?;
+        let (px, py) = chart.backend_coord(&(1.0, y));
+        draw_text(&root, &format!("{y:.3}"), px - 60, py - 5, &BLACK)?;
+    }
+    let x_step = ((x_hi as usize) / 10).max(1);
+    for epoch in (1..=x_hi as usize).step_by(x_step) {
+        let (px, py) = chart.backend_coord(&(epoch as f64, y_lo));
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(epoch as f64, y_lo), (epoch as f64, y_hi)],
+            grey,
+        )))?;
+        draw_text(&root, &epoch.to_string(), px - 3, py + 8, &BLACK)?;
+    }
+    let blue = RGBColor(40, 90, 200);
+    let red = RGBColor(210, 50, 40);
+    chart.draw_series(LineSeries::new(train.clone(), blue.stroke_width(2)))?;
+    chart.draw_series(train.iter().map(|&p| Circle::new(p, 3, blue.filled())))?;
+    chart.draw_series(LineSeries::new(validation.clone(), red.stroke_width(2)))?;
+    chart.draw_series(validation.iter().map(|&p| Circle::new(p, 3, red.filled())))?;
+    draw_text(&root, "loss", 10, 14, &BLACK)?;
+    draw_text(&root, "epoch", WIDTH as i32 / 2 - 15, HEIGHT as i32 - 22, &BLACK)?;
+    draw_text(&root, "train", WIDTH as i32 - 190, 14, &blue)?;
+    draw_text(&root, "val", WIDTH as i32 - 100, 14, &red)?;
+    root.present()?;
+    Ok(())
+}
+
+/// 3×5 glyphs (rows top to bottom, 3 bits each, high bit left) for the characters plots use.
+fn glyph(c: char) -> [u8; 5] {
+    match c {
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [7, 1, 7, 4, 7],
+        '3' => [7, 1, 7, 1, 7],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 7, 1, 7],
+        '6' => [7, 4, 7, 5, 7],
+        '7' => [7, 1, 1, 2, 2],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 7],
+        '.' => [0, 0, 0, 0, 2],
+        '-' => [0, 0, 7, 0, 0],
+        'a' => [0, 6, 3, 5, 7],
+        'c' => [0, 7, 4, 4, 7],
+        'e' => [0, 7, 7, 4, 7],
+        'h' => [4, 4, 7, 5, 5],
+        'i' => [2, 0, 2, 2, 2],
+        'l' => [2, 2, 2, 2, 3],
+        'n' => [0, 6, 5, 5, 5],
+        'o' => [0, 7, 5, 5, 7],
+        'p' => [0, 7, 5, 7, 4],
+        'r' => [0, 7, 4, 4, 4],
+        's' => [0, 7, 6, 3, 7],
+        't' => [2, 7, 2, 2, 3],
+        'v' => [0, 5, 5, 5, 2],
+        _ => [0; 5],
+    }
+}
+
+/// Draws `text` with its top-left corner at `(x, y)`, each font pixel a 2×2 square.
+fn draw_text<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    text: &str,
+    x: i32,
+    y: i32,
+    color: &RGBColor,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    const SCALE: i32 = 2;
+    for (i, c) in text.chars().enumerate() {
+        let left = x + i as i32 * 4 * SCALE;
+        for (row, bits) in glyph(c).iter().enumerate() {
+            for col in 0..3 {
+                if bits & (4 >> col) != 0 {
+                    for dy in 0..SCALE {
+                        for dx in 0..SCALE {
+                            area.draw_pixel((left + col * SCALE + dx, y + row as i32 * SCALE + dy), color)?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_specs() {
+        let named = parse_set("erk=a/erk5.abc,a/erk10.abc", 0);
+        assert_eq!(named.name, "erk");
+        assert_eq!(named.paths, vec![PathBuf::from("a/erk5.abc"), PathBuf::from("a/erk10.abc")]);
+        assert_eq!(parse_set("x/folk", 3).name, "folk");
+    }
+
+    #[test]
+    fn schedules() {
+        assert_eq!(
+            parse_schedule("step:3:0.5", None).unwrap(),
+            LrSchedule::Step { every_epochs: 3, factor: 0.5 }
+        );
+        assert_eq!(parse_schedule("cosine", Some(0.1)).unwrap(), LrSchedule::Cosine { min_ratio: 0.1 });
+        assert!(parse_schedule("linear", None).is_err());
+    }
 }

@@ -1,0 +1,346 @@
+//! Streaming generation: a `Generator` keeps the LSTM state and advances one symbol per step
+//! (it never re-runs a window), and a `PhraseContinuation` wraps it for melodies: it moves the
+//! primer into the model's key convention and pitch range, warms the state on it, and hands
+//! back symbols in the player's key.
+//! Runs on: the worker thread (one `Generator` per phrase, built cheaply from an
+//! `Arc<LoadedModel>`) and offline threads (xtask generate, tests).
+
+use std::sync::Arc;
+
+use super::io::LoadedModel;
+use super::sample::{Sampler, SamplingSettings};
+use super::{GenState, ModelError, Transposition};
+use crate::music::encode::{self, DurationFilter, EncodeConfig};
+use crate::music::key::melody_key;
+use crate::music::{Melody, StepGrid, Symbol, TokenId, Vocab};
+
+/// Generates symbols one at a time from a model, carrying the recurrent state between steps.
+/// Owns its state, so it is `Send` and the worker may keep one per phrase.
+pub struct Generator {
+    model: Arc<LoadedModel>,
+    state: GenState,
+    sampler: Sampler,
+    /// Logits of the next symbol, `[vocab]`; valid once a symbol has been fed.
+    logits: Vec<f32>,
+    has_logits: bool,
+    max_steps: Option<usize>,
+    num_generated: usize,
+    is_finished: bool,
+}
+
+impl Generator {
+    /// A generator at the zero state whose draws follow `seed`.
+    pub fn new(model: Arc<LoadedModel>, seed: u64) -> Self {
+        let vocab_len = model.config.vocab_len();
+        Self {
+            state: model.new_state(),
+            model,
+            sampler: Sampler::new(seed),
+            logits: vec![0.0; vocab_len],
+            has_logits: false,
+            max_steps: None,
+            num_generated: 0,
+            is_finished: false,
+        }
+    }
+
+    /// The model it runs.
+    pub fn model(&self) -> &Arc<LoadedModel> {
+        &self.model
+    }
+
+    /// The recurrent state after the symbols fed so far.
+    pub fn state(&self) -> &GenState {
+        &self.state
+    }
+
+    /// Back to the zero state with nothing generated; the RNG goes on where it was.
+    pub fn reset(&mut self) {
+        self.state.reset();
+        self.has_logits = false;
+        self.num_generated = 0;
+        self.is_finished = false;
+    }
+
+    /// Restarts the random draws from `seed`.
+    pub fn reseed(&mut self, seed: u64) {
+        self.sampler.reseed(seed);
+    }
+
+    /// Stop after this many generated symbols (`None`: only at a delimiter).
+    pub fn set_max_steps(&mut self, max_steps: Option<usize>) {
+        self.max_steps = max_steps;
+    }
+
+    /// Symbols generated since the last `reset`.
+    pub fn num_generated(&self) -> usize {
+        self.num_generated
+    }
+
+    /// True once a delimiter was generated or `max_steps` reached.
+    pub fn is_finished(&self) -> bool {
+        self.is_finished
+    }
+
+    /// Feeds one symbol without sampling: advances the state and computes the next logits.
+    pub fn feed(&mut self, symbol: Symbol) -> Result<(), ModelError> {
+        let token =
+            self.model.config.vocab.id(symbol).ok_or(crate::music::vocab::UnknownSymbol { symbol })?;
+        self.feed_token(token)
+    }
+
+    fn feed_token(&mut self, token: TokenId) -> Result<(), ModelError> {
+        self.model.step(token, &mut self.state, &mut self.logits)?;
+        self.has_logits = true;
+        Ok(())
+    }
+
+    /// Warms the state on `symbols` (all in the model's vocabulary and key convention).
+    pub fn prime(&mut self, symbols: &[Symbol]) -> Result<(), ModelError> {
+        let tokens = self.model.config.vocab.encode(symbols)?;
+        tokens.into_iter().try_for_each(|t| self.feed_token(t))
+    }
+
+    /// Samples the next symbol under `settings`, feeds it back, and returns it; `None` once
+    /// finished. With nothing fed yet, a song start (one delimiter) is fed first.
+    pub fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Option<Symbol>, ModelError> {
+        if self.is_finished {
+            return Ok(None);
+        }
+        if !self.has_logits {
+            self.feed(Symbol::Delimiter)?;
+        }
+        let token = self.sampler.sample(&self.logits, &self.model.config.vocab, settings);
+        let symbol = self.model.config.vocab.symbol(token);
+        self.num_generated += 1;
+        if symbol == Symbol::Delimiter || self.max_steps.is_some_and(|max| self.num_generated >= max) {
+            self.is_finished = true;
+        }
+        // A finished generator will not be asked for more, so the last step is not run.
+        if !self.is_finished {
+            self.feed_token(token)?;
+        }
+        Ok(Some(symbol))
+    }
+}
+
+/// A melody continuation in progress: the primer moved into the model's key and range, the
+/// generator warmed on it, and symbols handed back in the player's key. Generated time starts
+/// at the primer's `end_beats` rounded to the grid; step `i` starts `i * step_beats()` after it.
+pub struct PhraseContinuation {
+    generator: Generator,
+    /// Semitones from the player's key to the model's.
+    shift_semitones: i32,
+    /// Where the continuation starts, in beats of the primer's time.
+    start_beats: f64,
+    symbols: Vec<Symbol>,
+}
+
+impl PhraseContinuation {
+    /// Prepares a continuation of `primer` that will stop after `max_steps` symbols (or at a
+    /// delimiter, when the settings allow one). An empty primer starts a fresh song.
+    pub fn start(
+        model: Arc<LoadedModel>,
+        primer: &Melody,
+        max_steps: usize,
+        seed: u64,
+    ) -> Result<Self, ModelError> {
+        let cfg = &model.config;
+        let shift_semitones = model_shift(primer, cfg.transposition, cfg.lowest_pitch, cfg.highest_pitch);
+        let moved = fit_into_vocab(&shift_melody(primer, shift_semitones), &cfg.vocab);
+        let symbols = encode_primer(&moved, cfg.grid)?;
+        let start_beats = symbols.len() as f64 * cfg.grid.step_beats();
+        let mut lead = vec![Symbol::Delimiter; cfg.delimiter_len.max(1)];
+        lead.extend_from_slice(&symbols);
+        let mut generator = Generator::new(model, seed);
+        generator.set_max_steps(Some(max_steps));
+        generator.prime(&lead)?;
+        Ok(Self { generator, shift_semitones, start_beats, symbols: Vec::with_capacity(max_steps) })
+    }
+
+    /// Where the continuation starts, in beats of the primer's time: the primer's end on the
+    /// grid (never before its last note ends).
+    pub fn start_beats(&self) -> f64 {
+        self.start_beats
+    }
+
+    /// Semitones the primer was moved by to reach the model's key convention and range.
+    pub fn shift_semitones(&self) -> i32 {
+        self.shift_semitones
+    }
+
+    /// Length of one step in beats.
+    pub fn step_beats(&self) -> f64 {
+        self.generator.model().config.grid.step_beats()
+    }
+
+    /// The next symbol in the player's key, or `None` once finished. `settings` speak of the
+    /// player's key too (pitch classes, range); they may change between any two steps.
+    pub fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Option<Symbol>, ModelError> {
+        let model_settings = settings.transposed(self.shift_semitones);
+        let Some(symbol) = self.generator.next_symbol(&model_settings)? else {
+            return Ok(None);
+        };
+        let symbol = match symbol {
+            Symbol::Pitch(p) => Symbol::Pitch(fold_into(p as i32 - self.shift_semitones, 0, 127)),
+            other => other,
+        };
+        self.symbols.push(symbol);
+        Ok(Some(symbol))
+    }
+
+    /// The symbols generated so far, in the player's key.
+    pub fn symbols(&self) -> &[Symbol] {
+        &self.symbols
+    }
+
+    /// The generated symbols as a melody in the player's key, times from the continuation's
+    /// start. A final delimiter ends it and takes no time.
+    pub fn melody(&self) -> Melody {
+        let grid = self.generator.model().config.grid;
+        let end = self.symbols.iter().position(|s| *s == Symbol::Delimiter).unwrap_or(self.symbols.len());
+        encode::decode(&self.symbols[..end], grid)
+    }
+}
+
+/// Continues `primer` by up to `num_steps` steps under `settings` (in the player's key) and
+/// returns the new notes in the player's key, times from the primer's end. The same model,
+/// primer, settings and seed always give the same notes.
+pub fn continue_melody(
+    model: &Arc<LoadedModel>,
+    primer: &Melody,
+    num_steps: usize,
+    settings: &SamplingSettings,
+    seed: u64,
+) -> Result<Melody, ModelError> {
+    let mut phrase = PhraseContinuation::start(Arc::clone(model), primer, num_steps, seed)?;
+    while phrase.next_symbol(settings)?.is_some() {}
+    Ok(phrase.melody())
+}
+
+/// Semitones that bring `primer` to the model: to its key convention, then by whole octaves
+/// to the octave where the fewest notes fall outside `lowest..=highest` (the nearer octave on
+/// a tie).
+fn model_shift(primer: &Melody, transposition: Transposition, lowest: u8, highest: u8) -> i32 {
+    let key_shift = match transposition {
+        Transposition::None => 0,
+        Transposition::PlainSignature { key_source } => {
+            melody_key(primer, key_source).map_or(0, |key| key.shift_to_plain_signature())
+        }
+    };
+    let outside = |shift: i32| {
+        primer
+            .notes
+            .iter()
+            .filter(|n| !(lowest as i32..=highest as i32).contains(&(n.pitch as i32 + shift)))
+            .count()
+    };
+    let octaves = (-10..=10).min_by_key(|&k: &i32| (outside(key_shift + 12 * k), k.abs())).unwrap_or(0);
+    key_shift + 12 * octaves
+}
+
+/// `pitch` moved by octaves into `lowest..=highest`, or clamped when the range is narrower
+/// than an octave and misses its pitch class.
+fn fold_into(mut pitch: i32, lowest: i32, highest: i32) -> u8 {
+    while pitch < lowest && pitch + 12 <= highest {
+        pitch += 12;
+    }
+    while pitch > highest && pitch - 12 >= lowest {
+        pitch -= 12;
+    }
+    pitch.clamp(lowest, highest).clamp(0, 127) as u8
+}
+
+/// `melody` moved by `semitones`, each pitch folded by octaves into MIDI's range.
+fn shift_melody(melody: &Melody, semitones: i32) -> Melody {
+    let mut out = melody.clone();
+    for note in &mut out.notes {
+        note.pitch = fold_into(note.pitch as i32 + semitones, 0, 127);
+    }
+    out
+}
+
+/// Moves each note onto a pitch the vocabulary holds: the nearest octave of its pitch class,
+/// or else the nearest pitch.
+fn fit_into_vocab(melody: &Melody, vocab: &Vocab) -> Melody {
+    let pitches: Vec<u8> = vocab
+        .symbols()
+        .iter()
+        .filter_map(|s| if let Symbol::Pitch(p) = s { Some(*p) } else { None })
+        .collect();
+    let mut out = melody.clone();
+    for note in &mut out.notes {
+        if pitches.contains(&note.pitch) {
+            continue;
+        }
+        let distance = |p: u8| {
+            let d = (p as i32 - note.pitch as i32).abs();
+            // Same pitch class first, then the smallest move.
+            (d % 12 != 0, d)
+        };
+        if let Some(&best) = pitches.iter().min_by_key(|&&p| distance(p)) {
+            note.pitch = best;
+        }
+    }
+    out
+}
+
+/// Puts a played primer on the grid (`encode::quantize`: onsets and ends to the nearest step,
+/// every note at least one step, overlaps cut at the next onset) and encodes it.
+fn encode_primer(primer: &Melody, grid: StepGrid) -> Result<Vec<Symbol>, ModelError> {
+    let mut sorted = primer.clone();
+    sorted.notes.sort_by(|a, b| a.start_beats.total_cmp(&b.start_beats));
+    let quantized = encode::quantize(&sorted, grid);
+    let cfg = EncodeConfig {
+        grid,
+        durations: DurationFilter::OnGrid,
+        lowest_pitch: 0,
+        highest_pitch: 127,
+        min_notes: 0,
+    };
+    Ok(encode::encode(&quantized, &cfg)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::music::encode::parse_symbols;
+    use crate::music::note::tests::melody;
+    use crate::music::{Key, Mode};
+
+    #[test]
+    fn primers_are_put_on_the_grid() {
+        // Slightly early and late onsets, an overlap, and a trailing rest to beat 2.
+        let mut m = melody(&[(60, 0.02, 0.5), (62, 0.48, 0.7), (64, 1.0, 0.6)]);
+        m.end_beats = 2.0;
+        let symbols = encode_primer(&m, StepGrid::SIXTEENTHS).unwrap();
+        assert_eq!(symbols, parse_symbols("60 _ 62 _ 64 _ r _").unwrap());
+        // Two onsets on one step: the first note stays.
+        let m = melody(&[(60, 0.0, 0.1), (67, 0.05, 0.5)]);
+        assert_eq!(encode_primer(&m, StepGrid::SIXTEENTHS).unwrap(), parse_symbols("60 r").unwrap());
+    }
+
+    #[test]
+    fn the_shift_reaches_the_convention_and_the_range() {
+        let plain =
+            Transposition::PlainSignature { key_source: crate::music::key::KeySource::DeclaredThenEstimated };
+        let mut g = melody(&[(67, 0.0, 1.0), (71, 1.0, 1.0), (74, 2.0, 1.0)]);
+        g.key = Some(Key::from_tonic(7, Mode::Major));
+        // G major → C major is +5, and G D B at 72..79 fit 60..84.
+        assert_eq!(model_shift(&g, plain, 60, 84), 5);
+        // With a range an octave lower, the same key move goes down an octave more.
+        assert_eq!(model_shift(&g, plain, 48, 72), -7);
+        assert_eq!(model_shift(&g, Transposition::None, 0, 127), 0);
+    }
+
+    #[test]
+    fn folding_and_vocabulary_fit() {
+        assert_eq!(fold_into(50, 60, 72), 62);
+        assert_eq!(fold_into(90, 60, 72), 66);
+        assert_eq!(fold_into(61, 62, 64), 62);
+        let vocab =
+            Vocab::from_symbols([Symbol::Pitch(60), Symbol::Pitch(64), Symbol::Pitch(72), Symbol::Hold]);
+        let fitted = fit_into_vocab(&melody(&[(48, 0.0, 1.0), (65, 1.0, 1.0), (64, 2.0, 1.0)]), &vocab);
+        assert_eq!(fitted.notes.iter().map(|n| n.pitch).collect::<Vec<_>>(), vec![60, 64, 64]);
+    }
+}

@@ -1,0 +1,280 @@
+//! A trained model on disk and in memory: the model directory (`model.safetensors`,
+//! `config.json`, `train.json`), strict validation at load, and the built-in default model.
+//! Runs on: the worker thread (loading) and offline threads (saving). Reads whole files into
+//! memory (a buffered read, never mmap), so a file changing under a running host cannot fault.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use safetensors::{Dtype, SafeTensors};
+
+use super::config::{InputKind, ModelConfig};
+use super::lstm::{GenState, MelodyLstm, StepWeights};
+use super::ModelError;
+use crate::music::TokenId;
+
+/// The weights file of a model directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The `ModelConfig` file of a model directory.
+pub const CONFIG_FILE: &str = "config.json";
+/// The training summary of a model directory (data, split, epochs, losses).
+pub const TRAIN_FILE: &str = "train.json";
+
+/// The built-in model's config, embedded at compile time.
+const BUILTIN_CONFIG: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/presets/models/default/config.json"));
+/// The built-in model's weights, embedded at compile time.
+const BUILTIN_WEIGHTS: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/presets/models/default/model.safetensors"));
+/// Where the built-in model came from, for error messages.
+const BUILTIN_ORIGIN: &str = "built-in model (presets/models/default)";
+
+/// Headers beyond this size are refused as corrupt, as the safetensors crate does.
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// A validated model ready to run: its config and its network. Immutable once loaded, so the
+/// worker shares it as `Arc<LoadedModel>` and builds a cheap `Generator` from it per phrase.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// Sizes, vocabulary and conventions.
+    pub config: ModelConfig,
+    /// The network.
+    pub lstm: MelodyLstm,
+    /// Where it was loaded from (a directory, or the built-in model), for messages.
+    pub origin: String,
+    /// The weights arranged for one step of one sequence.
+    step_weights: StepWeights,
+}
+
+impl LoadedModel {
+    /// Loads and validates a model directory onto the CPU.
+    pub fn load_dir(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_dir_on(dir, &Device::Cpu)
+    }
+
+    /// Loads and validates a model directory onto `device`.
+    pub fn load_dir_on(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        let config_path = dir.join(CONFIG_FILE);
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let config = read_file(&config_path)?;
+        let weights = read_file(&weights_path)?;
+        let config = parse_config(&config, &config_path.display().to_string())?;
+        Self::from_parts(
+            config,
+            &weights,
+            &weights_path.display().to_string(),
+            &dir.display().to_string(),
+            device,
+        )
+    }
+
+    /// Loads a model from the bytes of its `config.json` and `model.safetensors`. `origin`
+    /// names it in errors.
+    pub fn from_bytes(
+        config_json: &[u8],
+        weights: &[u8],
+        origin: &str,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let config = parse_config(config_json, &format!("{origin}/{CONFIG_FILE}"))?;
+        Self::from_parts(config, weights, &format!("{origin}/{WEIGHTS_FILE}"), origin, device)
+    }
+
+    /// The default model built into the plugin (trained on folk melodies), on the CPU.
+    pub fn builtin() -> Result<Self, ModelError> {
+        Self::from_bytes(BUILTIN_CONFIG, BUILTIN_WEIGHTS, BUILTIN_ORIGIN, &Device::Cpu)
+    }
+
+    fn from_parts(
+        config: ModelConfig,
+        weights: &[u8],
+        weights_path: &str,
+        origin: &str,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let tensors = read_weights(weights, weights_path, &config, device)?;
+        let lstm = MelodyLstm::new(&config, VarBuilder::from_tensors(tensors, DType::F32, device))?;
+        Ok(Self::new(config, lstm, origin)?)
+    }
+
+    /// A model from a network already built (for tests and freshly trained weights).
+    pub fn new(config: ModelConfig, lstm: MelodyLstm, origin: &str) -> Result<Self, ModelError> {
+        let step_weights = lstm.step_weights()?;
+        Ok(Self { config, lstm, origin: origin.to_string(), step_weights })
+    }
+
+    /// A zero recurrent state sized for this model.
+    pub fn new_state(&self) -> GenState {
+        GenState::zeros(self.config.num_layers, self.config.hidden_size)
+    }
+
+    /// Feeds `token` to one sequence: updates `state` and writes the next symbol's logits
+    /// (`[vocab]`) into `logits`. Generation goes through here only, so a faster step kernel
+    /// can take over without touching its callers.
+    pub fn step(&self, token: TokenId, state: &mut GenState, logits: &mut [f32]) -> Result<(), ModelError> {
+        Ok(self.lstm.step(&self.step_weights, token, state, logits)?)
+    }
+}
+
+/// Writes `model.safetensors` and `config.json` of `lstm` into `dir` (created if needed).
+/// `train.json` is the trainer's to write.
+pub fn save_model(dir: &Path, config: &ModelConfig, lstm: &MelodyLstm) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|source| ModelError::Io { path: dir.display().to_string(), source })?;
+    save_weights(&dir.join(WEIGHTS_FILE), lstm)?;
+    save_config(&dir.join(CONFIG_FILE), config)
+}
+
+/// Writes the network's tensors as safetensors (f32, on the CPU).
+pub fn save_weights(path: &Path, lstm: &MelodyLstm) -> Result<(), ModelError> {
+    let tensors: HashMap<String, Tensor> = lstm
+        .named_tensors()
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
+        .collect::<Result<_, candle_core::Error>>()?;
+    candle_core::safetensors::save(&tensors, path).map_err(|e| ModelError::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// Writes `config` as pretty JSON.
+pub fn save_config(path: &Path, config: &ModelConfig) -> Result<(), ModelError> {
+    let json = serde_json::to_string_pretty(config).expect("a ModelConfig always serialises");
+    std::fs::write(path, json + "\n")
+        .map_err(|source| ModelError::Io { path: path.display().to_string(), source })
+}
+
+/// Reads a whole file; a missing file is `MissingFile`.
+fn read_file(path: &Path) -> Result<Vec<u8>, ModelError> {
+    std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => ModelError::MissingFile { path: path.display().to_string() },
+        _ => ModelError::Io { path: path.display().to_string(), source },
+    })
+}
+
+/// Parses and validates `config.json`.
+pub fn parse_config(bytes: &[u8], path: &str) -> Result<ModelConfig, ModelError> {
+    let config: ModelConfig = serde_json::from_slice(bytes)
+        .map_err(|source| ModelError::ConfigParse { path: path.to_string(), source })?;
+    config.validate().map_err(|problem| ModelError::InvalidConfig { path: path.to_string(), problem })?;
+    Ok(config)
+}
+
+/// Reads safetensors `bytes` and checks them against `config`: every tensor present with its
+/// shape, nothing extra, a float type, every value finite. Returns the tensors as f32 on
+/// `device`. `path` names the file in errors.
+pub fn read_weights(
+    bytes: &[u8],
+    path: &str,
+    config: &ModelConfig,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, ModelError> {
+    check_length(bytes, path)?;
+    let file = SafeTensors::deserialize(bytes)
+        .map_err(|e| ModelError::CorruptWeights { path: path.to_string(), reason: e.to_string() })?;
+    let expected = MelodyLstm::tensor_shapes(config);
+    for (name, shape) in &expected {
+        let view = file
+            .tensor(name)
+            .map_err(|_| ModelError::MissingTensor { path: path.to_string(), name: name.clone() })?;
+        if view.shape() != shape.as_slice() {
+            return Err(shape_error(path, name, shape, view.shape(), config));
+        }
+    }
+    if let Some(extra) = file.names().into_iter().find(|n| !expected.iter().any(|(name, _)| name == *n)) {
+        return Err(ModelError::UnexpectedTensor { path: path.to_string(), name: extra.to_string() });
+    }
+    let mut out = HashMap::with_capacity(expected.len());
+    for (name, _) in expected {
+        let view = file.tensor(&name).expect("checked above");
+        if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(ModelError::UnsupportedDtype {
+                path: path.to_string(),
+                name,
+                dtype: format!("{:?}", view.dtype()),
+            });
+        }
+        let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let num_bad = tensor.flatten_all()?.to_vec1::<f32>()?.iter().filter(|x| !x.is_finite()).count();
+        if num_bad > 0 {
+            return Err(ModelError::NonFinite { path: path.to_string(), name, num_bad });
+        }
+        out.insert(name, tensor.to_device(device)?);
+    }
+    Ok(out)
+}
+
+/// A truncated file is told apart from other damage by comparing its length with what the
+/// header announces: 8 bytes of header length, the header, then the data.
+fn check_length(bytes: &[u8], path: &str) -> Result<(), ModelError> {
+    let truncated = |expected_bytes: u64| ModelError::Truncated {
+        path: path.to_string(),
+        expected_bytes,
+        got_bytes: bytes.len() as u64,
+    };
+    let Some(len_bytes) = bytes.get(..8) else {
+        return Err(truncated(8));
+    };
+    let header_len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
+    if header_len > MAX_HEADER_BYTES {
+        return Err(ModelError::CorruptWeights {
+            path: path.to_string(),
+            reason: format!("header length {header_len} is implausible"),
+        });
+    }
+    let Some(header) = bytes.get(8..8 + header_len as usize) else {
+        return Err(truncated(8 + header_len));
+    };
+    let header: serde_json::Value = serde_json::from_slice(header)
+        .map_err(|e| ModelError::CorruptWeights { path: path.to_string(), reason: format!("header: {e}") })?;
+    let data_end = header
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(name, _)| name.as_str() != "__metadata__")
+        .filter_map(|(_, info)| info.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    let expected = 8 + header_len + data_end;
+    if (bytes.len() as u64) < expected {
+        return Err(truncated(expected));
+    }
+    Ok(())
+}
+
+/// A shape mismatch, reported as a vocabulary mismatch when only the vocabulary dimension
+/// differs.
+fn shape_error(
+    path: &str,
+    name: &str,
+    expected: &[usize],
+    got: &[usize],
+    config: &ModelConfig,
+) -> ModelError {
+    let vocab_dim = match name {
+        "embedding.weight" | "head.weight" | "head.bias" => Some(0),
+        "lstm.weight_ih_l0" if config.input == InputKind::OneHot => Some(1),
+        _ => None,
+    };
+    if let Some(dim) = vocab_dim {
+        let others_agree = expected.len() == got.len()
+            && expected.iter().zip(got).enumerate().all(|(i, (e, g))| i == dim || e == g);
+        if others_agree {
+            return ModelError::VocabMismatch {
+                path: path.to_string(),
+                name: name.to_string(),
+                config_len: expected[dim],
+                weights_len: got[dim],
+            };
+        }
+    }
+    ModelError::ShapeMismatch {
+        path: path.to_string(),
+        name: name.to_string(),
+        expected: expected.to_vec(),
+        got: got.to_vec(),
+    }
+}

@@ -1,0 +1,701 @@
+//! The melody network: token input (embedding or one-hot), stacked LSTM layers, dropout, and a
+//! linear layer to logits over the vocabulary, in candle.
+//! Runs on: worker and offline threads.
+//!
+//! Tensor names follow PyTorch, so weights move between the two without renaming:
+//!
+//! | name | shape | what |
+//! |------|-------|------|
+//! | `embedding.weight` | `[vocab, dim]` | token table (embedding input only) |
+//! | `lstm.weight_ih_l{k}` | `[4 hidden, input]` | input weights of layer `k`, gates in order i, f, g, o |
+//! | `lstm.weight_hh_l{k}` | `[4 hidden, hidden]` | recurrent weights of layer `k` |
+//! | `lstm.bias_ih_l{k}`, `lstm.bias_hh_l{k}` | `[4 hidden]` | the two biases of layer `k` |
+//! | `head.weight`, `head.bias` | `[vocab, hidden]`, `[vocab]` | output layer |
+//!
+//! The input of layer 0 is `dim` wide with an embedding and `vocab` wide with one-hot input.
+//! One LSTM step, with `σ` the logistic function and `⊙` the element-wise product:
+//! `[i f g o] = W_ih x + b_ih + W_hh h + b_hh`, `c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)`,
+//! `h' = σ(o) ⊙ tanh(c')`.
+//!
+//! Sequences run time-major (`[seq, batch, ...]`), one tensor per step. Two functions are the
+//! seams for faster kernels: `LstmLayer::recur` (the recurrence of one layer over a whole
+//! sequence, the training hot spot) and `MelodyLstm::step` (one symbol for one sequence over a
+//! plain `GenState`, with weights arranged once by `step_weights`: the generation hot spot).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::{InputKind, ModelConfig};
+use crate::music::TokenId;
+
+/// Prefix of the LSTM layers' tensors.
+const LSTM_PREFIX: &str = "lstm";
+
+/// One LSTM layer's weights, PyTorch layout (gates i, f, g, o stacked along the rows).
+#[derive(Clone, Debug)]
+pub struct LstmLayer {
+    /// `[4 hidden, input]`.
+    pub w_ih: Tensor,
+    /// `[4 hidden, hidden]`.
+    pub w_hh: Tensor,
+    /// `[4 hidden]`.
+    pub b_ih: Tensor,
+    /// `[4 hidden]`.
+    pub b_hh: Tensor,
+}
+
+impl LstmLayer {
+    fn new(layer_idx: usize, input_width: usize, hidden_size: usize, vb: &VarBuilder) -> Result<Self> {
+        let bound = 1.0 / (hidden_size as f64).sqrt();
+        let uniform = Init::Uniform { lo: -bound, up: bound };
+        let vb = vb.pp(LSTM_PREFIX);
+        Ok(Self {
+            w_ih: vb.get_with_hints(
+                (4 * hidden_size, input_width),
+                &format!("weight_ih_l{layer_idx}"),
+                uniform,
+            )?,
+            w_hh: vb.get_with_hints(
+                (4 * hidden_size, hidden_size),
+                &format!("weight_hh_l{layer_idx}"),
+                uniform,
+            )?,
+            b_ih: vb.get_with_hints(4 * hidden_size, &format!("bias_ih_l{layer_idx}"), uniform)?,
+            b_hh: vb.get_with_hints(4 * hidden_size, &format!("bias_hh_l{layer_idx}"), uniform)?,
+        })
+    }
+
+    /// Hidden width of this layer.
+    pub fn hidden_size(&self) -> usize {
+        self.w_hh.dim(1).unwrap_or(0)
+    }
+
+    /// Rows `gate * hidden .. (gate + 1) * hidden` of a `[4 hidden, ...]` tensor.
+    fn gate_rows(&self, xs: &Tensor, gate: usize) -> Result<Tensor> {
+        let hidden = self.hidden_size();
+        xs.narrow(0, gate * hidden, hidden)
+    }
+
+    /// Per-gate tables of layer 0's input contribution for every token, biases included:
+    /// `xs` holds each token's input vector (the embedding table, or `None` for one-hot, where
+    /// the vector is a unit column and the table is `W_ihᵀ` itself).
+    /// xs: `[vocab, input]` → 4 × `[vocab, hidden]` (gates i, f, g, o)
+    fn token_tables(&self, xs: Option<&Tensor>) -> Result<Vec<Tensor>> {
+        (0..4)
+            .map(|gate| {
+                let w_t = self.gate_rows(&self.w_ih, gate)?.t()?;
+                let bias = (self.gate_rows(&self.b_ih, gate)? + self.gate_rows(&self.b_hh, gate)?)?;
+                let table = match xs {
+                    Some(xs) => xs.matmul(&w_t.contiguous()?)?,
+                    None => w_t.contiguous()?,
+                };
+                table.broadcast_add(&bias)
+            })
+            .collect()
+    }
+
+    /// The recurrence over a sequence, one step after another.
+    /// input: per step `[batch]` tokens (with tables) or `[batch, input]` vectors; h0 and c0:
+    /// `[batch, hidden]` → (per step h `[batch, hidden]`, final h, final c `[batch, hidden]`).
+    ///
+    /// Each gate has its own weight slices, cut once per call: candle's backward pass of a
+    /// per-step slice of a larger tensor would write a zero-padded copy of the whole tensor
+    /// every step.
+    pub fn recur(
+        &self,
+        input: &LayerInput,
+        h0: &Tensor,
+        c0: &Tensor,
+    ) -> Result<(Vec<Tensor>, Tensor, Tensor)> {
+        // Per gate: the recurrent weights (`[hidden, hidden]`ᵀ) and, for vector input, the
+        // input weights stacked above them (`[input + hidden, hidden]`) with the bias.
+        let mut recurrent = Vec::with_capacity(4);
+        let mut stacked = Vec::with_capacity(4);
+        for gate in 0..4 {
+            match input {
+                LayerInput::Tokens { .. } => {
+                    recurrent.push(self.gate_rows(&self.w_hh, gate)?.t()?.contiguous()?)
+                }
+                LayerInput::Vectors(_) => {
+                    let w = Tensor::cat(
+                        &[self.gate_rows(&self.w_ih, gate)?, self.gate_rows(&self.w_hh, gate)?],
+                        1,
+                    )?;
+                    let bias = (self.gate_rows(&self.b_ih, gate)? + self.gate_rows(&self.b_hh, gate)?)?;
+                    stacked.push((w.t()?.contiguous()?, bias));
+                }
+            }
+        }
+        let num_steps = input.num_steps();
+        let (mut h, mut c) = (h0.clone(), c0.clone());
+        let mut ys = Vec::with_capacity(num_steps);
+        for t in 0..num_steps {
+            let gates: Vec<Tensor> = match input {
+                LayerInput::Tokens { tables, tokens } => (0..4)
+                    .map(|g| tables[g].index_select(&tokens[t], 0)? + h.matmul(&recurrent[g])?)
+                    .collect::<Result<_>>()?,
+                LayerInput::Vectors(xs) => {
+                    let xh = Tensor::cat(&[&xs[t], &h], 1)?;
+                    stacked.iter().map(|(w, b)| xh.matmul(w)?.broadcast_add(b)).collect::<Result<_>>()?
+                }
+            };
+            let in_gate = candle_nn::ops::sigmoid(&gates[0])?;
+            let forget_gate = candle_nn::ops::sigmoid(&gates[1])?;
+            let cell_gate = gates[2].tanh()?;
+            let out_gate = candle_nn::ops::sigmoid(&gates[3])?;
+            c = ((forget_gate * &c)? + (in_gate * cell_gate)?)?;
+            h = (out_gate * c.tanh()?)?;
+            ys.push(h.clone());
+        }
+        Ok((ys, h, c))
+    }
+}
+
+/// What one layer reads at each step.
+pub enum LayerInput {
+    /// Layer 0: token ids, and per gate the table of every token's input contribution
+    /// (`LstmLayer::token_tables`). tables: 4 × `[vocab, hidden]`; tokens: per step `[batch]` u32.
+    Tokens { tables: Vec<Tensor>, tokens: Vec<Tensor> },
+    /// Layers above: the layer below's outputs, per step `[batch, input]`.
+    Vectors(Vec<Tensor>),
+}
+
+impl LayerInput {
+    fn num_steps(&self) -> usize {
+        match self {
+            LayerInput::Tokens { tokens, .. } => tokens.len(),
+            LayerInput::Vectors(xs) => xs.len(),
+        }
+    }
+}
+
+/// The recurrent state of a batch of sequences: per layer, `h` and `c` of shape `[batch, hidden]`.
+#[derive(Clone, Debug)]
+pub struct LstmState {
+    /// Hidden state per layer, each `[batch, hidden]`.
+    pub h: Vec<Tensor>,
+    /// Cell state per layer, each `[batch, hidden]`.
+    pub c: Vec<Tensor>,
+}
+
+/// The recurrent state of one sequence during generation, as plain numbers, apart from the
+/// weights: the worker owns it and resets it between phrases.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenState {
+    /// Hidden state per layer: `[num_layers][hidden]`.
+    pub h: Vec<Vec<f32>>,
+    /// Cell state per layer: `[num_layers][hidden]`.
+    pub c: Vec<Vec<f32>>,
+}
+
+impl GenState {
+    /// The all-zero state a sequence starts from.
+    pub fn zeros(num_layers: usize, hidden_size: usize) -> Self {
+        Self { h: vec![vec![0.0; hidden_size]; num_layers], c: vec![vec![0.0; hidden_size]; num_layers] }
+    }
+
+    /// Back to all zeros, keeping the buffers.
+    pub fn reset(&mut self) {
+        for v in self.h.iter_mut().chain(self.c.iter_mut()) {
+            v.fill(0.0);
+        }
+    }
+}
+
+/// Seeded dropout masks, so a training run repeats exactly for a seed (candle's own random
+/// tensors on the CPU cannot be seeded).
+pub struct Dropout {
+    rng: ChaCha8Rng,
+    drop_p: f32,
+}
+
+impl Dropout {
+    /// Drops each activation with probability `drop_p` and scales the rest by `1 / (1 - drop_p)`.
+    pub fn new(drop_p: f32, seed: u64) -> Self {
+        Self { rng: ChaCha8Rng::seed_from_u64(seed), drop_p }
+    }
+
+    /// xs: any shape → the same shape with dropout applied.
+    pub fn apply(&mut self, xs: &Tensor) -> Result<Tensor> {
+        if self.drop_p <= 0.0 {
+            return Ok(xs.clone());
+        }
+        let scale = 1.0 / (1.0 - self.drop_p);
+        let mask: Vec<f32> = (0..xs.elem_count())
+            .map(|_| if self.rng.random::<f32>() < self.drop_p { 0.0 } else { scale })
+            .collect();
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs * mask
+    }
+}
+
+/// The melody network. Built by `new` from a `VarBuilder`: a `VarMap` one for training, a
+/// safetensors one for inference.
+#[derive(Clone, Debug)]
+pub struct MelodyLstm {
+    input: InputKind,
+    /// `[vocab, dim]`, present for embedding input.
+    embedding: Option<Tensor>,
+    layers: Vec<LstmLayer>,
+    /// `[vocab, hidden]`.
+    head_w: Tensor,
+    /// `[vocab]`.
+    head_b: Tensor,
+    hidden_size: usize,
+    vocab_len: usize,
+    dropout: f32,
+    device: Device,
+}
+
+impl MelodyLstm {
+    /// Builds the network `cfg` describes from the tensors of `vb` (names in the module docs).
+    /// With a `VarMap` builder the tensors are created with PyTorch's default initialisation.
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let vocab_len = cfg.vocab_len();
+        let hidden = cfg.hidden_size;
+        let embedding = match cfg.input {
+            InputKind::Embedding { dim } => Some(vb.get_with_hints(
+                (vocab_len, dim),
+                "embedding.weight",
+                Init::Randn { mean: 0.0, stdev: 1.0 },
+            )?),
+            InputKind::OneHot => None,
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for layer_idx in 0..cfg.num_layers {
+            let width = if layer_idx == 0 { cfg.input.width(vocab_len) } else { hidden };
+            layers.push(LstmLayer::new(layer_idx, width, hidden, &vb)?);
+        }
+        let bound = 1.0 / (hidden as f64).sqrt();
+        let head = vb.pp("head");
+        let head_w =
+            head.get_with_hints((vocab_len, hidden), "weight", Init::Uniform { lo: -bound, up: bound })?;
+        let head_b = head.get_with_hints(vocab_len, "bias", Init::Uniform { lo: -bound, up: bound })?;
+        Ok(Self {
+            input: cfg.input,
+            embedding,
+            layers,
+            head_w,
+            head_b,
+            hidden_size: hidden,
+            vocab_len,
+            dropout: cfg.dropout,
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The name and shape of every tensor `cfg` needs, in a fixed order.
+    pub fn tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+        let (vocab, hidden) = (cfg.vocab_len(), cfg.hidden_size);
+        let mut shapes = Vec::new();
+        if let InputKind::Embedding { dim } = cfg.input {
+            shapes.push(("embedding.weight".to_string(), vec![vocab, dim]));
+        }
+        for k in 0..cfg.num_layers {
+            let width = if k == 0 { cfg.input.width(vocab) } else { hidden };
+            shapes.push((format!("{LSTM_PREFIX}.weight_ih_l{k}"), vec![4 * hidden, width]));
+            shapes.push((format!("{LSTM_PREFIX}.weight_hh_l{k}"), vec![4 * hidden, hidden]));
+            shapes.push((format!("{LSTM_PREFIX}.bias_ih_l{k}"), vec![4 * hidden]));
+            shapes.push((format!("{LSTM_PREFIX}.bias_hh_l{k}"), vec![4 * hidden]));
+        }
+        shapes.push(("head.weight".to_string(), vec![vocab, hidden]));
+        shapes.push(("head.bias".to_string(), vec![vocab]));
+        shapes
+    }
+
+    /// Seeded starting values for every tensor of `cfg`: LSTM and output weights uniform in
+    /// `±1/√hidden` (PyTorch's default), embedding rows standard normal, biases zero except the
+    /// forget gate's input bias at 1 (so early training does not forget everything).
+    pub fn initial_tensors(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let bound = 1.0 / (cfg.hidden_size as f32).sqrt();
+        let hidden = cfg.hidden_size;
+        let mut out = HashMap::new();
+        for (name, shape) in Self::tensor_shapes(cfg) {
+            let len: usize = shape.iter().product();
+            let values: Vec<f32> = if name == "embedding.weight" {
+                (0..len).map(|_| standard_normal(&mut rng)).collect()
+            } else if name.contains(".bias_ih_") {
+                (0..len).map(|i| if (hidden..2 * hidden).contains(&i) { 1.0 } else { 0.0 }).collect()
+            } else if name.contains(".bias_hh_") || name == "head.bias" {
+                vec![0.0; len]
+            } else {
+                (0..len).map(|_| rng.random_range(-bound..bound)).collect()
+            };
+            out.insert(name, Tensor::from_vec(values, shape, device)?);
+        }
+        Ok(out)
+    }
+
+    /// Every tensor by its saved name (shapes as in `tensor_shapes`).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        if let Some(table) = &self.embedding {
+            out.push(("embedding.weight".to_string(), table.clone()));
+        }
+        for (k, layer) in self.layers.iter().enumerate() {
+            out.push((format!("{LSTM_PREFIX}.weight_ih_l{k}"), layer.w_ih.clone()));
+            out.push((format!("{LSTM_PREFIX}.weight_hh_l{k}"), layer.w_hh.clone()));
+            out.push((format!("{LSTM_PREFIX}.bias_ih_l{k}"), layer.b_ih.clone()));
+            out.push((format!("{LSTM_PREFIX}.bias_hh_l{k}"), layer.b_hh.clone()));
+        }
+        out.push(("head.weight".to_string(), self.head_w.clone()));
+        out.push(("head.bias".to_string(), self.head_b.clone()));
+        out
+    }
+
+    /// Embedding or one-hot input.
+    pub fn input(&self) -> InputKind {
+        self.input
+    }
+
+    /// The LSTM layers, input first.
+    pub fn layers(&self) -> &[LstmLayer] {
+        &self.layers
+    }
+
+    /// Width of each layer's state.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    /// Number of stacked layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Number of symbols, the width of the logits.
+    pub fn vocab_len(&self) -> usize {
+        self.vocab_len
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dropout probability of the config, for building a `Dropout` when training.
+    pub fn dropout_p(&self) -> f32 {
+        self.dropout
+    }
+
+    /// An all-zero state for `batch` sequences.
+    pub fn zero_state(&self, batch: usize) -> Result<LstmState> {
+        let zeros = Tensor::zeros((batch, self.hidden_size), DType::F32, &self.device)?;
+        let n = self.layers.len();
+        Ok(LstmState { h: vec![zeros.clone(); n], c: vec![zeros; n] })
+    }
+
+    /// The top layer's output at every step of a time-major batch, before dropout and the
+    /// output layer. tokens: `[seq, batch]` u32 → (per step `[batch, hidden]`, state after the
+    /// last step)
+    fn lstm_outputs(
+        &self,
+        tokens: &Tensor,
+        state: Option<&LstmState>,
+        mut dropout: Option<&mut Dropout>,
+    ) -> Result<(Vec<Tensor>, LstmState)> {
+        let (seq_len, batch) = tokens.dims2()?;
+        let zero;
+        let state = match state {
+            Some(s) => s,
+            None => {
+                zero = self.zero_state(batch)?;
+                &zero
+            }
+        };
+        let mut next =
+            LstmState { h: Vec::with_capacity(self.layers.len()), c: Vec::with_capacity(self.layers.len()) };
+        let step_tokens = (0..seq_len).map(|t| tokens.get(t)).collect::<Result<Vec<_>>>()?;
+        let mut input = LayerInput::Tokens {
+            tables: self.layers[0].token_tables(self.embedding.as_ref())?,
+            tokens: step_tokens,
+        };
+        let mut ys = Vec::new();
+        for (k, layer) in self.layers.iter().enumerate() {
+            let (out, h, c) = layer.recur(&input, &state.h[k], &state.c[k])?;
+            next.h.push(h);
+            next.c.push(c);
+            ys = match dropout.as_deref_mut() {
+                Some(d) => out.iter().map(|y| d.apply(y)).collect::<Result<_>>()?,
+                None => out,
+            };
+            input = LayerInput::Vectors(ys.clone());
+        }
+        Ok((ys, next))
+    }
+
+    /// The output layer. xs: `[..., hidden]` → `[..., vocab]`
+    fn head(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let flat = xs.reshape(((), self.hidden_size))?;
+        let logits = flat.matmul(&self.head_w.t()?)?.broadcast_add(&self.head_b)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank ≥ 1") = self.vocab_len;
+        logits.reshape(out_dims)
+    }
+
+    /// Logits for every position of a time-major batch. Pass `dropout` only when training.
+    /// tokens: `[seq, batch]` u32, state: per layer `[batch, hidden]` (zeros when `None`)
+    /// → (logits `[seq, batch, vocab]`, state after the last step)
+    pub fn forward_time_major(
+        &self,
+        tokens: &Tensor,
+        state: Option<&LstmState>,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<(Tensor, LstmState)> {
+        let (ys, next) = self.lstm_outputs(tokens, state, dropout)?;
+        Ok((self.head(&Tensor::stack(&ys, 0)?)?, next))
+    }
+
+    /// Logits for every position of a batch. Pass `dropout` only when training.
+    /// tokens: `[batch, seq]` u32, state: per layer `[batch, hidden]` (zeros when `None`)
+    /// → (logits `[batch, seq, vocab]`, state after the last step)
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        state: Option<&LstmState>,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<(Tensor, LstmState)> {
+        let (logits, next) = self.forward_time_major(&tokens.t()?.contiguous()?, state, dropout)?;
+        Ok((logits.transpose(0, 1)?.contiguous()?, next))
+    }
+
+    /// Logits of the symbol after each window, every window starting from the zero state: the
+    /// recipe's evaluation. tokens: `[batch, seq]` u32 → `[batch, vocab]`
+    pub fn forward_last(&self, tokens: &Tensor) -> Result<Tensor> {
+        let tokens = tokens.t()?.contiguous()?;
+        let (ys, _) = self.lstm_outputs(&tokens, None, None)?;
+        self.head(ys.last().expect("at least one step"))
+    }
+
+    /// The weights rearranged for `step` and `forward_last_with`: computed once per loaded
+    /// model, since the training layout (per-gate slices for a cheap backward pass) is slow
+    /// for inference. A copy, detached from training: recompute it after the weights change.
+    pub fn step_weights(&self) -> Result<StepWeights> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (k, layer) in self.layers.iter().enumerate() {
+            let bias = (&layer.b_ih + &layer.b_hh)?;
+            let input = if k == 0 {
+                // Every token's input contribution with the bias: `[vocab, 4 hidden]`.
+                let w_ih_t = layer.w_ih.t()?.contiguous()?;
+                let table = match &self.embedding {
+                    Some(table) => table.matmul(&w_ih_t)?,
+                    None => w_ih_t,
+                };
+                StepInput::Table(table.broadcast_add(&bias)?.detach())
+            } else {
+                StepInput::Weights {
+                    w_ih_t: layer.w_ih.t()?.contiguous()?.detach(),
+                    bias: bias.unsqueeze(0)?.detach(),
+                }
+            };
+            layers.push(StepLayer { input, w_hh_t: layer.w_hh.t()?.contiguous()?.detach() });
+        }
+        Ok(StepWeights {
+            layers,
+            head_w_t: self.head_w.t()?.contiguous()?.detach(),
+            head_b: self.head_b.unsqueeze(0)?.detach(),
+        })
+    }
+
+    /// Feeds one token to one sequence: updates `state` and writes the logits of the next
+    /// symbol into `logits`. weights: from `step_weights`; state: per layer `[hidden]`;
+    /// logits: `[vocab]`.
+    pub fn step(
+        &self,
+        weights: &StepWeights,
+        token: TokenId,
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let hidden = self.hidden_size;
+        let mut x: Option<Tensor> = None;
+        for (k, layer) in weights.layers.iter().enumerate() {
+            let h = Tensor::from_slice(&state.h[k], (1, hidden), &self.device)?;
+            let c = Tensor::from_slice(&state.c[k], (1, hidden), &self.device)?;
+            let from_input = match (&layer.input, &x) {
+                (StepInput::Table(table), _) => table.narrow(0, token.0 as usize, 1)?,
+                (StepInput::Weights { w_ih_t, bias }, Some(x)) => (x.matmul(w_ih_t)? + bias)?,
+                (StepInput::Weights { .. }, None) => candle_core::bail!("layer {k} has no input"),
+            };
+            let gates = (from_input + h.matmul(&layer.w_hh_t)?)?;
+            let in_gate = candle_nn::ops::sigmoid(&gates.narrow(1, 0, hidden)?)?;
+            let forget_gate = candle_nn::ops::sigmoid(&gates.narrow(1, hidden, hidden)?)?;
+            let cell_gate = gates.narrow(1, 2 * hidden, hidden)?.tanh()?;
+            let out_gate = candle_nn::ops::sigmoid(&gates.narrow(1, 3 * hidden, hidden)?)?;
+            let c = ((forget_gate * c)? + (in_gate * cell_gate)?)?;
+            let h = (out_gate * c.tanh()?)?;
+            state.h[k].copy_from_slice(&h.flatten_all()?.to_vec1::<f32>()?);
+            state.c[k].copy_from_slice(&c.flatten_all()?.to_vec1::<f32>()?);
+            x = Some(h);
+        }
+        let top = x.expect("a config has at least one layer");
+        let out = (top.matmul(&weights.head_w_t)? + &weights.head_b)?;
+        logits.copy_from_slice(&out.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+}
+
+impl MelodyLstm {
+    /// Logits of the symbol after each window, each window from the zero state, with weights
+    /// arranged by `step_weights` and no gradient bookkeeping: evaluation's fast path.
+    /// tokens: `[batch, seq]` u32 → `[batch, vocab]`
+    pub fn forward_last_with(&self, weights: &StepWeights, tokens: &Tensor) -> Result<Tensor> {
+        let tokens = tokens.t()?.contiguous()?;
+        let (seq_len, batch) = tokens.dims2()?;
+        let hidden = self.hidden_size;
+        let mut below: Option<Tensor> = None;
+        for layer in &weights.layers {
+            // Every step's input contribution at once: `[seq, batch, 4 hidden]`.
+            let from_input = match (&layer.input, &below) {
+                (StepInput::Table(table), _) => table.index_select(&tokens.flatten_all()?, 0)?,
+                (StepInput::Weights { w_ih_t, bias }, Some(xs)) => {
+                    xs.reshape((seq_len * batch, hidden))?.matmul(w_ih_t)?.broadcast_add(bias)?
+                }
+                (StepInput::Weights { .. }, None) => {
+                    candle_core::bail!("a layer above the first has no input")
+                }
+            }
+            .reshape((seq_len, batch, 4 * hidden))?;
+            let mut h = Tensor::zeros((batch, hidden), DType::F32, &self.device)?;
+            let mut c = h.clone();
+            let mut ys = Vec::with_capacity(seq_len);
+            for t in 0..seq_len {
+                let gates = (from_input.get(t)? + h.matmul(&layer.w_hh_t)?)?;
+                let in_gate = candle_nn::ops::sigmoid(&gates.narrow(1, 0, hidden)?)?;
+                let forget_gate = candle_nn::ops::sigmoid(&gates.narrow(1, hidden, hidden)?)?;
+                let cell_gate = gates.narrow(1, 2 * hidden, hidden)?.tanh()?;
+                let out_gate = candle_nn::ops::sigmoid(&gates.narrow(1, 3 * hidden, hidden)?)?;
+                c = ((forget_gate * &c)? + (in_gate * cell_gate)?)?;
+                h = (out_gate * c.tanh()?)?;
+                ys.push(h.clone());
+            }
+            below = Some(Tensor::stack(&ys, 0)?);
+        }
+        let top = below.expect("a config has at least one layer").get(seq_len - 1)?;
+        top.matmul(&weights.head_w_t)?.broadcast_add(&weights.head_b)
+    }
+}
+
+/// The weights of one sequence's step, arranged once per loaded model (`MelodyLstm::step_weights`).
+#[derive(Clone, Debug)]
+pub struct StepWeights {
+    layers: Vec<StepLayer>,
+    /// `[hidden, vocab]`.
+    head_w_t: Tensor,
+    /// `[1, vocab]`.
+    head_b: Tensor,
+}
+
+#[derive(Clone, Debug)]
+struct StepLayer {
+    input: StepInput,
+    /// `[hidden, 4 hidden]`.
+    w_hh_t: Tensor,
+}
+
+#[derive(Clone, Debug)]
+enum StepInput {
+    /// Layer 0: every token's input contribution, biases included, `[vocab, 4 hidden]`.
+    Table(Tensor),
+    /// Layers above: `[input, 4 hidden]` and the summed bias `[1, 4 hidden]`.
+    Weights { w_ih_t: Tensor, bias: Tensor },
+}
+
+/// Mean negative log-likelihood and accuracy helpers shared by training and evaluation.
+/// logits: `[n, vocab]`, targets: `[n]` u32 → (per-row NLL `[n]`, per-row argmax `[n]` u32)
+pub fn nll_and_argmax(logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let nll = log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+    Ok((nll, logits.argmax(D::Minus1)?))
+}
+
+/// A standard normal sample (Box–Muller), so initialisation needs no extra crate.
+fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
+    let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+    let u2: f32 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::tests::small_config;
+
+    fn model(cfg: &ModelConfig, seed: u64) -> MelodyLstm {
+        let tensors = MelodyLstm::initial_tensors(cfg, seed, &Device::Cpu).unwrap();
+        MelodyLstm::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap()
+    }
+
+    #[test]
+    fn shapes_of_every_function() {
+        let cfg = small_config();
+        let m = model(&cfg, 1);
+        let v = cfg.vocab_len() as u32;
+        let tokens =
+            Tensor::from_vec((0..15).map(|i| i % v).collect::<Vec<u32>>(), (3, 5), &Device::Cpu).unwrap();
+        let (logits, state) = m.forward(&tokens, None, None).unwrap();
+        assert_eq!(logits.dims(), &[3, 5, cfg.vocab_len()]);
+        assert_eq!(state.h.len(), 2);
+        assert_eq!(state.c[1].dims(), &[3, 16]);
+        assert_eq!(m.forward_last(&tokens).unwrap().dims(), &[3, cfg.vocab_len()]);
+    }
+
+    #[test]
+    fn stepping_one_token_at_a_time_matches_the_whole_sequence() {
+        for input in [InputKind::Embedding { dim: 8 }, InputKind::OneHot] {
+            let cfg = ModelConfig { input, ..small_config() };
+            let m = model(&cfg, 2);
+            let ids = [3u32, 0, 7, 7, 12, 15];
+            let tokens = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
+            let (logits, _) = m.forward(&tokens, None, None).unwrap();
+            let whole = logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+            let mut state = GenState::zeros(2, 16);
+            let mut step_logits = vec![0.0; cfg.vocab_len()];
+            let weights = m.step_weights().unwrap();
+            for (t, &id) in ids.iter().enumerate() {
+                m.step(&weights, TokenId(id as u16), &mut state, &mut step_logits).unwrap();
+                for (a, b) in step_logits.iter().zip(&whole[t]) {
+                    assert!((a - b).abs() < 1e-5, "step {t}: {a} vs {b}");
+                }
+            }
+            let last = m.forward_last(&tokens).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(last, whole[ids.len() - 1]);
+            let fast =
+                m.forward_last_with(&weights, &tokens).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+            for (a, b) in fast.iter().zip(&last) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_scales_what_it_keeps() {
+        let xs = Tensor::ones((4, 50), DType::F32, &Device::Cpu).unwrap();
+        let a = Dropout::new(0.5, 7).apply(&xs).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = Dropout::new(0.5, 7).apply(&xs).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a, b);
+        assert!(a.iter().all(|&x| x == 0.0 || x == 2.0));
+        let kept = a.iter().filter(|&&x| x > 0.0).count();
+        assert!((60..140).contains(&kept), "kept {kept} of 200");
+    }
+
+    #[test]
+    fn initial_tensors_are_seeded() {
+        let cfg = small_config();
+        let a = MelodyLstm::initial_tensors(&cfg, 5, &Device::Cpu).unwrap();
+        let b = MelodyLstm::initial_tensors(&cfg, 5, &Device::Cpu).unwrap();
+        let c = MelodyLstm::initial_tensors(&cfg, 6, &Device::Cpu).unwrap();
+        let w = |m: &HashMap<String, Tensor>| {
+            m["lstm.weight_hh_l1"].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(w(&a), w(&b));
+        assert_ne!(w(&a), w(&c));
+        assert_eq!(a.len(), MelodyLstm::tensor_shapes(&cfg).len());
+    }
+}

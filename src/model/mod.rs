@@ -1,0 +1,112 @@
+//! The melody model of the main recipe: an LSTM language model over the step encoding's
+//! symbols (`crate::music::encode`), its on-disk form, streaming generation with constrained
+//! sampling, and training.
+//! Runs on: the worker thread (loading, generation) and offline threads (training, xtask,
+//! tests). Calls candle and allocates, so never on the audio thread; never imports `nice_plug`.
+//!
+//! The tokens are the music core's `Symbol`s, numbered by the model's `Vocab` (saved in
+//! `config.json`):
+//!
+//! | symbol | text | meaning |
+//! |--------|------|---------|
+//! | `Symbol::Pitch(p)` | `60` | a note of MIDI pitch `p` starts on this step |
+//! | `Symbol::Rest` | `r` | a rest starts on this step |
+//! | `Symbol::Hold` | `_` | the sounding note or rest goes on for another step |
+//! | `Symbol::Delimiter` | `/` | between songs; generation stops here |
+//!
+//! A trained model is a directory (`io`): `model.safetensors`, `config.json`, `train.json`.
+
+pub mod config;
+pub mod data;
+pub mod generate;
+pub mod io;
+pub mod lstm;
+pub mod sample;
+pub mod train;
+
+pub use config::{ConfigError, InputKind, ModelConfig, Transposition};
+pub use generate::{continue_melody, Generator, PhraseContinuation};
+pub use io::LoadedModel;
+pub use lstm::{GenState, MelodyLstm};
+pub use sample::{PitchClassSet, Sampler, SamplingSettings};
+
+pub use candle_core::Device;
+
+/// The device called `cpu`, `cuda` (the first GPU) or `metal`. The GPU ones need the crate
+/// feature of the same name.
+pub fn select_device(name: &str) -> Result<Device, ModelError> {
+    let unavailable =
+        |e: candle_core::Error| ModelError::Device { name: name.to_string(), reason: e.to_string() };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" if cfg!(feature = "cuda") => Device::new_cuda(0).map_err(unavailable),
+        "metal" if cfg!(feature = "metal") => Device::new_metal(0).map_err(unavailable),
+        "cuda" | "metal" => Err(ModelError::Device {
+            name: name.to_string(),
+            reason: format!("this build lacks the '{name}' feature (build with --features {name})"),
+        }),
+        _ => Err(ModelError::Device {
+            name: name.to_string(),
+            reason: "expected cpu, cuda or metal".to_string(),
+        }),
+    }
+}
+
+/// Everything that can go wrong loading, running or training a model. Each variant carries the
+/// file and the offending values.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file of the model directory is not there.
+    #[error("{path}: missing (a model directory holds model.safetensors, config.json and train.json)")]
+    MissingFile { path: String },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    /// `config.json` is not valid JSON for a `ModelConfig`.
+    #[error("{path}: not a model config: {source}")]
+    ConfigParse { path: String, source: serde_json::Error },
+    /// `config.json` parsed but describes no usable model.
+    #[error("{path}: {problem}")]
+    InvalidConfig { path: String, problem: ConfigError },
+    /// The weights file ends before the data its header announces.
+    #[error("{path}: truncated: {got_bytes} bytes, the header announces {expected_bytes}")]
+    Truncated { path: String, expected_bytes: u64, got_bytes: u64 },
+    /// The weights file is not readable safetensors for another reason.
+    #[error("{path}: not a readable safetensors file: {reason}")]
+    CorruptWeights { path: String, reason: String },
+    /// A tensor the config needs is not in the weights.
+    #[error("{path}: tensor '{name}' is missing")]
+    MissingTensor { path: String, name: String },
+    /// The weights hold a tensor the config does not describe.
+    #[error("{path}: tensor '{name}' is not part of this model (config and weights disagree)")]
+    UnexpectedTensor { path: String, name: String },
+    /// A tensor has the wrong shape for the config's sizes.
+    #[error("{path}: tensor '{name}' has shape {got:?}, the config needs {expected:?}")]
+    ShapeMismatch { path: String, name: String, expected: Vec<usize>, got: Vec<usize> },
+    /// The weights were trained on a vocabulary of another size than `config.json` lists.
+    #[error(
+        "{path}: tensor '{name}' is for {weights_len} symbols but the config's vocabulary has {config_len}"
+    )]
+    VocabMismatch { path: String, name: String, config_len: usize, weights_len: usize },
+    /// A tensor holds NaN or infinite values.
+    #[error("{path}: tensor '{name}' has {num_bad} non-finite values (NaN or infinity)")]
+    NonFinite { path: String, name: String, num_bad: usize },
+    /// A tensor is stored in a type we do not read.
+    #[error("{path}: tensor '{name}' is {dtype}; only f32, f16 and bf16 are read")]
+    UnsupportedDtype { path: String, name: String, dtype: String },
+    /// A primer could not be encoded for the model.
+    #[error("primer: {0}")]
+    Primer(#[from] crate::music::encode::Reject),
+    /// A symbol outside the model's vocabulary.
+    #[error(transparent)]
+    UnknownSymbol(#[from] crate::music::vocab::UnknownSymbol),
+    /// The training data gave nothing to train or validate on.
+    #[error("training data: {0}")]
+    Data(String),
+    /// The requested device cannot be used.
+    #[error("device '{name}': {reason}")]
+    Device { name: String, reason: String },
+    /// A tensor operation failed.
+    #[error("tensor operation: {0}")]
+    Candle(#[from] candle_core::Error),
+}

@@ -1,0 +1,799 @@
+//! Training a melody model: windows over the training stream with every position a target,
+//! AdamW with gradient-norm clipping and a warmup + decay schedule, seeded dropout, and after
+//! each epoch the recipe's validation metric (every symbol of a validation stream predicted
+//! from exactly the symbols before it). Keeps the best checkpoint, stops early, resumes, and
+//! writes the run summary `train.json`.
+//! Runs on: offline threads (xtask train, tests). Progress goes to a `TrainObserver`, so the
+//! terminal and plotting live in xtask.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+pub use super::data::{build_dataset, read_set, DataConfig, DataSet, Dataset, SetCounts, Split};
+use super::io::{read_weights, save_model, save_weights, TRAIN_FILE, WEIGHTS_FILE};
+use super::lstm::{nll_and_argmax, Dropout, MelodyLstm};
+use super::{InputKind, ModelConfig, ModelError};
+use crate::music::{Symbol, Vocab};
+
+/// Sub-folder of the output directory holding the state `--resume` needs.
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+const LAST_WEIGHTS_FILE: &str = "last.safetensors";
+const RESUME_FILE: &str = "state.json";
+
+/// The network's sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelShape {
+    /// Embedding (with its width) or one-hot input.
+    pub input: InputKind,
+    /// Width of each LSTM layer.
+    pub hidden_size: usize,
+    /// Number of LSTM layers.
+    pub num_layers: usize,
+    /// Dropout between layers and before the output layer, in `[0, 1)`.
+    pub dropout: f32,
+}
+
+impl Default for ModelShape {
+    fn default() -> Self {
+        Self { input: InputKind::Embedding { dim: 64 }, hidden_size: 256, num_layers: 2, dropout: 0.2 }
+    }
+}
+
+/// How the learning rate moves over the run (after the linear warmup).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum LrSchedule {
+    /// The same rate throughout.
+    Constant,
+    /// Half a cosine from the full rate down to `min_ratio` of it at the last planned step.
+    Cosine { min_ratio: f64 },
+    /// Multiplied by `factor` every `every_epochs` epochs.
+    Step { every_epochs: usize, factor: f64 },
+}
+
+/// How validation runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvalConfig {
+    /// Symbols of context before each predicted symbol (the recipe: 64). Every window starts
+    /// from the zero state.
+    pub context_len: usize,
+    /// Windows per forward pass.
+    pub batch_size: usize,
+    /// Evaluate at most this many evenly spaced targets per stream (`None`: all of them).
+    pub max_targets: Option<usize>,
+    /// The validation set whose loss picks the best epoch and stops early (`None`: the first
+    /// set with validation songs).
+    pub select_on: Option<String>,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { context_len: 64, batch_size: 512, max_targets: None, select_on: None }
+    }
+}
+
+/// Everything a training run is set by; read from a JSON file and overridden by flags. Every
+/// field has a default, so a file need only name what it changes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// The data, as named sets of files and folders.
+    pub sets: Vec<DataSet>,
+    /// Filtering, split, transposition and augmentation.
+    pub data: DataConfig,
+    /// Network sizes.
+    pub model: ModelShape,
+    /// Symbols per training window; every position of a window is a target.
+    pub window_len: usize,
+    /// Distance between window starts (`window_len`: each symbol once an epoch).
+    pub window_stride: usize,
+    /// Windows per mini-batch.
+    pub batch_size: usize,
+    /// Most epochs to run.
+    pub epochs: usize,
+    /// Stop after this many epochs without a better validation loss (0: never stop early).
+    pub patience: usize,
+    /// Peak learning rate of AdamW.
+    pub learning_rate: f64,
+    /// The decay after warmup.
+    pub schedule: LrSchedule,
+    /// Steps of linear warmup from 0 to `learning_rate`.
+    pub warmup_steps: usize,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// Gradients are scaled down to this global L2 norm when larger (0: no clipping).
+    pub grad_clip_norm: f64,
+    /// Seeds the weights, window order and dropout.
+    pub seed: u64,
+    /// Cut each epoch to this many batches (for quick trials and tests).
+    pub max_batches_per_epoch: Option<usize>,
+    /// Validation settings.
+    pub eval: EvalConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            sets: Vec::new(),
+            data: DataConfig::default(),
+            model: ModelShape::default(),
+            window_len: 64,
+            window_stride: 64,
+            batch_size: 64,
+            epochs: 30,
+            patience: 4,
+            learning_rate: 3e-3,
+            schedule: LrSchedule::Cosine { min_ratio: 0.05 },
+            warmup_steps: 200,
+            weight_decay: 0.01,
+            grad_clip_norm: 1.0,
+            seed: 1,
+            max_batches_per_epoch: None,
+            eval: EvalConfig::default(),
+        }
+    }
+}
+
+/// Cross-entropy (nats per symbol) and accuracy over some targets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    /// Targets counted.
+    pub num_targets: usize,
+    /// Mean negative log-likelihood, in nats.
+    pub loss: f64,
+    /// Share of targets that were the most likely symbol.
+    pub accuracy: f64,
+}
+
+/// The recipe's validation metric on one stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Every target.
+    pub all: Score,
+    /// Song symbols only: targets that are not `/`.
+    pub song: Score,
+    /// Onsets only: targets that are a pitch or `r` (neither `_` nor `/`).
+    pub non_hold: Score,
+}
+
+/// Running sums behind a `Score`.
+#[derive(Clone, Copy, Debug, Default)]
+struct ScoreSum {
+    num: usize,
+    nll: f64,
+    correct: usize,
+}
+
+impl ScoreSum {
+    fn add(&mut self, nll: f32, is_correct: bool) {
+        self.num += 1;
+        self.nll += nll as f64;
+        self.correct += is_correct as usize;
+    }
+
+    fn score(&self) -> Score {
+        let n = self.num.max(1) as f64;
+        Score { num_targets: self.num, loss: self.nll / n, accuracy: self.correct as f64 / n }
+    }
+}
+
+/// One epoch's figures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training cross-entropy over the epoch's targets (with dropout).
+    pub train_loss: f64,
+    /// Training accuracy over the epoch's targets (with dropout).
+    pub train_accuracy: f64,
+    /// Training targets processed.
+    pub train_symbols: usize,
+    /// Optimiser steps taken.
+    pub num_steps: usize,
+    /// Steps skipped because the loss was not finite.
+    pub num_skipped_steps: usize,
+    /// Learning rate at the epoch's last step.
+    pub learning_rate: f64,
+    /// Seconds spent training.
+    pub train_wall_s: f64,
+    /// Training targets per second.
+    pub symbols_per_s: f64,
+    /// Seconds spent validating.
+    pub eval_wall_s: f64,
+    /// Validation per set, in set order.
+    pub validation: Vec<(String, EvalMetrics)>,
+    /// True if this epoch's weights are the saved best.
+    pub is_best: bool,
+}
+
+/// `train.json`: what was trained on, how, and how it went. Rewritten after every epoch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// The settings of the run.
+    pub config: TrainConfig,
+    /// Counts per data set.
+    pub data: Vec<SetCounts>,
+    /// Symbols in the training stream, delimiters included.
+    pub num_train_stream_symbols: usize,
+    /// Symbols in each validation stream, delimiters included.
+    pub num_validation_stream_symbols: Vec<(String, usize)>,
+    /// Number of weights.
+    pub num_params: usize,
+    /// The device trained on.
+    pub device: String,
+    /// Every epoch so far.
+    pub epochs: Vec<EpochRecord>,
+    /// The epoch whose weights are in `model.safetensors`.
+    pub best_epoch: Option<usize>,
+    /// That epoch's validation (on `eval.max_targets` targets when set).
+    pub best_validation: Vec<(String, EvalMetrics)>,
+    /// The best epoch's weights on every target of every validation stream, when epochs were
+    /// validated on a subset (`eval.max_targets`); otherwise the same as `best_validation`.
+    #[serde(default)]
+    pub final_validation: Vec<(String, EvalMetrics)>,
+    /// Why training stopped (empty while it runs).
+    pub stop_reason: String,
+    /// Seconds of the whole run, resumed parts included.
+    pub wall_s: f64,
+    /// Seconds spent in training steps.
+    pub train_wall_s: f64,
+    /// Training targets per second over the whole run.
+    pub symbols_per_s: f64,
+    /// Epochs completed before each `--resume`.
+    pub resumed_after_epochs: Vec<usize>,
+}
+
+/// What one batch reports to the observer.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchProgress {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// 0-based batch within the epoch.
+    pub batch_idx: usize,
+    /// Batches in this epoch.
+    pub num_batches: usize,
+    /// Mean training loss of the epoch so far.
+    pub loss: f64,
+    /// Training accuracy of the epoch so far.
+    pub accuracy: f64,
+    /// Training targets per second in this epoch so far.
+    pub symbols_per_s: f64,
+    /// The learning rate of this step.
+    pub learning_rate: f64,
+}
+
+/// Receives progress; every method has an empty default.
+pub trait TrainObserver {
+    /// Before the first epoch of this process.
+    fn on_start(&mut self, _summary: &TrainSummary) {}
+    /// At the start of each epoch.
+    fn on_epoch_start(&mut self, _epoch: usize, _num_batches: usize) {}
+    /// After each optimiser step.
+    fn on_batch(&mut self, _progress: &BatchProgress) {}
+    /// Before validation, with the number of targets it will predict.
+    fn on_eval_start(&mut self, _epoch: usize, _num_targets: usize) {}
+    /// During validation, with the targets done so far.
+    fn on_eval_progress(&mut self, _num_done: usize) {}
+    /// After each epoch, once `train.json` is written.
+    fn on_epoch_end(&mut self, _record: &EpochRecord, _summary: &TrainSummary) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl TrainObserver for Quiet {}
+
+/// What `--resume` picks up.
+#[derive(Serialize, Deserialize)]
+struct ResumeState {
+    epochs_done: usize,
+    global_step: usize,
+    epochs_since_best: usize,
+    best_loss: Option<f64>,
+    summary: TrainSummary,
+    /// Training stream length and vocabulary size, to refuse resuming on other data.
+    data_fingerprint: (usize, usize),
+}
+
+/// The model config a run trains, from its settings and data.
+pub fn model_config(cfg: &TrainConfig, data: &Dataset) -> ModelConfig {
+    let mut model = ModelConfig::new(
+        data.vocab.clone(),
+        cfg.model.input,
+        cfg.model.hidden_size,
+        cfg.model.num_layers,
+        cfg.model.dropout,
+    );
+    model.grid = cfg.data.grid;
+    model.lowest_pitch = data.lowest_pitch;
+    model.highest_pitch = data.highest_pitch;
+    model.transposition = cfg.data.transposition;
+    model.delimiter_len = cfg.data.delimiter_len;
+    model
+}
+
+/// Learning rate at optimiser step `step` (0-based) of `total_steps`, in epoch `epoch`
+/// (0-based).
+pub fn learning_rate_at(cfg: &TrainConfig, step: usize, total_steps: usize, epoch: usize) -> f64 {
+    let peak = cfg.learning_rate;
+    if step < cfg.warmup_steps {
+        return peak * (step + 1) as f64 / cfg.warmup_steps as f64;
+    }
+    match cfg.schedule {
+        LrSchedule::Constant => peak,
+        LrSchedule::Cosine { min_ratio } => {
+            let span = total_steps.saturating_sub(cfg.warmup_steps).max(1) as f64;
+            let progress = ((step - cfg.warmup_steps) as f64 / span).min(1.0);
+            peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+        }
+        LrSchedule::Step { every_epochs, factor } => peak * factor.powi((epoch / every_epochs.max(1)) as i32),
+    }
+}
+
+/// Trains a model on `data` into `out_dir` (the model directory: `model.safetensors` and
+/// `config.json` of the best epoch, `train.json`, and `checkpoint/` for `resume`).
+pub fn train(
+    cfg: &TrainConfig,
+    data: &Dataset,
+    out_dir: &Path,
+    device: &Device,
+    resume: bool,
+    observer: &mut dyn TrainObserver,
+) -> Result<TrainSummary, ModelError> {
+    let started = Instant::now();
+    let model_cfg = model_config(cfg, data);
+    model_cfg
+        .validate()
+        .map_err(|problem| ModelError::InvalidConfig { path: "training settings".to_string(), problem })?;
+    if cfg.window_len == 0 || cfg.batch_size == 0 || cfg.window_stride == 0 {
+        return Err(ModelError::Data("window length, stride and batch size must be at least 1".to_string()));
+    }
+    if data.train_tokens.len() <= cfg.window_len + 1 {
+        return Err(ModelError::Data(format!(
+            "the training stream has {} symbols, fewer than one window of {}",
+            data.train_tokens.len(),
+            cfg.window_len + 1
+        )));
+    }
+    let checkpoint_dir = out_dir.join(CHECKPOINT_DIR);
+    let io_err = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| ModelError::Io { path: path.clone(), source }
+    };
+    std::fs::create_dir_all(&checkpoint_dir).map_err(io_err(&checkpoint_dir))?;
+
+    let mut varmap = VarMap::new();
+    let lstm = MelodyLstm::new(&model_cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let vars = sorted_vars(&varmap);
+    let fingerprint = (data.train_tokens.len(), data.vocab.len());
+
+    let select_idx = match &cfg.eval.select_on {
+        Some(name) => Some(
+            data.validation
+                .iter()
+                .position(|v| &v.name == name)
+                .ok_or_else(|| ModelError::Data(format!("no validation songs in set '{name}'")))?,
+        ),
+        None => (!data.validation.is_empty()).then_some(0),
+    };
+
+    let (mut epochs_done, mut global_step, mut epochs_since_best, mut best_loss, mut summary) = if resume {
+        let state_path = checkpoint_dir.join(RESUME_FILE);
+        let text = std::fs::read(&state_path).map_err(io_err(&state_path))?;
+        let state: ResumeState = serde_json::from_slice(&text)
+            .map_err(|e| ModelError::Data(format!("{}: not a resume state: {e}", state_path.display())))?;
+        if state.data_fingerprint != fingerprint {
+            return Err(ModelError::Data(format!(
+                "resume: the checkpoint was trained on {} symbols over {} tokens, this data has {} over {}",
+                state.data_fingerprint.0, state.data_fingerprint.1, fingerprint.0, fingerprint.1
+            )));
+        }
+        let weights_path = checkpoint_dir.join(LAST_WEIGHTS_FILE);
+        let bytes = std::fs::read(&weights_path).map_err(io_err(&weights_path))?;
+        let tensors = read_weights(&bytes, &weights_path.display().to_string(), &model_cfg, device)?;
+        for var in &vars {
+            let name = var_name(&varmap, var);
+            var.set(&tensors[&name])?;
+        }
+        let mut summary = state.summary;
+        summary.resumed_after_epochs.push(state.epochs_done);
+        summary.stop_reason.clear();
+        summary.config = cfg.clone();
+        (state.epochs_done, state.global_step, state.epochs_since_best, state.best_loss, summary)
+    } else {
+        let init = MelodyLstm::initial_tensors(&model_cfg, cfg.seed, device)?;
+        varmap.set(init.iter())?;
+        let summary = TrainSummary {
+            config: cfg.clone(),
+            data: data.counts.clone(),
+            num_train_stream_symbols: data.train_tokens.len(),
+            num_validation_stream_symbols: data
+                .validation
+                .iter()
+                .map(|v| (v.name.clone(), v.tokens.len()))
+                .collect(),
+            num_params: vars.iter().map(|v| v.elem_count()).sum(),
+            device: format!("{device:?}"),
+            epochs: Vec::new(),
+            best_epoch: None,
+            best_validation: Vec::new(),
+            final_validation: Vec::new(),
+            stop_reason: String::new(),
+            wall_s: 0.0,
+            train_wall_s: 0.0,
+            symbols_per_s: 0.0,
+            resumed_after_epochs: Vec::new(),
+        };
+        (0, 0, 0, None, summary)
+    };
+    let wall_before = summary.wall_s;
+    observer.on_start(&summary);
+
+    // NOTE: candle's AdamW keeps its moments private, so a resumed run starts them afresh; the
+    // learning-rate schedule continues from the saved step.
+    let mut optimizer = AdamW::new(
+        vars.clone(),
+        ParamsAdamW { lr: cfg.learning_rate, weight_decay: cfg.weight_decay, ..ParamsAdamW::default() },
+    )?;
+    let batches_per_epoch = {
+        let windows = (data.train_tokens.len() - cfg.window_len - 1) / cfg.window_stride + 1;
+        let batches = windows.div_ceil(cfg.batch_size);
+        cfg.max_batches_per_epoch.map_or(batches, |max| batches.min(max))
+    };
+    let total_steps = batches_per_epoch * cfg.epochs;
+
+    while epochs_done < cfg.epochs {
+        let epoch = epochs_done + 1;
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            cfg.seed.wrapping_add((epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        );
+        let mut dropout = Dropout::new(cfg.model.dropout, rng.random());
+        let starts = window_starts(data.train_tokens.len(), cfg, &mut rng);
+        let batches: Vec<&[usize]> = starts.chunks(cfg.batch_size).take(batches_per_epoch).collect();
+        observer.on_epoch_start(epoch, batches.len());
+
+        let train_started = Instant::now();
+        let (mut nll_sum, mut correct, mut num_targets, mut num_steps, mut num_skipped) =
+            (0.0f64, 0usize, 0usize, 0, 0);
+        let mut lr = cfg.learning_rate;
+        for (batch_idx, batch) in batches.iter().enumerate() {
+            lr = learning_rate_at(cfg, global_step, total_steps, epochs_done);
+            optimizer.set_learning_rate(lr);
+            let (inputs, targets) = batch_tensors(&data.train_tokens, batch, cfg.window_len, device)?;
+            let (logits, _) = lstm.forward_time_major(&inputs, None, Some(&mut dropout))?;
+            let logits = logits.reshape(((), model_cfg.vocab_len()))?;
+            let (nll, argmax) = nll_and_argmax(&logits, &targets)?;
+            let loss = nll.mean_all()?;
+            let loss_value = loss.to_scalar::<f32>()? as f64;
+            global_step += 1;
+            if !loss_value.is_finite() {
+                num_skipped += 1;
+                continue;
+            }
+            let mut grads = loss.backward()?;
+            clip_gradients(&mut grads, &vars, cfg.grad_clip_norm)?;
+            optimizer.step(&grads)?;
+            num_steps += 1;
+            let n = targets.dim(0)?;
+            nll_sum += loss_value * n as f64;
+            correct += argmax.eq(&targets)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+            num_targets += n;
+            let elapsed = train_started.elapsed().as_secs_f64();
+            observer.on_batch(&BatchProgress {
+                epoch,
+                batch_idx,
+                num_batches: batches.len(),
+                loss: nll_sum / num_targets as f64,
+                accuracy: correct as f64 / num_targets as f64,
+                symbols_per_s: num_targets as f64 / elapsed.max(1e-9),
+                learning_rate: lr,
+            });
+        }
+        let train_wall_s = train_started.elapsed().as_secs_f64();
+
+        let eval_started = Instant::now();
+        let mut validation = Vec::new();
+        for stream in &data.validation {
+            let num = eval_targets(stream.tokens.len(), &cfg.eval).len();
+            observer.on_eval_start(epoch, num);
+            let metrics = evaluate(&lstm, &stream.tokens, &data.vocab, &cfg.eval, &mut |done| {
+                observer.on_eval_progress(done)
+            })?;
+            validation.push((stream.name.clone(), metrics));
+        }
+        let eval_wall_s = eval_started.elapsed().as_secs_f64();
+
+        let selected_loss = select_idx.map(|i| validation[i].1.all.loss);
+        let is_best = match (selected_loss, best_loss) {
+            (Some(loss), Some(best)) => loss < best,
+            (Some(loss), None) => loss.is_finite(),
+            // Without validation, the latest weights are the ones kept.
+            (None, _) => true,
+        };
+        if is_best {
+            best_loss = selected_loss;
+            epochs_since_best = 0;
+            save_model(out_dir, &model_cfg, &lstm)?;
+            summary.best_epoch = Some(epoch);
+            summary.best_validation = validation.clone();
+        } else {
+            epochs_since_best += 1;
+        }
+        let record = EpochRecord {
+            epoch,
+            train_loss: nll_sum / num_targets.max(1) as f64,
+            train_accuracy: correct as f64 / num_targets.max(1) as f64,
+            train_symbols: num_targets,
+            num_steps,
+            num_skipped_steps: num_skipped,
+            learning_rate: lr,
+            train_wall_s,
+            symbols_per_s: num_targets as f64 / train_wall_s.max(1e-9),
+            eval_wall_s,
+            validation,
+            is_best,
+        };
+        summary.epochs.push(record.clone());
+        summary.train_wall_s += train_wall_s;
+        let total_symbols: usize = summary.epochs.iter().map(|e| e.train_symbols).sum();
+        summary.symbols_per_s = total_symbols as f64 / summary.train_wall_s.max(1e-9);
+        summary.wall_s = wall_before + started.elapsed().as_secs_f64();
+        epochs_done = epoch;
+
+        let should_stop = cfg.patience > 0 && epochs_since_best >= cfg.patience;
+        if should_stop {
+            summary.stop_reason = format!("no better validation loss for {} epochs", cfg.patience);
+        } else if epochs_done == cfg.epochs {
+            summary.stop_reason = format!("ran all {} epochs", cfg.epochs);
+        }
+        save_weights(&checkpoint_dir.join(LAST_WEIGHTS_FILE), &lstm)?;
+        let state = ResumeState {
+            epochs_done,
+            global_step,
+            epochs_since_best,
+            best_loss,
+            summary: summary.clone(),
+            data_fingerprint: fingerprint,
+        };
+        write_json(&checkpoint_dir.join(RESUME_FILE), &state)?;
+        write_json(&out_dir.join(TRAIN_FILE), &summary)?;
+        observer.on_epoch_end(&record, &summary);
+        if should_stop {
+            break;
+        }
+    }
+    if summary.stop_reason.is_empty() {
+        summary.stop_reason = format!("ran all {} epochs", cfg.epochs);
+    }
+    summary.final_validation = if cfg.eval.max_targets.is_some() && summary.best_epoch.is_some() {
+        // Epochs were judged on a subset; the kept weights are judged on everything.
+        let weights_path = out_dir.join(WEIGHTS_FILE);
+        let bytes = std::fs::read(&weights_path).map_err(io_err(&weights_path))?;
+        let tensors = read_weights(&bytes, &weights_path.display().to_string(), &model_cfg, device)?;
+        let best = MelodyLstm::new(&model_cfg, VarBuilder::from_tensors(tensors, DType::F32, device))?;
+        let full = EvalConfig { max_targets: None, ..cfg.eval.clone() };
+        let mut validation = Vec::new();
+        for stream in &data.validation {
+            observer.on_eval_start(
+                summary.best_epoch.unwrap_or(0),
+                eval_targets(stream.tokens.len(), &full).len(),
+            );
+            let metrics = evaluate(&best, &stream.tokens, &data.vocab, &full, &mut |done| {
+                observer.on_eval_progress(done)
+            })?;
+            validation.push((stream.name.clone(), metrics));
+        }
+        validation
+    } else {
+        summary.best_validation.clone()
+    };
+    summary.wall_s = wall_before + started.elapsed().as_secs_f64();
+    write_json(&out_dir.join(TRAIN_FILE), &summary)?;
+    Ok(summary)
+}
+
+/// The run's variables in name order, so every run visits them alike.
+fn sorted_vars(varmap: &VarMap) -> Vec<Var> {
+    let data = varmap.data().lock().expect("the var map lock is never poisoned");
+    let mut named: Vec<(&String, &Var)> = data.iter().collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    named.into_iter().map(|(_, v)| v.clone()).collect()
+}
+
+fn var_name(varmap: &VarMap, var: &Var) -> String {
+    let data = varmap.data().lock().expect("the var map lock is never poisoned");
+    data.iter()
+        .find(|(_, v)| v.as_tensor().id() == var.as_tensor().id())
+        .map(|(k, _)| k.clone())
+        .unwrap_or_default()
+}
+
+/// Shuffled window starts covering the stream once per `window_stride`, from a random phase.
+fn window_starts(stream_len: usize, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let last_start = stream_len - cfg.window_len - 1;
+    let phase = rng.random_range(0..cfg.window_stride.min(last_start + 1));
+    let mut starts: Vec<usize> = (phase..=last_start).step_by(cfg.window_stride).collect();
+    starts.shuffle(rng);
+    starts
+}
+
+/// Time-major inputs and flat targets of a batch of windows.
+/// → (inputs `[window, batch]` u32, targets `[window * batch]` u32: the symbol after each input)
+fn batch_tensors(
+    tokens: &[u32],
+    starts: &[usize],
+    window_len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor), ModelError> {
+    let batch = starts.len();
+    let mut inputs = Vec::with_capacity(window_len * batch);
+    let mut targets = Vec::with_capacity(window_len * batch);
+    for t in 0..window_len {
+        for &s in starts {
+            inputs.push(tokens[s + t]);
+            targets.push(tokens[s + t + 1]);
+        }
+    }
+    Ok((
+        Tensor::from_vec(inputs, (window_len, batch), device)?,
+        Tensor::from_vec(targets, window_len * batch, device)?,
+    ))
+}
+
+/// Scales all gradients down together when their global L2 norm exceeds `max_norm`.
+fn clip_gradients(
+    grads: &mut candle_core::backprop::GradStore,
+    vars: &[Var],
+    max_norm: f64,
+) -> Result<(), ModelError> {
+    if max_norm <= 0.0 {
+        return Ok(());
+    }
+    let mut sum_sq = 0.0f64;
+    for var in vars {
+        if let Some(g) = grads.get(var) {
+            sum_sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+    }
+    let norm = sum_sq.sqrt();
+    if norm > max_norm {
+        let scale = max_norm / norm;
+        for var in vars {
+            if let Some(g) = grads.remove(var) {
+                grads.insert(var, (g * scale)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Indices of the symbols a stream's evaluation predicts: every one after the first
+/// `context_len`, or `max_targets` of them evenly spaced.
+fn eval_targets(stream_len: usize, eval: &EvalConfig) -> Vec<usize> {
+    let all: Vec<usize> = (eval.context_len..stream_len).collect();
+    match eval.max_targets {
+        Some(max) if max < all.len() && max > 0 => (0..max).map(|i| all[i * all.len() / max]).collect(),
+        _ => all,
+    }
+}
+
+/// The recipe's validation metric: each target symbol predicted from exactly the
+/// `context_len` symbols before it, every window starting from the zero state.
+/// `progress` hears the number of targets done after each batch.
+pub fn evaluate(
+    lstm: &MelodyLstm,
+    tokens: &[u32],
+    vocab: &Vocab,
+    eval: &EvalConfig,
+    progress: &mut dyn FnMut(usize),
+) -> Result<EvalMetrics, ModelError> {
+    let targets = eval_targets(tokens.len(), eval);
+    let delimiter = vocab.id(Symbol::Delimiter).map(|t| t.0 as u32);
+    let hold = vocab.id(Symbol::Hold).map(|t| t.0 as u32);
+    let (mut all, mut song, mut non_hold) = (ScoreSum::default(), ScoreSum::default(), ScoreSum::default());
+    let device = lstm.device();
+    let weights = lstm.step_weights()?;
+    let mut done = 0;
+    for chunk in targets.chunks(eval.batch_size.max(1)) {
+        let mut windows = Vec::with_capacity(chunk.len() * eval.context_len);
+        for &i in chunk {
+            windows.extend_from_slice(&tokens[i - eval.context_len..i]);
+        }
+        let inputs = Tensor::from_vec(windows, (chunk.len(), eval.context_len), device)?;
+        let wanted: Vec<u32> = chunk.iter().map(|&i| tokens[i]).collect();
+        let wanted_t = Tensor::from_slice(&wanted, chunk.len(), device)?;
+        let logits = lstm.forward_last_with(&weights, &inputs)?.detach();
+        let (nll, argmax) = nll_and_argmax(&logits, &wanted_t)?;
+        let nll = nll.to_vec1::<f32>()?;
+        let argmax = argmax.to_vec1::<u32>()?;
+        for ((&target, &loss), &best) in wanted.iter().zip(&nll).zip(&argmax) {
+            let is_correct = best == target;
+            all.add(loss, is_correct);
+            if Some(target) != delimiter {
+                song.add(loss, is_correct);
+                if Some(target) != hold {
+                    non_hold.add(loss, is_correct);
+                }
+            }
+        }
+        done += chunk.len();
+        progress(done);
+    }
+    Ok(EvalMetrics { all: all.score(), song: song.score(), non_hold: non_hold.score() })
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ModelError> {
+    let json = serde_json::to_string_pretty(value).expect("summaries always serialise");
+    std::fs::write(path, json + "\n")
+        .map_err(|source| ModelError::Io { path: path.display().to_string(), source })
+}
+
+/// Reads a `TrainConfig` from a JSON file.
+pub fn read_train_config(path: &PathBuf) -> Result<TrainConfig, ModelError> {
+    let text =
+        std::fs::read(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
+    serde_json::from_slice(&text)
+        .map_err(|source| ModelError::ConfigParse { path: path.display().to_string(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_cosine_then_floor() {
+        let cfg = TrainConfig { learning_rate: 1.0, warmup_steps: 10, ..Default::default() };
+        assert!((learning_rate_at(&cfg, 0, 110, 0) - 0.1).abs() < 1e-12);
+        assert!((learning_rate_at(&cfg, 9, 110, 0) - 1.0).abs() < 1e-12);
+        assert!((learning_rate_at(&cfg, 10, 110, 0) - 1.0).abs() < 1e-12);
+        assert!((learning_rate_at(&cfg, 60, 110, 0) - 0.525).abs() < 1e-9);
+        assert!((learning_rate_at(&cfg, 110, 110, 0) - 0.05).abs() < 1e-12);
+        assert!((learning_rate_at(&cfg, 500, 110, 0) - 0.05).abs() < 1e-12);
+        let step = TrainConfig {
+            schedule: LrSchedule::Step { every_epochs: 2, factor: 0.5 },
+            warmup_steps: 0,
+            learning_rate: 1.0,
+            ..Default::default()
+        };
+        assert_eq!(learning_rate_at(&step, 3, 10, 3), 0.5);
+        assert_eq!(learning_rate_at(&step, 5, 10, 4), 0.25);
+    }
+
+    #[test]
+    fn windows_cover_the_stream_in_a_seeded_order() {
+        let cfg = TrainConfig { window_len: 4, window_stride: 4, ..Default::default() };
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut starts = window_starts(30, &cfg, &mut rng);
+        let again = window_starts(30, &cfg, &mut ChaCha8Rng::seed_from_u64(3));
+        assert_eq!(starts, again);
+        starts.sort();
+        // Every window of 4 inputs needs a 5th symbol as its last target.
+        assert!(starts.iter().all(|&s| s + 5 <= 30));
+        assert!(starts.windows(2).all(|w| w[1] - w[0] == 4));
+        assert!(starts[0] < 4 && *starts.last().unwrap() + 4 + 5 > 30);
+    }
+
+    #[test]
+    fn batches_are_time_major_with_shifted_targets() {
+        let tokens: Vec<u32> = (0..20).collect();
+        let (inputs, targets) = batch_tensors(&tokens, &[0, 10], 3, &Device::Cpu).unwrap();
+        assert_eq!(inputs.to_vec2::<u32>().unwrap(), vec![vec![0, 10], vec![1, 11], vec![2, 12]]);
+        assert_eq!(targets.to_vec1::<u32>().unwrap(), vec![1, 11, 2, 12, 3, 13]);
+    }
+
+    #[test]
+    fn evaluation_targets_skip_the_first_context() {
+        let eval = EvalConfig { context_len: 4, ..Default::default() };
+        assert_eq!(eval_targets(8, &eval), vec![4, 5, 6, 7]);
+        let capped = EvalConfig { max_targets: Some(2), ..eval };
+        assert_eq!(eval_targets(8, &capped), vec![4, 6]);
+    }
+}

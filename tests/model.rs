@@ -1,0 +1,432 @@
+//! The melody model end to end: a golden LSTM step, save and load, each broken model file,
+//! a tiny training run, and seeded, constrained, streaming generation.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use antiphon::model::data::DataConfig;
+use antiphon::model::io::{save_model, CONFIG_FILE, TRAIN_FILE, WEIGHTS_FILE};
+use antiphon::model::train::{build_dataset, train, EvalConfig, ModelShape, Quiet, TrainConfig};
+use antiphon::model::{
+    continue_melody, Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, ModelError,
+    PhraseContinuation, PitchClassSet, SamplingSettings,
+};
+use antiphon::music::corpus::Collection;
+use antiphon::music::encode::parse_symbols;
+use antiphon::music::{Key, Melody, Mode, Note, Symbol, TokenId, Vocab};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+/// A melody from `(pitch, start_beats, len_beats)` triples.
+fn melody(notes: &[(u8, f64, f64)]) -> Melody {
+    Melody::from_notes(notes.iter().map(|&(p, s, l)| Note::new(p, s, l)).collect())
+}
+
+/// A fresh, empty folder for one test.
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("antiphon-model-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The golden model's config: pitches 60..=64, embedding 3, two layers of 4.
+fn golden_config() -> ModelConfig {
+    ModelConfig::new(Vocab::for_pitch_range(60, 64), InputKind::Embedding { dim: 3 }, 4, 2, 0.0)
+}
+
+/// Tensor `t` of `cfg` (in `tensor_shapes` order) holds `0.5 sin(0.7 (i + 1) + 1.3 (t + 1))` at
+/// flat index `i`, as `tests/data/golden_lstm.py` builds it.
+fn formula_model(cfg: &ModelConfig) -> LoadedModel {
+    let mut tensors = HashMap::new();
+    for (t, (name, shape)) in MelodyLstm::tensor_shapes(cfg).into_iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> =
+            (0..n).map(|i| (0.5 * (0.7 * (i as f64 + 1.0) + 1.3 * (t as f64 + 1.0)).sin()) as f32).collect();
+        tensors.insert(name, Tensor::from_vec(values, shape, &Device::Cpu).unwrap());
+    }
+    let lstm = MelodyLstm::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
+    LoadedModel::new(cfg.clone(), lstm, "formula").unwrap()
+}
+
+/// A seeded, untrained model over pitches 55..=79.
+fn random_model(input: InputKind, seed: u64) -> LoadedModel {
+    let cfg = ModelConfig::new(Vocab::for_pitch_range(55, 79), input, 24, 2, 0.0);
+    let tensors = MelodyLstm::initial_tensors(&cfg, seed, &Device::Cpu).unwrap();
+    let lstm = MelodyLstm::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
+    LoadedModel::new(cfg, lstm, "random").unwrap()
+}
+
+#[derive(serde::Deserialize)]
+struct Golden {
+    tokens: Vec<u16>,
+    logits: Vec<Vec<f64>>,
+    h: Vec<Vec<f64>>,
+    c: Vec<Vec<f64>>,
+}
+
+#[test]
+fn golden_lstm_steps() {
+    let golden: Golden = serde_json::from_str(include_str!("data/golden_lstm.json")).unwrap();
+    let model = formula_model(&golden_config());
+    let mut state = model.new_state();
+    let mut logits = vec![0.0f32; 8];
+    for (token, expected) in golden.tokens.iter().zip(&golden.logits) {
+        model.step(TokenId(*token), &mut state, &mut logits).unwrap();
+        for (got, want) in logits.iter().zip(expected) {
+            assert!((*got as f64 - want).abs() < 1e-5, "logit {got} vs {want}");
+        }
+    }
+    for layer in 0..2 {
+        for (got, want) in
+            state.h[layer].iter().zip(&golden.h[layer]).chain(state.c[layer].iter().zip(&golden.c[layer]))
+        {
+            assert!((*got as f64 - want).abs() < 1e-5, "state {got} vs {want}");
+        }
+    }
+}
+
+/// Logits after feeding `ids` one step at a time.
+fn logits_after(model: &LoadedModel, ids: &[u16]) -> Vec<f32> {
+    let mut state = model.new_state();
+    let mut logits = vec![0.0; model.config.vocab_len()];
+    for &id in ids {
+        model.step(TokenId(id), &mut state, &mut logits).unwrap();
+    }
+    logits
+}
+
+#[test]
+fn save_then_load_gives_the_same_logits() {
+    for input in [InputKind::Embedding { dim: 6 }, InputKind::OneHot] {
+        let model = random_model(input, 11);
+        let dir = scratch_dir(&format!("save-{}", matches!(input, InputKind::OneHot)));
+        save_model(&dir, &model.config, &model.lstm).unwrap();
+        let loaded = LoadedModel::load_dir(&dir).unwrap();
+        assert_eq!(loaded.config, model.config);
+        let ids = [3, 25, 26, 7, 27];
+        assert_eq!(logits_after(&loaded, &ids), logits_after(&model, &ids));
+        // The same bytes load from memory too.
+        let from_bytes = LoadedModel::from_bytes(
+            &std::fs::read(dir.join(CONFIG_FILE)).unwrap(),
+            &std::fs::read(dir.join(WEIGHTS_FILE)).unwrap(),
+            "memory",
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(logits_after(&from_bytes, &ids), logits_after(&model, &ids));
+    }
+}
+
+#[test]
+fn the_builtin_model_loads_and_generates() {
+    let model = Arc::new(LoadedModel::builtin().unwrap());
+    assert_eq!(model.config.validate(), Ok(()));
+    let primer = melody(&[(60, 0.0, 1.0), (64, 1.0, 1.0), (67, 2.0, 2.0)]);
+    let settings = SamplingSettings { may_end: false, ..Default::default() };
+    let out = continue_melody(&model, &primer, 32, &settings, 1).unwrap();
+    assert_eq!(out.end_beats, 8.0);
+}
+
+/// A saved good model, and its tensors by name.
+fn saved_model(name: &str) -> (PathBuf, HashMap<String, Tensor>) {
+    let model = formula_model(&golden_config());
+    let dir = scratch_dir(name);
+    save_model(&dir, &model.config, &model.lstm).unwrap();
+    (dir, model.lstm.named_tensors().into_iter().collect())
+}
+
+fn write_tensors(dir: &Path, tensors: &HashMap<String, Tensor>) {
+    candle_core::safetensors::save(tensors, dir.join(WEIGHTS_FILE)).unwrap();
+}
+
+#[test]
+fn a_truncated_weights_file_is_named_as_such() {
+    let (dir, _) = saved_model("truncated");
+    let path = dir.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    match LoadedModel::load_dir(&dir) {
+        Err(ModelError::Truncated { path: p, expected_bytes, got_bytes }) => {
+            assert!(p.ends_with(WEIGHTS_FILE));
+            assert_eq!(expected_bytes, bytes.len() as u64);
+            assert_eq!(got_bytes, bytes.len() as u64 - 10);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Cut inside the header, and before the header length.
+    std::fs::write(&path, &bytes[..20]).unwrap();
+    assert!(matches!(LoadedModel::load_dir(&dir), Err(ModelError::Truncated { .. })));
+    std::fs::write(&path, &bytes[..5]).unwrap();
+    assert!(matches!(LoadedModel::load_dir(&dir), Err(ModelError::Truncated { expected_bytes: 8, .. })));
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_is_named() {
+    let (dir, mut tensors) = saved_model("shape");
+    tensors.insert("lstm.weight_hh_l1".into(), Tensor::zeros((16, 5), DType::F32, &Device::Cpu).unwrap());
+    write_tensors(&dir, &tensors);
+    match LoadedModel::load_dir(&dir) {
+        Err(ModelError::ShapeMismatch { name, expected, got, .. }) => {
+            assert_eq!(name, "lstm.weight_hh_l1");
+            assert_eq!((expected, got), (vec![16, 4], vec![16, 5]));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_vocabulary_mismatch_is_named() {
+    let (dir, _) = saved_model("vocab");
+    // The config now lists pitches 60..=66 (10 symbols); the weights are for 8.
+    let mut cfg = golden_config();
+    cfg.vocab = Vocab::for_pitch_range(60, 66);
+    cfg.highest_pitch = 66;
+    std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&cfg).unwrap()).unwrap();
+    match LoadedModel::load_dir(&dir) {
+        Err(ModelError::VocabMismatch { config_len, weights_len, .. }) => {
+            assert_eq!((config_len, weights_len), (10, 8))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_nan_weight_is_named() {
+    let (dir, mut tensors) = saved_model("nan");
+    let mut values = tensors["head.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    values[5] = f32::NAN;
+    values[6] = f32::INFINITY;
+    tensors.insert("head.weight".into(), Tensor::from_vec(values, (8, 4), &Device::Cpu).unwrap());
+    write_tensors(&dir, &tensors);
+    match LoadedModel::load_dir(&dir) {
+        Err(ModelError::NonFinite { name, num_bad, .. }) => {
+            assert_eq!((name.as_str(), num_bad), ("head.weight", 2))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn missing_files_and_tensors_are_named() {
+    let (dir, mut tensors) = saved_model("missing");
+    tensors.remove("head.bias");
+    write_tensors(&dir, &tensors);
+    assert!(
+        matches!(LoadedModel::load_dir(&dir), Err(ModelError::MissingTensor { name, .. }) if name == "head.bias")
+    );
+
+    tensors.insert("head.bias".into(), Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap());
+    tensors.insert("extra".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
+    write_tensors(&dir, &tensors);
+    assert!(
+        matches!(LoadedModel::load_dir(&dir), Err(ModelError::UnexpectedTensor { name, .. }) if name == "extra")
+    );
+
+    std::fs::remove_file(dir.join(CONFIG_FILE)).unwrap();
+    match LoadedModel::load_dir(&dir) {
+        Err(ModelError::MissingFile { path }) => assert!(path.ends_with(CONFIG_FILE)),
+        other => panic!("{other:?}"),
+    }
+    std::fs::write(dir.join(CONFIG_FILE), "{\"format_version\": 1}").unwrap();
+    assert!(matches!(LoadedModel::load_dir(&dir), Err(ModelError::ConfigParse { .. })));
+    let mut cfg = golden_config();
+    cfg.hidden_size = 0;
+    std::fs::write(dir.join(CONFIG_FILE), serde_json::to_string(&cfg).unwrap()).unwrap();
+    assert!(matches!(LoadedModel::load_dir(&dir), Err(ModelError::InvalidConfig { .. })));
+}
+
+/// Twelve short songs in C major built from a few stepwise figures, so a tiny model can learn
+/// something in a few dozen steps.
+fn tiny_corpus() -> Collection {
+    let figures: [&[u8]; 4] =
+        [&[60, 62, 64, 65, 67], &[67, 65, 64, 62, 60], &[60, 64, 67, 64, 60], &[64, 62, 60, 62, 64]];
+    let melodies = (0..12)
+        .map(|i| {
+            let mut notes = Vec::new();
+            let mut t = 0.0;
+            for f in 0..3 {
+                for &p in figures[(i + f) % 4] {
+                    notes.push((p, t, 0.5));
+                    t += 0.5;
+                }
+                notes.push((60, t, 1.5));
+                t += 1.5;
+            }
+            let mut m = melody(&notes);
+            m.key = Some(Key::C_MAJOR);
+            m
+        })
+        .collect();
+    Collection { melodies, num_files: 1, ..Default::default() }
+}
+
+fn tiny_train_config(epochs: usize) -> TrainConfig {
+    TrainConfig {
+        data: DataConfig { drop_validation_duplicates: false, delimiter_len: 8, ..Default::default() },
+        model: ModelShape {
+            input: InputKind::Embedding { dim: 8 },
+            hidden_size: 24,
+            num_layers: 1,
+            dropout: 0.0,
+        },
+        window_len: 16,
+        window_stride: 8,
+        batch_size: 8,
+        epochs,
+        patience: 0,
+        learning_rate: 1e-2,
+        warmup_steps: 5,
+        eval: EvalConfig { context_len: 16, max_targets: Some(40), ..Default::default() },
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_tiny_model_learns_and_resumes() {
+    let data = build_dataset(vec![("tiny".into(), tiny_corpus())], &tiny_train_config(1).data).unwrap();
+    let dir = scratch_dir("train");
+    let summary = train(&tiny_train_config(4), &data, &dir, &Device::Cpu, false, &mut Quiet).unwrap();
+    assert_eq!(summary.epochs.len(), 4);
+    let first = &summary.epochs[0];
+    let last = &summary.epochs[3];
+    assert!(last.train_loss < first.train_loss * 0.75, "{} → {}", first.train_loss, last.train_loss);
+    let (first_val, last_val) = (first.validation[0].1.all.loss, last.validation[0].1.all.loss);
+    assert!(last_val < first_val, "{first_val} → {last_val}");
+    assert!(summary.num_params > 0 && summary.symbols_per_s > 0.0);
+    // Epochs were judged on 40 targets; the kept weights at the end on all of them.
+    assert_eq!(first.validation[0].1.all.num_targets, 40);
+    let stream_len = data.validation[0].tokens.len();
+    assert_eq!(summary.final_validation[0].1.all.num_targets, stream_len - 16);
+    // The best epoch's weights form a loadable model directory with its summary.
+    let loaded = LoadedModel::load_dir(&dir).unwrap();
+    assert_eq!(loaded.config.vocab, data.vocab);
+    assert!(dir.join(TRAIN_FILE).exists());
+
+    // Two more epochs pick up where the run stopped.
+    let resumed = train(&tiny_train_config(6), &data, &dir, &Device::Cpu, true, &mut Quiet).unwrap();
+    assert_eq!(resumed.epochs.len(), 6);
+    assert_eq!(resumed.resumed_after_epochs, vec![4]);
+    for (a, b) in resumed.epochs.iter().zip(&summary.epochs) {
+        assert_eq!(a.epoch, b.epoch);
+        assert!((a.train_loss - b.train_loss).abs() < 1e-12);
+    }
+    assert!(resumed.epochs[5].train_loss < summary.epochs[0].train_loss);
+}
+
+#[test]
+fn generation_is_seeded() {
+    let model = Arc::new(random_model(InputKind::Embedding { dim: 8 }, 3));
+    let primer = melody(&[(62, 0.0, 0.5), (66, 0.5, 0.5), (69, 1.0, 1.0)]);
+    let settings = SamplingSettings { temperature: 1.2, may_end: false, ..Default::default() };
+    let a = continue_melody(&model, &primer, 64, &settings, 42).unwrap();
+    let b = continue_melody(&model, &primer, 64, &settings, 42).unwrap();
+    let c = continue_melody(&model, &primer, 64, &settings, 43).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a.notes, c.notes);
+    assert_eq!(a.end_beats, 16.0);
+}
+
+#[test]
+fn generation_obeys_scale_and_range_in_the_players_key() {
+    let model = Arc::new(random_model(InputKind::OneHot, 5));
+    // A primer in E major: the model works in C major, the constraints speak of E major.
+    let mut primer = melody(&[(64, 0.0, 1.0), (68, 1.0, 1.0), (71, 2.0, 1.0), (76, 3.0, 1.0)]);
+    primer.key = Some(Key::from_tonic(4, Mode::Major));
+    let settings = SamplingSettings {
+        temperature: 2.0,
+        pitch_classes: PitchClassSet::of_key(Key::from_tonic(4, Mode::Major)),
+        lowest_pitch: 64,
+        highest_pitch: 76,
+        may_end: false,
+        ..Default::default()
+    };
+    let mut num_notes = 0;
+    for seed in 0..5 {
+        let out = continue_melody(&model, &primer, 200, &settings, seed).unwrap();
+        for note in &out.notes {
+            assert!(Key::from_tonic(4, Mode::Major).contains(note.pitch), "{} outside E major", note.pitch);
+            assert!((64..=76).contains(&note.pitch), "{} outside the range", note.pitch);
+        }
+        num_notes += out.notes.len();
+    }
+    assert!(num_notes > 20, "only {num_notes} notes");
+}
+
+#[test]
+fn the_generator_streams_one_symbol_per_step() {
+    let model = Arc::new(random_model(InputKind::Embedding { dim: 8 }, 9));
+    let vocab = model.config.vocab.clone();
+    let primer = parse_symbols("/ 60 _ 62 _ 64 _ _ _").unwrap();
+    let mut generator = Generator::new(Arc::clone(&model), 1);
+    generator.prime(&primer).unwrap();
+    generator.set_max_steps(Some(40));
+
+    // The same path stepped by hand: greedy steps must pick the arg-max of these logits.
+    let mut state = model.new_state();
+    let mut logits = vec![0.0; vocab.len()];
+    for s in &primer {
+        model.step(vocab.id(*s).unwrap(), &mut state, &mut logits).unwrap();
+    }
+    let mut generated = Vec::new();
+    for step in 0..40 {
+        // The temperature changes between steps: odd steps greedy, even steps sampled.
+        let temperature = if step % 2 == 1 { 0.0 } else { 1.0 };
+        let settings = SamplingSettings { temperature, ..Default::default() };
+        let Some(symbol) = generator.next_symbol(&settings).unwrap() else { break };
+        if temperature == 0.0 {
+            let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+            assert_eq!(symbol, vocab.symbol(TokenId(best as u16)), "step {step}");
+        }
+        model.step(vocab.id(symbol).unwrap(), &mut state, &mut logits).unwrap();
+        generated.push(symbol);
+        if symbol == Symbol::Delimiter {
+            break;
+        }
+    }
+    assert!(generator.is_finished());
+    assert_eq!(generator.next_symbol(&SamplingSettings::default()).unwrap(), None);
+    assert_eq!(generated.len(), generator.num_generated());
+    // After a reset the same seed path repeats only if reseeded.
+    generator.reset();
+    generator.reseed(1);
+    assert_eq!(generator.num_generated(), 0);
+    assert!(!generator.is_finished());
+}
+
+#[test]
+fn a_phrase_continuation_hands_back_the_players_key() {
+    let model = Arc::new(random_model(InputKind::Embedding { dim: 8 }, 4));
+    // G major, declared: the model hears it moved up a fourth to C major.
+    let mut primer = melody(&[(67, 0.0, 1.0), (71, 1.0, 1.0), (74, 2.0, 2.0)]);
+    primer.key = Some(Key::from_tonic(7, Mode::Major));
+    let mut phrase = PhraseContinuation::start(Arc::clone(&model), &primer, 48, 8).unwrap();
+    assert_eq!(phrase.shift_semitones(), 5);
+    assert_eq!(phrase.step_beats(), 0.25);
+    let g_major = SamplingSettings {
+        pitch_classes: PitchClassSet::of_key(Key::from_tonic(7, Mode::Major)),
+        may_end: false,
+        ..Default::default()
+    };
+    while let Some(symbol) = phrase.next_symbol(&g_major).unwrap() {
+        if let Symbol::Pitch(p) = symbol {
+            assert!(Key::from_tonic(7, Mode::Major).contains(p), "{p}");
+        }
+    }
+    assert_eq!(phrase.symbols().len(), 48);
+    assert_eq!(phrase.melody().end_beats, 12.0);
+}
+
+#[test]
+fn a_generator_moves_to_another_thread() {
+    fn assert_send<T: Send>(_: &T) {}
+    let model = Arc::new(random_model(InputKind::OneHot, 1));
+    let generator = Generator::new(Arc::clone(&model), 0);
+    assert_send(&generator);
+    let handle = std::thread::spawn(move || {
+        let mut generator = generator;
+        generator.next_symbol(&SamplingSettings::default()).unwrap()
+    });
+    assert!(handle.join().unwrap().is_some());
+}
