@@ -24,6 +24,7 @@
 //! spot).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -31,6 +32,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{InputKind, ModelConfig};
+use super::fast::FastLstm;
 use crate::music::TokenId;
 
 /// Prefix of the LSTM layers' tensors.
@@ -185,6 +187,8 @@ pub struct MelodyLstm {
     vocab_len: usize,
     dropout: f32,
     device: Device,
+    /// The weights packed for `step`, when they are fixed (not training variables) and on the CPU.
+    fast: Option<Arc<FastLstm>>,
 }
 
 impl MelodyLstm {
@@ -211,7 +215,7 @@ impl MelodyLstm {
         let head_w =
             head.get_with_hints((vocab_len, hidden), "weight", Init::Uniform { lo: -bound, up: bound })?;
         let head_b = head.get_with_hints(vocab_len, "bias", Init::Uniform { lo: -bound, up: bound })?;
-        Ok(Self {
+        let mut lstm = Self {
             input: cfg.input,
             embedding,
             layers,
@@ -221,7 +225,10 @@ impl MelodyLstm {
             vocab_len,
             dropout: cfg.dropout,
             device: vb.device().clone(),
-        })
+            fast: None,
+        };
+        lstm.fast = FastLstm::for_fixed_weights(&lstm)?.map(Arc::new);
+        Ok(lstm)
     }
 
     /// The name and shape of every tensor `cfg` needs, in a fixed order.
@@ -429,7 +436,11 @@ impl MelodyLstm {
 
     /// Feeds one token to one sequence: updates `state` and writes the logits of the next
     /// symbol into `logits`. state: per layer `[hidden]`; logits: `[vocab]`.
+    /// Runs on packed weights (`FastLstm`) when the weights are fixed and on the CPU.
     pub fn step(&self, token: TokenId, state: &mut GenState, logits: &mut [f32]) -> Result<()> {
+        if let Some(fast) = &self.fast {
+            return fast.step(token, state, logits);
+        }
         let hidden = self.hidden_size;
         let to_tensors = |rows: &[Vec<f32>]| -> Result<Vec<Tensor>> {
             rows.iter().map(|row| Tensor::from_slice(row, (1, hidden), &self.device)).collect()

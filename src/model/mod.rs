@@ -18,8 +18,10 @@
 
 pub mod config;
 pub mod data;
+pub mod fast;
 pub mod generate;
 pub mod io;
+pub mod kernels;
 pub mod lstm;
 pub mod sample;
 pub mod train;
