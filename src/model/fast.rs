@@ -131,7 +131,7 @@ impl FastLstm {
             let cols = input_width + hidden;
             let mut weights = vec![0.0f32; num_blocks * cols * BLOCK_ROWS];
             let mut packed_bias = vec![0.0f32; packed_rows];
-            for p in 0..packed_rows {
+            for (p, packed_bias) in packed_bias.iter_mut().enumerate() {
                 let Some(row) = source_row(p) else { continue };
                 let (b, r) = (p / BLOCK_ROWS, p % BLOCK_ROWS);
                 let block = &mut weights[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
@@ -142,7 +142,7 @@ impl FastLstm {
                     block[(input_width + col) * BLOCK_ROWS + r] = w_hh[row * hidden + col];
                 }
                 if k > 0 {
-                    packed_bias[p] = bias(row);
+                    *packed_bias = bias(row);
                 }
             }
             if k == 0 {

@@ -75,7 +75,7 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 0.166_666_65;
-    p = p * r + 0.500_000_01;
+    p = p * r + 0.5;
     let e_r = p * (r * r) + r + 1.0;
     // n ∈ [-126, 127] after the clamp, so the biased exponent is a normal one.
     let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
@@ -92,6 +92,265 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
 #[inline(always)]
 pub(crate) fn tanh_approx(x: f32) -> f32 {
     2.0 / (1.0 + exp_approx(-2.0 * x)) - 1.0
+}
+
+/// Columns per packed panel of a matrix product's right-hand side.
+pub(crate) const PANEL_COLS: usize = 16;
+/// Most rows of the left-hand side one micro-kernel call covers.
+const MAX_TILE_ROWS: usize = 6;
+/// Depth of one pass over a panel: `KC · PANEL_COLS` floats (16 KiB) stay in the L1 cache.
+const KC: usize = 256;
+
+/// The right-hand side `B` (`[k, n]`) of a matrix product, packed once and reused by every
+/// product with it: `[n / PANEL_COLS][k][PANEL_COLS]`, the last panel padded with zero columns.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PackedB {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// Packs `B` whose element `(row, col)` is `src[row * row_stride + col * col_stride]`,
+    /// reusing this buffer.
+    pub(crate) fn pack(&mut self, k: usize, n: usize, src: &[f32], row_stride: usize, col_stride: usize) {
+        let num_panels = n.div_ceil(PANEL_COLS);
+        self.k = k;
+        self.n = n;
+        self.data.clear();
+        self.data.resize(num_panels * k * PANEL_COLS, 0.0);
+        for (p, panel) in self.data.chunks_exact_mut(k * PANEL_COLS).enumerate() {
+            let cols = (n - p * PANEL_COLS).min(PANEL_COLS);
+            for (row, out) in panel.chunks_exact_mut(PANEL_COLS).enumerate() {
+                let base = row * row_stride + p * PANEL_COLS * col_stride;
+                if col_stride == 1 {
+                    out[..cols].copy_from_slice(&src[base..base + cols]);
+                } else {
+                    for (j, o) in out[..cols].iter_mut().enumerate() {
+                        *o = src[base + j * col_stride];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Packs the row-major `B` (`[k, n]`) whose rows are the rows of `pieces` one after another
+    /// (each piece a whole number of rows), reusing this buffer.
+    pub(crate) fn pack_row_pieces(&mut self, n: usize, pieces: &[&[f32]]) {
+        let k = pieces.iter().map(|p| p.len() / n).sum();
+        let num_panels = n.div_ceil(PANEL_COLS);
+        self.k = k;
+        self.n = n;
+        self.data.clear();
+        self.data.resize(num_panels * k * PANEL_COLS, 0.0);
+        let rows = pieces.iter().flat_map(|p| p.chunks_exact(n));
+        for (row_idx, row) in rows.enumerate() {
+            for (p, cols) in row.chunks(PANEL_COLS).enumerate() {
+                self.data[(p * k + row_idx) * PANEL_COLS..][..cols.len()].copy_from_slice(cols);
+            }
+        }
+    }
+
+    /// An empty packing that will pack into `buffer`'s memory.
+    pub(crate) fn with_buffer(buffer: Vec<f32>) -> Self {
+        Self { k: 0, n: 0, data: buffer }
+    }
+
+    /// The memory of the packing, for reuse.
+    pub(crate) fn into_buffer(self) -> Vec<f32> {
+        self.data
+    }
+
+    /// A packed copy of `B`.
+    #[cfg(test)]
+    pub(crate) fn new(k: usize, n: usize, src: &[f32], row_stride: usize, col_stride: usize) -> Self {
+        let mut packed = Self::default();
+        packed.pack(k, n, src, row_stride, col_stride);
+        packed
+    }
+}
+
+/// The left-hand side `A` (`[m, k]`) of a matrix product, read in place: element `(row, col)` is
+/// `data[row * row_stride + col * col_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+/// `C = A B` (or `C += A B` when `accumulate`), `A` `[m, k]`, `B` packed `[k, n]`, `C` row-major
+/// `[m, n]` with rows `ldc` apart. Single-threaded; callers split `m` among threads.
+pub(crate) fn gemm(isa: Isa, m: usize, a: MatRef, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small");
+    assert!(k == 0 || a.data.len() > (m - 1) * a.row_stride + (k - 1) * a.col_stride, "gemm: A too small");
+    if k == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` and `Isa::Avx2Fma` are only chosen when the CPU reports AVX2 and
+        // FMA; the asserts above keep every access inside `a` and `c`.
+        Isa::Avx512 | Isa::Avx2Fma => unsafe { gemm_avx2(m, a, b, c, ldc, accumulate) },
+        _ => gemm_tiles::<false>(m, a, b, c, ldc, accumulate),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemm_avx2(m: usize, a: MatRef, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
+    gemm_tiles::<true>(m, a, b, c, ldc, accumulate)
+}
+
+/// The blocking shared by every instruction set: depth blocks of `KC`, then panels, then row
+/// tiles of near-equal height (so no tile is left with one or two rows).
+#[inline(always)]
+fn gemm_tiles<const SIMD: bool>(
+    m: usize,
+    a: MatRef,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (k, n) = (b.k, b.n);
+    let num_tiles = m.div_ceil(MAX_TILE_ROWS);
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        let load_c = accumulate || k0 > 0;
+        for (p, panel) in b.data.chunks_exact(k * PANEL_COLS).enumerate() {
+            let panel = &panel[k0 * PANEL_COLS..(k0 + kc) * PANEL_COLS];
+            let col0 = p * PANEL_COLS;
+            let cols = (n - col0).min(PANEL_COLS);
+            let mut row0 = 0;
+            for tile in 0..num_tiles {
+                let rows = (m - row0) / (num_tiles - tile);
+                let a_tile = &a.data[row0 * a.row_stride + k0 * a.col_stride..];
+                let tile_a = MatRef { data: a_tile, ..a };
+                let c_tile = &mut c[row0 * ldc + col0..];
+                if cols == PANEL_COLS {
+                    tile_dispatch::<SIMD>(rows, kc, tile_a, panel, c_tile, ldc, load_c);
+                } else {
+                    // A partial last panel goes through a full-width scratch tile.
+                    let mut scratch = [0.0f32; MAX_TILE_ROWS * PANEL_COLS];
+                    for r in 0..rows {
+                        scratch[r * PANEL_COLS..][..cols].copy_from_slice(&c_tile[r * ldc..][..cols]);
+                    }
+                    tile_dispatch::<SIMD>(rows, kc, tile_a, panel, &mut scratch, PANEL_COLS, load_c);
+                    for r in 0..rows {
+                        c_tile[r * ldc..][..cols].copy_from_slice(&scratch[r * PANEL_COLS..][..cols]);
+                    }
+                }
+                row0 += rows;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn tile_dispatch<const SIMD: bool>(
+    rows: usize,
+    kc: usize,
+    a: MatRef,
+    panel: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    load_c: bool,
+) {
+    match rows {
+        1 => tile::<SIMD, 1>(kc, a, panel, c, ldc, load_c),
+        2 => tile::<SIMD, 2>(kc, a, panel, c, ldc, load_c),
+        3 => tile::<SIMD, 3>(kc, a, panel, c, ldc, load_c),
+        4 => tile::<SIMD, 4>(kc, a, panel, c, ldc, load_c),
+        5 => tile::<SIMD, 5>(kc, a, panel, c, ldc, load_c),
+        _ => tile::<SIMD, 6>(kc, a, panel, c, ldc, load_c),
+    }
+}
+
+/// One `MR × PANEL_COLS` tile of `C` over depth `kc`. The bounds of `a`, `panel` and `c` were
+/// checked by `gemm` (and the slices carry them), so the AVX2 body indexes through pointers.
+#[inline(always)]
+fn tile<const SIMD: bool, const MR: usize>(
+    kc: usize,
+    a: MatRef,
+    panel: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    load_c: bool,
+) {
+    debug_assert!(panel.len() >= kc * PANEL_COLS && c.len() >= (MR - 1) * ldc + PANEL_COLS);
+    debug_assert!(a.data.len() > (MR - 1) * a.row_stride + (kc - 1) * a.col_stride);
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        // SAFETY: `SIMD` is only true inside `gemm_avx2`, compiled for AVX2 and FMA; the
+        // indices stay within the bounds asserted by `gemm` and restated above.
+        unsafe { tile_avx2::<MR>(kc, a, panel, c, ldc, load_c) };
+        return;
+    }
+    let mut acc = [[0.0f32; PANEL_COLS]; MR];
+    if load_c {
+        for (r, row) in acc.iter_mut().enumerate() {
+            row.copy_from_slice(&c[r * ldc..][..PANEL_COLS]);
+        }
+    }
+    for (kk, b_row) in panel.chunks_exact(PANEL_COLS).take(kc).enumerate() {
+        for (r, row) in acc.iter_mut().enumerate() {
+            let a_val = a.data[r * a.row_stride + kk * a.col_stride];
+            for (x, &bv) in row.iter_mut().zip(b_row) {
+                *x += a_val * bv;
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        c[r * ldc..][..PANEL_COLS].copy_from_slice(row);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile_avx2<const MR: usize>(
+    kc: usize,
+    a: MatRef,
+    panel: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    load_c: bool,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): offsets stay below the bounds the caller checked: rows < MR,
+    // depth < kc, columns < PANEL_COLS.
+    unsafe {
+        let (a_ptr, b_ptr, c_ptr) = (a.data.as_ptr(), panel.as_ptr(), c.as_mut_ptr());
+        let mut lo = [_mm256_setzero_ps(); MR];
+        let mut hi = [_mm256_setzero_ps(); MR];
+        if load_c {
+            for r in 0..MR {
+                lo[r] = _mm256_loadu_ps(c_ptr.add(r * ldc));
+                hi[r] = _mm256_loadu_ps(c_ptr.add(r * ldc + 8));
+            }
+        }
+        for kk in 0..kc {
+            let b_lo = _mm256_loadu_ps(b_ptr.add(kk * PANEL_COLS));
+            let b_hi = _mm256_loadu_ps(b_ptr.add(kk * PANEL_COLS + 8));
+            let a_col = a_ptr.add(kk * a.col_stride);
+            for r in 0..MR {
+                let a_val = _mm256_broadcast_ss(&*a_col.add(r * a.row_stride));
+                lo[r] = _mm256_fmadd_ps(a_val, b_lo, lo[r]);
+                hi[r] = _mm256_fmadd_ps(a_val, b_hi, hi[r]);
+            }
+        }
+        for r in 0..MR {
+            _mm256_storeu_ps(c_ptr.add(r * ldc), lo[r]);
+            _mm256_storeu_ps(c_ptr.add(r * ldc + 8), hi[r]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -127,5 +386,83 @@ mod tests {
     fn fused_and_separate_multiply_add_agree() {
         assert_eq!(madd::<true>(1.5, 2.0, 0.25), 3.25);
         assert_eq!(madd::<false>(1.5, 2.0, 0.25), 3.25);
+    }
+
+    /// `C = A B` by the definition, in f64.
+    fn reference_product(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        a_rs: usize,
+        a_cs: usize,
+        b: &[f32],
+    ) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for kk in 0..k {
+                let av = a[i * a_rs + kk * a_cs] as f64;
+                for j in 0..n {
+                    c[i * n + j] += av * b[kk * n + j] as f64;
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matrix_product_matches_the_definition() {
+        let isas: Vec<Isa> = [Isa::Portable, Isa::detect()].into_iter().collect();
+        // Sizes around every tile, panel and depth-block edge.
+        for &(m, k, n) in &[(1, 1, 1), (5, 7, 16), (7, 300, 33), (13, 256, 48), (32, 513, 20), (6, 1, 17)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 89) as f32 - 44.0) / 32.0).collect();
+            let c0: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
+            let want = reference_product(m, k, n, &a, k, 1, &b);
+            // A read transposed: the same values stored column-major.
+            let mut a_t = vec![0.0f32; m * k];
+            for i in 0..m {
+                for kk in 0..k {
+                    a_t[kk * m + i] = a[i * k + kk];
+                }
+            }
+            let packed = PackedB::new(k, n, &b, n, 1);
+            for &isa in &isas {
+                for (a_ref, label) in [
+                    (MatRef { data: &a, row_stride: k, col_stride: 1 }, "row-major A"),
+                    (MatRef { data: &a_t, row_stride: 1, col_stride: m }, "column-major A"),
+                ] {
+                    let mut c = c0.clone();
+                    gemm(isa, m, a_ref, &packed, &mut c, n, true);
+                    let mut fresh = vec![9.0f32; m * n];
+                    gemm(isa, m, a_ref, &packed, &mut fresh, n, false);
+                    for i in 0..m * n {
+                        let tol = 1e-4 * (1.0 + want[i].abs());
+                        assert!(
+                            (c[i] as f64 - c0[i] as f64 - want[i]).abs() < tol,
+                            "{isa:?} {label} {m}x{k}x{n} [{i}]"
+                        );
+                        assert!(
+                            (fresh[i] as f64 - want[i]).abs() < tol,
+                            "{isa:?} {label} {m}x{k}x{n} [{i}] fresh"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_transposed_b_packs_alike() {
+        // B given transposed (column stride > 1) packs to the same panels.
+        let (k, n) = (5, 19);
+        let b: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
+        let mut b_t = vec![0.0f32; k * n];
+        for r in 0..k {
+            for j in 0..n {
+                b_t[j * k + r] = b[r * n + j];
+            }
+        }
+        assert_eq!(PackedB::new(k, n, &b, n, 1).data, PackedB::new(k, n, &b_t, 1, k).data);
     }
 }

@@ -91,7 +91,12 @@ impl LstmLayer {
     /// The recurrence over a whole sequence, given every step's input projection.
     /// xs_proj: `[seq, batch, 4 hidden]` (`W_ih x + b_ih + b_hh`), h0 and c0: `[batch, hidden]`
     /// → (ys `[seq, batch, hidden]`, h `[batch, hidden]`, c `[batch, hidden]` after the last step).
+    /// On the CPU this is one fused op with a hand-written backward pass (`super::fused`), whose
+    /// returned `c` carries no gradient; elsewhere the per-step graph below.
     pub fn recur(&self, xs_proj: &Tensor, h0: &Tensor, c0: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        if super::fused::applies(xs_proj, &self.w_hh) {
+            return super::fused::recur(xs_proj, &self.w_hh, h0, c0);
+        }
         let seq_len = xs_proj.dim(0)?;
         let hidden = self.hidden_size();
         let w_hh_t = self.w_hh.t()?;

@@ -19,6 +19,7 @@
 pub mod config;
 pub mod data;
 pub mod fast;
+pub mod fused;
 pub mod generate;
 pub mod io;
 pub mod kernels;
