@@ -22,7 +22,7 @@ fn model(input: InputKind, hidden: usize, layers: usize) -> Arc<LoadedModel> {
     let config = ModelConfig::new(Vocab::for_pitch_range(48, 88), input, hidden, layers, 0.0);
     let tensors = MelodyLstm::initial_tensors(&config, 3, &Device::Cpu).unwrap();
     let lstm = MelodyLstm::new(&config, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
-    Arc::new(LoadedModel { config, lstm, origin: "test".to_string() })
+    Arc::new(LoadedModel::new(config, lstm, "test").unwrap())
 }
 
 #[test]

@@ -80,13 +80,10 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl FastLstm {
-    /// Packs `lstm` when its weights can no longer change: on the CPU, and none of them a
-    /// training variable (a model being trained keeps the candle path, so the packed copy can
-    /// never go stale). `None` for those, and for hidden sizes above `MAX_FAST_HIDDEN`.
-    pub fn for_fixed_weights(lstm: &MelodyLstm) -> Result<Option<Self>> {
-        let tensors = lstm.named_tensors();
-        let is_fixed = lstm.device().is_cpu() && tensors.iter().all(|(_, t)| !t.is_variable());
-        if !is_fixed || lstm.hidden_size() > MAX_FAST_HIDDEN {
+    /// Packs `lstm`'s current weights when it lives on the CPU and its hidden size is at most
+    /// `MAX_FAST_HIDDEN` (`None` otherwise). A copy: pack again after the weights change.
+    pub fn for_model(lstm: &MelodyLstm) -> Result<Option<Self>> {
+        if !lstm.device().is_cpu() || lstm.hidden_size() > MAX_FAST_HIDDEN {
             return Ok(None);
         }
         Self::pack(lstm, Isa::detect()).map(Some)
@@ -444,17 +441,6 @@ mod tests {
                 assert!(d < 1e-5, "{isa:?} final cell state off by {d}");
             }
         }
-    }
-
-    #[test]
-    fn packs_only_fixed_cpu_weights() {
-        let cfg = ModelConfig::new(Vocab::for_pitch_range(60, 64), InputKind::OneHot, 8, 1, 0.0);
-        let fixed = random_lstm(&cfg, 1, 0.3);
-        assert!(FastLstm::for_fixed_weights(&fixed).unwrap().is_some());
-        let varmap = candle_nn::VarMap::new();
-        let training =
-            MelodyLstm::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
-        assert!(FastLstm::for_fixed_weights(&training).unwrap().is_none());
     }
 
     #[test]

@@ -26,6 +26,67 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, DType, Error, IndexOp, Layout, Result, Shape, Storage, Tensor};
 
 use super::kernels::{gemm, sigmoid, tanh_approx, Isa, MatRef, PackedB};
+use super::lstm::{Dropout, LstmState, MelodyLstm};
+
+/// True if `lstm_outputs` can run `model`: its weights are f32 on the CPU.
+pub fn applies_to(model: &MelodyLstm) -> bool {
+    model.device().is_cpu() && model.layers().iter().all(|l| l.w_hh.dtype() == DType::F32)
+}
+
+/// The top layer's outputs for a time-major batch, before dropout and the output layer: the
+/// same function as `MelodyLstm`'s per-step graph, with every step of a layer in one op. Each
+/// layer's input projection is one matrix product (layer 0: a table of every token's
+/// `W_ih x + b_ih + b_hh`, gathered), and `dropout` (training only) applies to each layer's
+/// outputs as the per-step graph applies it, drawing its masks in the same order. With
+/// `detach`, no gradient is tracked (evaluation).
+/// tokens: `[seq, batch]` u32, state: per layer `[batch, hidden]` (zeros when `None`)
+/// → (ys `[seq, batch, hidden]`, state after the last step)
+pub fn lstm_outputs(
+    model: &MelodyLstm,
+    tokens: &Tensor,
+    state: Option<&LstmState>,
+    mut dropout: Option<&mut Dropout>,
+    detach: bool,
+) -> Result<(Tensor, LstmState)> {
+    let (seq_len, batch) = tokens.dims2()?;
+    let hidden = model.hidden_size();
+    let weight = |t: &Tensor| if detach { t.detach() } else { t.clone() };
+    let zero;
+    let state = match state {
+        Some(s) => s,
+        None => {
+            zero = model.zero_state(batch)?;
+            &zero
+        }
+    };
+    let num_layers = model.num_layers();
+    let mut next = LstmState { h: Vec::with_capacity(num_layers), c: Vec::with_capacity(num_layers) };
+    let mut ys: Option<Tensor> = None;
+    for (k, layer) in model.layers().iter().enumerate() {
+        let bias = (weight(&layer.b_ih) + weight(&layer.b_hh))?;
+        let w_ih_t = weight(&layer.w_ih).t()?;
+        let xs_proj = match &ys {
+            None => {
+                let table = match model.embedding() {
+                    Some(e) => weight(e).matmul(&w_ih_t)?,
+                    // A one-hot token times W_ihᵀ is a row of W_ihᵀ.
+                    None => w_ih_t.contiguous()?,
+                };
+                table.broadcast_add(&bias)?.index_select(&tokens.flatten_all()?, 0)?
+            }
+            Some(below) => below.reshape((seq_len * batch, hidden))?.matmul(&w_ih_t)?.broadcast_add(&bias)?,
+        };
+        let xs_proj = xs_proj.reshape((seq_len, batch, 4 * hidden))?;
+        let (out, h, c) = recur(&xs_proj, &weight(&layer.w_hh), &state.h[k], &state.c[k])?;
+        next.h.push(h);
+        next.c.push(c);
+        ys = Some(match dropout.as_deref_mut() {
+            Some(d) => d.apply(&out)?,
+            None => out,
+        });
+    }
+    Ok((ys.expect("a model has at least one layer"), next))
+}
 
 /// True if `recur` can run this recurrence: f32 tensors on the CPU with at least one step.
 pub fn applies(xs_proj: &Tensor, w_hh: &Tensor) -> bool {
@@ -766,6 +827,68 @@ mod tests {
         compare(4, 3, 44, 32, 1, 2);
         compare(12, 7, 10, 16, 3, 3);
         compare(1, 1, 3, 5, 2, 4);
+    }
+
+    /// A whole model (embedding, two layers, output layer) trained through `MelodyLstm`'s
+    /// forward pass on the CPU (the fused path) against the same network assembled from
+    /// candle-nn's stock `Embedding`, `LSTM` and `Linear` on the same variables: logits and the
+    /// gradient of every weight of the mean cross-entropy.
+    #[test]
+    fn whole_model_gradients_match_candle_nn() {
+        use crate::model::config::ModelConfig;
+        use crate::model::lstm::nll_and_argmax;
+        use crate::music::Vocab;
+        use candle_core::Module;
+
+        let dev = Device::Cpu;
+        let cfg = ModelConfig::new(
+            Vocab::for_pitch_range(60, 72),
+            crate::model::InputKind::Embedding { dim: 6 },
+            24,
+            2,
+            0.0,
+        );
+        let map = VarMap::new();
+        let model = MelodyLstm::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, &dev)).unwrap();
+        assert!(applies_to(&model));
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let vocab = cfg.vocab_len();
+        let embedding = candle_nn::embedding(vocab, 6, vb.pp("embedding")).unwrap();
+        let layers: Vec<_> = (0..2)
+            .map(|k| {
+                let width = if k == 0 { 6 } else { 24 };
+                candle_nn::lstm(width, 24, LSTMConfig { layer_idx: k, ..Default::default() }, vb.pp("lstm"))
+                    .unwrap()
+            })
+            .collect();
+        let head = candle_nn::linear(24, vocab, vb.pp("head")).unwrap();
+        assert_eq!(map.all_vars().len(), 11, "both networks share one set of variables");
+
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (batch, seq_len) = (5, 9);
+        let ids: Vec<u32> = (0..batch * (seq_len + 1)).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let all = Tensor::from_vec(ids, (batch, seq_len + 1), &dev).unwrap();
+        let inputs = all.narrow(1, 0, seq_len).unwrap().contiguous().unwrap();
+        let targets = all.narrow(1, 1, seq_len).unwrap().flatten_all().unwrap();
+
+        let mut xs = embedding.forward(&inputs).unwrap();
+        for layer in &layers {
+            xs = layer.states_to_tensor(&layer.seq(&xs).unwrap()).unwrap();
+        }
+        let stock_logits = head.forward(&xs).unwrap();
+        let loss = |logits: &Tensor| {
+            let (nll, _) = nll_and_argmax(&logits.reshape(((), vocab)).unwrap(), &targets).unwrap();
+            nll.mean_all().unwrap()
+        };
+        let stock_grads = loss(&stock_logits).backward().unwrap();
+        let (logits, _) = model.forward(&inputs, None, None).unwrap();
+        let grads = loss(&logits).backward().unwrap();
+
+        assert!(rel_diff(&logits, &stock_logits) < 1e-5, "logits");
+        for (name, var) in map.data().lock().unwrap().iter() {
+            let d = rel_diff(grads.get(var).unwrap(), stock_grads.get(var).unwrap());
+            assert!(d < 1e-4, "gradient of {name} off by {d} (relative)");
+        }
     }
 
     #[test]

@@ -134,6 +134,10 @@ pub struct PhraseContinuation {
     /// Where the continuation starts, in beats of the primer's time.
     start_beats: f64,
     symbols: Vec<Symbol>,
+    /// The notes decoded so far, in the player's key, times from the continuation's start.
+    notes: Vec<Note>,
+    /// True while the last note may still grow (no onset, rest or delimiter after it yet).
+    is_last_note_open: bool,
 }
 
 impl PhraseContinuation {
@@ -155,7 +159,14 @@ impl PhraseContinuation {
         let mut generator = Generator::new(model, seed);
         generator.set_max_steps(Some(max_steps));
         generator.prime(&lead)?;
-        Ok(Self { generator, shift_semitones, start_beats, symbols: Vec::with_capacity(max_steps) })
+        Ok(Self {
+            generator,
+            shift_semitones,
+            start_beats,
+            symbols: Vec::with_capacity(max_steps),
+            notes: Vec::new(),
+            is_last_note_open: false,
+        })
     }
 
     /// Where the continuation starts, in beats of the primer's time: the primer's end on the
@@ -185,6 +196,23 @@ impl PhraseContinuation {
             Symbol::Pitch(p) => Symbol::Pitch(fold_into(p as i32 - self.shift_semitones, 0, 127)),
             other => other,
         };
+        let step_beats = self.step_beats();
+        let at_beats = self.symbols.len() as f64 * step_beats;
+        match symbol {
+            Symbol::Pitch(p) => {
+                self.notes.push(Note::new(p, at_beats, step_beats));
+                self.is_last_note_open = true;
+            }
+            Symbol::Hold => {
+                if let (true, Some(last)) = (self.is_last_note_open, self.notes.last_mut()) {
+                    last.len_beats += step_beats;
+                }
+            }
+            Symbol::Rest | Symbol::Delimiter => self.is_last_note_open = false,
+        }
+        if self.generator.is_finished() {
+            self.is_last_note_open = false;
+        }
         self.symbols.push(symbol);
         Ok(Some(symbol))
     }
@@ -192,6 +220,19 @@ impl PhraseContinuation {
     /// The symbols generated so far, in the player's key.
     pub fn symbols(&self) -> &[Symbol] {
         &self.symbols
+    }
+
+    /// Notes whose end is known (something other than `_` followed them, or generation
+    /// finished), in the player's key, times from the continuation's start: what a player can
+    /// schedule completely. A later `next_symbol` never changes them.
+    pub fn finished_notes(&self) -> &[Note] {
+        let num_open = usize::from(self.is_last_note_open);
+        &self.notes[..self.notes.len() - num_open]
+    }
+
+    /// The note that is still sounding at the last generated step and may grow, if any.
+    pub fn open_note(&self) -> Option<&Note> {
+        self.notes.last().filter(|_| self.is_last_note_open)
     }
 
     /// The generated symbols as a melody in the player's key, times from the continuation's
@@ -285,37 +326,12 @@ fn fit_into_vocab(melody: &Melody, vocab: &Vocab) -> Melody {
     out
 }
 
-/// Puts a played primer on the grid and encodes it: onsets and ends go to the nearest step,
-/// every note keeps at least one step, and where notes overlap the earlier one is cut at the
-/// later onset (a later note on the same step replaces it).
+/// Puts a played primer on the grid (`encode::quantize`: onsets and ends to the nearest step,
+/// every note at least one step, overlaps cut at the next onset) and encodes it.
 fn encode_primer(primer: &Melody, grid: StepGrid) -> Result<Vec<Symbol>, ModelError> {
-    let step_beats = grid.step_beats();
-    let mut sorted = primer.notes.clone();
-    sorted.sort_by(|a, b| a.start_beats.total_cmp(&b.start_beats));
-    let mut steps: Vec<(u8, u32, u32)> = Vec::with_capacity(sorted.len());
-    for note in &sorted {
-        let start = grid.nearest_steps(note.start_beats);
-        let end = grid.nearest_steps(note.end_beats()).max(start + 1);
-        while let Some(last) = steps.last_mut() {
-            if last.1 == start {
-                steps.pop();
-            } else {
-                last.2 = last.2.min(start);
-                break;
-            }
-        }
-        steps.push((note.pitch, start, end));
-    }
-    let end_steps = grid.nearest_steps(primer.end_beats).max(steps.last().map_or(0, |s| s.2));
-    let mut quantized = Melody::from_notes(
-        steps
-            .iter()
-            .map(|&(pitch, start, end)| {
-                Note::new(pitch, start as f64 * step_beats, (end - start) as f64 * step_beats)
-            })
-            .collect(),
-    );
-    quantized.end_beats = end_steps as f64 * step_beats;
+    let mut sorted = primer.clone();
+    sorted.notes.sort_by(|a, b| a.start_beats.total_cmp(&b.start_beats));
+    let quantized = encode::quantize(&sorted, grid);
     let cfg = EncodeConfig {
         grid,
         durations: DurationFilter::OnGrid,
@@ -340,9 +356,9 @@ mod tests {
         m.end_beats = 2.0;
         let symbols = encode_primer(&m, StepGrid::SIXTEENTHS).unwrap();
         assert_eq!(symbols, parse_symbols("60 _ 62 _ 64 _ r _").unwrap());
-        // Two onsets on one step: the later note wins.
+        // Two onsets on one step: the first note stays.
         let m = melody(&[(60, 0.0, 0.1), (67, 0.05, 0.5)]);
-        assert_eq!(encode_primer(&m, StepGrid::SIXTEENTHS).unwrap(), parse_symbols("67 _").unwrap());
+        assert_eq!(encode_primer(&m, StepGrid::SIXTEENTHS).unwrap(), parse_symbols("60 r").unwrap());
     }
 
     #[test]

@@ -73,7 +73,7 @@ fn seeded_model(
     let config = ModelConfig::new(vocab, input, hidden, layers, 0.0);
     let tensors = MelodyLstm::initial_tensors(&config, 7, &Device::Cpu)?;
     let lstm = MelodyLstm::new(&config, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))?;
-    Ok(LoadedModel { config, lstm, origin: origin.to_string() })
+    Ok(LoadedModel::new(config, lstm, origin)?)
 }
 
 /// candle-nn's stock pieces on a model's weights: `Embedding` (or one-hot vectors), one
@@ -165,8 +165,7 @@ struct GenFigures {
 }
 
 fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
-    let fast =
-        FastLstm::for_fixed_weights(&model.lstm)?.context("the model did not pack for the fast step")?;
+    let fast = FastLstm::for_model(&model.lstm)?.context("the model did not pack for the fast step")?;
     let stock = StockModel::same_weights(&model.lstm)?;
     let vocab = model.config.vocab.clone();
     let settings = bench_settings();
