@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod corpus;
 mod generate;
 mod train;
@@ -34,6 +35,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Continue a primer melody with a model and write MIDI.
     Generate(generate::GenerateArgs),
+    /// Time generation and training, ours against candle-nn's stock LSTM.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -47,5 +50,6 @@ fn main() -> Result<()> {
         Command::CorpusStats(args) => corpus::stats(args),
         Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
