@@ -46,6 +46,7 @@ impl Plugin for Antiphon {
     const MIDI_OUTPUT: MidiConfig = MidiConfig::Basic;
     const SAMPLE_ACCURATE_AUTOMATION: bool = true;
 
+    type Editor = ();
     type SysExMessage = ();
     type BackgroundTask = ();
 
@@ -61,8 +62,10 @@ impl Plugin for Antiphon {
     ) -> ProcessStatus {
         let is_passing_through = self.params.pass_through.value();
         while let Some(event) = context.next_event() {
+            // The host's output queue is far larger than one block's input; a full queue drops
+            // the event rather than block.
             if is_passing_through {
-                context.send_event(event);
+                let _ = context.try_send_event(event);
             }
         }
         ProcessStatus::Normal

@@ -249,7 +249,7 @@ pub fn encode(melody: &Melody, cfg: &EncodeConfig) -> Result<Vec<Symbol>, Reject
 
     let mut symbols = Vec::new();
     let mut cursor_beats = 0.0;
-    let mut push_run = |symbols: &mut Vec<Symbol>, first: Symbol, from_beats: f64, to_beats: f64| {
+    let push_run = |symbols: &mut Vec<Symbol>, first: Symbol, from_beats: f64, to_beats: f64| {
         let from = steps_at(from_beats)?;
         let to = steps_at(to_beats)?;
         if to > from {
@@ -260,7 +260,11 @@ pub fn encode(melody: &Melody, cfg: &EncodeConfig) -> Result<Vec<Symbol>, Reject
     };
     for note in &melody.notes {
         if note.pitch < cfg.lowest_pitch || note.pitch > cfg.highest_pitch {
-            return Err(Reject::OutOfRange { pitch: note.pitch, lowest: cfg.lowest_pitch, highest: cfg.highest_pitch });
+            return Err(Reject::OutOfRange {
+                pitch: note.pitch,
+                lowest: cfg.lowest_pitch,
+                highest: cfg.highest_pitch,
+            });
         }
         if note.start_beats < cursor_beats - ON_GRID_TOLERANCE_BEATS {
             return Err(Reject::Polyphonic { at_beats: note.start_beats });
@@ -274,7 +278,10 @@ pub fn encode(melody: &Melody, cfg: &EncodeConfig) -> Result<Vec<Symbol>, Reject
         push_run(&mut symbols, Symbol::Pitch(note.pitch), note.start_beats, note.end_beats())?;
         if symbols.len() == before {
             // Shorter than one step would vanish; refuse rather than lose the note.
-            return Err(Reject::OffGrid { at_beats: note.start_beats, steps_per_quarter: grid.steps_per_quarter });
+            return Err(Reject::OffGrid {
+                at_beats: note.start_beats,
+                steps_per_quarter: grid.steps_per_quarter,
+            });
         }
         cursor_beats = note.end_beats();
     }
@@ -371,18 +378,47 @@ mod tests {
 
     #[test]
     fn rejects_with_reasons() {
-        let cfg = EncodeConfig { durations: DurationFilter::recipe(), lowest_pitch: 48, highest_pitch: 84, min_notes: 2, ..Default::default() };
+        let cfg = EncodeConfig {
+            durations: DurationFilter::recipe(),
+            lowest_pitch: 48,
+            highest_pitch: 84,
+            min_notes: 2,
+            ..Default::default()
+        };
         assert_eq!(encode(&melody(&[(60, 0.0, 1.0)]), &cfg).unwrap_err().reason(), "too_short");
-        assert_eq!(encode(&melody(&[(60, 0.0, 1.0), (90, 1.0, 1.0)]), &cfg).unwrap_err().reason(), "out_of_range");
-        assert_eq!(encode(&melody(&[(60, 0.0, 1.25), (62, 1.25, 1.0)]), &cfg).unwrap_err().reason(), "duration");
-        assert_eq!(encode(&melody(&[(60, 0.0, 1.0), (62, 0.5, 1.0)]), &cfg).unwrap_err().reason(), "polyphonic");
-        assert_eq!(encode(&melody(&[(60, 0.0, 0.1), (62, 0.1, 1.0)]), &EncodeConfig::default()).unwrap_err().reason(), "off_grid");
+        assert_eq!(
+            encode(&melody(&[(60, 0.0, 1.0), (90, 1.0, 1.0)]), &cfg).unwrap_err().reason(),
+            "out_of_range"
+        );
+        assert_eq!(
+            encode(&melody(&[(60, 0.0, 1.25), (62, 1.25, 1.0)]), &cfg).unwrap_err().reason(),
+            "duration"
+        );
+        assert_eq!(
+            encode(&melody(&[(60, 0.0, 1.0), (62, 0.5, 1.0)]), &cfg).unwrap_err().reason(),
+            "polyphonic"
+        );
+        assert_eq!(
+            encode(&melody(&[(60, 0.0, 0.1), (62, 0.1, 1.0)]), &EncodeConfig::default())
+                .unwrap_err()
+                .reason(),
+            "off_grid"
+        );
         // The boundary pitches themselves are allowed.
         assert!(encode(&melody(&[(48, 0.0, 1.0), (84, 1.0, 1.0)]), &cfg).is_ok());
-        assert_eq!(encode(&melody(&[(47, 0.0, 1.0), (84, 1.0, 1.0)]), &cfg).unwrap_err().reason(), "out_of_range");
-        assert_eq!(encode(&melody(&[(48, 0.0, 1.0), (85, 1.0, 1.0)]), &cfg).unwrap_err().reason(), "out_of_range");
+        assert_eq!(
+            encode(&melody(&[(47, 0.0, 1.0), (84, 1.0, 1.0)]), &cfg).unwrap_err().reason(),
+            "out_of_range"
+        );
+        assert_eq!(
+            encode(&melody(&[(48, 0.0, 1.0), (85, 1.0, 1.0)]), &cfg).unwrap_err().reason(),
+            "out_of_range"
+        );
         // A rest of a disallowed length is refused too (1.25 quarters).
-        assert_eq!(encode(&melody(&[(60, 0.0, 1.0), (62, 2.25, 1.0)]), &cfg).unwrap_err().reason(), "duration");
+        assert_eq!(
+            encode(&melody(&[(60, 0.0, 1.0), (62, 2.25, 1.0)]), &cfg).unwrap_err().reason(),
+            "duration"
+        );
     }
 
     #[test]

@@ -73,7 +73,8 @@ impl Key {
     /// The key whose tonic is the pitch class `tonic_pc` (0 = C) in `mode`, spelled with at
     /// most six sharps or five flats (F♯ rather than G♭, B♭ rather than A♯).
     pub fn from_tonic(tonic_pc: u8, mode: Mode) -> Key {
-        let relative_major_pc = (tonic_pc as i32 - mode.semitones_above_relative_major() as i32).rem_euclid(12);
+        let relative_major_pc =
+            (tonic_pc as i32 - mode.semitones_above_relative_major() as i32).rem_euclid(12);
         // The circle of fifths: the major key on pitch class p has (7 p mod 12) sharps.
         let mut fifths = (relative_major_pc * 7).rem_euclid(12);
         if fifths > 6 {
@@ -216,7 +217,15 @@ mod tests {
     #[test]
     fn tonic_and_signature_agree_for_every_mode() {
         for tonic in 0..12 {
-            for mode in [Mode::Major, Mode::Dorian, Mode::Phrygian, Mode::Lydian, Mode::Mixolydian, Mode::Minor, Mode::Locrian] {
+            for mode in [
+                Mode::Major,
+                Mode::Dorian,
+                Mode::Phrygian,
+                Mode::Lydian,
+                Mode::Mixolydian,
+                Mode::Minor,
+                Mode::Locrian,
+            ] {
                 let key = Key::from_tonic(tonic, mode);
                 assert_eq!(key.tonic_pc(), tonic, "{key:?}");
                 assert!((-6..=6).contains(&key.fifths));
@@ -252,14 +261,29 @@ mod tests {
     fn estimates_obvious_keys() {
         // A G major scale and arpeggio, ending on G.
         let g_major = melody(&[
-            (67, 0.0, 1.0), (69, 1.0, 1.0), (71, 2.0, 1.0), (72, 3.0, 1.0), (74, 4.0, 1.0),
-            (76, 5.0, 1.0), (78, 6.0, 1.0), (79, 7.0, 2.0), (74, 9.0, 1.0), (71, 10.0, 1.0), (67, 11.0, 2.0),
+            (67, 0.0, 1.0),
+            (69, 1.0, 1.0),
+            (71, 2.0, 1.0),
+            (72, 3.0, 1.0),
+            (74, 4.0, 1.0),
+            (76, 5.0, 1.0),
+            (78, 6.0, 1.0),
+            (79, 7.0, 2.0),
+            (74, 9.0, 1.0),
+            (71, 10.0, 1.0),
+            (67, 11.0, 2.0),
         ]);
         assert_eq!(estimate_key(&g_major.notes), Some(Key::from_tonic(7, Mode::Major)));
         // A minor triad and harmonic-minor leading tone.
         let a_minor = melody(&[
-            (69, 0.0, 2.0), (72, 2.0, 1.0), (76, 3.0, 1.0), (74, 4.0, 1.0), (72, 5.0, 1.0),
-            (71, 6.0, 1.0), (68, 7.0, 1.0), (69, 8.0, 3.0),
+            (69, 0.0, 2.0),
+            (72, 2.0, 1.0),
+            (76, 3.0, 1.0),
+            (74, 4.0, 1.0),
+            (72, 5.0, 1.0),
+            (71, 6.0, 1.0),
+            (68, 7.0, 1.0),
+            (69, 8.0, 3.0),
         ]);
         assert_eq!(estimate_key(&a_minor.notes), Some(Key::from_tonic(9, Mode::Minor)));
         assert_eq!(estimate_key(&[]), None);

@@ -11,7 +11,7 @@ pub mod midi;
 pub mod note;
 pub mod vocab;
 
-pub use encode::{Symbol, StepGrid};
+pub use encode::{StepGrid, Symbol};
 pub use key::{Key, Mode};
 pub use note::{Melody, Meter, Note, Source};
 pub use vocab::{TokenId, Vocab};

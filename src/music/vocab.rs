@@ -110,7 +110,14 @@ mod tests {
 
     #[test]
     fn recipe_order_and_serde_round_trip() {
-        let v = Vocab::from_symbols([Symbol::Rest, Symbol::Pitch(72), Symbol::Hold, Symbol::Pitch(60), Symbol::Delimiter, Symbol::Pitch(72)]);
+        let v = Vocab::from_symbols([
+            Symbol::Rest,
+            Symbol::Pitch(72),
+            Symbol::Hold,
+            Symbol::Pitch(60),
+            Symbol::Delimiter,
+            Symbol::Pitch(72),
+        ]);
         assert_eq!(serde_json::to_string(&v).unwrap(), r#"["60","72","/","_","r"]"#);
         let back: Vocab = serde_json::from_str(r#"["60","72","/","_","r"]"#).unwrap();
         assert_eq!(back, v);

@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
 use antiphon::music::corpus::{encode_all, Collection, ReadError};
 use antiphon::music::encode::{encode, symbols_to_string, DurationFilter, EncodeConfig};
 use antiphon::music::key::{shift_to_convention, KeySource};
 use antiphon::music::midi::{parse_midi, MelodyChoice};
 use antiphon::music::{abc, Melody, StepGrid, Symbol, Vocab};
+use anyhow::{Context, Result};
 
 /// The Erk tunebooks, in the order of the benchmark split.
 const ERK_FILES: [&str; 4] = ["erk5", "erk10", "erk20", "erk30"];
@@ -51,7 +51,9 @@ impl Verdict {
     fn describe(self) -> &'static str {
         match self {
             Verdict::Identical => "identical",
-            Verdict::IdenticalButTrailingRest => "identical but for a trailing rest (MIDI has no rests after the last note)",
+            Verdict::IdenticalButTrailingRest => {
+                "identical but for a trailing rest (MIDI has no rests after the last note)"
+            }
             Verdict::AbcUnreadable => "ABC tune not readable",
             Verdict::MidiUnreadable => "MIDI file not readable",
             Verdict::MidiMissing => "no MIDI file for this tune",
@@ -106,7 +108,8 @@ pub fn check(args: CheckArgs) -> Result<()> {
     let mut num_tunes = 0;
     for name in ERK_FILES {
         let abc_path = args.corpus.join("essen").join(format!("{name}.abc"));
-        let book = abc::read_tunebook(&abc_path).with_context(|| format!("reading {}", abc_path.display()))?;
+        let book =
+            abc::read_tunebook(&abc_path).with_context(|| format!("reading {}", abc_path.display()))?;
         for error in &book.errors {
             num_tunes += 1;
             verdicts.entry(Verdict::AbcUnreadable).or_default().push(error.to_string());
@@ -132,7 +135,10 @@ pub fn check(args: CheckArgs) -> Result<()> {
         .filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "mid")))
         .count();
 
-    println!("Erk tunes: {num_tunes} in ABC; {num_midi_files} abc2midi MIDI files; grid {} steps per quarter", grid.steps_per_quarter);
+    println!(
+        "Erk tunes: {num_tunes} in ABC; {num_midi_files} abc2midi MIDI files; grid {} steps per quarter",
+        grid.steps_per_quarter
+    );
     for (verdict, tunes) in &verdicts {
         println!("{:>6}  {}", tunes.len(), verdict.describe());
         if !matches!(verdict, Verdict::Identical | Verdict::IdenticalButTrailingRest) {
@@ -145,7 +151,10 @@ pub fn check(args: CheckArgs) -> Result<()> {
         .iter()
         .map(|v| verdicts.get(v).map_or(0, Vec::len))
         .sum();
-    println!("agree: {num_agreeing} of {num_tunes} ({:.1}%)", 100.0 * num_agreeing as f64 / num_tunes.max(1) as f64);
+    println!(
+        "agree: {num_agreeing} of {num_tunes} ({:.1}%)",
+        100.0 * num_agreeing as f64 / num_tunes.max(1) as f64
+    );
     Ok(())
 }
 
@@ -233,7 +242,10 @@ pub fn stats(args: StatsArgs) -> Result<()> {
     let vocab = Vocab::from_symbols(encoded.songs.iter().flat_map(|(_, s)| s.iter().copied()));
     let num_holds: usize = encoded.songs.iter().flat_map(|(_, s)| s).filter(|s| **s == Symbol::Hold).count();
 
-    println!("files read:      {} ({} other files skipped)", collection.num_files, collection.num_skipped_files);
+    println!(
+        "files read:      {} ({} other files skipped)",
+        collection.num_files, collection.num_skipped_files
+    );
     println!("tunes read:      {}", collection.melodies.len());
     for (kind, count) in &errors_by_kind {
         println!("  not read:      {count} ({kind})");
@@ -242,7 +254,10 @@ pub fn stats(args: StatsArgs) -> Result<()> {
     for (reason, count) in &encoded.dropped {
         println!("  dropped:       {count} ({reason})");
     }
-    println!("symbols:         {num_symbols} in kept songs ({:.1}% hold)", 100.0 * num_holds as f64 / num_symbols.max(1) as f64);
+    println!(
+        "symbols:         {num_symbols} in kept songs ({:.1}% hold)",
+        100.0 * num_holds as f64 / num_symbols.max(1) as f64
+    );
     println!("vocabulary:      {} symbols: {}", vocab.len(), symbols_to_string(vocab.symbols()));
     if let Some((lowest, highest)) = vocab.pitch_range() {
         println!("pitch range:     {lowest}..={highest}");
