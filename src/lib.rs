@@ -2,6 +2,7 @@
 //! LSTM. This file is wiring only: the plugin type, its host-facing constants and the exports.
 //! Runs on: audio thread (`process`), main thread (everything else).
 
+pub mod eval;
 pub mod model;
 pub mod music;
 pub mod params;
