@@ -247,7 +247,7 @@ mod tests {
 
     #[test]
     fn a_transposed_copy_is_found_with_its_song() {
-        let songs = vec![
+        let songs = [
             line(&[(60, 1.0), (62, 1.0), (64, 1.0), (65, 1.0), (67, 2.0)]),
             line(&[(69, 0.5), (67, 0.5), (65, 0.5), (64, 0.5), (62, 1.0), (60, 1.0)]),
         ];
@@ -270,7 +270,7 @@ mod tests {
 
     #[test]
     fn a_rest_breaks_a_copy() {
-        let songs = vec![line(&[(60, 1.0), (62, 1.0), (64, 1.0)])];
+        let songs = [line(&[(60, 1.0), (62, 1.0), (64, 1.0)])];
         let index = CopyIndex::build(songs.iter().map(Vec::as_slice));
         let with_rests = vec![Note::new(60, 0.0, 1.0), Note::new(62, 1.5, 1.0), Note::new(64, 3.0, 1.0)];
         assert_eq!(index.longest_run(&with_rests).num_notes, 1);

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 pub use copying::{CopyIndex, CopyRun};
 pub use features::{cut_song, Feature, Features, SongCut};
-pub use report::{format_table, EvalReport};
-pub use select::{select_songs, EvalSong, SetCounts, SplitSide};
+pub use report::{format_table, to_json, EvalReport};
+pub use select::{read_training_data_config, select_songs, EvalSong, SetCounts, SplitSide};
 
 use crate::model::train::EvalConfig;
 use crate::model::{continue_melody, LoadedModel, ModelError, SamplingSettings, Transposition};
@@ -171,6 +171,35 @@ pub struct ContinuedSong {
     pub generated: Vec<(f32, Melody)>,
 }
 
+impl ContinuedSong {
+    /// The primer followed by continuation `generated_idx`, as one melody in the song's time
+    /// (for writing out and listening).
+    pub fn joined(&self, generated_idx: usize) -> Melody {
+        let mut song = self.cut.primer.clone();
+        let boundary_beats = self.cut.boundary_beats;
+        song.notes.extend(self.generated[generated_idx].1.notes.iter().map(|n| {
+            let mut n = *n;
+            n.start_beats += boundary_beats;
+            n
+        }));
+        song.end_beats = boundary_beats + self.cut.window_beats;
+        song
+    }
+}
+
+/// A file name (without extension) for a song: its file's stem and the tune number,
+/// `erk5-X42`, or the melody's index in the file when it has no number and is not the first.
+pub fn file_stem_of(source: &Source) -> String {
+    let stem = std::path::Path::new(&source.path)
+        .file_stem()
+        .map_or_else(|| "song".to_string(), |s| s.to_string_lossy().into_owned());
+    match source.number {
+        Some(n) => format!("{stem}-X{n}"),
+        None if source.index == 0 => stem,
+        None => format!("{stem}-{}", source.index),
+    }
+}
+
 /// The report and the continuations behind it.
 pub struct EvalOutput {
     /// The figures.
@@ -264,7 +293,7 @@ pub fn copy_stats(runs: &[usize]) -> Option<CopyStats> {
 /// The `n` longest runs of at least two notes, longest first (ties in song order).
 fn worst(runs: &[(String, CopyRun)], training: &TrainingSongs, n: usize) -> Vec<CopyOffender> {
     let mut found: Vec<&(String, CopyRun)> = runs.iter().filter(|(_, r)| r.song_idx.is_some()).collect();
-    found.sort_by(|a, b| b.1.num_notes.cmp(&a.1.num_notes));
+    found.sort_by_key(|(_, run)| std::cmp::Reverse(run.num_notes));
     found
         .into_iter()
         .take(n)

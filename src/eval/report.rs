@@ -167,6 +167,11 @@ pub struct GeneratedContinuation {
     pub copy_song: Option<String>,
 }
 
+/// The report as pretty JSON.
+pub fn to_json(report: &EvalReport) -> String {
+    serde_json::to_string_pretty(report).expect("a report always serialises") + "\n"
+}
+
 /// Perplexity of a mean cross-entropy in nats.
 pub fn perplexity(loss_nats: f64) -> f64 {
     loss_nats.exp()

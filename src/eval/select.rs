@@ -5,6 +5,7 @@
 //! Runs on: offline threads (xtask eval, tests). Pure, no candle.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::data::{keep_song, DataConfig, Split};
 use crate::model::generate::model_shift;
-use crate::model::ModelConfig;
+use crate::model::{ModelConfig, ModelError};
 use crate::music::corpus::Collection;
 use crate::music::encode::{encode, EncodeConfig};
 use crate::music::{Melody, Symbol};
@@ -72,6 +73,26 @@ pub fn data_config_for(model: &ModelConfig) -> DataConfig {
         transposition: model.transposition,
         delimiter_len: model.delimiter_len,
         ..DataConfig::default()
+    }
+}
+
+/// The data settings of the run that trained a model, from its `train.json` (`config.data`),
+/// or `None` when there is no such file. Only that part of the summary is read, so summaries
+/// of other versions load as long as it parses.
+pub fn read_training_data_config(train_json: &Path) -> Result<Option<DataConfig>, ModelError> {
+    let path = train_json.display().to_string();
+    let bytes = match std::fs::read(train_json) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(ModelError::Io { path, source }),
+    };
+    let summary: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|source| ModelError::ConfigParse { path: path.clone(), source })?;
+    match summary.get("config").and_then(|c| c.get("data")) {
+        Some(data) => serde_json::from_value(data.clone())
+            .map(Some)
+            .map_err(|source| ModelError::ConfigParse { path, source }),
+        None => Ok(None),
     }
 }
 

@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod corpus;
+mod eval;
 mod generate;
 mod train;
 
@@ -34,6 +35,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Continue a primer melody with a model and write MIDI.
     Generate(generate::GenerateArgs),
+    /// Score a model on folders of songs: likelihood, continuations, copying.
+    Eval(eval::EvalArgs),
 }
 
 fn main() -> Result<()> {
@@ -47,5 +50,6 @@ fn main() -> Result<()> {
         Command::CorpusStats(args) => corpus::stats(args),
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }
