@@ -170,11 +170,12 @@ fn the_validation_side_is_what_training_validated_on() {
     let cfg = tiny_train_config();
     let data = build_dataset(vec![("tiny".into(), cycle_corpus())], &cfg.data).unwrap();
     let model_cfg = model_config(&cfg, &data);
-    let (songs, counts) =
+    let selection =
         select_songs(vec![("tiny".into(), cycle_corpus())], &cfg.data, SplitSide::Validation, &model_cfg);
+    let songs = &selection.songs;
     // Songs 0 and 10 of 12.
-    assert_eq!(counts[0].num_selected, 2);
-    assert_eq!(counts[0].num_outside_split, 10);
+    assert_eq!(selection.sets[0].num_selected, 2);
+    assert_eq!(selection.sets[0].num_outside_split, 10);
     assert_eq!(songs[1].melody.source.index, 10);
     let symbols: Vec<&[Symbol]> = songs.iter().map(|s| s.symbols.as_slice()).collect();
     let stream = join_songs(symbols, cfg.data.delimiter_len);
@@ -191,8 +192,9 @@ fn a_whole_evaluation_on_a_tiny_trained_model() {
     train(&cfg, &data, &dir, &Device::Cpu, false, &mut antiphon::model::train::Quiet).unwrap();
     let model = Arc::new(LoadedModel::load_dir(&dir).unwrap());
 
-    let (songs, counts) =
+    let selection =
         select_songs(vec![("tiny".into(), cycle_corpus())], &cfg.data, SplitSide::Validation, &model.config);
+    let songs = &selection.songs;
     let (train_melodies, _) = split_melodies("tiny", cycle_corpus(), &cfg.data, SplitSide::Training);
     assert_eq!(train_melodies.len(), 10);
     // Evaluated songs are left out even when the training data holds them.
@@ -202,7 +204,7 @@ fn a_whole_evaluation_on_a_tiny_trained_model() {
     assert_eq!(training.len(), 10);
 
     let settings = EvalSettings { temperatures: vec![0.5, 1.5], num_worst: 3, ..Default::default() };
-    let output = run_eval(&model, &songs, counts, Some(&training), &settings, &mut Quiet).unwrap();
+    let output = run_eval(&model, &selection, Some(&training), &settings, &mut Quiet).unwrap();
     let report = &output.report;
 
     // Likelihood: every song symbol counted both ways, and better than guessing.
@@ -260,8 +262,7 @@ fn a_whole_evaluation_on_a_tiny_trained_model() {
     assert_eq!(joined.notes.len(), first.cut.primer.notes.len() + first.generated[0].1.notes.len());
 
     // The same seed gives the same report; the JSON reads back; the table names the figures.
-    let again =
-        run_eval(&model, &songs, report.sets.clone(), Some(&training), &settings, &mut Quiet).unwrap();
+    let again = run_eval(&model, &selection, Some(&training), &settings, &mut Quiet).unwrap();
     assert_eq!(&again.report, report);
     let back: EvalReport = serde_json::from_str(&to_json(report)).unwrap();
     assert_eq!(back.songs.len(), 2);
@@ -279,13 +280,13 @@ fn songs_too_short_to_continue_still_get_likelihood() {
     let mut short = Melody::from_notes(vec![Note::new(60, 0.0, 1.0), Note::new(64, 1.0, 3.0)]);
     short.key = Some(Key::C_MAJOR);
     let collection = Collection { melodies: vec![short], num_files: 1, ..Default::default() };
-    let (songs, counts) = select_songs(
+    let selection = select_songs(
         vec![("s".into(), collection)],
         &data_config_for(&model.config),
         SplitSide::All,
         &model.config,
     );
-    let output = run_eval(&model, &songs, counts, None, &EvalSettings::default(), &mut Quiet).unwrap();
+    let output = run_eval(&model, &selection, None, &EvalSettings::default(), &mut Quiet).unwrap();
     assert!(output.report.continuations.is_none());
     assert_eq!(output.report.streaming.song.num_targets, 16);
     assert!(format_table(&output.report).contains("no continuations"));

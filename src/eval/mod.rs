@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use copying::{CopyIndex, CopyRun};
 pub use features::{cut_song, Feature, Features, SongCut};
 pub use report::{format_table, to_json, EvalReport};
-pub use select::{read_training_data_config, select_songs, EvalSong, SetCounts, SplitSide};
+pub use select::{read_training_data_config, select_songs, EvalSong, Selection, SetCounts, SplitSide};
 
 use crate::model::train::EvalConfig;
 use crate::model::{continue_melody, LoadedModel, ModelError, SamplingSettings, Transposition};
@@ -208,16 +208,16 @@ pub struct EvalOutput {
     pub continued: Vec<ContinuedSong>,
 }
 
-/// Evaluates `model` on `songs` (prepared by `select_songs`, whose counts `sets` are carried
-/// into the report), with copying measured against `training` when given.
+/// Evaluates `model` on the songs of `selection` (from `select_songs`), with copying measured
+/// against `training` when given.
 pub fn run_eval(
     model: &Arc<LoadedModel>,
-    songs: &[EvalSong],
-    sets: Vec<SetCounts>,
+    selection: &Selection,
     training: Option<&TrainingSongs>,
     settings: &EvalSettings,
     observer: &mut dyn EvalObserver,
 ) -> Result<EvalOutput, ModelError> {
+    let songs = selection.songs.as_slice();
     let symbols: Vec<&[crate::music::Symbol]> = songs.iter().map(|s| s.symbols.as_slice()).collect();
     let eval_cfg = EvalConfig {
         context_len: settings.context_len,
@@ -255,7 +255,9 @@ pub fn run_eval(
     let report = EvalReport {
         model: model.origin.clone(),
         settings: settings.clone(),
-        sets,
+        split: selection.split,
+        data: selection.data.clone(),
+        sets: selection.sets.clone(),
         num_songs: songs.len(),
         num_song_symbols: songs.iter().map(|s| s.symbols.len()).sum(),
         windowed,

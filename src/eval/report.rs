@@ -7,9 +7,10 @@ use std::fmt::Write;
 use serde::{Deserialize, Serialize};
 
 use super::features::Feature;
-use super::select::SetCounts;
+use super::select::{SetCounts, SplitSide};
 use super::stats::Similarity;
 use super::EvalSettings;
+use crate::model::data::DataConfig;
 use crate::model::train::{EvalMetrics, Score};
 
 /// Everything an evaluation measured.
@@ -19,6 +20,10 @@ pub struct EvalReport {
     pub model: String,
     /// The settings of the run.
     pub settings: EvalSettings,
+    /// The side of the split evaluated.
+    pub split: SplitSide,
+    /// The filters and split the songs were chosen under.
+    pub data: DataConfig,
     /// What became of each set's songs.
     pub sets: Vec<SetCounts>,
     /// Songs evaluated.
@@ -216,7 +221,7 @@ pub fn format_table(report: &EvalReport) -> String {
         let rejected: Vec<String> = set.rejected.iter().map(|(r, n)| format!("{r} {n}")).collect();
         let _ = writeln!(
             out,
-            "{}: {} files, {} melodies ({} unreadable), {} outside the split, {} refused ({}), {} evaluated",
+            "{}: {} files, {} melodies ({} unreadable), {} outside the split, {} refused ({}), {} usable",
             set.name,
             set.num_files,
             set.num_melodies,

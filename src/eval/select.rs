@@ -172,13 +172,26 @@ pub fn prepare_song(
     Ok((shift, symbols))
 }
 
+/// The songs chosen for an evaluation, and how they were chosen.
+#[derive(Clone, Debug)]
+pub struct Selection {
+    /// The songs, in set order and file order.
+    pub songs: Vec<EvalSong>,
+    /// What became of each set's songs.
+    pub sets: Vec<SetCounts>,
+    /// The side of the split taken.
+    pub split: SplitSide,
+    /// The filters and split it was taken under.
+    pub data: DataConfig,
+}
+
 /// The songs of each named set on `side`, prepared for `model`, and the counts of each set.
 pub fn select_songs(
     sets: Vec<(String, Collection)>,
     data: &DataConfig,
     side: SplitSide,
     model: &ModelConfig,
-) -> (Vec<EvalSong>, Vec<SetCounts>) {
+) -> Selection {
     let mut songs = Vec::new();
     let mut all_counts = Vec::new();
     for (name, read) in sets {
@@ -194,7 +207,7 @@ pub fn select_songs(
         }
         all_counts.push(counts);
     }
-    (songs, all_counts)
+    Selection { songs, sets: all_counts, split: side, data: data.clone() }
 }
 
 #[cfg(test)]
@@ -246,8 +259,9 @@ mod tests {
         let model = model_config();
         let data = data_config_for(&model);
         // G major → C major is up a fourth: 67 69 → 72 74.
-        let (songs, counts) = select_songs(vec![("s".into(), collection(1))], &data, SplitSide::All, &model);
-        assert_eq!(counts[0].num_selected, 1);
+        let selection = select_songs(vec![("s".into(), collection(1))], &data, SplitSide::All, &model);
+        assert_eq!(selection.sets[0].num_selected, 1);
+        let songs = selection.songs;
         assert_eq!(songs[0].shift_semitones, 5);
         assert_eq!(songs[0].symbols, parse_symbols("72 _ _ _ 74 _ _ _").unwrap());
         // Without transposition the song stays; a song too wide for the range is refused.

@@ -160,12 +160,20 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let set = parse_set(spec, i);
         sets.push((set.name.clone(), read_set(&set)));
     }
-    let (mut songs, counts) = select_songs(sets, &data, side, &model.config);
-    if let Some(max) = args.max_songs {
-        songs.truncate(max);
+    let mut selection = select_songs(sets, &data, side, &model.config);
+    if let Some(max) = args.max_songs.filter(|&max| max < selection.songs.len()) {
+        println!("evaluating the first {max} of {} usable songs", selection.songs.len());
+        selection.songs.truncate(max);
     }
-    if songs.is_empty() {
-        for c in &counts {
+    let num_duration_refused: usize = selection.sets.iter().filter_map(|c| c.rejected.get("duration")).sum();
+    if num_duration_refused > 0 && args.durations.is_none() {
+        println!(
+            "{num_duration_refused} songs have note lengths the model's training filter refuses; \
+             --durations grid takes them"
+        );
+    }
+    if selection.songs.is_empty() {
+        for c in &selection.sets {
             println!(
                 "{}: {} melodies, {} unreadable, refused {:?}",
                 c.name, c.num_melodies, c.num_unreadable, c.rejected
@@ -173,6 +181,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
         bail!("no song to evaluate");
     }
+    let songs = &selection.songs;
 
     let training = if args.train_data.is_empty() {
         None
@@ -210,7 +219,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         num_worst: args.worst,
     };
     let mut progress = Progress { bar: None };
-    let output = run_eval(&model, &songs, counts, training.as_ref(), &settings, &mut progress)?;
+    let output = run_eval(&model, &selection, training.as_ref(), &settings, &mut progress)?;
     progress.finish();
     println!("{}", format_table(&output.report));
 
@@ -220,7 +229,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         println!("wrote {}", path.display());
     }
     if let Some(dir) = &args.write_midi {
-        write_continuations(dir, &output.continued, &songs, args.tempo, settings.temperatures.len() > 1)?;
+        write_continuations(dir, &output.continued, songs, args.tempo, settings.temperatures.len() > 1)?;
     }
     println!("done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
