@@ -77,7 +77,8 @@ pub fn cut_song(song: &Melody, primer_bars: usize, continuation_bars: usize) -> 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Feature {
-    /// Share of notes on each pitch class, C first (12 numbers summing to 1).
+    /// Share of notes on each pitch class, C first, in the model's key convention (12 numbers
+    /// summing to 1).
     PitchClassHistogram,
     /// Highest minus lowest pitch, in semitones.
     PitchRange,
@@ -155,16 +156,19 @@ pub struct Features {
 
 impl Features {
     /// Measures the notes of `melody` in `[0, window_beats)` (they are expected there, sorted
-    /// and monophonic), with `key` the primer's key. Features of no notes are 0, except the
-    /// inter-onset interval (the window) and the rest ratio (1).
-    pub fn measure(melody: &Melody, window_beats: f64, key: Option<Key>) -> Features {
+    /// and monophonic), with `key` the primer's key. Pitch classes are counted after moving by
+    /// `pitch_class_shift` semitones: the song's move into the model's key convention, so that
+    /// songs in different keys are compared by scale degree (C is the tonic of a major song).
+    /// Features of no notes are 0, except the inter-onset interval (the window) and the rest
+    /// ratio (1).
+    pub fn measure(melody: &Melody, window_beats: f64, key: Option<Key>, pitch_class_shift: i32) -> Features {
         let notes = &melody.notes;
         let num_notes = notes.len() as f64;
         let share = |count: f64| if num_notes > 0.0 { count / num_notes } else { 0.0 };
 
         let mut pitch_class_histogram = [0.0; 12];
         for note in notes {
-            pitch_class_histogram[(note.pitch % 12) as usize] += 1.0;
+            pitch_class_histogram[(note.pitch as i32 + pitch_class_shift).rem_euclid(12) as usize] += 1.0;
         }
         pitch_class_histogram.iter_mut().for_each(|x| *x = share(*x));
 
@@ -252,7 +256,7 @@ pub(crate) mod tests {
         // C4 quarter, E4 quarter, a quarter rest, G4 eighth, C#5 eighth, in a window of 4 beats;
         // the key is C major.
         let m = melody(&[(60, 0.0, 1.0), (64, 1.0, 1.0), (67, 3.0, 0.5), (73, 3.5, 0.5)]);
-        let f = Features::measure(&m, 4.0, Some(Key::C_MAJOR));
+        let f = Features::measure(&m, 4.0, Some(Key::C_MAJOR), 0);
         let mut pch = [0.0; 12];
         pch[0] = 0.25; // C
         pch[4] = 0.25; // E
@@ -277,12 +281,20 @@ pub(crate) mod tests {
         assert_eq!(f.rest_ratio, 0.25);
         assert_eq!(f.value(Feature::PitchRange), vec![13.0]);
         assert_eq!(f.value(Feature::IntervalHistogram).len(), 25);
+        // The same notes a tone higher in D major, measured with the song's move of -2: only
+        // the key changes, and the pitch classes come out as in C.
+        let d = Melody::from_notes(m.notes.iter().map(|n| Note { pitch: n.pitch + 2, ..*n }).collect());
+        assert_eq!(Features::measure(&d, 4.0, Some(Key::from_tonic(2, Mode::Major)), -2), f);
+        // Unmoved, the histogram moves up two classes.
+        let unmoved = Features::measure(&d, 4.0, Some(Key::from_tonic(2, Mode::Major)), 0);
+        assert_eq!(unmoved.pitch_class_histogram[2], 0.25);
+        assert_eq!(unmoved.pitch_class_histogram[0], 0.0);
     }
 
     #[test]
     fn leaps_beyond_an_octave_share_the_end_bins_and_odd_lengths_are_other() {
         let m = melody(&[(60, 0.0, 0.3), (79, 0.3, 1.0), (50, 1.3, 1.0)]);
-        let f = Features::measure(&m, 4.0, Some(Key::from_tonic(9, Mode::Minor)));
+        let f = Features::measure(&m, 4.0, Some(Key::from_tonic(9, Mode::Minor)), 0);
         assert_eq!(f.interval_histogram[24], 0.5);
         assert_eq!(f.interval_histogram[0], 0.5);
         assert_eq!(f.note_length_histogram[8], 1.0 / 3.0);
@@ -291,7 +303,7 @@ pub(crate) mod tests {
 
     #[test]
     fn no_notes_is_all_rest() {
-        let f = Features::measure(&melody(&[]), 8.0, Some(Key::C_MAJOR));
+        let f = Features::measure(&melody(&[]), 8.0, Some(Key::C_MAJOR), 0);
         assert_eq!((f.pitch_range_semitones, f.num_pitches, f.in_key_share), (0.0, 0.0, 0.0));
         assert_eq!((f.mean_inter_onset_beats, f.rest_ratio), (8.0, 1.0));
         assert!(f.pitch_class_histogram.iter().all(|&x| x == 0.0));

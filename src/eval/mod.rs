@@ -118,10 +118,14 @@ pub struct TrainingSongs {
 }
 
 impl TrainingSongs {
-    /// Indexes `melodies`, leaving out any whose source is in `exclude` (the songs under
-    /// evaluation, so a song never counts as its own training song).
+    /// Indexes `melodies`, leaving out any from the same file (however its path is spelt) and
+    /// position as a source in `exclude` (the songs under evaluation, so a song never counts as
+    /// its own training song).
     pub fn new(melodies: &[Melody], exclude: &[&Source]) -> Self {
-        let kept: Vec<&Melody> = melodies.iter().filter(|m| !exclude.contains(&&m.source)).collect();
+        let place =
+            |s: &Source| (std::fs::canonicalize(&s.path).unwrap_or_else(|_| s.path.clone().into()), s.index);
+        let excluded: std::collections::HashSet<_> = exclude.iter().map(|s| place(s)).collect();
+        let kept: Vec<&Melody> = melodies.iter().filter(|m| !excluded.contains(&place(&m.source))).collect();
         Self {
             index: CopyIndex::build(kept.iter().map(|m| m.notes.as_slice())),
             names: kept.iter().map(|m| short_source(&m.source)).collect(),
@@ -356,7 +360,8 @@ fn continue_songs(
     for (song_idx, cut) in cuts {
         let name = short_source(&songs[song_idx].melody.source);
         let key = melody_key(&cut.primer, key_source);
-        real_features.push(Features::measure(&cut.continuation, cut.window_beats, key));
+        let shift = songs[song_idx].shift_semitones;
+        real_features.push(Features::measure(&cut.continuation, cut.window_beats, key, shift));
         let real_run = training.map(|t| t.index().longest_run(&cut.continuation.notes));
         if let Some(run) = real_run {
             real_runs.push((name.clone(), run));
@@ -377,7 +382,7 @@ fn continue_songs(
                 continue_melody(model, &cut.primer, num_steps, &sampling, seed)?,
                 cut.window_beats,
             );
-            generated_features[t_idx].push(Features::measure(&melody, cut.window_beats, key));
+            generated_features[t_idx].push(Features::measure(&melody, cut.window_beats, key, shift));
             num_notes[t_idx] += melody.notes.len();
             let run = training.map(|t| t.index().longest_run(&melody.notes));
             if let Some(run) = run {
@@ -444,4 +449,66 @@ fn continue_songs(
         generated,
     };
     Ok((Some(report), continued))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::features::tests::melody;
+
+    #[test]
+    fn copy_statistics_by_hand() {
+        let stats = copy_stats(&[3, 1, 2, 10]).unwrap();
+        // Sorted 1 2 3 10: the median halfway between 2 and 3; the 95th percentile at position
+        // 0.95 × 3 = 2.85, so 3 + 0.85 × 7.
+        assert_eq!(stats.median_notes, 2.5);
+        assert!((stats.p95_notes - 8.95).abs() < 1e-12);
+        assert_eq!(stats.max_notes, 10);
+        assert_eq!(copy_stats(&[]), None);
+    }
+
+    #[test]
+    fn a_song_is_never_its_own_training_song_however_its_path_is_spelt() {
+        let song = |path: &str, index: usize| {
+            let mut m = melody(&[(60, 0.0, 1.0), (62, 1.0, 1.0), (64, 2.0, 1.0)]);
+            m.source = Source { path: path.to_string(), index, number: None, title: None };
+            m
+        };
+        let training = [song("Cargo.toml", 0), song("Cargo.toml", 1), song("other.abc", 0)];
+        let evaluated = song("./Cargo.toml", 0);
+        let indexed = TrainingSongs::new(&training, &[&evaluated.source]);
+        assert_eq!(indexed.len(), 2);
+        assert_eq!(indexed.name(0), "Cargo.toml #1");
+        let run = indexed.index().longest_run(&evaluated.notes);
+        assert_eq!((run.num_notes, run.song_idx), (3, Some(0)));
+    }
+
+    #[test]
+    fn file_names_for_continuations() {
+        let mut source =
+            Source { path: "../corpus/erk5.abc".to_string(), index: 3, number: Some(42), title: None };
+        assert_eq!(file_stem_of(&source), "erk5-X42");
+        assert_eq!(short_source(&source), "erk5.abc X:42");
+        source.number = None;
+        assert_eq!(file_stem_of(&source), "erk5-3");
+        source.index = 0;
+        assert_eq!(file_stem_of(&source), "erk5");
+    }
+
+    #[test]
+    fn the_worst_offenders_are_the_longest_runs_of_two_notes_or_more() {
+        let training = TrainingSongs::new(&[melody(&[(60, 0.0, 1.0)]), melody(&[(60, 0.0, 1.0)])], &[]);
+        let run =
+            |num_notes, song_idx| CopyRun { num_notes, start_note_idx: 0, song_idx, song_start_note_idx: 2 };
+        let runs = vec![
+            ("a".to_string(), run(3, Some(0))),
+            ("b".to_string(), run(1, None)),
+            ("c".to_string(), run(7, Some(1))),
+            ("d".to_string(), run(3, Some(1))),
+        ];
+        let found: Vec<(String, usize)> =
+            worst(&runs, &training, 2).into_iter().map(|w| (w.song, w.num_notes)).collect();
+        assert_eq!(found, vec![("c".to_string(), 7), ("a".to_string(), 3)]);
+        assert_eq!(worst(&runs, &training, 10).len(), 3);
+    }
 }
