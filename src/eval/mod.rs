@@ -26,7 +26,7 @@ pub use select::{read_training_data_config, select_songs, EvalSong, Selection, S
 use crate::model::train::EvalConfig;
 use crate::model::{continue_melody, LoadedModel, ModelError, SamplingSettings, Transposition};
 use crate::music::key::{melody_key, KeySource};
-use crate::music::{Melody, Source};
+use crate::music::{Melody, Source, Symbol};
 use likelihood::{num_windowed_targets, streaming_likelihood, windowed_likelihood, MetricSums};
 use report::{
     ContinuationReport, CopyOffender, CopyStats, GeneratedContinuation, GeneratedFeature, RealFeature,
@@ -222,7 +222,7 @@ pub fn run_eval(
     observer: &mut dyn EvalObserver,
 ) -> Result<EvalOutput, ModelError> {
     let songs = selection.songs.as_slice();
-    let symbols: Vec<&[crate::music::Symbol]> = songs.iter().map(|s| s.symbols.as_slice()).collect();
+    let symbols: Vec<&[Symbol]> = songs.iter().map(|s| s.symbols.as_slice()).collect();
     let eval_cfg = EvalConfig {
         context_len: settings.context_len,
         batch_size: settings.batch_size,
