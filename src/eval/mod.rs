@@ -40,7 +40,8 @@ use stats::{inter_set_distances, intra_set_distances, mean_std, quantile, simila
 pub struct EvalSettings {
     /// Symbols of context before each target in the windowed likelihood (the recipe: 64).
     pub context_len: usize,
-    /// Windows per forward pass.
+    /// Windows per forward pass: on a CPU, 1024 runs the recipe's windows about 1.7 times as
+    /// fast as 256 (measured with a 2 × 256 LSTM, in about 0.7 GB).
     pub batch_size: usize,
     /// Evaluate at most this many evenly spaced windowed targets (`None`: all).
     pub max_window_targets: Option<usize>,
@@ -64,7 +65,7 @@ impl Default for EvalSettings {
     fn default() -> Self {
         Self {
             context_len: 64,
-            batch_size: 256,
+            batch_size: 1024,
             max_window_targets: None,
             temperatures: vec![1.0],
             top_k: 0,
