@@ -47,7 +47,7 @@ fn formula_model(cfg: &ModelConfig) -> LoadedModel {
         tensors.insert(name, Tensor::from_vec(values, shape, &Device::Cpu).unwrap());
     }
     let lstm = MelodyLstm::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
-    LoadedModel { config: cfg.clone(), lstm, origin: "formula".to_string() }
+    LoadedModel::new(cfg.clone(), lstm, "formula").unwrap()
 }
 
 /// A seeded, untrained model over pitches 55..=79.
@@ -55,7 +55,7 @@ fn random_model(input: InputKind, seed: u64) -> LoadedModel {
     let cfg = ModelConfig::new(Vocab::for_pitch_range(55, 79), input, 24, 2, 0.0);
     let tensors = MelodyLstm::initial_tensors(&cfg, seed, &Device::Cpu).unwrap();
     let lstm = MelodyLstm::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
-    LoadedModel { config: cfg, lstm, origin: "random".to_string() }
+    LoadedModel::new(cfg, lstm, "random").unwrap()
 }
 
 #[derive(serde::Deserialize)]
@@ -278,7 +278,7 @@ fn tiny_train_config(epochs: usize) -> TrainConfig {
         patience: 0,
         learning_rate: 1e-2,
         warmup_steps: 5,
-        eval: EvalConfig { context_len: 16, ..Default::default() },
+        eval: EvalConfig { context_len: 16, max_targets: Some(40), ..Default::default() },
         ..Default::default()
     }
 }
@@ -295,6 +295,10 @@ fn a_tiny_model_learns_and_resumes() {
     let (first_val, last_val) = (first.validation[0].1.all.loss, last.validation[0].1.all.loss);
     assert!(last_val < first_val, "{first_val} → {last_val}");
     assert!(summary.num_params > 0 && summary.symbols_per_s > 0.0);
+    // Epochs were judged on 40 targets; the kept weights at the end on all of them.
+    assert_eq!(first.validation[0].1.all.num_targets, 40);
+    let stream_len = data.validation[0].tokens.len();
+    assert_eq!(summary.final_validation[0].1.all.num_targets, stream_len - 16);
     // The best epoch's weights form a loadable model directory with its summary.
     let loaded = LoadedModel::load_dir(&dir).unwrap();
     assert_eq!(loaded.config.vocab, data.vocab);

@@ -70,6 +70,9 @@ pub struct DataConfig {
     /// Drop training songs whose encoding equals a validation song's (the same tune in two
     /// collections), so validation stays unseen.
     pub drop_validation_duplicates: bool,
+    /// Snap MIDI melodies to the grid before filtering (performed or converted MIDI is rarely
+    /// exactly on it); ABC times are exact and left alone.
+    pub quantize_midi: bool,
 }
 
 impl Default for DataConfig {
@@ -84,14 +87,19 @@ impl Default for DataConfig {
             augment_keys: false,
             delimiter_len: 64,
             drop_validation_duplicates: true,
+            quantize_midi: true,
         }
     }
 }
 
 /// Reads a set's files and folders (folders recursively, in path order; the main melody of
-/// each MIDI file).
-pub fn read_set(set: &DataSet) -> Collection {
-    Collection::read(&set.paths, MelodyChoice::MainTrack)
+/// each MIDI file, snapped to the grid when `cfg.quantize_midi`).
+pub fn read_set(set: &DataSet, cfg: &DataConfig) -> Collection {
+    let mut collection = Collection::read(&set.paths, MelodyChoice::MainTrack);
+    if cfg.quantize_midi {
+        collection.quantize_midi(cfg.grid);
+    }
+    collection
 }
 
 /// Counts for one data set, written to `train.json`.

@@ -12,7 +12,7 @@ use super::sample::{Sampler, SamplingSettings};
 use super::{GenState, ModelError, Transposition};
 use crate::music::encode::{self, DurationFilter, EncodeConfig};
 use crate::music::key::melody_key;
-use crate::music::{Melody, Note, StepGrid, Symbol, TokenId, Vocab};
+use crate::music::{Melody, StepGrid, Symbol, TokenId, Vocab};
 
 /// Generates symbols one at a time from a model, carrying the recurrent state between steps.
 /// Owns its state, so it is `Send` and the worker may keep one per phrase.
@@ -285,37 +285,12 @@ fn fit_into_vocab(melody: &Melody, vocab: &Vocab) -> Melody {
     out
 }
 
-/// Puts a played primer on the grid and encodes it: onsets and ends go to the nearest step,
-/// every note keeps at least one step, and where notes overlap the earlier one is cut at the
-/// later onset (a later note on the same step replaces it).
+/// Puts a played primer on the grid (`encode::quantize`: onsets and ends to the nearest step,
+/// every note at least one step, overlaps cut at the next onset) and encodes it.
 fn encode_primer(primer: &Melody, grid: StepGrid) -> Result<Vec<Symbol>, ModelError> {
-    let step_beats = grid.step_beats();
-    let mut sorted = primer.notes.clone();
-    sorted.sort_by(|a, b| a.start_beats.total_cmp(&b.start_beats));
-    let mut steps: Vec<(u8, u32, u32)> = Vec::with_capacity(sorted.len());
-    for note in &sorted {
-        let start = grid.nearest_steps(note.start_beats);
-        let end = grid.nearest_steps(note.end_beats()).max(start + 1);
-        while let Some(last) = steps.last_mut() {
-            if last.1 == start {
-                steps.pop();
-            } else {
-                last.2 = last.2.min(start);
-                break;
-            }
-        }
-        steps.push((note.pitch, start, end));
-    }
-    let end_steps = grid.nearest_steps(primer.end_beats).max(steps.last().map_or(0, |s| s.2));
-    let mut quantized = Melody::from_notes(
-        steps
-            .iter()
-            .map(|&(pitch, start, end)| {
-                Note::new(pitch, start as f64 * step_beats, (end - start) as f64 * step_beats)
-            })
-            .collect(),
-    );
-    quantized.end_beats = end_steps as f64 * step_beats;
+    let mut sorted = primer.clone();
+    sorted.notes.sort_by(|a, b| a.start_beats.total_cmp(&b.start_beats));
+    let quantized = encode::quantize(&sorted, grid);
     let cfg = EncodeConfig {
         grid,
         durations: DurationFilter::OnGrid,
@@ -340,9 +315,9 @@ mod tests {
         m.end_beats = 2.0;
         let symbols = encode_primer(&m, StepGrid::SIXTEENTHS).unwrap();
         assert_eq!(symbols, parse_symbols("60 _ 62 _ 64 _ r _").unwrap());
-        // Two onsets on one step: the later note wins.
+        // Two onsets on one step: the first note stays.
         let m = melody(&[(60, 0.0, 0.1), (67, 0.05, 0.5)]);
-        assert_eq!(encode_primer(&m, StepGrid::SIXTEENTHS).unwrap(), parse_symbols("67 _").unwrap());
+        assert_eq!(encode_primer(&m, StepGrid::SIXTEENTHS).unwrap(), parse_symbols("60 r").unwrap());
     }
 
     #[test]

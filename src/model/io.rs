@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use safetensors::{Dtype, SafeTensors};
 
 use super::config::{InputKind, ModelConfig};
-use super::lstm::{GenState, MelodyLstm};
+use super::lstm::{GenState, MelodyLstm, StepWeights};
 use super::ModelError;
 use crate::music::TokenId;
 
@@ -44,6 +44,8 @@ pub struct LoadedModel {
     pub lstm: MelodyLstm,
     /// Where it was loaded from (a directory, or the built-in model), for messages.
     pub origin: String,
+    /// The weights arranged for one step of one sequence.
+    step_weights: StepWeights,
 }
 
 impl LoadedModel {
@@ -94,7 +96,13 @@ impl LoadedModel {
     ) -> Result<Self, ModelError> {
         let tensors = read_weights(weights, weights_path, &config, device)?;
         let lstm = MelodyLstm::new(&config, VarBuilder::from_tensors(tensors, DType::F32, device))?;
-        Ok(Self { config, lstm, origin: origin.to_string() })
+        Ok(Self::new(config, lstm, origin)?)
+    }
+
+    /// A model from a network already built (for tests and freshly trained weights).
+    pub fn new(config: ModelConfig, lstm: MelodyLstm, origin: &str) -> Result<Self, ModelError> {
+        let step_weights = lstm.step_weights()?;
+        Ok(Self { config, lstm, origin: origin.to_string(), step_weights })
     }
 
     /// A zero recurrent state sized for this model.
@@ -106,7 +114,7 @@ impl LoadedModel {
     /// (`[vocab]`) into `logits`. Generation goes through here only, so a faster step kernel
     /// can take over without touching its callers.
     pub fn step(&self, token: TokenId, state: &mut GenState, logits: &mut [f32]) -> Result<(), ModelError> {
-        Ok(self.lstm.step(token, state, logits)?)
+        Ok(self.lstm.step(&self.step_weights, token, state, logits)?)
     }
 }
 

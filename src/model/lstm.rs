@@ -17,15 +17,14 @@
 //! `[i f g o] = W_ih x + b_ih + W_hh h + b_hh`, `c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)`,
 //! `h' = σ(o) ⊙ tanh(c')`.
 //!
-//! Internally sequences run time-major (`[seq, batch, ...]`) so the slice of one step is
-//! contiguous. Two functions are the seams for faster kernels: `LstmLayer::recur` (the
-//! recurrence of one layer over a whole sequence, the training hot spot) and
-//! `MelodyLstm::step` (one symbol for one sequence over a plain `GenState`, the generation hot
-//! spot).
+//! Sequences run time-major (`[seq, batch, ...]`), one tensor per step. Two functions are the
+//! seams for faster kernels: `LstmLayer::recur` (the recurrence of one layer over a whole
+//! sequence, the training hot spot) and `MelodyLstm::step` (one symbol for one sequence over a
+//! plain `GenState`, with weights arranged once by `step_weights`: the generation hot spot).
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -75,37 +74,102 @@ impl LstmLayer {
         self.w_hh.dim(1).unwrap_or(0)
     }
 
-    /// Sum of the two biases. → `[4 hidden]`
-    fn bias(&self) -> Result<Tensor> {
-        &self.b_ih + &self.b_hh
-    }
-
-    /// Input projection of every step at once, biases included.
-    /// xs: `[n, input]` → `[n, 4 hidden]`
-    fn project(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.matmul(&self.w_ih.t()?)?.broadcast_add(&self.bias()?)
-    }
-
-    /// The recurrence over a whole sequence, given every step's input projection.
-    /// xs_proj: `[seq, batch, 4 hidden]` (`W_ih x + b_ih + b_hh`), h0 and c0: `[batch, hidden]`
-    /// → (ys `[seq, batch, hidden]`, h `[batch, hidden]`, c `[batch, hidden]` after the last step).
-    pub fn recur(&self, xs_proj: &Tensor, h0: &Tensor, c0: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let seq_len = xs_proj.dim(0)?;
+    /// Rows `gate * hidden .. (gate + 1) * hidden` of a `[4 hidden, ...]` tensor.
+    fn gate_rows(&self, xs: &Tensor, gate: usize) -> Result<Tensor> {
         let hidden = self.hidden_size();
-        let w_hh_t = self.w_hh.t()?;
+        xs.narrow(0, gate * hidden, hidden)
+    }
+
+    /// Per-gate tables of layer 0's input contribution for every token, biases included:
+    /// `xs` holds each token's input vector (the embedding table, or `None` for one-hot, where
+    /// the vector is a unit column and the table is `W_ihᵀ` itself).
+    /// xs: `[vocab, input]` → 4 × `[vocab, hidden]` (gates i, f, g, o)
+    fn token_tables(&self, xs: Option<&Tensor>) -> Result<Vec<Tensor>> {
+        (0..4)
+            .map(|gate| {
+                let w_t = self.gate_rows(&self.w_ih, gate)?.t()?;
+                let bias = (self.gate_rows(&self.b_ih, gate)? + self.gate_rows(&self.b_hh, gate)?)?;
+                let table = match xs {
+                    Some(xs) => xs.matmul(&w_t.contiguous()?)?,
+                    None => w_t.contiguous()?,
+                };
+                table.broadcast_add(&bias)
+            })
+            .collect()
+    }
+
+    /// The recurrence over a sequence, one step after another.
+    /// input: per step `[batch]` tokens (with tables) or `[batch, input]` vectors; h0 and c0:
+    /// `[batch, hidden]` → (per step h `[batch, hidden]`, final h, final c `[batch, hidden]`).
+    ///
+    /// Each gate has its own weight slices, cut once per call: candle's backward pass of a
+    /// per-step slice of a larger tensor would write a zero-padded copy of the whole tensor
+    /// every step.
+    pub fn recur(
+        &self,
+        input: &LayerInput,
+        h0: &Tensor,
+        c0: &Tensor,
+    ) -> Result<(Vec<Tensor>, Tensor, Tensor)> {
+        // Per gate: the recurrent weights (`[hidden, hidden]`ᵀ) and, for vector input, the
+        // input weights stacked above them (`[input + hidden, hidden]`) with the bias.
+        let mut recurrent = Vec::with_capacity(4);
+        let mut stacked = Vec::with_capacity(4);
+        for gate in 0..4 {
+            match input {
+                LayerInput::Tokens { .. } => {
+                    recurrent.push(self.gate_rows(&self.w_hh, gate)?.t()?.contiguous()?)
+                }
+                LayerInput::Vectors(_) => {
+                    let w = Tensor::cat(
+                        &[self.gate_rows(&self.w_ih, gate)?, self.gate_rows(&self.w_hh, gate)?],
+                        1,
+                    )?;
+                    let bias = (self.gate_rows(&self.b_ih, gate)? + self.gate_rows(&self.b_hh, gate)?)?;
+                    stacked.push((w.t()?.contiguous()?, bias));
+                }
+            }
+        }
+        let num_steps = input.num_steps();
         let (mut h, mut c) = (h0.clone(), c0.clone());
-        let mut ys = Vec::with_capacity(seq_len);
-        for t in 0..seq_len {
-            let gates = (xs_proj.i(t)? + h.matmul(&w_hh_t)?)?;
-            let in_gate = candle_nn::ops::sigmoid(&gates.narrow(1, 0, hidden)?)?;
-            let forget_gate = candle_nn::ops::sigmoid(&gates.narrow(1, hidden, hidden)?)?;
-            let cell_gate = gates.narrow(1, 2 * hidden, hidden)?.tanh()?;
-            let out_gate = candle_nn::ops::sigmoid(&gates.narrow(1, 3 * hidden, hidden)?)?;
+        let mut ys = Vec::with_capacity(num_steps);
+        for t in 0..num_steps {
+            let gates: Vec<Tensor> = match input {
+                LayerInput::Tokens { tables, tokens } => (0..4)
+                    .map(|g| tables[g].index_select(&tokens[t], 0)? + h.matmul(&recurrent[g])?)
+                    .collect::<Result<_>>()?,
+                LayerInput::Vectors(xs) => {
+                    let xh = Tensor::cat(&[&xs[t], &h], 1)?;
+                    stacked.iter().map(|(w, b)| xh.matmul(w)?.broadcast_add(b)).collect::<Result<_>>()?
+                }
+            };
+            let in_gate = candle_nn::ops::sigmoid(&gates[0])?;
+            let forget_gate = candle_nn::ops::sigmoid(&gates[1])?;
+            let cell_gate = gates[2].tanh()?;
+            let out_gate = candle_nn::ops::sigmoid(&gates[3])?;
             c = ((forget_gate * &c)? + (in_gate * cell_gate)?)?;
             h = (out_gate * c.tanh()?)?;
             ys.push(h.clone());
         }
-        Ok((Tensor::stack(&ys, 0)?, h, c))
+        Ok((ys, h, c))
+    }
+}
+
+/// What one layer reads at each step.
+pub enum LayerInput {
+    /// Layer 0: token ids, and per gate the table of every token's input contribution
+    /// (`LstmLayer::token_tables`). tables: 4 × `[vocab, hidden]`; tokens: per step `[batch]` u32.
+    Tokens { tables: Vec<Tensor>, tokens: Vec<Tensor> },
+    /// Layers above: the layer below's outputs, per step `[batch, input]`.
+    Vectors(Vec<Tensor>),
+}
+
+impl LayerInput {
+    fn num_steps(&self) -> usize {
+        match self {
+            LayerInput::Tokens { tokens, .. } => tokens.len(),
+            LayerInput::Vectors(xs) => xs.len(),
+        }
     }
 }
 
@@ -326,25 +390,15 @@ impl MelodyLstm {
         Ok(LstmState { h: vec![zeros.clone(); n], c: vec![zeros; n] })
     }
 
-    /// Layer 0's input projection of every token.
-    /// tokens: `[n]` u32 → `[n, 4 hidden]`
-    fn input_projection(&self, tokens: &Tensor) -> Result<Tensor> {
-        let layer0 = &self.layers[0];
-        match &self.embedding {
-            Some(table) => layer0.project(&table.index_select(tokens, 0)?),
-            // A one-hot row times W_ihᵀ is one row of W_ihᵀ.
-            None => layer0.w_ih.t()?.contiguous()?.index_select(tokens, 0)?.broadcast_add(&layer0.bias()?),
-        }
-    }
-
-    /// The top layer's outputs for a time-major batch, before dropout and the output layer.
-    /// tokens: `[seq, batch]` u32 → (ys `[seq, batch, hidden]`, state after the last step)
+    /// The top layer's output at every step of a time-major batch, before dropout and the
+    /// output layer. tokens: `[seq, batch]` u32 → (per step `[batch, hidden]`, state after the
+    /// last step)
     fn lstm_outputs(
         &self,
         tokens: &Tensor,
         state: Option<&LstmState>,
         mut dropout: Option<&mut Dropout>,
-    ) -> Result<(Tensor, LstmState)> {
+    ) -> Result<(Vec<Tensor>, LstmState)> {
         let (seq_len, batch) = tokens.dims2()?;
         let zero;
         let state = match state {
@@ -356,29 +410,22 @@ impl MelodyLstm {
         };
         let mut next =
             LstmState { h: Vec::with_capacity(self.layers.len()), c: Vec::with_capacity(self.layers.len()) };
-        let mut ys: Option<Tensor> = None;
+        let step_tokens = (0..seq_len).map(|t| tokens.get(t)).collect::<Result<Vec<_>>>()?;
+        let mut input = LayerInput::Tokens {
+            tables: self.layers[0].token_tables(self.embedding.as_ref())?,
+            tokens: step_tokens,
+        };
+        let mut ys = Vec::new();
         for (k, layer) in self.layers.iter().enumerate() {
-            let proj = match &ys {
-                None => self.input_projection(&tokens.flatten_all()?)?,
-                Some(prev) => {
-                    let prev = match dropout.as_deref_mut() {
-                        Some(d) => d.apply(prev)?,
-                        None => prev.clone(),
-                    };
-                    layer.project(&prev.reshape((seq_len * batch, self.hidden_size))?)?
-                }
-            };
-            let proj = proj.reshape((seq_len, batch, 4 * self.hidden_size))?;
-            let (out, h, c) = layer.recur(&proj, &state.h[k], &state.c[k])?;
+            let (out, h, c) = layer.recur(&input, &state.h[k], &state.c[k])?;
             next.h.push(h);
             next.c.push(c);
-            ys = Some(out);
+            ys = match dropout.as_deref_mut() {
+                Some(d) => out.iter().map(|y| d.apply(y)).collect::<Result<_>>()?,
+                None => out,
+            };
+            input = LayerInput::Vectors(ys.clone());
         }
-        let ys = ys.expect("a config has at least one layer");
-        let ys = match dropout {
-            Some(d) => d.apply(&ys)?,
-            None => ys,
-        };
         Ok((ys, next))
     }
 
@@ -402,7 +449,7 @@ impl MelodyLstm {
         dropout: Option<&mut Dropout>,
     ) -> Result<(Tensor, LstmState)> {
         let (ys, next) = self.lstm_outputs(tokens, state, dropout)?;
-        Ok((self.head(&ys)?, next))
+        Ok((self.head(&Tensor::stack(&ys, 0)?)?, next))
     }
 
     /// Logits for every position of a batch. Pass `dropout` only when training.
@@ -422,30 +469,142 @@ impl MelodyLstm {
     /// recipe's evaluation. tokens: `[batch, seq]` u32 → `[batch, vocab]`
     pub fn forward_last(&self, tokens: &Tensor) -> Result<Tensor> {
         let tokens = tokens.t()?.contiguous()?;
-        let seq_len = tokens.dim(0)?;
         let (ys, _) = self.lstm_outputs(&tokens, None, None)?;
-        self.head(&ys.i(seq_len - 1)?)
+        self.head(ys.last().expect("at least one step"))
+    }
+
+    /// The weights rearranged for `step` and `forward_last_with`: computed once per loaded
+    /// model, since the training layout (per-gate slices for a cheap backward pass) is slow
+    /// for inference. A copy, detached from training: recompute it after the weights change.
+    pub fn step_weights(&self) -> Result<StepWeights> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (k, layer) in self.layers.iter().enumerate() {
+            let bias = (&layer.b_ih + &layer.b_hh)?;
+            let input = if k == 0 {
+                // Every token's input contribution with the bias: `[vocab, 4 hidden]`.
+                let w_ih_t = layer.w_ih.t()?.contiguous()?;
+                let table = match &self.embedding {
+                    Some(table) => table.matmul(&w_ih_t)?,
+                    None => w_ih_t,
+                };
+                StepInput::Table(table.broadcast_add(&bias)?.detach())
+            } else {
+                StepInput::Weights {
+                    w_ih_t: layer.w_ih.t()?.contiguous()?.detach(),
+                    bias: bias.unsqueeze(0)?.detach(),
+                }
+            };
+            layers.push(StepLayer { input, w_hh_t: layer.w_hh.t()?.contiguous()?.detach() });
+        }
+        Ok(StepWeights {
+            layers,
+            head_w_t: self.head_w.t()?.contiguous()?.detach(),
+            head_b: self.head_b.unsqueeze(0)?.detach(),
+        })
     }
 
     /// Feeds one token to one sequence: updates `state` and writes the logits of the next
-    /// symbol into `logits`. state: per layer `[hidden]`; logits: `[vocab]`.
-    pub fn step(&self, token: TokenId, state: &mut GenState, logits: &mut [f32]) -> Result<()> {
+    /// symbol into `logits`. weights: from `step_weights`; state: per layer `[hidden]`;
+    /// logits: `[vocab]`.
+    pub fn step(
+        &self,
+        weights: &StepWeights,
+        token: TokenId,
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) -> Result<()> {
         let hidden = self.hidden_size;
-        let to_tensors = |rows: &[Vec<f32>]| -> Result<Vec<Tensor>> {
-            rows.iter().map(|row| Tensor::from_slice(row, (1, hidden), &self.device)).collect()
-        };
-        let before = LstmState { h: to_tensors(&state.h)?, c: to_tensors(&state.c)? };
-        let tokens = Tensor::from_slice(&[token.0 as u32], (1, 1), &self.device)?;
-        let (out, after) = self.forward_time_major(&tokens, Some(&before), None)?;
-        for (dst, src) in state.h.iter_mut().zip(&after.h) {
-            dst.copy_from_slice(&src.flatten_all()?.to_vec1::<f32>()?);
+        let mut x: Option<Tensor> = None;
+        for (k, layer) in weights.layers.iter().enumerate() {
+            let h = Tensor::from_slice(&state.h[k], (1, hidden), &self.device)?;
+            let c = Tensor::from_slice(&state.c[k], (1, hidden), &self.device)?;
+            let from_input = match (&layer.input, &x) {
+                (StepInput::Table(table), _) => table.narrow(0, token.0 as usize, 1)?,
+                (StepInput::Weights { w_ih_t, bias }, Some(x)) => (x.matmul(w_ih_t)? + bias)?,
+                (StepInput::Weights { .. }, None) => candle_core::bail!("layer {k} has no input"),
+            };
+            let gates = (from_input + h.matmul(&layer.w_hh_t)?)?;
+            let in_gate = candle_nn::ops::sigmoid(&gates.narrow(1, 0, hidden)?)?;
+            let forget_gate = candle_nn::ops::sigmoid(&gates.narrow(1, hidden, hidden)?)?;
+            let cell_gate = gates.narrow(1, 2 * hidden, hidden)?.tanh()?;
+            let out_gate = candle_nn::ops::sigmoid(&gates.narrow(1, 3 * hidden, hidden)?)?;
+            let c = ((forget_gate * c)? + (in_gate * cell_gate)?)?;
+            let h = (out_gate * c.tanh()?)?;
+            state.h[k].copy_from_slice(&h.flatten_all()?.to_vec1::<f32>()?);
+            state.c[k].copy_from_slice(&c.flatten_all()?.to_vec1::<f32>()?);
+            x = Some(h);
         }
-        for (dst, src) in state.c.iter_mut().zip(&after.c) {
-            dst.copy_from_slice(&src.flatten_all()?.to_vec1::<f32>()?);
-        }
+        let top = x.expect("a config has at least one layer");
+        let out = (top.matmul(&weights.head_w_t)? + &weights.head_b)?;
         logits.copy_from_slice(&out.flatten_all()?.to_vec1::<f32>()?);
         Ok(())
     }
+}
+
+impl MelodyLstm {
+    /// Logits of the symbol after each window, each window from the zero state, with weights
+    /// arranged by `step_weights` and no gradient bookkeeping: evaluation's fast path.
+    /// tokens: `[batch, seq]` u32 → `[batch, vocab]`
+    pub fn forward_last_with(&self, weights: &StepWeights, tokens: &Tensor) -> Result<Tensor> {
+        let tokens = tokens.t()?.contiguous()?;
+        let (seq_len, batch) = tokens.dims2()?;
+        let hidden = self.hidden_size;
+        let mut below: Option<Tensor> = None;
+        for layer in &weights.layers {
+            // Every step's input contribution at once: `[seq, batch, 4 hidden]`.
+            let from_input = match (&layer.input, &below) {
+                (StepInput::Table(table), _) => table.index_select(&tokens.flatten_all()?, 0)?,
+                (StepInput::Weights { w_ih_t, bias }, Some(xs)) => {
+                    xs.reshape((seq_len * batch, hidden))?.matmul(w_ih_t)?.broadcast_add(bias)?
+                }
+                (StepInput::Weights { .. }, None) => {
+                    candle_core::bail!("a layer above the first has no input")
+                }
+            }
+            .reshape((seq_len, batch, 4 * hidden))?;
+            let mut h = Tensor::zeros((batch, hidden), DType::F32, &self.device)?;
+            let mut c = h.clone();
+            let mut ys = Vec::with_capacity(seq_len);
+            for t in 0..seq_len {
+                let gates = (from_input.get(t)? + h.matmul(&layer.w_hh_t)?)?;
+                let in_gate = candle_nn::ops::sigmoid(&gates.narrow(1, 0, hidden)?)?;
+                let forget_gate = candle_nn::ops::sigmoid(&gates.narrow(1, hidden, hidden)?)?;
+                let cell_gate = gates.narrow(1, 2 * hidden, hidden)?.tanh()?;
+                let out_gate = candle_nn::ops::sigmoid(&gates.narrow(1, 3 * hidden, hidden)?)?;
+                c = ((forget_gate * &c)? + (in_gate * cell_gate)?)?;
+                h = (out_gate * c.tanh()?)?;
+                ys.push(h.clone());
+            }
+            below = Some(Tensor::stack(&ys, 0)?);
+        }
+        let top = below.expect("a config has at least one layer").get(seq_len - 1)?;
+        top.matmul(&weights.head_w_t)?.broadcast_add(&weights.head_b)
+    }
+}
+
+/// The weights of one sequence's step, arranged once per loaded model (`MelodyLstm::step_weights`).
+#[derive(Clone, Debug)]
+pub struct StepWeights {
+    layers: Vec<StepLayer>,
+    /// `[hidden, vocab]`.
+    head_w_t: Tensor,
+    /// `[1, vocab]`.
+    head_b: Tensor,
+}
+
+#[derive(Clone, Debug)]
+struct StepLayer {
+    input: StepInput,
+    /// `[hidden, 4 hidden]`.
+    w_hh_t: Tensor,
+}
+
+#[derive(Clone, Debug)]
+enum StepInput {
+    /// Layer 0: every token's input contribution, biases included, `[vocab, 4 hidden]`.
+    Table(Tensor),
+    /// Layers above: `[input, 4 hidden]` and the summed bias `[1, 4 hidden]`.
+    Weights { w_ih_t: Tensor, bias: Tensor },
 }
 
 /// Mean negative log-likelihood and accuracy helpers shared by training and evaluation.
@@ -498,14 +657,20 @@ mod tests {
             let whole = logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
             let mut state = GenState::zeros(2, 16);
             let mut step_logits = vec![0.0; cfg.vocab_len()];
+            let weights = m.step_weights().unwrap();
             for (t, &id) in ids.iter().enumerate() {
-                m.step(TokenId(id as u16), &mut state, &mut step_logits).unwrap();
+                m.step(&weights, TokenId(id as u16), &mut state, &mut step_logits).unwrap();
                 for (a, b) in step_logits.iter().zip(&whole[t]) {
                     assert!((a - b).abs() < 1e-5, "step {t}: {a} vs {b}");
                 }
             }
             let last = m.forward_last(&tokens).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(last, whole[ids.len() - 1]);
+            let fast =
+                m.forward_last_with(&weights, &tokens).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+            for (a, b) in fast.iter().zip(&last) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
         }
     }
 

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 pub use super::data::{build_dataset, read_set, DataConfig, DataSet, Dataset, SetCounts, Split};
-use super::io::{read_weights, save_model, save_weights, TRAIN_FILE};
+use super::io::{read_weights, save_model, save_weights, TRAIN_FILE, WEIGHTS_FILE};
 use super::lstm::{nll_and_argmax, Dropout, MelodyLstm};
 use super::{InputKind, ModelConfig, ModelError};
 use crate::music::{Symbol, Vocab};
@@ -77,7 +77,7 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { context_len: 64, batch_size: 256, max_targets: None, select_on: None }
+        Self { context_len: 64, batch_size: 512, max_targets: None, select_on: None }
     }
 }
 
@@ -234,8 +234,12 @@ pub struct TrainSummary {
     pub epochs: Vec<EpochRecord>,
     /// The epoch whose weights are in `model.safetensors`.
     pub best_epoch: Option<usize>,
-    /// That epoch's validation.
+    /// That epoch's validation (on `eval.max_targets` targets when set).
     pub best_validation: Vec<(String, EvalMetrics)>,
+    /// The best epoch's weights on every target of every validation stream, when epochs were
+    /// validated on a subset (`eval.max_targets`); otherwise the same as `best_validation`.
+    #[serde(default)]
+    pub final_validation: Vec<(String, EvalMetrics)>,
     /// Why training stopped (empty while it runs).
     pub stop_reason: String,
     /// Seconds of the whole run, resumed parts included.
@@ -421,6 +425,7 @@ pub fn train(
             epochs: Vec::new(),
             best_epoch: None,
             best_validation: Vec::new(),
+            final_validation: Vec::new(),
             stop_reason: String::new(),
             wall_s: 0.0,
             train_wall_s: 0.0,
@@ -567,8 +572,31 @@ pub fn train(
     }
     if summary.stop_reason.is_empty() {
         summary.stop_reason = format!("ran all {} epochs", cfg.epochs);
-        write_json(&out_dir.join(TRAIN_FILE), &summary)?;
     }
+    summary.final_validation = if cfg.eval.max_targets.is_some() && summary.best_epoch.is_some() {
+        // Epochs were judged on a subset; the kept weights are judged on everything.
+        let weights_path = out_dir.join(WEIGHTS_FILE);
+        let bytes = std::fs::read(&weights_path).map_err(io_err(&weights_path))?;
+        let tensors = read_weights(&bytes, &weights_path.display().to_string(), &model_cfg, device)?;
+        let best = MelodyLstm::new(&model_cfg, VarBuilder::from_tensors(tensors, DType::F32, device))?;
+        let full = EvalConfig { max_targets: None, ..cfg.eval.clone() };
+        let mut validation = Vec::new();
+        for stream in &data.validation {
+            observer.on_eval_start(
+                summary.best_epoch.unwrap_or(0),
+                eval_targets(stream.tokens.len(), &full).len(),
+            );
+            let metrics = evaluate(&best, &stream.tokens, &data.vocab, &full, &mut |done| {
+                observer.on_eval_progress(done)
+            })?;
+            validation.push((stream.name.clone(), metrics));
+        }
+        validation
+    } else {
+        summary.best_validation.clone()
+    };
+    summary.wall_s = wall_before + started.elapsed().as_secs_f64();
+    write_json(&out_dir.join(TRAIN_FILE), &summary)?;
     Ok(summary)
 }
 
@@ -672,6 +700,7 @@ pub fn evaluate(
     let hold = vocab.id(Symbol::Hold).map(|t| t.0 as u32);
     let (mut all, mut song, mut non_hold) = (ScoreSum::default(), ScoreSum::default(), ScoreSum::default());
     let device = lstm.device();
+    let weights = lstm.step_weights()?;
     let mut done = 0;
     for chunk in targets.chunks(eval.batch_size.max(1)) {
         let mut windows = Vec::with_capacity(chunk.len() * eval.context_len);
@@ -681,7 +710,7 @@ pub fn evaluate(
         let inputs = Tensor::from_vec(windows, (chunk.len(), eval.context_len), device)?;
         let wanted: Vec<u32> = chunk.iter().map(|&i| tokens[i]).collect();
         let wanted_t = Tensor::from_slice(&wanted, chunk.len(), device)?;
-        let logits = lstm.forward_last(&inputs)?.detach();
+        let logits = lstm.forward_last_with(&weights, &inputs)?.detach();
         let (nll, argmax) = nll_and_argmax(&logits, &wanted_t)?;
         let nll = nll.to_vec1::<f32>()?;
         let argmax = argmax.to_vec1::<u32>()?;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::abc::{self, AbcError};
-use super::encode::{self, EncodeConfig, Reject, Symbol};
+use super::encode::{self, EncodeConfig, Reject, StepGrid, Symbol};
 use super::midi::{self, MelodyChoice, MidiError};
 use super::note::Melody;
 
@@ -69,7 +69,23 @@ impl Collection {
         collection
     }
 
+    /// Snaps the melodies read from MIDI files to `grid` (see `encode::quantize`). MIDI times
+    /// come from a performance or a writer's habits (abc2midi starts each note a tick late);
+    /// ABC times are exact, so an ABC tune off the grid stays off it and is dropped as such.
+    pub fn quantize_midi(&mut self, grid: StepGrid) {
+        for melody in &mut self.melodies {
+            if SongFormat::of(Path::new(&melody.source.path)) == Some(SongFormat::Midi) {
+                *melody = encode::quantize(melody, grid);
+            }
+        }
+    }
+
     fn read_path(&mut self, path: &Path, choice: MelodyChoice) {
+        if !path.exists() {
+            let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder");
+            self.errors.push(ReadError::Io { path: path.display().to_string(), source });
+            return;
+        }
         if path.is_dir() {
             let entries = match std::fs::read_dir(path) {
                 Ok(entries) => entries,
@@ -118,6 +134,46 @@ pub fn read_file(
             let melodies = midi::parse_midi(&bytes, &path.display().to_string(), choice)?;
             Ok((melodies, Vec::new()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+    }
+
+    #[test]
+    fn reads_a_folder_of_both_formats_and_snaps_only_midi() {
+        let mut collection = Collection::read(&[data_dir()], MelodyChoice::MainTrack);
+        assert!(collection.num_files >= 5, "{} files", collection.num_files);
+        let is_midi = |m: &Melody| SongFormat::of(Path::new(&m.source.path)) == Some(SongFormat::Midi);
+        assert!(collection.melodies.iter().any(is_midi));
+        assert!(collection.melodies.iter().any(|m| !is_midi(m)));
+        let before: Vec<Melody> = collection.melodies.clone();
+        collection.quantize_midi(StepGrid::SIXTEENTHS);
+        let cfg = EncodeConfig::default();
+        // The abc2midi file encodes on sixteenths only once snapped.
+        let erk_idx = before.iter().position(|m| m.source.path.ends_with("erk10-0226.mid")).unwrap();
+        assert_eq!(encode::encode(&before[erk_idx], &cfg).unwrap_err().reason(), "off_grid");
+        assert!(encode::encode(&collection.melodies[erk_idx], &cfg).is_ok());
+        // ABC tunes are left exactly as read.
+        for (a, b) in before.iter().zip(&collection.melodies).filter(|(a, _)| !is_midi(a)) {
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn a_missing_path_is_an_error_and_the_rest_is_read() {
+        let missing = data_dir().join("no-such-folder");
+        let collection = Collection::read(&[missing, data_dir().join("abc")], MelodyChoice::MainTrack);
+        assert_eq!(collection.errors.len(), 1);
+        let message = collection.errors[0].to_string();
+        assert!(message.contains("no-such-folder") && message.contains("no such file"), "{message}");
+        assert_eq!(collection.num_files, 3);
+        assert!(collection.melodies.len() >= 8);
     }
 }
 

@@ -292,6 +292,32 @@ pub fn encode(melody: &Melody, cfg: &EncodeConfig) -> Result<Vec<Symbol>, Reject
     Ok(symbols)
 }
 
+/// Snaps every onset and end of `melody` to the nearest step of `grid` (halves round up), for
+/// sources whose times are near the grid but not on it: performed MIDI, or writers that delay
+/// onsets or shorten notes by a few ticks. A note that would shrink to nothing keeps one step;
+/// a note that would overlap the next one after snapping is cut at the next onset, and dropped
+/// if nothing is left.
+pub fn quantize(melody: &Melody, grid: StepGrid) -> Melody {
+    let step_beats = grid.step_beats();
+    let snap = |beats: f64| grid.nearest_steps(beats) as f64 * step_beats;
+    let mut notes: Vec<Note> = Vec::with_capacity(melody.notes.len());
+    for note in &melody.notes {
+        let start_beats = snap(note.start_beats);
+        let end_beats = snap(note.end_beats()).max(start_beats + step_beats);
+        if let Some(previous) = notes.last_mut() {
+            if previous.start_beats >= start_beats {
+                continue;
+            }
+            if previous.end_beats() > start_beats {
+                previous.len_beats = start_beats - previous.start_beats;
+            }
+        }
+        notes.push(Note { start_beats, len_beats: end_beats - start_beats, ..*note });
+    }
+    let end_beats = snap(melody.end_beats).max(notes.last().map_or(0.0, Note::end_beats));
+    Melody { notes, end_beats, pickup_beats: snap(melody.pickup_beats), ..melody.clone() }
+}
+
 /// Turns symbols back into a melody on `grid`. A `Hold` extends whatever sounds; a `Hold` with
 /// nothing before it extends a rest. Delimiters end the current note and are otherwise skipped.
 pub fn decode(symbols: &[Symbol], grid: StepGrid) -> Melody {
@@ -426,6 +452,20 @@ mod tests {
         // In 2/4 a half note from beat 1.5 crosses the bar at beat 2: still one onset.
         let m = melody(&[(67, 0.0, 1.5), (69, 1.5, 2.0)]);
         assert_eq!(encode(&m, &EncodeConfig::default()).unwrap(), syms("67 _ _ _ _ _ 69 _ _ _ _ _ _ _"));
+    }
+
+    #[test]
+    fn quantize_snaps_to_the_nearest_step() {
+        let tick = 1.0 / 480.0;
+        // Onsets a tick late and ends a few ticks early, as some writers do.
+        let m = melody(&[(60, tick, 0.5 - 4.0 * tick), (62, 0.5 + tick, 0.25), (64, 0.76, 0.01)]);
+        let q = quantize(&m, StepGrid::SIXTEENTHS);
+        assert_eq!(q.notes, melody(&[(60, 0.0, 0.5), (62, 0.5, 0.25), (64, 0.75, 0.25)]).notes);
+        // Two onsets that snap to one step keep the first note.
+        let crowded = melody(&[(60, 0.0, 0.05), (62, 0.05, 0.5)]);
+        let q = quantize(&crowded, StepGrid::SIXTEENTHS);
+        assert_eq!(q.notes.len(), 1);
+        assert_eq!(q.notes[0].pitch, 60);
     }
 
     #[test]

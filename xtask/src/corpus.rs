@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use antiphon::music::corpus::{encode_all, Collection, ReadError};
-use antiphon::music::encode::{encode, symbols_to_string, DurationFilter, EncodeConfig};
+use antiphon::music::encode::{encode, quantize, symbols_to_string, DurationFilter, EncodeConfig};
 use antiphon::music::key::{shift_to_convention, KeySource};
 use antiphon::music::midi::{parse_midi, MelodyChoice};
 use antiphon::music::{abc, Melody, StepGrid, Symbol, Vocab};
@@ -119,15 +119,8 @@ pub fn check(args: CheckArgs) -> Result<()> {
             let number = tune.source.number.unwrap_or(0);
             let midi_path = midi_dir.join(format!("{name}-{number:04}.mid"));
             let label = format!("{name}.abc X:{number}");
-            let verdict = match compare_tune(tune, &midi_path, &cfg) {
-                Ok((verdict, detail)) => {
-                    let entry = verdicts.entry(verdict).or_default();
-                    entry.push(format!("{label}{detail}"));
-                    continue;
-                }
-                Err(verdict) => verdict,
-            };
-            verdicts.entry(verdict).or_default().push(label);
+            let (verdict, detail) = compare_tune(tune, &midi_path, &cfg);
+            verdicts.entry(verdict).or_default().push(format!("{label}{detail}"));
         }
     }
     let num_midi_files = std::fs::read_dir(&midi_dir)
@@ -158,14 +151,27 @@ pub fn check(args: CheckArgs) -> Result<()> {
     Ok(())
 }
 
-/// Compares one tune with its MIDI file; `Err` for a tune that could not be compared.
-fn compare_tune(tune: &Melody, midi_path: &Path, cfg: &EncodeConfig) -> Result<(Verdict, String), Verdict> {
-    let bytes = std::fs::read(midi_path).map_err(|_| Verdict::MidiMissing)?;
+/// Compares one tune with its MIDI file: the verdict and, for a disagreement, what differs.
+fn compare_tune(tune: &Melody, midi_path: &Path, cfg: &EncodeConfig) -> (Verdict, String) {
+    match try_compare_tune(tune, midi_path, cfg) {
+        Ok(result) => result,
+        Err(result) => result,
+    }
+}
+
+fn try_compare_tune(
+    tune: &Melody,
+    midi_path: &Path,
+    cfg: &EncodeConfig,
+) -> Result<(Verdict, String), (Verdict, String)> {
+    let bytes = std::fs::read(midi_path).map_err(|e| (Verdict::MidiMissing, format!(": {e}")))?;
     let melodies = parse_midi(&bytes, &midi_path.display().to_string(), MelodyChoice::MainTrack)
-        .map_err(|_| Verdict::MidiUnreadable)?;
-    let midi_melody = melodies.first().ok_or(Verdict::MidiUnreadable)?;
-    let abc_symbols = encode(tune, cfg).map_err(|_| Verdict::OffGrid)?;
-    let midi_symbols = encode(midi_melody, cfg).map_err(|_| Verdict::OffGrid)?;
+        .map_err(|e| (Verdict::MidiUnreadable, format!(": {e}")))?;
+    let midi_melody = melodies.first().ok_or((Verdict::MidiUnreadable, ": no melody".to_string()))?;
+    let abc_symbols = encode(tune, cfg).map_err(|e| (Verdict::OffGrid, format!(": ABC side: {e}")))?;
+    // abc2midi starts every note a tick late; snap its times to the grid before comparing.
+    let midi_symbols = encode(&quantize(midi_melody, cfg.grid), cfg)
+        .map_err(|e| (Verdict::OffGrid, format!(": MIDI side: {e}")))?;
     let verdict = compare(&abc_symbols, &midi_symbols);
     let detail = match verdict {
         Verdict::Identical | Verdict::IdenticalButTrailingRest => String::new(),
@@ -212,9 +218,11 @@ pub fn stats(args: StatsArgs) -> Result<()> {
     for path in &args.data {
         anyhow::ensure!(path.exists(), "{}: no such file or folder", path.display());
     }
-    let collection = Collection::read(&args.data, choice);
+    let mut collection = Collection::read(&args.data, choice);
+    let grid = StepGrid { steps_per_quarter: args.steps_per_quarter };
+    collection.quantize_midi(grid);
     let cfg = EncodeConfig {
-        grid: StepGrid { steps_per_quarter: args.steps_per_quarter },
+        grid,
         durations: if args.recipe_durations { DurationFilter::recipe() } else { DurationFilter::OnGrid },
         ..EncodeConfig::default()
     };

@@ -145,7 +145,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let device = select_device(&args.device)?;
     let mut sets = Vec::new();
     for set in &cfg.sets {
-        let collection = read_set(set);
+        let collection = read_set(set, &cfg.data);
         println!(
             "{}: {} files, {} melodies, {} unreadable",
             set.name,
@@ -189,8 +189,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     observer.finish();
     println!("stopped: {}", summary.stop_reason);
     if let Some(best) = summary.best_epoch {
-        println!("best epoch {best}:");
-        for (name, m) in &summary.best_validation {
+        println!("best epoch {best}, on every validation symbol:");
+        for (name, m) in &summary.final_validation {
             println!(
                 "  {name}: loss {:.4} acc {:.4} | songs only: loss {:.4} acc {:.4} | non-hold: loss {:.4} acc {:.4}",
                 m.all.loss, m.all.accuracy, m.song.loss, m.song.accuracy, m.non_hold.loss, m.non_hold.accuracy
