@@ -1,6 +1,6 @@
 //! The evaluation end to end: likelihood checked step by step against the model, the held-out
 //! songs equal to those training validated on, and a whole run on a tiny trained model whose
-//! copy runs are known by construction.
+//! copy runs are known by construction, and a run on tunes from `tests/data/`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,14 +8,16 @@ use std::sync::Arc;
 use antiphon::eval::likelihood::{streaming_likelihood, windowed_likelihood};
 use antiphon::eval::select::{data_config_for, split_melodies};
 use antiphon::eval::{
-    cut_song, format_table, run_eval, select_songs, to_json, EvalReport, EvalSettings, Feature, Quiet,
-    SplitSide, TrainingSongs,
+    cut_song, file_stem_of, format_table, read_training_data_config, run_eval, select_songs, short_source,
+    to_json, EvalReport, EvalSettings, Feature, Quiet, SplitSide, TrainingSongs,
 };
-use antiphon::model::data::DataConfig;
+use antiphon::model::data::{read_set, DataConfig, DataSet, Split};
+use antiphon::model::io::TRAIN_FILE;
 use antiphon::model::train::{build_dataset, model_config, train, EvalConfig, ModelShape, TrainConfig};
 use antiphon::model::{InputKind, LoadedModel, MelodyLstm, ModelConfig};
 use antiphon::music::corpus::Collection;
 use antiphon::music::encode::{join_songs, parse_symbols, DurationFilter};
+use antiphon::music::midi::{parse_midi, write_midi, MelodyChoice};
 use antiphon::music::{Key, Melody, Meter, Mode, Note, Source, Symbol, TokenId, Vocab};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
@@ -35,7 +37,7 @@ fn random_model(delimiter_len: usize) -> LoadedModel {
     cfg.delimiter_len = delimiter_len;
     let tensors = MelodyLstm::initial_tensors(&cfg, 7, &Device::Cpu).unwrap();
     let lstm = MelodyLstm::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
-    LoadedModel { config: cfg, lstm, origin: "random".to_string() }
+    LoadedModel::new(cfg, lstm, "random").unwrap()
 }
 
 /// Negative log-likelihood of `target` and whether it is the arg-max, after feeding `context`
@@ -290,4 +292,57 @@ fn songs_too_short_to_continue_still_get_likelihood() {
     assert!(output.report.continuations.is_none());
     assert_eq!(output.report.streaming.song.num_targets, 16);
     assert!(format_table(&output.report).contains("no continuations"));
+}
+
+#[test]
+fn the_eval_runs_on_tunes_from_the_test_data() {
+    let set = DataSet {
+        name: "fixtures".to_string(),
+        paths: vec![
+            PathBuf::from("tests/data/abc/erk5-first-tunes.abc"),
+            PathBuf::from("tests/data/midi/erk10-0226.mid"),
+        ],
+    };
+    let mut cfg = tiny_train_config();
+    cfg.data.split = Split::EveryNth { n: 3 };
+    cfg.data.durations = DurationFilter::OnGrid;
+    cfg.epochs = 2;
+    let read = || read_set(&set, &cfg.data);
+    assert!(read().errors.is_empty(), "{:?}", read().errors);
+    assert_eq!(read().melodies.len(), 7);
+    let data = build_dataset(vec![("fixtures".into(), read())], &cfg.data).unwrap();
+    let dir = scratch_dir("fixtures-model");
+    train(&cfg, &data, &dir, &Device::Cpu, false, &mut antiphon::model::train::Quiet).unwrap();
+    let model = Arc::new(LoadedModel::load_dir(&dir).unwrap());
+    // The model directory's train.json gives the same filters and split back.
+    let from_disk = read_training_data_config(&dir.join(TRAIN_FILE)).unwrap().unwrap();
+    assert_eq!(from_disk, cfg.data);
+
+    // Every third of the seven tunes is held out: X:1 and X:4 of the ABC file, and the MIDI
+    // file (snapped to the grid as training snaps it).
+    let selection =
+        select_songs(vec![("fixtures".into(), read())], &from_disk, SplitSide::Validation, &model.config);
+    let sources: Vec<String> = selection.songs.iter().map(|s| short_source(&s.melody.source)).collect();
+    assert_eq!(sources, ["erk5-first-tunes.abc X:1", "erk5-first-tunes.abc X:4", "erk10-0226.mid #0"]);
+    let (train_songs, _) = split_melodies("fixtures", read(), &from_disk, SplitSide::Training);
+    let training = TrainingSongs::new(&train_songs, &[]);
+    assert_eq!(training.len(), 4);
+    let settings = EvalSettings { max_window_targets: Some(200), ..Default::default() };
+    let output = run_eval(&model, &selection, Some(&training), &settings, &mut Quiet).unwrap();
+    let report = &output.report;
+    assert_eq!(report.windowed.all.num_targets, 200);
+    assert_eq!(report.streaming.song.num_targets, report.num_song_symbols);
+    assert!(report.streaming.song.loss.is_finite() && report.streaming.song.loss > 0.0);
+    let c = report.continuations.as_ref().unwrap();
+    // Only X:1 (22 bars of 2/4) has 8 bars; X:4 has a half-note pickup and seven bars of 4/2,
+    // the MIDI tune 14 beats.
+    assert!(c.num_songs == 1 && c.real_copying.is_some() && c.generated[0].copying.is_some());
+
+    // A continuation written as MIDI reads back with the primer's notes and the new ones.
+    let continued = &output.continued[0];
+    let joined = continued.joined(0);
+    let bytes = write_midi(&joined, 100.0);
+    let back = parse_midi(&bytes, "continuation.mid", MelodyChoice::MainTrack).unwrap();
+    assert_eq!(back[0].notes.len(), joined.notes.len());
+    assert_eq!(file_stem_of(&selection.songs[continued.song_idx].melody.source), "erk5-first-tunes-X1");
 }

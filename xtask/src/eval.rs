@@ -158,7 +158,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let mut sets = Vec::new();
     for (i, spec) in args.data.iter().enumerate() {
         let set = parse_set(spec, i);
-        sets.push((set.name.clone(), read_set(&set)));
+        sets.push((set.name.clone(), read_set(&set, &data)));
     }
     let mut selection = select_songs(sets, &data, side, &model.config);
     if let Some(max) = args.max_songs.filter(|&max| max < selection.songs.len()) {
@@ -189,7 +189,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let mut melodies: Vec<Melody> = Vec::new();
         for (i, spec) in args.train_data.iter().enumerate() {
             let set = parse_set(spec, i);
-            let (chosen, c) = split_melodies(&set.name, read_set(&set), &data, train_side);
+            let (chosen, c) = split_melodies(&set.name, read_set(&set, &data), &data, train_side);
             println!("training songs {}: {} of {} melodies", set.name, chosen.len(), c.num_melodies);
             melodies.extend(chosen);
         }
