@@ -250,9 +250,15 @@ pub fn format_table(report: &EvalReport) -> String {
     };
     let _ = writeln!(
         out,
-        "\nContinuations: {} songs, {} bars of primer, {} bars generated. Cells: mean±sd, then overlap/KL \
-         of distances (MGEval; overlap 1 and KL 0 is a perfect match)",
+        "\nContinuations: {} songs; the first {} bars are the primer, the next {} are generated and \
+         compared with the song's own.",
         c.num_songs, report.settings.primer_bars, report.settings.continuation_bars
+    );
+    let _ = writeln!(
+        out,
+        "Cells: mean±sd over songs, and overlap/KL of the MGEval distance distributions (1/0 is a \
+         perfect match); \"real halves\" is one half of the real continuations against the other, \
+         the best to expect."
     );
     let mut header = format!("{:<14} {:>13} {:>13}", "feature", "real", "real halves");
     for t in &c.generated {
