@@ -8,7 +8,7 @@ use std::sync::Arc;
 use antiphon::eval::likelihood::{streaming_likelihood, windowed_likelihood};
 use antiphon::eval::select::{data_config_for, split_melodies};
 use antiphon::eval::{
-    cut_song, file_stem_of, format_table, read_training_data_config, run_eval, select_songs, short_source,
+    cut_song, file_stem_of, format_table, read_training_record, run_eval, select_songs, short_source,
     to_json, EvalReport, EvalSettings, Feature, Quiet, SplitSide, TrainingSongs,
 };
 use antiphon::model::data::{read_set, DataConfig, DataSet, Split};
@@ -307,6 +307,7 @@ fn the_eval_runs_on_tunes_from_the_test_data() {
     cfg.data.split = Split::EveryNth { n: 3 };
     cfg.data.durations = DurationFilter::OnGrid;
     cfg.epochs = 2;
+    cfg.sets = vec![set.clone()];
     let read = || read_set(&set, &cfg.data);
     assert!(read().errors.is_empty(), "{:?}", read().errors);
     assert_eq!(read().melodies.len(), 7);
@@ -314,9 +315,11 @@ fn the_eval_runs_on_tunes_from_the_test_data() {
     let dir = scratch_dir("fixtures-model");
     train(&cfg, &data, &dir, &Device::Cpu, false, &mut antiphon::model::train::Quiet).unwrap();
     let model = Arc::new(LoadedModel::load_dir(&dir).unwrap());
-    // The model directory's train.json gives the same filters and split back.
-    let from_disk = read_training_data_config(&dir.join(TRAIN_FILE)).unwrap().unwrap();
-    assert_eq!(from_disk, cfg.data);
+    // The model directory's train.json gives the same filters, split and sets back.
+    let record = read_training_record(&dir.join(TRAIN_FILE)).unwrap().unwrap();
+    assert_eq!(record.data, cfg.data);
+    assert_eq!(record.sets, vec![set.clone()]);
+    let from_disk = record.data;
 
     // Every third of the seven tunes is held out: X:1 and X:4 of the ABC file, and the MIDI
     // file (snapped to the grid as training snaps it).

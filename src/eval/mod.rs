@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 pub use copying::{CopyIndex, CopyRun};
 pub use features::{cut_song, Feature, Features, SongCut};
 pub use report::{format_table, to_json, EvalReport};
-pub use select::{read_training_data_config, select_songs, EvalSong, Selection, SetCounts, SplitSide};
+pub use select::{
+    read_training_record, select_songs, EvalSong, Selection, SetCounts, SplitSide, TrainingRecord,
+};
 
 use crate::model::train::EvalConfig;
 use crate::model::{continue_melody, LoadedModel, ModelError, SamplingSettings, Transposition};

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::data::{keep_song, DataConfig, Split};
+use crate::model::data::{keep_song, DataConfig, DataSet, Split};
 use crate::model::generate::model_shift;
 use crate::model::{ModelConfig, ModelError};
 use crate::music::corpus::Collection;
@@ -76,10 +76,20 @@ pub fn data_config_for(model: &ModelConfig) -> DataConfig {
     }
 }
 
-/// The data settings of the run that trained a model, from its `train.json` (`config.data`),
-/// or `None` when there is no such file. Only that part of the summary is read, so summaries
-/// of other versions load as long as it parses.
-pub fn read_training_data_config(train_json: &Path) -> Result<Option<DataConfig>, ModelError> {
+/// What a model's `train.json` says about its data: the filters and split, and the named sets
+/// of files it was trained on (paths as given to the training run).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingRecord {
+    /// `config.data` of the summary.
+    pub data: DataConfig,
+    /// `config.sets` of the summary.
+    pub sets: Vec<DataSet>,
+}
+
+/// Reads the data part of a training summary (`train.json`), or `None` when there is no such
+/// file. Only `config.data` and `config.sets` are read, so summaries of other versions load as
+/// long as those parse.
+pub fn read_training_record(train_json: &Path) -> Result<Option<TrainingRecord>, ModelError> {
     let path = train_json.display().to_string();
     let bytes = match std::fs::read(train_json) {
         Ok(bytes) => bytes,
@@ -88,12 +98,15 @@ pub fn read_training_data_config(train_json: &Path) -> Result<Option<DataConfig>
     };
     let summary: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|source| ModelError::ConfigParse { path: path.clone(), source })?;
-    match summary.get("config").and_then(|c| c.get("data")) {
-        Some(data) => serde_json::from_value(data.clone())
-            .map(Some)
-            .map_err(|source| ModelError::ConfigParse { path, source }),
-        None => Ok(None),
-    }
+    let field = |name: &str| summary.get("config").and_then(|c| c.get(name)).cloned();
+    let parse_error = |source| ModelError::ConfigParse { path: path.clone(), source };
+    let Some(data) = field("data") else {
+        return Ok(None);
+    };
+    Ok(Some(TrainingRecord {
+        data: serde_json::from_value(data).map_err(parse_error)?,
+        sets: field("sets").map(serde_json::from_value).transpose().map_err(parse_error)?.unwrap_or_default(),
+    }))
 }
 
 /// The melodies of `read` on `side` of `data`'s split, in order, and the set's counts so far.

@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use antiphon::eval::select::{data_config_for, split_melodies};
 use antiphon::eval::{
-    file_stem_of, format_table, read_training_data_config, run_eval, select_songs, to_json, EvalObserver,
+    file_stem_of, format_table, read_training_record, run_eval, select_songs, to_json, EvalObserver,
     EvalSettings, SplitSide, Stage, TrainingSongs,
 };
-use antiphon::model::data::{read_set, Split};
+use antiphon::model::data::{read_set, DataSet, Split};
 use antiphon::model::io::TRAIN_FILE;
 use antiphon::model::LoadedModel;
 use antiphon::music::encode::DurationFilter;
@@ -34,17 +34,19 @@ const BUILTIN_TRAIN_JSON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../preset
 /// notes each continuation copies from a training song. Songs go through the filters and key
 /// convention of the model's training (from its train.json, else any length on the grid).
 ///
-/// Example, the held-out tenth of the benchmark split:
+/// Example, the held-out tenth of the benchmark split, for a model trained on the Erk tunes
+/// (its train.json names the files), with copies looked for in its training songs:
 ///
-///   cargo xtask eval --data erk=../shared/corpus/essen/erk5.abc,../shared/corpus/essen/erk10.abc,../shared/corpus/essen/erk20.abc,../shared/corpus/essen/erk30.abc --split validation --train-data erk=../shared/corpus/essen/erk5.abc,../shared/corpus/essen/erk10.abc,../shared/corpus/essen/erk20.abc,../shared/corpus/essen/erk30.abc --train-split training --json eval.json
+///   cargo xtask eval --model my-model --split validation --train-data erk=../shared/corpus/essen/erk5.abc,../shared/corpus/essen/erk10.abc,../shared/corpus/essen/erk20.abc,../shared/corpus/essen/erk30.abc --train-split training --json eval.json
 #[derive(clap::Args)]
 pub struct EvalArgs {
     /// Model directory (default: the model built into the plugin).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Songs to evaluate as `[NAME=]PATH[,PATH...]` (files and folders of .abc and .mid);
-    /// repeat for several sets. Each set is split on its own, as in training.
-    #[arg(long = "data", value_name = "[NAME=]PATHS", required = true)]
+    /// repeat for several sets. Each set is split on its own, as in training. Default: the sets
+    /// the model was trained on (from its train.json), which suits --split validation.
+    #[arg(long = "data", value_name = "[NAME=]PATHS")]
     data: Vec<String>,
     /// Which songs of each set: `all`, or the `validation` or `training` side of the model's
     /// split (the same songs its training run held out or trained on).
@@ -108,6 +110,18 @@ pub struct EvalArgs {
     tempo: f64,
 }
 
+/// `name (path, path)` for each set.
+fn set_names(sets: &[DataSet]) -> String {
+    let names: Vec<String> = sets
+        .iter()
+        .map(|s| {
+            let paths: Vec<String> = s.paths.iter().map(|p| p.display().to_string()).collect();
+            format!("{} ({})", s.name, paths.join(", "))
+        })
+        .collect();
+    names.join("; ")
+}
+
 fn parse_side(text: &str, flag: &str) -> Result<SplitSide> {
     Ok(match text {
         "all" => SplitSide::All,
@@ -135,10 +149,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Some(dir) => dir.join(TRAIN_FILE),
         None => PathBuf::from(BUILTIN_TRAIN_JSON),
     };
-    let mut data = match read_training_data_config(&train_json)? {
-        Some(data) => {
+    let record = read_training_record(&train_json)?;
+    let mut data = match &record {
+        Some(record) => {
             println!("filters and split from {}", train_json.display());
-            data
+            record.data.clone()
         }
         None => {
             println!("no {}: any length on the grid, split every 10th song", train_json.display());
@@ -155,10 +170,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
         Some(other) => bail!("--durations {other}: expected recipe or grid"),
     }
 
+    let data_sets: Vec<DataSet> = if args.data.is_empty() {
+        let trained_on = record.map(|r| r.sets).unwrap_or_default();
+        if trained_on.is_empty() {
+            bail!("no songs: give --data PATH (the model's train.json names no data sets)");
+        }
+        println!("the sets the model was trained on: {}", set_names(&trained_on));
+        trained_on
+    } else {
+        args.data.iter().enumerate().map(|(i, spec)| parse_set(spec, i)).collect()
+    };
     let mut sets = Vec::new();
-    for (i, spec) in args.data.iter().enumerate() {
-        let set = parse_set(spec, i);
-        sets.push((set.name.clone(), read_set(&set, &data)));
+    for set in &data_sets {
+        sets.push((set.name.clone(), read_set(set, &data)));
     }
     let mut selection = select_songs(sets, &data, side, &model.config);
     if let Some(max) = args.max_songs.filter(|&max| max < selection.songs.len()) {

@@ -35,7 +35,7 @@ enum Command {
     Train(train::TrainArgs),
     /// Continue a primer melody with a model and write MIDI.
     Generate(generate::GenerateArgs),
-    /// Score a model on folders of songs: likelihood, continuations, copying.
+    // The help text is `EvalArgs`'s doc comment, long form included.
     Eval(eval::EvalArgs),
 }
 
