@@ -413,9 +413,18 @@ fn a_phrase_continuation_hands_back_the_players_key() {
         if let Symbol::Pitch(p) = symbol {
             assert!(Key::from_tonic(7, Mode::Major).contains(p), "{p}");
         }
+        // Finished notes never change, and with the open one they are the whole melody so far.
+        let mut so_far = phrase.finished_notes().to_vec();
+        so_far.extend(phrase.open_note().copied());
+        assert_eq!(so_far, phrase.melody().notes);
+        if let Some(open) = phrase.open_note() {
+            assert_eq!(open.end_beats(), phrase.symbols().len() as f64 * 0.25);
+        }
     }
     assert_eq!(phrase.symbols().len(), 48);
     assert_eq!(phrase.melody().end_beats, 12.0);
+    assert_eq!(phrase.finished_notes(), phrase.melody().notes.as_slice());
+    assert!(phrase.open_note().is_none());
 }
 
 #[test]

@@ -12,7 +12,7 @@ use super::sample::{Sampler, SamplingSettings};
 use super::{GenState, ModelError, Transposition};
 use crate::music::encode::{self, DurationFilter, EncodeConfig};
 use crate::music::key::melody_key;
-use crate::music::{Melody, StepGrid, Symbol, TokenId, Vocab};
+use crate::music::{Melody, Note, StepGrid, Symbol, TokenId, Vocab};
 
 /// Generates symbols one at a time from a model, carrying the recurrent state between steps.
 /// Owns its state, so it is `Send` and the worker may keep one per phrase.
@@ -134,6 +134,10 @@ pub struct PhraseContinuation {
     /// Where the continuation starts, in beats of the primer's time.
     start_beats: f64,
     symbols: Vec<Symbol>,
+    /// The notes decoded so far, in the player's key, times from the continuation's start.
+    notes: Vec<Note>,
+    /// True while the last note may still grow (no onset, rest or delimiter after it yet).
+    is_last_note_open: bool,
 }
 
 impl PhraseContinuation {
@@ -155,7 +159,14 @@ impl PhraseContinuation {
         let mut generator = Generator::new(model, seed);
         generator.set_max_steps(Some(max_steps));
         generator.prime(&lead)?;
-        Ok(Self { generator, shift_semitones, start_beats, symbols: Vec::with_capacity(max_steps) })
+        Ok(Self {
+            generator,
+            shift_semitones,
+            start_beats,
+            symbols: Vec::with_capacity(max_steps),
+            notes: Vec::new(),
+            is_last_note_open: false,
+        })
     }
 
     /// Where the continuation starts, in beats of the primer's time: the primer's end on the
@@ -185,6 +196,23 @@ impl PhraseContinuation {
             Symbol::Pitch(p) => Symbol::Pitch(fold_into(p as i32 - self.shift_semitones, 0, 127)),
             other => other,
         };
+        let step_beats = self.step_beats();
+        let at_beats = self.symbols.len() as f64 * step_beats;
+        match symbol {
+            Symbol::Pitch(p) => {
+                self.notes.push(Note::new(p, at_beats, step_beats));
+                self.is_last_note_open = true;
+            }
+            Symbol::Hold => {
+                if let (true, Some(last)) = (self.is_last_note_open, self.notes.last_mut()) {
+                    last.len_beats += step_beats;
+                }
+            }
+            Symbol::Rest | Symbol::Delimiter => self.is_last_note_open = false,
+        }
+        if self.generator.is_finished() {
+            self.is_last_note_open = false;
+        }
         self.symbols.push(symbol);
         Ok(Some(symbol))
     }
@@ -192,6 +220,19 @@ impl PhraseContinuation {
     /// The symbols generated so far, in the player's key.
     pub fn symbols(&self) -> &[Symbol] {
         &self.symbols
+    }
+
+    /// Notes whose end is known (something other than `_` followed them, or generation
+    /// finished), in the player's key, times from the continuation's start: what a player can
+    /// schedule completely. A later `next_symbol` never changes them.
+    pub fn finished_notes(&self) -> &[Note] {
+        let num_open = usize::from(self.is_last_note_open);
+        &self.notes[..self.notes.len() - num_open]
+    }
+
+    /// The note that is still sounding at the last generated step and may grow, if any.
+    pub fn open_note(&self) -> Option<&Note> {
+        self.notes.last().filter(|_| self.is_last_note_open)
     }
 
     /// The generated symbols as a melody in the player's key, times from the continuation's

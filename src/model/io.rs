@@ -96,7 +96,7 @@ impl LoadedModel {
     ) -> Result<Self, ModelError> {
         let tensors = read_weights(weights, weights_path, &config, device)?;
         let lstm = MelodyLstm::new(&config, VarBuilder::from_tensors(tensors, DType::F32, device))?;
-        Ok(Self::new(config, lstm, origin)?)
+        Self::new(config, lstm, origin)
     }
 
     /// A model from a network already built (for tests and freshly trained weights).

@@ -32,7 +32,7 @@ enum Command {
     /// Report tunes read, kept, dropped by reason, symbols and the vocabulary of folders of songs.
     CorpusStats(corpus::StatsArgs),
     /// Train a melody model on folders of .abc and .mid files.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Continue a primer melody with a model and write MIDI.
     Generate(generate::GenerateArgs),
     // The help text is `EvalArgs`'s doc comment, long form included.
@@ -48,7 +48,7 @@ fn main() -> Result<()> {
         }
         Command::CorpusCheck(args) => corpus::check(args),
         Command::CorpusStats(args) => corpus::stats(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
     }
