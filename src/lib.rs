@@ -1,28 +1,91 @@
 //! Antiphon: a MIDI effect that answers the phrase you play with a continuation written by an
-//! LSTM. This file is wiring only: the plugin type, its host-facing constants and the exports.
-//! Runs on: audio thread (`process`), main thread (everything else).
+//! LSTM. This file is wiring only: the plugin type, its host-facing constants and the exports;
+//! `schedule` does the audio thread's work and `engine` the worker's.
+//! Runs on: audio thread (`process`, `reset`), main thread (everything else).
 
+pub mod engine;
 pub mod eval;
 pub mod model;
 pub mod music;
 pub mod params;
+pub mod schedule;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
+use nice_plug::midi::{Channel as MidiChannel, Key as MidiKey, VoiceID};
 use nice_plug::prelude::*;
 
+use engine::lstm::LstmFactory;
+use engine::{ContinuerFactory, Engine, EngineStatus};
+use music::phrase::LiveShared;
 use params::AntiphonParams;
+use schedule::{EngineLink, HostTransport, NoteMsg, Scheduler};
 
-/// The plugin instance the host creates.
+/// The plugin instance the host creates. Creating it is cheap: no thread, no model.
 pub struct Antiphon {
     /// Parameters, shared with the host wrapper.
     params: Arc<AntiphonParams>,
+    /// Audio-thread state: capture, clock, playback.
+    scheduler: Scheduler,
+    /// Atomics shared by the audio thread and the worker.
+    live: Arc<LiveShared>,
+    /// The worker's state for a GUI or the host.
+    status: Arc<EngineStatus>,
+    /// The running worker, between `activate` and `deactivate`.
+    engine: Option<Engine>,
+    /// Loads the model the worker drives: the built-in LSTM or a model directory.
+    factory: Arc<dyn ContinuerFactory>,
 }
 
 impl Default for Antiphon {
     fn default() -> Self {
-        Self { params: Arc::new(AntiphonParams::default()) }
+        let live = Arc::new(LiveShared::new());
+        Self {
+            params: Arc::new(AntiphonParams::default()),
+            scheduler: Scheduler::new(live.clone()),
+            live,
+            status: Arc::new(EngineStatus::default()),
+            engine: None,
+            factory: Arc::new(LstmFactory),
+        }
+    }
+}
+
+impl Antiphon {
+    /// The worker's state and the reason for it (the model loaded, or why none could be).
+    pub fn engine_status(&self) -> &Arc<EngineStatus> {
+        &self.status
+    }
+
+    /// Counters of dropped requests, late notes and lost events.
+    pub fn live(&self) -> &Arc<LiveShared> {
+        &self.live
+    }
+}
+
+/// The transport fields the scheduler uses; missing ones are derived where the framework can.
+fn host_transport(transport: &Transport) -> HostTransport {
+    HostTransport {
+        is_playing: transport.playing,
+        tempo_bpm: transport.tempo,
+        pos_beats: transport.pos_beats(),
+        bar_start_beats: transport.bar_start_pos_beats(),
+        time_sig: transport.time_sig_numerator.zip(transport.time_sig_denominator),
+    }
+}
+
+/// Sends a note to the host; a refused event is counted.
+fn send(context: &mut impl ProcessContext<Antiphon>, msg: NoteMsg, live: &LiveShared) {
+    let voice_id = msg.voice_id.map_or(VoiceID::Wildcard, VoiceID::ID);
+    let (channel, key) = (MidiChannel::Number(msg.channel), MidiKey::Number(msg.key));
+    let event = if msg.is_on {
+        NoteEvent::NoteOn { timing: msg.timing, voice_id, channel, key, velocity: msg.velocity }
+    } else {
+        NoteEvent::NoteOff { timing: msg.timing, voice_id, channel, key, velocity: msg.velocity }
+    };
+    if context.try_send_event(event).is_err() {
+        LiveShared::bump(&live.num_lost_events);
     }
 }
 
@@ -55,21 +118,94 @@ impl Plugin for Antiphon {
         self.params.clone()
     }
 
+    fn filter_state(state: &mut PluginState) {
+        params::filter_state(state);
+    }
+
+    fn activate(
+        &mut self,
+        _layout: &AudioIOLayout,
+        buffer_config: &BufferConfig,
+        _context: &mut impl ActivateContext<Self>,
+    ) -> bool {
+        let is_offline = buffer_config.process_mode == ProcessMode::Offline;
+        self.scheduler.configure(buffer_config.sample_rate, is_offline);
+        if self.engine.is_none() {
+            let spawned = Engine::spawn(
+                self.factory.clone(),
+                self.params.model.clone(),
+                self.live.clone(),
+                self.status.clone(),
+            );
+            match spawned {
+                Ok((engine, channels)) => {
+                    self.scheduler
+                        .connect(EngineLink { request_tx: channels.request_tx, chunk_rx: channels.chunk_rx });
+                    self.engine = Some(engine);
+                }
+                // Without a worker the plugin still passes notes through.
+                Err(err) => nice_error!("Antiphon: {err}"),
+            }
+        }
+        true
+    }
+
+    fn reset(&mut self) {
+        self.scheduler.reset();
+    }
+
+    fn deactivate(&mut self) {
+        drop(self.scheduler.disconnect());
+        if let Some(engine) = self.engine.take() {
+            engine.shutdown();
+        }
+    }
+
     fn process(
         &mut self,
-        _buffer: &mut Buffer,
+        buffer: &mut Buffer,
         _aux: &mut AuxiliaryBuffers,
         context: &mut impl ProcessContext<Self>,
     ) -> ProcessStatus {
-        let is_passing_through = self.params.pass_through.value();
+        let settings = self.params.settings();
+        let transport = host_transport(context.transport());
+        let live: &LiveShared = &self.live;
+        let scheduler = &mut self.scheduler;
+        scheduler
+            .start_block(&transport, buffer.samples() as u32, &settings, &mut |msg| send(context, msg, live));
         while let Some(event) = context.next_event() {
-            // The host's output queue is far larger than one block's input; a full queue drops
-            // the event rather than block.
-            if is_passing_through {
-                let _ = context.try_send_event(event);
-            }
+            let note = match event {
+                NoteEvent::NoteOn { timing, voice_id, channel, key, velocity } => {
+                    (timing, true, voice_id, channel.number(), key.number(), velocity)
+                }
+                NoteEvent::NoteOff { timing, voice_id, channel, key, velocity } => {
+                    (timing, false, voice_id, channel.number(), key.number(), velocity)
+                }
+                NoteEvent::Choke { timing, voice_id, channel, key } => {
+                    (timing, false, voice_id, channel.number(), key.number(), 0.0)
+                }
+                other => {
+                    // Expression, pressure, wildcard notes: passed on in time order, not captured.
+                    scheduler.play_until(other.timing(), &settings, &mut |msg| send(context, msg, live));
+                    if settings.is_thru || settings.is_bypassed {
+                        let _ = context.try_send_event(other);
+                    }
+                    continue;
+                }
+            };
+            let (timing, is_on, voice_id, channel, key, velocity) = note;
+            let (Some(channel), Some(key)) = (channel, key) else {
+                if settings.is_thru || settings.is_bypassed {
+                    let _ = context.try_send_event(event);
+                }
+                continue;
+            };
+            let msg = NoteMsg { timing, is_on, channel, key, velocity, voice_id: voice_id.id() };
+            scheduler.note(msg, &settings, &mut |msg| send(context, msg, live));
         }
-        ProcessStatus::Normal
+        scheduler.end_block(&settings, &mut |msg| send(context, msg, live));
+        // Keep being called with silent input: timers and answers run on the transport.
+        ProcessStatus::KeepAlive
     }
 }
 

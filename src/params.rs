@@ -1,7 +1,189 @@
-//! The plugin's parameters: what the host automates and saves with the project.
-//! Read on: audio thread (`.value()`); written by the host.
+//! The plugin's parameters: what the host automates and saves with the project, the model
+//! choice saved beside them, and the check that refuses junk in a saved state.
+//! Read on: audio thread (`.value()`, through [`AntiphonParams::settings`]); written by the host.
+//! The model choice is read and written on the main thread and the worker only.
 
+use std::sync::Arc;
+
+use nice_plug::params::persist::PersistentField;
 use nice_plug::prelude::*;
+
+use crate::engine::{ModelChoice, ModelSlot};
+use crate::music::phrase::KeyLock;
+use crate::music::{Key, Mode};
+use crate::schedule::{AnswerStart, Settings, TriggerMode, VelocityMode};
+
+/// Temperature range: near-greedy to wild. 1.0 is the model as trained.
+pub const TEMPERATURE_RANGE: (f32, f32) = (0.05, 2.0);
+
+/// Silence that ends a phrase, in beats (inclusive range).
+pub const SILENCE_BEATS_RANGE: (f32, f32) = (0.25, 8.0);
+
+/// Phrase and answer lengths, in bars (inclusive range).
+pub const BARS_RANGE: (i32, i32) = (1, 16);
+
+/// Free-run tempo range, in quarter notes per minute.
+pub const FREE_TEMPO_RANGE_BPM: (f32, f32) = (30.0, 300.0);
+
+/// How a phrase ends, as the host shows it.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TriggerParam {
+    /// After the silence setting with every key up.
+    #[id = "silence"]
+    #[name = "Silence"]
+    Silence,
+    /// After the phrase length in bars.
+    #[id = "bars"]
+    #[name = "Bars"]
+    Bars,
+    /// Only on "Answer Now".
+    #[id = "manual"]
+    #[name = "Manual"]
+    Manual,
+}
+
+/// Where an answer starts, as the host shows it.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnswerStartParam {
+    /// On the first bar line at or after the phrase's end.
+    #[id = "bar"]
+    #[name = "Next Bar"]
+    NextBar,
+    /// On the first beat at or after the phrase's end.
+    #[id = "beat"]
+    #[name = "Next Beat"]
+    NextBeat,
+}
+
+/// The scale constraint, as the host shows it.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyLockParam {
+    /// Any pitch in the range.
+    #[id = "off"]
+    #[name = "Off"]
+    Off,
+    /// The key estimated from the phrase.
+    #[id = "follow"]
+    #[name = "Follow Phrase"]
+    FollowPhrase,
+    /// The Key and Scale parameters.
+    #[id = "fixed"]
+    #[name = "Fixed"]
+    Fixed,
+}
+
+/// Tonic of the fixed key.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyRootParam {
+    /// Tonic C.
+    #[id = "c"]
+    #[name = "C"]
+    C,
+    /// Tonic C#/Db.
+    #[id = "cs"]
+    #[name = "C#/Db"]
+    CSharp,
+    /// Tonic D.
+    #[id = "d"]
+    #[name = "D"]
+    D,
+    /// Tonic D#/Eb.
+    #[id = "ds"]
+    #[name = "D#/Eb"]
+    DSharp,
+    /// Tonic E.
+    #[id = "e"]
+    #[name = "E"]
+    E,
+    /// Tonic F.
+    #[id = "f"]
+    #[name = "F"]
+    F,
+    /// Tonic F#/Gb.
+    #[id = "fs"]
+    #[name = "F#/Gb"]
+    FSharp,
+    /// Tonic G.
+    #[id = "g"]
+    #[name = "G"]
+    G,
+    /// Tonic G#/Ab.
+    #[id = "gs"]
+    #[name = "G#/Ab"]
+    GSharp,
+    /// Tonic A.
+    #[id = "a"]
+    #[name = "A"]
+    A,
+    /// Tonic A#/Bb.
+    #[id = "as"]
+    #[name = "A#/Bb"]
+    ASharp,
+    /// Tonic B.
+    #[id = "b"]
+    #[name = "B"]
+    B,
+}
+
+/// Scale of the fixed key.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleParam {
+    /// The major scale (mode).
+    #[id = "major"]
+    #[name = "Major"]
+    Major,
+    /// The minor scale (mode).
+    #[id = "minor"]
+    #[name = "Minor"]
+    Minor,
+    /// The dorian scale (mode).
+    #[id = "dorian"]
+    #[name = "Dorian"]
+    Dorian,
+    /// The phrygian scale (mode).
+    #[id = "phrygian"]
+    #[name = "Phrygian"]
+    Phrygian,
+    /// The lydian scale (mode).
+    #[id = "lydian"]
+    #[name = "Lydian"]
+    Lydian,
+    /// The mixolydian scale (mode).
+    #[id = "mixolydian"]
+    #[name = "Mixolydian"]
+    Mixolydian,
+    /// The locrian scale (mode).
+    #[id = "locrian"]
+    #[name = "Locrian"]
+    Locrian,
+}
+
+impl ScaleParam {
+    fn mode(self) -> Mode {
+        match self {
+            ScaleParam::Major => Mode::Major,
+            ScaleParam::Minor => Mode::Minor,
+            ScaleParam::Dorian => Mode::Dorian,
+            ScaleParam::Phrygian => Mode::Phrygian,
+            ScaleParam::Lydian => Mode::Lydian,
+            ScaleParam::Mixolydian => Mode::Mixolydian,
+            ScaleParam::Locrian => Mode::Locrian,
+        }
+    }
+}
+
+/// Where answer velocities come from, as the host shows it.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VelocityModeParam {
+    /// The phrase's mean velocity.
+    #[id = "phrase"]
+    #[name = "From Phrase"]
+    FromPhrase,
+    /// The Velocity parameter.
+    #[id = "fixed"]
+    #[name = "Fixed"]
+    Fixed,
+}
 
 /// Every host-visible parameter of Antiphon. IDs are short and never change.
 #[derive(Params)]
@@ -10,10 +192,335 @@ pub struct AntiphonParams {
     /// MIDI effect's input only through the plugin, so this defaults to on.
     #[id = "thru"]
     pub pass_through: BoolParam,
+    /// The host's bypass: notes pass through untouched; the answer stops with note-offs.
+    #[id = "bypass"]
+    pub bypass: BoolParam,
+    /// Softmax temperature for sampling. 1.0 = model as trained. Reaches notes about a beat
+    /// ahead of the playhead.
+    #[id = "temp"]
+    pub temperature: FloatParam,
+    /// How a phrase ends.
+    #[id = "trigger"]
+    pub trigger: EnumParam<TriggerParam>,
+    /// Beats with every key up that end a phrase, in trigger mode Silence.
+    #[id = "silence"]
+    pub silence_beats: FloatParam,
+    /// Bars that make a phrase, in trigger mode Bars.
+    #[id = "phrbars"]
+    pub phrase_bars: IntParam,
+    /// Turning this on ends the phrase now and answers it (any trigger mode). Turn it off
+    /// again to re-arm; a momentary button does both.
+    #[id = "now"]
+    pub answer_now: BoolParam,
+    /// Where the answer starts.
+    #[id = "start"]
+    pub answer_start: EnumParam<AnswerStartParam>,
+    /// Length of an answer in bars.
+    #[id = "ansbars"]
+    pub answer_bars: IntParam,
+    /// The answer stops when the player plays again.
+    #[id = "yield"]
+    pub should_yield: BoolParam,
+    /// The answer extends itself until stopped, instead of ending after its length.
+    #[id = "contin"]
+    pub is_continuous: BoolParam,
+    /// Scale constraint of the answer.
+    #[id = "keylock"]
+    pub key_lock: EnumParam<KeyLockParam>,
+    /// Tonic of the fixed key.
+    #[id = "keyroot"]
+    pub key_root: EnumParam<KeyRootParam>,
+    /// Scale of the fixed key.
+    #[id = "scale"]
+    pub scale: EnumParam<ScaleParam>,
+    /// Lowest answer note, as a MIDI note number.
+    #[id = "lownote"]
+    pub lowest_note: IntParam,
+    /// Highest answer note, as a MIDI note number.
+    #[id = "highnote"]
+    pub highest_note: IntParam,
+    /// Where answer velocities come from.
+    #[id = "velmode"]
+    pub velocity_mode: EnumParam<VelocityModeParam>,
+    /// Fixed answer velocity.
+    #[id = "vel"]
+    pub velocity: IntParam,
+    /// Share of each written note length that sounds, in percent.
+    #[id = "gate"]
+    pub gate_percent: FloatParam,
+    /// MIDI channel of the answer, 1..=16.
+    #[id = "chan"]
+    pub channel: IntParam,
+    /// Seed of the sampler: the same phrase and seed give the same answer.
+    #[id = "seed"]
+    pub seed: IntParam,
+    /// Derive a new seed for every answer (from Seed, so a session stays reproducible).
+    #[id = "fresh"]
+    pub is_fresh_seed: BoolParam,
+    /// Tempo of the free-running clock when the host gives none, in quarter notes per minute.
+    #[id = "tempo"]
+    pub free_tempo_bpm: FloatParam,
+    /// Which model answers: built in, or a trained model directory. Saved with the project;
+    /// the worker loads it.
+    #[persist = "model"]
+    pub model: Arc<ModelSlot>,
 }
 
 impl Default for AntiphonParams {
     fn default() -> Self {
-        Self { pass_through: BoolParam::new("MIDI Thru", true) }
+        let bars = |name: &str, default: i32| {
+            IntParam::new(name, default, IntRange::Linear { min: BARS_RANGE.0, max: BARS_RANGE.1 })
+                .with_unit(" bars")
+        };
+        let note = |name: &str, default: i32| {
+            IntParam::new(name, default, IntRange::Linear { min: 0, max: 127 })
+                .with_value_to_string(formatters::v2s_i32_key_formatter())
+                .with_string_to_value(formatters::s2v_i32_key_formatter())
+        };
+        Self {
+            pass_through: BoolParam::new("MIDI Thru", true),
+            bypass: BoolParam::new("Bypass", false).make_bypass(),
+            temperature: FloatParam::new(
+                "Temperature",
+                1.0,
+                FloatRange::Skewed {
+                    min: TEMPERATURE_RANGE.0,
+                    max: TEMPERATURE_RANGE.1,
+                    factor: FloatRange::skew_factor(-1.0),
+                },
+            )
+            .with_step_size(0.01)
+            .with_value_to_string(formatters::v2s_f32_rounded(2)),
+            trigger: EnumParam::new("Trigger", TriggerParam::Silence),
+            silence_beats: FloatParam::new(
+                "Silence",
+                1.0,
+                FloatRange::Linear { min: SILENCE_BEATS_RANGE.0, max: SILENCE_BEATS_RANGE.1 },
+            )
+            .with_step_size(0.25)
+            .with_unit(" beats")
+            .with_value_to_string(formatters::v2s_f32_rounded(2)),
+            phrase_bars: bars("Phrase Length", 2),
+            answer_now: BoolParam::new("Answer Now", false),
+            answer_start: EnumParam::new("Answer Start", AnswerStartParam::NextBar),
+            answer_bars: bars("Answer Length", 2),
+            should_yield: BoolParam::new("Yield", true),
+            is_continuous: BoolParam::new("Continuous", false),
+            key_lock: EnumParam::new("Key Lock", KeyLockParam::Off),
+            key_root: EnumParam::new("Key", KeyRootParam::C),
+            scale: EnumParam::new("Scale", ScaleParam::Major),
+            lowest_note: note("Lowest Note", 48),
+            highest_note: note("Highest Note", 84),
+            velocity_mode: EnumParam::new("Velocity Mode", VelocityModeParam::FromPhrase),
+            velocity: IntParam::new("Velocity", 100, IntRange::Linear { min: 1, max: 127 }),
+            gate_percent: FloatParam::new("Gate", 100.0, FloatRange::Linear { min: 10.0, max: 100.0 })
+                .with_step_size(1.0)
+                .with_unit(" %")
+                .with_value_to_string(formatters::v2s_f32_rounded(0)),
+            channel: IntParam::new("Output Channel", 1, IntRange::Linear { min: 1, max: 16 }),
+            seed: IntParam::new("Seed", 1, IntRange::Linear { min: 0, max: 9999 }),
+            is_fresh_seed: BoolParam::new("Fresh Seed", true),
+            free_tempo_bpm: FloatParam::new(
+                "Free Tempo",
+                120.0,
+                FloatRange::Linear { min: FREE_TEMPO_RANGE_BPM.0, max: FREE_TEMPO_RANGE_BPM.1 },
+            )
+            .with_step_size(0.1)
+            .with_unit(" BPM")
+            .with_value_to_string(formatters::v2s_f32_rounded(1)),
+            model: Arc::new(ModelSlot::new(ModelChoice::Builtin)),
+        }
+    }
+}
+
+impl AntiphonParams {
+    /// The parameters as the scheduler reads them for one block. Audio thread: no allocation.
+    pub fn settings(&self) -> Settings {
+        let key_lock = match self.key_lock.value() {
+            KeyLockParam::Off => KeyLock::Off,
+            KeyLockParam::FollowPhrase => KeyLock::FollowPhrase,
+            KeyLockParam::Fixed => KeyLock::Fixed(Key::from_tonic(
+                self.key_root.value().to_index() as u8,
+                self.scale.value().mode(),
+            )),
+        };
+        Settings {
+            is_bypassed: self.bypass.value(),
+            is_thru: self.pass_through.value(),
+            temperature: self.temperature.value(),
+            trigger: match self.trigger.value() {
+                TriggerParam::Silence => TriggerMode::Silence,
+                TriggerParam::Bars => TriggerMode::Bars,
+                TriggerParam::Manual => TriggerMode::Manual,
+            },
+            silence_beats: self.silence_beats.value() as f64,
+            phrase_bars: self.phrase_bars.value().max(1) as u32,
+            is_answer_now: self.answer_now.value(),
+            answer_start: match self.answer_start.value() {
+                AnswerStartParam::NextBar => AnswerStart::NextBar,
+                AnswerStartParam::NextBeat => AnswerStart::NextBeat,
+            },
+            answer_bars: self.answer_bars.value().max(1) as u32,
+            should_yield: self.should_yield.value(),
+            is_continuous: self.is_continuous.value(),
+            key_lock,
+            lowest_pitch: self.lowest_note.value().clamp(0, 127) as u8,
+            highest_pitch: self.highest_note.value().clamp(0, 127) as u8,
+            velocity_mode: match self.velocity_mode.value() {
+                VelocityModeParam::FromPhrase => VelocityMode::FromPhrase,
+                VelocityModeParam::Fixed => VelocityMode::Fixed,
+            },
+            velocity: self.velocity.value().clamp(1, 127) as u8,
+            gate: (self.gate_percent.value() as f64 / 100.0).clamp(0.1, 1.0),
+            channel: (self.channel.value().clamp(1, 16) - 1) as u8,
+            seed: self.seed.value().max(0) as u32,
+            is_fresh_seed: self.is_fresh_seed.value(),
+            free_tempo_bpm: self.free_tempo_bpm.value() as f64,
+        }
+    }
+}
+
+impl<'a> PersistentField<'a, ModelChoice> for Arc<ModelSlot> {
+    fn set(&self, new_value: ModelChoice) {
+        // A choice that cannot be right leaves the current one.
+        if new_value.validate().is_ok() {
+            ModelSlot::set(self, new_value);
+        }
+    }
+
+    fn map<F, R>(&self, f: F) -> R
+    where
+        F: Fn(&ModelChoice) -> R,
+    {
+        f(&self.get())
+    }
+}
+
+/// Removes from a saved state every entry that would not load cleanly: parameters with unknown
+/// ids, values of the wrong type, outside their range or not finite, and a model choice that
+/// does not parse or validate. What is removed keeps its current (on a fresh instance, default)
+/// value. Main thread, just before a state loads.
+pub fn filter_state(state: &mut PluginState) {
+    let reference = AntiphonParams::default();
+    let param_map = reference.param_map();
+    state.params.retain(|id, value| {
+        let Some((_, ptr, _)) = param_map.iter().find(|(param_id, _, _)| param_id == id) else {
+            return false;
+        };
+        is_value_valid(*ptr, value)
+    });
+    if let Some(text) = state.fields.get("model") {
+        let is_valid =
+            serde_json::from_str::<ModelChoice>(text).is_ok_and(|choice| choice.validate().is_ok());
+        if !is_valid {
+            state.fields.remove("model");
+        }
+    }
+}
+
+fn is_value_valid(ptr: ParamPtr, value: &nice_plug::plugin::ParamValue) -> bool {
+    use nice_plug::plugin::ParamValue;
+    // SAFETY: `ptr` points into `AntiphonParams` values that `filter_state` keeps alive for the
+    // whole call; these calls only read the parameter's range.
+    let (min, max, step_count) =
+        unsafe { (ptr.preview_plain(0.0), ptr.preview_plain(1.0), ptr.step_count()) };
+    let in_range = |v: f32| v.is_finite() && v >= min.min(max) && v <= max.max(min);
+    match (ptr, value) {
+        (ParamPtr::FloatParam(_), ParamValue::F32(v)) => in_range(*v),
+        (ParamPtr::IntParam(_), ParamValue::I32(v)) => in_range(*v as f32),
+        (ParamPtr::BoolParam(_), ParamValue::Bool(_)) => true,
+        (ParamPtr::EnumParam(_), ParamValue::I32(idx)) => {
+            step_count.is_some_and(|n| (0..=n as i32).contains(idx))
+        }
+        // Enum ids the parameter does not know are ignored by the framework itself.
+        (ParamPtr::EnumParam(_), ParamValue::String(_)) => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nice_plug::plugin::ParamValue;
+
+    fn state(params: &[(&str, ParamValue)], model: Option<&str>) -> PluginState {
+        PluginState {
+            version: "0.1.0".into(),
+            params: params.iter().map(|(id, v)| (id.to_string(), v.clone())).collect(),
+            fields: model.map(|m| ("model".to_string(), m.to_string())).into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn defaults_become_settings() {
+        let settings = AntiphonParams::default().settings();
+        assert_eq!(settings, Settings::default());
+    }
+
+    #[test]
+    fn ids_are_unique_and_short() {
+        let params = AntiphonParams::default();
+        let map = params.param_map();
+        let mut ids: Vec<&str> = map.iter().map(|(id, _, _)| id.as_str()).collect();
+        assert!(ids.iter().all(|id| id.len() <= 8), "{ids:?}");
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), map.len());
+    }
+
+    #[test]
+    fn good_state_is_kept() {
+        let mut s = state(
+            &[
+                ("temp", ParamValue::F32(0.5)),
+                ("ansbars", ParamValue::I32(4)),
+                ("yield", ParamValue::Bool(false)),
+                ("trigger", ParamValue::String("bars".into())),
+                ("scale", ParamValue::I32(6)),
+            ],
+            Some(r#"{"directory":"/home/me/models/reels"}"#),
+        );
+        let before = s.clone();
+        filter_state(&mut s);
+        assert_eq!(s.params.keys().collect::<Vec<_>>(), before.params.keys().collect::<Vec<_>>());
+        assert_eq!(s.fields, before.fields);
+    }
+
+    #[test]
+    fn junk_entries_are_removed() {
+        let mut s = state(
+            &[
+                ("temp", ParamValue::F32(f32::NAN)),
+                ("silence", ParamValue::F32(100.0)),
+                ("ansbars", ParamValue::I32(0)),
+                ("yield", ParamValue::I32(1)),
+                ("scale", ParamValue::I32(7)),
+                ("nonesuch", ParamValue::Bool(true)),
+                ("chan", ParamValue::I32(16)),
+            ],
+            Some(r#"{"directory":""}"#),
+        );
+        filter_state(&mut s);
+        assert_eq!(s.params.keys().collect::<Vec<_>>(), vec!["chan"]);
+        assert!(s.fields.is_empty());
+        let mut s = state(&[], Some("not json"));
+        filter_state(&mut s);
+        assert!(s.fields.is_empty());
+    }
+
+    #[test]
+    fn the_model_slot_refuses_bad_choices() {
+        let params = AntiphonParams::default();
+        let epoch = params.model.epoch();
+        PersistentField::set(&params.model, ModelChoice::Directory("  ".into()));
+        assert_eq!(params.model.get(), ModelChoice::Builtin);
+        assert_eq!(params.model.epoch(), epoch);
+        PersistentField::set(&params.model, ModelChoice::Directory("/tmp/m".into()));
+        assert_eq!(params.model.get(), ModelChoice::Directory("/tmp/m".into()));
+        assert_eq!(params.model.epoch(), epoch + 1);
+        assert_eq!(
+            PersistentField::map(&params.model, |c| c.clone()),
+            ModelChoice::Directory("/tmp/m".into())
+        );
     }
 }

@@ -329,19 +329,6 @@ fn signature_alterations(fifths: i32) -> [i8; 7] {
     alterations
 }
 
-/// Steps in the circle of fifths from the relative major's tonic to the mode's tonic.
-fn mode_fifths(mode: Mode) -> i32 {
-    match mode {
-        Mode::Lydian => -1,
-        Mode::Major => 0,
-        Mode::Mixolydian => 1,
-        Mode::Dorian => 2,
-        Mode::Minor => 3,
-        Mode::Phrygian => 4,
-        Mode::Locrian => 5,
-    }
-}
-
 fn parse_mode(word: &str) -> Option<Mode> {
     let lower = word.to_ascii_lowercase();
     if lower.is_empty() {
@@ -441,7 +428,7 @@ fn parse_key(value: &str) -> Result<Option<KeySpec>, Problem> {
         // Fifths of the tonic from C: F = -1, C = 0, G = 1 ... B = 5; a sharp adds seven.
         const LETTER_FIFTHS: [i32; 7] = [0, 2, 4, -1, 1, 3, 5];
         let tonic_fifths = LETTER_FIFTHS[letter] + shift;
-        let fifths = tonic_fifths - mode_fifths(mode);
+        let fifths = tonic_fifths - mode.fifths_above_relative_major() as i32;
         let tonic_pc = ((LETTER_SEMITONES[letter] + shift / 7).rem_euclid(12)) as u8;
         let key = if (-7..=7).contains(&fifths) {
             Key { fifths: fifths as i8, mode }

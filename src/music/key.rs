@@ -35,7 +35,7 @@ impl Mode {
 
     /// Steps in the circle of fifths from the relative major to this mode's tonic: Dorian on D
     /// sits two fifths above C (C → G → D).
-    fn fifths_above_relative_major(self) -> i8 {
+    pub fn fifths_above_relative_major(self) -> i8 {
         match self {
             Mode::Lydian => -1,
             Mode::Major => 0,

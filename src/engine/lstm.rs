@@ -1,0 +1,142 @@
+//! The LSTM generator of `model` as the worker's [`Continuer`]: the built-in model or a trained
+//! model directory, continued one symbol at a time with the temperature and constraints of
+//! every step.
+//! Runs on: worker.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::model::generate::PhraseContinuation;
+use crate::model::io::LoadedModel;
+use crate::model::sample::{PitchClassSet, SamplingSettings};
+use crate::music::encode::{decode, StepGrid};
+use crate::music::Symbol;
+
+use super::{Constraints, Continuer, ContinuerFactory, EngineError, ModelChoice};
+
+/// Steps one continuation runs before the generator says it is done; a continuous answer then
+/// starts over from its own output (the worker treats the end like a delimiter). 4096 steps are
+/// 64 bars of sixteenths.
+const MAX_CONTINUATION_STEPS: usize = 4096;
+
+/// Loads the built-in model or a model directory.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LstmFactory;
+
+impl ContinuerFactory for LstmFactory {
+    fn load(&self, choice: &ModelChoice) -> Result<Box<dyn Continuer>, EngineError> {
+        let loaded = match choice {
+            ModelChoice::Builtin => LoadedModel::builtin(),
+            ModelChoice::Directory(path) => LoadedModel::load_dir(Path::new(path)),
+        }
+        .map_err(|err| EngineError::ModelLoad { choice: choice.to_string(), reason: err.to_string() })?;
+        Ok(Box::new(LstmContinuer { model: Arc::new(loaded), continuation: None, num_steps: 0 }))
+    }
+}
+
+/// A loaded model and the continuation it writes.
+pub struct LstmContinuer {
+    model: Arc<LoadedModel>,
+    continuation: Option<PhraseContinuation>,
+    num_steps: u64,
+}
+
+impl Continuer for LstmContinuer {
+    fn grid(&self) -> StepGrid {
+        self.model.config.grid
+    }
+
+    fn begin(&mut self, primer: &[Symbol], seed: u64) -> Result<(), EngineError> {
+        let melody = decode(primer, self.grid());
+        let continuation =
+            PhraseContinuation::start(Arc::clone(&self.model), &melody, MAX_CONTINUATION_STEPS, seed)
+                .map_err(|err| EngineError::ModelLoad {
+                    choice: self.model.origin.clone(),
+                    reason: err.to_string(),
+                })?;
+        self.continuation = Some(continuation);
+        self.num_steps = 0;
+        Ok(())
+    }
+
+    fn next_symbol(&mut self, temperature: f32, constraints: &Constraints) -> Result<Symbol, EngineError> {
+        let step_idx = self.num_steps;
+        let continuation = self
+            .continuation
+            .as_mut()
+            .ok_or(EngineError::Step { step_idx, reason: "no continuation was begun".into() })?;
+        let settings = SamplingSettings {
+            temperature,
+            pitch_classes: constraints.key.map_or(PitchClassSet::ALL, PitchClassSet::of_key),
+            lowest_pitch: constraints.lowest_pitch,
+            highest_pitch: constraints.highest_pitch,
+            may_end: constraints.may_end,
+            ..SamplingSettings::default()
+        };
+        self.num_steps += 1;
+        let symbol = continuation
+            .next_symbol(&settings)
+            .map_err(|err| EngineError::Step { step_idx, reason: err.to_string() })?;
+        Ok(symbol.unwrap_or(Symbol::Delimiter))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::music::encode::parse_symbols;
+    use crate::music::{Key, Mode};
+
+    fn builtin() -> Box<dyn Continuer> {
+        LstmFactory.load(&ModelChoice::Builtin).expect("the built-in model loads")
+    }
+
+    fn constraints(key: Option<Key>) -> Constraints {
+        Constraints { lowest_pitch: 55, highest_pitch: 79, key, may_end: false }
+    }
+
+    fn run(continuer: &mut dyn Continuer, seed: u64, temperatures: &[f32], c: &Constraints) -> Vec<Symbol> {
+        // A G major phrase: the model moves it to its key convention and back.
+        let primer =
+            parse_symbols("67 _ _ _ 71 _ 74 _ 72 _ 71 _ 69 _ _ _ 67 _ 69 _ 71 _ 72 _ 74 _ _ _ r _ _ _")
+                .unwrap();
+        continuer.begin(&primer, seed).unwrap();
+        temperatures.iter().map(|&t| continuer.next_symbol(t, c).unwrap()).collect()
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_symbols_and_the_temperature_matters() {
+        let mut continuer = builtin();
+        assert_eq!(continuer.grid(), StepGrid::SIXTEENTHS);
+        let c = constraints(None);
+        let warm = run(continuer.as_mut(), 5, &[1.0; 48], &c);
+        assert_eq!(warm, run(continuer.as_mut(), 5, &[1.0; 48], &c));
+        assert_ne!(warm, run(continuer.as_mut(), 6, &[1.0; 48], &c));
+        let mut turned = [1.0f32; 48];
+        turned[24..].fill(1e-4);
+        let cooled = run(continuer.as_mut(), 5, &turned, &c);
+        assert_eq!(warm[..24], cooled[..24], "steps before the change moved");
+        assert_ne!(warm[24..], cooled[24..], "the change did not reach later steps");
+    }
+
+    #[test]
+    fn the_model_keeps_to_the_constraints_itself() {
+        let mut continuer = builtin();
+        let g_major = Key::from_tonic(7, Mode::Major);
+        let c = constraints(Some(g_major));
+        let symbols = run(continuer.as_mut(), 9, &[1.5; 256], &c);
+        let pitches: Vec<u8> =
+            symbols.iter().filter_map(|s| if let Symbol::Pitch(p) = s { Some(*p) } else { None }).collect();
+        assert!(pitches.len() > 8, "{symbols:?}");
+        assert!(pitches.iter().all(|&p| c.allows(p)), "{pitches:?}");
+        // No end while it may not end.
+        assert!(!symbols.contains(&Symbol::Delimiter));
+    }
+
+    #[test]
+    fn a_missing_directory_fails_with_its_path() {
+        let choice = ModelChoice::Directory("/no/such/antiphon/model".into());
+        let err = LstmFactory.load(&choice).err().expect("a missing directory loads");
+        assert!(err.to_string().contains("/no/such/antiphon/model"), "{err}");
+    }
+}

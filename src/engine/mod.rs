@@ -1,0 +1,296 @@
+//! The worker thread: one per plugin instance, it owns the model, takes phrases from the audio
+//! thread and streams answers back a little ahead of the playhead.
+//! Runs on: worker (the thread `Engine::spawn` starts); `Engine` itself, `ModelSlot::set` and
+//! `EngineStatus` readers run on the main thread. Never on the audio thread: it allocates, logs
+//! and loads files.
+//!
+//! The worker drives a [`Continuer`], anything that continues a sequence of music symbols on a
+//! step grid one symbol at a time. It turns the symbols into note starts and ends in beats (the
+//! `music::encode` grid: a `Pitch` starts a note and ends the one before, `Hold` continues, `Rest`
+//! ends it, `Delimiter` ends the answer) and sends them in fixed-capacity chunks.
+
+pub mod lstm;
+mod worker;
+
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam::channel::{bounded, Receiver, Sender};
+use serde::{Deserialize, Serialize};
+
+use crate::music::encode::{Reject, StepGrid};
+use crate::music::phrase::{AnswerChunk, LiveShared, Request};
+use crate::music::{Key, Symbol};
+
+pub use worker::{constrain_pitch, NoteStream};
+
+/// Requests the queue to the worker holds. The audio thread keeps one more in its outbox, and a
+/// newer request replaces it, so a full queue never blocks.
+pub const REQUEST_QUEUE_LEN: usize = 4;
+
+/// Chunks the queue to the audio thread holds: many beats of answer.
+pub const CHUNK_QUEUE_LEN: usize = 64;
+
+/// How long the main thread waits for the worker to stop before leaving it (it then ends on its
+/// own when it sees the channels closed).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Which model the plugin uses. Saved with the project.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelChoice {
+    /// The model built into the plugin.
+    #[default]
+    Builtin,
+    /// A trained model directory (`model.safetensors`, `config.json`, `train.json`).
+    Directory(String),
+}
+
+impl ModelChoice {
+    /// Checks the choice can be what a user picked: a directory path must be non-empty, without
+    /// NUL bytes and of a sane length. Whether it loads is found out by the worker.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        match self {
+            ModelChoice::Builtin => Ok(()),
+            ModelChoice::Directory(path) if path.trim().is_empty() => {
+                Err(EngineError::BadChoice { choice: self.to_string(), reason: "the path is empty".into() })
+            }
+            ModelChoice::Directory(path) if path.contains('\0') || path.len() > 4096 => {
+                Err(EngineError::BadChoice {
+                    choice: self.to_string(),
+                    reason: "the path is not a usable path".into(),
+                })
+            }
+            ModelChoice::Directory(_) => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for ModelChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelChoice::Builtin => f.write_str("the built-in model"),
+            ModelChoice::Directory(path) => write!(f, "the model in {path}"),
+        }
+    }
+}
+
+/// The model choice shared by the parameters (which save and restore it), the main thread (which
+/// may change it) and the worker (which loads it). The audio thread never touches it.
+#[derive(Debug, Default)]
+pub struct ModelSlot {
+    choice: Mutex<ModelChoice>,
+    /// Bumped on every change, so the worker notices without taking the lock.
+    epoch: AtomicU32,
+}
+
+impl ModelSlot {
+    /// A slot holding `choice`.
+    pub fn new(choice: ModelChoice) -> Self {
+        Self { choice: Mutex::new(choice), epoch: AtomicU32::new(0) }
+    }
+
+    /// The current choice.
+    pub fn get(&self) -> ModelChoice {
+        self.choice.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes the choice; a running worker loads it soon after. Setting the same choice again
+    /// changes nothing.
+    pub fn set(&self, choice: ModelChoice) {
+        let mut current = self.choice.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != choice {
+            *current = choice;
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Counts changes; compare two readings to see whether the choice changed.
+    pub fn epoch(&self) -> u32 {
+        self.epoch.load(Ordering::Acquire)
+    }
+}
+
+/// What went wrong in the worker or with a model.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// A saved or picked model choice that cannot be right.
+    #[error("{choice} cannot be used: {reason}")]
+    BadChoice { choice: String, reason: String },
+    /// The model could not be loaded.
+    #[error("could not load {choice}: {reason}")]
+    ModelLoad { choice: String, reason: String },
+    /// The model failed while writing an answer.
+    #[error("the model failed at step {step_idx}: {reason}")]
+    Step { step_idx: u64, reason: String },
+    /// The captured phrase did not fit the model's encoding.
+    #[error("the phrase could not be encoded: {0}")]
+    Encode(#[from] Reject),
+    /// The worker thread could not be started.
+    #[error("could not start the worker thread: {0}")]
+    Spawn(String),
+}
+
+/// Which pitches the next symbol may have. The continuer should only produce these; the worker
+/// also moves any pitch outside them to the nearest allowed one ([`constrain_pitch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Constraints {
+    /// Lowest pitch, inclusive.
+    pub lowest_pitch: u8,
+    /// Highest pitch, inclusive.
+    pub highest_pitch: u8,
+    /// Only pitches of this key's scale, when set.
+    pub key: Option<Key>,
+    /// Whether the continuation may end here (a `Delimiter`). Off for an answer of a fixed
+    /// length, which should fill it; on in continuous mode, where the worker starts over from
+    /// the answer's own recent output.
+    pub may_end: bool,
+}
+
+impl Constraints {
+    /// Whether `pitch` is allowed.
+    pub fn allows(&self, pitch: u8) -> bool {
+        (self.lowest_pitch..=self.highest_pitch).contains(&pitch)
+            && self.key.is_none_or(|k| k.contains(pitch))
+    }
+}
+
+/// Anything that continues music symbols on a step grid, one symbol at a time: the model the
+/// worker drives. Implemented for the LSTM generator in [`lstm`].
+pub trait Continuer: Send {
+    /// The step grid the continuer writes on (steps per quarter note). The primer comes on it.
+    fn grid(&self) -> StepGrid;
+
+    /// Starts a new continuation of `primer`, forgetting any earlier one. The primer is a phrase
+    /// encoded with `music::encode` on [`Continuer::grid`], in the phrase's own key (moving it to
+    /// the model's key convention and back is the continuer's business), starting on a bar line
+    /// and ending on the grid point where the continuation starts. It may be empty. `seed` seeds
+    /// the sampler: the same primer, seed and temperatures must give the same symbols.
+    fn begin(&mut self, primer: &[Symbol], seed: u64) -> Result<(), EngineError>;
+
+    /// The symbol of the next step, sampled at `temperature` (greedy as it nears 0, as trained
+    /// at 1, more uniform above), from the symbols `constraints` allow. The worker reads the
+    /// temperature anew before every step.
+    fn next_symbol(&mut self, temperature: f32, constraints: &Constraints) -> Result<Symbol, EngineError>;
+}
+
+/// Loads continuers: the built-in model or a model directory. Called on the worker thread.
+pub trait ContinuerFactory: Send + Sync {
+    /// Loads the model `choice` names.
+    fn load(&self, choice: &ModelChoice) -> Result<Box<dyn Continuer>, EngineError>;
+}
+
+/// What the worker is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EngineState {
+    /// No worker runs (the plugin is not active).
+    Stopped = 0,
+    /// The worker loads a model.
+    Loading = 1,
+    /// A model is loaded; phrases are answered.
+    Ready = 2,
+    /// No model could be loaded; notes only pass through. `EngineStatus::detail` says why.
+    Failed = 3,
+}
+
+/// The worker's state and the reason behind it, for the GUI and the host. Written by the worker
+/// (and by `Engine` on start and stop), read by anyone but the audio thread.
+#[derive(Debug)]
+pub struct EngineStatus {
+    state: AtomicU8,
+    detail: Mutex<String>,
+}
+
+impl Default for EngineStatus {
+    fn default() -> Self {
+        Self { state: AtomicU8::new(EngineState::Stopped as u8), detail: Mutex::new(String::new()) }
+    }
+}
+
+impl EngineStatus {
+    /// The current state.
+    pub fn state(&self) -> EngineState {
+        match self.state.load(Ordering::Acquire) {
+            1 => EngineState::Loading,
+            2 => EngineState::Ready,
+            3 => EngineState::Failed,
+            _ => EngineState::Stopped,
+        }
+    }
+
+    /// What the state is about: the model loaded, or why loading failed.
+    pub fn detail(&self) -> String {
+        self.detail.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, state: EngineState, detail: String) {
+        *self.detail.lock().unwrap_or_else(|e| e.into_inner()) = detail;
+        self.state.store(state as u8, Ordering::Release);
+    }
+}
+
+/// The audio thread's ends of the worker's channels.
+#[derive(Debug)]
+pub struct EngineChannels {
+    /// Requests to the worker.
+    pub request_tx: Sender<Request>,
+    /// Answer chunks from the worker.
+    pub chunk_rx: Receiver<AnswerChunk>,
+}
+
+/// A running worker thread. Dropping it stops and joins the thread.
+pub struct Engine {
+    shutdown_tx: Sender<Request>,
+    thread: Option<JoinHandle<()>>,
+    status: Arc<EngineStatus>,
+}
+
+impl Engine {
+    /// Starts a worker that loads the model in `model` with `factory` and answers requests.
+    /// Main thread (the plugin's `activate`).
+    pub fn spawn(
+        factory: Arc<dyn ContinuerFactory>,
+        model: Arc<ModelSlot>,
+        live: Arc<LiveShared>,
+        status: Arc<EngineStatus>,
+    ) -> Result<(Engine, EngineChannels), EngineError> {
+        let (request_tx, request_rx) = bounded(REQUEST_QUEUE_LEN);
+        let (chunk_tx, chunk_rx) = bounded(CHUNK_QUEUE_LEN);
+        status.set(EngineState::Loading, model.get().to_string());
+        // Before the thread runs, so the audio thread never asks a worker that has no model yet.
+        live.is_model_ready.store(false, Ordering::Release);
+        live.is_model_loading.store(true, Ordering::Release);
+        let worker = worker::Worker::new(factory, model, live, status.clone(), request_rx, chunk_tx);
+        let thread = std::thread::Builder::new()
+            .name("antiphon-worker".into())
+            .spawn(move || worker.run())
+            .map_err(|e| EngineError::Spawn(e.to_string()))?;
+        let engine = Engine { shutdown_tx: request_tx.clone(), thread: Some(thread), status };
+        Ok((engine, EngineChannels { request_tx, chunk_rx }))
+    }
+
+    /// Stops the worker and waits for it. Main thread (the plugin's `deactivate`).
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(thread) = self.thread.take() else { return };
+        // The queue may be full of requests; the worker drains it, so this only waits briefly.
+        let _ = self.shutdown_tx.send_timeout(Request::Shutdown, SHUTDOWN_WAIT);
+        let _ = thread.join();
+        self.status.set(EngineState::Stopped, String::new());
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,356 @@
+//! Worker tests with a scripted continuer standing in for the model.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::music::encode::parse_symbols;
+use crate::music::note::Note;
+use crate::music::phrase::{
+    AnswerEvent, AnswerEventKind, AnswerRequest, GenSettings, KeyLock, Phrase, LOOKAHEAD_BEATS,
+};
+use crate::music::Mode;
+
+/// What the scripted continuer was asked.
+#[derive(Default)]
+struct Log {
+    begins: Vec<(Vec<Symbol>, u64)>,
+    temperatures: Vec<f32>,
+}
+
+/// Plays a fixed script of symbols, over and over, and logs its calls.
+struct Scripted {
+    script: Vec<Symbol>,
+    step_idx: usize,
+    log: Arc<Mutex<Log>>,
+}
+
+impl Continuer for Scripted {
+    fn grid(&self) -> StepGrid {
+        StepGrid::SIXTEENTHS
+    }
+
+    fn begin(&mut self, primer: &[Symbol], seed: u64) -> Result<(), EngineError> {
+        self.step_idx = 0;
+        self.log.lock().unwrap().begins.push((primer.to_vec(), seed));
+        Ok(())
+    }
+
+    fn next_symbol(&mut self, temperature: f32, _constraints: &Constraints) -> Result<Symbol, EngineError> {
+        self.log.lock().unwrap().temperatures.push(temperature);
+        let symbol = self.script[self.step_idx % self.script.len()];
+        self.step_idx += 1;
+        Ok(symbol)
+    }
+}
+
+struct ScriptedFactory {
+    script: Vec<Symbol>,
+    log: Arc<Mutex<Log>>,
+}
+
+impl ContinuerFactory for ScriptedFactory {
+    fn load(&self, choice: &ModelChoice) -> Result<Box<dyn Continuer>, EngineError> {
+        match choice {
+            ModelChoice::Builtin => {
+                Ok(Box::new(Scripted { script: self.script.clone(), step_idx: 0, log: self.log.clone() }))
+            }
+            ModelChoice::Directory(_) => {
+                Err(EngineError::ModelLoad { choice: choice.to_string(), reason: "broken on purpose".into() })
+            }
+        }
+    }
+}
+
+struct Running {
+    engine: Option<Engine>,
+    channels: EngineChannels,
+    live: Arc<LiveShared>,
+    status: Arc<EngineStatus>,
+    model: Arc<ModelSlot>,
+    log: Arc<Mutex<Log>>,
+}
+
+fn start(script: &str, choice: ModelChoice) -> Running {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let factory = Arc::new(ScriptedFactory { script: parse_symbols(script).unwrap(), log: log.clone() });
+    let live = Arc::new(LiveShared::new());
+    let status = Arc::new(EngineStatus::default());
+    let model = Arc::new(ModelSlot::new(choice));
+    let (engine, channels) = Engine::spawn(factory, model.clone(), live.clone(), status.clone()).unwrap();
+    Running { engine: Some(engine), channels, live, status, model, log }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(5), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn request(answer_id: u32, len_beats: Option<f64>) -> AnswerRequest {
+    let mut phrase = Phrase::empty(4.0);
+    phrase.len_beats = 4.0;
+    phrase.notes.push(Note { pitch: 60, velocity: 90, start_beats: 0.02, len_beats: 0.98 });
+    phrase.notes.push(Note { pitch: 64, velocity: 90, start_beats: 1.0, len_beats: 1.0 });
+    AnswerRequest {
+        answer_id,
+        phrase,
+        settings: GenSettings { len_beats, key_lock: KeyLock::Off, lowest_pitch: 0, highest_pitch: 127 },
+        seed: 99,
+    }
+}
+
+impl Running {
+    fn ask(&self, request: AnswerRequest) {
+        self.live.active_answer_id.store(request.answer_id, Ordering::Release);
+        self.live.playhead_beats.store(-2.0, Ordering::Release);
+        self.channels.request_tx.send(Request::Continue(request)).unwrap();
+    }
+
+    /// Receives chunks until `until_beats` is written or the answer finishes.
+    fn collect(&self, answer_id: u32, until_beats: f64) -> (Vec<AnswerEvent>, f64, bool) {
+        let mut events = Vec::new();
+        let (mut written, mut finished) = (0.0, false);
+        let started = Instant::now();
+        while written < until_beats && !finished {
+            assert!(started.elapsed() < Duration::from_secs(5), "no chunk");
+            if let Ok(chunk) = self.channels.chunk_rx.recv_timeout(Duration::from_millis(10)) {
+                assert_eq!(chunk.answer_id, answer_id);
+                assert!(chunk.written_until_beats >= written);
+                events.extend(chunk.events.iter().copied());
+                written = chunk.written_until_beats;
+                finished = chunk.is_finished;
+            }
+        }
+        (events, written, finished)
+    }
+}
+
+fn on(at_beats: f64, pitch: u8) -> AnswerEvent {
+    AnswerEvent { at_beats, kind: AnswerEventKind::NoteOn { pitch } }
+}
+
+fn off(at_beats: f64, pitch: u8) -> AnswerEvent {
+    AnswerEvent { at_beats, kind: AnswerEventKind::NoteOff { pitch } }
+}
+
+#[test]
+fn the_worker_streams_about_a_beat_ahead() {
+    let w = start("67 _ 69 _ r _ 71 _", ModelChoice::Builtin);
+    wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
+    assert_eq!(w.status.state(), EngineState::Ready);
+    w.ask(request(1, Some(8.0)));
+    let (events, written, _) = w.collect(1, LOOKAHEAD_BEATS);
+    // The primer was the quantized phrase, from its bar line to its end.
+    let primer = w.log.lock().unwrap().begins[0].clone();
+    assert_eq!(primer, (parse_symbols("60 _ _ _ 64 _ _ _ r _ _ _ _ _ _ _").unwrap(), 99));
+    assert_eq!(events, vec![on(0.0, 67), off(0.5, 67), on(0.5, 69)]);
+    assert_eq!(written, 1.0);
+    // It does not run further ahead than the lookahead.
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(w.channels.chunk_rx.is_empty());
+    // The playhead moves on, so does the answer.
+    w.live.playhead_beats.store(1.0, Ordering::Release);
+    let (events, written, _) = w.collect(1, 2.0);
+    assert_eq!(events, vec![off(1.0, 69), on(1.5, 71)]);
+    assert_eq!(written, 2.0);
+}
+
+#[test]
+fn the_answer_ends_at_its_length() {
+    let w = start("67 _ _ _ _ _ _ _", ModelChoice::Builtin);
+    wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
+    w.ask(request(3, Some(3.0)));
+    w.live.playhead_beats.store(10.0, Ordering::Release);
+    let (events, written, finished) = w.collect(3, 100.0);
+    assert!(finished);
+    assert_eq!(written, 3.0);
+    assert_eq!(events, vec![on(0.0, 67), off(2.0, 67), on(2.0, 67), off(3.0, 67)]);
+}
+
+#[test]
+fn a_full_answer_ends_its_last_note_without_waiting_for_the_playhead() {
+    let w = start("67 _ _ _ _ _ _ _", ModelChoice::Builtin);
+    wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
+    // One beat long: exactly the first lookahead, with the playhead still before the start.
+    w.ask(request(4, Some(1.0)));
+    let (events, written, finished) = w.collect(4, 100.0);
+    assert!(finished);
+    assert_eq!(written, 1.0);
+    assert_eq!(events, vec![on(0.0, 67), off(1.0, 67)]);
+}
+
+#[test]
+fn the_temperature_is_read_before_every_step() {
+    let w = start("60 _ _ _", ModelChoice::Builtin);
+    wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
+    w.live.temperature.store(0.5, Ordering::Relaxed);
+    w.ask(request(1, None));
+    w.collect(1, LOOKAHEAD_BEATS);
+    w.live.temperature.store(1.5, Ordering::Relaxed);
+    w.live.playhead_beats.store(1.0, Ordering::Release);
+    w.collect(1, 2.0);
+    let temperatures = w.log.lock().unwrap().temperatures.clone();
+    // Four steps a beat: four at 0.5, then four at 1.5.
+    assert_eq!(temperatures, vec![0.5, 0.5, 0.5, 0.5, 1.5, 1.5, 1.5, 1.5]);
+}
+
+#[test]
+fn a_cancelled_answer_stops_and_a_new_request_replaces_it() {
+    let w = start("60 _ 62 _", ModelChoice::Builtin);
+    wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
+    w.ask(request(1, None));
+    w.collect(1, LOOKAHEAD_BEATS);
+    w.live.active_answer_id.store(0, Ordering::Release);
+    w.live.playhead_beats.store(5.0, Ordering::Release);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(w.channels.chunk_rx.is_empty(), "a cancelled answer goes on");
+    w.ask(request(2, Some(4.0)));
+    let (events, _, _) = w.collect(2, LOOKAHEAD_BEATS);
+    assert_eq!(events[0], on(0.0, 60));
+}
+
+#[test]
+fn continuous_answers_start_over_after_a_delimiter() {
+    let w = start("60 _ / 62 _", ModelChoice::Builtin);
+    wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
+    w.ask(request(1, None));
+    w.live.playhead_beats.store(1.0, Ordering::Release);
+    let (events, _, finished) = w.collect(1, 2.0);
+    assert!(!finished);
+    assert_eq!(&events[..3], &[on(0.0, 60), off(0.5, 60), on(0.75, 60)]);
+    let log = w.log.lock().unwrap();
+    assert!(log.begins.len() >= 2);
+    // It starts over from its primer and its own output, with a seed of its own.
+    let (restart, seed) = &log.begins[1];
+    assert_eq!(&restart[restart.len() - 2..], &parse_symbols("60 _").unwrap()[..]);
+    assert_eq!(*seed, 100);
+}
+
+#[test]
+fn a_delimiter_ends_a_fixed_length_answer() {
+    let w = start("60 _ / 62 _", ModelChoice::Builtin);
+    wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
+    w.ask(request(1, Some(8.0)));
+    let (events, written, finished) = w.collect(1, 100.0);
+    assert!(finished);
+    assert_eq!(written, 0.75);
+    assert_eq!(events, vec![on(0.0, 60), off(0.5, 60)]);
+}
+
+#[test]
+fn a_broken_model_is_reported_and_the_worker_survives() {
+    let mut w = start("60", ModelChoice::Directory("/models/broken".into()));
+    wait_until("the failure", || w.status.state() == EngineState::Failed);
+    assert!(w.status.detail().contains("broken on purpose"), "{}", w.status.detail());
+    assert!(!w.live.is_model_ready.load(Ordering::Acquire));
+    // A request now is ignored, not answered.
+    w.ask(request(1, Some(4.0)));
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(w.channels.chunk_rx.is_empty());
+    // Choosing the built-in model brings it back, and tells the audio thread.
+    let epoch = w.live.model_epoch.load(Ordering::Acquire);
+    w.model.set(ModelChoice::Builtin);
+    wait_until("the reload", || w.status.state() == EngineState::Ready);
+    assert!(w.live.model_epoch.load(Ordering::Acquire) > epoch);
+    w.engine.take().unwrap().shutdown();
+    assert_eq!(w.status.state(), EngineState::Stopped);
+}
+
+#[test]
+fn dropping_the_engine_joins_the_worker() {
+    let w = start("60", ModelChoice::Builtin);
+    wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
+    drop(w.engine);
+    assert_eq!(w.status.state(), EngineState::Stopped);
+    // The worker's ends are gone.
+    assert!(w.channels.chunk_rx.recv_timeout(Duration::from_millis(50)).is_err());
+}
+
+#[test]
+fn note_streams_turn_symbols_into_starts_and_ends() {
+    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
+    let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, Some(2.0), None);
+    let mut events = Vec::new();
+    for symbol in parse_symbols("60 _ 62 r _ 64 64 _").unwrap() {
+        stream.push(symbol, &free, &mut |e| events.push(e));
+    }
+    assert!(stream.is_full());
+    stream.finish(&mut |e| events.push(e));
+    assert_eq!(
+        events,
+        vec![
+            on(0.0, 60),
+            off(0.5, 60),
+            on(0.5, 62),
+            off(0.75, 62),
+            on(1.25, 64),
+            off(1.5, 64),
+            on(1.5, 64),
+            off(2.0, 64)
+        ]
+    );
+    assert!(stream.is_finished());
+}
+
+#[test]
+fn an_answer_that_holds_the_phrase_s_last_note_plays_it_anew() {
+    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
+    let primer = parse_symbols("60 _ 62 _ _").unwrap();
+    assert_eq!(NoteStream::last_sounding_pitch(&primer), Some(62));
+    assert_eq!(NoteStream::last_sounding_pitch(&parse_symbols("60 _ r _").unwrap()), None);
+    let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, None, Some(62));
+    let mut events = Vec::new();
+    for symbol in parse_symbols("_ _ 64 _").unwrap() {
+        stream.push(symbol, &free, &mut |e| events.push(e));
+    }
+    assert_eq!(events, vec![on(0.0, 62), off(0.5, 62), on(0.5, 64)]);
+    // A continuation that starts with its own note or a rest does not carry it.
+    let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, None, Some(62));
+    let mut events = Vec::new();
+    for symbol in parse_symbols("r _ 64").unwrap() {
+        stream.push(symbol, &free, &mut |e| events.push(e));
+    }
+    assert_eq!(events, vec![on(0.5, 64)]);
+}
+
+#[test]
+fn pitches_are_moved_into_range_and_scale() {
+    let c_major = Constraints {
+        lowest_pitch: 60,
+        highest_pitch: 72,
+        key: Some(Key::from_tonic(0, Mode::Major)),
+        may_end: false,
+    };
+    assert_eq!(constrain_pitch(61, &c_major), 60); // C# → C (the lower on a tie)
+    assert_eq!(constrain_pitch(66, &c_major), 65); // F# → F
+    assert_eq!(constrain_pitch(40, &c_major), 64); // E2 → E4 by octaves
+    assert_eq!(constrain_pitch(90, &c_major), 65); // F#6 → F#4 → F4
+    assert_eq!(constrain_pitch(127, &c_major), 67); // G9 → G4 by octaves
+    let tight = Constraints {
+        lowest_pitch: 61,
+        highest_pitch: 61,
+        key: Some(Key::from_tonic(0, Mode::Major)),
+        may_end: false,
+    };
+    assert_eq!(constrain_pitch(70, &tight), 61); // nothing in the scale fits: the range wins
+    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
+    for p in 0..=127 {
+        assert_eq!(constrain_pitch(p, &free), p);
+    }
+    assert!(c_major.allows(67) && !c_major.allows(68) && !c_major.allows(74));
+}
+
+#[test]
+fn model_choices_validate_and_round_trip() {
+    assert!(ModelChoice::Builtin.validate().is_ok());
+    assert!(ModelChoice::Directory("".into()).validate().is_err());
+    assert!(ModelChoice::Directory("a\0b".into()).validate().is_err());
+    let json = serde_json::to_string(&ModelChoice::Directory("/m".into())).unwrap();
+    assert_eq!(json, r#"{"directory":"/m"}"#);
+    assert_eq!(serde_json::to_string(&ModelChoice::Builtin).unwrap(), r#""builtin""#);
+    assert_eq!(serde_json::from_str::<ModelChoice>(&json).unwrap(), ModelChoice::Directory("/m".into()));
+}

@@ -1,0 +1,445 @@
+//! The worker thread's loop: takes requests, loads models, writes answers ahead of the playhead.
+//! Runs on: worker. Allocates and logs freely; never blocks the audio thread (it only ever
+//! polls the queues this thread fills).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
+use nice_plug::prelude::{nice_log, nice_warn};
+
+use crate::music::encode::{encode, DurationFilter, EncodeConfig, StepGrid};
+use crate::music::key::estimate_key;
+use crate::music::phrase::{
+    AnswerChunk, AnswerEvent, AnswerEventKind, AnswerRequest, KeyLock, LiveShared, Request, LOOKAHEAD_BEATS,
+};
+use crate::music::Symbol;
+
+use super::{Constraints, Continuer, ContinuerFactory, EngineError, EngineState, EngineStatus, ModelSlot};
+
+/// How long the worker sleeps between looks at the playhead while an answer is ahead of it.
+const AHEAD_POLL: Duration = Duration::from_millis(1);
+
+/// How long the worker sleeps when idle before it looks at the model choice again.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// Symbols of its own output a continuous answer keeps to start over from after a delimiter.
+const CONTINUOUS_HISTORY_STEPS: usize = 256;
+
+/// Moves `pitch` into the constraints: by whole octaves into the range, then to the nearest
+/// pitch of the scale (the lower one on a tie). Returns it unchanged when nothing in the range
+/// fits the scale.
+pub fn constrain_pitch(pitch: u8, constraints: &Constraints) -> u8 {
+    let (lowest, highest) =
+        (constraints.lowest_pitch.min(127) as i32, constraints.highest_pitch.min(127) as i32);
+    let mut p = pitch as i32;
+    while p < lowest && p + 12 <= highest {
+        p += 12;
+    }
+    while p > highest && p - 12 >= lowest {
+        p -= 12;
+    }
+    let p = p.clamp(lowest, highest);
+    let Some(key) = constraints.key else { return p as u8 };
+    for distance in 0..=6 {
+        for candidate in [p - distance, p + distance] {
+            if (lowest..=highest).contains(&candidate) && key.contains(candidate as u8) {
+                return candidate as u8;
+            }
+        }
+    }
+    p as u8
+}
+
+/// Turns the symbols of an answer, one step at a time, into note starts and ends in beats from
+/// the answer's start.
+#[derive(Clone, Debug)]
+pub struct NoteStream {
+    step_beats: f64,
+    len_steps: Option<u64>,
+    num_steps: u64,
+    sounding_pitch: Option<u8>,
+    /// The primer's last note, when it sounds up to the primer's end: a continuation that
+    /// starts by holding it plays it anew at the answer's start.
+    carried_pitch: Option<u8>,
+    is_finished: bool,
+}
+
+impl NoteStream {
+    /// A stream on `grid` that ends after `len_beats` (never, for `None`). `carried_pitch` is
+    /// the note the primer ends on, if it sounds up to the primer's end.
+    pub fn new(grid: StepGrid, len_beats: Option<f64>, carried_pitch: Option<u8>) -> Self {
+        Self {
+            step_beats: grid.step_beats(),
+            len_steps: len_beats.map(|len| grid.nearest_steps(len) as u64),
+            num_steps: 0,
+            sounding_pitch: None,
+            carried_pitch,
+            is_finished: false,
+        }
+    }
+
+    /// The note a primer's symbols end on, if it sounds up to their end (no rest after it).
+    pub fn last_sounding_pitch(primer: &[Symbol]) -> Option<u8> {
+        match primer.iter().rev().find(|s| **s != Symbol::Hold) {
+            Some(Symbol::Pitch(pitch)) => Some(*pitch),
+            _ => None,
+        }
+    }
+
+    /// Beats written so far: the next step starts here.
+    pub fn written_until_beats(&self) -> f64 {
+        self.num_steps as f64 * self.step_beats
+    }
+
+    /// Steps written so far.
+    pub fn num_steps(&self) -> u64 {
+        self.num_steps
+    }
+
+    /// Whether the answer is complete.
+    pub fn is_finished(&self) -> bool {
+        self.is_finished
+    }
+
+    /// Whether the answer reached its length: the next call should be [`NoteStream::finish`].
+    pub fn is_full(&self) -> bool {
+        self.len_steps.is_some_and(|len| self.num_steps >= len)
+    }
+
+    /// Takes the next step's symbol. A pitch is moved into `constraints`. A delimiter ends the
+    /// sounding note and, unless `is_continuous`, the answer. Returns whether it was a delimiter.
+    pub fn push(
+        &mut self,
+        symbol: Symbol,
+        constraints: &Constraints,
+        out: &mut impl FnMut(AnswerEvent),
+    ) -> bool {
+        if self.is_finished {
+            return false;
+        }
+        let at_beats = self.written_until_beats();
+        let mut is_delimiter = false;
+        if let Some(pitch) = self.carried_pitch.take() {
+            if symbol == Symbol::Hold {
+                // The phrase's last note goes on: the answer starts with it.
+                let pitch = constrain_pitch(pitch, constraints);
+                out(AnswerEvent { at_beats, kind: AnswerEventKind::NoteOn { pitch } });
+                self.sounding_pitch = Some(pitch);
+            }
+        }
+        match symbol {
+            Symbol::Pitch(pitch) => {
+                self.end_note(at_beats, out);
+                let pitch = constrain_pitch(pitch, constraints);
+                out(AnswerEvent { at_beats, kind: AnswerEventKind::NoteOn { pitch } });
+                self.sounding_pitch = Some(pitch);
+            }
+            Symbol::Hold => {}
+            Symbol::Rest => self.end_note(at_beats, out),
+            Symbol::Delimiter => {
+                self.end_note(at_beats, out);
+                is_delimiter = true;
+            }
+        }
+        self.num_steps += 1;
+        is_delimiter
+    }
+
+    /// Ends the answer where it stands (its length is reached, the model said so, or it failed).
+    pub fn finish(&mut self, out: &mut impl FnMut(AnswerEvent)) {
+        let at_beats = self.written_until_beats();
+        self.end_note(at_beats, out);
+        self.is_finished = true;
+    }
+
+    fn end_note(&mut self, at_beats: f64, out: &mut impl FnMut(AnswerEvent)) {
+        if let Some(pitch) = self.sounding_pitch.take() {
+            out(AnswerEvent { at_beats, kind: AnswerEventKind::NoteOff { pitch } });
+        }
+    }
+}
+
+/// The answer being written.
+struct ActiveAnswer {
+    id: u32,
+    stream: NoteStream,
+    constraints: Constraints,
+    is_continuous: bool,
+    seed: u64,
+    num_restarts: u64,
+    /// The primer and what was written since, for a continuous answer to start over from.
+    history: Vec<Symbol>,
+}
+
+pub(super) struct Worker {
+    factory: Arc<dyn ContinuerFactory>,
+    model: Arc<ModelSlot>,
+    live: Arc<LiveShared>,
+    status: Arc<EngineStatus>,
+    request_rx: Receiver<Request>,
+    chunk_tx: Sender<AnswerChunk>,
+    continuer: Option<Box<dyn Continuer>>,
+    loaded_epoch: Option<u32>,
+    answer: Option<ActiveAnswer>,
+    /// A chunk the audio thread's queue had no room for yet.
+    outgoing: Option<AnswerChunk>,
+}
+
+impl Worker {
+    pub(super) fn new(
+        factory: Arc<dyn ContinuerFactory>,
+        model: Arc<ModelSlot>,
+        live: Arc<LiveShared>,
+        status: Arc<EngineStatus>,
+        request_rx: Receiver<Request>,
+        chunk_tx: Sender<AnswerChunk>,
+    ) -> Self {
+        Self {
+            factory,
+            model,
+            live,
+            status,
+            request_rx,
+            chunk_tx,
+            continuer: None,
+            loaded_epoch: None,
+            answer: None,
+            outgoing: None,
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        loop {
+            if self.loaded_epoch != Some(self.model.epoch()) {
+                self.load_model();
+            }
+            let wait = if self.has_work_due() {
+                Duration::ZERO
+            } else if self.answer.is_some() {
+                AHEAD_POLL
+            } else {
+                IDLE_POLL
+            };
+            let first = if wait.is_zero() {
+                match self.request_rx.try_recv() {
+                    Ok(request) => Some(request),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            } else {
+                match self.request_rx.recv_timeout(wait) {
+                    Ok(request) => Some(request),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            // Take everything queued; of several phrases only the newest is answered.
+            let mut newest = None;
+            let mut next = first;
+            while let Some(request) = next {
+                match request {
+                    Request::Shutdown => return,
+                    Request::Continue(request) => newest = Some(request),
+                }
+                next = self.request_rx.try_recv().ok();
+            }
+            if let Some(request) = newest {
+                self.start_answer(request);
+            }
+            self.write_ahead();
+        }
+    }
+
+    /// Whether there is answer to write or a chunk to deliver now.
+    fn has_work_due(&self) -> bool {
+        if self.outgoing.is_some() {
+            return true;
+        }
+        let Some(answer) = &self.answer else { return false };
+        !answer.stream.is_finished()
+            && (answer.stream.is_full() || answer.stream.written_until_beats() < self.target_beats())
+    }
+
+    /// How far the answer should be written: a lookahead past the playhead, and the first
+    /// lookahead at once, before the answer starts.
+    fn target_beats(&self) -> f64 {
+        self.live.playhead_beats.load(Ordering::Acquire).max(0.0) + LOOKAHEAD_BEATS
+    }
+
+    fn load_model(&mut self) {
+        let epoch = self.model.epoch();
+        let choice = self.model.get();
+        let is_reload = self.loaded_epoch.is_some();
+        self.answer = None;
+        self.continuer = None;
+        self.live.is_model_ready.store(false, Ordering::Release);
+        self.live.is_model_loading.store(true, Ordering::Release);
+        self.status.set(EngineState::Loading, choice.to_string());
+        let loaded = choice.validate().and_then(|()| self.factory.load(&choice));
+        match loaded {
+            Ok(continuer) => {
+                nice_log!("Antiphon: loaded {choice}");
+                self.continuer = Some(continuer);
+                self.live.is_model_ready.store(true, Ordering::Release);
+                self.status.set(EngineState::Ready, choice.to_string());
+            }
+            Err(err) => {
+                nice_warn!("Antiphon: {err}; notes pass through unanswered");
+                self.status.set(EngineState::Failed, err.to_string());
+            }
+        }
+        self.loaded_epoch = Some(epoch);
+        self.live.is_model_loading.store(false, Ordering::Release);
+        if is_reload {
+            // Whatever the audio thread plays from the previous model ends now.
+            self.live.model_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn start_answer(&mut self, request: AnswerRequest) {
+        self.answer = None;
+        if self.live.active_answer_id.load(Ordering::Acquire) != request.answer_id {
+            return; // Already cancelled or replaced.
+        }
+        let Some(continuer) = self.continuer.as_mut() else { return };
+        match begin_answer(continuer.as_mut(), &request) {
+            Ok(answer) => self.answer = Some(answer),
+            Err(err) => {
+                nice_warn!("Antiphon: no answer: {err}");
+                // Tell the audio thread there is nothing to wait for.
+                let mut chunk = empty_chunk(request.answer_id);
+                chunk.is_finished = true;
+                self.outgoing = Some(chunk);
+            }
+        }
+    }
+
+    /// Writes the answer up to the target and sends what was written.
+    fn write_ahead(&mut self) {
+        if let Some(chunk) = self.outgoing.take() {
+            match self.chunk_tx.try_send(chunk) {
+                Ok(()) => {}
+                Err(TrySendError::Full(chunk)) => {
+                    self.outgoing = Some(chunk);
+                    return;
+                }
+                Err(TrySendError::Disconnected(_)) => return,
+            }
+        }
+        let target_beats = self.target_beats();
+        let active_id = self.live.active_answer_id.load(Ordering::Acquire);
+        let (Some(answer), Some(continuer)) = (self.answer.as_mut(), self.continuer.as_mut()) else { return };
+        if answer.id != active_id {
+            self.answer = None;
+            return;
+        }
+        if answer.stream.is_finished() {
+            return;
+        }
+        let mut chunk = empty_chunk(answer.id);
+        let mut failure = None;
+        let written_before_beats = answer.stream.written_until_beats();
+        // Room for the two events one step can make (an end and a start).
+        // A full answer is finished at once, target or not, so its last note's end is known
+        // before the answer's end is reached.
+        while chunk.events.remaining_capacity() >= 2
+            && (answer.stream.is_full() || answer.stream.written_until_beats() < target_beats)
+        {
+            let mut push = |event| chunk.events.push(event);
+            if answer.stream.is_full() {
+                answer.stream.finish(&mut push);
+                break;
+            }
+            let temperature = self.live.temperature.load(Ordering::Relaxed);
+            let symbol = match continuer.next_symbol(temperature, &answer.constraints) {
+                Ok(symbol) => symbol,
+                Err(err) => {
+                    answer.stream.finish(&mut push);
+                    failure = Some(err);
+                    break;
+                }
+            };
+            let is_delimiter = answer.stream.push(symbol, &answer.constraints, &mut push);
+            if answer.is_continuous {
+                answer.history.push(symbol);
+                if answer.history.len() > 2 * CONTINUOUS_HISTORY_STEPS {
+                    answer.history.drain(..answer.history.len() - CONTINUOUS_HISTORY_STEPS);
+                }
+            }
+            if is_delimiter {
+                if !answer.is_continuous {
+                    answer.stream.finish(&mut push);
+                    break;
+                }
+                // Continuous: start over from its own recent output, with a seed of its own.
+                answer.num_restarts += 1;
+                let tail_idx = answer.history.len().saturating_sub(CONTINUOUS_HISTORY_STEPS);
+                let primer: Vec<Symbol> =
+                    answer.history[tail_idx..].iter().copied().filter(|s| *s != Symbol::Delimiter).collect();
+                if let Err(err) = continuer.begin(&primer, answer.seed.wrapping_add(answer.num_restarts)) {
+                    answer.stream.finish(&mut push);
+                    failure = Some(err);
+                    break;
+                }
+            }
+        }
+        chunk.written_until_beats = answer.stream.written_until_beats();
+        chunk.is_finished = answer.stream.is_finished();
+        if let Some(err) = failure {
+            nice_warn!("Antiphon: answer cut short: {err}");
+        }
+        if chunk.events.is_empty() && !chunk.is_finished && chunk.written_until_beats == written_before_beats
+        {
+            return;
+        }
+        self.outgoing = Some(chunk);
+        if let Some(chunk) = self.outgoing.take() {
+            if let Err(TrySendError::Full(chunk)) = self.chunk_tx.try_send(chunk) {
+                self.outgoing = Some(chunk);
+            }
+        }
+    }
+}
+
+fn empty_chunk(answer_id: u32) -> AnswerChunk {
+    AnswerChunk { answer_id, events: Default::default(), written_until_beats: 0.0, is_finished: false }
+}
+
+/// Encodes the request's phrase on the continuer's grid and starts the continuer on it.
+fn begin_answer(continuer: &mut dyn Continuer, request: &AnswerRequest) -> Result<ActiveAnswer, EngineError> {
+    let grid = continuer.grid();
+    let melody = request.phrase.quantized(grid).to_melody();
+    let cfg = EncodeConfig {
+        grid,
+        durations: DurationFilter::OnGrid,
+        lowest_pitch: 0,
+        highest_pitch: 127,
+        min_notes: 0,
+    };
+    let primer = encode(&melody, &cfg)?;
+    let settings = &request.settings;
+    let key = match settings.key_lock {
+        KeyLock::Off => None,
+        KeyLock::FollowPhrase => estimate_key(&melody.notes),
+        KeyLock::Fixed(key) => Some(key),
+    };
+    let is_continuous = settings.len_beats.is_none();
+    let constraints = Constraints {
+        lowest_pitch: settings.lowest_pitch,
+        highest_pitch: settings.highest_pitch,
+        key,
+        may_end: is_continuous,
+    };
+    continuer.begin(&primer, request.seed)?;
+    Ok(ActiveAnswer {
+        id: request.answer_id,
+        stream: NoteStream::new(grid, settings.len_beats, NoteStream::last_sounding_pitch(&primer)),
+        constraints,
+        is_continuous,
+        seed: request.seed,
+        num_restarts: 0,
+        history: if is_continuous { primer } else { Vec::new() },
+    })
+}
