@@ -5,9 +5,6 @@
 //! only (no delimiter targets) and onsets only (neither `_` nor `/`).
 //! Runs on: offline threads (xtask eval, tests). Calls candle.
 
-use candle_core::{IndexOp, Tensor};
-
-use crate::model::lstm::nll_and_argmax;
 use crate::model::train::{evaluate, EvalConfig, EvalMetrics, Score};
 use crate::model::{LoadedModel, ModelError};
 use crate::music::encode::join_songs;
@@ -112,26 +109,34 @@ pub fn num_windowed_targets(model: &LoadedModel, songs: &[&[Symbol]], eval: &Eva
 }
 
 /// One song streamed as the plugin runs it: from the zero state, the model's run of delimiters,
-/// then every symbol of `song` and one closing delimiter predicted from everything before it.
+/// then every symbol of `song` and one closing delimiter predicted from everything before it,
+/// one `LoadedModel::step` at a time (the generator's own path).
 pub fn streaming_likelihood(model: &LoadedModel, song: &[Symbol]) -> Result<MetricSums, ModelError> {
-    let lead = model.config.delimiter_len.max(1);
-    let mut symbols = vec![Symbol::Delimiter; lead];
-    symbols.extend_from_slice(song);
-    symbols.push(Symbol::Delimiter);
-    let tokens: Vec<u32> = model.config.vocab.encode(&symbols)?.into_iter().map(|t| t.0 as u32).collect();
-    let device = model.lstm.device();
-    let inputs = Tensor::from_slice(&tokens[..tokens.len() - 1], (1, tokens.len() - 1), device)?;
-    let (logits, _) = model.lstm.forward(&inputs, None, None)?;
-    // Rows lead - 1.. predict the song's symbols and the closing delimiter.
-    let num_targets = symbols.len() - lead;
-    let logits = logits.i(0)?.narrow(0, lead - 1, num_targets)?;
-    let targets = Tensor::from_slice(&tokens[lead..], num_targets, device)?;
-    let (nll, argmax) = nll_and_argmax(&logits, &targets)?;
-    let nll = nll.to_vec1::<f32>()?;
-    let argmax = argmax.to_vec1::<u32>()?;
+    let vocab = &model.config.vocab;
+    let lead = vec![Symbol::Delimiter; model.config.delimiter_len.max(1)];
+    let lead_tokens = vocab.encode(&lead)?;
+    let mut targets = song.to_vec();
+    targets.push(Symbol::Delimiter);
+    let target_tokens = vocab.encode(&targets)?;
+    let mut state = model.new_state();
+    let mut logits = vec![0.0f32; vocab.len()];
+    for &token in &lead_tokens {
+        model.step(token, &mut state, &mut logits)?;
+    }
     let mut sums = MetricSums::default();
-    for (i, symbol) in symbols[lead..].iter().enumerate() {
-        sums.add(*symbol, nll[i] as f64, argmax[i] == tokens[lead + i]);
+    for (&symbol, &token) in targets.iter().zip(&target_tokens) {
+        let (nll, is_best) = nll_of(&logits, token.0 as usize);
+        sums.add(symbol, nll, is_best);
+        model.step(token, &mut state, &mut logits)?;
     }
     Ok(sums)
+}
+
+/// Negative log-likelihood (nats) of entry `target` under the softmax of `logits`, and whether
+/// it is the largest (the first of equals, as `argmax` picks).
+fn nll_of(logits: &[f32], target: usize) -> (f64, bool) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_sum = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+    let best = logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
+    (log_sum - logits[target] as f64, best == target)
 }
