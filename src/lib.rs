@@ -4,6 +4,7 @@
 //! Runs on: audio thread (`process`, `reset`), main thread (everything else).
 
 pub mod engine;
+pub mod eval;
 pub mod model;
 pub mod music;
 pub mod params;

@@ -158,9 +158,11 @@ pub struct Dataset {
 }
 
 /// One kept song before the split.
-struct Kept {
-    melody: Melody,
-    symbols: Vec<Symbol>,
+pub struct Kept {
+    /// The melody moved into the key convention.
+    pub melody: Melody,
+    /// Its encoding.
+    pub symbols: Vec<Symbol>,
 }
 
 /// Builds the streams from named sets of melodies (in their order) under `cfg`.
@@ -277,7 +279,7 @@ pub fn build_dataset(sets: Vec<(String, Collection)>, cfg: &DataConfig) -> Resul
 }
 
 /// Transposes and encodes one song, or names why it is dropped.
-fn keep_song(melody: Melody, cfg: &DataConfig, encode_cfg: &EncodeConfig) -> Result<Kept, &'static str> {
+pub fn keep_song(melody: Melody, cfg: &DataConfig, encode_cfg: &EncodeConfig) -> Result<Kept, &'static str> {
     let shift = match cfg.transposition {
         Transposition::None => 0,
         Transposition::PlainSignature { key_source } => {

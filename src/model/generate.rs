@@ -262,7 +262,7 @@ pub fn continue_melody(
 /// Semitones that bring `primer` to the model: to its key convention, then by whole octaves
 /// to the octave where the fewest notes fall outside `lowest..=highest` (the nearer octave on
 /// a tie).
-fn model_shift(primer: &Melody, transposition: Transposition, lowest: u8, highest: u8) -> i32 {
+pub fn model_shift(primer: &Melody, transposition: Transposition, lowest: u8, highest: u8) -> i32 {
     let key_shift = match transposition {
         Transposition::None => 0,
         Transposition::PlainSignature { key_source } => {

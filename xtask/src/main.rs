@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod corpus;
+mod eval;
 mod generate;
 mod train;
 
@@ -37,6 +38,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Time generation and training, ours against candle-nn's stock LSTM.
     Bench(bench::BenchArgs),
+    // The help text is `EvalArgs`'s doc comment, long form included.
+    Eval(eval::EvalArgs),
 }
 
 fn main() -> Result<()> {
@@ -51,5 +54,6 @@ fn main() -> Result<()> {
         Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }

@@ -304,7 +304,7 @@ fn set<T: Copy>(field: &mut T, value: Option<T>) {
 }
 
 /// `name=a,b` or `a,b` (named after the first path's file stem, or `set{index}`).
-fn parse_set(spec: &str, index: usize) -> DataSet {
+pub(crate) fn parse_set(spec: &str, index: usize) -> DataSet {
     let (name, paths) = match spec.split_once('=') {
         Some((name, paths)) => (Some(name.to_string()), paths),
         None => (None, spec),
