@@ -2,9 +2,9 @@
 //! op, with its backward pass (backpropagation through time) written by hand. It replaces the
 //! dozen small tensors candle's graph builds per time step, and candle's autograd still works
 //! around it: the input projection, the output layer and the loss stay ordinary candle ops.
-//! Runs on: offline threads (training, evaluation). Splits the batch across
-//! `candle_core::utils::get_num_threads()` threads of its own (scoped, joined before it
-//! returns); sets no environment variables.
+//! Runs on: offline threads (training, evaluation). Splits the batch across candle's own CPU
+//! worker threads (`candle_core::utils::barrier_pool`), the calling thread among them; spawns
+//! none and sets no environment variables.
 //!
 //! Forward, per step and per sequence: `gates = xs_proj[t] + W_hh h[t-1]`, then the cell
 //! (`[i f g o] = [σ σ tanh σ](gates)`, `c = f ⊙ c[t-1] + i ⊙ g`, `h = o ⊙ tanh c`). The op keeps
@@ -65,19 +65,23 @@ pub fn lstm_outputs(
     for (k, layer) in model.layers().iter().enumerate() {
         let bias = (weight(&layer.b_ih) + weight(&layer.b_hh))?;
         let w_ih_t = weight(&layer.w_ih).t()?;
-        let xs_proj = match &ys {
+        let w_hh = weight(&layer.w_hh);
+        let (out, h, c) = match &ys {
             None => {
                 let table = match model.embedding() {
                     Some(e) => weight(e).matmul(&w_ih_t)?,
                     // A one-hot token times W_ihᵀ is a row of W_ihᵀ.
                     None => w_ih_t.contiguous()?,
                 };
-                table.broadcast_add(&bias)?.index_select(&tokens.flatten_all()?, 0)?
+                recur_tokens(&table.broadcast_add(&bias)?, tokens, &w_hh, &state.h[k], &state.c[k])?
             }
-            Some(below) => below.reshape((seq_len * batch, hidden))?.matmul(&w_ih_t)?.broadcast_add(&bias)?,
+            Some(below) => {
+                let flat = below.reshape((seq_len * batch, hidden))?;
+                let xs_proj =
+                    flat.matmul(&w_ih_t)?.broadcast_add(&bias)?.reshape((seq_len, batch, 4 * hidden))?;
+                recur(&xs_proj, &w_hh, &state.h[k], &state.c[k])?
+            }
         };
-        let xs_proj = xs_proj.reshape((seq_len, batch, 4 * hidden))?;
-        let (out, h, c) = recur(&xs_proj, &weight(&layer.w_hh), &state.h[k], &state.c[k])?;
         next.h.push(h);
         next.c.push(c);
         ys = Some(match dropout.as_deref_mut() {
@@ -104,22 +108,57 @@ pub fn applies(xs_proj: &Tensor, w_hh: &Tensor) -> bool {
 /// `[batch, hidden]` after the last step). Gradients flow to `xs_proj`, `w_hh`, `h0` and `c0`
 /// through `ys` (and `h`, its last step); the returned `c` carries none.
 pub fn recur(xs_proj: &Tensor, w_hh: &Tensor, h0: &Tensor, c0: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    recur_on(xs_proj, w_hh, h0, c0, Recurrence::new())
+    let (seq_len, batch, _) = xs_proj.dims3()?;
+    recur_on(xs_proj, w_hh, h0, c0, Recurrence::new(), seq_len, batch)
 }
 
+/// `recur` for a first layer whose input projection is a row of a table per token: the rows
+/// are gathered inside the op, and their gradient summed into the table's there, so no
+/// `[seq, batch, 4 hidden]` tensor passes through candle's graph.
+/// table: `[vocab, 4 hidden]` (`W_ih x + b_ih + b_hh` of every token), tokens: `[seq, batch]`
+/// u32; the rest and the results as for `recur`. Gradients flow to `table` as to `xs_proj`.
+pub fn recur_tokens(
+    table: &Tensor,
+    tokens: &Tensor,
+    w_hh: &Tensor,
+    h0: &Tensor,
+    c0: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (seq_len, batch) = tokens.dims2()?;
+    let vocab_len = table.dim(0)?;
+    let ids = tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab_len) {
+        return Err(Error::Msg(format!("fused LSTM: token {bad} outside a table of {vocab_len}")));
+    }
+    let op = Recurrence { token_ids: Some(ids), ..Recurrence::new() };
+    recur_on(table, w_hh, h0, c0, op, seq_len, batch)
+}
+
+/// Checks the shapes and runs `op`; `input` is xs_proj, or the table when `op` has tokens.
 fn recur_on(
-    xs_proj: &Tensor,
+    input: &Tensor,
     w_hh: &Tensor,
     h0: &Tensor,
     c0: &Tensor,
     op: Recurrence,
+    seq_len: usize,
+    batch: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (seq_len, batch, gate_width) = xs_proj.dims3()?;
+    let gate_width = *input.dims().last().unwrap_or(&0);
     let hidden = gate_width / 4;
-    if w_hh.dims() != [gate_width, hidden] || h0.dims() != [batch, hidden] || c0.dims() != [batch, hidden] {
+    let input_fits = match op.token_ids {
+        Some(_) => input.rank() == 2,
+        None => input.dims() == [seq_len, batch, gate_width],
+    };
+    if !input_fits
+        || seq_len == 0
+        || w_hh.dims() != [gate_width, hidden]
+        || h0.dims() != [batch, hidden]
+        || c0.dims() != [batch, hidden]
+    {
         return Err(Error::Msg(format!(
-            "fused LSTM: xs_proj {:?}, w_hh {:?}, h0 {:?}, c0 {:?} do not fit together",
-            xs_proj.dims(),
+            "fused LSTM: input {:?}, w_hh {:?}, h0 {:?}, c0 {:?} do not fit together",
+            input.dims(),
             w_hh.dims(),
             h0.dims(),
             c0.dims()
@@ -127,13 +166,14 @@ fn recur_on(
     }
     let hc0 = Tensor::stack(&[h0, c0], 0)?.contiguous()?;
     let saved = op.saved.clone();
-    let ys = xs_proj.contiguous()?.apply_op3(&w_hh.contiguous()?, &hc0, op)?;
+    let op = Recurrence { steps: (seq_len, batch), ..op };
+    let ys = input.contiguous()?.apply_op3(&w_hh.contiguous()?, &hc0, op)?;
     let h_last = ys.i(seq_len - 1)?;
     let c_last = {
         let guard = saved.lock().map_err(|_| Error::Msg("fused LSTM: state lock poisoned".into()))?;
         let saved = guard.as_ref().ok_or_else(|| Error::Msg("fused LSTM: forward kept no state".into()))?;
         let last = &saved.cells[(seq_len - 1) * batch * hidden..];
-        Tensor::from_slice(last, (batch, hidden), xs_proj.device())?
+        Tensor::from_slice(last, (batch, hidden), input.device())?
     };
     Ok((ys, h_last, c_last))
 }
@@ -188,11 +228,16 @@ impl Drop for Saved {
     }
 }
 
-/// The custom op. Inputs: xs_proj `[seq, batch, 4 hidden]`, w_hh `[4 hidden, hidden]`, hc0
-/// `[2, batch, hidden]` (h0 over c0); output: ys `[seq, batch, hidden]`.
+/// The custom op. Inputs: xs_proj `[seq, batch, 4 hidden]` (or with `token_ids`, the table
+/// `[vocab, 4 hidden]`), w_hh `[4 hidden, hidden]`, hc0 `[2, batch, hidden]` (h0 over c0);
+/// output: ys `[seq, batch, hidden]`.
 struct Recurrence {
     isa: Isa,
     num_threads: usize,
+    /// `[seq, batch]` token ids, when the first input is a table to gather rows from.
+    token_ids: Option<Vec<u32>>,
+    /// `(seq, batch)`.
+    steps: (usize, usize),
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
@@ -200,7 +245,9 @@ impl Recurrence {
     fn new() -> Self {
         Self {
             isa: Isa::detect(),
-            num_threads: candle_core::utils::get_num_threads().max(1),
+            num_threads: candle_core::utils::barrier_pool().n_workers() + 1,
+            token_ids: None,
+            steps: (0, 0),
             saved: Arc::new(Mutex::new(None)),
         }
     }
@@ -210,6 +257,22 @@ impl Recurrence {
         let n = self.num_threads.min(batch).max(1);
         (0..=n).map(|i| i * batch / n).collect()
     }
+}
+
+/// Runs `work` on every item, spread over candle's own CPU threads (the calling thread among
+/// them): no threads are spawned, and none of candle's idle workers spin beside ours.
+fn on_candle_threads<T: Send>(items: &mut [T], work: impl Fn(&mut T) + Sync) {
+    let pool = candle_core::utils::barrier_pool();
+    let num_threads = pool.n_workers() + 1;
+    // Each item is locked by the one thread that takes it, so these locks never wait.
+    let items: Vec<Mutex<&mut T>> = items.iter_mut().map(Mutex::new).collect();
+    pool.execute(|thread_idx| {
+        for item in items.iter().skip(thread_idx).step_by(num_threads) {
+            if let Ok(mut item) = item.lock() {
+                work(&mut item);
+            }
+        }
+    });
 }
 
 /// The contiguous f32 data of a CPU storage under `layout`.
@@ -250,6 +313,18 @@ fn split_rows<'a>(
     out
 }
 
+/// Per-share lists of per-step token ids: `out[share][step]` is the ids of rows
+/// `bounds[share]..bounds[share + 1]` of step `step` (`ids` is `[steps][batch]`).
+fn split_ids<'a>(ids: &'a [u32], batch: usize, bounds: &[usize]) -> Vec<Vec<&'a [u32]>> {
+    let mut out: Vec<Vec<&[u32]>> = bounds.windows(2).map(|_| Vec::new()).collect();
+    for step in ids.chunks_exact(batch) {
+        for (share, w) in out.iter_mut().zip(bounds.windows(2)) {
+            share.push(&step[w[0]..w[1]]);
+        }
+    }
+    out
+}
+
 /// The same for read-only data.
 fn split_rows_ref<'a>(buf: &'a [f32], batch: usize, width: usize, bounds: &[usize]) -> Vec<Vec<&'a [f32]>> {
     let mut out: Vec<Vec<&[f32]>> = bounds.windows(2).map(|_| Vec::new()).collect();
@@ -261,11 +336,19 @@ fn split_rows_ref<'a>(buf: &'a [f32], batch: usize, width: usize, bounds: &[usiz
     out
 }
 
+/// Where each step's input projection comes from, for one share of the batch.
+enum StepInputs<'a> {
+    /// Per step: the share's rows of xs_proj, `[rows, 4 hidden]`.
+    Rows(Vec<&'a [f32]>),
+    /// The table `[vocab, 4 hidden]` and per step the share's token ids `[rows]`.
+    Table { table: &'a [f32], ids: Vec<&'a [u32]> },
+}
+
 /// One share's forward pass through every step.
 struct ForwardShare<'a> {
     hidden: usize,
-    /// Per step: the share's rows of xs_proj, `[rows, 4 hidden]`.
-    xs_proj: Vec<&'a [f32]>,
+    /// Every step's input projection.
+    input: StepInputs<'a>,
     /// The share's rows of h0 and c0, `[rows, hidden]`.
     h0: &'a [f32],
     c0: &'a [f32],
@@ -305,10 +388,18 @@ impl ForwardShare<'_> {
     fn run_body(&mut self, isa: Isa, w_hh_t: &PackedB) {
         let hidden = self.hidden;
         let rows = self.h0.len() / hidden;
-        for t in 0..self.xs_proj.len() {
+        let gate_width = 4 * hidden;
+        for t in 0..self.gates.len() {
             {
                 let gates = &mut *self.gates[t];
-                gates.copy_from_slice(self.xs_proj[t]);
+                match &self.input {
+                    StepInputs::Rows(rows) => gates.copy_from_slice(rows[t]),
+                    StepInputs::Table { table, ids } => {
+                        for (dst, &id) in gates.chunks_exact_mut(gate_width).zip(ids[t]) {
+                            dst.copy_from_slice(&table[id as usize * gate_width..][..gate_width]);
+                        }
+                    }
+                }
                 let h_prev: &[f32] = if t == 0 { self.h0 } else { &*self.ys[t - 1] };
                 let h_ref = MatRef { data: h_prev, row_stride: hidden, col_stride: 1 };
                 gemm(isa, rows, h_ref, w_hh_t, gates, 4 * hidden, true);
@@ -476,6 +567,9 @@ struct BackwardShare<'a> {
     /// Written at the end: the gradients for h0 and c0 (the share's rows).
     grad_h0: &'a mut [f32],
     grad_c0: &'a mut [f32],
+    /// With a token table: per step the share's token ids, and this share's sum of the
+    /// gradients of the table's rows, `[vocab, 4 hidden]`.
+    table_grad: Option<(Vec<&'a [u32]>, Vec<f32>)>,
 }
 
 impl BackwardShare<'_> {
@@ -556,6 +650,15 @@ impl BackwardShare<'_> {
                     }
                 }
             }
+            if let Some((ids, table_grad)) = &mut self.table_grad {
+                let gate_width = 4 * hidden;
+                for (d_row, &id) in dxs.chunks_exact(gate_width).zip(ids[t]) {
+                    let sum = &mut table_grad[id as usize * gate_width..][..gate_width];
+                    for (s, &d) in sum.iter_mut().zip(d_row) {
+                        *s += d;
+                    }
+                }
+            }
             let d_ref = MatRef { data: dxs, row_stride: 4 * hidden, col_stride: 1 };
             gemm(isa, rows, d_ref, w_hh, self.grad_h0, hidden, false);
         }
@@ -576,9 +679,10 @@ impl CustomOp3 for Recurrence {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (seq_len, batch, gate_width) = l1.shape().dims3()?;
+        let (seq_len, batch) = self.steps;
+        let gate_width = *l1.dims().last().unwrap_or(&0);
         let hidden = gate_width / 4;
-        let (xs_proj, w_hh, hc0) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        let (input, w_hh, hc0) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
         // W_hhᵀ (`[hidden, 4 hidden]`) is the right-hand side of every step's product.
         let mut w_hh_t = PackedB::with_buffer(take_buffer(0));
         w_hh_t.pack(hidden, gate_width, w_hh, 1, hidden);
@@ -589,21 +693,30 @@ impl CustomOp3 for Recurrence {
         let mut ys = vec![0.0f32; seq_len * batch * hidden];
         let bounds = self.shares(batch);
         {
-            let xs_shares = split_rows_ref(xs_proj, batch, gate_width, &bounds);
+            let input_shares: Vec<StepInputs> = match &self.token_ids {
+                None => split_rows_ref(input, batch, gate_width, &bounds)
+                    .into_iter()
+                    .map(StepInputs::Rows)
+                    .collect(),
+                Some(ids) => split_ids(ids, batch, &bounds)
+                    .into_iter()
+                    .map(|ids| StepInputs::Table { table: input, ids })
+                    .collect(),
+            };
             let gate_shares = split_rows(&mut gates, batch, gate_width, &bounds);
             let cell_shares = split_rows(&mut cells, batch, hidden, &bounds);
             let tanh_shares = split_rows(&mut tanh_cells, batch, hidden, &bounds);
             let ys_shares = split_rows(&mut ys, batch, hidden, &bounds);
-            let mut shares: Vec<ForwardShare> = xs_shares
+            let mut shares: Vec<ForwardShare> = input_shares
                 .into_iter()
                 .zip(gate_shares)
                 .zip(cell_shares)
                 .zip(tanh_shares)
                 .zip(ys_shares)
                 .zip(bounds.windows(2))
-                .map(|(((((xs, gates), cells), tanh_cells), ys), w)| ForwardShare {
+                .map(|(((((input, gates), cells), tanh_cells), ys), w)| ForwardShare {
                     hidden,
-                    xs_proj: xs,
+                    input,
                     h0: &h0[w[0] * hidden..w[1] * hidden],
                     c0: &c0[w[0] * hidden..w[1] * hidden],
                     gates,
@@ -613,13 +726,7 @@ impl CustomOp3 for Recurrence {
                 })
                 .collect();
             let (isa, w_hh_t) = (self.isa, &w_hh_t);
-            std::thread::scope(|scope| {
-                let (first, others) = shares.split_first_mut().expect("at least one share");
-                for share in others {
-                    scope.spawn(move || share.run(isa, w_hh_t));
-                }
-                first.run(isa, w_hh_t);
-            });
+            on_candle_threads(&mut shares, |share| share.run(isa, w_hh_t));
         }
         give_back(w_hh_t.into_buffer());
         let mut saved =
@@ -630,7 +737,7 @@ impl CustomOp3 for Recurrence {
 
     fn bwd(
         &self,
-        xs_proj: &Tensor,
+        input: &Tensor,
         w_hh: &Tensor,
         hc0: &Tensor,
         ys: &Tensor,
@@ -640,10 +747,17 @@ impl CustomOp3 for Recurrence {
         let saved = guard.as_ref().ok_or_else(|| Error::Msg("fused LSTM: backward before forward".into()))?;
         let (seq_len, batch, hidden) = (saved.seq_len, saved.batch, saved.hidden);
         let gate_width = 4 * hidden;
-        let device = xs_proj.device();
+        let device = input.device();
         let mut w_hh_packed = PackedB::with_buffer(take_buffer(0));
         with_data(w_hh, |w| w_hh_packed.pack(gate_width, hidden, w, hidden, 1))?;
-        let mut grad_xs = vec![0.0f32; seq_len * batch * gate_width];
+        // With a token table the gradient for xs_proj stays inside (it is summed into the
+        // table's), so it can live in a pooled buffer.
+        let mut grad_xs = match self.token_ids {
+            Some(_) => take_buffer(seq_len * batch * gate_width),
+            None => vec![0.0f32; seq_len * batch * gate_width],
+        };
+        let vocab_len = input.dim(0)?;
+        let mut table_grad = None;
         let mut grad_hc0 = vec![0.0f32; 2 * batch * hidden];
         let bounds = self.shares(batch);
         let isa = self.isa;
@@ -658,6 +772,8 @@ impl CustomOp3 for Recurrence {
                 let cells = split_rows_ref(&saved.cells, batch, hidden, &bounds);
                 let tanh_cells = split_rows_ref(&saved.tanh_cells, batch, hidden, &bounds);
                 let grad_xs_shares = split_rows(&mut grad_xs, batch, gate_width, &bounds);
+                let mut id_shares =
+                    self.token_ids.as_ref().map(|ids| split_ids(ids, batch, &bounds).into_iter());
                 let mut shares = Vec::new();
                 for (((((gy, g), c), tc), gx), w) in grad_ys
                     .into_iter()
@@ -682,15 +798,20 @@ impl CustomOp3 for Recurrence {
                         grad_xs_proj: gx,
                         grad_h0: gh,
                         grad_c0: gc,
+                        table_grad: id_shares
+                            .as_mut()
+                            .and_then(Iterator::next)
+                            .map(|ids| (ids, vec![0.0f32; vocab_len * gate_width])),
                     });
                 }
                 let w_hh_packed = &w_hh_packed;
-                std::thread::scope(|scope| {
-                    let (first, others) = shares.split_first_mut().expect("at least one share");
-                    for share in others {
-                        scope.spawn(move || share.run(isa, w_hh_packed));
+                on_candle_threads(&mut shares, |share| share.run(isa, w_hh_packed));
+                let mut sums = shares.into_iter().filter_map(|share| share.table_grad.map(|(_, sum)| sum));
+                table_grad = sums.next().map(|mut total| {
+                    for other in sums {
+                        total.iter_mut().zip(&other).for_each(|(t, o)| *t += o);
                     }
-                    first.run(isa, w_hh_packed);
+                    total
                 });
             })
         })??;
@@ -716,13 +837,9 @@ impl CustomOp3 for Recurrence {
                 rest = tail;
             }
             let (grad_xs_ref, h_prev_ref) = (&grad_xs, &h_prev);
-            std::thread::scope(|scope| {
-                for (row0, rows, part) in parts {
-                    scope.spawn(move || {
-                        let a = MatRef { data: &grad_xs_ref[row0..], row_stride: 1, col_stride: gate_width };
-                        gemm(isa, rows, a, h_prev_ref, part, hidden, false);
-                    });
-                }
+            on_candle_threads(&mut parts, |(row0, rows, part)| {
+                let a = MatRef { data: &grad_xs_ref[*row0..], row_stride: 1, col_stride: gate_width };
+                gemm(isa, *rows, a, h_prev_ref, part, hidden, false);
             });
             give_back(h_prev.into_buffer());
             Some(Tensor::from_vec(grad_w, (gate_width, hidden), device)?)
@@ -730,10 +847,16 @@ impl CustomOp3 for Recurrence {
             None
         };
         give_back(w_hh_packed.into_buffer());
-        let grad_xs = Tensor::from_vec(grad_xs, (seq_len, batch, gate_width), device)?;
+        let grad_input = match table_grad {
+            Some(sum) => {
+                give_back(grad_xs);
+                Tensor::from_vec(sum, (vocab_len, gate_width), device)?
+            }
+            None => Tensor::from_vec(grad_xs, (seq_len, batch, gate_width), device)?,
+        };
         let grad_hc0 =
             if hc0.track_op() { Some(Tensor::from_vec(grad_hc0, (2, batch, hidden), device)?) } else { None };
-        Ok((Some(grad_xs), grad_w_hh, grad_hc0))
+        Ok((Some(grad_input), grad_w_hh, grad_hc0))
     }
 }
 
@@ -795,7 +918,7 @@ mod tests {
         let xs_proj = flat.matmul(&w_ih.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
         let xs_proj = xs_proj.reshape((seq_len, batch, 4 * hidden)).unwrap();
         let op = Recurrence { num_threads, ..Recurrence::new() };
-        let (ys, h, c) = recur_on(&xs_proj, &w_hh, &h0, &c0, op).unwrap();
+        let (ys, h, c) = recur_on(&xs_proj, &w_hh, &h0, &c0, op, seq_len, batch).unwrap();
         let ys = ys.transpose(0, 1).unwrap();
         let grads = (&ys * &weights).unwrap().sum_all().unwrap().backward().unwrap();
 
@@ -829,66 +952,89 @@ mod tests {
         compare(1, 1, 3, 5, 2, 4);
     }
 
-    /// A whole model (embedding, two layers, output layer) trained through `MelodyLstm`'s
-    /// forward pass on the CPU (the fused path) against the same network assembled from
-    /// candle-nn's stock `Embedding`, `LSTM` and `Linear` on the same variables: logits and the
-    /// gradient of every weight of the mean cross-entropy.
+    /// A whole model (embedding or one-hot input, two layers, output layer) through
+    /// `MelodyLstm`'s forward pass on the CPU (the fused path, tokens gathered inside the op)
+    /// against the same network assembled from candle-nn's stock `Embedding` (or one-hot
+    /// vectors), `LSTM` and `Linear` on the same variables: logits and the gradient of every
+    /// weight of the mean cross-entropy.
     #[test]
     fn whole_model_gradients_match_candle_nn() {
         use crate::model::config::ModelConfig;
         use crate::model::lstm::nll_and_argmax;
+        use crate::model::InputKind;
         use crate::music::Vocab;
         use candle_core::Module;
 
         let dev = Device::Cpu;
-        let cfg = ModelConfig::new(
-            Vocab::for_pitch_range(60, 72),
-            crate::model::InputKind::Embedding { dim: 6 },
-            24,
-            2,
-            0.0,
-        );
-        let map = VarMap::new();
-        let model = MelodyLstm::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, &dev)).unwrap();
-        assert!(applies_to(&model));
-        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
-        let vocab = cfg.vocab_len();
-        let embedding = candle_nn::embedding(vocab, 6, vb.pp("embedding")).unwrap();
-        let layers: Vec<_> = (0..2)
-            .map(|k| {
-                let width = if k == 0 { 6 } else { 24 };
-                candle_nn::lstm(width, 24, LSTMConfig { layer_idx: k, ..Default::default() }, vb.pp("lstm"))
-                    .unwrap()
-            })
-            .collect();
-        let head = candle_nn::linear(24, vocab, vb.pp("head")).unwrap();
-        assert_eq!(map.all_vars().len(), 11, "both networks share one set of variables");
+        for (seed, input) in [InputKind::Embedding { dim: 6 }, InputKind::OneHot].into_iter().enumerate() {
+            let cfg = ModelConfig::new(Vocab::for_pitch_range(60, 72), input, 24, 2, 0.0);
+            let vocab = cfg.vocab_len();
+            let map = VarMap::new();
+            let model = MelodyLstm::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, &dev)).unwrap();
+            assert!(applies_to(&model));
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+            let embedding = match input {
+                InputKind::Embedding { dim } => {
+                    Some(candle_nn::embedding(vocab, dim, vb.pp("embedding")).unwrap())
+                }
+                InputKind::OneHot => None,
+            };
+            let layers: Vec<_> = (0..2)
+                .map(|k| {
+                    let width = if k == 0 { input.width(vocab) } else { 24 };
+                    let layer_cfg = LSTMConfig { layer_idx: k, ..Default::default() };
+                    candle_nn::lstm(width, 24, layer_cfg, vb.pp("lstm")).unwrap()
+                })
+                .collect();
+            let head = candle_nn::linear(24, vocab, vb.pp("head")).unwrap();
+            assert_eq!(map.all_vars().len(), model.named_tensors().len(), "one set of variables");
 
-        let mut rng = ChaCha8Rng::seed_from_u64(11);
-        let (batch, seq_len) = (5, 9);
-        let ids: Vec<u32> = (0..batch * (seq_len + 1)).map(|_| rng.random_range(0..vocab as u32)).collect();
-        let all = Tensor::from_vec(ids, (batch, seq_len + 1), &dev).unwrap();
-        let inputs = all.narrow(1, 0, seq_len).unwrap().contiguous().unwrap();
-        let targets = all.narrow(1, 1, seq_len).unwrap().flatten_all().unwrap();
+            let mut rng = ChaCha8Rng::seed_from_u64(11 + seed as u64);
+            let (batch, seq_len) = (5, 9);
+            let ids: Vec<u32> =
+                (0..batch * (seq_len + 1)).map(|_| rng.random_range(0..vocab as u32)).collect();
+            let all = Tensor::from_vec(ids, (batch, seq_len + 1), &dev).unwrap();
+            let inputs = all.narrow(1, 0, seq_len).unwrap().contiguous().unwrap();
+            let targets = all.narrow(1, 1, seq_len).unwrap().flatten_all().unwrap();
 
-        let mut xs = embedding.forward(&inputs).unwrap();
-        for layer in &layers {
-            xs = layer.states_to_tensor(&layer.seq(&xs).unwrap()).unwrap();
+            let mut xs = match &embedding {
+                Some(e) => e.forward(&inputs).unwrap(),
+                None => {
+                    let eye = Tensor::eye(vocab, DType::F32, &dev).unwrap();
+                    let rows = eye.index_select(&inputs.flatten_all().unwrap(), 0).unwrap();
+                    rows.reshape((batch, seq_len, vocab)).unwrap()
+                }
+            };
+            for layer in &layers {
+                xs = layer.states_to_tensor(&layer.seq(&xs).unwrap()).unwrap();
+            }
+            let stock_logits = head.forward(&xs).unwrap();
+            let loss = |logits: &Tensor| {
+                let (nll, _) = nll_and_argmax(&logits.reshape(((), vocab)).unwrap(), &targets).unwrap();
+                nll.mean_all().unwrap()
+            };
+            let stock_grads = loss(&stock_logits).backward().unwrap();
+            let (logits, _) = model.forward(&inputs, None, None).unwrap();
+            let grads = loss(&logits).backward().unwrap();
+
+            assert!(rel_diff(&logits, &stock_logits) < 1e-5, "{input:?}: logits");
+            for (name, var) in map.data().lock().unwrap().iter() {
+                let d = rel_diff(grads.get(var).unwrap(), stock_grads.get(var).unwrap());
+                assert!(d < 1e-4, "{input:?}: gradient of {name} off by {d} (relative)");
+            }
         }
-        let stock_logits = head.forward(&xs).unwrap();
-        let loss = |logits: &Tensor| {
-            let (nll, _) = nll_and_argmax(&logits.reshape(((), vocab)).unwrap(), &targets).unwrap();
-            nll.mean_all().unwrap()
-        };
-        let stock_grads = loss(&stock_logits).backward().unwrap();
-        let (logits, _) = model.forward(&inputs, None, None).unwrap();
-        let grads = loss(&logits).backward().unwrap();
+    }
 
-        assert!(rel_diff(&logits, &stock_logits) < 1e-5, "logits");
-        for (name, var) in map.data().lock().unwrap().iter() {
-            let d = rel_diff(grads.get(var).unwrap(), stock_grads.get(var).unwrap());
-            assert!(d < 1e-4, "gradient of {name} off by {d} (relative)");
-        }
+    #[test]
+    fn token_tables_refuse_tokens_outside_them() {
+        let dev = Device::Cpu;
+        let table = Tensor::zeros((3, 8), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((8, 2), DType::F32, &dev).unwrap();
+        let h = Tensor::zeros((2, 2), DType::F32, &dev).unwrap();
+        let ok = Tensor::from_slice(&[0u32, 2, 1, 1], (2, 2), &dev).unwrap();
+        assert!(recur_tokens(&table, &ok, &w, &h, &h).is_ok());
+        let bad = Tensor::from_slice(&[0u32, 3, 1, 1], (2, 2), &dev).unwrap();
+        assert!(recur_tokens(&table, &bad, &w, &h, &h).is_err());
     }
 
     #[test]

@@ -55,6 +55,13 @@ pub struct BenchArgs {
     /// Skip the training part.
     #[arg(long)]
     no_training: bool,
+    /// Time only our training step (for profiling it).
+    #[arg(long)]
+    ours_only: bool,
+    /// A Python with TensorFlow (e.g. a venv's bin/python): also time the recipe's Keras
+    /// training step, batch by batch between ours.
+    #[arg(long)]
+    tensorflow: Option<PathBuf>,
 }
 
 /// The recipe's vocabulary: 41 pitches, `/`, `_`, `r`.
@@ -142,6 +149,19 @@ impl StockModel {
         let (b, s, h) = xs.dims3()?;
         Ok(self.head.forward(&xs.reshape((b * s, h))?)?)
     }
+}
+
+/// CPU time a process (this one when `None`) has used so far, in seconds (all threads, ended
+/// ones included), where `/proc` tells it (Linux; its clock ticks are 1/100 s).
+fn process_cpu_s(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 /// Median of `xs` (sorted in place).
@@ -298,39 +318,164 @@ fn training(args: &BenchArgs) -> Result<()> {
         let all = Tensor::from_vec(ids, (batch, window + 1), &device)?;
         Ok((all.narrow(1, 0, window)?.contiguous()?, all.narrow(1, 1, window)?.contiguous()?))
     };
-    let (mut ours_ms, mut stock_ms) = (Vec::new(), Vec::new());
+    let mut tf_sides = Vec::new();
+    if let Some(python) = &args.tensorflow {
+        for every_position in [false, true] {
+            tf_sides.push(TfStep::spawn(python, every_position, args, vocab.len())?);
+        }
+    }
+    let mut sides: Vec<Side> = ["ours", "stock"].iter().map(|name| Side::new(name)).collect();
+    sides.extend(tf_sides.iter().map(|tf| Side::new(&tf.name)));
     for i in 0..=args.train_batches {
         let (inputs, targets) = next_batch()?;
+        let keep = i > 0;
+
+        let cpu = process_cpu_s(None);
         let t = Instant::now();
         let (logits, _) = ours.forward_time_major(&inputs.t()?.contiguous()?, None, None)?;
         let tm_targets = targets.t()?.contiguous()?.flatten_all()?;
         train_step(&logits.reshape(((), vocab.len()))?, &tm_targets, &mut ours_opt)?;
-        let ours_s = t.elapsed().as_secs_f64();
+        sides[0].record(keep, t.elapsed().as_secs_f64() * 1e3, cpu, process_cpu_s(None));
 
-        let t = Instant::now();
-        let logits = stock.forward(&inputs)?;
-        train_step(&logits, &targets.flatten_all()?, &mut stock_opt)?;
-        let stock_s = t.elapsed().as_secs_f64();
-        if i > 0 {
-            ours_ms.push(ours_s * 1e3);
-            stock_ms.push(stock_s * 1e3);
+        if !args.ours_only {
+            let cpu = process_cpu_s(None);
+            let t = Instant::now();
+            let logits = stock.forward(&inputs)?;
+            train_step(&logits, &targets.flatten_all()?, &mut stock_opt)?;
+            sides[1].record(keep, t.elapsed().as_secs_f64() * 1e3, cpu, process_cpu_s(None));
+        }
+        for (tf, side) in tf_sides.iter_mut().zip(&mut sides[2..]) {
+            let cpu = process_cpu_s(Some(tf.child.id()));
+            let ms = tf.batch()?;
+            side.record(keep, ms, cpu, process_cpu_s(Some(tf.child.id())));
         }
     }
-    let (ours_ms, stock_ms) = (median(&mut ours_ms), median(&mut stock_ms));
     let steps = (batch * window) as f64;
     println!(
-        "\nTraining step, LSTM {hidden}, one-hot {} inputs, batch {batch} × {window} steps, every position a target (forward, cross-entropy, backward, AdamW)",
-        vocab.len()
-    );
-    println!("{:<8} {:>10} {:>14}", "", "ms/batch", "LSTM steps/s");
-    println!("{:<8} {:>10.1} {:>14.0}", "ours", ours_ms, steps / ours_ms * 1e3);
-    println!("{:<8} {:>10.1} {:>14.0}", "stock", stock_ms, steps / stock_ms * 1e3);
-    println!(
-        "  ours is {:.2}× stock's speed (medians of {} alternating batches)",
-        stock_ms / ours_ms,
+        "\nTraining step, LSTM {hidden}, one-hot {} inputs, batch {batch} × {window} steps (forward, cross-entropy, backward, Adam(W)); medians of {} alternating batches",
+        vocab.len(),
         args.train_batches
     );
+    println!(
+        "{:<34} {:>9} {:>13} {:>13} {:>12}",
+        "", "ms/batch", "LSTM steps/s", "CPU ms/batch", "ours faster"
+    );
+    let ours_ms = sides[0].median_ms();
+    for side in &mut sides {
+        if side.ms.is_empty() {
+            continue;
+        }
+        let ms = side.median_ms();
+        let cpu_ms = side.cpu_s * 1e3 / side.ms.len() as f64;
+        println!(
+            "{:<34} {:>9.1} {:>13.0} {:>13.0} {:>11.2}×",
+            side.name,
+            ms,
+            steps / ms * 1e3,
+            cpu_ms,
+            ms / ours_ms
+        );
+    }
+    println!("  ours and stock: every position a target; recipe TensorFlow: each window's last symbol only (as the recipe trains)");
     Ok(())
+}
+
+/// One contender's timings.
+struct Side {
+    name: String,
+    ms: Vec<f64>,
+    cpu_s: f64,
+}
+
+impl Side {
+    fn new(name: &str) -> Self {
+        let name = match name {
+            "ours" => "ours (fused, every position)",
+            "stock" => "candle-nn stock (every position)",
+            other => other,
+        };
+        Self { name: name.to_string(), ms: Vec::new(), cpu_s: 0.0 }
+    }
+
+    /// Records one batch (unless it is the warm-up) and the CPU time it took, where known.
+    fn record(&mut self, keep: bool, ms: f64, cpu_before: Option<f64>, cpu_after: Option<f64>) {
+        if keep {
+            self.ms.push(ms);
+            if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+                self.cpu_s += b - a;
+            }
+        }
+    }
+
+    fn median_ms(&mut self) -> f64 {
+        median(&mut self.ms)
+    }
+}
+
+/// The recipe's Keras model training in a Python subprocess (`bench_tf.py`), one batch per
+/// request, so its batches interleave with ours.
+struct TfStep {
+    name: String,
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl TfStep {
+    fn spawn(
+        python: &std::path::Path,
+        every_position: bool,
+        args: &BenchArgs,
+        vocab_len: usize,
+    ) -> Result<Self> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let log_path = std::env::temp_dir().join("antiphon-bench-tensorflow.log");
+        let log =
+            std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = Command::new(python);
+        cmd.arg("-c").arg(include_str!("bench_tf.py"));
+        cmd.args(["--vocab", &vocab_len.to_string(), "--hidden", &args.train_hidden.to_string()]);
+        cmd.args(["--batch", &args.train_batch.to_string(), "--window", &args.train_window.to_string()]);
+        if every_position {
+            cmd.arg("--every-position");
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", python.display()))?;
+        let stdin = child.stdin.take().context("TensorFlow's stdin")?;
+        let mut stdout = std::io::BufReader::new(child.stdout.take().context("TensorFlow's stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line).context("reading from TensorFlow")?;
+        let version = line.strip_prefix("ready ").map(str::trim).with_context(|| {
+            format!("TensorFlow did not start (its messages are in {})", log_path.display())
+        })?;
+        let name = match every_position {
+            false => format!("TensorFlow {version}, recipe (last symbol)"),
+            true => format!("TensorFlow {version}, every position"),
+        };
+        Ok(Self { name, child, stdin, stdout })
+    }
+
+    /// Runs one batch; its milliseconds as TensorFlow measured them.
+    fn batch(&mut self) -> Result<f64> {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "1").context("writing to TensorFlow")?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).context("reading from TensorFlow")?;
+        line.trim().parse::<f64>().with_context(|| format!("TensorFlow answered {line:?}"))
+    }
+}
+
+impl Drop for TfStep {
+    fn drop(&mut self) {
+        // End the script and wait for it, so no process is left behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
