@@ -9,7 +9,7 @@ use std::time::Duration;
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use nice_plug::prelude::{nice_log, nice_warn};
 
-use crate::music::encode::{encode, DurationFilter, EncodeConfig, StepGrid};
+use crate::music::encode::{encode, EncodeConfig, StepGrid};
 use crate::music::key::estimate_key;
 use crate::music::phrase::{
     AnswerChunk, AnswerEvent, AnswerEventKind, AnswerRequest, KeyLock, LiveShared, Request, LOOKAHEAD_BEATS,
@@ -411,13 +411,7 @@ fn empty_chunk(answer_id: u32) -> AnswerChunk {
 fn begin_answer(continuer: &mut dyn Continuer, request: &AnswerRequest) -> Result<ActiveAnswer, EngineError> {
     let grid = continuer.grid();
     let melody = request.phrase.quantized(grid).to_melody();
-    let cfg = EncodeConfig {
-        grid,
-        durations: DurationFilter::OnGrid,
-        lowest_pitch: 0,
-        highest_pitch: 127,
-        min_notes: 0,
-    };
+    let cfg = EncodeConfig::any_on(grid);
     let primer = encode(&melody, &cfg)?;
     let settings = &request.settings;
     let key = match settings.key_lock {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::io::LoadedModel;
 use super::sample::{Sampler, SamplingSettings};
 use super::{GenState, ModelError, Transposition};
-use crate::music::encode::{self, DurationFilter, EncodeConfig};
+use crate::music::encode::{self, EncodeConfig};
 use crate::music::key::melody_key;
 use crate::music::{Melody, Note, StepGrid, Symbol, TokenId, Vocab};
 
@@ -332,13 +332,7 @@ fn encode_primer(primer: &Melody, grid: StepGrid) -> Result<Vec<Symbol>, ModelEr
     let mut sorted = primer.clone();
     sorted.notes.sort_by(|a, b| a.start_beats.total_cmp(&b.start_beats));
     let quantized = encode::quantize(&sorted, grid);
-    let cfg = EncodeConfig {
-        grid,
-        durations: DurationFilter::OnGrid,
-        lowest_pitch: 0,
-        highest_pitch: 127,
-        min_notes: 0,
-    };
+    let cfg = EncodeConfig::any_on(grid);
     Ok(encode::encode(&quantized, &cfg)?)
 }
 

@@ -21,8 +21,11 @@
 //! seams for faster kernels: `LstmLayer::recur` (the recurrence of one layer over a whole
 //! sequence, the training hot spot) and `MelodyLstm::step` (one symbol for one sequence over a
 //! plain `GenState`, with weights arranged once by `step_weights`: the generation hot spot).
+//! On the CPU both are taken over: whole sequences run through `super::fused` (one op per
+//! layer with a hand-written backward pass), and steps through `super::fast` (packed weights).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -30,6 +33,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{InputKind, ModelConfig};
+use super::fast::FastLstm;
+use super::fused;
 use crate::music::TokenId;
 
 /// Prefix of the LSTM layers' tensors.
@@ -353,6 +358,11 @@ impl MelodyLstm {
         self.input
     }
 
+    /// The token table `[vocab, dim]`, for embedding input.
+    pub fn embedding(&self) -> Option<&Tensor> {
+        self.embedding.as_ref()
+    }
+
     /// The LSTM layers, input first.
     pub fn layers(&self) -> &[LstmLayer] {
         &self.layers
@@ -448,6 +458,10 @@ impl MelodyLstm {
         state: Option<&LstmState>,
         dropout: Option<&mut Dropout>,
     ) -> Result<(Tensor, LstmState)> {
+        if fused::applies_to(self) {
+            let (ys, next) = fused::lstm_outputs(self, tokens, state, dropout, false)?;
+            return Ok((self.head(&ys)?, next));
+        }
         let (ys, next) = self.lstm_outputs(tokens, state, dropout)?;
         Ok((self.head(&Tensor::stack(&ys, 0)?)?, next))
     }
@@ -469,6 +483,10 @@ impl MelodyLstm {
     /// recipe's evaluation. tokens: `[batch, seq]` u32 → `[batch, vocab]`
     pub fn forward_last(&self, tokens: &Tensor) -> Result<Tensor> {
         let tokens = tokens.t()?.contiguous()?;
+        if fused::applies_to(self) {
+            let (ys, _) = fused::lstm_outputs(self, &tokens, None, None, false)?;
+            return self.head(&ys.get(ys.dim(0)? - 1)?);
+        }
         let (ys, _) = self.lstm_outputs(&tokens, None, None)?;
         self.head(ys.last().expect("at least one step"))
     }
@@ -500,6 +518,7 @@ impl MelodyLstm {
             layers,
             head_w_t: self.head_w.t()?.contiguous()?.detach(),
             head_b: self.head_b.unsqueeze(0)?.detach(),
+            fast: FastLstm::for_model(self)?.map(Arc::new),
         })
     }
 
@@ -513,6 +532,9 @@ impl MelodyLstm {
         state: &mut GenState,
         logits: &mut [f32],
     ) -> Result<()> {
+        if let Some(fast) = &weights.fast {
+            return fast.step(token, state, logits);
+        }
         let hidden = self.hidden_size;
         let mut x: Option<Tensor> = None;
         for (k, layer) in weights.layers.iter().enumerate() {
@@ -547,6 +569,11 @@ impl MelodyLstm {
     /// tokens: `[batch, seq]` u32 → `[batch, vocab]`
     pub fn forward_last_with(&self, weights: &StepWeights, tokens: &Tensor) -> Result<Tensor> {
         let tokens = tokens.t()?.contiguous()?;
+        if fused::applies_to(self) {
+            let (ys, _) = fused::lstm_outputs(self, &tokens, None, None, true)?;
+            let top = ys.get(ys.dim(0)? - 1)?;
+            return top.matmul(&weights.head_w_t)?.broadcast_add(&weights.head_b);
+        }
         let (seq_len, batch) = tokens.dims2()?;
         let hidden = self.hidden_size;
         let mut below: Option<Tensor> = None;
@@ -590,6 +617,8 @@ pub struct StepWeights {
     head_w_t: Tensor,
     /// `[1, vocab]`.
     head_b: Tensor,
+    /// The same weights packed for the CPU's one-sequence step (`None` off the CPU).
+    fast: Option<Arc<FastLstm>>,
 }
 
 #[derive(Clone, Debug)]

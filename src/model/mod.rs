@@ -37,8 +37,11 @@
 
 pub mod config;
 pub mod data;
+pub mod fast;
+pub mod fused;
 pub mod generate;
 pub mod io;
+pub mod kernels;
 pub mod lstm;
 pub mod sample;
 pub mod train;

@@ -191,6 +191,14 @@ impl Default for EncodeConfig {
     }
 }
 
+impl EncodeConfig {
+    /// Accepts any melody on `grid`: every length and pitch, even no notes at all. For primers,
+    /// which are whatever the player played.
+    pub fn any_on(grid: StepGrid) -> Self {
+        Self { grid, durations: DurationFilter::OnGrid, lowest_pitch: 0, highest_pitch: 127, min_notes: 0 }
+    }
+}
+
 /// Why a song was not encoded. `reason()` gives the short name used in dataset counts.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum Reject {

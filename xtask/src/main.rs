@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod corpus;
 mod eval;
 mod generate;
@@ -35,6 +36,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Continue a primer melody with a model and write MIDI.
     Generate(generate::GenerateArgs),
+    /// Time generation and training, ours against candle-nn's stock LSTM.
+    Bench(bench::BenchArgs),
     // The help text is `EvalArgs`'s doc comment, long form included.
     Eval(eval::EvalArgs),
 }
@@ -50,6 +53,7 @@ fn main() -> Result<()> {
         Command::CorpusStats(args) => corpus::stats(args),
         Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
     }
 }

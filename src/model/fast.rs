@@ -1,0 +1,476 @@
+//! The generation step on packed weights: one symbol for one sequence in a few microseconds,
+//! computing the same function as `MelodyLstm`'s candle graph (within 1e-5; see the tests).
+//! Runs on: the worker thread. `FastLstm::step` neither allocates nor locks; the weights are
+//! packed once, when a model with fixed weights is built.
+//!
+//! A batch-1 step is bound by how fast the weights stream from cache, so the layout serves one
+//! pass over them:
+//! - The gate rows of each layer are regrouped into blocks of `BLOCK_UNITS` hidden units, each
+//!   block holding its units' four gates (i, f, g, o) as `4 · BLOCK_UNITS` rows. A block's
+//!   weights are stored column after column (`[input + hidden][4 · BLOCK_UNITS]`), so the
+//!   matrix-vector product is a run of contiguous multiply-adds into 64 accumulators, and the
+//!   cell update of the block's units follows at once.
+//! - Layer 0's input projection is a table: for a one-hot or embedded token, `W_ih x + b_ih +
+//!   b_hh` is one precomputed row per token (`E W_ihᵀ` for an embedding).
+//! - The output layer is packed the same way, in blocks of 64 symbols.
+//!
+//! Hidden sizes that are not a multiple of `BLOCK_UNITS` are padded with zero rows; the padded
+//! units are computed and thrown away.
+
+use std::fmt;
+
+use candle_core::{DType, Device, Error, Result, Tensor};
+
+use super::config::InputKind;
+use super::kernels::{madd, sigmoid, tanh_approx, Isa};
+use super::lstm::{GenState, MelodyLstm};
+use crate::music::TokenId;
+
+/// Hidden units per packed block.
+pub const BLOCK_UNITS: usize = 16;
+/// Gate rows per packed block (four gates of `BLOCK_UNITS` units); also the symbols per block of
+/// the output layer.
+const BLOCK_ROWS: usize = 4 * BLOCK_UNITS;
+/// Largest hidden size the fast step runs: a layer's previous hidden state is copied to a stack
+/// buffer of this many numbers. Larger models use candle.
+pub const MAX_FAST_HIDDEN: usize = 1024;
+
+/// One LSTM layer, packed.
+struct PackedLayer {
+    /// Width of the layer's input in `weights` (0 for layer 0, whose input is the token table).
+    input_width: usize,
+    /// `[num_blocks][input_width + hidden][BLOCK_ROWS]`: block `b`, column `k`, packed row
+    /// `q · BLOCK_UNITS + u` is row `q · hidden + b · BLOCK_UNITS + u` of `[W_ih | W_hh]`.
+    weights: Vec<f32>,
+    /// `[num_blocks · BLOCK_ROWS]`: `b_ih + b_hh` in packed row order (all zero for layer 0,
+    /// whose biases live in the token table).
+    bias: Vec<f32>,
+}
+
+/// A `MelodyLstm` with its weights packed for one-sequence stepping on the CPU.
+pub struct FastLstm {
+    isa: Isa,
+    hidden_size: usize,
+    vocab_len: usize,
+    num_blocks: usize,
+    /// `[vocab][num_blocks · BLOCK_ROWS]`: layer 0's `W_ih x + b_ih + b_hh` per token, packed.
+    token_gates: Vec<f32>,
+    layers: Vec<PackedLayer>,
+    /// `[vocab blocks][hidden][BLOCK_ROWS]`: the output layer, symbol `v` in block `v / 64`.
+    head_w: Vec<f32>,
+    /// `[vocab blocks · BLOCK_ROWS]`.
+    head_b: Vec<f32>,
+}
+
+impl fmt::Debug for FastLstm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FastLstm")
+            .field("isa", &self.isa)
+            .field("hidden_size", &self.hidden_size)
+            .field("num_layers", &self.layers.len())
+            .field("vocab_len", &self.vocab_len)
+            .field("weight_bytes_per_step", &self.weight_bytes_per_step())
+            .finish()
+    }
+}
+
+/// A tensor's values as `f32`, row-major.
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+impl FastLstm {
+    /// Packs `lstm`'s current weights when it lives on the CPU and its hidden size is at most
+    /// `MAX_FAST_HIDDEN` (`None` otherwise). A copy: pack again after the weights change.
+    pub fn for_model(lstm: &MelodyLstm) -> Result<Option<Self>> {
+        if !lstm.device().is_cpu() || lstm.hidden_size() > MAX_FAST_HIDDEN {
+            return Ok(None);
+        }
+        Self::pack(lstm, Isa::detect()).map(Some)
+    }
+
+    /// Packs `lstm`'s current weights for kernels of `isa` (which the CPU must run; see
+    /// `Isa::detect`). Works for any hidden size up to `MAX_FAST_HIDDEN`.
+    pub fn pack(lstm: &MelodyLstm, isa: Isa) -> Result<Self> {
+        let hidden = lstm.hidden_size();
+        let vocab_len = lstm.vocab_len();
+        if hidden == 0 || hidden > MAX_FAST_HIDDEN {
+            return Err(Error::Msg(format!("fast step: hidden size {hidden} outside 1..={MAX_FAST_HIDDEN}")));
+        }
+        let num_blocks = hidden.div_ceil(BLOCK_UNITS);
+        let packed_rows = num_blocks * BLOCK_ROWS;
+        // Packed row → original gate row (None for padding).
+        let source_row = |packed: usize| {
+            let (b, r) = (packed / BLOCK_ROWS, packed % BLOCK_ROWS);
+            let (q, u) = (r / BLOCK_UNITS, r % BLOCK_UNITS);
+            let unit = b * BLOCK_UNITS + u;
+            (unit < hidden).then_some(q * hidden + unit)
+        };
+        let get = |name: &str| -> Result<Vec<f32>> {
+            let (_, t) = lstm
+                .named_tensors()
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| Error::Msg(format!("fast step: no tensor '{name}'")))?;
+            values(&t)
+        };
+
+        let mut layers = Vec::with_capacity(lstm.num_layers());
+        let mut token_gates = vec![0.0f32; vocab_len * packed_rows];
+        for k in 0..lstm.num_layers() {
+            let w_ih = get(&format!("lstm.weight_ih_l{k}"))?;
+            let w_hh = get(&format!("lstm.weight_hh_l{k}"))?;
+            let b_ih = get(&format!("lstm.bias_ih_l{k}"))?;
+            let b_hh = get(&format!("lstm.bias_hh_l{k}"))?;
+            let in_width = w_ih.len() / (4 * hidden);
+            let bias = |row: usize| b_ih[row] + b_hh[row];
+            let input_width = if k == 0 { 0 } else { in_width };
+            let cols = input_width + hidden;
+            let mut weights = vec![0.0f32; num_blocks * cols * BLOCK_ROWS];
+            let mut packed_bias = vec![0.0f32; packed_rows];
+            for (p, packed_bias) in packed_bias.iter_mut().enumerate() {
+                let Some(row) = source_row(p) else { continue };
+                let (b, r) = (p / BLOCK_ROWS, p % BLOCK_ROWS);
+                let block = &mut weights[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
+                for col in 0..input_width {
+                    block[col * BLOCK_ROWS + r] = w_ih[row * in_width + col];
+                }
+                for col in 0..hidden {
+                    block[(input_width + col) * BLOCK_ROWS + r] = w_hh[row * hidden + col];
+                }
+                if k > 0 {
+                    *packed_bias = bias(row);
+                }
+            }
+            if k == 0 {
+                // The token table: a one-hot token picks a column of W_ih; an embedded one is
+                // its table row times W_ihᵀ (summed in f64, so only the final rounding differs
+                // from an exact product).
+                let embedding = match lstm.input() {
+                    InputKind::Embedding { .. } => Some(get("embedding.weight")?),
+                    InputKind::OneHot => None,
+                };
+                for v in 0..vocab_len {
+                    let row_out = &mut token_gates[v * packed_rows..][..packed_rows];
+                    for (p, out) in row_out.iter_mut().enumerate() {
+                        let Some(row) = source_row(p) else { continue };
+                        let w_row = &w_ih[row * in_width..][..in_width];
+                        let x_part = match &embedding {
+                            Some(table) => {
+                                let e_row = &table[v * in_width..][..in_width];
+                                w_row.iter().zip(e_row).map(|(&w, &e)| w as f64 * e as f64).sum::<f64>()
+                            }
+                            None => w_row[v] as f64,
+                        };
+                        *out = (x_part + b_ih[row] as f64 + b_hh[row] as f64) as f32;
+                    }
+                }
+            }
+            layers.push(PackedLayer { input_width, weights, bias: packed_bias });
+        }
+
+        let head_w_src = get("head.weight")?;
+        let head_b_src = get("head.bias")?;
+        let vocab_blocks = vocab_len.div_ceil(BLOCK_ROWS);
+        let mut head_w = vec![0.0f32; vocab_blocks * hidden * BLOCK_ROWS];
+        let mut head_b = vec![0.0f32; vocab_blocks * BLOCK_ROWS];
+        for v in 0..vocab_len {
+            let (b, r) = (v / BLOCK_ROWS, v % BLOCK_ROWS);
+            for col in 0..hidden {
+                head_w[(b * hidden + col) * BLOCK_ROWS + r] = head_w_src[v * hidden + col];
+            }
+            head_b[v] = head_b_src[v];
+        }
+        Ok(Self { isa, hidden_size: hidden, vocab_len, num_blocks, token_gates, layers, head_w, head_b })
+    }
+
+    /// An all-zero state for this model.
+    pub fn new_state(&self) -> GenState {
+        GenState::zeros(self.layers.len(), self.hidden_size)
+    }
+
+    /// The instruction set its kernels run with.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Bytes of weights one step reads: every layer, one row of the token table, the output
+    /// layer.
+    pub fn weight_bytes_per_step(&self) -> usize {
+        let layers: usize = self.layers.iter().map(|l| l.weights.len() + l.bias.len()).sum();
+        let table_row = self.num_blocks * BLOCK_ROWS;
+        4 * (layers + table_row + self.head_w.len() + self.head_b.len())
+    }
+
+    /// Reads every weight a step reads, once, and returns their sum: timing this gives the
+    /// floor a step's time is measured against (it does no other work).
+    pub fn read_weights_once(&self, token: TokenId) -> f32 {
+        let row = (token.0 as usize).min(self.vocab_len - 1) * self.num_blocks * BLOCK_ROWS;
+        let table_row = &self.token_gates[row..][..self.num_blocks * BLOCK_ROWS];
+        let parts = self.layers.iter().flat_map(|l| [l.weights.as_slice(), l.bias.as_slice()]).chain([
+            table_row,
+            self.head_w.as_slice(),
+            self.head_b.as_slice(),
+        ]);
+        let mut total = 0.0;
+        for part in parts {
+            total += match self.isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA.
+                Isa::Avx512 => unsafe { sum_avx512(part) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
+                Isa::Avx2Fma => unsafe { sum_avx2(part) },
+                _ => sum_body(part),
+            };
+        }
+        total
+    }
+
+    /// Feeds `token` to one sequence: updates `state` (per layer `[hidden]`) and writes the
+    /// next symbol's logits into `logits` (`[vocab]`). Errors (a token outside the vocabulary,
+    /// a state or buffer of the wrong size) leave `state` untouched.
+    pub fn step(&self, token: TokenId, state: &mut GenState, logits: &mut [f32]) -> Result<()> {
+        let token = token.0 as usize;
+        let hidden = self.hidden_size;
+        let is_shaped = state.h.len() == self.layers.len()
+            && state.c.len() == self.layers.len()
+            && state.h.iter().chain(&state.c).all(|v| v.len() == hidden);
+        if token >= self.vocab_len || !is_shaped || logits.len() != self.vocab_len {
+            return Err(Error::Msg(format!(
+                "fast step: token {token} of {}, {} layers of {hidden} in the state, {} logits",
+                self.vocab_len,
+                state.h.len(),
+                logits.len()
+            )));
+        }
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA.
+            Isa::Avx512 => unsafe { self.step_avx512(token, state, logits) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
+            Isa::Avx2Fma => unsafe { self.step_avx2(token, state, logits) },
+            _ => self.step_body::<false>(token, state, logits),
+        }
+        Ok(())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn step_avx512(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
+        self.step_body::<true>(token, state, logits)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn step_avx2(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
+        self.step_body::<true>(token, state, logits)
+    }
+
+    /// The step itself; shapes were checked by `step`.
+    #[inline(always)]
+    fn step_body<const FMA: bool>(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
+        let hidden = self.hidden_size;
+        let packed_rows = self.num_blocks * BLOCK_ROWS;
+        // The layer's previous hidden state: the blocks read all of it while the new one is
+        // written over it.
+        let mut h_prev_buf = [0.0f32; MAX_FAST_HIDDEN];
+        let h_prev = &mut h_prev_buf[..hidden];
+        for (k, layer) in self.layers.iter().enumerate() {
+            h_prev.copy_from_slice(&state.h[k]);
+            let (below, this_and_above) = state.h.split_at_mut(k);
+            let input: &[f32] = match below.last() {
+                Some(h_below) => h_below,
+                None => &[],
+            };
+            let h_out = &mut this_and_above[0];
+            let c = &mut state.c[k];
+            let cols = layer.input_width + hidden;
+            let start: &[f32] =
+                if k == 0 { &self.token_gates[token * packed_rows..][..packed_rows] } else { &layer.bias };
+            for b in 0..self.num_blocks {
+                let mut acc = [0.0f32; BLOCK_ROWS];
+                acc.copy_from_slice(&start[b * BLOCK_ROWS..][..BLOCK_ROWS]);
+                let block = &layer.weights[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
+                let (w_input, w_hidden) = block.split_at(layer.input_width * BLOCK_ROWS);
+                accumulate::<FMA>(&mut acc, w_input, input);
+                accumulate::<FMA>(&mut acc, w_hidden, h_prev);
+                let units = b * BLOCK_UNITS..((b + 1) * BLOCK_UNITS).min(hidden);
+                cell_update(&acc, &mut c[units.clone()], &mut h_out[units]);
+            }
+        }
+        let top = &state.h[self.layers.len() - 1];
+        for (b, out) in logits.chunks_mut(BLOCK_ROWS).enumerate() {
+            let mut acc = [0.0f32; BLOCK_ROWS];
+            acc.copy_from_slice(&self.head_b[b * BLOCK_ROWS..][..BLOCK_ROWS]);
+            accumulate::<FMA>(&mut acc, &self.head_w[b * hidden * BLOCK_ROWS..][..hidden * BLOCK_ROWS], top);
+            out.copy_from_slice(&acc[..out.len()]);
+        }
+    }
+}
+
+/// `acc += W x` for one packed block: `w` is `[x.len()][BLOCK_ROWS]`.
+#[inline(always)]
+fn accumulate<const FMA: bool>(acc: &mut [f32; BLOCK_ROWS], w: &[f32], x: &[f32]) {
+    for (column, &xk) in w.chunks_exact(BLOCK_ROWS).zip(x) {
+        for (a, &wk) in acc.iter_mut().zip(column) {
+            *a = madd::<FMA>(wk, xk, *a);
+        }
+    }
+}
+
+/// The LSTM cell of one block: `gates` holds the pre-activations `[i; f; g; o]` of
+/// `BLOCK_UNITS` units, `c` and `h` the block's real units (fewer in a padded last block).
+#[inline(always)]
+fn cell_update(gates: &[f32; BLOCK_ROWS], c: &mut [f32], h: &mut [f32]) {
+    let n = c.len();
+    let mut c_buf = [0.0f32; BLOCK_UNITS];
+    let mut h_buf = [0.0f32; BLOCK_UNITS];
+    c_buf[..n].copy_from_slice(c);
+    for u in 0..BLOCK_UNITS {
+        let i = sigmoid(gates[u]);
+        let f = sigmoid(gates[BLOCK_UNITS + u]);
+        let g = tanh_approx(gates[2 * BLOCK_UNITS + u]);
+        let o = sigmoid(gates[3 * BLOCK_UNITS + u]);
+        let c_new = f * c_buf[u] + i * g;
+        c_buf[u] = c_new;
+        h_buf[u] = o * tanh_approx(c_new);
+    }
+    c.copy_from_slice(&c_buf[..n]);
+    h.copy_from_slice(&h_buf[..n]);
+}
+
+/// Sum of `xs` with many accumulators, so it runs at the speed memory delivers.
+#[inline(always)]
+fn sum_body(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; BLOCK_ROWS];
+    let mut chunks = xs.chunks_exact(BLOCK_ROWS);
+    for chunk in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn sum_avx512(xs: &[f32]) -> f32 {
+    sum_body(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_avx2(xs: &[f32]) -> f32 {
+    sum_body(xs)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_nn::VarBuilder;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::model::config::ModelConfig;
+    use crate::music::Vocab;
+
+    /// A model of `cfg` with weights uniform in `±scale` (biases too) from `seed`.
+    fn random_lstm(cfg: &ModelConfig, seed: u64, scale: f32) -> MelodyLstm {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let tensors: HashMap<String, Tensor> = MelodyLstm::tensor_shapes(cfg)
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+                (name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+            })
+            .collect();
+        MelodyLstm::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap()
+    }
+
+    /// The candle graph's logits and state after each of `tokens`, from a zero state.
+    fn candle_steps(lstm: &MelodyLstm, tokens: &[u32]) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let seq = Tensor::from_slice(tokens, (1, tokens.len()), &Device::Cpu).unwrap();
+        let (logits, state) = lstm.forward(&seq, None, None).unwrap();
+        let top_c = state.c.last().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap(), vec![top_c])
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// Every instruction set this CPU runs, each packing of every size class, against candle.
+    #[test]
+    fn matches_candle_within_1e_5() {
+        let vocab = Vocab::for_pitch_range(48, 88);
+        let shapes = [
+            (InputKind::Embedding { dim: 12 }, 32, 2),
+            (InputKind::OneHot, 48, 1),
+            // Not a multiple of the block: the padded units must not leak.
+            (InputKind::Embedding { dim: 5 }, 23, 3),
+            (InputKind::OneHot, 7, 2),
+        ];
+        let mut isas = vec![Isa::Portable];
+        if Isa::detect() != Isa::Portable {
+            isas.push(Isa::Avx2Fma);
+        }
+        if Isa::detect() == Isa::Avx512 {
+            isas.push(Isa::Avx512);
+        }
+        for (seed, &(input, hidden, layers)) in shapes.iter().enumerate() {
+            let cfg = ModelConfig::new(vocab.clone(), input, hidden, layers, 0.0);
+            let lstm = random_lstm(&cfg, seed as u64, 0.6);
+            let mut rng = ChaCha8Rng::seed_from_u64(100 + seed as u64);
+            let tokens: Vec<u32> = (0..40).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
+            let (want, want_c) = candle_steps(&lstm, &tokens);
+            for &isa in &isas {
+                let fast = FastLstm::pack(&lstm, isa).unwrap();
+                let mut state = fast.new_state();
+                let mut logits = vec![0.0; vocab.len()];
+                for (t, &token) in tokens.iter().enumerate() {
+                    fast.step(TokenId(token as u16), &mut state, &mut logits).unwrap();
+                    let d = max_diff(&logits, &want[t]);
+                    assert!(d < 1e-5, "{isa:?} {input:?} {hidden}x{layers} step {t}: off by {d}");
+                }
+                let d = max_diff(state.c.last().unwrap(), &want_c[0]);
+                assert!(d < 1e-5, "{isa:?} final cell state off by {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_bad_tokens_and_shapes_without_touching_the_state() {
+        let cfg = ModelConfig::new(Vocab::for_pitch_range(60, 64), InputKind::OneHot, 8, 2, 0.0);
+        let fast = FastLstm::pack(&random_lstm(&cfg, 2, 0.3), Isa::detect()).unwrap();
+        let mut state = fast.new_state();
+        state.h[1][3] = 0.25;
+        let before = state.clone();
+        let mut logits = vec![0.0; cfg.vocab_len()];
+        assert!(fast.step(TokenId(cfg.vocab_len() as u16), &mut state, &mut logits).is_err());
+        assert!(fast.step(TokenId(0), &mut state, &mut logits[1..]).is_err());
+        let mut wrong = GenState::zeros(1, 8);
+        assert!(fast.step(TokenId(0), &mut wrong, &mut logits).is_err());
+        assert_eq!(state, before);
+        fast.step(TokenId(0), &mut state, &mut logits).unwrap();
+        assert_ne!(state, before);
+    }
+
+    #[test]
+    fn floor_pass_reads_every_weight() {
+        let cfg = ModelConfig::new(Vocab::for_pitch_range(60, 64), InputKind::OneHot, 8, 1, 0.0);
+        let fast = FastLstm::pack(&random_lstm(&cfg, 3, 0.3), Isa::detect()).unwrap();
+        // One block of 64 rows over 8 hidden columns, a table row of 64, a head block of 64 × 8
+        // plus its 64 biases, and the layer's 64 (zero) biases.
+        assert_eq!(fast.weight_bytes_per_step(), 4 * (64 * 8 + 64 + 64 + 64 * 8 + 64));
+        let direct: f32 = fast.layers[0].weights.iter().sum::<f32>()
+            + fast.token_gates[..64].iter().sum::<f32>()
+            + fast.head_w.iter().sum::<f32>()
+            + fast.head_b.iter().sum::<f32>();
+        assert!((fast.read_weights_once(TokenId(0)) - direct).abs() < 1e-4);
+    }
+}

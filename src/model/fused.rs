@@ -1,0 +1,911 @@
+//! The recurrence of one LSTM layer over a whole batch of sequences as a single candle custom
+//! op, with its backward pass (backpropagation through time) written by hand. It replaces the
+//! dozen small tensors candle's graph builds per time step, and candle's autograd still works
+//! around it: the input projection, the output layer and the loss stay ordinary candle ops.
+//! Runs on: offline threads (training, evaluation). Splits the batch across
+//! `candle_core::utils::get_num_threads()` threads of its own (scoped, joined before it
+//! returns); sets no environment variables.
+//!
+//! Forward, per step and per sequence: `gates = xs_proj[t] + W_hh h[t-1]`, then the cell
+//! (`[i f g o] = [σ σ tanh σ](gates)`, `c = f ⊙ c[t-1] + i ⊙ g`, `h = o ⊙ tanh c`). The op keeps
+//! the activated gates, `c` and `tanh c` of every step for the backward pass, which runs the
+//! steps in reverse:
+//!
+//! ```text
+//! dh = dys[t] + dh_next                       dc = dc_next + dh ⊙ o ⊙ (1 - tanh² c)
+//! di = dc ⊙ g ⊙ i(1-i)    df = dc ⊙ c[t-1] ⊙ f(1-f)    dg = dc ⊙ i ⊙ (1-g²)    do = dh ⊙ tanh c ⊙ o(1-o)
+//! dxs_proj[t] = [di df dg do]    dh_next = dxs_proj[t] W_hh    dc_next = dc ⊙ f
+//! ```
+//!
+//! and `dW_hh = Σ_t dxs_proj[t]ᵀ h[t-1]` is one large matrix product at the end. Sequences are
+//! independent, so each thread runs its share of the batch through all steps without waiting
+//! for the others; the products are the packed kernels of `kernels`.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, DType, Error, IndexOp, Layout, Result, Shape, Storage, Tensor};
+
+use super::kernels::{gemm, sigmoid, tanh_approx, Isa, MatRef, PackedB};
+use super::lstm::{Dropout, LstmState, MelodyLstm};
+
+/// True if `lstm_outputs` can run `model`: its weights are f32 on the CPU.
+pub fn applies_to(model: &MelodyLstm) -> bool {
+    model.device().is_cpu() && model.layers().iter().all(|l| l.w_hh.dtype() == DType::F32)
+}
+
+/// The top layer's outputs for a time-major batch, before dropout and the output layer: the
+/// same function as `MelodyLstm`'s per-step graph, with every step of a layer in one op. Each
+/// layer's input projection is one matrix product (layer 0: a table of every token's
+/// `W_ih x + b_ih + b_hh`, gathered), and `dropout` (training only) applies to each layer's
+/// outputs as the per-step graph applies it, drawing its masks in the same order. With
+/// `detach`, no gradient is tracked (evaluation).
+/// tokens: `[seq, batch]` u32, state: per layer `[batch, hidden]` (zeros when `None`)
+/// → (ys `[seq, batch, hidden]`, state after the last step)
+pub fn lstm_outputs(
+    model: &MelodyLstm,
+    tokens: &Tensor,
+    state: Option<&LstmState>,
+    mut dropout: Option<&mut Dropout>,
+    detach: bool,
+) -> Result<(Tensor, LstmState)> {
+    let (seq_len, batch) = tokens.dims2()?;
+    let hidden = model.hidden_size();
+    let weight = |t: &Tensor| if detach { t.detach() } else { t.clone() };
+    let zero;
+    let state = match state {
+        Some(s) => s,
+        None => {
+            zero = model.zero_state(batch)?;
+            &zero
+        }
+    };
+    let num_layers = model.num_layers();
+    let mut next = LstmState { h: Vec::with_capacity(num_layers), c: Vec::with_capacity(num_layers) };
+    let mut ys: Option<Tensor> = None;
+    for (k, layer) in model.layers().iter().enumerate() {
+        let bias = (weight(&layer.b_ih) + weight(&layer.b_hh))?;
+        let w_ih_t = weight(&layer.w_ih).t()?;
+        let xs_proj = match &ys {
+            None => {
+                let table = match model.embedding() {
+                    Some(e) => weight(e).matmul(&w_ih_t)?,
+                    // A one-hot token times W_ihᵀ is a row of W_ihᵀ.
+                    None => w_ih_t.contiguous()?,
+                };
+                table.broadcast_add(&bias)?.index_select(&tokens.flatten_all()?, 0)?
+            }
+            Some(below) => below.reshape((seq_len * batch, hidden))?.matmul(&w_ih_t)?.broadcast_add(&bias)?,
+        };
+        let xs_proj = xs_proj.reshape((seq_len, batch, 4 * hidden))?;
+        let (out, h, c) = recur(&xs_proj, &weight(&layer.w_hh), &state.h[k], &state.c[k])?;
+        next.h.push(h);
+        next.c.push(c);
+        ys = Some(match dropout.as_deref_mut() {
+            Some(d) => d.apply(&out)?,
+            None => out,
+        });
+    }
+    Ok((ys.expect("a model has at least one layer"), next))
+}
+
+/// True if `recur` can run this recurrence: f32 tensors on the CPU with at least one step.
+pub fn applies(xs_proj: &Tensor, w_hh: &Tensor) -> bool {
+    xs_proj.device().is_cpu()
+        && xs_proj.dtype() == DType::F32
+        && w_hh.dtype() == DType::F32
+        && xs_proj.rank() == 3
+        && xs_proj.dim(0).is_ok_and(|seq| seq > 0)
+}
+
+/// The recurrence over a whole sequence, given every step's input projection; the same
+/// function as `LstmLayer::recur`'s per-step graph.
+/// xs_proj: `[seq, batch, 4 hidden]` (`W_ih x + b_ih + b_hh`), w_hh: `[4 hidden, hidden]`,
+/// h0 and c0: `[batch, hidden]` → (ys `[seq, batch, hidden]`, h `[batch, hidden]`, c
+/// `[batch, hidden]` after the last step). Gradients flow to `xs_proj`, `w_hh`, `h0` and `c0`
+/// through `ys` (and `h`, its last step); the returned `c` carries none.
+pub fn recur(xs_proj: &Tensor, w_hh: &Tensor, h0: &Tensor, c0: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    recur_on(xs_proj, w_hh, h0, c0, Recurrence::new())
+}
+
+fn recur_on(
+    xs_proj: &Tensor,
+    w_hh: &Tensor,
+    h0: &Tensor,
+    c0: &Tensor,
+    op: Recurrence,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (seq_len, batch, gate_width) = xs_proj.dims3()?;
+    let hidden = gate_width / 4;
+    if w_hh.dims() != [gate_width, hidden] || h0.dims() != [batch, hidden] || c0.dims() != [batch, hidden] {
+        return Err(Error::Msg(format!(
+            "fused LSTM: xs_proj {:?}, w_hh {:?}, h0 {:?}, c0 {:?} do not fit together",
+            xs_proj.dims(),
+            w_hh.dims(),
+            h0.dims(),
+            c0.dims()
+        )));
+    }
+    let hc0 = Tensor::stack(&[h0, c0], 0)?.contiguous()?;
+    let saved = op.saved.clone();
+    let ys = xs_proj.contiguous()?.apply_op3(&w_hh.contiguous()?, &hc0, op)?;
+    let h_last = ys.i(seq_len - 1)?;
+    let c_last = {
+        let guard = saved.lock().map_err(|_| Error::Msg("fused LSTM: state lock poisoned".into()))?;
+        let saved = guard.as_ref().ok_or_else(|| Error::Msg("fused LSTM: forward kept no state".into()))?;
+        let last = &saved.cells[(seq_len - 1) * batch * hidden..];
+        Tensor::from_slice(last, (batch, hidden), xs_proj.device())?
+    };
+    Ok((ys, h_last, c_last))
+}
+
+/// Large buffers kept between calls, for at most `POOL_MAX_FLOATS` numbers in all. A fresh
+/// buffer of megabytes costs a page fault per 4 KiB the first time it is written; at the
+/// recipe's sizes that was a fifth of a training step.
+static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+const POOL_MAX_FLOATS: usize = 32 << 20;
+
+/// A buffer of `len` numbers from the pool (or a new one). Its contents are left over from an
+/// earlier use: callers overwrite every element.
+fn take_buffer(len: usize) -> Vec<f32> {
+    let reused = POOL.lock().ok().and_then(|mut pool| {
+        let idx =
+            (0..pool.len()).filter(|&i| pool[i].capacity() >= len).min_by_key(|&i| pool[i].capacity())?;
+        Some(pool.swap_remove(idx))
+    });
+    let mut buf = reused.unwrap_or_default();
+    buf.resize(len, 0.0);
+    buf
+}
+
+/// Returns `buf` to the pool, or frees it when the pool is full.
+fn give_back(buf: Vec<f32>) {
+    if let Ok(mut pool) = POOL.lock() {
+        let held: usize = pool.iter().map(Vec::capacity).sum();
+        if held + buf.capacity() <= POOL_MAX_FLOATS {
+            pool.push(buf);
+        }
+    }
+}
+
+/// What the forward pass keeps for the backward pass, all `[seq, batch, ...]`.
+struct Saved {
+    seq_len: usize,
+    batch: usize,
+    hidden: usize,
+    /// `[seq, batch, 4 hidden]`: the activated gates `σ(i) σ(f) tanh(g) σ(o)`.
+    gates: Vec<f32>,
+    /// `[seq, batch, hidden]`: `c` after each step.
+    cells: Vec<f32>,
+    /// `[seq, batch, hidden]`: `tanh c` after each step.
+    tanh_cells: Vec<f32>,
+}
+
+impl Drop for Saved {
+    fn drop(&mut self) {
+        for buf in [&mut self.gates, &mut self.cells, &mut self.tanh_cells] {
+            give_back(std::mem::take(buf));
+        }
+    }
+}
+
+/// The custom op. Inputs: xs_proj `[seq, batch, 4 hidden]`, w_hh `[4 hidden, hidden]`, hc0
+/// `[2, batch, hidden]` (h0 over c0); output: ys `[seq, batch, hidden]`.
+struct Recurrence {
+    isa: Isa,
+    num_threads: usize,
+    saved: Arc<Mutex<Option<Saved>>>,
+}
+
+impl Recurrence {
+    fn new() -> Self {
+        Self {
+            isa: Isa::detect(),
+            num_threads: candle_core::utils::get_num_threads().max(1),
+            saved: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Row bounds splitting `batch` sequences into near-equal shares, one per thread.
+    fn shares(&self, batch: usize) -> Vec<usize> {
+        let n = self.num_threads.min(batch).max(1);
+        (0..=n).map(|i| i * batch / n).collect()
+    }
+}
+
+/// The contiguous f32 data of a CPU storage under `layout`.
+fn cpu_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    let (start, end) =
+        layout.contiguous_offsets().ok_or_else(|| Error::Msg("fused LSTM: input not contiguous".into()))?;
+    Ok(&data[start..end])
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor.
+fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(f(cpu_slice(cpu, layout)?)),
+        _ => Err(Error::Msg("fused LSTM: tensor not on the CPU".into())),
+    }
+}
+
+/// Splits `buf` (`[steps][batch][width]`) into per-share lists of per-step row blocks:
+/// `out[share][step]` is rows `bounds[share]..bounds[share + 1]` of step `step`.
+fn split_rows<'a>(
+    buf: &'a mut [f32],
+    batch: usize,
+    width: usize,
+    bounds: &[usize],
+) -> Vec<Vec<&'a mut [f32]>> {
+    let mut out: Vec<Vec<&mut [f32]>> = bounds.windows(2).map(|_| Vec::new()).collect();
+    for step in buf.chunks_exact_mut(batch * width) {
+        let mut rest = step;
+        for (share, w) in out.iter_mut().zip(bounds.windows(2)) {
+            let (rows, tail) = rest.split_at_mut((w[1] - w[0]) * width);
+            share.push(rows);
+            rest = tail;
+        }
+    }
+    out
+}
+
+/// The same for read-only data.
+fn split_rows_ref<'a>(buf: &'a [f32], batch: usize, width: usize, bounds: &[usize]) -> Vec<Vec<&'a [f32]>> {
+    let mut out: Vec<Vec<&[f32]>> = bounds.windows(2).map(|_| Vec::new()).collect();
+    for step in buf.chunks_exact(batch * width) {
+        for (share, w) in out.iter_mut().zip(bounds.windows(2)) {
+            share.push(&step[w[0] * width..w[1] * width]);
+        }
+    }
+    out
+}
+
+/// One share's forward pass through every step.
+struct ForwardShare<'a> {
+    hidden: usize,
+    /// Per step: the share's rows of xs_proj, `[rows, 4 hidden]`.
+    xs_proj: Vec<&'a [f32]>,
+    /// The share's rows of h0 and c0, `[rows, hidden]`.
+    h0: &'a [f32],
+    c0: &'a [f32],
+    /// Per step, written: activated gates, cells, tanh of cells, outputs.
+    gates: Vec<&'a mut [f32]>,
+    cells: Vec<&'a mut [f32]>,
+    tanh_cells: Vec<&'a mut [f32]>,
+    ys: Vec<&'a mut [f32]>,
+}
+
+impl ForwardShare<'_> {
+    fn run(&mut self, isa: Isa, w_hh_t: &PackedB) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA.
+            Isa::Avx512 => unsafe { self.run_avx512(isa, w_hh_t) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
+            Isa::Avx2Fma => unsafe { self.run_avx2(isa, w_hh_t) },
+            _ => self.run_body(isa, w_hh_t),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn run_avx512(&mut self, isa: Isa, w_hh_t: &PackedB) {
+        self.run_body(isa, w_hh_t)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&mut self, isa: Isa, w_hh_t: &PackedB) {
+        self.run_body(isa, w_hh_t)
+    }
+
+    #[inline(always)]
+    fn run_body(&mut self, isa: Isa, w_hh_t: &PackedB) {
+        let hidden = self.hidden;
+        let rows = self.h0.len() / hidden;
+        for t in 0..self.xs_proj.len() {
+            {
+                let gates = &mut *self.gates[t];
+                gates.copy_from_slice(self.xs_proj[t]);
+                let h_prev: &[f32] = if t == 0 { self.h0 } else { &*self.ys[t - 1] };
+                let h_ref = MatRef { data: h_prev, row_stride: hidden, col_stride: 1 };
+                gemm(isa, rows, h_ref, w_hh_t, gates, 4 * hidden, true);
+            }
+            let gates = &mut *self.gates[t];
+            let (cells_done, cells_rest) = self.cells.split_at_mut(t);
+            let c_prev: &[f32] = if t == 0 { self.c0 } else { &*cells_done[t - 1] };
+            let cells = &mut *cells_rest[0];
+            let tanh_cells = &mut *self.tanh_cells[t];
+            let ys = &mut *self.ys[t];
+            for r in 0..rows {
+                let g_row = &mut gates[r * 4 * hidden..][..4 * hidden];
+                let (gi, rest) = g_row.split_at_mut(hidden);
+                let (gf, rest) = rest.split_at_mut(hidden);
+                let (gg, go) = rest.split_at_mut(hidden);
+                let span = r * hidden..(r + 1) * hidden;
+                let mut lanes = Lanes::new(hidden);
+                for j in lanes.by_ref() {
+                    cell_forward(
+                        lane(gi, j),
+                        lane(gf, j),
+                        lane(gg, j),
+                        lane(go, j),
+                        lane_ref(&c_prev[span.clone()], j),
+                        lane(&mut cells[span.clone()], j),
+                        lane(&mut tanh_cells[span.clone()], j),
+                        lane(&mut ys[span.clone()], j),
+                    );
+                }
+                if let Some(j) = lanes.tail() {
+                    let mut buf = [[0.0f32; LANES]; 8];
+                    let n = hidden - j;
+                    for (b, src) in buf.iter_mut().zip([&*gi, gf, gg, go, &c_prev[span.clone()]]) {
+                        b[..n].copy_from_slice(&src[j..]);
+                    }
+                    let [bi, bf, bg, bo, bcp, bc, btc, by] = &mut buf;
+                    cell_forward(bi, bf, bg, bo, bcp, bc, btc, by);
+                    for (dst, b) in [gi, gf, gg, go].into_iter().zip(&buf) {
+                        dst[j..].copy_from_slice(&b[..n]);
+                    }
+                    cells[span.clone()][j..].copy_from_slice(&buf[5][..n]);
+                    tanh_cells[span.clone()][j..].copy_from_slice(&buf[6][..n]);
+                    ys[span][j..].copy_from_slice(&buf[7][..n]);
+                }
+            }
+        }
+    }
+}
+
+/// Units per vectorised chunk of the element-wise cell code.
+const LANES: usize = 16;
+
+/// Starts of the whole `LANES`-wide chunks of `len` units, then the start of the partial one.
+struct Lanes {
+    next: usize,
+    len: usize,
+}
+
+impl Lanes {
+    fn new(len: usize) -> Self {
+        Self { next: 0, len }
+    }
+
+    /// The start of the last, partial chunk (once the whole ones are done), if there is one.
+    fn tail(&self) -> Option<usize> {
+        (self.next < self.len).then_some(self.next)
+    }
+}
+
+impl Iterator for Lanes {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        let start = self.next;
+        (start + LANES <= self.len).then(|| {
+            self.next += LANES;
+            start
+        })
+    }
+}
+
+/// The whole chunk of `xs` starting at `j`.
+#[inline(always)]
+fn lane(xs: &mut [f32], j: usize) -> &mut [f32; LANES] {
+    (&mut xs[j..j + LANES]).try_into().expect("a whole chunk")
+}
+
+#[inline(always)]
+fn lane_ref(xs: &[f32], j: usize) -> &[f32; LANES] {
+    xs[j..j + LANES].try_into().expect("a whole chunk")
+}
+
+/// The cell forward on `LANES` units: gate pre-activations in, activations out (in place),
+/// new cell, its tanh and the output. Separate array arguments tell the compiler nothing
+/// overlaps, so it vectorises.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn cell_forward(
+    gi: &mut [f32; LANES],
+    gf: &mut [f32; LANES],
+    gg: &mut [f32; LANES],
+    go: &mut [f32; LANES],
+    c_prev: &[f32; LANES],
+    c: &mut [f32; LANES],
+    tanh_c: &mut [f32; LANES],
+    y: &mut [f32; LANES],
+) {
+    for j in 0..LANES {
+        let i = sigmoid(gi[j]);
+        let f = sigmoid(gf[j]);
+        let g = tanh_approx(gg[j]);
+        let o = sigmoid(go[j]);
+        let c_new = f * c_prev[j] + i * g;
+        let t_c = tanh_approx(c_new);
+        gi[j] = i;
+        gf[j] = f;
+        gg[j] = g;
+        go[j] = o;
+        c[j] = c_new;
+        tanh_c[j] = t_c;
+        y[j] = o * t_c;
+    }
+}
+
+/// The cell backward on `LANES` units: from the kept activations and the incoming gradients,
+/// the gate gradients (`d_gates`: i, f, g, o) and the cell gradient passed back (`dc_next`, in
+/// place).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn cell_backward(
+    gates: [&[f32; LANES]; 4],
+    dys: &[f32; LANES],
+    tanh_c: &[f32; LANES],
+    c_prev: &[f32; LANES],
+    dh_next: &[f32; LANES],
+    dc_next: &mut [f32; LANES],
+    d_gates: [&mut [f32; LANES]; 4],
+) {
+    let [gi, gf, gg, go] = gates;
+    let [di, df, dg, d_o] = d_gates;
+    for j in 0..LANES {
+        let (i, f, g, o, tc) = (gi[j], gf[j], gg[j], go[j], tanh_c[j]);
+        let dh = dys[j] + dh_next[j];
+        let dc = dc_next[j] + dh * o * (1.0 - tc * tc);
+        di[j] = dc * g * i * (1.0 - i);
+        df[j] = dc * c_prev[j] * f * (1.0 - f);
+        dg[j] = dc * i * (1.0 - g * g);
+        d_o[j] = dh * tc * o * (1.0 - o);
+        dc_next[j] = dc * f;
+    }
+}
+
+/// One share's backward pass through every step, in reverse.
+struct BackwardShare<'a> {
+    hidden: usize,
+    /// Per step, read: the gradient of the loss for the share's ys rows, the kept gates,
+    /// cells and tanh of cells.
+    grad_ys: Vec<&'a [f32]>,
+    gates: Vec<&'a [f32]>,
+    cells: Vec<&'a [f32]>,
+    tanh_cells: Vec<&'a [f32]>,
+    /// The share's rows of c0.
+    c0: &'a [f32],
+    /// Per step, written: the gradient for xs_proj, `[rows, 4 hidden]`.
+    grad_xs_proj: Vec<&'a mut [f32]>,
+    /// Written at the end: the gradients for h0 and c0 (the share's rows).
+    grad_h0: &'a mut [f32],
+    grad_c0: &'a mut [f32],
+}
+
+impl BackwardShare<'_> {
+    fn run(&mut self, isa: Isa, w_hh: &PackedB) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA.
+            Isa::Avx512 => unsafe { self.run_avx512(isa, w_hh) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
+            Isa::Avx2Fma => unsafe { self.run_avx2(isa, w_hh) },
+            _ => self.run_body(isa, w_hh),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn run_avx512(&mut self, isa: Isa, w_hh: &PackedB) {
+        self.run_body(isa, w_hh)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&mut self, isa: Isa, w_hh: &PackedB) {
+        self.run_body(isa, w_hh)
+    }
+
+    #[inline(always)]
+    fn run_body(&mut self, isa: Isa, w_hh: &PackedB) {
+        let hidden = self.hidden;
+        let rows = self.c0.len() / hidden;
+        // dh_next lives in grad_h0 and dc_next in grad_c0 until they become those gradients.
+        self.grad_h0.fill(0.0);
+        self.grad_c0.fill(0.0);
+        for t in (0..self.grad_ys.len()).rev() {
+            let c_prev = if t == 0 { self.c0 } else { self.cells[t - 1] };
+            let dxs = &mut *self.grad_xs_proj[t];
+            for r in 0..rows {
+                let span = r * hidden..(r + 1) * hidden;
+                let gate_row = &self.gates[t][r * 4 * hidden..][..4 * hidden];
+                let (gi, rest) = gate_row.split_at(hidden);
+                let (gf, rest) = rest.split_at(hidden);
+                let (gg, go) = rest.split_at(hidden);
+                let d_row = &mut dxs[r * 4 * hidden..][..4 * hidden];
+                let (di, rest) = d_row.split_at_mut(hidden);
+                let (df, rest) = rest.split_at_mut(hidden);
+                let (dg, d_o) = rest.split_at_mut(hidden);
+                let dys = &self.grad_ys[t][span.clone()];
+                let tc = &self.tanh_cells[t][span.clone()];
+                let cp = &c_prev[span.clone()];
+                let dh_next = &self.grad_h0[span.clone()];
+                let dc_next = &mut self.grad_c0[span];
+                let mut lanes = Lanes::new(hidden);
+                for j in lanes.by_ref() {
+                    cell_backward(
+                        [lane_ref(gi, j), lane_ref(gf, j), lane_ref(gg, j), lane_ref(go, j)],
+                        lane_ref(dys, j),
+                        lane_ref(tc, j),
+                        lane_ref(cp, j),
+                        lane_ref(dh_next, j),
+                        lane(dc_next, j),
+                        [lane(di, j), lane(df, j), lane(dg, j), lane(d_o, j)],
+                    );
+                }
+                if let Some(j) = lanes.tail() {
+                    let n = hidden - j;
+                    let mut ins = [[0.0f32; LANES]; 8];
+                    for (b, src) in ins.iter_mut().zip([gi, gf, gg, go, dys, tc, cp, dh_next]) {
+                        b[..n].copy_from_slice(&src[j..]);
+                    }
+                    let mut outs = [[0.0f32; LANES]; 5];
+                    outs[0][..n].copy_from_slice(&dc_next[j..]);
+                    let [i0, i1, i2, i3, i4, i5, i6, i7] = &ins;
+                    let [o0, o1, o2, o3, o4] = &mut outs;
+                    cell_backward([i0, i1, i2, i3], i4, i5, i6, i7, o0, [o1, o2, o3, o4]);
+                    for (dst, b) in [dc_next, di, df, dg, d_o].into_iter().zip(&outs) {
+                        dst[j..].copy_from_slice(&b[..n]);
+                    }
+                }
+            }
+            let d_ref = MatRef { data: dxs, row_stride: 4 * hidden, col_stride: 1 };
+            gemm(isa, rows, d_ref, w_hh, self.grad_h0, hidden, false);
+        }
+    }
+}
+
+impl CustomOp3 for Recurrence {
+    fn name(&self) -> &'static str {
+        "fused-lstm-recurrence"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (seq_len, batch, gate_width) = l1.shape().dims3()?;
+        let hidden = gate_width / 4;
+        let (xs_proj, w_hh, hc0) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        // W_hhᵀ (`[hidden, 4 hidden]`) is the right-hand side of every step's product.
+        let mut w_hh_t = PackedB::with_buffer(take_buffer(0));
+        w_hh_t.pack(hidden, gate_width, w_hh, 1, hidden);
+        let (h0, c0) = hc0.split_at(batch * hidden);
+        let mut gates = take_buffer(seq_len * batch * gate_width);
+        let mut cells = take_buffer(seq_len * batch * hidden);
+        let mut tanh_cells = take_buffer(seq_len * batch * hidden);
+        let mut ys = vec![0.0f32; seq_len * batch * hidden];
+        let bounds = self.shares(batch);
+        {
+            let xs_shares = split_rows_ref(xs_proj, batch, gate_width, &bounds);
+            let gate_shares = split_rows(&mut gates, batch, gate_width, &bounds);
+            let cell_shares = split_rows(&mut cells, batch, hidden, &bounds);
+            let tanh_shares = split_rows(&mut tanh_cells, batch, hidden, &bounds);
+            let ys_shares = split_rows(&mut ys, batch, hidden, &bounds);
+            let mut shares: Vec<ForwardShare> = xs_shares
+                .into_iter()
+                .zip(gate_shares)
+                .zip(cell_shares)
+                .zip(tanh_shares)
+                .zip(ys_shares)
+                .zip(bounds.windows(2))
+                .map(|(((((xs, gates), cells), tanh_cells), ys), w)| ForwardShare {
+                    hidden,
+                    xs_proj: xs,
+                    h0: &h0[w[0] * hidden..w[1] * hidden],
+                    c0: &c0[w[0] * hidden..w[1] * hidden],
+                    gates,
+                    cells,
+                    tanh_cells,
+                    ys,
+                })
+                .collect();
+            let (isa, w_hh_t) = (self.isa, &w_hh_t);
+            std::thread::scope(|scope| {
+                let (first, others) = shares.split_first_mut().expect("at least one share");
+                for share in others {
+                    scope.spawn(move || share.run(isa, w_hh_t));
+                }
+                first.run(isa, w_hh_t);
+            });
+        }
+        give_back(w_hh_t.into_buffer());
+        let mut saved =
+            self.saved.lock().map_err(|_| Error::Msg("fused LSTM: state lock poisoned".into()))?;
+        *saved = Some(Saved { seq_len, batch, hidden, gates, cells, tanh_cells });
+        Ok((CpuStorage::F32(ys), Shape::from((seq_len, batch, hidden))))
+    }
+
+    fn bwd(
+        &self,
+        xs_proj: &Tensor,
+        w_hh: &Tensor,
+        hc0: &Tensor,
+        ys: &Tensor,
+        grad_ys: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let guard = self.saved.lock().map_err(|_| Error::Msg("fused LSTM: state lock poisoned".into()))?;
+        let saved = guard.as_ref().ok_or_else(|| Error::Msg("fused LSTM: backward before forward".into()))?;
+        let (seq_len, batch, hidden) = (saved.seq_len, saved.batch, saved.hidden);
+        let gate_width = 4 * hidden;
+        let device = xs_proj.device();
+        let mut w_hh_packed = PackedB::with_buffer(take_buffer(0));
+        with_data(w_hh, |w| w_hh_packed.pack(gate_width, hidden, w, hidden, 1))?;
+        let mut grad_xs = vec![0.0f32; seq_len * batch * gate_width];
+        let mut grad_hc0 = vec![0.0f32; 2 * batch * hidden];
+        let bounds = self.shares(batch);
+        let isa = self.isa;
+        with_data(hc0, |hc0| -> Result<()> {
+            let c0 = &hc0[batch * hidden..];
+            with_data(grad_ys, |grad_ys| {
+                let (grad_h0, grad_c0) = grad_hc0.split_at_mut(batch * hidden);
+                let mut h0_rest = grad_h0;
+                let mut c0_rest = grad_c0;
+                let grad_ys = split_rows_ref(grad_ys, batch, hidden, &bounds);
+                let gates = split_rows_ref(&saved.gates, batch, gate_width, &bounds);
+                let cells = split_rows_ref(&saved.cells, batch, hidden, &bounds);
+                let tanh_cells = split_rows_ref(&saved.tanh_cells, batch, hidden, &bounds);
+                let grad_xs_shares = split_rows(&mut grad_xs, batch, gate_width, &bounds);
+                let mut shares = Vec::new();
+                for (((((gy, g), c), tc), gx), w) in grad_ys
+                    .into_iter()
+                    .zip(gates)
+                    .zip(cells)
+                    .zip(tanh_cells)
+                    .zip(grad_xs_shares)
+                    .zip(bounds.windows(2))
+                {
+                    let n = (w[1] - w[0]) * hidden;
+                    let (gh, rest) = std::mem::take(&mut h0_rest).split_at_mut(n);
+                    h0_rest = rest;
+                    let (gc, rest) = std::mem::take(&mut c0_rest).split_at_mut(n);
+                    c0_rest = rest;
+                    shares.push(BackwardShare {
+                        hidden,
+                        grad_ys: gy,
+                        gates: g,
+                        cells: c,
+                        tanh_cells: tc,
+                        c0: &c0[w[0] * hidden..w[1] * hidden],
+                        grad_xs_proj: gx,
+                        grad_h0: gh,
+                        grad_c0: gc,
+                    });
+                }
+                let w_hh_packed = &w_hh_packed;
+                std::thread::scope(|scope| {
+                    let (first, others) = shares.split_first_mut().expect("at least one share");
+                    for share in others {
+                        scope.spawn(move || share.run(isa, w_hh_packed));
+                    }
+                    first.run(isa, w_hh_packed);
+                });
+            })
+        })??;
+
+        // dW_hh = Σ_t dxs_proj[t]ᵀ h[t-1]: one product over all steps and sequences, its rows
+        // shared among the threads.
+        let grad_w_hh = if w_hh.track_op() {
+            let mut h_prev = PackedB::with_buffer(take_buffer(0));
+            with_data(hc0, |hc0| {
+                with_data(ys, |ys| {
+                    let h0 = &hc0[..batch * hidden];
+                    let earlier = &ys[..(seq_len - 1) * batch * hidden];
+                    h_prev.pack_row_pieces(hidden, &[h0, earlier])
+                })
+            })??;
+            let mut grad_w = vec![0.0f32; gate_width * hidden];
+            let row_bounds = self.shares(gate_width);
+            let mut rest: &mut [f32] = &mut grad_w;
+            let mut parts = Vec::new();
+            for w in row_bounds.windows(2) {
+                let (part, tail) = rest.split_at_mut((w[1] - w[0]) * hidden);
+                parts.push((w[0], w[1] - w[0], part));
+                rest = tail;
+            }
+            let (grad_xs_ref, h_prev_ref) = (&grad_xs, &h_prev);
+            std::thread::scope(|scope| {
+                for (row0, rows, part) in parts {
+                    scope.spawn(move || {
+                        let a = MatRef { data: &grad_xs_ref[row0..], row_stride: 1, col_stride: gate_width };
+                        gemm(isa, rows, a, h_prev_ref, part, hidden, false);
+                    });
+                }
+            });
+            give_back(h_prev.into_buffer());
+            Some(Tensor::from_vec(grad_w, (gate_width, hidden), device)?)
+        } else {
+            None
+        };
+        give_back(w_hh_packed.into_buffer());
+        let grad_xs = Tensor::from_vec(grad_xs, (seq_len, batch, gate_width), device)?;
+        let grad_hc0 =
+            if hc0.track_op() { Some(Tensor::from_vec(grad_hc0, (2, batch, hidden), device)?) } else { None };
+        Ok((Some(grad_xs), grad_w_hh, grad_hc0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+    use candle_nn::rnn::{LSTMConfig, LSTMState, RNN};
+    use candle_nn::{VarBuilder, VarMap};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    fn random(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Worst difference of `a` and `b`, relative to the larger of 1 and `b`'s largest value.
+    fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        max_abs(&(a - b).unwrap()) / max_abs(b).max(1.0)
+    }
+
+    /// One layer, random weights, inputs and starting state: candle-nn's stock `LSTM` against
+    /// the fused recurrence (threads: `num_threads`), forward values and every gradient of the
+    /// loss `Σ ys ⊙ R` (R random): weights, biases, inputs, h0 and c0.
+    fn compare(seq_len: usize, batch: usize, input: usize, hidden: usize, num_threads: usize, seed: u64) {
+        let dev = Device::Cpu;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let stock = candle_nn::lstm(input, hidden, LSTMConfig::default(), vb).unwrap();
+        for (name, var) in map.data().lock().unwrap().iter() {
+            let fresh = random(&mut rng, var.dims(), 0.5);
+            var.set(&fresh).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let get = |name: &str| map.data().lock().unwrap()[name].clone();
+        let (w_ih, w_hh, b_ih, b_hh) =
+            (get("weight_ih_l0"), get("weight_hh_l0"), get("bias_ih_l0"), get("bias_hh_l0"));
+        let xs = Var::from_tensor(&random(&mut rng, &[batch, seq_len, input], 1.0)).unwrap();
+        let h0 = Var::from_tensor(&random(&mut rng, &[batch, hidden], 0.8)).unwrap();
+        let c0 = Var::from_tensor(&random(&mut rng, &[batch, hidden], 0.8)).unwrap();
+        let weights = random(&mut rng, &[batch, seq_len, hidden], 1.0);
+
+        let states =
+            stock.seq_init(&xs, &LSTMState::new(h0.as_tensor().clone(), c0.as_tensor().clone())).unwrap();
+        let stock_ys = stock.states_to_tensor(&states).unwrap();
+        let stock_c = states.last().unwrap().c.clone();
+        let stock_grads = (&stock_ys * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let xs_tm = xs.transpose(0, 1).unwrap().contiguous().unwrap();
+        let flat = xs_tm.reshape((seq_len * batch, input)).unwrap();
+        let bias = (b_ih.as_tensor() + b_hh.as_tensor()).unwrap();
+        let xs_proj = flat.matmul(&w_ih.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+        let xs_proj = xs_proj.reshape((seq_len, batch, 4 * hidden)).unwrap();
+        let op = Recurrence { num_threads, ..Recurrence::new() };
+        let (ys, h, c) = recur_on(&xs_proj, &w_hh, &h0, &c0, op).unwrap();
+        let ys = ys.transpose(0, 1).unwrap();
+        let grads = (&ys * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let label =
+            format!("seq {seq_len} batch {batch} input {input} hidden {hidden} threads {num_threads}");
+        assert!(rel_diff(&ys, &stock_ys) < 1e-5, "{label}: ys");
+        assert!(rel_diff(&h, &states.last().unwrap().h) < 1e-5, "{label}: h");
+        assert!(rel_diff(&c, &stock_c) < 1e-5, "{label}: c");
+        for (name, var) in [
+            ("w_ih", &w_ih),
+            ("w_hh", &w_hh),
+            ("b_ih", &b_ih),
+            ("b_hh", &b_hh),
+            ("xs", &xs),
+            ("h0", &h0),
+            ("c0", &c0),
+        ] {
+            let ours = grads.get(var).unwrap_or_else(|| panic!("{label}: no gradient for {name}"));
+            let theirs = stock_grads.get(var).unwrap();
+            let d = rel_diff(ours, theirs);
+            assert!(d < 1e-4, "{label}: gradient of {name} off by {d} (relative)");
+        }
+    }
+
+    #[test]
+    fn gradients_match_candle_nn_stock_lstm() {
+        // Hidden sizes off the kernels' panel width, batches that split unevenly.
+        compare(9, 5, 6, 20, 2, 1);
+        compare(4, 3, 44, 32, 1, 2);
+        compare(12, 7, 10, 16, 3, 3);
+        compare(1, 1, 3, 5, 2, 4);
+    }
+
+    /// A whole model (embedding, two layers, output layer) trained through `MelodyLstm`'s
+    /// forward pass on the CPU (the fused path) against the same network assembled from
+    /// candle-nn's stock `Embedding`, `LSTM` and `Linear` on the same variables: logits and the
+    /// gradient of every weight of the mean cross-entropy.
+    #[test]
+    fn whole_model_gradients_match_candle_nn() {
+        use crate::model::config::ModelConfig;
+        use crate::model::lstm::nll_and_argmax;
+        use crate::music::Vocab;
+        use candle_core::Module;
+
+        let dev = Device::Cpu;
+        let cfg = ModelConfig::new(
+            Vocab::for_pitch_range(60, 72),
+            crate::model::InputKind::Embedding { dim: 6 },
+            24,
+            2,
+            0.0,
+        );
+        let map = VarMap::new();
+        let model = MelodyLstm::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, &dev)).unwrap();
+        assert!(applies_to(&model));
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
+        let vocab = cfg.vocab_len();
+        let embedding = candle_nn::embedding(vocab, 6, vb.pp("embedding")).unwrap();
+        let layers: Vec<_> = (0..2)
+            .map(|k| {
+                let width = if k == 0 { 6 } else { 24 };
+                candle_nn::lstm(width, 24, LSTMConfig { layer_idx: k, ..Default::default() }, vb.pp("lstm"))
+                    .unwrap()
+            })
+            .collect();
+        let head = candle_nn::linear(24, vocab, vb.pp("head")).unwrap();
+        assert_eq!(map.all_vars().len(), 11, "both networks share one set of variables");
+
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (batch, seq_len) = (5, 9);
+        let ids: Vec<u32> = (0..batch * (seq_len + 1)).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let all = Tensor::from_vec(ids, (batch, seq_len + 1), &dev).unwrap();
+        let inputs = all.narrow(1, 0, seq_len).unwrap().contiguous().unwrap();
+        let targets = all.narrow(1, 1, seq_len).unwrap().flatten_all().unwrap();
+
+        let mut xs = embedding.forward(&inputs).unwrap();
+        for layer in &layers {
+            xs = layer.states_to_tensor(&layer.seq(&xs).unwrap()).unwrap();
+        }
+        let stock_logits = head.forward(&xs).unwrap();
+        let loss = |logits: &Tensor| {
+            let (nll, _) = nll_and_argmax(&logits.reshape(((), vocab)).unwrap(), &targets).unwrap();
+            nll.mean_all().unwrap()
+        };
+        let stock_grads = loss(&stock_logits).backward().unwrap();
+        let (logits, _) = model.forward(&inputs, None, None).unwrap();
+        let grads = loss(&logits).backward().unwrap();
+
+        assert!(rel_diff(&logits, &stock_logits) < 1e-5, "logits");
+        for (name, var) in map.data().lock().unwrap().iter() {
+            let d = rel_diff(grads.get(var).unwrap(), stock_grads.get(var).unwrap());
+            assert!(d < 1e-4, "gradient of {name} off by {d} (relative)");
+        }
+    }
+
+    #[test]
+    fn applies_only_to_f32_on_the_cpu_with_steps() {
+        let dev = Device::Cpu;
+        let w = Tensor::zeros((8, 2), DType::F32, &dev).unwrap();
+        assert!(applies(&Tensor::zeros((3, 1, 8), DType::F32, &dev).unwrap(), &w));
+        assert!(!applies(&Tensor::zeros((0, 1, 8), DType::F32, &dev).unwrap(), &w));
+        assert!(!applies(&Tensor::zeros((3, 1, 8), DType::F64, &dev).unwrap(), &w));
+    }
+
+    #[test]
+    fn refuses_shapes_that_do_not_fit() {
+        let dev = Device::Cpu;
+        let xs = Tensor::zeros((3, 2, 8), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((8, 3), DType::F32, &dev).unwrap();
+        let h = Tensor::zeros((2, 2), DType::F32, &dev).unwrap();
+        assert!(recur(&xs, &w, &h, &h).is_err());
+    }
+}

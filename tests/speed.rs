@@ -1,0 +1,58 @@
+//! The fast paths' promises that are not about speed itself: generation allocates nothing per
+//! symbol once running (counted per thread by the plugin framework's allocation guard, which
+//! debug builds install).
+
+use std::sync::Arc;
+
+use antiphon::model::{Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, SamplingSettings};
+use antiphon::music::Vocab;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use nice_assert_no_alloc::{assert_no_alloc, reset_violation_count, violation_count};
+
+/// Allocations `f` makes on this thread (the guard counts them rather than aborting).
+fn allocations_during(f: impl FnOnce()) -> usize {
+    reset_violation_count();
+    assert_no_alloc(f);
+    violation_count() as usize
+}
+
+/// A seeded model with fixed weights, so its steps run on the packed path.
+fn model(input: InputKind, hidden: usize, layers: usize) -> Arc<LoadedModel> {
+    let config = ModelConfig::new(Vocab::for_pitch_range(48, 88), input, hidden, layers, 0.0);
+    let tensors = MelodyLstm::initial_tensors(&config, 3, &Device::Cpu).unwrap();
+    let lstm = MelodyLstm::new(&config, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
+    Arc::new(LoadedModel::new(config, lstm, "test").unwrap())
+}
+
+#[test]
+fn generating_a_symbol_allocates_nothing() {
+    let cases = [(InputKind::Embedding { dim: 16 }, 64, 2), (InputKind::OneHot, 40, 1)];
+    let settings = [
+        SamplingSettings { may_end: false, ..Default::default() },
+        SamplingSettings { temperature: 0.7, top_k: 5, may_end: false, ..Default::default() },
+        SamplingSettings { temperature: 1.3, top_p: 0.9, may_end: false, ..Default::default() },
+    ];
+    for (input, hidden, layers) in cases {
+        let mut generator = Generator::new(model(input, hidden, layers), 9);
+        // The sampler's scratch buffer grows to the vocabulary on the first draw.
+        generator.next_symbol(&settings[0]).unwrap();
+        let mut num_symbols = 0;
+        let num_allocs = allocations_during(|| {
+            for i in 0..300 {
+                num_symbols += generator.next_symbol(&settings[i % 3]).unwrap().is_some() as usize;
+            }
+        });
+        assert_eq!(num_symbols, 300);
+        assert_eq!(num_allocs, 0, "{input:?} {hidden}×{layers}: {num_allocs} allocations in 300 symbols");
+    }
+}
+
+#[test]
+fn the_counter_sees_allocations() {
+    let n = allocations_during(|| {
+        std::hint::black_box(vec![1u8; 100]);
+    });
+    // An allocation and its release.
+    assert_eq!(n, 2);
+}

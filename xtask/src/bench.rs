@@ -1,0 +1,352 @@
+//! `cargo xtask bench`: how fast the model generates and trains, ours against candle-nn's
+//! stock LSTM on the same weights and sizes, in one run so the ratios share the machine's load.
+//! Runs on: offline (a terminal).
+//!
+//! Timing on a shared machine: ours and stock alternate trial by trial, and each figure is the
+//! median over trials, so a burst of other work slows both sides alike.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use antiphon::model::fast::FastLstm;
+use antiphon::model::lstm::nll_and_argmax;
+use antiphon::model::{
+    Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, Sampler, SamplingSettings,
+};
+use antiphon::music::{Symbol, TokenId, Vocab};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::rnn::{LSTMConfig, LSTMState, RNN};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+
+/// Time generation and training: ours against candle-nn's stock LSTM, same weights and sizes.
+///
+/// Prints µs per generated symbol (LSTM step, output layer and sampling) beside the time it
+/// takes just to read the weights once, and LSTM steps per second of a training step (forward
+/// over every position, cross-entropy, backward, AdamW), with the ratios.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Also time this model directory (the built-in model is always timed).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Symbols generated per timed trial.
+    #[arg(long, default_value_t = 300)]
+    gen_symbols: usize,
+    /// Trials per generation figure (ours and stock alternate).
+    #[arg(long, default_value_t = 15)]
+    gen_trials: usize,
+    /// Timed training batches per side (ours and stock alternate).
+    #[arg(long, default_value_t = 6)]
+    train_batches: usize,
+    /// Hidden width of the training benchmark (the recipe: 256).
+    #[arg(long, default_value_t = 256)]
+    train_hidden: usize,
+    /// Windows per training batch (the recipe: 64).
+    #[arg(long, default_value_t = 64)]
+    train_batch: usize,
+    /// Symbols per training window (the recipe: 64).
+    #[arg(long, default_value_t = 64)]
+    train_window: usize,
+    /// Skip the generation part.
+    #[arg(long)]
+    no_generation: bool,
+    /// Skip the training part.
+    #[arg(long)]
+    no_training: bool,
+}
+
+/// The recipe's vocabulary: 41 pitches, `/`, `_`, `r`.
+fn recipe_vocab() -> Vocab {
+    Vocab::for_pitch_range(48, 88)
+}
+
+/// A model of the given sizes with seeded starting weights, fixed (so generation packs it).
+fn seeded_model(
+    vocab: Vocab,
+    input: InputKind,
+    hidden: usize,
+    layers: usize,
+    origin: &str,
+) -> Result<LoadedModel> {
+    let config = ModelConfig::new(vocab, input, hidden, layers, 0.0);
+    let tensors = MelodyLstm::initial_tensors(&config, 7, &Device::Cpu)?;
+    let lstm = MelodyLstm::new(&config, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))?;
+    Ok(LoadedModel::new(config, lstm, origin)?)
+}
+
+/// candle-nn's stock pieces on a model's weights: `Embedding` (or one-hot vectors), one
+/// `LSTM` per layer, `Linear`.
+struct StockModel {
+    embedding: Option<candle_nn::Embedding>,
+    layers: Vec<candle_nn::LSTM>,
+    head: candle_nn::Linear,
+    vocab_len: usize,
+}
+
+impl StockModel {
+    fn new(model: &MelodyLstm, vb: VarBuilder) -> Result<Self> {
+        let (vocab_len, hidden) = (model.vocab_len(), model.hidden_size());
+        let embedding = match model.input() {
+            InputKind::Embedding { dim } => Some(candle_nn::embedding(vocab_len, dim, vb.pp("embedding"))?),
+            InputKind::OneHot => None,
+        };
+        let mut layers = Vec::new();
+        for layer_idx in 0..model.num_layers() {
+            let width = if layer_idx == 0 { model.input().width(vocab_len) } else { hidden };
+            let cfg = LSTMConfig { layer_idx, ..Default::default() };
+            layers.push(candle_nn::lstm(width, hidden, cfg, vb.pp("lstm"))?);
+        }
+        let head = candle_nn::linear(hidden, vocab_len, vb.pp("head"))?;
+        Ok(Self { embedding, layers, head, vocab_len })
+    }
+
+    /// Built on the same (fixed) tensors as `model`.
+    fn same_weights(model: &MelodyLstm) -> Result<Self> {
+        let tensors: HashMap<String, Tensor> = model.named_tensors().into_iter().collect();
+        Self::new(model, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))
+    }
+
+    /// tokens: `[batch, seq]` u32 → the first layer's input `[batch, seq, width]`.
+    fn input(&self, tokens: &Tensor) -> Result<Tensor> {
+        Ok(match &self.embedding {
+            Some(e) => e.forward(tokens)?,
+            None => {
+                let eye = Tensor::eye(self.vocab_len, DType::F32, tokens.device())?;
+                let (b, s) = tokens.dims2()?;
+                eye.index_select(&tokens.flatten_all()?, 0)?.reshape((b, s, self.vocab_len))?
+            }
+        })
+    }
+
+    /// One generation step, as candle-nn's `LSTM::step` runs it.
+    fn step(&self, token: TokenId, states: &mut [LSTMState], logits: &mut [f32]) -> Result<()> {
+        let tokens = Tensor::from_slice(&[token.0 as u32], (1, 1), &Device::Cpu)?;
+        let mut x = self.input(&tokens)?.squeeze(1)?;
+        for (layer, state) in self.layers.iter().zip(states.iter_mut()) {
+            *state = layer.step(&x, state)?;
+            x = state.h.clone();
+        }
+        logits.copy_from_slice(&self.head.forward(&x)?.squeeze(0)?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    /// Logits of every position. tokens: `[batch, seq]` → `[batch · seq, vocab]`
+    fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        let mut xs = self.input(tokens)?;
+        for layer in &self.layers {
+            let states = layer.seq(&xs)?;
+            xs = layer.states_to_tensor(&states)?;
+        }
+        let (b, s, h) = xs.dims3()?;
+        Ok(self.head.forward(&xs.reshape((b * s, h))?)?)
+    }
+}
+
+/// Median of `xs` (sorted in place).
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// The settings the generation timing samples with: the plugin's kind of nucleus sampling.
+fn bench_settings() -> SamplingSettings {
+    SamplingSettings { temperature: 0.9, top_p: 0.95, may_end: false, ..Default::default() }
+}
+
+/// µs per symbol of ours (the `Generator`, i.e. the plugin's path), candle-nn stock, and the
+/// floor (reading the packed weights once), medians over alternating trials.
+struct GenFigures {
+    ours_us: f64,
+    stock_us: f64,
+    floor_us: f64,
+    weight_kib: f64,
+}
+
+fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
+    let fast = FastLstm::for_model(&model.lstm)?.context("the model did not pack for the fast step")?;
+    let stock = StockModel::same_weights(&model.lstm)?;
+    let vocab = model.config.vocab.clone();
+    let settings = bench_settings();
+    let model = Arc::new(model);
+    let mut generator = Generator::new(model.clone(), 1);
+    let mut sampler = Sampler::new(1);
+    let mut logits = vec![0.0f32; vocab.len()];
+    let hidden = model.config.hidden_size;
+    let zero = Tensor::zeros((1, hidden), DType::F32, &Device::Cpu)?;
+    let mut states: Vec<LSTMState> =
+        (0..model.config.num_layers).map(|_| LSTMState::new(zero.clone(), zero.clone())).collect();
+    let mut token = vocab.id(Symbol::Delimiter).unwrap_or(TokenId(0));
+    let n = args.gen_symbols;
+    let (mut ours, mut stock_t, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    let mut sink = 0.0f32;
+    // One untimed round warms caches and the allocator.
+    for trial in 0..=args.gen_trials {
+        generator.reset();
+        let t = Instant::now();
+        for _ in 0..n {
+            sink += generator.next_symbol(&settings)?.is_some() as u8 as f32;
+        }
+        let ours_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+
+        let t = Instant::now();
+        for _ in 0..n {
+            stock.step(token, &mut states, &mut logits)?;
+            token = sampler.sample(&logits, &vocab, &settings);
+        }
+        let stock_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+
+        let t = Instant::now();
+        for i in 0..n {
+            sink += fast.read_weights_once(TokenId((i % vocab.len()) as u16));
+        }
+        let floor_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+        if trial > 0 {
+            ours.push(ours_us);
+            stock_t.push(stock_us);
+            floor.push(floor_us);
+        }
+    }
+    std::hint::black_box(sink);
+    Ok(GenFigures {
+        ours_us: median(&mut ours),
+        stock_us: median(&mut stock_t),
+        floor_us: median(&mut floor),
+        weight_kib: fast.weight_bytes_per_step() as f64 / 1024.0,
+    })
+}
+
+fn describe(config: &ModelConfig) -> String {
+    let input = match config.input {
+        InputKind::Embedding { dim } => format!("embedding {dim}"),
+        InputKind::OneHot => "one-hot".to_string(),
+    };
+    format!("{}×{}, {input}, {} symbols", config.num_layers, config.hidden_size, config.vocab_len())
+}
+
+fn generation(args: &BenchArgs) -> Result<()> {
+    let mut models = vec![("built-in".to_string(), LoadedModel::builtin()?)];
+    if let Some(dir) = &args.model {
+        let model = LoadedModel::load_dir(dir).with_context(|| format!("loading {}", dir.display()))?;
+        models.push((dir.display().to_string(), model));
+    }
+    models.push((
+        "2×256 embedding".to_string(),
+        seeded_model(recipe_vocab(), InputKind::Embedding { dim: 64 }, 256, 2, "bench")?,
+    ));
+    models
+        .push(("recipe size".to_string(), seeded_model(recipe_vocab(), InputKind::OneHot, 256, 1, "bench")?));
+    println!("\nGeneration, one sequence, one thread: µs per symbol (LSTM step + output layer + sampling)");
+    println!(
+        "{:<18} {:<30} {:>9} {:>10} {:>9} {:>8} {:>9} {:>9}",
+        "model", "sizes", "ours µs", "stock µs", "stock/us", "floor µs", "ours/flr", "weights"
+    );
+    for (name, model) in models {
+        let sizes = describe(&model.config);
+        let g = time_generation(model, args)?;
+        println!(
+            "{:<18} {:<30} {:>9.2} {:>10.1} {:>8.1}× {:>8.2} {:>8.2}× {:>6.0} KiB",
+            name,
+            sizes,
+            g.ours_us,
+            g.stock_us,
+            g.stock_us / g.ours_us,
+            g.floor_us,
+            g.ours_us / g.floor_us,
+            g.weight_kib
+        );
+    }
+    println!(
+        "  ours: Generator::next_symbol on packed weights ({}); stock: candle-nn LSTM::step per layer + Linear, same sampler; floor: one pass reading the packed weights a step reads",
+        antiphon::model::kernels::Isa::detect().name()
+    );
+    Ok(())
+}
+
+/// One training batch of `tokens` → loss, through a gradient step of AdamW.
+fn train_step(logits: &Tensor, targets: &Tensor, opt: &mut candle_nn::AdamW) -> Result<f32> {
+    let (nll, _) = nll_and_argmax(logits, targets)?;
+    let loss = nll.mean_all()?;
+    let grads = loss.backward()?;
+    opt.step(&grads)?;
+    Ok(loss.to_scalar::<f32>()?)
+}
+
+fn training(args: &BenchArgs) -> Result<()> {
+    let vocab = recipe_vocab();
+    let (batch, window, hidden) = (args.train_batch, args.train_window, args.train_hidden);
+    let config = ModelConfig::new(vocab.clone(), InputKind::OneHot, hidden, 1, 0.0);
+    let device = Device::Cpu;
+    // Ours: the training model with its fused recurrence; stock: candle-nn's LSTM; same start.
+    let ours_map = VarMap::new();
+    let ours = MelodyLstm::new(&config, VarBuilder::from_varmap(&ours_map, DType::F32, &device))?;
+    let stock_map = VarMap::new();
+    let stock = StockModel::new(&ours, VarBuilder::from_varmap(&stock_map, DType::F32, &device))?;
+    let vars = |m: &VarMap| -> Vec<Var> { m.all_vars() };
+    let params = candle_nn::ParamsAdamW { lr: 1e-3, ..Default::default() };
+    let mut ours_opt = candle_nn::AdamW::new(vars(&ours_map), params.clone())?;
+    let mut stock_opt = candle_nn::AdamW::new(vars(&stock_map), params)?;
+
+    let mut seed = 12345u64;
+    let mut next_batch = || -> Result<(Tensor, Tensor)> {
+        let mut ids = Vec::with_capacity(batch * (window + 1));
+        for _ in 0..batch * (window + 1) {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ids.push(((seed >> 33) % vocab.len() as u64) as u32);
+        }
+        let all = Tensor::from_vec(ids, (batch, window + 1), &device)?;
+        Ok((all.narrow(1, 0, window)?.contiguous()?, all.narrow(1, 1, window)?.contiguous()?))
+    };
+    let (mut ours_ms, mut stock_ms) = (Vec::new(), Vec::new());
+    for i in 0..=args.train_batches {
+        let (inputs, targets) = next_batch()?;
+        let t = Instant::now();
+        let (logits, _) = ours.forward_time_major(&inputs.t()?.contiguous()?, None, None)?;
+        let tm_targets = targets.t()?.contiguous()?.flatten_all()?;
+        train_step(&logits.reshape(((), vocab.len()))?, &tm_targets, &mut ours_opt)?;
+        let ours_s = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let logits = stock.forward(&inputs)?;
+        train_step(&logits, &targets.flatten_all()?, &mut stock_opt)?;
+        let stock_s = t.elapsed().as_secs_f64();
+        if i > 0 {
+            ours_ms.push(ours_s * 1e3);
+            stock_ms.push(stock_s * 1e3);
+        }
+    }
+    let (ours_ms, stock_ms) = (median(&mut ours_ms), median(&mut stock_ms));
+    let steps = (batch * window) as f64;
+    println!(
+        "\nTraining step, LSTM {hidden}, one-hot {} inputs, batch {batch} × {window} steps, every position a target (forward, cross-entropy, backward, AdamW)",
+        vocab.len()
+    );
+    println!("{:<8} {:>10} {:>14}", "", "ms/batch", "LSTM steps/s");
+    println!("{:<8} {:>10.1} {:>14.0}", "ours", ours_ms, steps / ours_ms * 1e3);
+    println!("{:<8} {:>10.1} {:>14.0}", "stock", stock_ms, steps / stock_ms * 1e3);
+    println!(
+        "  ours is {:.2}× stock's speed (medians of {} alternating batches)",
+        stock_ms / ours_ms,
+        args.train_batches
+    );
+    Ok(())
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    println!(
+        "cargo xtask bench: {} threads for candle, {}",
+        candle_core::utils::get_num_threads(),
+        antiphon::model::kernels::Isa::detect().name()
+    );
+    if !args.no_generation {
+        generation(&args)?;
+    }
+    if !args.no_training {
+        training(&args)?;
+    }
+    // NOTE: phrase-end → first-note-ready latency through the plugin's worker belongs here once
+    // the worker exists on this branch: time `Request::Continue` → first `Continuation` note.
+    println!("\nPhrase-end → first-note latency through the plugin's worker: not measured yet (see the NOTE in xtask/src/bench.rs)");
+    Ok(())
+}
