@@ -22,12 +22,9 @@ use antiphon::music::{Key, Melody, Meter, Mode, Note, Source, Symbol, TokenId, V
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-/// A fresh, empty folder for one test.
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("antiphon-eval-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh, empty folder for one test, removed when the guard drops.
+fn scratch_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("antiphon-eval-{name}-")).tempdir().unwrap()
 }
 
 /// A seeded, untrained model over pitches 60..=72 with a run of `delimiter_len` delimiters.
@@ -190,7 +187,8 @@ fn the_validation_side_is_what_training_validated_on() {
 fn a_whole_evaluation_on_a_tiny_trained_model() {
     let cfg = tiny_train_config();
     let data = build_dataset(vec![("tiny".into(), cycle_corpus())], &cfg.data).unwrap();
-    let dir = scratch_dir("tiny-model");
+    let scratch = scratch_dir("tiny-model");
+    let dir = scratch.path().to_path_buf();
     train(&cfg, &data, &dir, &Device::Cpu, false, &mut antiphon::model::train::Quiet).unwrap();
     let model = Arc::new(LoadedModel::load_dir(&dir).unwrap());
 
@@ -312,7 +310,8 @@ fn the_eval_runs_on_tunes_from_the_test_data() {
     assert!(read().errors.is_empty(), "{:?}", read().errors);
     assert_eq!(read().melodies.len(), 7);
     let data = build_dataset(vec![("fixtures".into(), read())], &cfg.data).unwrap();
-    let dir = scratch_dir("fixtures-model");
+    let scratch = scratch_dir("fixtures-model");
+    let dir = scratch.path().to_path_buf();
     train(&cfg, &data, &dir, &Device::Cpu, false, &mut antiphon::model::train::Quiet).unwrap();
     let model = Arc::new(LoadedModel::load_dir(&dir).unwrap());
     // The model directory's train.json gives the same filters, split and sets back.

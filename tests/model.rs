@@ -23,12 +23,9 @@ fn melody(notes: &[(u8, f64, f64)]) -> Melody {
     Melody::from_notes(notes.iter().map(|&(p, s, l)| Note::new(p, s, l)).collect())
 }
 
-/// A fresh, empty folder for one test.
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("antiphon-model-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh, empty folder for one test, removed when the guard drops.
+fn scratch_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("antiphon-model-{name}-")).tempdir().unwrap()
 }
 
 /// The golden model's config: pitches 60..=64, embedding 3, two layers of 4.
@@ -101,7 +98,8 @@ fn logits_after(model: &LoadedModel, ids: &[u16]) -> Vec<f32> {
 fn save_then_load_gives_the_same_logits() {
     for input in [InputKind::Embedding { dim: 6 }, InputKind::OneHot] {
         let model = random_model(input, 11);
-        let dir = scratch_dir(&format!("save-{}", matches!(input, InputKind::OneHot)));
+        let scratch = scratch_dir(&format!("save-{}", matches!(input, InputKind::OneHot)));
+        let dir = scratch.path().to_path_buf();
         save_model(&dir, &model.config, &model.lstm).unwrap();
         let loaded = LoadedModel::load_dir(&dir).unwrap();
         assert_eq!(loaded.config, model.config);
@@ -130,11 +128,12 @@ fn the_builtin_model_loads_and_generates() {
 }
 
 /// A saved good model, and its tensors by name.
-fn saved_model(name: &str) -> (PathBuf, HashMap<String, Tensor>) {
+fn saved_model(name: &str) -> (tempfile::TempDir, PathBuf, HashMap<String, Tensor>) {
     let model = formula_model(&golden_config());
-    let dir = scratch_dir(name);
+    let scratch = scratch_dir(name);
+    let dir = scratch.path().to_path_buf();
     save_model(&dir, &model.config, &model.lstm).unwrap();
-    (dir, model.lstm.named_tensors().into_iter().collect())
+    (scratch, dir, model.lstm.named_tensors().into_iter().collect())
 }
 
 fn write_tensors(dir: &Path, tensors: &HashMap<String, Tensor>) {
@@ -143,7 +142,7 @@ fn write_tensors(dir: &Path, tensors: &HashMap<String, Tensor>) {
 
 #[test]
 fn a_truncated_weights_file_is_named_as_such() {
-    let (dir, _) = saved_model("truncated");
+    let (_scratch, dir, _) = saved_model("truncated");
     let path = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
@@ -164,7 +163,7 @@ fn a_truncated_weights_file_is_named_as_such() {
 
 #[test]
 fn a_tensor_of_the_wrong_shape_is_named() {
-    let (dir, mut tensors) = saved_model("shape");
+    let (_scratch, dir, mut tensors) = saved_model("shape");
     tensors.insert("lstm.weight_hh_l1".into(), Tensor::zeros((16, 5), DType::F32, &Device::Cpu).unwrap());
     write_tensors(&dir, &tensors);
     match LoadedModel::load_dir(&dir) {
@@ -178,7 +177,7 @@ fn a_tensor_of_the_wrong_shape_is_named() {
 
 #[test]
 fn a_vocabulary_mismatch_is_named() {
-    let (dir, _) = saved_model("vocab");
+    let (_scratch, dir, _) = saved_model("vocab");
     // The config now lists pitches 60..=66 (10 symbols); the weights are for 8.
     let mut cfg = golden_config();
     cfg.vocab = Vocab::for_pitch_range(60, 66);
@@ -194,7 +193,7 @@ fn a_vocabulary_mismatch_is_named() {
 
 #[test]
 fn a_nan_weight_is_named() {
-    let (dir, mut tensors) = saved_model("nan");
+    let (_scratch, dir, mut tensors) = saved_model("nan");
     let mut values = tensors["head.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
     values[5] = f32::NAN;
     values[6] = f32::INFINITY;
@@ -210,7 +209,7 @@ fn a_nan_weight_is_named() {
 
 #[test]
 fn missing_files_and_tensors_are_named() {
-    let (dir, mut tensors) = saved_model("missing");
+    let (_scratch, dir, mut tensors) = saved_model("missing");
     tensors.remove("head.bias");
     write_tensors(&dir, &tensors);
     assert!(
@@ -286,7 +285,8 @@ fn tiny_train_config(epochs: usize) -> TrainConfig {
 #[test]
 fn a_tiny_model_learns_and_resumes() {
     let data = build_dataset(vec![("tiny".into(), tiny_corpus())], &tiny_train_config(1).data).unwrap();
-    let dir = scratch_dir("train");
+    let scratch = scratch_dir("train");
+    let dir = scratch.path().to_path_buf();
     let summary = train(&tiny_train_config(4), &data, &dir, &Device::Cpu, false, &mut Quiet).unwrap();
     assert_eq!(summary.epochs.len(), 4);
     let first = &summary.epochs[0];
