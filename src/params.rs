@@ -8,7 +8,7 @@ use std::sync::Arc;
 use nice_plug::params::persist::PersistentField;
 use nice_plug::prelude::*;
 
-use crate::engine::{ModelChoice, ModelSlot};
+use crate::engine::{ModelChoice, ModelSlot, MAX_LIBRARY_MODELS};
 use crate::music::phrase::KeyLock;
 use crate::music::{Key, Mode};
 use crate::schedule::{AnswerStart, Settings, TriggerMode, VelocityMode};
@@ -260,8 +260,12 @@ pub struct AntiphonParams {
     /// Tempo of the free-running clock when the host gives none, in quarter notes per minute.
     #[id = "tempo"]
     pub free_tempo_bpm: FloatParam,
-    /// Which model answers: built in, or a trained model directory. Saved with the project;
-    /// the worker loads it.
+    /// Which model answers: 0 is the saved choice below (the built-in model unless the project
+    /// names a directory); 1 and up are the models of the user's models folder, by name
+    /// (`engine::library`). The worker loads it.
+    #[id = "modelsel"]
+    pub model_select: IntParam,
+    /// The saved model choice: built in, or a trained model directory. Saved with the project.
     #[persist = "model"]
     pub model: Arc<ModelSlot>,
 }
@@ -277,6 +281,7 @@ impl Default for AntiphonParams {
                 .with_value_to_string(formatters::v2s_i32_key_formatter())
                 .with_string_to_value(formatters::s2v_i32_key_formatter())
         };
+        let model = Arc::new(ModelSlot::new(ModelChoice::Builtin));
         Self {
             pass_through: BoolParam::new("MIDI Thru", true),
             bypass: BoolParam::new("Bypass", false).make_bypass(),
@@ -328,9 +333,20 @@ impl Default for AntiphonParams {
             .with_step_size(0.1)
             .with_unit(" BPM")
             .with_value_to_string(formatters::v2s_f32_rounded(1)),
-            model: Arc::new(ModelSlot::new(ModelChoice::Builtin)),
+            model_select: model_select_param(&model),
+            model,
         }
     }
+}
+
+/// The Model parameter: shows and parses the names of `slot`'s models, and hands its value to
+/// `slot` (an atomic store, so the host may set it from the audio thread).
+fn model_select_param(slot: &Arc<ModelSlot>) -> IntParam {
+    let (shows, parses, hears) = (slot.clone(), slot.clone(), slot.clone());
+    IntParam::new("Model", 0, IntRange::Linear { min: 0, max: MAX_LIBRARY_MODELS as i32 })
+        .with_value_to_string(Arc::new(move |value| shows.slot_name(value.max(0) as usize)))
+        .with_string_to_value(Arc::new(move |text| parses.slot_for_name(text).map(|s| s as i32)))
+        .with_callback(Arc::new(move |value| hears.set_library_slot(value)))
 }
 
 impl AntiphonParams {

@@ -1,6 +1,6 @@
 //! The built plugin's saved state through a real CLAP host: parameters and the model choice
 //! survive saving and loading; junk, empty or out-of-range state is refused and leaves the
-//! defaults; a model that does not load leaves the notes passing through. Needs
+//! defaults; a model that does not load gives way to the built-in one. Needs
 //! `cargo xtask bundle antiphon` first.
 
 mod plugin_host;
@@ -54,7 +54,8 @@ const CHANGES: &[(&str, &str)] = &[
 fn every_parameter_has_a_readable_value() {
     let plugin = Plugin::load();
     let names = plugin.param_names();
-    assert_eq!(names.len(), 23, "{names:?}");
+    assert_eq!(names.len(), 24, "{names:?}");
+    assert_eq!(plugin.text("Model"), "Built-in");
     assert_eq!(plugin.text("Temperature"), "1.00");
     assert_eq!(plugin.text("Silence"), "1.00 beats");
     assert_eq!(plugin.text("Answer Length"), "2 bars");
@@ -128,29 +129,27 @@ fn out_of_range_entries_are_dropped_and_the_rest_loads() {
 }
 
 #[test]
-fn a_model_that_does_not_load_leaves_notes_passing_through() {
+fn a_model_that_does_not_load_falls_back_to_the_builtin_one() {
     let mut plugin = Plugin::load();
     plugin.set(&[("Output Channel", "2"), ("Fresh Seed", "Off")]);
     plugin.set_offline(true);
-    let mut state = state_json(&plugin.save_state());
-    state["fields"]["model"] = json!(r#"{"directory":"/nonexistent/antiphon-model"}"#);
-    assert!(plugin.load_state(&state_bytes(&state)));
     let notes: Vec<(u8, f64, f64)> =
         [60, 62, 64, 65].iter().enumerate().map(|(i, &k)| (k, i as f64, 1.0)).collect();
     let take = Take::new(120.0, notes, 21.0);
-    let mut processor = plugin.activate(48_000.0, 256);
-    let heard = take.perform(&mut processor, 256);
-    plugin.deactivate(processor);
-    assert_eq!(notes_on(&heard, 0).len(), 4, "the phrase did not pass through");
-    assert!(notes_on(&heard, 1).is_empty(), "an answer came without a model");
-
-    // Back to the built-in model: it answers again.
-    state["fields"]["model"] = json!("\"builtin\"");
-    assert!(plugin.load_state(&state_bytes(&state)));
-    let mut processor = plugin.activate(48_000.0, 256);
-    let heard = take.perform(&mut processor, 256);
-    plugin.deactivate(processor);
-    assert!(!notes_on(&heard, 1).is_empty(), "no answer with the built-in model");
+    let mut answer_with = |model: &str| {
+        let mut state = state_json(&plugin.save_state());
+        state["fields"]["model"] = json!(model);
+        assert!(plugin.load_state(&state_bytes(&state)));
+        let mut processor = plugin.activate(48_000.0, 256);
+        let heard = take.perform(&mut processor, 256);
+        plugin.deactivate(processor);
+        assert_eq!(notes_on(&heard, 0).len(), 4, "the phrase did not pass through");
+        notes_on(&heard, 1)
+    };
+    let missing = answer_with(r#"{"directory":"/nonexistent/antiphon-model"}"#);
+    let builtin = answer_with("\"builtin\"");
+    assert!(!builtin.is_empty(), "no answer with the built-in model");
+    assert_eq!(missing, builtin);
 }
 
 #[test]

@@ -9,11 +9,13 @@
 //! `music::encode` grid: a `Pitch` starts a note and ends the one before, `Hold` continues, `Rest`
 //! ends it, `Delimiter` ends the answer) and sends them in fixed-capacity chunks.
 
+pub mod library;
 pub mod lstm;
 mod worker;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -24,6 +26,7 @@ use crate::music::encode::{Reject, StepGrid};
 use crate::music::phrase::{AnswerChunk, LiveShared, Request};
 use crate::music::{Key, Symbol};
 
+pub use library::{LibraryModel, ModelLibrary, MAX_LIBRARY_MODELS};
 pub use worker::{constrain_pitch, NoteStream};
 
 /// Requests the queue to the worker holds. The audio thread keeps one more in its outbox, and a
@@ -78,27 +81,43 @@ impl std::fmt::Display for ModelChoice {
 }
 
 /// The model choice shared by the parameters (which save and restore it), the main thread (which
-/// may change it) and the worker (which loads it). The audio thread never touches it.
+/// may change it) and the worker (which loads it).
+///
+/// Two things choose: the Model parameter, which names a model of the user's models folder
+/// ([`ModelLibrary`]) or, at 0, defers to the saved choice, which is the built-in model unless a
+/// project or script set a directory. The audio thread only stores the parameter's value (an
+/// atomic store, through the parameter's callback); everything else here is for other threads.
 #[derive(Debug, Default)]
 pub struct ModelSlot {
     choice: Mutex<ModelChoice>,
-    /// Bumped on every change, so the worker notices without taking the lock.
+    /// Bumped on every change of `choice`, so the worker notices without taking the lock.
     epoch: AtomicU32,
+    /// The Model parameter's value.
+    library_slot: AtomicU32,
+    /// The models folder to list; `None` for the user's ([`library::user_models_folder`]).
+    library_folder: Option<PathBuf>,
+    /// The folder's models, read the first time they are needed.
+    library: OnceLock<ModelLibrary>,
 }
 
 impl ModelSlot {
-    /// A slot holding `choice`.
+    /// A slot holding `choice`, with the user's models folder.
     pub fn new(choice: ModelChoice) -> Self {
-        Self { choice: Mutex::new(choice), epoch: AtomicU32::new(0) }
+        Self { choice: Mutex::new(choice), ..Default::default() }
     }
 
-    /// The current choice.
+    /// A slot holding `choice`, listing the models of `folder` instead of the user's.
+    pub fn with_library_folder(choice: ModelChoice, folder: PathBuf) -> Self {
+        Self { choice: Mutex::new(choice), library_folder: Some(folder), ..Default::default() }
+    }
+
+    /// The saved choice, which the Model parameter's value 0 stands for.
     pub fn get(&self) -> ModelChoice {
         self.choice.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Changes the choice; a running worker loads it soon after. Setting the same choice again
-    /// changes nothing.
+    /// Changes the saved choice; a running worker loads it soon after if the Model parameter
+    /// defers to it. Setting the same choice again changes nothing.
     pub fn set(&self, choice: ModelChoice) {
         let mut current = self.choice.lock().unwrap_or_else(|e| e.into_inner());
         if *current != choice {
@@ -107,9 +126,81 @@ impl ModelSlot {
         }
     }
 
-    /// Counts changes; compare two readings to see whether the choice changed.
+    /// Counts changes of the saved choice; compare two readings to see whether it changed.
     pub fn epoch(&self) -> u32 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Takes the Model parameter's value. Real-time safe: one atomic store.
+    pub fn set_library_slot(&self, slot: i32) {
+        self.library_slot.store(slot.max(0) as u32, Ordering::Release);
+    }
+
+    /// The Model parameter's value as last stored.
+    pub fn library_slot(&self) -> usize {
+        self.library_slot.load(Ordering::Acquire) as usize
+    }
+
+    /// Changes whenever the model to load may have: the saved choice or the parameter.
+    pub fn version(&self) -> u64 {
+        (u64::from(self.epoch()) << 32) | self.library_slot.load(Ordering::Acquire) as u64
+    }
+
+    /// The models the Model parameter chooses among. Reads the folder on the first call.
+    pub fn library(&self) -> &ModelLibrary {
+        self.library.get_or_init(|| match &self.library_folder {
+            Some(folder) => ModelLibrary::scan(folder),
+            None => ModelLibrary::user(),
+        })
+    }
+
+    /// What the worker should load now: the parameter's model of the folder, or the saved
+    /// choice when the parameter is 0. A parameter past the folder's models is an error.
+    pub fn resolve(&self) -> Result<ModelChoice, EngineError> {
+        let slot = self.library_slot();
+        if slot == 0 {
+            return Ok(self.get());
+        }
+        let library = self.library();
+        match library.get(slot) {
+            Some(model) => Ok(ModelChoice::Directory(model.path.to_string_lossy().into_owned())),
+            None => Err(EngineError::BadChoice {
+                choice: format!("model {slot} of the models folder"),
+                reason: match &library.folder {
+                    Some(folder) => format!("{} holds {} models", folder.display(), library.models.len()),
+                    None => "this system has no models folder".into(),
+                },
+            }),
+        }
+    }
+
+    /// How the Model parameter shows `slot`: the saved choice's name at 0, else the folder's
+    /// model name.
+    pub fn slot_name(&self, slot: usize) -> String {
+        if slot == 0 {
+            return match self.get() {
+                ModelChoice::Builtin => "Built-in".to_string(),
+                ModelChoice::Directory(path) => {
+                    let name =
+                        std::path::Path::new(&path).file_name().map(|n| n.to_string_lossy().into_owned());
+                    format!("Saved: {}", name.unwrap_or(path))
+                }
+            };
+        }
+        match self.library().get(slot) {
+            Some(model) => model.name.clone(),
+            None => format!("{slot} (empty)"),
+        }
+    }
+
+    /// The Model parameter's value for a typed name: "built-in", a folder model's name, or a
+    /// number.
+    pub fn slot_for_name(&self, text: &str) -> Option<usize> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("built-in") || text.eq_ignore_ascii_case("builtin") {
+            return Some(0);
+        }
+        self.library().slot_of(text).or_else(|| text.parse().ok().filter(|&s| s <= MAX_LIBRARY_MODELS))
     }
 }
 
@@ -194,6 +285,9 @@ pub enum EngineState {
     Ready = 2,
     /// No model could be loaded; notes only pass through. `EngineStatus::detail` says why.
     Failed = 3,
+    /// The chosen model could not be loaded, so the built-in one answers.
+    /// `EngineStatus::detail` says why.
+    Fallback = 4,
 }
 
 /// The worker's state and the reason behind it, for the GUI and the host. Written by the worker
@@ -217,6 +311,7 @@ impl EngineStatus {
             1 => EngineState::Loading,
             2 => EngineState::Ready,
             3 => EngineState::Failed,
+            4 => EngineState::Fallback,
             _ => EngineState::Stopped,
         }
     }

@@ -48,11 +48,16 @@ impl Continuer for Scripted {
 struct ScriptedFactory {
     script: Vec<Symbol>,
     log: Arc<Mutex<Log>>,
+    /// Whether the built-in model fails to load as well.
+    is_builtin_broken: bool,
 }
 
 impl ContinuerFactory for ScriptedFactory {
     fn load(&self, choice: &ModelChoice) -> Result<Box<dyn Continuer>, EngineError> {
         match choice {
+            ModelChoice::Builtin if self.is_builtin_broken => {
+                Err(EngineError::ModelLoad { choice: choice.to_string(), reason: "also broken".into() })
+            }
             ModelChoice::Builtin => {
                 Ok(Box::new(Scripted { script: self.script.clone(), step_idx: 0, log: self.log.clone() }))
             }
@@ -73,11 +78,15 @@ struct Running {
 }
 
 fn start(script: &str, choice: ModelChoice) -> Running {
+    start_with(script, Arc::new(ModelSlot::new(choice)), false)
+}
+
+fn start_with(script: &str, model: Arc<ModelSlot>, is_builtin_broken: bool) -> Running {
     let log = Arc::new(Mutex::new(Log::default()));
-    let factory = Arc::new(ScriptedFactory { script: parse_symbols(script).unwrap(), log: log.clone() });
+    let script = parse_symbols(script).unwrap();
+    let factory = Arc::new(ScriptedFactory { script, log: log.clone(), is_builtin_broken });
     let live = Arc::new(LiveShared::new());
     let status = Arc::new(EngineStatus::default());
-    let model = Arc::new(ModelSlot::new(choice));
     let (engine, channels) = Engine::spawn(factory, model.clone(), live.clone(), status.clone()).unwrap();
     Running { engine: Some(engine), channels, live, status, model, log }
 }
@@ -242,22 +251,69 @@ fn a_delimiter_ends_a_fixed_length_answer() {
 }
 
 #[test]
-fn a_broken_model_is_reported_and_the_worker_survives() {
+fn a_broken_model_is_reported_and_the_builtin_one_answers() {
     let mut w = start("60", ModelChoice::Directory("/models/broken".into()));
-    wait_until("the failure", || w.status.state() == EngineState::Failed);
-    assert!(w.status.detail().contains("broken on purpose"), "{}", w.status.detail());
-    assert!(!w.live.is_model_ready.load(Ordering::Acquire));
-    // A request now is ignored, not answered.
-    w.ask(request(1, Some(4.0)));
-    std::thread::sleep(Duration::from_millis(20));
-    assert!(w.channels.chunk_rx.is_empty());
-    // Choosing the built-in model brings it back, and tells the audio thread.
+    wait_until("the fallback", || w.status.state() == EngineState::Fallback);
+    let detail = w.status.detail();
+    assert!(detail.contains("/models/broken") && detail.contains("broken on purpose"), "{detail}");
+    assert!(detail.contains("built-in model answers instead"), "{detail}");
+    assert!(w.live.is_model_ready.load(Ordering::Acquire));
+    w.ask(request(1, Some(1.0)));
+    let (events, _, _) = w.collect(1, 1.0);
+    assert_eq!(events.first(), Some(&on(0.0, 60)));
+    // Choosing the built-in model outright clears the complaint, and tells the audio thread.
     let epoch = w.live.model_epoch.load(Ordering::Acquire);
     w.model.set(ModelChoice::Builtin);
     wait_until("the reload", || w.status.state() == EngineState::Ready);
     assert!(w.live.model_epoch.load(Ordering::Acquire) > epoch);
     w.engine.take().unwrap().shutdown();
     assert_eq!(w.status.state(), EngineState::Stopped);
+}
+
+#[test]
+fn with_no_model_at_all_the_worker_survives_and_notes_pass() {
+    let model = Arc::new(ModelSlot::new(ModelChoice::Directory("/models/broken".into())));
+    let w = start_with("60", model, true);
+    wait_until("the failure", || w.status.state() == EngineState::Failed);
+    assert!(w.status.detail().contains("also broken"), "{}", w.status.detail());
+    assert!(!w.live.is_model_ready.load(Ordering::Acquire));
+    // A request now is ignored, not answered.
+    w.ask(request(1, Some(4.0)));
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(w.channels.chunk_rx.is_empty());
+}
+
+#[test]
+fn the_model_parameter_picks_from_the_models_folder() {
+    let folder = tempfile::tempdir().unwrap();
+    for name in ["airs", "reels"] {
+        let dir = folder.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        std::fs::write(dir.join("model.safetensors"), "").unwrap();
+    }
+    let model = Arc::new(ModelSlot::with_library_folder(ModelChoice::Builtin, folder.path().to_path_buf()));
+    assert_eq!(model.slot_name(0), "Built-in");
+    assert_eq!(model.slot_name(2), "reels");
+    assert_eq!(model.slot_name(3), "3 (empty)");
+    assert_eq!(model.slot_for_name("Reels"), Some(2));
+    assert_eq!(model.slot_for_name("built-in"), Some(0));
+    let w = start_with("60", model.clone(), false);
+    wait_until("the built-in model", || w.status.state() == EngineState::Ready);
+    // The scripted factory refuses every directory, so picking one shows in the fallback's
+    // reason, which names the folder's model.
+    let epoch = w.live.model_epoch.load(Ordering::Acquire);
+    model.set_library_slot(2);
+    wait_until("the folder's model", || w.status.state() == EngineState::Fallback);
+    assert!(w.status.detail().contains("reels"), "{}", w.status.detail());
+    assert!(w.live.model_epoch.load(Ordering::Acquire) > epoch);
+    // A value past the folder's models says what the folder holds.
+    model.set_library_slot(5);
+    wait_until("the complaint", || w.status.detail().contains("holds 2 models"));
+    assert_eq!(w.status.state(), EngineState::Fallback);
+    // Back to 0: the saved choice, the built-in model.
+    model.set_library_slot(0);
+    wait_until("the built-in model again", || w.status.state() == EngineState::Ready);
 }
 
 #[test]

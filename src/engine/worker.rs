@@ -16,7 +16,9 @@ use crate::music::phrase::{
 };
 use crate::music::Symbol;
 
-use super::{Constraints, Continuer, ContinuerFactory, EngineError, EngineState, EngineStatus, ModelSlot};
+use super::{
+    Constraints, Continuer, ContinuerFactory, EngineError, EngineState, EngineStatus, ModelChoice, ModelSlot,
+};
 
 /// How long the worker sleeps between looks at the playhead while an answer is ahead of it.
 const AHEAD_POLL: Duration = Duration::from_millis(1);
@@ -181,7 +183,8 @@ pub(super) struct Worker {
     request_rx: Receiver<Request>,
     chunk_tx: Sender<AnswerChunk>,
     continuer: Option<Box<dyn Continuer>>,
-    loaded_epoch: Option<u32>,
+    /// `ModelSlot::version` of the model loaded (or tried).
+    loaded_version: Option<u64>,
     answer: Option<ActiveAnswer>,
     /// A chunk the audio thread's queue had no room for yet.
     outgoing: Option<AnswerChunk>,
@@ -204,7 +207,7 @@ impl Worker {
             request_rx,
             chunk_tx,
             continuer: None,
-            loaded_epoch: None,
+            loaded_version: None,
             answer: None,
             outgoing: None,
         }
@@ -212,7 +215,7 @@ impl Worker {
 
     pub(super) fn run(mut self) {
         loop {
-            if self.loaded_epoch != Some(self.model.epoch()) {
+            if self.loaded_version != Some(self.model.version()) {
                 self.load_model();
             }
             let wait = if self.has_work_due() {
@@ -269,28 +272,52 @@ impl Worker {
     }
 
     fn load_model(&mut self) {
-        let epoch = self.model.epoch();
-        let choice = self.model.get();
-        let is_reload = self.loaded_epoch.is_some();
+        let version = self.model.version();
+        let is_reload = self.loaded_version.is_some();
         self.answer = None;
         self.continuer = None;
         self.live.is_model_ready.store(false, Ordering::Release);
         self.live.is_model_loading.store(true, Ordering::Release);
-        self.status.set(EngineState::Loading, choice.to_string());
-        let loaded = choice.validate().and_then(|()| self.factory.load(&choice));
-        match loaded {
-            Ok(continuer) => {
+        let chosen = self.model.resolve();
+        let what = match &chosen {
+            Ok(choice) => choice.to_string(),
+            Err(_) => "the chosen model".to_string(),
+        };
+        self.status.set(EngineState::Loading, what);
+        let loaded = chosen.and_then(|choice| {
+            choice.validate()?;
+            self.factory.load(&choice).map(|continuer| (continuer, choice))
+        });
+        let outcome = match loaded {
+            Ok((continuer, choice)) => {
                 nice_log!("Antiphon: loaded {choice}");
+                Ok((continuer, EngineState::Ready, choice.to_string()))
+            }
+            // A model the user chose that does not load: say why, and answer with the built-in one.
+            Err(err) => match self.factory.load(&ModelChoice::Builtin) {
+                Ok(continuer) => {
+                    nice_warn!("Antiphon: {err}; the built-in model answers instead");
+                    Ok((
+                        continuer,
+                        EngineState::Fallback,
+                        format!("{err}; the built-in model answers instead"),
+                    ))
+                }
+                Err(builtin_err) => Err(format!("{err}; the built-in model failed too: {builtin_err}")),
+            },
+        };
+        match outcome {
+            Ok((continuer, state, detail)) => {
                 self.continuer = Some(continuer);
                 self.live.is_model_ready.store(true, Ordering::Release);
-                self.status.set(EngineState::Ready, choice.to_string());
+                self.status.set(state, detail);
             }
-            Err(err) => {
-                nice_warn!("Antiphon: {err}; notes pass through unanswered");
-                self.status.set(EngineState::Failed, err.to_string());
+            Err(detail) => {
+                nice_warn!("Antiphon: {detail}; notes pass through unanswered");
+                self.status.set(EngineState::Failed, detail);
             }
         }
-        self.loaded_epoch = Some(epoch);
+        self.loaded_version = Some(version);
         self.live.is_model_loading.store(false, Ordering::Release);
         if is_reload {
             // Whatever the audio thread plays from the previous model ends now.
