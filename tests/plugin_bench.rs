@@ -8,16 +8,11 @@
 
 mod plugin_host;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use antiphon::engine::lstm::LstmFactory;
-use antiphon::engine::{Engine, EngineStatus, ModelSlot};
-use antiphon::music::note::Note;
-use antiphon::music::phrase::{
-    AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Phrase, Request,
-};
+use antiphon::engine::timing::first_note_latencies;
 use plugin_host::{Plugin, Take};
 
 fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
@@ -37,62 +32,10 @@ fn describe(times: &mut [Duration]) -> String {
     )
 }
 
-/// Two bars of eighths and quarters, as the audio thread hands them over.
-fn phrase() -> Phrase {
-    let mut phrase = Phrase::empty(4.0);
-    let mut at = 0.0;
-    for (i, pitch) in [62u8, 64, 66, 67, 69, 71, 69, 67, 66, 64, 62, 64].into_iter().enumerate() {
-        let len = if i % 3 == 2 { 1.0 } else { 0.5 };
-        phrase.notes.push(Note { pitch, velocity: 90, start_beats: at, len_beats: len * 0.95 });
-        at += len;
-    }
-    phrase.len_beats = 8.0;
-    phrase
-}
-
 #[test]
 #[ignore]
 fn time_from_phrase_end_to_first_note() {
-    let live = Arc::new(LiveShared::new());
-    let model = Arc::new(ModelSlot::default());
-    let (engine, channels) =
-        Engine::spawn(Arc::new(LstmFactory), model, live.clone(), Arc::new(EngineStatus::default())).unwrap();
-    while !live.is_model_ready.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let mut times = Vec::new();
-    for trial in 1..=200u32 {
-        let request = AnswerRequest {
-            answer_id: trial,
-            phrase: phrase(),
-            settings: GenSettings {
-                len_beats: Some(8.0),
-                key_lock: KeyLock::FollowPhrase,
-                lowest_pitch: 48,
-                highest_pitch: 84,
-            },
-            seed: trial as u64,
-        };
-        // As the audio thread does at the phrase end: publish the answer, then hand it over.
-        live.active_answer_id.store(trial, Ordering::Release);
-        live.playhead_beats.store(-3.0, Ordering::Release);
-        let started = Instant::now();
-        channels.request_tx.send(Request::Continue(request)).unwrap();
-        loop {
-            let chunk = channels.chunk_rx.recv_timeout(Duration::from_secs(5)).expect("no chunk");
-            if chunk.answer_id == trial
-                && chunk.events.iter().any(|e| matches!(e.kind, AnswerEventKind::NoteOn { .. }))
-            {
-                times.push(started.elapsed());
-                break;
-            }
-        }
-        live.active_answer_id.store(0, Ordering::Release);
-        // Let the worker notice the cancellation and go idle, like the gap between phrases.
-        std::thread::sleep(Duration::from_millis(5));
-        while channels.chunk_rx.try_recv().is_ok() {}
-    }
-    engine.shutdown();
+    let mut times = first_note_latencies(Arc::new(LstmFactory), 200).unwrap();
     println!("phrase end → first answer note ready (built-in LSTM): {}", describe(&mut times));
 }
 

@@ -11,6 +11,7 @@
 
 pub mod library;
 pub mod lstm;
+pub mod timing;
 mod worker;
 
 use std::path::PathBuf;

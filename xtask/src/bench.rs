@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use antiphon::engine::lstm::LstmFactory;
+use antiphon::engine::timing::first_note_latencies;
 use antiphon::model::fast::FastLstm;
 use antiphon::model::lstm::nll_and_argmax;
 use antiphon::model::{
@@ -55,6 +57,12 @@ pub struct BenchArgs {
     /// Skip the training part.
     #[arg(long)]
     no_training: bool,
+    /// Skip the phrase-end → first-note latency.
+    #[arg(long)]
+    no_latency: bool,
+    /// Phrases timed through the worker.
+    #[arg(long, default_value_t = 100)]
+    latency_trials: u32,
     /// Time only our training step (for profiling it).
     #[arg(long)]
     ours_only: bool,
@@ -284,6 +292,29 @@ fn generation(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The time from a phrase's end until the worker has the answer's first note, with the
+/// built-in model, against the recipe's time for one symbol and a beat's length.
+fn latency(args: &BenchArgs) -> Result<()> {
+    let mut times: Vec<f64> = first_note_latencies(Arc::new(LstmFactory), args.latency_trials)?
+        .into_iter()
+        .map(|t| t.as_secs_f64() * 1e3)
+        .collect();
+    let median_ms = median(&mut times);
+    let p95_ms = times[((times.len() - 1) as f64 * 0.95).round() as usize];
+    // The measurement of the recipe: one `predict` on a 64-symbol window per symbol.
+    const RECIPE_SYMBOL_MS: f64 = 42.0;
+    println!(
+        "\nPhrase end → first answer note ready, through the plugin's worker (built-in model, a 2-bar phrase, {} trials)",
+        times.len()
+    );
+    println!(
+        "  median {median_ms:.2} ms, p95 {p95_ms:.2} ms, max {:.2} ms; {:.0}× under one beat at 120 BPM (500 ms); the recipe needs {RECIPE_SYMBOL_MS} ms for each single symbol",
+        times.last().copied().unwrap_or(f64::NAN),
+        500.0 / median_ms
+    );
+    Ok(())
+}
+
 /// One training batch of `tokens` → loss, through a gradient step of AdamW.
 fn train_step(logits: &Tensor, targets: &Tensor, opt: &mut candle_nn::AdamW) -> Result<f32> {
     let (nll, _) = nll_and_argmax(logits, targets)?;
@@ -490,8 +521,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if !args.no_training {
         training(&args)?;
     }
-    // NOTE: phrase-end → first-note-ready latency through the plugin's worker belongs here once
-    // the worker exists on this branch: time `Request::Continue` → first `Continuation` note.
-    println!("\nPhrase-end → first-note latency through the plugin's worker: not measured yet (see the NOTE in xtask/src/bench.rs)");
+    if !args.no_latency {
+        latency(&args)?;
+    }
     Ok(())
 }

@@ -1,0 +1,87 @@
+//! How long the worker takes from a phrase's end to the answer's first note: the figure a
+//! musician feels. Shared by `cargo xtask bench` and the plugin's benchmark test.
+//! Runs on: the calling thread (offline), driving a real worker thread.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{ContinuerFactory, Engine, EngineError, EngineStatus, ModelSlot};
+use crate::music::note::Note;
+use crate::music::phrase::{
+    AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Phrase, Request,
+};
+
+/// Two bars of eighths and quarters in D major, as the audio thread hands a phrase over.
+pub fn sample_phrase() -> Phrase {
+    let mut phrase = Phrase::empty(4.0);
+    let mut at = 0.0;
+    for (i, pitch) in [62u8, 64, 66, 67, 69, 71, 69, 67, 66, 64, 62, 64].into_iter().enumerate() {
+        let len = if i % 3 == 2 { 1.0 } else { 0.5 };
+        phrase.notes.push(Note { pitch, velocity: 90, start_beats: at, len_beats: len * 0.95 });
+        at += len;
+    }
+    phrase.len_beats = 8.0;
+    phrase
+}
+
+/// Starts a worker with `factory`'s built-in model and times, `trials` times, from handing it
+/// a phrase (as the audio thread does at the phrase's end) until a chunk with the answer's first
+/// note-on arrives. Between trials the answer is cancelled and the worker left to go idle, as
+/// between phrases.
+pub fn first_note_latencies(
+    factory: Arc<dyn ContinuerFactory>,
+    trials: u32,
+) -> Result<Vec<Duration>, EngineError> {
+    let live = Arc::new(LiveShared::new());
+    let status = Arc::new(EngineStatus::default());
+    let (engine, channels) =
+        Engine::spawn(factory, Arc::new(ModelSlot::default()), live.clone(), status.clone())?;
+    let started = Instant::now();
+    while !live.is_model_ready.load(Ordering::Acquire) {
+        if started.elapsed() > Duration::from_secs(30) || status.state() == super::EngineState::Failed {
+            return Err(EngineError::ModelLoad {
+                choice: "the built-in model".into(),
+                reason: status.detail(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut times = Vec::with_capacity(trials as usize);
+    for trial in 1..=trials {
+        let request = AnswerRequest {
+            answer_id: trial,
+            phrase: sample_phrase(),
+            settings: GenSettings {
+                len_beats: Some(8.0),
+                key_lock: KeyLock::FollowPhrase,
+                lowest_pitch: 48,
+                highest_pitch: 84,
+            },
+            seed: u64::from(trial),
+        };
+        live.active_answer_id.store(trial, Ordering::Release);
+        live.playhead_beats.store(-3.0, Ordering::Release);
+        let sent = Instant::now();
+        channels
+            .request_tx
+            .send(Request::Continue(request))
+            .map_err(|e| EngineError::Spawn(e.to_string()))?;
+        loop {
+            let chunk = channels
+                .chunk_rx
+                .recv_timeout(Duration::from_secs(5))
+                .map_err(|_| EngineError::Step { step_idx: 0, reason: "no answer within 5 s".into() })?;
+            let has_note = chunk.events.iter().any(|e| matches!(e.kind, AnswerEventKind::NoteOn { .. }));
+            if chunk.answer_id == trial && has_note {
+                times.push(sent.elapsed());
+                break;
+            }
+        }
+        live.active_answer_id.store(0, Ordering::Release);
+        std::thread::sleep(Duration::from_millis(5));
+        while channels.chunk_rx.try_recv().is_ok() {}
+    }
+    engine.shutdown();
+    Ok(times)
+}
