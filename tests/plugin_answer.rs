@@ -89,6 +89,21 @@ fn the_same_take_gives_the_same_answer() {
 }
 
 #[test]
+fn the_note_only_layout_answers_as_the_stereo_one_does() {
+    let take = Take::new(120.0, two_bars(), 24.0);
+    let mut stereo = prepared();
+    stereo.select_layout(false);
+    let with_audio = perform(&mut stereo, 48_000.0, 512, &take);
+    let mut note_only = prepared();
+    note_only.select_layout(true);
+    let without_audio = perform(&mut note_only, 48_000.0, 512, &take);
+    assert_balanced(&without_audio);
+    assert!(!notes_on(&without_audio, ANSWER_CHANNEL).is_empty());
+    assert_eq!(notes_on(&without_audio, 0), notes_on(&with_audio, 0));
+    assert_eq!(notes_on(&without_audio, ANSWER_CHANNEL), notes_on(&with_audio, ANSWER_CHANNEL));
+}
+
+#[test]
 fn a_stop_releases_the_answer() {
     let mut plugin = prepared();
     let mut take = Take::new(120.0, two_bars(), 20.0);

@@ -14,6 +14,9 @@ use clack_host::events::event_types::{
 use clack_host::events::{EventFlags, EventHeader};
 use clack_host::prelude::*;
 use clack_host::utils::BeatTime;
+use clap_sys::ext::audio_ports_config::{
+    clap_audio_ports_config, clap_plugin_audio_ports_config, CLAP_EXT_AUDIO_PORTS_CONFIG,
+};
 use clap_sys::ext::params::{clap_param_info, clap_plugin_params, CLAP_EXT_PARAMS};
 use clap_sys::ext::render::{clap_plugin_render, CLAP_EXT_RENDER, CLAP_RENDER_OFFLINE, CLAP_RENDER_REALTIME};
 use clap_sys::ext::state::{clap_plugin_state, CLAP_EXT_STATE};
@@ -100,6 +103,8 @@ pub struct Plugin {
     instance: PluginInstance<TestHost>,
     _entry: PluginEntry,
     params: HashMap<String, ParamInfo>,
+    /// Audio ports each way of the selected layout.
+    num_audio_ports: usize,
 }
 
 impl Plugin {
@@ -112,7 +117,7 @@ impl Plugin {
         let host = HostInfo::new("Antiphon tests", "Antiphon", "https://example.org", "0.1").unwrap();
         let instance =
             PluginInstance::<TestHost>::new(|_| TestShared, |_| (), &entry, PLUGIN_ID, &host).unwrap();
-        let mut plugin = Self { instance, _entry: entry, params: HashMap::new() };
+        let mut plugin = Self { instance, _entry: entry, params: HashMap::new(), num_audio_ports: 1 };
         plugin.read_params();
         plugin
     }
@@ -236,7 +241,26 @@ impl Plugin {
         unsafe { (ext.load.unwrap())(self.raw(), stream.as_raw_mut()) }
     }
 
-    /// Activates with the stereo layout and starts processing.
+    /// Picks the note-only layout (no audio ports) or the stereo pass-through one, through the
+    /// audio-ports-config extension. Before `activate`.
+    pub fn select_layout(&mut self, is_note_only: bool) {
+        let ext: clap_plugin_audio_ports_config = self.extension(CLAP_EXT_AUDIO_PORTS_CONFIG);
+        // SAFETY: as above.
+        let count = unsafe { (ext.count.unwrap())(self.raw()) };
+        assert_eq!(count, 2, "the plugin offers stereo and note-only layouts");
+        // nice-plug numbers the layouts in `AUDIO_IO_LAYOUTS` order: stereo, then note-only.
+        let config_id = u32::from(is_note_only);
+        // SAFETY: as above.
+        let mut info: clap_audio_ports_config = unsafe { std::mem::zeroed() };
+        assert!(unsafe { (ext.get.unwrap())(self.raw(), config_id, &mut info) });
+        assert_eq!(info.input_port_count == 0 && info.output_port_count == 0, is_note_only);
+        // SAFETY: as above.
+        assert!(unsafe { (ext.select.unwrap())(self.raw(), config_id) });
+        self.num_audio_ports = if is_note_only { 0 } else { 1 };
+    }
+
+    /// Activates with the layout chosen (stereo unless `select_layout` said otherwise) and
+    /// starts processing.
     pub fn activate(&mut self, sample_rate_hz: f64, max_block_len: u32) -> Processor {
         let config = PluginAudioConfiguration {
             sample_rate: sample_rate_hz,
@@ -258,6 +282,7 @@ impl Plugin {
             max_block_len,
             process_times: Vec::new(),
             is_timing: false,
+            num_audio_ports: self.num_audio_ports,
         }
     }
 
@@ -324,6 +349,8 @@ pub struct Processor {
     /// How long each `process` call took, when `is_timing` is set.
     pub process_times: Vec<Duration>,
     pub is_timing: bool,
+    /// Audio ports each way: 1 (stereo) or 0 (the note-only layout).
+    num_audio_ports: usize,
 }
 
 impl Processor {
@@ -359,18 +386,32 @@ impl Processor {
         let transport_event = transport.map(transport_event);
         let len_usize = len as usize;
         let [in_l, in_r, out_l, out_r] = &mut self.buffers;
-        let input_audio = self.input_ports.with_input_buffers([AudioPortBuffer {
-            latency: 0,
-            channels: AudioPortBufferType::f32_input_only(
-                [&mut in_l[..len_usize], &mut in_r[..len_usize]].into_iter().map(InputChannel::constant),
-            ),
-        }]);
-        let mut output_audio = self.output_ports.with_output_buffers([AudioPortBuffer {
-            latency: 0,
-            channels: AudioPortBufferType::f32_output_only(
-                [&mut out_l[..len_usize], &mut out_r[..len_usize]].into_iter(),
-            ),
-        }]);
+        let mut no_ports: [clap_sys::audio_buffer::clap_audio_buffer; 0] = [];
+        let (input_audio, mut output_audio) = if self.num_audio_ports == 0 {
+            // clack-host takes the block length from the audio buffers, so with none it is
+            // given outright, as a host does for a note-only plugin.
+            // SAFETY: no buffers, so none is shorter than `len`.
+            unsafe {
+                (
+                    InputAudioBuffers::from_raw_buffers(&[], len),
+                    OutputAudioBuffers::from_raw_buffers(&mut no_ports, len),
+                )
+            }
+        } else {
+            let input_audio = self.input_ports.with_input_buffers([AudioPortBuffer {
+                latency: 0,
+                channels: AudioPortBufferType::f32_input_only(
+                    [&mut in_l[..len_usize], &mut in_r[..len_usize]].into_iter().map(InputChannel::constant),
+                ),
+            }]);
+            let output_audio = self.output_ports.with_output_buffers([AudioPortBuffer {
+                latency: 0,
+                channels: AudioPortBufferType::f32_output_only(
+                    [&mut out_l[..len_usize], &mut out_r[..len_usize]].into_iter(),
+                ),
+            }]);
+            (input_audio, output_audio)
+        };
         let started = Instant::now();
         self.started
             .process(
