@@ -15,6 +15,25 @@
 //! | `Symbol::Delimiter` | `/` | between songs; generation stops here |
 //!
 //! A trained model is a directory (`io`): `model.safetensors`, `config.json`, `train.json`.
+//!
+//! The worker continues a phrase like this: one `PhraseContinuation` per phrase, built from a
+//! shared model, advanced one step at a time with settings that may change between steps.
+//! ```no_run
+//! use std::sync::Arc;
+//! use antiphon::model::{LoadedModel, PhraseContinuation, SamplingSettings};
+//! use antiphon::music::{Melody, Note};
+//!
+//! let model = Arc::new(LoadedModel::builtin()?);
+//! // The captured phrase, times from its first bar line; it ends where the answer starts.
+//! let mut primer = Melody::from_notes(vec![Note::new(60, 0.0, 1.0), Note::new(64, 1.0, 1.0)]);
+//! primer.end_beats = 4.0;
+//! let mut phrase = PhraseContinuation::start(Arc::clone(&model), &primer, 64, 7)?;
+//! let settings = SamplingSettings { temperature: 0.9, may_end: false, ..Default::default() };
+//! while let Some(_symbol) = phrase.next_symbol(&settings)? {
+//!     // Notes in `phrase.finished_notes()` are final (times from `phrase.start_beats()`).
+//! }
+//! # Ok::<(), antiphon::model::ModelError>(())
+//! ```
 
 pub mod config;
 pub mod data;
