@@ -16,6 +16,11 @@
 //!
 //! Hidden sizes that are not a multiple of `BLOCK_UNITS` are padded with zero rows; the padded
 //! units are computed and thrown away.
+//!
+//! The layers' matrices can also be kept as IEEE half floats (`WeightFormat::F16`, on CPUs
+//! with F16C), halving the bytes a step streams; arithmetic stays in f32. That trades the 1e-5
+//! agreement with candle for about 1e-3 (see the tests), in exchange for fitting a model of
+//! twice the size into the same cache.
 
 use std::fmt;
 
@@ -35,13 +40,38 @@ const BLOCK_ROWS: usize = 4 * BLOCK_UNITS;
 /// buffer of this many numbers. Larger models use candle.
 pub const MAX_FAST_HIDDEN: usize = 1024;
 
+/// How the packed layer matrices are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// As trained: the step computes candle's function within 1e-5.
+    F32,
+    /// IEEE half floats (rounded to nearest), converted back on the fly: half the bytes.
+    F16,
+}
+
+/// A layer's matrix in one of the `WeightFormat`s.
+enum LayerWeights {
+    F32(Vec<f32>),
+    /// IEEE half-float bit patterns.
+    F16(Vec<u16>),
+}
+
+impl LayerWeights {
+    fn num_bytes(&self) -> usize {
+        match self {
+            LayerWeights::F32(w) => 4 * w.len(),
+            LayerWeights::F16(w) => 2 * w.len(),
+        }
+    }
+}
+
 /// One LSTM layer, packed.
 struct PackedLayer {
     /// Width of the layer's input in `weights` (0 for layer 0, whose input is the token table).
     input_width: usize,
     /// `[num_blocks][input_width + hidden][BLOCK_ROWS]`: block `b`, column `k`, packed row
     /// `q · BLOCK_UNITS + u` is row `q · hidden + b · BLOCK_UNITS + u` of `[W_ih | W_hh]`.
-    weights: Vec<f32>,
+    weights: LayerWeights,
     /// `[num_blocks · BLOCK_ROWS]`: `b_ih + b_hh` in packed row order (all zero for layer 0,
     /// whose biases live in the token table).
     bias: Vec<f32>,
@@ -50,6 +80,7 @@ struct PackedLayer {
 /// A `MelodyLstm` with its weights packed for one-sequence stepping on the CPU.
 pub struct FastLstm {
     isa: Isa,
+    format: WeightFormat,
     hidden_size: usize,
     vocab_len: usize,
     num_blocks: usize,
@@ -66,6 +97,7 @@ impl fmt::Debug for FastLstm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FastLstm")
             .field("isa", &self.isa)
+            .field("format", &self.format)
             .field("hidden_size", &self.hidden_size)
             .field("num_layers", &self.layers.len())
             .field("vocab_len", &self.vocab_len)
@@ -89,9 +121,16 @@ impl FastLstm {
         Self::pack(lstm, Isa::detect()).map(Some)
     }
 
-    /// Packs `lstm`'s current weights for kernels of `isa` (which the CPU must run; see
+    /// Packs `lstm`'s current weights as f32 for kernels of `isa` (which the CPU must run; see
     /// `Isa::detect`). Works for any hidden size up to `MAX_FAST_HIDDEN`.
     pub fn pack(lstm: &MelodyLstm, isa: Isa) -> Result<Self> {
+        Self::pack_as(lstm, isa, WeightFormat::F32)
+    }
+
+    /// Packs `lstm`'s current weights in `format` for kernels of `isa`. Half floats need an
+    /// x86-64 `isa` (whose detection includes F16C); anywhere else they fall back to f32.
+    pub fn pack_as(lstm: &MelodyLstm, isa: Isa, format: WeightFormat) -> Result<Self> {
+        let format = if isa == Isa::Portable { WeightFormat::F32 } else { format };
         let hidden = lstm.hidden_size();
         let vocab_len = lstm.vocab_len();
         if hidden == 0 || hidden > MAX_FAST_HIDDEN {
@@ -166,6 +205,10 @@ impl FastLstm {
                     }
                 }
             }
+            let weights = match format {
+                WeightFormat::F32 => LayerWeights::F32(weights),
+                WeightFormat::F16 => LayerWeights::F16(weights.iter().map(|&w| f16_bits(w)).collect()),
+            };
             layers.push(PackedLayer { input_width, weights, bias: packed_bias });
         }
 
@@ -181,7 +224,17 @@ impl FastLstm {
             }
             head_b[v] = head_b_src[v];
         }
-        Ok(Self { isa, hidden_size: hidden, vocab_len, num_blocks, token_gates, layers, head_w, head_b })
+        Ok(Self {
+            isa,
+            format,
+            hidden_size: hidden,
+            vocab_len,
+            num_blocks,
+            token_gates,
+            layers,
+            head_w,
+            head_b,
+        })
     }
 
     /// An all-zero state for this model.
@@ -194,12 +247,17 @@ impl FastLstm {
         self.isa
     }
 
+    /// How its layer matrices are stored.
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
     /// Bytes of weights one step reads: every layer, one row of the token table, the output
     /// layer.
     pub fn weight_bytes_per_step(&self) -> usize {
-        let layers: usize = self.layers.iter().map(|l| l.weights.len() + l.bias.len()).sum();
+        let layers: usize = self.layers.iter().map(|l| l.weights.num_bytes() + 4 * l.bias.len()).sum();
         let table_row = self.num_blocks * BLOCK_ROWS;
-        4 * (layers + table_row + self.head_w.len() + self.head_b.len())
+        layers + 4 * (table_row + self.head_w.len() + self.head_b.len())
     }
 
     /// Reads every weight a step reads, once, and returns their sum: timing this gives the
@@ -207,12 +265,15 @@ impl FastLstm {
     pub fn read_weights_once(&self, token: TokenId) -> f32 {
         let row = (token.0 as usize).min(self.vocab_len - 1) * self.num_blocks * BLOCK_ROWS;
         let table_row = &self.token_gates[row..][..self.num_blocks * BLOCK_ROWS];
-        let parts = self.layers.iter().flat_map(|l| [l.weights.as_slice(), l.bias.as_slice()]).chain([
-            table_row,
-            self.head_w.as_slice(),
-            self.head_b.as_slice(),
-        ]);
         let mut total = 0.0;
+        let mut parts: Vec<&[f32]> = vec![table_row, &self.head_w, &self.head_b];
+        for layer in &self.layers {
+            parts.push(&layer.bias);
+            match &layer.weights {
+                LayerWeights::F32(w) => parts.push(w),
+                LayerWeights::F16(w) => total += sum_bits(w) as f32,
+            }
+        }
         for part in parts {
             total += match self.isa {
                 #[cfg(target_arch = "x86_64")]
@@ -246,10 +307,11 @@ impl FastLstm {
         }
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA.
+            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2, FMA and
+            // F16C.
             Isa::Avx512 => unsafe { self.step_avx512(token, state, logits) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
+            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2, FMA and F16C.
             Isa::Avx2Fma => unsafe { self.step_avx2(token, state, logits) },
             _ => self.step_body::<false>(token, state, logits),
         }
@@ -257,13 +319,13 @@ impl FastLstm {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn step_avx512(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
         self.step_body::<true>(token, state, logits)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn step_avx2(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
         self.step_body::<true>(token, state, logits)
     }
@@ -292,10 +354,20 @@ impl FastLstm {
             for b in 0..self.num_blocks {
                 let mut acc = [0.0f32; BLOCK_ROWS];
                 acc.copy_from_slice(&start[b * BLOCK_ROWS..][..BLOCK_ROWS]);
-                let block = &layer.weights[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
-                let (w_input, w_hidden) = block.split_at(layer.input_width * BLOCK_ROWS);
-                accumulate::<FMA>(&mut acc, w_input, input);
-                accumulate::<FMA>(&mut acc, w_hidden, h_prev);
+                let block_range = b * cols * BLOCK_ROWS..(b + 1) * cols * BLOCK_ROWS;
+                let split = layer.input_width * BLOCK_ROWS;
+                match &layer.weights {
+                    LayerWeights::F32(w) => {
+                        let (w_input, w_hidden) = w[block_range].split_at(split);
+                        accumulate::<FMA>(&mut acc, w_input, input);
+                        accumulate::<FMA>(&mut acc, w_hidden, h_prev);
+                    }
+                    LayerWeights::F16(w) => {
+                        let (w_input, w_hidden) = w[block_range].split_at(split);
+                        accumulate_f16::<FMA>(&mut acc, w_input, input);
+                        accumulate_f16::<FMA>(&mut acc, w_hidden, h_prev);
+                    }
+                }
                 let units = b * BLOCK_UNITS..((b + 1) * BLOCK_UNITS).min(hidden);
                 cell_update(&acc, &mut c[units.clone()], &mut h_out[units]);
             }
@@ -320,6 +392,73 @@ fn accumulate<const FMA: bool>(acc: &mut [f32; BLOCK_ROWS], w: &[f32], x: &[f32]
     }
 }
 
+/// `acc += W x` for one packed block of half floats: `w` is `[x.len()][BLOCK_ROWS]`. Only
+/// packed on x86-64 with F16C, and only reached from the `FMA` (F16C-enabled) instances.
+#[inline(always)]
+fn accumulate_f16<const FMA: bool>(acc: &mut [f32; BLOCK_ROWS], w: &[u16], x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        use std::arch::x86_64::*;
+        assert!(w.len() >= x.len() * BLOCK_ROWS);
+        // SAFETY: the instances with `FMA` are compiled for F16C and FMA (`step_avx512`,
+        // `step_avx2`); every load stays within `w` (asserted) and `acc`.
+        unsafe {
+            let mut sums = [_mm256_setzero_ps(); BLOCK_ROWS / 8];
+            for (i, sum) in sums.iter_mut().enumerate() {
+                *sum = _mm256_loadu_ps(acc.as_ptr().add(8 * i));
+            }
+            for (k, &xk) in x.iter().enumerate() {
+                let xs = _mm256_set1_ps(xk);
+                let column = w.as_ptr().add(k * BLOCK_ROWS);
+                for (i, sum) in sums.iter_mut().enumerate() {
+                    let halves = _mm_loadu_si128(column.add(8 * i) as *const __m128i);
+                    *sum = _mm256_fmadd_ps(_mm256_cvtph_ps(halves), xs, *sum);
+                }
+            }
+            for (i, sum) in sums.iter().enumerate() {
+                _mm256_storeu_ps(acc.as_mut_ptr().add(8 * i), *sum);
+            }
+        }
+        return;
+    }
+    // Half floats are never packed for the portable instance (`pack_as` falls back to f32).
+    let _ = (acc, w, x);
+    unreachable!("half-float weights without F16C");
+}
+
+/// The IEEE half float nearest to `x` (ties to even), as bits; beyond the half range it
+/// becomes infinite, as the hardware conversion does.
+pub(crate) fn f16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xff) as i32;
+    let mantissa = bits & 0x007f_ffff;
+    if exp == 0xff {
+        let quiet_nan = if mantissa != 0 { 0x0200 } else { 0 };
+        return sign | 0x7c00 | quiet_nan;
+    }
+    // Round `value >> shift` to nearest, ties to even.
+    let round_shift = |value: u32, shift: u32| -> u32 {
+        let kept = value >> shift;
+        let rest = value & ((1 << shift) - 1);
+        let half = 1 << (shift - 1);
+        kept + u32::from(rest > half || (rest == half && kept & 1 == 1))
+    };
+    let half_exp = exp - 127 + 15;
+    if half_exp >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if half_exp <= 0 {
+        // A subnormal half (or zero): the implicit 1 joins the shifted mantissa.
+        if half_exp < -10 {
+            return sign;
+        }
+        return sign | round_shift(mantissa | 0x0080_0000, (14 - half_exp) as u32) as u16;
+    }
+    // A carry out of the mantissa moves into the exponent, which is the right result.
+    sign | round_shift(((half_exp as u32) << 23) | mantissa, 13) as u16
+}
+
 /// The LSTM cell of one block: `gates` holds the pre-activations `[i; f; g; o]` of
 /// `BLOCK_UNITS` units, `c` and `h` the block's real units (fewer in a padded last block).
 #[inline(always)]
@@ -339,6 +478,19 @@ fn cell_update(gates: &[f32; BLOCK_ROWS], c: &mut [f32], h: &mut [f32]) {
     }
     c.copy_from_slice(&c_buf[..n]);
     h.copy_from_slice(&h_buf[..n]);
+}
+
+/// Sum of half-float bit patterns as integers: reads the bytes the half-float kernel reads.
+fn sum_bits(xs: &[u16]) -> u32 {
+    let mut acc = [0u32; BLOCK_ROWS];
+    let mut chunks = xs.chunks_exact(BLOCK_ROWS);
+    for chunk in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = a.wrapping_add(x as u32);
+        }
+    }
+    let rest = chunks.remainder().iter().fold(0u32, |s, &x| s.wrapping_add(x as u32));
+    acc.iter().fold(rest, |s, &a| s.wrapping_add(a))
 }
 
 /// Sum of `xs` with many accumulators, so it runs at the speed memory delivers.
@@ -467,10 +619,99 @@ mod tests {
         // One block of 64 rows over 8 hidden columns, a table row of 64, a head block of 64 × 8
         // plus its 64 biases, and the layer's 64 (zero) biases.
         assert_eq!(fast.weight_bytes_per_step(), 4 * (64 * 8 + 64 + 64 + 64 * 8 + 64));
-        let direct: f32 = fast.layers[0].weights.iter().sum::<f32>()
+        let LayerWeights::F32(weights) = &fast.layers[0].weights else { panic!("packed as f32") };
+        let direct: f32 = weights.iter().sum::<f32>()
             + fast.token_gates[..64].iter().sum::<f32>()
             + fast.head_w.iter().sum::<f32>()
             + fast.head_b.iter().sum::<f32>();
         assert!((fast.read_weights_once(TokenId(0)) - direct).abs() < 1e-4);
+    }
+
+    #[test]
+    fn half_float_conversion_rounds_to_nearest_even() {
+        let decode = |h: u16| -> f64 {
+            let (sign, exp, man) = ((h >> 15) as i32, ((h >> 10) & 0x1f) as i32, (h & 0x3ff) as f64);
+            let magnitude = match exp {
+                0 => man * 2f64.powi(-24),
+                0x1f => f64::INFINITY,
+                _ => (1.0 + man / 1024.0) * 2f64.powi(exp - 15),
+            };
+            if sign == 1 {
+                -magnitude
+            } else {
+                magnitude
+            }
+        };
+        for (x, want) in [(1.0f32, 0x3c00u16), (-2.0, 0xc000), (65504.0, 0x7bff), (1e6, 0x7c00), (0.0, 0)] {
+            assert_eq!(f16_bits(x), want, "{x}");
+        }
+        // 1 + 2^-11 lies halfway between 1 and the next half: ties go to the even mantissa.
+        assert_eq!(f16_bits(1.0 + 2f32.powi(-11)), 0x3c00);
+        assert_eq!(f16_bits(1.0 + 3.0 * 2f32.powi(-11)), 0x3c02);
+        assert_eq!(f16_bits(2f32.powi(-24)), 1, "smallest subnormal");
+        assert_eq!(f16_bits(2f32.powi(-26)), 0);
+        assert!(f16_bits(f32::NAN) & 0x7c00 == 0x7c00 && f16_bits(f32::NAN) & 0x3ff != 0);
+        // Every result is the nearest half float: within half a step of the input.
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for _ in 0..100_000 {
+            let x = rng.random_range(-8.0f32..8.0) * 10f32.powi(rng.random_range(-6..4));
+            let got = decode(f16_bits(x));
+            let step = if x.abs() < 2f32.powi(-14) {
+                2f64.powi(-24)
+            } else {
+                2f64.powi((x.abs() as f64).log2().floor() as i32 - 10)
+            };
+            assert!((got - x as f64).abs() <= step / 2.0 + 1e-12, "{x} → {got}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("f16c") {
+            for _ in 0..10_000 {
+                let x = f32::from_bits(rng.random::<u32>());
+                // SAFETY: F16C was detected just above.
+                let hw = unsafe { hardware_f16(x) };
+                assert!(hw == f16_bits(x) || x.is_nan(), "{x}: {hw:#x} vs {:#x}", f16_bits(x));
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "f16c")]
+    unsafe fn hardware_f16(x: f32) -> u16 {
+        use std::arch::x86_64::*;
+        _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set1_ps(x))) as u16
+    }
+
+    /// Half-float weights against candle: the stated tolerance is 2e-3 on the logits of
+    /// models of the plugin's sizes, over a sequence long enough for errors to build up.
+    #[test]
+    fn half_float_weights_stay_within_2e_3_of_candle() {
+        let Some(isa) = Some(Isa::detect()).filter(|&i| i != Isa::Portable) else { return };
+        let vocab = Vocab::for_pitch_range(48, 88);
+        for (seed, (input, hidden, layers)) in [
+            (InputKind::Embedding { dim: 64 }, 256, 2),
+            (InputKind::OneHot, 256, 1),
+            (InputKind::OneHot, 40, 2),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let cfg = ModelConfig::new(vocab.clone(), input, hidden, layers, 0.0);
+            // PyTorch's initialisation scale, as a trained model's weights roughly have.
+            let lstm = random_lstm(&cfg, seed as u64, 1.0 / (hidden as f32).sqrt());
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
+            let tokens: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
+            let (want, _) = candle_steps(&lstm, &tokens);
+            let fast = FastLstm::pack_as(&lstm, isa, WeightFormat::F16).unwrap();
+            assert_eq!(fast.format(), WeightFormat::F16);
+            let mut state = fast.new_state();
+            let mut logits = vec![0.0; vocab.len()];
+            let mut worst = 0.0f32;
+            for (t, &token) in tokens.iter().enumerate() {
+                fast.step(TokenId(token as u16), &mut state, &mut logits).unwrap();
+                worst = worst.max(max_diff(&logits, &want[t]));
+            }
+            assert!(worst < 2e-3, "{input:?} {hidden}x{layers}: off by {worst}");
+            assert!(worst > 0.0, "the half floats did change something");
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use antiphon::engine::lstm::LstmFactory;
 use antiphon::engine::timing::first_note_latencies;
-use antiphon::model::fast::FastLstm;
+use antiphon::model::fast::{FastLstm, WeightFormat};
 use antiphon::model::lstm::nll_and_argmax;
 use antiphon::model::{
     Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, Sampler, SamplingSettings,
@@ -183,17 +183,21 @@ fn bench_settings() -> SamplingSettings {
     SamplingSettings { temperature: 0.9, top_p: 0.95, may_end: false, ..Default::default() }
 }
 
-/// µs per symbol of ours (the `Generator`, i.e. the plugin's path), candle-nn stock, and the
-/// floor (reading the packed weights once), medians over alternating trials.
+/// µs per symbol, medians over alternating trials: ours (the `Generator`, i.e. the plugin's
+/// path, f32 weights), ours with half-float weights (the same step and sampler), candle-nn
+/// stock, and the floors (reading the packed weights once).
 struct GenFigures {
     ours_us: f64,
+    half_us: f64,
     stock_us: f64,
     floor_us: f64,
+    half_floor_us: f64,
     weight_kib: f64,
 }
 
 fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
     let fast = FastLstm::for_model(&model.lstm)?.context("the model did not pack for the fast step")?;
+    let half = FastLstm::pack_as(&model.lstm, fast.isa(), WeightFormat::F16)?;
     let stock = StockModel::same_weights(&model.lstm)?;
     let vocab = model.config.vocab.clone();
     let settings = bench_settings();
@@ -205,10 +209,13 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
     let zero = Tensor::zeros((1, hidden), DType::F32, &Device::Cpu)?;
     let mut states: Vec<LSTMState> =
         (0..model.config.num_layers).map(|_| LSTMState::new(zero.clone(), zero.clone())).collect();
-    let mut token = vocab.id(Symbol::Delimiter).unwrap_or(TokenId(0));
+    let mut half_state = half.new_state();
+    let start = vocab.id(Symbol::Delimiter).unwrap_or(TokenId(0));
+    let (mut token, mut half_token) = (start, start);
     let n = args.gen_symbols;
-    let (mut ours, mut stock_t, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    let mut times: [Vec<f64>; 5] = Default::default();
     let mut sink = 0.0f32;
+    let per_symbol_us = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / n as f64;
     // One untimed round warms caches and the allocator.
     for trial in 0..=args.gen_trials {
         generator.reset();
@@ -216,41 +223,57 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         for _ in 0..n {
             sink += generator.next_symbol(&settings)?.is_some() as u8 as f32;
         }
-        let ours_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let ours_us = per_symbol_us(t);
+
+        half_state.reset();
+        let t = Instant::now();
+        for _ in 0..n {
+            half.step(half_token, &mut half_state, &mut logits)?;
+            half_token = sampler.sample(&logits, &vocab, &settings);
+        }
+        let half_us = per_symbol_us(t);
 
         let t = Instant::now();
         for _ in 0..n {
             stock.step(token, &mut states, &mut logits)?;
             token = sampler.sample(&logits, &vocab, &settings);
         }
-        let stock_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let stock_us = per_symbol_us(t);
 
         let t = Instant::now();
         for i in 0..n {
             sink += fast.read_weights_once(TokenId((i % vocab.len()) as u16));
         }
-        let floor_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let floor_us = per_symbol_us(t);
+        let t = Instant::now();
+        for i in 0..n {
+            sink += half.read_weights_once(TokenId((i % vocab.len()) as u16));
+        }
+        let half_floor_us = per_symbol_us(t);
         if trial > 0 {
-            ours.push(ours_us);
-            stock_t.push(stock_us);
-            floor.push(floor_us);
+            for (list, us) in times.iter_mut().zip([ours_us, half_us, stock_us, floor_us, half_floor_us]) {
+                list.push(us);
+            }
         }
     }
     std::hint::black_box(sink);
+    let [ours, half_t, stock_t, floor, half_floor] = &mut times;
     Ok(GenFigures {
-        ours_us: median(&mut ours),
-        stock_us: median(&mut stock_t),
-        floor_us: median(&mut floor),
+        ours_us: median(ours),
+        half_us: median(half_t),
+        stock_us: median(stock_t),
+        floor_us: median(floor),
+        half_floor_us: median(half_floor),
         weight_kib: fast.weight_bytes_per_step() as f64 / 1024.0,
     })
 }
 
 fn describe(config: &ModelConfig) -> String {
     let input = match config.input {
-        InputKind::Embedding { dim } => format!("embedding {dim}"),
+        InputKind::Embedding { dim } => format!("emb {dim}"),
         InputKind::OneHot => "one-hot".to_string(),
     };
-    format!("{}×{}, {input}, {} symbols", config.num_layers, config.hidden_size, config.vocab_len())
+    format!("{}×{}, {input}, {} sym", config.num_layers, config.hidden_size, config.vocab_len())
 }
 
 fn generation(args: &BenchArgs) -> Result<()> {
@@ -267,26 +290,27 @@ fn generation(args: &BenchArgs) -> Result<()> {
         .push(("recipe size".to_string(), seeded_model(recipe_vocab(), InputKind::OneHot, 256, 1, "bench")?));
     println!("\nGeneration, one sequence, one thread: µs per symbol (LSTM step + output layer + sampling)");
     println!(
-        "{:<18} {:<30} {:>9} {:>10} {:>9} {:>8} {:>9} {:>9}",
-        "model", "sizes", "ours µs", "stock µs", "stock/us", "floor µs", "ours/flr", "weights"
+        "{:<16} {:<24} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>10}",
+        "model", "sizes", "ours", "floor", "weights", "stock", "stock/us", "ours f16", "f16 floor"
     );
     for (name, model) in models {
         let sizes = describe(&model.config);
         let g = time_generation(model, args)?;
         println!(
-            "{:<18} {:<30} {:>9.2} {:>10.1} {:>8.1}× {:>8.2} {:>8.2}× {:>6.0} KiB",
+            "{:<16} {:<24} {:>8.2} {:>8.2} {:>4.0} KiB {:>9.1} {:>7.1}× {:>9.2} {:>10.2}",
             name,
             sizes,
             g.ours_us,
+            g.floor_us,
+            g.weight_kib,
             g.stock_us,
             g.stock_us / g.ours_us,
-            g.floor_us,
-            g.ours_us / g.floor_us,
-            g.weight_kib
+            g.half_us,
+            g.half_floor_us,
         );
     }
     println!(
-        "  ours: Generator::next_symbol on packed weights ({}); stock: candle-nn LSTM::step per layer + Linear, same sampler; floor: one pass reading the packed weights a step reads",
+        "  ours: Generator::next_symbol on packed f32 weights ({}), within 1e-5 of candle; floor: one pass reading the weights a step reads;\n  stock: candle-nn LSTM::step per layer + Linear, same sampler; f16: the packed step with half-float layer weights (within 2e-3)",
         antiphon::model::kernels::Isa::detect().name()
     );
     Ok(())
@@ -509,10 +533,11 @@ impl Drop for TfStep {
     }
 }
 
+/// Runs `cargo xtask bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
     println!(
-        "cargo xtask bench: {} threads for candle, {}",
-        candle_core::utils::get_num_threads(),
+        "cargo xtask bench: {} CPU threads for candle and the fused LSTM, kernels for {}",
+        candle_core::utils::barrier_pool().n_workers() + 1,
         antiphon::model::kernels::Isa::detect().name()
     );
     if !args.no_generation {
