@@ -285,6 +285,51 @@ fn a_loop_jump_carries_the_answer_over_the_seam() {
 }
 
 #[test]
+fn a_tempo_change_moves_the_rest_of_the_answer_with_the_beat() {
+    let mut rig = Rig::new();
+    let s = settings();
+    rig.run(9.5, 240, &s, &two_bars());
+    let request = rig.take_request();
+    rig.send(
+        request.answer_id,
+        &[
+            (0.0, true, 70),
+            (1.0, false, 70),
+            (1.0, true, 71),
+            (2.0, false, 71),
+            (2.0, true, 72),
+            (3.0, false, 72),
+        ],
+        3.0,
+        true,
+    );
+    // At 120 BPM up to beat 12.5, half a beat into the first answer note.
+    rig.run(12.5, 240, &s, &[]);
+    let change_sample = rig.next_sample;
+    // The host doubles the tempo; its position goes on from 12.5 without a jump.
+    rig.tempo_bpm = 240.0;
+    rig.host_shift_beats = 12.5 - change_sample as f64 * rig.beats_per_sample();
+    while rig.host_pos_beats() < 16.0 {
+        rig.block(240, &s, &[]);
+    }
+    // Beat 13 is now half a beat at 240 BPM after the change: 6,000 samples, not 12,000.
+    let samples_per_beat = 60.0 / 240.0 * 48_000.0;
+    let after = |beats: f64| change_sample + ((beats - 12.5) * samples_per_beat).round() as u64;
+    assert_eq!(
+        rig.answer_out(1),
+        vec![
+            (12 * 24_000, true, 70),
+            (after(13.0), false, 70),
+            (after(13.0), true, 71),
+            (after(14.0), false, 71),
+            (after(14.0), true, 72),
+            (after(15.0), false, 72)
+        ]
+    );
+    rig.assert_balanced();
+}
+
+#[test]
 fn playing_again_makes_the_answer_yield() {
     let mut rig = Rig::new();
     let s = settings();
