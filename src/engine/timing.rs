@@ -27,7 +27,8 @@ pub fn sample_phrase() -> Phrase {
 
 /// Starts a worker with `factory`'s built-in model and times, `trials` times, from handing it
 /// a phrase (as the audio thread does at the phrase's end) until a chunk with the answer's first
-/// note-on arrives. Between trials the answer is cancelled and the worker left to go idle, as
+/// note-on arrives. An answer that opens with a long rest is not waited for in musical time:
+/// the playhead jumps to what was written, so the figure is the worker's work alone. Between trials the answer is cancelled and the worker left to go idle, as
 /// between phrases.
 pub fn first_note_latencies(
     factory: Arc<dyn ContinuerFactory>,
@@ -72,11 +73,22 @@ pub fn first_note_latencies(
                 .chunk_rx
                 .recv_timeout(Duration::from_secs(5))
                 .map_err(|_| EngineError::Step { step_idx: 0, reason: "no answer within 5 s".into() })?;
-            let has_note = chunk.events.iter().any(|e| matches!(e.kind, AnswerEventKind::NoteOn { .. }));
-            if chunk.answer_id == trial && has_note {
+            if chunk.answer_id != trial {
+                continue;
+            }
+            if chunk.events.iter().any(|e| matches!(e.kind, AnswerEventKind::NoteOn { .. })) {
                 times.push(sent.elapsed());
                 break;
             }
+            if chunk.is_finished {
+                return Err(EngineError::Step {
+                    step_idx: 0,
+                    reason: format!("answer {trial} has no notes"),
+                });
+            }
+            // The answer opens with a rest longer than the lookahead: move the playhead on at
+            // once, so what is timed is the work up to the first note, not the rest's length.
+            live.playhead_beats.store(chunk.written_until_beats, Ordering::Release);
         }
         live.active_answer_id.store(0, Ordering::Release);
         std::thread::sleep(Duration::from_millis(5));
