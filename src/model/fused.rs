@@ -78,7 +78,7 @@ pub fn lstm_outputs(
             Some(below) => {
                 let flat = below.reshape((seq_len * batch, hidden))?;
                 let xs_proj =
-                    flat.matmul(&w_ih_t)?.broadcast_add(&bias)?.reshape((seq_len, batch, 4 * hidden))?;
+                    linear(&flat, &weight(&layer.w_ih), &bias)?.reshape((seq_len, batch, 4 * hidden))?;
                 recur(&xs_proj, &w_hh, &state.h[k], &state.c[k])?
             }
         };
@@ -90,6 +90,139 @@ pub fn lstm_outputs(
         });
     }
     Ok((ys.expect("a model has at least one layer"), next))
+}
+
+/// `xs Wᵀ + b` with the packed kernels on candle's threads, forward and backward: the input
+/// projection of the layers above the first, where candle's own matrix product is the slower.
+/// xs: `[n, input]`, w: `[output, input]`, b: `[output]` → `[n, output]` (all f32 on the CPU).
+pub fn linear(xs: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, input) = xs.dims2()?;
+    let (output, w_input) = w.dims2()?;
+    if w_input != input || b.dims() != [output] {
+        return Err(Error::Msg(format!(
+            "fused linear: xs {:?}, w {:?}, b {:?} do not fit together",
+            xs.dims(),
+            w.dims(),
+            b.dims()
+        )));
+    }
+    xs.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Linear { isa: Isa::detect() })
+}
+
+/// The custom op behind `linear`. Inputs: xs `[n, input]`, w `[output, input]`, b `[output]`.
+struct Linear {
+    isa: Isa,
+}
+
+/// Rows `0..n` split into near-equal shares, one per candle thread (`on_candle_threads`).
+fn row_shares(n: usize) -> Vec<usize> {
+    let parts = (candle_core::utils::barrier_pool().n_workers() + 1).min(n).max(1);
+    (0..=parts).map(|i| i * n / parts).collect()
+}
+
+/// `out = a B` (+ `out` when `accumulate`) with the rows of `a` and `out` shared among candle's
+/// threads. `a` is `[m, k]` with `a_row_stride`/`a_col_stride`; `out` is `[m, n]` row-major.
+fn parallel_gemm(isa: Isa, m: usize, a: MatRef, b: &PackedB, out: &mut [f32], accumulate: bool) {
+    let n = b.n();
+    let bounds = row_shares(m);
+    let mut parts = Vec::with_capacity(bounds.len());
+    let mut rest = out;
+    for w in bounds.windows(2) {
+        let (part, tail) = rest.split_at_mut((w[1] - w[0]) * n);
+        parts.push((w[0], w[1] - w[0], part));
+        rest = tail;
+    }
+    on_candle_threads(&mut parts, |(row0, rows, part)| {
+        let a_part = MatRef { data: &a.data[*row0 * a.row_stride..], ..a };
+        gemm(isa, *rows, a_part, b, part, n, accumulate);
+    });
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, input) = l1.shape().dims2()?;
+        let (output, _) = l2.shape().dims2()?;
+        let (xs, w, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        // Wᵀ (`[input, output]`) is the right-hand side.
+        let mut w_t = PackedB::with_buffer(take_buffer(0));
+        w_t.pack(input, output, w, 1, input);
+        let mut out = vec![0.0f32; n * output];
+        for row in out.chunks_exact_mut(output) {
+            row.copy_from_slice(b);
+        }
+        parallel_gemm(
+            self.isa,
+            n,
+            MatRef { data: xs, row_stride: input, col_stride: 1 },
+            &w_t,
+            &mut out,
+            true,
+        );
+        give_back(w_t.into_buffer());
+        Ok((CpuStorage::F32(out), Shape::from((n, output))))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, input) = xs.dims2()?;
+        let output = w.dim(0)?;
+        let device = xs.device();
+        let isa = self.isa;
+        with_data(grad, |grad| -> Result<_> {
+            // dxs = grad W.
+            let grad_xs = if xs.track_op() {
+                let mut w_packed = PackedB::with_buffer(take_buffer(0));
+                with_data(w, |w| w_packed.pack(output, input, w, input, 1))?;
+                let mut dxs = vec![0.0f32; n * input];
+                let a = MatRef { data: grad, row_stride: output, col_stride: 1 };
+                parallel_gemm(isa, n, a, &w_packed, &mut dxs, false);
+                give_back(w_packed.into_buffer());
+                Some(Tensor::from_vec(dxs, (n, input), device)?)
+            } else {
+                None
+            };
+            // dW = gradᵀ xs: `grad` read transposed, `xs` packed as the right-hand side.
+            let grad_w = if w.track_op() {
+                let mut xs_packed = PackedB::with_buffer(take_buffer(0));
+                with_data(xs, |xs| xs_packed.pack(n, input, xs, input, 1))?;
+                let mut dw = vec![0.0f32; output * input];
+                let a = MatRef { data: grad, row_stride: 1, col_stride: output };
+                parallel_gemm(isa, output, a, &xs_packed, &mut dw, false);
+                give_back(xs_packed.into_buffer());
+                Some(Tensor::from_vec(dw, (output, input), device)?)
+            } else {
+                None
+            };
+            let grad_b = if b.track_op() {
+                let mut db = vec![0.0f32; output];
+                for row in grad.chunks_exact(output) {
+                    db.iter_mut().zip(row).for_each(|(d, &g)| *d += g);
+                }
+                Some(Tensor::from_vec(db, output, device)?)
+            } else {
+                None
+            };
+            Ok((grad_xs, grad_w, grad_b))
+        })?
+    }
 }
 
 /// True if `recur` can run this recurrence: f32 tensors on the CPU with at least one step.
@@ -1023,6 +1156,34 @@ mod tests {
                 assert!(d < 1e-4, "{input:?}: gradient of {name} off by {d} (relative)");
             }
         }
+    }
+
+    /// `linear` against candle's `matmul` + `broadcast_add`: values and the gradients of all
+    /// three inputs, at sizes off the kernels' panel and tile widths.
+    #[test]
+    fn linear_matches_candle() {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        for &(n, input, output) in &[(37, 20, 52), (5, 256, 1024), (1, 3, 1)] {
+            let xs = Var::from_tensor(&random(&mut rng, &[n, input], 1.0)).unwrap();
+            let w = Var::from_tensor(&random(&mut rng, &[output, input], 0.3)).unwrap();
+            let b = Var::from_tensor(&random(&mut rng, &[output], 0.3)).unwrap();
+            let r = random(&mut rng, &[n, output], 1.0);
+            let want = xs.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
+            let want_grads = (&want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let got = linear(&xs, &w, &b).unwrap();
+            let grads = (&got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(rel_diff(&got, &want) < 1e-5, "{n}x{input}x{output}: values");
+            for (name, var) in [("xs", &xs), ("w", &w), ("b", &b)] {
+                let d = rel_diff(grads.get(var).unwrap(), want_grads.get(var).unwrap());
+                assert!(d < 1e-5, "{n}x{input}x{output}: gradient of {name} off by {d}");
+            }
+        }
+        let bad = linear(
+            &random(&mut rng, &[2, 3], 1.0),
+            &random(&mut rng, &[4, 5], 1.0),
+            &random(&mut rng, &[4], 1.0),
+        );
+        assert!(bad.is_err());
     }
 
     #[test]

@@ -155,6 +155,11 @@ impl PackedB {
         }
     }
 
+    /// Columns of the packed matrix.
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+
     /// An empty packing that will pack into `buffer`'s memory.
     pub(crate) fn with_buffer(buffer: Vec<f32>) -> Self {
         Self { k: 0, n: 0, data: buffer }

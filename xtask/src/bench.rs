@@ -45,6 +45,12 @@ pub struct BenchArgs {
     /// Hidden width of the training benchmark (the recipe: 256).
     #[arg(long, default_value_t = 256)]
     train_hidden: usize,
+    /// LSTM layers of the training benchmark (the recipe: 1).
+    #[arg(long, default_value_t = 1)]
+    train_layers: usize,
+    /// Embedding width of the training benchmark; 0 for the recipe's one-hot input.
+    #[arg(long, default_value_t = 0)]
+    train_embedding: usize,
     /// Windows per training batch (the recipe: 64).
     #[arg(long, default_value_t = 64)]
     train_batch: usize,
@@ -351,7 +357,11 @@ fn train_step(logits: &Tensor, targets: &Tensor, opt: &mut candle_nn::AdamW) -> 
 fn training(args: &BenchArgs) -> Result<()> {
     let vocab = recipe_vocab();
     let (batch, window, hidden) = (args.train_batch, args.train_window, args.train_hidden);
-    let config = ModelConfig::new(vocab.clone(), InputKind::OneHot, hidden, 1, 0.0);
+    let input = match args.train_embedding {
+        0 => InputKind::OneHot,
+        dim => InputKind::Embedding { dim },
+    };
+    let config = ModelConfig::new(vocab.clone(), input, hidden, args.train_layers, 0.0);
     let device = Device::Cpu;
     // Ours: the training model with its fused recurrence; stock: candle-nn's LSTM; same start.
     let ours_map = VarMap::new();
@@ -374,7 +384,9 @@ fn training(args: &BenchArgs) -> Result<()> {
         Ok((all.narrow(1, 0, window)?.contiguous()?, all.narrow(1, 1, window)?.contiguous()?))
     };
     let mut tf_sides = Vec::new();
-    if let Some(python) = &args.tensorflow {
+    // The Keras script is the recipe's model: one layer, one-hot input.
+    let is_recipe_model = args.train_layers == 1 && input == InputKind::OneHot;
+    if let (Some(python), true) = (&args.tensorflow, is_recipe_model) {
         for every_position in [false, true] {
             tf_sides.push(TfStep::spawn(python, every_position, args, vocab.len())?);
         }
@@ -407,8 +419,8 @@ fn training(args: &BenchArgs) -> Result<()> {
     }
     let steps = (batch * window) as f64;
     println!(
-        "\nTraining step, LSTM {hidden}, one-hot {} inputs, batch {batch} × {window} steps (forward, cross-entropy, backward, Adam(W)); medians of {} alternating batches",
-        vocab.len(),
+        "\nTraining step, {}, batch {batch} × {window} steps (forward, cross-entropy, backward, Adam(W)); medians of {} alternating batches",
+        describe(&config),
         args.train_batches
     );
     println!(
