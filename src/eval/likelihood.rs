@@ -5,79 +5,12 @@
 //! only (no delimiter targets) and onsets only (neither `_` nor `/`).
 //! Runs on: offline threads (xtask eval, tests). Calls candle.
 
-use crate::model::train::{evaluate, EvalConfig, EvalMetrics, Score};
+pub use crate::model::train::{MetricSums, ScoreSum};
+
+use crate::model::train::{evaluate, EvalConfig, EvalMetrics};
 use crate::model::{LoadedModel, ModelError};
 use crate::music::encode::join_songs;
 use crate::music::Symbol;
-
-/// Running sums of negative log-likelihood and correct guesses.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct ScoreSum {
-    /// Targets counted.
-    pub num_targets: usize,
-    /// Sum of the negative log-likelihoods, in nats.
-    pub nll_sum: f64,
-    /// Targets that were the most likely symbol.
-    pub num_correct: usize,
-}
-
-impl ScoreSum {
-    /// Counts one target.
-    pub fn add(&mut self, nll: f64, is_correct: bool) {
-        self.num_targets += 1;
-        self.nll_sum += nll;
-        self.num_correct += is_correct as usize;
-    }
-
-    /// Adds another sum to this one.
-    pub fn merge(&mut self, other: &ScoreSum) {
-        self.num_targets += other.num_targets;
-        self.nll_sum += other.nll_sum;
-        self.num_correct += other.num_correct;
-    }
-
-    /// Mean loss and accuracy (0 for no targets).
-    pub fn score(&self) -> Score {
-        let n = self.num_targets.max(1) as f64;
-        Score { num_targets: self.num_targets, loss: self.nll_sum / n, accuracy: self.num_correct as f64 / n }
-    }
-}
-
-/// The three target sets of `EvalMetrics`, as sums, so songs can be added up.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct MetricSums {
-    /// Every target.
-    pub all: ScoreSum,
-    /// Targets that are not `/`.
-    pub song: ScoreSum,
-    /// Targets that are a pitch or `r`.
-    pub non_hold: ScoreSum,
-}
-
-impl MetricSums {
-    /// Counts one target `symbol` with its loss.
-    pub fn add(&mut self, symbol: Symbol, nll: f64, is_correct: bool) {
-        self.all.add(nll, is_correct);
-        if symbol != Symbol::Delimiter {
-            self.song.add(nll, is_correct);
-            if symbol != Symbol::Hold {
-                self.non_hold.add(nll, is_correct);
-            }
-        }
-    }
-
-    /// Adds another song's sums.
-    pub fn merge(&mut self, other: &MetricSums) {
-        self.all.merge(&other.all);
-        self.song.merge(&other.song);
-        self.non_hold.merge(&other.non_hold);
-    }
-
-    /// The means.
-    pub fn metrics(&self) -> EvalMetrics {
-        EvalMetrics { all: self.all.score(), song: self.song.score(), non_hold: self.non_hold.score() }
-    }
-}
 
 /// The stream the recipe's windows run over: `context_len` delimiters of padding, then each
 /// song followed by the model's run of delimiters, as the training streams are joined.

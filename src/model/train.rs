@@ -20,7 +20,7 @@ pub use super::data::{build_dataset, read_set, DataConfig, DataSet, Dataset, Set
 use super::io::{read_weights, save_model, save_weights, TRAIN_FILE, WEIGHTS_FILE};
 use super::lstm::{nll_and_argmax, Dropout, MelodyLstm};
 use super::{InputKind, ModelConfig, ModelError};
-use crate::music::{Symbol, Vocab};
+use crate::music::{Symbol, TokenId, Vocab};
 
 /// Sub-folder of the output directory holding the state `--resume` needs.
 pub const CHECKPOINT_DIR: &str = "checkpoint";
@@ -165,24 +165,72 @@ pub struct EvalMetrics {
     pub non_hold: Score,
 }
 
-/// Running sums behind a `Score`.
-#[derive(Clone, Copy, Debug, Default)]
-struct ScoreSum {
-    num: usize,
-    nll: f64,
-    correct: usize,
+/// Running sums of negative log-likelihood and correct guesses.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ScoreSum {
+    /// Targets counted.
+    pub num_targets: usize,
+    /// Sum of the negative log-likelihoods, in nats.
+    pub nll_sum: f64,
+    /// Targets that were the most likely symbol.
+    pub num_correct: usize,
 }
 
 impl ScoreSum {
-    fn add(&mut self, nll: f32, is_correct: bool) {
-        self.num += 1;
-        self.nll += nll as f64;
-        self.correct += is_correct as usize;
+    /// Counts one target.
+    pub fn add(&mut self, nll: f64, is_correct: bool) {
+        self.num_targets += 1;
+        self.nll_sum += nll;
+        self.num_correct += is_correct as usize;
     }
 
-    fn score(&self) -> Score {
-        let n = self.num.max(1) as f64;
-        Score { num_targets: self.num, loss: self.nll / n, accuracy: self.correct as f64 / n }
+    /// Adds another sum to this one.
+    pub fn merge(&mut self, other: &ScoreSum) {
+        self.num_targets += other.num_targets;
+        self.nll_sum += other.nll_sum;
+        self.num_correct += other.num_correct;
+    }
+
+    /// Mean loss and accuracy (0 for no targets).
+    pub fn score(&self) -> Score {
+        let n = self.num_targets.max(1) as f64;
+        Score { num_targets: self.num_targets, loss: self.nll_sum / n, accuracy: self.num_correct as f64 / n }
+    }
+}
+
+/// The three target sets of `EvalMetrics`, as sums, so songs can be added up.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MetricSums {
+    /// Every target.
+    pub all: ScoreSum,
+    /// Targets that are not `/`.
+    pub song: ScoreSum,
+    /// Targets that are a pitch or `r`.
+    pub non_hold: ScoreSum,
+}
+
+impl MetricSums {
+    /// Counts one target `symbol` with its loss.
+    pub fn add(&mut self, symbol: Symbol, nll: f64, is_correct: bool) {
+        self.all.add(nll, is_correct);
+        if symbol != Symbol::Delimiter {
+            self.song.add(nll, is_correct);
+            if symbol != Symbol::Hold {
+                self.non_hold.add(nll, is_correct);
+            }
+        }
+    }
+
+    /// Adds another song's sums.
+    pub fn merge(&mut self, other: &MetricSums) {
+        self.all.merge(&other.all);
+        self.song.merge(&other.song);
+        self.non_hold.merge(&other.non_hold);
+    }
+
+    /// The means.
+    pub fn metrics(&self) -> EvalMetrics {
+        EvalMetrics { all: self.all.score(), song: self.song.score(), non_hold: self.non_hold.score() }
     }
 }
 
@@ -696,9 +744,7 @@ pub fn evaluate(
     progress: &mut dyn FnMut(usize),
 ) -> Result<EvalMetrics, ModelError> {
     let targets = eval_targets(tokens.len(), eval);
-    let delimiter = vocab.id(Symbol::Delimiter).map(|t| t.0 as u32);
-    let hold = vocab.id(Symbol::Hold).map(|t| t.0 as u32);
-    let (mut all, mut song, mut non_hold) = (ScoreSum::default(), ScoreSum::default(), ScoreSum::default());
+    let mut sums = MetricSums::default();
     let device = lstm.device();
     let weights = lstm.step_weights()?;
     let mut done = 0;
@@ -715,19 +761,12 @@ pub fn evaluate(
         let nll = nll.to_vec1::<f32>()?;
         let argmax = argmax.to_vec1::<u32>()?;
         for ((&target, &loss), &best) in wanted.iter().zip(&nll).zip(&argmax) {
-            let is_correct = best == target;
-            all.add(loss, is_correct);
-            if Some(target) != delimiter {
-                song.add(loss, is_correct);
-                if Some(target) != hold {
-                    non_hold.add(loss, is_correct);
-                }
-            }
+            sums.add(vocab.symbol(TokenId(target as u16)), loss as f64, best == target);
         }
         done += chunk.len();
         progress(done);
     }
-    Ok(EvalMetrics { all: all.score(), song: song.score(), non_hold: non_hold.score() })
+    Ok(sums.metrics())
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ModelError> {
