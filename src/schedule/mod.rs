@@ -150,6 +150,13 @@ pub struct NoteMsg {
     pub voice_id: Option<i32>,
 }
 
+impl NoteMsg {
+    /// A note-off at sample `timing` of the block, without a host note id.
+    pub fn off(timing: u32, channel: u8, key: u8) -> Self {
+        Self { timing, is_on: false, channel, key, velocity: 0.0, voice_id: None }
+    }
+}
+
 /// The scheduler's ends of the channels to the worker.
 #[derive(Debug)]
 pub struct EngineLink {
@@ -308,7 +315,7 @@ impl Scheduler {
             for key in 0..128u8 {
                 let channels = std::mem::take(&mut self.thru_held[key as usize]);
                 for channel in (0..16u8).filter(|c| channels & (1 << c) != 0) {
-                    emit(NoteMsg { timing: 0, is_on: false, channel, key, velocity: 0.0, voice_id: None });
+                    emit(NoteMsg::off(0, channel, key));
                 }
             }
         }
@@ -465,14 +472,7 @@ impl Scheduler {
             match action {
                 Action::NoteOff { sounding_idx } => {
                     if let Some(note) = self.playback.end_sounding(sounding_idx) {
-                        emit(NoteMsg {
-                            timing: offset,
-                            is_on: false,
-                            channel: note.channel,
-                            key: note.key,
-                            velocity: 0.0,
-                            voice_id: None,
-                        });
+                        emit(NoteMsg::off(offset, note.channel, note.key));
                     }
                 }
                 Action::AnswerEnd => {
@@ -502,14 +502,7 @@ impl Scheduler {
             {
                 // The same key still sounds (a gate rounding edge): end it first so on/off pair up.
                 if let Some(old) = self.playback.end_sounding(idx) {
-                    emit(NoteMsg {
-                        timing: offset,
-                        is_on: false,
-                        channel: old.channel,
-                        key: old.key,
-                        velocity: 0.0,
-                        voice_id: None,
-                    });
+                    emit(NoteMsg::off(offset, old.channel, old.key));
                 }
             }
             emit(NoteMsg {
@@ -591,16 +584,7 @@ impl Scheduler {
 
     /// Ends the answer now: every sounding answer note gets its note-off at `offset`.
     fn cancel_answer(&mut self, offset: u32, emit: &mut impl FnMut(NoteMsg)) {
-        self.playback.release_all(|note| {
-            emit(NoteMsg {
-                timing: offset,
-                is_on: false,
-                channel: note.channel,
-                key: note.key,
-                velocity: 0.0,
-                voice_id: None,
-            })
-        });
+        self.playback.release_all(|note| emit(NoteMsg::off(offset, note.channel, note.key)));
         if let Some(answer) = self.answer.take() {
             if matches!(&self.outbox, Some(Request::Continue(r)) if r.answer_id == answer.id) {
                 // It never reached the worker.
