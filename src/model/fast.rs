@@ -23,10 +23,12 @@
 //! twice the size into the same cache.
 
 use std::fmt;
+use std::ops::BitXor;
 
 use candle_core::{DType, Device, Error, Result, Tensor};
 
 use super::config::InputKind;
+use super::int8::{self, Int8Part, Limbs};
 use super::kernels::{madd, sigmoid, tanh_approx, Isa};
 use super::lstm::{GenState, MelodyLstm};
 use crate::music::TokenId;
@@ -36,6 +38,7 @@ pub const BLOCK_UNITS: usize = 16;
 /// Gate rows per packed block (four gates of `BLOCK_UNITS` units); also the symbols per block of
 /// the output layer.
 const BLOCK_ROWS: usize = 4 * BLOCK_UNITS;
+const _: () = assert!(BLOCK_ROWS == int8::BLOCK_ROWS, "int8 parts are blocks of the same rows");
 /// Largest hidden size the fast step runs: a layer's previous hidden state is copied to a stack
 /// buffer of this many numbers. Larger models use candle.
 pub const MAX_FAST_HIDDEN: usize = 1024;
@@ -47,6 +50,10 @@ pub enum WeightFormat {
     F32,
     /// IEEE half floats (rounded to nearest), converted back on the fly: half the bytes.
     F16,
+    /// The integers of weights that lie on their rows' int8 grids (`int8`; a model saved by
+    /// `cargo xtask quantize`): a quarter of the bytes, and still candle's function within 1e-5.
+    /// Needs AVX-512 VNNI; `for_model` picks it by itself where both hold.
+    I8,
 }
 
 /// A layer's matrix in one of the `WeightFormat`s.
@@ -54,6 +61,8 @@ enum LayerWeights {
     F32(Vec<f32>),
     /// IEEE half-float bit patterns.
     F16(Vec<u16>),
+    /// Per block, the input part then the hidden part.
+    I8(Vec<Int8Part>),
 }
 
 impl LayerWeights {
@@ -61,6 +70,7 @@ impl LayerWeights {
         match self {
             LayerWeights::F32(w) => 4 * w.len(),
             LayerWeights::F16(w) => 2 * w.len(),
+            LayerWeights::I8(parts) => parts.iter().map(|p| p.weights.len() + 8 * BLOCK_ROWS).sum(),
         }
     }
 }
@@ -118,7 +128,13 @@ impl FastLstm {
         if !lstm.device().is_cpu() || lstm.hidden_size() > MAX_FAST_HIDDEN {
             return Ok(None);
         }
-        Self::pack(lstm, Isa::detect()).map(Some)
+        let isa = Isa::detect();
+        if isa == Isa::Avx512 && int8::cpu_has_vnni() {
+            if let Ok(fast) = Self::pack_as(lstm, isa, WeightFormat::I8) {
+                return Ok(Some(fast));
+            }
+        }
+        Self::pack(lstm, isa).map(Some)
     }
 
     /// Packs `lstm`'s current weights as f32 for kernels of `isa` (which the CPU must run; see
@@ -129,8 +145,15 @@ impl FastLstm {
 
     /// Packs `lstm`'s current weights in `format` for kernels of `isa`. Half floats need an
     /// x86-64 `isa` (whose detection includes F16C); anywhere else they fall back to f32.
+    /// `WeightFormat::I8` errors unless `isa` is AVX-512, the CPU has VNNI and every row of the
+    /// layers' matrices (but layer 0's input matrix, which becomes the token table) lies on its
+    /// int8 grid.
     pub fn pack_as(lstm: &MelodyLstm, isa: Isa, format: WeightFormat) -> Result<Self> {
-        let format = if isa == Isa::Portable { WeightFormat::F32 } else { format };
+        if format == WeightFormat::I8 && !(isa == Isa::Avx512 && int8::cpu_has_vnni()) {
+            return Err(Error::Msg("fast step: int8 weights need AVX-512 VNNI".into()));
+        }
+        let format =
+            if isa == Isa::Portable && format == WeightFormat::F16 { WeightFormat::F32 } else { format };
         let hidden = lstm.hidden_size();
         let vocab_len = lstm.vocab_len();
         if hidden == 0 || hidden > MAX_FAST_HIDDEN {
@@ -206,6 +229,33 @@ impl FastLstm {
                 }
             }
             let weights = match format {
+                WeightFormat::I8 => {
+                    let rows_of = |matrix: &'_ [f32], width: usize, b: usize| -> Vec<Option<Vec<f32>>> {
+                        (0..BLOCK_ROWS)
+                            .map(|r| {
+                                source_row(b * BLOCK_ROWS + r)
+                                    .map(|row| matrix[row * width..][..width].to_vec())
+                            })
+                            .collect()
+                    };
+                    let mut parts = Vec::with_capacity(2 * num_blocks);
+                    for b in 0..num_blocks {
+                        let input_rows = if input_width > 0 {
+                            rows_of(&w_ih, in_width, b)
+                        } else {
+                            vec![None; BLOCK_ROWS]
+                        };
+                        for (rows, width) in [(input_rows, input_width), (rows_of(&w_hh, hidden, b), hidden)]
+                        {
+                            let rows: Vec<Option<&[f32]>> = rows.iter().map(|r| r.as_deref()).collect();
+                            let part = Int8Part::pack(&rows, width).ok_or_else(|| {
+                                Error::Msg(format!("fast step: layer {k} has weights off their int8 grid"))
+                            })?;
+                            parts.push(part);
+                        }
+                    }
+                    LayerWeights::I8(parts)
+                }
                 WeightFormat::F32 => LayerWeights::F32(weights),
                 WeightFormat::F16 => LayerWeights::F16(weights.iter().map(|&w| f16_bits(w)).collect()),
             };
@@ -271,7 +321,13 @@ impl FastLstm {
             parts.push(&layer.bias);
             match &layer.weights {
                 LayerWeights::F32(w) => parts.push(w),
-                LayerWeights::F16(w) => total += sum_bits(w) as f32,
+                LayerWeights::F16(w) => total += xor_fold(self.isa, w) as f32,
+                LayerWeights::I8(parts) => {
+                    for part in parts {
+                        total +=
+                            xor_fold(self.isa, &part.weights) as f32 + part.scales[0] + part.sums[0] as f32;
+                    }
+                }
             }
         }
         for part in parts {
@@ -309,11 +365,17 @@ impl FastLstm {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2, FMA and
             // F16C.
-            Isa::Avx512 => unsafe { self.step_avx512(token, state, logits) },
+            Isa::Avx512 => unsafe {
+                if self.format == WeightFormat::I8 {
+                    self.step_avx512_vnni(token, state, logits)
+                } else {
+                    self.step_avx512(token, state, logits)
+                }
+            },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2, FMA and F16C.
             Isa::Avx2Fma => unsafe { self.step_avx2(token, state, logits) },
-            _ => self.step_body::<false>(token, state, logits),
+            _ => self.step_body::<false, false>(token, state, logits),
         }
         Ok(())
     }
@@ -321,24 +383,39 @@ impl FastLstm {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn step_avx512(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
-        self.step_body::<true>(token, state, logits)
+        self.step_body::<true, false>(token, state, logits)
+    }
+
+    /// The AVX-512 step for int8 weights, which are only packed where VNNI runs.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn step_avx512_vnni(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
+        self.step_body::<true, true>(token, state, logits)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn step_avx2(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
-        self.step_body::<true>(token, state, logits)
+        self.step_body::<true, false>(token, state, logits)
     }
 
     /// The step itself; shapes were checked by `step`.
     #[inline(always)]
-    fn step_body<const FMA: bool>(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
+    fn step_body<const FMA: bool, const VNNI: bool>(
+        &self,
+        token: usize,
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) {
         let hidden = self.hidden_size;
         let packed_rows = self.num_blocks * BLOCK_ROWS;
         // The layer's previous hidden state: the blocks read all of it while the new one is
         // written over it.
         let mut h_prev_buf = [0.0f32; MAX_FAST_HIDDEN];
         let h_prev = &mut h_prev_buf[..hidden];
+        // With int8 weights, the input and the previous state in the kernel's fixed point.
+        let mut input_limbs_buf = [[0u32; 3]; MAX_FAST_HIDDEN / 4];
+        let mut h_limbs_buf = [[0u32; 3]; MAX_FAST_HIDDEN / 4];
         for (k, layer) in self.layers.iter().enumerate() {
             h_prev.copy_from_slice(&state.h[k]);
             let (below, this_and_above) = state.h.split_at_mut(k);
@@ -346,6 +423,12 @@ impl FastLstm {
                 Some(h_below) => h_below,
                 None => &[],
             };
+            let input_limbs: &mut [Limbs] = &mut input_limbs_buf[..int8::num_quads(input.len())];
+            let h_limbs: &mut [Limbs] = &mut h_limbs_buf[..int8::num_quads(hidden)];
+            if VNNI {
+                int8::split_limbs(input, input_limbs);
+                int8::split_limbs(h_prev, h_limbs);
+            }
             let h_out = &mut this_and_above[0];
             let c = &mut state.c[k];
             let cols = layer.input_width + hidden;
@@ -366,6 +449,20 @@ impl FastLstm {
                         let (w_input, w_hidden) = w[block_range].split_at(split);
                         accumulate_f16::<FMA>(&mut acc, w_input, input);
                         accumulate_f16::<FMA>(&mut acc, w_hidden, h_prev);
+                    }
+                    LayerWeights::I8(parts) => {
+                        #[cfg(target_arch = "x86_64")]
+                        if VNNI {
+                            // SAFETY: the `VNNI` instance is `step_avx512_vnni`, only run where
+                            // `pack_as` saw AVX-512 VNNI; the limbs cover each part's quads.
+                            unsafe {
+                                if layer.input_width > 0 {
+                                    int8::accumulate(&mut acc, &parts[2 * b], input_limbs);
+                                }
+                                int8::accumulate(&mut acc, &parts[2 * b + 1], h_limbs);
+                            }
+                        }
+                        debug_assert!(VNNI, "int8 weights are only packed where VNNI runs");
                     }
                 }
                 let units = b * BLOCK_UNITS..((b + 1) * BLOCK_UNITS).min(hidden);
@@ -480,17 +577,39 @@ fn cell_update(gates: &[f32; BLOCK_ROWS], c: &mut [f32], h: &mut [f32]) {
     h.copy_from_slice(&h_buf[..n]);
 }
 
-/// Sum of half-float bit patterns as integers: reads the bytes the half-float kernel reads.
-fn sum_bits(xs: &[u16]) -> u32 {
-    let mut acc = [0u32; BLOCK_ROWS];
-    let mut chunks = xs.chunks_exact(BLOCK_ROWS);
-    for chunk in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            *a = a.wrapping_add(x as u32);
+/// All of `xs` folded with exclusive-or, in the vector width of `isa`: reads the bytes a kernel
+/// over packed half-float or bf16 weights reads, at the speed memory delivers them.
+fn xor_fold<T: Copy + Default + BitXor<Output = T>>(isa: Isa, xs: &[T]) -> T {
+    #[inline(always)]
+    fn body<T: Copy + Default + BitXor<Output = T>>(xs: &[T]) -> T {
+        let mut acc = [T::default(); 2 * BLOCK_ROWS];
+        let mut chunks = xs.chunks_exact(acc.len());
+        for chunk in &mut chunks {
+            for (a, &x) in acc.iter_mut().zip(chunk) {
+                *a = *a ^ x;
+            }
         }
+        acc.iter().chain(chunks.remainder()).fold(T::default(), |s, &a| s ^ a)
     }
-    let rest = chunks.remainder().iter().fold(0u32, |s, &x| s.wrapping_add(x as u32));
-    acc.iter().fold(rest, |s, &a| s.wrapping_add(a))
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn body_avx512<T: Copy + Default + BitXor<Output = T>>(xs: &[T]) -> T {
+        body(xs)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn body_avx2<T: Copy + Default + BitXor<Output = T>>(xs: &[T]) -> T {
+        body(xs)
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F and AVX2.
+        Isa::Avx512 => unsafe { body_avx512(xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2.
+        Isa::Avx2Fma => unsafe { body_avx2(xs) },
+        _ => body(xs),
+    }
 }
 
 /// Sum of `xs` with many accumulators, so it runs at the speed memory delivers.
@@ -592,6 +711,45 @@ mod tests {
                 let d = max_diff(state.c.last().unwrap(), &want_c[0]);
                 assert!(d < 1e-5, "{isa:?} final cell state off by {d}");
             }
+        }
+    }
+
+    /// Int8-grid weights (`int8::quantize_model`) through the VNNI kernel, against candle on the
+    /// same weights; and a model off the grid is refused that format.
+    #[test]
+    fn int8_weights_match_candle_within_1e_5() {
+        if !(Isa::detect() == Isa::Avx512 && int8::cpu_has_vnni()) {
+            return;
+        }
+        let vocab = Vocab::for_pitch_range(48, 88);
+        for (seed, (input, hidden, layers)) in [
+            (InputKind::Embedding { dim: 64 }, 256, 2),
+            (InputKind::OneHot, 48, 1),
+            (InputKind::Embedding { dim: 5 }, 23, 3),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let cfg = ModelConfig::new(vocab.clone(), input, hidden, layers, 0.0);
+            let lstm = random_lstm(&cfg, seed as u64, 2.0 / (hidden as f32).sqrt());
+            assert!(FastLstm::pack_as(&lstm, Isa::Avx512, WeightFormat::I8).is_err());
+            assert_eq!(FastLstm::for_model(&lstm).unwrap().unwrap().format(), WeightFormat::F32);
+            let (lstm, change) = int8::quantize_model(&lstm, &cfg).unwrap();
+            assert!(change > 0.0);
+            let fast = FastLstm::for_model(&lstm).unwrap().unwrap();
+            assert_eq!(fast.format(), WeightFormat::I8, "picked by itself for weights on the grid");
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            let tokens: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
+            let (want, want_c) = candle_steps(&lstm, &tokens);
+            let mut state = fast.new_state();
+            let mut logits = vec![0.0; vocab.len()];
+            for (t, &token) in tokens.iter().enumerate() {
+                fast.step(TokenId(token as u16), &mut state, &mut logits).unwrap();
+                let d = max_diff(&logits, &want[t]);
+                assert!(d < 1e-5, "{input:?} {hidden}x{layers} step {t}: off by {d}");
+            }
+            let d = max_diff(state.c.last().unwrap(), &want_c[0]);
+            assert!(d < 1e-5, "final cell state off by {d}");
         }
     }
 

@@ -40,6 +40,7 @@ pub mod data;
 pub mod fast;
 pub mod fused;
 pub mod generate;
+pub mod int8;
 pub mod io;
 pub mod kernels;
 pub mod lstm;
