@@ -184,7 +184,10 @@ pub fn split_limbs(xs: &[f32], out: &mut [Limbs]) {
         *limbs = [0; 3];
         for t in 0..4 {
             let x = xs.get(4 * p + t).copied().unwrap_or(0.0);
-            let fixed = (x * one).round().clamp(-one, one - 1.0) as i32;
+            // `max` turns NaN into the lower bound, so `bounded` is finite and within i32.
+            let bounded = (x * one).round_ties_even().max(-one).min(one - 1.0);
+            // SAFETY: `bounded` is a finite integer value in [-2^23, 2^23).
+            let fixed: i32 = unsafe { bounded.to_int_unchecked() };
             let u = (fixed + (1 << FRAC_BITS)) as u32;
             for (l, word) in limbs.iter_mut().enumerate() {
                 *word |= ((u >> (8 * l)) & 0xff) << (8 * t);
@@ -210,10 +213,11 @@ pub unsafe fn accumulate(acc: &mut [f32; BLOCK_ROWS], part: &Int8Part, x: &[Limb
     let w = part.weights.as_ptr();
     for (p, limbs) in x.iter().enumerate() {
         let quad = w.add(p * QUAD_BYTES);
+        let inputs = limbs.map(|limb| _mm512_set1_epi32(limb as i32));
         for i in 0..REGS {
             let weights = _mm512_loadu_si512(quad.add(64 * i) as *const _);
-            for (l, sums) in sums.iter_mut().enumerate() {
-                sums[i] = _mm512_dpbusd_epi32(sums[i], _mm512_set1_epi32(limbs[l] as i32), weights);
+            for (sums, &input) in sums.iter_mut().zip(&inputs) {
+                sums[i] = _mm512_dpbusd_epi32(sums[i], input, weights);
             }
         }
     }
@@ -265,18 +269,22 @@ mod tests {
 
     #[test]
     fn limbs_hold_each_input_to_24_bits() {
-        let xs = [-1.0f32, -0.5, 0.0, 0.3, 0.999_999_9, 1.0, 2.0];
+        let xs = [-1.0f32, -0.5, 0.0, 0.3, 0.999_999_9, 1.0, 2.0, f32::NAN];
         let mut limbs = [[0u32; 3]; 2];
         split_limbs(&xs, &mut limbs);
-        for (k, &x) in xs.iter().enumerate() {
+        for (k, &x) in xs.iter().enumerate().filter(|(_, x)| !x.is_nan()) {
             let (p, t) = (k / 4, k % 4);
             let byte = |l: usize| (limbs[p][l] >> (8 * t)) & 0xff;
             let u = byte(0) | byte(1) << 8 | byte(2) << 16;
             let back = (u as f64 - 8_388_608.0) / 8_388_608.0;
             assert!((back - x.clamp(-1.0, 1.0) as f64).abs() <= 1.2e-7, "{x} → {back}");
         }
-        // The padding input of the last quad is zero: U = 2^23.
-        assert_eq!(limbs[1][2] >> 24, 0x80);
+        // NaN (never an LSTM's output, but never undefined either) becomes -1: U = 0.
+        assert_eq!(limbs[1].map(|word| word >> 24), [0, 0, 0]);
+        let mut padded = [[0u32; 3]; 1];
+        split_limbs(&xs[..3], &mut padded);
+        // The missing fourth input is zero: U = 2^23, whose top byte is 0x80.
+        assert_eq!(padded[0][2] >> 24, 0x80);
     }
 
     #[test]

@@ -72,7 +72,8 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUNDER) - ROUNDER;
+    let rounded = x * std::f32::consts::LOG2_E + ROUNDER;
+    let n = rounded - ROUNDER;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -81,8 +82,11 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let e_r = p * (r * r) + r + 1.0;
+    // `rounded` lies in [2^23, 2^24), where the step is 1, so its bits are the rounder's plus
+    // n (read that way rather than by a float-to-int conversion, which stops vectorisation).
     // n ∈ [-126, 127] after the clamp, so the biased exponent is a normal one.
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let n_bits = rounded.to_bits().wrapping_sub(ROUNDER.to_bits());
+    let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
     e_r * two_n
 }
 

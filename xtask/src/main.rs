@@ -8,6 +8,7 @@ mod bench;
 mod corpus;
 mod eval;
 mod generate;
+mod quantize;
 mod train;
 
 /// Antiphon's offline tools.
@@ -40,6 +41,8 @@ enum Command {
     Bench(bench::BenchArgs),
     // The help text is `EvalArgs`'s doc comment, long form included.
     Eval(eval::EvalArgs),
+    /// Put a model's LSTM weights on int8 grids, for a generation step four times lighter.
+    Quantize(quantize::QuantizeArgs),
 }
 
 fn main() -> Result<()> {
@@ -55,5 +58,6 @@ fn main() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Quantize(args) => quantize::run(args),
     }
 }
