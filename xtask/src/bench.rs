@@ -13,6 +13,7 @@ use std::time::Instant;
 use antiphon::engine::lstm::LstmFactory;
 use antiphon::engine::timing::first_note_latencies;
 use antiphon::model::fast::{FastLstm, WeightFormat};
+use antiphon::model::int8;
 use antiphon::model::lstm::nll_and_argmax;
 use antiphon::model::{
     Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, Sampler, SamplingSettings,
@@ -190,20 +191,21 @@ fn bench_settings() -> SamplingSettings {
 }
 
 /// µs per symbol, medians over alternating trials: ours (the `Generator`, i.e. the plugin's
-/// path, f32 weights), ours with half-float weights (the same step and sampler), candle-nn
-/// stock, and the floors (reading the packed weights once).
+/// path, with the weights packed as the plugin packs them), the same weights packed as f32 (the
+/// same step and sampler), candle-nn stock, and the floors (reading the packed weights once).
 struct GenFigures {
     ours_us: f64,
-    half_us: f64,
+    format: WeightFormat,
+    f32_us: f64,
     stock_us: f64,
     floor_us: f64,
-    half_floor_us: f64,
+    f32_floor_us: f64,
     weight_kib: f64,
 }
 
 fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
     let fast = FastLstm::for_model(&model.lstm)?.context("the model did not pack for the fast step")?;
-    let half = FastLstm::pack_as(&model.lstm, fast.isa(), WeightFormat::F16)?;
+    let exact = FastLstm::pack(&model.lstm, fast.isa())?;
     let stock = StockModel::same_weights(&model.lstm)?;
     let vocab = model.config.vocab.clone();
     let settings = bench_settings();
@@ -215,9 +217,9 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
     let zero = Tensor::zeros((1, hidden), DType::F32, &Device::Cpu)?;
     let mut states: Vec<LSTMState> =
         (0..model.config.num_layers).map(|_| LSTMState::new(zero.clone(), zero.clone())).collect();
-    let mut half_state = half.new_state();
+    let mut exact_state = exact.new_state();
     let start = vocab.id(Symbol::Delimiter).unwrap_or(TokenId(0));
-    let (mut token, mut half_token) = (start, start);
+    let (mut token, mut exact_token) = (start, start);
     let n = args.gen_symbols;
     let mut times: [Vec<f64>; 5] = Default::default();
     let mut sink = 0.0f32;
@@ -231,13 +233,13 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         }
         let ours_us = per_symbol_us(t);
 
-        half_state.reset();
+        exact_state.reset();
         let t = Instant::now();
         for _ in 0..n {
-            half.step(half_token, &mut half_state, &mut logits)?;
-            half_token = sampler.sample(&logits, &vocab, &settings);
+            exact.step(exact_token, &mut exact_state, &mut logits)?;
+            exact_token = sampler.sample(&logits, &vocab, &settings);
         }
-        let half_us = per_symbol_us(t);
+        let f32_us = per_symbol_us(t);
 
         let t = Instant::now();
         for _ in 0..n {
@@ -253,23 +255,24 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         let floor_us = per_symbol_us(t);
         let t = Instant::now();
         for i in 0..n {
-            sink += half.read_weights_once(TokenId((i % vocab.len()) as u16));
+            sink += exact.read_weights_once(TokenId((i % vocab.len()) as u16));
         }
-        let half_floor_us = per_symbol_us(t);
+        let f32_floor_us = per_symbol_us(t);
         if trial > 0 {
-            for (list, us) in times.iter_mut().zip([ours_us, half_us, stock_us, floor_us, half_floor_us]) {
+            for (list, us) in times.iter_mut().zip([ours_us, f32_us, stock_us, floor_us, f32_floor_us]) {
                 list.push(us);
             }
         }
     }
     std::hint::black_box(sink);
-    let [ours, half_t, stock_t, floor, half_floor] = &mut times;
+    let [ours, f32_t, stock_t, floor, f32_floor] = &mut times;
     Ok(GenFigures {
         ours_us: median(ours),
-        half_us: median(half_t),
+        format: fast.format(),
+        f32_us: median(f32_t),
         stock_us: median(stock_t),
         floor_us: median(floor),
-        half_floor_us: median(half_floor),
+        f32_floor_us: median(f32_floor),
         weight_kib: fast.weight_bytes_per_step() as f64 / 1024.0,
     })
 }
@@ -292,31 +295,40 @@ fn generation(args: &BenchArgs) -> Result<()> {
         "2×256 embedding".to_string(),
         seeded_model(recipe_vocab(), InputKind::Embedding { dim: 64 }, 256, 2, "bench")?,
     ));
-    models
-        .push(("recipe size".to_string(), seeded_model(recipe_vocab(), InputKind::OneHot, 256, 1, "bench")?));
+    let recipe = seeded_model(recipe_vocab(), InputKind::OneHot, 256, 1, "bench")?;
+    let (recipe_int8, _) = int8::quantize_model(&recipe.lstm, &recipe.config)?;
+    let recipe_int8 = LoadedModel::new(recipe.config.clone(), recipe_int8, "bench")?;
+    models.push(("recipe size".to_string(), recipe));
+    models.push(("recipe size int8".to_string(), recipe_int8));
     println!("\nGeneration, one sequence, one thread: µs per symbol (LSTM step + output layer + sampling)");
     println!(
-        "{:<16} {:<24} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>10}",
-        "model", "sizes", "ours", "floor", "weights", "stock", "stock/us", "ours f16", "f16 floor"
+        "{:<16} {:<24} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9}",
+        "model", "sizes", "packed", "ours", "floor", "weights", "as f32", "floor", "stock", "stock/us"
     );
     for (name, model) in models {
         let sizes = describe(&model.config);
         let g = time_generation(model, args)?;
+        let format = match g.format {
+            WeightFormat::F32 => "f32",
+            WeightFormat::F16 => "f16",
+            WeightFormat::I8 => "int8",
+        };
         println!(
-            "{:<16} {:<24} {:>8.2} {:>8.2} {:>4.0} KiB {:>9.1} {:>7.1}× {:>9.2} {:>10.2}",
+            "{:<16} {:<24} {:>6} {:>8.2} {:>8.2} {:>5.0} KiB {:>8.2} {:>8.2} {:>9.1} {:>8.1}×",
             name,
             sizes,
+            format,
             g.ours_us,
             g.floor_us,
             g.weight_kib,
+            g.f32_us,
+            g.f32_floor_us,
             g.stock_us,
             g.stock_us / g.ours_us,
-            g.half_us,
-            g.half_floor_us,
         );
     }
     println!(
-        "  ours: Generator::next_symbol on packed f32 weights ({}), within 1e-5 of candle; floor: one pass reading the weights a step reads;\n  stock: candle-nn LSTM::step per layer + Linear, same sampler; f16: the packed step with half-float layer weights (within 2e-3)",
+        "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) where the CPU has AVX-512 VNNI, else f32; either way within 1e-5 of candle on the same weights.\n  floor: one pass reading the packed weights a step reads. as f32: the same weights packed as f32, same step and sampler.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler.",
         antiphon::model::kernels::Isa::detect().name()
     );
     Ok(())
