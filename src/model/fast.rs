@@ -17,10 +17,8 @@
 //! Hidden sizes that are not a multiple of `BLOCK_UNITS` are padded with zero rows; the padded
 //! units are computed and thrown away.
 //!
-//! The layers' matrices can also be kept as IEEE half floats (`WeightFormat::F16`, on CPUs
-//! with F16C), halving the bytes a step streams; arithmetic stays in f32. That trades the 1e-5
-//! agreement with candle for about 1e-3 (see the tests), in exchange for fitting a model of
-//! twice the size into the same cache.
+//! A model whose LSTM rows lie on int8 grids (`int8`, `cargo xtask quantize`) is packed as
+//! those integers where the CPU has AVX-512 VNNI: a quarter of the bytes, the same function.
 
 use std::fmt;
 use std::ops::BitXor;
@@ -48,8 +46,6 @@ pub const MAX_FAST_HIDDEN: usize = 1024;
 pub enum WeightFormat {
     /// As trained: the step computes candle's function within 1e-5.
     F32,
-    /// IEEE half floats (rounded to nearest), converted back on the fly: half the bytes.
-    F16,
     /// The integers of weights that lie on their rows' int8 grids (`int8`; a model saved by
     /// `cargo xtask quantize`): a quarter of the bytes, and still candle's function within 1e-5.
     /// Needs AVX-512 VNNI; `for_model` picks it by itself where both hold.
@@ -59,8 +55,6 @@ pub enum WeightFormat {
 /// A layer's matrix in one of the `WeightFormat`s.
 enum LayerWeights {
     F32(Vec<f32>),
-    /// IEEE half-float bit patterns.
-    F16(Vec<u16>),
     /// Per block, the input part then the hidden part.
     I8(Vec<Int8Part>),
 }
@@ -69,7 +63,6 @@ impl LayerWeights {
     fn num_bytes(&self) -> usize {
         match self {
             LayerWeights::F32(w) => 4 * w.len(),
-            LayerWeights::F16(w) => 2 * w.len(),
             LayerWeights::I8(parts) => parts.iter().map(|p| p.weights.len() + 8 * BLOCK_ROWS).sum(),
         }
     }
@@ -143,17 +136,13 @@ impl FastLstm {
         Self::pack_as(lstm, isa, WeightFormat::F32)
     }
 
-    /// Packs `lstm`'s current weights in `format` for kernels of `isa`. Half floats need an
-    /// x86-64 `isa` (whose detection includes F16C); anywhere else they fall back to f32.
-    /// `WeightFormat::I8` errors unless `isa` is AVX-512, the CPU has VNNI and every row of the
+    /// Packs `lstm`'s current weights in `format` for kernels of `isa`. `WeightFormat::I8` errors unless `isa` is AVX-512, the CPU has VNNI and every row of the
     /// layers' matrices (but layer 0's input matrix, which becomes the token table) lies on its
     /// int8 grid.
     pub fn pack_as(lstm: &MelodyLstm, isa: Isa, format: WeightFormat) -> Result<Self> {
         if format == WeightFormat::I8 && !(isa == Isa::Avx512 && int8::cpu_has_vnni()) {
             return Err(Error::Msg("fast step: int8 weights need AVX-512 VNNI".into()));
         }
-        let format =
-            if isa == Isa::Portable && format == WeightFormat::F16 { WeightFormat::F32 } else { format };
         let hidden = lstm.hidden_size();
         let vocab_len = lstm.vocab_len();
         if hidden == 0 || hidden > MAX_FAST_HIDDEN {
@@ -257,7 +246,6 @@ impl FastLstm {
                     LayerWeights::I8(parts)
                 }
                 WeightFormat::F32 => LayerWeights::F32(weights),
-                WeightFormat::F16 => LayerWeights::F16(weights.iter().map(|&w| f16_bits(w)).collect()),
             };
             layers.push(PackedLayer { input_width, weights, bias: packed_bias });
         }
@@ -321,7 +309,6 @@ impl FastLstm {
             parts.push(&layer.bias);
             match &layer.weights {
                 LayerWeights::F32(w) => parts.push(w),
-                LayerWeights::F16(w) => total += xor_fold(self.isa, w) as f32,
                 LayerWeights::I8(parts) => {
                     for part in parts {
                         total +=
@@ -363,8 +350,8 @@ impl FastLstm {
         }
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2, FMA and
-            // F16C.
+            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA;
+            // int8 weights are only packed where it also reports AVX-512BW and VNNI.
             Isa::Avx512 => unsafe {
                 if self.format == WeightFormat::I8 {
                     self.step_avx512_vnni(token, state, logits)
@@ -373,7 +360,7 @@ impl FastLstm {
                 }
             },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2, FMA and F16C.
+            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
             Isa::Avx2Fma => unsafe { self.step_avx2(token, state, logits) },
             _ => self.step_body::<false, false>(token, state, logits),
         }
@@ -381,20 +368,20 @@ impl FastLstm {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn step_avx512(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
         self.step_body::<true, false>(token, state, logits)
     }
 
     /// The AVX-512 step for int8 weights, which are only packed where VNNI runs.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
     unsafe fn step_avx512_vnni(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
         self.step_body::<true, true>(token, state, logits)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn step_avx2(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
         self.step_body::<true, false>(token, state, logits)
     }
@@ -445,11 +432,6 @@ impl FastLstm {
                         accumulate::<FMA>(&mut acc, w_input, input);
                         accumulate::<FMA>(&mut acc, w_hidden, h_prev);
                     }
-                    LayerWeights::F16(w) => {
-                        let (w_input, w_hidden) = w[block_range].split_at(split);
-                        accumulate_f16::<FMA>(&mut acc, w_input, input);
-                        accumulate_f16::<FMA>(&mut acc, w_hidden, h_prev);
-                    }
                     LayerWeights::I8(parts) => {
                         #[cfg(target_arch = "x86_64")]
                         if VNNI {
@@ -489,73 +471,6 @@ fn accumulate<const FMA: bool>(acc: &mut [f32; BLOCK_ROWS], w: &[f32], x: &[f32]
     }
 }
 
-/// `acc += W x` for one packed block of half floats: `w` is `[x.len()][BLOCK_ROWS]`. Only
-/// packed on x86-64 with F16C, and only reached from the `FMA` (F16C-enabled) instances.
-#[inline(always)]
-fn accumulate_f16<const FMA: bool>(acc: &mut [f32; BLOCK_ROWS], w: &[u16], x: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if FMA {
-        use std::arch::x86_64::*;
-        assert!(w.len() >= x.len() * BLOCK_ROWS);
-        // SAFETY: the instances with `FMA` are compiled for F16C and FMA (`step_avx512`,
-        // `step_avx2`); every load stays within `w` (asserted) and `acc`.
-        unsafe {
-            let mut sums = [_mm256_setzero_ps(); BLOCK_ROWS / 8];
-            for (i, sum) in sums.iter_mut().enumerate() {
-                *sum = _mm256_loadu_ps(acc.as_ptr().add(8 * i));
-            }
-            for (k, &xk) in x.iter().enumerate() {
-                let xs = _mm256_set1_ps(xk);
-                let column = w.as_ptr().add(k * BLOCK_ROWS);
-                for (i, sum) in sums.iter_mut().enumerate() {
-                    let halves = _mm_loadu_si128(column.add(8 * i) as *const __m128i);
-                    *sum = _mm256_fmadd_ps(_mm256_cvtph_ps(halves), xs, *sum);
-                }
-            }
-            for (i, sum) in sums.iter().enumerate() {
-                _mm256_storeu_ps(acc.as_mut_ptr().add(8 * i), *sum);
-            }
-        }
-        return;
-    }
-    // Half floats are never packed for the portable instance (`pack_as` falls back to f32).
-    let _ = (acc, w, x);
-    unreachable!("half-float weights without F16C");
-}
-
-/// The IEEE half float nearest to `x` (ties to even), as bits; beyond the half range it
-/// becomes infinite, as the hardware conversion does.
-pub(crate) fn f16_bits(x: f32) -> u16 {
-    let bits = x.to_bits();
-    let sign = ((bits >> 16) & 0x8000) as u16;
-    let exp = ((bits >> 23) & 0xff) as i32;
-    let mantissa = bits & 0x007f_ffff;
-    if exp == 0xff {
-        let quiet_nan = if mantissa != 0 { 0x0200 } else { 0 };
-        return sign | 0x7c00 | quiet_nan;
-    }
-    // Round `value >> shift` to nearest, ties to even.
-    let round_shift = |value: u32, shift: u32| -> u32 {
-        let kept = value >> shift;
-        let rest = value & ((1 << shift) - 1);
-        let half = 1 << (shift - 1);
-        kept + u32::from(rest > half || (rest == half && kept & 1 == 1))
-    };
-    let half_exp = exp - 127 + 15;
-    if half_exp >= 0x1f {
-        return sign | 0x7c00;
-    }
-    if half_exp <= 0 {
-        // A subnormal half (or zero): the implicit 1 joins the shifted mantissa.
-        if half_exp < -10 {
-            return sign;
-        }
-        return sign | round_shift(mantissa | 0x0080_0000, (14 - half_exp) as u32) as u16;
-    }
-    // A carry out of the mantissa moves into the exponent, which is the right result.
-    sign | round_shift(((half_exp as u32) << 23) | mantissa, 13) as u16
-}
-
 /// The LSTM cell of one block: `gates` holds the pre-activations `[i; f; g; o]` of
 /// `BLOCK_UNITS` units, `c` and `h` the block's real units (fewer in a padded last block).
 #[inline(always)]
@@ -578,7 +493,7 @@ fn cell_update(gates: &[f32; BLOCK_ROWS], c: &mut [f32], h: &mut [f32]) {
 }
 
 /// All of `xs` folded with exclusive-or, in the vector width of `isa`: reads the bytes a kernel
-/// over packed half-float or bf16 weights reads, at the speed memory delivers them.
+/// over packed integers reads, at the speed memory delivers them.
 fn xor_fold<T: Copy + Default + BitXor<Output = T>>(isa: Isa, xs: &[T]) -> T {
     #[inline(always)]
     fn body<T: Copy + Default + BitXor<Output = T>>(xs: &[T]) -> T {
@@ -783,93 +698,5 @@ mod tests {
             + fast.head_w.iter().sum::<f32>()
             + fast.head_b.iter().sum::<f32>();
         assert!((fast.read_weights_once(TokenId(0)) - direct).abs() < 1e-4);
-    }
-
-    #[test]
-    fn half_float_conversion_rounds_to_nearest_even() {
-        let decode = |h: u16| -> f64 {
-            let (sign, exp, man) = ((h >> 15) as i32, ((h >> 10) & 0x1f) as i32, (h & 0x3ff) as f64);
-            let magnitude = match exp {
-                0 => man * 2f64.powi(-24),
-                0x1f => f64::INFINITY,
-                _ => (1.0 + man / 1024.0) * 2f64.powi(exp - 15),
-            };
-            if sign == 1 {
-                -magnitude
-            } else {
-                magnitude
-            }
-        };
-        for (x, want) in [(1.0f32, 0x3c00u16), (-2.0, 0xc000), (65504.0, 0x7bff), (1e6, 0x7c00), (0.0, 0)] {
-            assert_eq!(f16_bits(x), want, "{x}");
-        }
-        // 1 + 2^-11 lies halfway between 1 and the next half: ties go to the even mantissa.
-        assert_eq!(f16_bits(1.0 + 2f32.powi(-11)), 0x3c00);
-        assert_eq!(f16_bits(1.0 + 3.0 * 2f32.powi(-11)), 0x3c02);
-        assert_eq!(f16_bits(2f32.powi(-24)), 1, "smallest subnormal");
-        assert_eq!(f16_bits(2f32.powi(-26)), 0);
-        assert!(f16_bits(f32::NAN) & 0x7c00 == 0x7c00 && f16_bits(f32::NAN) & 0x3ff != 0);
-        // Every result is the nearest half float: within half a step of the input.
-        let mut rng = ChaCha8Rng::seed_from_u64(5);
-        for _ in 0..100_000 {
-            let x = rng.random_range(-8.0f32..8.0) * 10f32.powi(rng.random_range(-6..4));
-            let got = decode(f16_bits(x));
-            let step = if x.abs() < 2f32.powi(-14) {
-                2f64.powi(-24)
-            } else {
-                2f64.powi((x.abs() as f64).log2().floor() as i32 - 10)
-            };
-            assert!((got - x as f64).abs() <= step / 2.0 + 1e-12, "{x} → {got}");
-        }
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("f16c") {
-            for _ in 0..10_000 {
-                let x = f32::from_bits(rng.random::<u32>());
-                // SAFETY: F16C was detected just above.
-                let hw = unsafe { hardware_f16(x) };
-                assert!(hw == f16_bits(x) || x.is_nan(), "{x}: {hw:#x} vs {:#x}", f16_bits(x));
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "f16c")]
-    unsafe fn hardware_f16(x: f32) -> u16 {
-        use std::arch::x86_64::*;
-        _mm_extract_epi16::<0>(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set1_ps(x))) as u16
-    }
-
-    /// Half-float weights against candle: the stated tolerance is 2e-3 on the logits of
-    /// models of the plugin's sizes, over a sequence long enough for errors to build up.
-    #[test]
-    fn half_float_weights_stay_within_2e_3_of_candle() {
-        let Some(isa) = Some(Isa::detect()).filter(|&i| i != Isa::Portable) else { return };
-        let vocab = Vocab::for_pitch_range(48, 88);
-        for (seed, (input, hidden, layers)) in [
-            (InputKind::Embedding { dim: 64 }, 256, 2),
-            (InputKind::OneHot, 256, 1),
-            (InputKind::OneHot, 40, 2),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let cfg = ModelConfig::new(vocab.clone(), input, hidden, layers, 0.0);
-            // PyTorch's initialisation scale, as a trained model's weights roughly have.
-            let lstm = random_lstm(&cfg, seed as u64, 1.0 / (hidden as f32).sqrt());
-            let mut rng = ChaCha8Rng::seed_from_u64(7);
-            let tokens: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
-            let (want, _) = candle_steps(&lstm, &tokens);
-            let fast = FastLstm::pack_as(&lstm, isa, WeightFormat::F16).unwrap();
-            assert_eq!(fast.format(), WeightFormat::F16);
-            let mut state = fast.new_state();
-            let mut logits = vec![0.0; vocab.len()];
-            let mut worst = 0.0f32;
-            for (t, &token) in tokens.iter().enumerate() {
-                fast.step(TokenId(token as u16), &mut state, &mut logits).unwrap();
-                worst = worst.max(max_diff(&logits, &want[t]));
-            }
-            assert!(worst < 2e-3, "{input:?} {hidden}x{layers}: off by {worst}");
-            assert!(worst > 0.0, "the half floats did change something");
-        }
     }
 }

@@ -310,7 +310,6 @@ fn generation(args: &BenchArgs) -> Result<()> {
         let g = time_generation(model, args)?;
         let format = match g.format {
             WeightFormat::F32 => "f32",
-            WeightFormat::F16 => "f16",
             WeightFormat::I8 => "int8",
         };
         println!(
