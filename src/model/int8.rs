@@ -267,6 +267,14 @@ mod tests {
         assert_eq!(row_exponent(&[0.0; 4]), Some(0));
     }
 
+    /// The plugin's speed rests on the built-in model staying quantised when it is replaced.
+    #[test]
+    fn builtin_model_lies_on_int8_grids() {
+        let model = crate::model::io::LoadedModel::builtin().unwrap();
+        let (_, change) = quantize_model(&model.lstm, &model.config).unwrap();
+        assert_eq!(change, 0.0, "run cargo xtask quantize on a new built-in model");
+    }
+
     #[test]
     fn limbs_hold_each_input_to_24_bits() {
         let xs = [-1.0f32, -0.5, 0.0, 0.3, 0.999_999_9, 1.0, 2.0, f32::NAN];
