@@ -6,6 +6,7 @@
 //! Runs on: offline threads (xtask train, tests). Progress goes to a `TrainObserver`, so the
 //! terminal and plotting live in xtask.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -112,6 +113,10 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Gradients are scaled down to this global L2 norm when larger (0: no clipping).
     pub grad_clip_norm: f64,
+    /// Validate and keep an exponential moving average of the weights with this decay per step
+    /// (0: the weights themselves). Small batches make the last step's weights
+    /// noisy; their average generalises better. Resuming restarts the average from the weights.
+    pub weight_average: f64,
     /// Seeds the weights, window order and dropout.
     pub seed: u64,
     /// Cut each epoch to this many batches (for quick trials and tests).
@@ -136,6 +141,7 @@ impl Default for TrainConfig {
             warmup_steps: 200,
             weight_decay: 0.01,
             grad_clip_norm: 1.0,
+            weight_average: 0.0,
             seed: 1,
             max_batches_per_epoch: None,
             eval: EvalConfig::default(),
@@ -491,6 +497,7 @@ pub fn train(
         vars.clone(),
         ParamsAdamW { lr: cfg.learning_rate, weight_decay: cfg.weight_decay, ..ParamsAdamW::default() },
     )?;
+    let mut average = WeightAverage::new(cfg.weight_average, &vars)?;
     let batches_per_epoch = {
         let windows = (data.train_tokens.len() - cfg.window_len - 1) / cfg.window_stride + 1;
         let batches = windows.div_ceil(cfg.batch_size);
@@ -529,6 +536,9 @@ pub fn train(
             let mut grads = loss.backward()?;
             clip_gradients(&mut grads, &vars, cfg.grad_clip_norm)?;
             optimizer.step(&grads)?;
+            if let Some(average) = &mut average {
+                average.update(&vars)?;
+            }
             num_steps += 1;
             let n = targets.dim(0)?;
             nll_sum += loss_value * n as f64;
@@ -548,11 +558,17 @@ pub fn train(
         let train_wall_s = train_started.elapsed().as_secs_f64();
 
         let eval_started = Instant::now();
+        // The network validated and kept: the trained one, or its weights' average.
+        let averaged = match &average {
+            Some(average) => Some(average.network(&varmap, &vars, &model_cfg, device)?),
+            None => None,
+        };
+        let judged = averaged.as_ref().unwrap_or(&lstm);
         let mut validation = Vec::new();
         for stream in &data.validation {
             let num = eval_targets(stream.tokens.len(), &cfg.eval).len();
             observer.on_eval_start(epoch, num);
-            let metrics = evaluate(&lstm, &stream.tokens, &data.vocab, &cfg.eval, &mut |done| {
+            let metrics = evaluate(judged, &stream.tokens, &data.vocab, &cfg.eval, &mut |done| {
                 observer.on_eval_progress(done)
             })?;
             validation.push((stream.name.clone(), metrics));
@@ -569,7 +585,7 @@ pub fn train(
         if is_best {
             best_loss = selected_loss;
             epochs_since_best = 0;
-            save_model(out_dir, &model_cfg, &lstm)?;
+            save_model(out_dir, &model_cfg, judged)?;
             summary.best_epoch = Some(epoch);
             summary.best_validation = validation.clone();
         } else {
@@ -646,6 +662,63 @@ pub fn train(
     summary.wall_s = wall_before + started.elapsed().as_secs_f64();
     write_json(&out_dir.join(TRAIN_FILE), &summary)?;
     Ok(summary)
+}
+
+/// An exponential moving average of the trained weights (Polyak averaging), kept beside them.
+struct WeightAverage {
+    /// The decay per update, which comes every `AVERAGE_EVERY` steps.
+    decay: f64,
+    /// Steps since the last update.
+    steps: usize,
+    /// One average per variable, in the order of the run's variables.
+    averages: Vec<Tensor>,
+}
+
+/// Steps between two updates of the weight average: each update costs about a quarter of a
+/// small batch's step, and weights a few steps apart differ little.
+const AVERAGE_EVERY: usize = 8;
+
+impl WeightAverage {
+    /// Starts at the current weights; `None` when `decay` is 0 (no average).
+    fn new(decay: f64, vars: &[Var]) -> Result<Option<Self>, ModelError> {
+        if decay <= 0.0 {
+            return Ok(None);
+        }
+        let averages =
+            vars.iter().map(|v| Ok(v.as_tensor().copy()?.detach())).collect::<candle_core::Result<_>>()?;
+        Ok(Some(Self { decay: decay.powi(AVERAGE_EVERY as i32), steps: 0, averages }))
+    }
+
+    /// Called after every optimiser step; every `AVERAGE_EVERY` steps,
+    /// `average ← decay · average + (1 - decay) · weights`.
+    fn update(&mut self, vars: &[Var]) -> Result<(), ModelError> {
+        self.steps += 1;
+        if self.steps < AVERAGE_EVERY {
+            return Ok(());
+        }
+        self.steps = 0;
+        for (average, var) in self.averages.iter_mut().zip(vars) {
+            // Detached, or each average would hold the whole chain of the ones before it.
+            *average = ((&*average * self.decay)? + (var.as_tensor() * (1.0 - self.decay))?)?.detach();
+        }
+        Ok(())
+    }
+
+    /// The network with the averaged weights.
+    fn network(
+        &self,
+        varmap: &VarMap,
+        vars: &[Var],
+        model_cfg: &ModelConfig,
+        device: &Device,
+    ) -> Result<MelodyLstm, ModelError> {
+        let tensors: HashMap<String, Tensor> = vars
+            .iter()
+            .zip(&self.averages)
+            .map(|(var, average)| (var_name(varmap, var), average.clone()))
+            .collect();
+        Ok(MelodyLstm::new(model_cfg, VarBuilder::from_tensors(tensors, DType::F32, device))?)
+    }
 }
 
 /// The run's variables in name order, so every run visits them alike.
@@ -786,6 +859,25 @@ pub fn read_train_config(path: &PathBuf) -> Result<TrainConfig, ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The average moves toward the weights once every `AVERAGE_EVERY` steps, by the decay of
+    /// that many steps, and does not follow later changes to the weights it was built from.
+    #[test]
+    fn weight_average_decays_every_few_steps() {
+        let var = Var::from_vec(vec![0.0f32, 4.0], 2, &Device::Cpu).unwrap();
+        let mut average = WeightAverage::new(0.5, std::slice::from_ref(&var)).unwrap().unwrap();
+        var.set(&Tensor::new(&[8.0f32, 4.0], &Device::Cpu).unwrap()).unwrap();
+        let values = |a: &WeightAverage| a.averages[0].to_vec1::<f32>().unwrap();
+        for _ in 0..AVERAGE_EVERY - 1 {
+            average.update(std::slice::from_ref(&var)).unwrap();
+        }
+        assert_eq!(values(&average), [0.0, 4.0], "no update before the {AVERAGE_EVERY}th step");
+        average.update(std::slice::from_ref(&var)).unwrap();
+        let kept = 0.5f32.powi(AVERAGE_EVERY as i32);
+        let got = values(&average);
+        assert!((got[0] - 8.0 * (1.0 - kept)).abs() < 1e-6 && got[1] == 4.0, "{got:?}");
+        assert!(WeightAverage::new(0.0, &[var]).unwrap().is_none(), "0 means no average");
+    }
 
     #[test]
     fn warmup_then_cosine_then_floor() {

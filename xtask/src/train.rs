@@ -76,6 +76,10 @@ pub struct TrainArgs {
     /// Largest global gradient norm (0: no clipping).
     #[arg(long)]
     grad_clip: Option<f64>,
+    /// Validate and keep an exponential moving average of the weights with this decay per step
+    /// (e.g. 0.999; 0: off). Helps most with small batches.
+    #[arg(long)]
+    weight_average: Option<f64>,
     /// LSTM width.
     #[arg(long)]
     hidden: Option<usize>,
@@ -232,6 +236,7 @@ fn settings(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut cfg.warmup_steps, args.warmup_steps);
     set(&mut cfg.weight_decay, args.weight_decay);
     set(&mut cfg.grad_clip_norm, args.grad_clip);
+    set(&mut cfg.weight_average, args.weight_average);
     if let Some(text) = &args.schedule {
         cfg.schedule = parse_schedule(text, args.min_lr_ratio)?;
     } else if let (Some(ratio), LrSchedule::Cosine { min_ratio }) = (args.min_lr_ratio, &mut cfg.schedule) {
