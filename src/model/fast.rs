@@ -136,9 +136,9 @@ impl FastLstm {
         Self::pack_as(lstm, isa, WeightFormat::F32)
     }
 
-    /// Packs `lstm`'s current weights in `format` for kernels of `isa`. `WeightFormat::I8` errors unless `isa` is AVX-512, the CPU has VNNI and every row of the
-    /// layers' matrices (but layer 0's input matrix, which becomes the token table) lies on its
-    /// int8 grid.
+    /// Packs `lstm`'s current weights in `format` for kernels of `isa`. `WeightFormat::I8` errors
+    /// unless `isa` is AVX-512, the CPU has VNNI and every row of the layers' matrices (but layer
+    /// 0's input matrix, which becomes the token table) lies on its int8 grid.
     pub fn pack_as(lstm: &MelodyLstm, isa: Isa, format: WeightFormat) -> Result<Self> {
         if format == WeightFormat::I8 && !(isa == Isa::Avx512 && int8::cpu_has_vnni()) {
             return Err(Error::Msg("fast step: int8 weights need AVX-512 VNNI".into()));
@@ -219,24 +219,16 @@ impl FastLstm {
             }
             let weights = match format {
                 WeightFormat::I8 => {
-                    let rows_of = |matrix: &'_ [f32], width: usize, b: usize| -> Vec<Option<Vec<f32>>> {
-                        (0..BLOCK_ROWS)
-                            .map(|r| {
-                                source_row(b * BLOCK_ROWS + r)
-                                    .map(|row| matrix[row * width..][..width].to_vec())
-                            })
-                            .collect()
-                    };
                     let mut parts = Vec::with_capacity(2 * num_blocks);
                     for b in 0..num_blocks {
-                        let input_rows = if input_width > 0 {
-                            rows_of(&w_ih, in_width, b)
-                        } else {
-                            vec![None; BLOCK_ROWS]
-                        };
-                        for (rows, width) in [(input_rows, input_width), (rows_of(&w_hh, hidden, b), hidden)]
-                        {
-                            let rows: Vec<Option<&[f32]>> = rows.iter().map(|r| r.as_deref()).collect();
+                        for (matrix, width) in [(&w_ih, input_width), (&w_hh, hidden)] {
+                            // The block's rows of the matrix (`None` for padding rows).
+                            let rows: Vec<Option<&[f32]>> = (0..BLOCK_ROWS)
+                                .map(|r| {
+                                    let row = (width > 0).then(|| source_row(b * BLOCK_ROWS + r)).flatten();
+                                    row.map(|row| &matrix[row * width..][..width])
+                                })
+                                .collect();
                             let part = Int8Part::pack(&rows, width).ok_or_else(|| {
                                 Error::Msg(format!("fast step: layer {k} has weights off their int8 grid"))
                             })?;
@@ -311,8 +303,9 @@ impl FastLstm {
                 LayerWeights::F32(w) => parts.push(w),
                 LayerWeights::I8(parts) => {
                     for part in parts {
-                        total +=
-                            xor_fold(self.isa, &part.weights) as f32 + part.scales[0] + part.sums[0] as f32;
+                        total += xor_fold(self.isa, &part.weights) as f32
+                            + xor_fold(self.isa, &part.sums) as f32
+                            + part.scales.iter().sum::<f32>();
                     }
                 }
             }
@@ -590,6 +583,25 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
     }
 
+    /// Steps `fast` through `tokens` from a zero state: every step's logits, and the final top
+    /// cell state, within 1e-5 of candle's (`candle_steps`).
+    fn assert_steps_match(
+        fast: &FastLstm,
+        tokens: &[u32],
+        (want, want_c): (&[Vec<f32>], &[Vec<f32>]),
+        what: &str,
+    ) {
+        let mut state = fast.new_state();
+        let mut logits = vec![0.0; fast.vocab_len];
+        for (t, &token) in tokens.iter().enumerate() {
+            fast.step(TokenId(token as u16), &mut state, &mut logits).unwrap();
+            let d = max_diff(&logits, &want[t]);
+            assert!(d < 1e-5, "{what} step {t}: off by {d}");
+        }
+        let d = max_diff(state.c.last().unwrap(), &want_c[0]);
+        assert!(d < 1e-5, "{what} final cell state off by {d}");
+    }
+
     /// Every instruction set this CPU runs, each packing of every size class, against candle.
     #[test]
     fn matches_candle_within_1e_5() {
@@ -616,15 +628,12 @@ mod tests {
             let (want, want_c) = candle_steps(&lstm, &tokens);
             for &isa in &isas {
                 let fast = FastLstm::pack(&lstm, isa).unwrap();
-                let mut state = fast.new_state();
-                let mut logits = vec![0.0; vocab.len()];
-                for (t, &token) in tokens.iter().enumerate() {
-                    fast.step(TokenId(token as u16), &mut state, &mut logits).unwrap();
-                    let d = max_diff(&logits, &want[t]);
-                    assert!(d < 1e-5, "{isa:?} {input:?} {hidden}x{layers} step {t}: off by {d}");
-                }
-                let d = max_diff(state.c.last().unwrap(), &want_c[0]);
-                assert!(d < 1e-5, "{isa:?} final cell state off by {d}");
+                assert_steps_match(
+                    &fast,
+                    &tokens,
+                    (&want, &want_c),
+                    &format!("{isa:?} {input:?} {hidden}x{layers}"),
+                );
             }
         }
     }
@@ -656,15 +665,12 @@ mod tests {
             let mut rng = ChaCha8Rng::seed_from_u64(9);
             let tokens: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
             let (want, want_c) = candle_steps(&lstm, &tokens);
-            let mut state = fast.new_state();
-            let mut logits = vec![0.0; vocab.len()];
-            for (t, &token) in tokens.iter().enumerate() {
-                fast.step(TokenId(token as u16), &mut state, &mut logits).unwrap();
-                let d = max_diff(&logits, &want[t]);
-                assert!(d < 1e-5, "{input:?} {hidden}x{layers} step {t}: off by {d}");
-            }
-            let d = max_diff(state.c.last().unwrap(), &want_c[0]);
-            assert!(d < 1e-5, "final cell state off by {d}");
+            assert_steps_match(
+                &fast,
+                &tokens,
+                (&want, &want_c),
+                &format!("int8 {input:?} {hidden}x{layers}"),
+            );
         }
     }
 

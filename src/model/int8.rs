@@ -124,7 +124,7 @@ pub fn cpu_has_vnni() -> bool {
     }
 }
 
-/// Rows per packed block: one 512-bit register of 32-bit sums holds 16 of them.
+/// Rows per packed block: four 512-bit registers of 32-bit sums, 16 rows each.
 pub const BLOCK_ROWS: usize = 64;
 /// Bytes per quad of columns in a block: `BLOCK_ROWS` rows of four weights.
 const QUAD_BYTES: usize = 4 * BLOCK_ROWS;

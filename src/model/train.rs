@@ -114,8 +114,8 @@ pub struct TrainConfig {
     /// Gradients are scaled down to this global L2 norm when larger (0: no clipping).
     pub grad_clip_norm: f64,
     /// Validate and keep an exponential moving average of the weights with this decay per step
-    /// (0: the weights themselves). Small batches make the last step's weights
-    /// noisy; their average generalises better. Resuming restarts the average from the weights.
+    /// (0: the weights themselves). Small batches make the last step's weights noisy; their
+    /// average generalises better. Resuming restarts the average from the weights.
     pub weight_average: f64,
     /// Seeds the weights, window order and dropout.
     pub seed: u64,
