@@ -57,7 +57,7 @@ fn nll_after(model: &LoadedModel, context: &[Symbol], target: Symbol) -> (f64, b
 fn streaming_likelihood_matches_stepping_by_hand() {
     let model = random_model(3);
     let song = parse_symbols("60 _ 62 r 64 _ _ 72").unwrap();
-    let sums = streaming_likelihood(&model, &song).unwrap();
+    let sums = streaming_likelihood(&model, &song, &[]).unwrap();
     // Targets: the 8 song symbols and the closing delimiter, after three delimiters.
     let mut context = parse_symbols("/ / /").unwrap();
     let (mut all, mut song_only, mut onsets) = (0.0, 0.0, 0.0);
@@ -88,7 +88,7 @@ fn windowed_likelihood_matches_fresh_windows_by_hand() {
     let a = parse_symbols("60 _ 62").unwrap();
     let b = parse_symbols("r 64").unwrap();
     let eval = EvalConfig { context_len: 4, batch_size: 3, ..Default::default() };
-    let m = windowed_likelihood(&model, &[&a, &b], &eval, &mut |_| {}).unwrap();
+    let m = windowed_likelihood(&model, &[&a, &b], &[], &eval, &mut |_| {}).unwrap();
     // The stream: four delimiters of padding, then each song and two delimiters.
     let stream = parse_symbols("/ / / / 60 _ 62 / / r 64 / /").unwrap();
     let (mut all, mut song_only) = (0.0, 0.0);

@@ -12,9 +12,10 @@ use antiphon::model::{
     continue_melody, Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, ModelError,
     PhraseContinuation, PitchClassSet, SamplingSettings,
 };
+use antiphon::music::bar::{self, BarClock};
 use antiphon::music::corpus::Collection;
 use antiphon::music::encode::parse_symbols;
-use antiphon::music::{Key, Melody, Mode, Note, Symbol, TokenId, Vocab};
+use antiphon::music::{Key, Melody, Meter, Mode, Note, StepGrid, Symbol, TokenId, Vocab};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
@@ -313,6 +314,43 @@ fn a_tiny_model_learns_and_resumes() {
         assert!((a.train_loss - b.train_loss).abs() < 1e-12);
     }
     assert!(resumed.epochs[5].train_loss < summary.epochs[0].train_loss);
+}
+
+/// Songs in 4/4 whose every figure starts on a downbeat: a model trained with bar positions keeps
+/// its meters, learns a table for them, and reads them when stepping.
+#[test]
+fn a_model_trained_with_bar_positions_keeps_and_reads_them() {
+    let mut corpus = tiny_corpus();
+    for m in &mut corpus.melodies {
+        m.meter = Some(Meter::COMMON);
+    }
+    let mut cfg = tiny_train_config(3);
+    cfg.data.bar_meters = bar::COMMON_METERS.to_vec();
+    let data = build_dataset(vec![("tiny".into(), corpus)], &cfg.data).unwrap();
+    let downbeat = BarClock::new(&bar::COMMON_METERS, Meter::COMMON, StepGrid::SIXTEENTHS, 0).unwrap().id();
+    assert_eq!(data.train_bars.len(), data.train_tokens.len());
+    assert_eq!(data.train_bars[0], downbeat as u32);
+    // Each song is three bars (three figures of four beats).
+    let num_downbeats = data.train_bars.iter().filter(|&&b| b == downbeat as u32).count();
+    assert_eq!(num_downbeats, data.counts[0].num_train_songs * 3);
+    let scratch = scratch_dir("bars");
+    let dir = scratch.path().to_path_buf();
+    let summary = train(&cfg, &data, &dir, &Device::Cpu, false, &mut Quiet).unwrap();
+    assert!(summary.epochs[2].train_loss < summary.epochs[0].train_loss);
+
+    let loaded = LoadedModel::load_dir(&dir).unwrap();
+    assert_eq!(loaded.config.bar_meters, bar::COMMON_METERS.to_vec());
+    let table = loaded.lstm.bar_table().unwrap().abs().unwrap().max_all().unwrap();
+    assert!(table.to_scalar::<f32>().unwrap() > 0.0, "the bar table learned nothing");
+    // The same token at the downbeat and at no known position gives other logits.
+    let token = loaded.config.vocab.id(Symbol::Pitch(60)).unwrap();
+    let mut logits = |bar| {
+        let mut state = loaded.new_state();
+        let mut logits = vec![0.0; loaded.config.vocab_len()];
+        loaded.step_at(token, bar, &mut state, &mut logits).unwrap();
+        logits
+    };
+    assert_ne!(logits(downbeat), logits(bar::NO_BAR_POSITION));
 }
 
 #[test]

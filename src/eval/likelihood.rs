@@ -9,6 +9,7 @@ pub use crate::model::train::{MetricSums, ScoreSum};
 
 use crate::model::train::{evaluate, EvalConfig, EvalMetrics};
 use crate::model::{LoadedModel, ModelError};
+use crate::music::bar::NO_BAR_POSITION;
 use crate::music::encode::join_songs;
 use crate::music::Symbol;
 
@@ -21,18 +22,30 @@ pub fn windowed_stream(model: &LoadedModel, songs: &[&[Symbol]], context_len: us
 }
 
 /// The recipe's metric over `songs` (each in the model's key and vocabulary): every symbol
-/// after the padding predicted from exactly the `eval.context_len` symbols before it, each
-/// window from the zero state. The same computation as training's validation, on a stream that
-/// also pads the first song. `progress` hears the targets done after each batch.
+/// after the padding predicted from exactly the `eval.context_len` symbols before it (and
+/// their bar positions: `bars` holds each song's, or nothing when none are known), each window
+/// from the zero state. The same computation as training's validation, on a stream that also
+/// pads the first song. `progress` hears the targets done after each batch.
 pub fn windowed_likelihood(
     model: &LoadedModel,
     songs: &[&[Symbol]],
+    bars: &[&[u16]],
     eval: &EvalConfig,
     progress: &mut dyn FnMut(usize),
 ) -> Result<EvalMetrics, ModelError> {
     let stream = windowed_stream(model, songs, eval.context_len);
     let tokens: Vec<u32> = model.config.vocab.encode(&stream)?.into_iter().map(|t| t.0 as u32).collect();
-    evaluate(&model.lstm, &tokens, &model.config.vocab, eval, progress)
+    let mut bar_stream = vec![NO_BAR_POSITION as u32; eval.context_len];
+    for (idx, song) in songs.iter().enumerate() {
+        match bars.get(idx) {
+            Some(song_bars) if song_bars.len() == song.len() => {
+                bar_stream.extend(song_bars.iter().map(|&b| b as u32))
+            }
+            _ => bar_stream.extend(std::iter::repeat_n(NO_BAR_POSITION as u32, song.len())),
+        }
+        bar_stream.extend(std::iter::repeat_n(NO_BAR_POSITION as u32, model.config.delimiter_len));
+    }
+    evaluate(&model.lstm, &tokens, &bar_stream, &model.config.vocab, eval, progress)
 }
 
 /// Targets of `windowed_likelihood` for `songs`, for a progress bar.
@@ -42,9 +55,14 @@ pub fn num_windowed_targets(model: &LoadedModel, songs: &[&[Symbol]], eval: &Eva
 }
 
 /// One song streamed as the plugin runs it: from the zero state, the model's run of delimiters,
-/// then every symbol of `song` and one closing delimiter predicted from everything before it,
-/// one `LoadedModel::step` at a time (the generator's own path).
-pub fn streaming_likelihood(model: &LoadedModel, song: &[Symbol]) -> Result<MetricSums, ModelError> {
+/// then every symbol of `song` (at its bar position in `bars`, when they are known) and one
+/// closing delimiter predicted from everything before it, one `LoadedModel::step_at` at a time
+/// (the generator's own path).
+pub fn streaming_likelihood(
+    model: &LoadedModel,
+    song: &[Symbol],
+    bars: &[u16],
+) -> Result<MetricSums, ModelError> {
     let vocab = &model.config.vocab;
     let lead = vec![Symbol::Delimiter; model.config.delimiter_len.max(1)];
     let lead_tokens = vocab.encode(&lead)?;
@@ -57,10 +75,14 @@ pub fn streaming_likelihood(model: &LoadedModel, song: &[Symbol]) -> Result<Metr
         model.step(token, &mut state, &mut logits)?;
     }
     let mut sums = MetricSums::default();
-    for (&symbol, &token) in targets.iter().zip(&target_tokens) {
+    for (idx, (&symbol, &token)) in targets.iter().zip(&target_tokens).enumerate() {
         let (nll, is_best) = nll_of(&logits, token.0 as usize);
         sums.add(symbol, nll, is_best);
-        model.step(token, &mut state, &mut logits)?;
+        let bar = match bars.get(idx) {
+            Some(&bar) if idx < song.len() => bar,
+            _ => NO_BAR_POSITION,
+        };
+        model.step_at(token, bar, &mut state, &mut logits)?;
     }
     Ok(sums)
 }

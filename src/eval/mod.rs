@@ -226,6 +226,8 @@ pub fn run_eval(
 ) -> Result<EvalOutput, ModelError> {
     let songs = selection.songs.as_slice();
     let symbols: Vec<&[Symbol]> = songs.iter().map(|s| s.symbols.as_slice()).collect();
+    let bars: Vec<Vec<u16>> = songs.iter().map(|s| s.bars(&model.config)).collect();
+    let bar_slices: Vec<&[u16]> = bars.iter().map(Vec::as_slice).collect();
     let eval_cfg = EvalConfig {
         context_len: settings.context_len,
         batch_size: settings.batch_size,
@@ -236,14 +238,14 @@ pub fn run_eval(
         MetricSums::default().metrics()
     } else {
         observer.on_stage(Stage::WindowedLikelihood, num_windowed_targets(model, &symbols, &eval_cfg));
-        windowed_likelihood(model, &symbols, &eval_cfg, &mut |done| observer.on_progress(done))?
+        windowed_likelihood(model, &symbols, &bar_slices, &eval_cfg, &mut |done| observer.on_progress(done))?
     };
 
     observer.on_stage(Stage::StreamingLikelihood, songs.len());
     let mut streaming = MetricSums::default();
     let mut records = Vec::with_capacity(songs.len());
     for (idx, song) in songs.iter().enumerate() {
-        let sums = streaming_likelihood(model, &song.symbols)?;
+        let sums = streaming_likelihood(model, &song.symbols, &bars[idx])?;
         streaming.merge(&sums);
         records.push(SongRecord {
             source: song.melody.source.to_string(),

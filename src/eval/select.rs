@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::data::{keep_song, DataConfig, DataSet, Split};
 use crate::model::generate::model_shift;
 use crate::model::{ModelConfig, ModelError};
+use crate::music::bar;
 use crate::music::corpus::Collection;
 use crate::music::encode::{encode, EncodeConfig};
 use crate::music::{Melody, Symbol};
@@ -63,6 +64,13 @@ pub struct EvalSong {
     pub shift_semitones: i32,
     /// Its encoding after that move, every symbol in the model's vocabulary.
     pub symbols: Vec<Symbol>,
+}
+
+impl EvalSong {
+    /// The bar position of each of its symbols for `model` (`music::bar`).
+    pub fn bars(&self, model: &ModelConfig) -> Vec<u16> {
+        bar::melody_bar_positions(&self.melody, self.symbols.len(), &model.bar_meters, model.grid)
+    }
 }
 
 /// A data config matching a model that has no training summary: its grid, key convention and

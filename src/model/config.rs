@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::music::bar;
 use crate::music::key::KeySource;
-use crate::music::{StepGrid, Symbol, Vocab};
+use crate::music::{Meter, StepGrid, Symbol, Vocab};
 
 /// The newest `config.json` format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -85,6 +86,10 @@ pub struct ModelConfig {
     /// fresh song with a run of this many.
     #[serde(default = "default_delimiter_len")]
     pub delimiter_len: usize,
+    /// The meters whose bar positions the model reads beside each symbol (`music::bar`), in
+    /// the order of their ids; empty for a model that reads symbols alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bar_meters: Vec<Meter>,
 }
 
 fn default_delimiter_len() -> usize {
@@ -127,6 +132,9 @@ pub enum ConfigError {
     /// A grid of 0 steps per quarter.
     #[error("a step grid of {steps_per_quarter} steps per quarter note")]
     BadGrid { steps_per_quarter: u32 },
+    /// A bar meter listed twice, or one whose bar is not a whole number of steps.
+    #[error("bar meter {numerator}/{denominator} is listed twice or is not whole steps of the grid")]
+    BadBarMeter { numerator: u8, denominator: u8 },
 }
 
 impl ModelConfig {
@@ -146,6 +154,7 @@ impl ModelConfig {
             highest_pitch,
             transposition: Transposition::default(),
             delimiter_len: default_delimiter_len(),
+            bar_meters: Vec::new(),
         }
     }
 
@@ -197,7 +206,24 @@ impl ModelConfig {
         if self.grid.steps_per_quarter == 0 {
             return Err(ConfigError::BadGrid { steps_per_quarter: self.grid.steps_per_quarter });
         }
+        for (idx, meter) in self.bar_meters.iter().enumerate() {
+            if bar::bar_steps(*meter, self.grid).is_none() || self.bar_meters[..idx].contains(meter) {
+                return Err(ConfigError::BadBarMeter {
+                    numerator: meter.numerator,
+                    denominator: meter.denominator,
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// Rows of the bar-position table (`bar_position.weight`): 0 for a model without one.
+    pub fn num_bar_positions(&self) -> usize {
+        if self.bar_meters.is_empty() {
+            0
+        } else {
+            bar::num_bar_positions(&self.bar_meters, self.grid)
+        }
     }
 
     /// Number of symbols, the width of the output layer.
@@ -258,6 +284,14 @@ pub(crate) mod tests {
         );
         check(&|c| c.lowest_pitch = 80, ConfigError::BadPitchRange { lowest: 80, highest: 72 });
         check(&|c| c.grid = StepGrid { steps_per_quarter: 0 }, ConfigError::BadGrid { steps_per_quarter: 0 });
+        check(
+            &|c| c.bar_meters = vec![Meter::COMMON, Meter { numerator: 3, denominator: 4 }, Meter::COMMON],
+            ConfigError::BadBarMeter { numerator: 4, denominator: 4 },
+        );
+        check(
+            &|c| c.bar_meters = vec![Meter { numerator: 1, denominator: 64 }],
+            ConfigError::BadBarMeter { numerator: 1, denominator: 64 },
+        );
         check(
             &|c| c.vocab = Vocab::from_symbols([Symbol::Pitch(60), Symbol::Hold, Symbol::Rest]),
             ConfigError::MissingSpecialSymbol { symbol: Symbol::Delimiter },

@@ -12,11 +12,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{ModelError, Transposition};
+use crate::music::bar;
 use crate::music::corpus::Collection;
 use crate::music::encode::{encode, join_songs, DurationFilter, EncodeConfig};
 use crate::music::key::{shift_to_convention, shifts_within};
 use crate::music::midi::MelodyChoice;
-use crate::music::{Melody, StepGrid, Symbol, Vocab};
+use crate::music::{Melody, Meter, StepGrid, Symbol, Vocab};
 
 /// A named group of files or folders read in the order given. The split counts songs within
 /// each set, so adding a set never moves another set's songs between train and validation.
@@ -73,6 +74,9 @@ pub struct DataConfig {
     /// Snap MIDI melodies to the grid before filtering (performed or converted MIDI is rarely
     /// exactly on it); ABC times are exact and left alone.
     pub quantize_midi: bool,
+    /// The meters whose bar positions the streams carry beside the tokens (`music::bar`);
+    /// empty: every position is `NO_BAR_POSITION`.
+    pub bar_meters: Vec<Meter>,
 }
 
 impl Default for DataConfig {
@@ -88,6 +92,7 @@ impl Default for DataConfig {
             delimiter_len: 64,
             drop_validation_duplicates: true,
             quantize_midi: true,
+            bar_meters: Vec::new(),
         }
     }
 }
@@ -137,6 +142,8 @@ pub struct ValidationStream {
     pub name: String,
     /// Token ids of the set's validation songs joined with delimiters.
     pub tokens: Vec<u32>,
+    /// The bar position of each token (`music::bar`).
+    pub bars: Vec<u32>,
 }
 
 /// Everything training needs: the vocabulary, the training stream and a validation stream per
@@ -151,6 +158,8 @@ pub struct Dataset {
     pub highest_pitch: u8,
     /// Token ids of all training songs (all sets, augmented) joined with delimiters.
     pub train_tokens: Vec<u32>,
+    /// The bar position of each training token (`music::bar`).
+    pub train_bars: Vec<u32>,
     /// Per set with validation songs, its stream.
     pub validation: Vec<ValidationStream>,
     /// Counts per set.
@@ -163,6 +172,24 @@ pub struct Kept {
     pub melody: Melody,
     /// Its encoding.
     pub symbols: Vec<Symbol>,
+}
+
+impl Kept {
+    /// The bar position of each of its symbols among `meters`.
+    fn bars(&self, meters: &[Meter], grid: StepGrid) -> Vec<u32> {
+        let ids = bar::melody_bar_positions(&self.melody, self.symbols.len(), meters, grid);
+        ids.into_iter().map(u32::from).collect()
+    }
+}
+
+/// Joins per-song bar positions as `join_songs` joins their symbols.
+fn join_bars<'a>(songs: impl IntoIterator<Item = &'a [u32]>, delimiter_len: usize) -> Vec<u32> {
+    let mut stream = Vec::new();
+    for song in songs {
+        stream.extend_from_slice(song);
+        stream.extend(std::iter::repeat_n(bar::NO_BAR_POSITION as u32, delimiter_len));
+    }
+    stream
 }
 
 /// Builds the streams from named sets of melodies (in their order) under `cfg`.
@@ -233,6 +260,7 @@ pub fn build_dataset(sets: Vec<(String, Collection)>, cfg: &DataConfig) -> Resul
         split_sets.iter().flat_map(|(_, v)| v.iter().map(|s| s.symbols.as_slice())).collect();
 
     let mut train_songs: Vec<Vec<Symbol>> = Vec::new();
+    let mut train_song_bars: Vec<Vec<u32>> = Vec::new();
     let mut validation = Vec::new();
     for ((train, val), c) in split_sets.iter().zip(&mut counts) {
         c.num_validation_songs = val.len();
@@ -257,11 +285,17 @@ pub fn build_dataset(sets: Vec<(String, Collection)>, cfg: &DataConfig) -> Resul
                 };
                 c.num_train_song_symbols += symbols.len();
                 train_songs.push(symbols);
+                train_song_bars.push(song.bars(&cfg.bar_meters, cfg.grid));
             }
         }
         if !val.is_empty() {
             let stream = join_songs(val.iter().map(|s| s.symbols.as_slice()), cfg.delimiter_len);
-            validation.push(ValidationStream { name: c.name.clone(), tokens: to_tokens(&vocab, &stream)? });
+            let bars: Vec<Vec<u32>> = val.iter().map(|s| s.bars(&cfg.bar_meters, cfg.grid)).collect();
+            validation.push(ValidationStream {
+                name: c.name.clone(),
+                tokens: to_tokens(&vocab, &stream)?,
+                bars: join_bars(bars.iter().map(Vec::as_slice), cfg.delimiter_len),
+            });
         }
     }
     if train_songs.is_empty() {
@@ -270,6 +304,7 @@ pub fn build_dataset(sets: Vec<(String, Collection)>, cfg: &DataConfig) -> Resul
     let train_stream = join_songs(train_songs.iter().map(Vec::as_slice), cfg.delimiter_len);
     Ok(Dataset {
         train_tokens: to_tokens(&vocab, &train_stream)?,
+        train_bars: join_bars(train_song_bars.iter().map(Vec::as_slice), cfg.delimiter_len),
         vocab,
         lowest_pitch,
         highest_pitch,

@@ -29,6 +29,7 @@ use super::config::InputKind;
 use super::int8::{self, Int8Part, Limbs};
 use super::kernels::{madd, sigmoid, tanh_approx, Isa};
 use super::lstm::{GenState, MelodyLstm};
+use crate::music::bar::NO_BAR_POSITION;
 use crate::music::TokenId;
 
 /// Hidden units per packed block.
@@ -89,6 +90,9 @@ pub struct FastLstm {
     num_blocks: usize,
     /// `[vocab][num_blocks · BLOCK_ROWS]`: layer 0's `W_ih x + b_ih + b_hh` per token, packed.
     token_gates: Vec<f32>,
+    /// `[positions][num_blocks · BLOCK_ROWS]`: layer 0's input per bar position, packed; empty
+    /// for a model without bar positions.
+    bar_gates: Vec<f32>,
     layers: Vec<PackedLayer>,
     /// `[vocab blocks][hidden][BLOCK_ROWS]`: the output layer, symbol `v` in block `v / 64`.
     head_w: Vec<f32>,
@@ -242,6 +246,20 @@ impl FastLstm {
             layers.push(PackedLayer { input_width, weights, bias: packed_bias });
         }
 
+        let mut bar_gates = Vec::new();
+        if let Some(table) = lstm.bar_table() {
+            let (positions, _) = table.dims2()?;
+            let table = values(table)?;
+            bar_gates = vec![0.0f32; positions * packed_rows];
+            for (pos, out) in bar_gates.chunks_exact_mut(packed_rows).enumerate() {
+                for (p, out) in out.iter_mut().enumerate() {
+                    if let Some(row) = source_row(p) {
+                        *out = table[pos * 4 * hidden + row];
+                    }
+                }
+            }
+        }
+
         let head_w_src = get("head.weight")?;
         let head_b_src = get("head.bias")?;
         let vocab_blocks = vocab_len.div_ceil(BLOCK_ROWS);
@@ -261,6 +279,7 @@ impl FastLstm {
             vocab_len,
             num_blocks,
             token_gates,
+            bar_gates,
             layers,
             head_w,
             head_b,
@@ -324,59 +343,78 @@ impl FastLstm {
         total
     }
 
-    /// Feeds `token` to one sequence: updates `state` (per layer `[hidden]`) and writes the
-    /// next symbol's logits into `logits` (`[vocab]`). Errors (a token outside the vocabulary,
-    /// a state or buffer of the wrong size) leave `state` untouched.
+    /// `step_at` with no bar position known.
     pub fn step(&self, token: TokenId, state: &mut GenState, logits: &mut [f32]) -> Result<()> {
+        self.step_at(token, NO_BAR_POSITION, state, logits)
+    }
+
+    /// Feeds `token` at bar position `bar` (ignored by a model without bar positions) to one
+    /// sequence: updates `state` (per layer `[hidden]`) and writes the next symbol's logits
+    /// into `logits` (`[vocab]`). Errors (a token or position outside the model's, a state or
+    /// buffer of the wrong size) leave `state` untouched.
+    pub fn step_at(&self, token: TokenId, bar: u16, state: &mut GenState, logits: &mut [f32]) -> Result<()> {
         let token = token.0 as usize;
         let hidden = self.hidden_size;
+        let packed_rows = self.num_blocks * BLOCK_ROWS;
+        let num_bars = self.bar_gates.len() / packed_rows;
         let is_shaped = state.h.len() == self.layers.len()
             && state.c.len() == self.layers.len()
             && state.h.iter().chain(&state.c).all(|v| v.len() == hidden);
-        if token >= self.vocab_len || !is_shaped || logits.len() != self.vocab_len {
+        let bar_fits = num_bars == 0 || (bar as usize) < num_bars;
+        if token >= self.vocab_len || !bar_fits || !is_shaped || logits.len() != self.vocab_len {
             return Err(Error::Msg(format!(
-                "fast step: token {token} of {}, {} layers of {hidden} in the state, {} logits",
+                "fast step: token {token} of {}, bar position {bar} of {num_bars}, {} layers of {hidden} in the state, {} logits",
                 self.vocab_len,
                 state.h.len(),
                 logits.len()
             )));
         }
+        let bar_row: &[f32] = match num_bars {
+            0 => &[],
+            _ => &self.bar_gates[bar as usize * packed_rows..][..packed_rows],
+        };
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA;
             // int8 weights are only packed where it also reports AVX-512BW and VNNI.
             Isa::Avx512 => unsafe {
                 if self.format == WeightFormat::I8 {
-                    self.step_avx512_vnni(token, state, logits)
+                    self.step_avx512_vnni(token, bar_row, state, logits)
                 } else {
-                    self.step_avx512(token, state, logits)
+                    self.step_avx512(token, bar_row, state, logits)
                 }
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
-            Isa::Avx2Fma => unsafe { self.step_avx2(token, state, logits) },
-            _ => self.step_body::<false, false>(token, state, logits),
+            Isa::Avx2Fma => unsafe { self.step_avx2(token, bar_row, state, logits) },
+            _ => self.step_body::<false, false>(token, bar_row, state, logits),
         }
         Ok(())
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn step_avx512(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
-        self.step_body::<true, false>(token, state, logits)
+    unsafe fn step_avx512(&self, token: usize, bar_row: &[f32], state: &mut GenState, logits: &mut [f32]) {
+        self.step_body::<true, false>(token, bar_row, state, logits)
     }
 
     /// The AVX-512 step for int8 weights, which are only packed where VNNI runs.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    unsafe fn step_avx512_vnni(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
-        self.step_body::<true, true>(token, state, logits)
+    unsafe fn step_avx512_vnni(
+        &self,
+        token: usize,
+        bar_row: &[f32],
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) {
+        self.step_body::<true, true>(token, bar_row, state, logits)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn step_avx2(&self, token: usize, state: &mut GenState, logits: &mut [f32]) {
-        self.step_body::<true, false>(token, state, logits)
+    unsafe fn step_avx2(&self, token: usize, bar_row: &[f32], state: &mut GenState, logits: &mut [f32]) {
+        self.step_body::<true, false>(token, bar_row, state, logits)
     }
 
     /// The step itself; shapes were checked by `step`.
@@ -384,6 +422,7 @@ impl FastLstm {
     fn step_body<const FMA: bool, const VNNI: bool>(
         &self,
         token: usize,
+        bar_row: &[f32],
         state: &mut GenState,
         logits: &mut [f32],
     ) {
@@ -417,6 +456,11 @@ impl FastLstm {
             for b in 0..self.num_blocks {
                 let mut acc = [0.0f32; BLOCK_ROWS];
                 acc.copy_from_slice(&start[b * BLOCK_ROWS..][..BLOCK_ROWS]);
+                if k == 0 && !bar_row.is_empty() {
+                    for (a, &x) in acc.iter_mut().zip(&bar_row[b * BLOCK_ROWS..][..BLOCK_ROWS]) {
+                        *a += x;
+                    }
+                }
                 let block_range = b * cols * BLOCK_ROWS..(b + 1) * cols * BLOCK_ROWS;
                 let split = layer.input_width * BLOCK_ROWS;
                 match &layer.weights {
@@ -574,7 +618,7 @@ mod tests {
     /// The candle graph's logits and state after each of `tokens`, from a zero state.
     fn candle_steps(lstm: &MelodyLstm, tokens: &[u32]) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
         let seq = Tensor::from_slice(tokens, (1, tokens.len()), &Device::Cpu).unwrap();
-        let (logits, state) = lstm.forward(&seq, None, None).unwrap();
+        let (logits, state) = lstm.forward(&seq, None, None, None).unwrap();
         let top_c = state.c.last().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         (logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap(), vec![top_c])
     }

@@ -36,14 +36,16 @@ pub fn applies_to(model: &MelodyLstm) -> bool {
 /// The top layer's outputs for a time-major batch, before dropout and the output layer: the
 /// same function as `MelodyLstm`'s per-step graph, with every step of a layer in one op. Each
 /// layer's input projection is one matrix product (layer 0: a table of every token's
-/// `W_ih x + b_ih + b_hh`, gathered), and `dropout` (training only) applies to each layer's
-/// outputs as the per-step graph applies it, drawing its masks in the same order. With
-/// `detach`, no gradient is tracked (evaluation).
-/// tokens: `[seq, batch]` u32, state: per layer `[batch, hidden]` (zeros when `None`)
+/// `W_ih x + b_ih + b_hh`, gathered, plus the row of each step's bar position for a model with
+/// bar positions), and `dropout` (training only) applies to each layer's outputs as the
+/// per-step graph applies it, drawing its masks in the same order. With `detach`, no gradient
+/// is tracked (evaluation).
+/// tokens and bars: `[seq, batch]` u32, state: per layer `[batch, hidden]` (zeros when `None`)
 /// → (ys `[seq, batch, hidden]`, state after the last step)
 pub fn lstm_outputs(
     model: &MelodyLstm,
     tokens: &Tensor,
+    bars: Option<&Tensor>,
     state: Option<&LstmState>,
     mut dropout: Option<&mut Dropout>,
     detach: bool,
@@ -73,7 +75,18 @@ pub fn lstm_outputs(
                     // A one-hot token times W_ihᵀ is a row of W_ihᵀ.
                     None => w_ih_t.contiguous()?,
                 };
-                recur_tokens(&table.broadcast_add(&bias)?, tokens, &w_hh, &state.h[k], &state.c[k])?
+                let table = table.broadcast_add(&bias)?;
+                match (model.bar_table(), model.bar_ids(tokens, bars)?) {
+                    (Some(bar_table), Some(bar_ids)) => {
+                        // One table of token rows then bar rows; each step sums its two rows.
+                        let vocab_len = table.dim(0)? as u32;
+                        let table = Tensor::cat(&[&table, &weight(bar_table)], 0)?;
+                        let bar_rows = (bar_ids + vocab_len as f64)?;
+                        let ids = Tensor::stack(&[tokens, &bar_rows], 2)?;
+                        recur_table_rows(&table, &ids, &w_hh, &state.h[k], &state.c[k])?
+                    }
+                    _ => recur_tokens(&table, tokens, &w_hh, &state.h[k], &state.c[k])?,
+                }
             }
             Some(below) => {
                 let flat = below.reshape((seq_len * batch, hidden))?;
@@ -257,13 +270,25 @@ pub fn recur_tokens(
     h0: &Tensor,
     c0: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (seq_len, batch) = tokens.dims2()?;
-    let vocab_len = table.dim(0)?;
-    let ids = tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab_len) {
-        return Err(Error::Msg(format!("fused LSTM: token {bad} outside a table of {vocab_len}")));
+    recur_table_rows(table, &tokens.unsqueeze(2)?, w_hh, h0, c0)
+}
+
+/// `recur_tokens` where each step's input projection is the sum of several rows of the table:
+/// ids `[seq, batch, rows]` u32 (a token and its bar position's row).
+pub fn recur_table_rows(
+    table: &Tensor,
+    ids: &Tensor,
+    w_hh: &Tensor,
+    h0: &Tensor,
+    c0: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (seq_len, batch, rows_per_step) = ids.dims3()?;
+    let num_rows = table.dim(0)?;
+    let ids = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= num_rows) {
+        return Err(Error::Msg(format!("fused LSTM: row {bad} outside a table of {num_rows}")));
     }
-    let op = Recurrence { token_ids: Some(ids), ..Recurrence::new() };
+    let op = Recurrence { token_ids: Some(ids), rows_per_step, ..Recurrence::new() };
     recur_on(table, w_hh, h0, c0, op, seq_len, batch)
 }
 
@@ -367,8 +392,10 @@ impl Drop for Saved {
 struct Recurrence {
     isa: Isa,
     num_threads: usize,
-    /// `[seq, batch]` token ids, when the first input is a table to gather rows from.
+    /// `[seq, batch, rows_per_step]` row ids, when the first input is a table to gather rows
+    /// from: each step's input projection is the sum of its rows.
     token_ids: Option<Vec<u32>>,
+    rows_per_step: usize,
     /// `(seq, batch)`.
     steps: (usize, usize),
     saved: Arc<Mutex<Option<Saved>>>,
@@ -380,6 +407,7 @@ impl Recurrence {
             isa: Isa::detect(),
             num_threads: candle_core::utils::barrier_pool().n_workers() + 1,
             token_ids: None,
+            rows_per_step: 1,
             steps: (0, 0),
             saved: Arc::new(Mutex::new(None)),
         }
@@ -448,11 +476,16 @@ fn split_rows<'a>(
 
 /// Per-share lists of per-step token ids: `out[share][step]` is the ids of rows
 /// `bounds[share]..bounds[share + 1]` of step `step` (`ids` is `[steps][batch]`).
-fn split_ids<'a>(ids: &'a [u32], batch: usize, bounds: &[usize]) -> Vec<Vec<&'a [u32]>> {
+fn split_ids<'a>(
+    ids: &'a [u32],
+    batch: usize,
+    rows_per_step: usize,
+    bounds: &[usize],
+) -> Vec<Vec<&'a [u32]>> {
     let mut out: Vec<Vec<&[u32]>> = bounds.windows(2).map(|_| Vec::new()).collect();
-    for step in ids.chunks_exact(batch) {
+    for step in ids.chunks_exact(batch * rows_per_step) {
         for (share, w) in out.iter_mut().zip(bounds.windows(2)) {
-            share.push(&step[w[0]..w[1]]);
+            share.push(&step[w[0] * rows_per_step..w[1] * rows_per_step]);
         }
     }
     out
@@ -473,8 +506,9 @@ fn split_rows_ref<'a>(buf: &'a [f32], batch: usize, width: usize, bounds: &[usiz
 enum StepInputs<'a> {
     /// Per step: the share's rows of xs_proj, `[rows, 4 hidden]`.
     Rows(Vec<&'a [f32]>),
-    /// The table `[vocab, 4 hidden]` and per step the share's token ids `[rows]`.
-    Table { table: &'a [f32], ids: Vec<&'a [u32]> },
+    /// The table `[table rows, 4 hidden]` and per step the share's row ids `[rows,
+    /// rows_per_step]`, whose rows are summed.
+    Table { table: &'a [f32], ids: Vec<&'a [u32]>, rows_per_step: usize },
 }
 
 /// One share's forward pass through every step.
@@ -527,9 +561,15 @@ impl ForwardShare<'_> {
                 let gates = &mut *self.gates[t];
                 match &self.input {
                     StepInputs::Rows(rows) => gates.copy_from_slice(rows[t]),
-                    StepInputs::Table { table, ids } => {
-                        for (dst, &id) in gates.chunks_exact_mut(gate_width).zip(ids[t]) {
-                            dst.copy_from_slice(&table[id as usize * gate_width..][..gate_width]);
+                    StepInputs::Table { table, ids, rows_per_step } => {
+                        for (dst, row_ids) in
+                            gates.chunks_exact_mut(gate_width).zip(ids[t].chunks_exact(*rows_per_step))
+                        {
+                            dst.copy_from_slice(&table[row_ids[0] as usize * gate_width..][..gate_width]);
+                            for &id in &row_ids[1..] {
+                                let row = &table[id as usize * gate_width..][..gate_width];
+                                dst.iter_mut().zip(row).for_each(|(d, &r)| *d += r);
+                            }
                         }
                     }
                 }
@@ -785,10 +825,13 @@ impl BackwardShare<'_> {
             }
             if let Some((ids, table_grad)) = &mut self.table_grad {
                 let gate_width = 4 * hidden;
-                for (d_row, &id) in dxs.chunks_exact(gate_width).zip(ids[t]) {
-                    let sum = &mut table_grad[id as usize * gate_width..][..gate_width];
-                    for (s, &d) in sum.iter_mut().zip(d_row) {
-                        *s += d;
+                let rows_per_step = ids[t].len() / rows;
+                for (d_row, row_ids) in dxs.chunks_exact(gate_width).zip(ids[t].chunks_exact(rows_per_step)) {
+                    for &id in row_ids {
+                        let sum = &mut table_grad[id as usize * gate_width..][..gate_width];
+                        for (s, &d) in sum.iter_mut().zip(d_row) {
+                            *s += d;
+                        }
                     }
                 }
             }
@@ -831,9 +874,9 @@ impl CustomOp3 for Recurrence {
                     .into_iter()
                     .map(StepInputs::Rows)
                     .collect(),
-                Some(ids) => split_ids(ids, batch, &bounds)
+                Some(ids) => split_ids(ids, batch, self.rows_per_step, &bounds)
                     .into_iter()
-                    .map(|ids| StepInputs::Table { table: input, ids })
+                    .map(|ids| StepInputs::Table { table: input, ids, rows_per_step: self.rows_per_step })
                     .collect(),
             };
             let gate_shares = split_rows(&mut gates, batch, gate_width, &bounds);
@@ -905,8 +948,10 @@ impl CustomOp3 for Recurrence {
                 let cells = split_rows_ref(&saved.cells, batch, hidden, &bounds);
                 let tanh_cells = split_rows_ref(&saved.tanh_cells, batch, hidden, &bounds);
                 let grad_xs_shares = split_rows(&mut grad_xs, batch, gate_width, &bounds);
-                let mut id_shares =
-                    self.token_ids.as_ref().map(|ids| split_ids(ids, batch, &bounds).into_iter());
+                let mut id_shares = self
+                    .token_ids
+                    .as_ref()
+                    .map(|ids| split_ids(ids, batch, self.rows_per_step, &bounds).into_iter());
                 let mut shares = Vec::new();
                 for (((((gy, g), c), tc), gx), w) in grad_ys
                     .into_iter()
@@ -1147,7 +1192,7 @@ mod tests {
                 nll.mean_all().unwrap()
             };
             let stock_grads = loss(&stock_logits).backward().unwrap();
-            let (logits, _) = model.forward(&inputs, None, None).unwrap();
+            let (logits, _) = model.forward(&inputs, None, None, None).unwrap();
             let grads = loss(&logits).backward().unwrap();
 
             assert!(rel_diff(&logits, &stock_logits) < 1e-5, "{input:?}: logits");
@@ -1156,6 +1201,60 @@ mod tests {
                 assert!(d < 1e-4, "{input:?}: gradient of {name} off by {d} (relative)");
             }
         }
+    }
+
+    /// A model with bar positions through the fused op (token and bar rows summed inside it)
+    /// against the per-step candle graph that runs off the CPU: logits and the gradient of
+    /// every weight, the bar table's included, with bars given and with bars left out.
+    #[test]
+    fn bar_positions_match_the_per_step_graph() {
+        use crate::model::config::ModelConfig;
+        use crate::model::lstm::{nll_and_argmax, BAR_TABLE};
+        use crate::model::InputKind;
+        use crate::music::{bar, Vocab};
+
+        let dev = Device::Cpu;
+        let mut cfg =
+            ModelConfig::new(Vocab::for_pitch_range(60, 72), InputKind::Embedding { dim: 6 }, 20, 2, 0.0);
+        cfg.bar_meters = bar::COMMON_METERS.to_vec();
+        let (vocab, num_bars) = (cfg.vocab_len(), cfg.num_bar_positions());
+        let map = VarMap::new();
+        let model = MelodyLstm::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, &dev)).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let random = |rng: &mut ChaCha8Rng, n: usize| {
+            (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect::<Vec<_>>()
+        };
+        let table = Tensor::from_vec(random(&mut rng, num_bars * 80), (num_bars, 80), &dev).unwrap();
+        map.data().lock().unwrap()[BAR_TABLE].set(&table).unwrap();
+
+        let (batch, seq_len) = (3, 7);
+        let ids: Vec<u32> = (0..batch * (seq_len + 1)).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let all = Tensor::from_vec(ids, (seq_len + 1, batch), &dev).unwrap();
+        let inputs = all.narrow(0, 0, seq_len).unwrap().contiguous().unwrap();
+        let targets = all.narrow(0, 1, seq_len).unwrap().flatten_all().unwrap();
+        let bar_ids: Vec<u32> = (0..batch * seq_len).map(|_| rng.random_range(0..num_bars as u32)).collect();
+        let bars = Tensor::from_vec(bar_ids, (seq_len, batch), &dev).unwrap();
+        let loss = |ys: &Tensor| {
+            let logits = model.forward_head(ys).unwrap().reshape(((), vocab)).unwrap();
+            nll_and_argmax(&logits, &targets).unwrap().0.mean_all().unwrap()
+        };
+        for given in [Some(&bars), None] {
+            let (fused_ys, _) = lstm_outputs(&model, &inputs, given, None, None, false).unwrap();
+            let (graph_ys, _) = model.lstm_outputs(&inputs, given, None, None).unwrap();
+            let graph_ys = Tensor::stack(&graph_ys, 0).unwrap();
+            assert!(rel_diff(&fused_ys, &graph_ys) < 1e-5, "bars {}: outputs", given.is_some());
+            let (fused_grads, graph_grads) =
+                (loss(&fused_ys).backward().unwrap(), loss(&graph_ys).backward().unwrap());
+            for (name, var) in map.data().lock().unwrap().iter() {
+                let d = rel_diff(fused_grads.get(var).unwrap(), graph_grads.get(var).unwrap());
+                assert!(d < 1e-4, "bars {}: gradient of {name} off by {d} (relative)", given.is_some());
+            }
+        }
+        // The bars matter: other positions give other outputs.
+        let shifted = (&bars + 1.0).unwrap().minimum((num_bars - 1) as f64).unwrap();
+        let (a, _) = lstm_outputs(&model, &inputs, Some(&bars), None, None, false).unwrap();
+        let (b, _) = lstm_outputs(&model, &inputs, Some(&shifted), None, None, false).unwrap();
+        assert!(rel_diff(&a, &b) > 1e-3);
     }
 
     /// `linear` against candle's `matmul` + `broadcast_add`: values and the gradients of all

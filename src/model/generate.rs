@@ -10,9 +10,10 @@ use std::sync::Arc;
 use super::io::LoadedModel;
 use super::sample::{Sampler, SamplingSettings};
 use super::{GenState, ModelError, Transposition};
+use crate::music::bar::{self, BarClock, NO_BAR_POSITION};
 use crate::music::encode::{self, EncodeConfig};
 use crate::music::key::melody_key;
-use crate::music::{Melody, Note, StepGrid, Symbol, TokenId, Vocab};
+use crate::music::{Melody, Meter, Note, StepGrid, Symbol, TokenId, Vocab};
 
 /// Generates symbols one at a time from a model, carrying the recurrent state between steps.
 /// Owns its state, so it is `Send` and the worker may keep one per phrase.
@@ -26,6 +27,8 @@ pub struct Generator {
     max_steps: Option<usize>,
     num_generated: usize,
     is_finished: bool,
+    /// The bar position of the next song symbol fed, for a model with bar positions.
+    bar_clock: Option<BarClock>,
 }
 
 impl Generator {
@@ -41,7 +44,21 @@ impl Generator {
             max_steps: None,
             num_generated: 0,
             is_finished: false,
+            bar_clock: None,
         }
+    }
+
+    /// Counts bars from here on: the next song symbol fed or generated lies at step
+    /// `step_in_bar` of a bar of `meter`. Without a call, or for a model that does not know
+    /// the meter, every step is fed as `NO_BAR_POSITION`.
+    pub fn set_bar(&mut self, meter: Meter, step_in_bar: i64) {
+        let cfg = &self.model.config;
+        self.bar_clock = BarClock::new(&cfg.bar_meters, meter, cfg.grid, step_in_bar);
+    }
+
+    /// The bar position the next song symbol will be fed at.
+    pub fn bar_clock(&self) -> Option<BarClock> {
+        self.bar_clock
     }
 
     /// The model it runs.
@@ -89,8 +106,18 @@ impl Generator {
         self.feed_token(token)
     }
 
+    /// Feeds a token at the bar clock's position (delimiters lie outside bars), then moves the
+    /// clock on by a step.
     fn feed_token(&mut self, token: TokenId) -> Result<(), ModelError> {
-        self.model.step(token, &mut self.state, &mut self.logits)?;
+        let is_song_symbol = self.model.config.vocab.symbol(token) != Symbol::Delimiter;
+        let bar = match (&self.bar_clock, is_song_symbol) {
+            (Some(clock), true) => clock.id(),
+            _ => NO_BAR_POSITION,
+        };
+        self.model.step_at(token, bar, &mut self.state, &mut self.logits)?;
+        if let (Some(clock), true) = (&mut self.bar_clock, is_song_symbol) {
+            clock.advance();
+        }
         self.has_logits = true;
         Ok(())
     }
@@ -154,10 +181,14 @@ impl PhraseContinuation {
         let moved = fit_into_vocab(&shift_melody(primer, shift_semitones), &cfg.vocab);
         let symbols = encode_primer(&moved, cfg.grid)?;
         let start_beats = symbols.len() as f64 * cfg.grid.step_beats();
+        let first_step_in_bar = bar::first_step_in_bar(primer, cfg.grid);
         let mut lead = vec![Symbol::Delimiter; cfg.delimiter_len.max(1)];
         lead.extend_from_slice(&symbols);
         let mut generator = Generator::new(model, seed);
         generator.set_max_steps(Some(max_steps));
+        if let Some(meter) = primer.meter {
+            generator.set_bar(meter, first_step_in_bar);
+        }
         generator.prime(&lead)?;
         Ok(Self {
             generator,
@@ -366,6 +397,61 @@ mod tests {
         // With a range an octave lower, the same key move goes down an octave more.
         assert_eq!(model_shift(&g, plain, 48, 72), -7);
         assert_eq!(model_shift(&g, Transposition::None, 0, 127), 0);
+    }
+
+    /// A small random model over 60..=72 that reads bar positions of the common meters.
+    fn model_with_bars() -> Arc<LoadedModel> {
+        use crate::model::lstm::{MelodyLstm, BAR_TABLE};
+        use candle_core::{DType, Device, Tensor};
+        use rand::{Rng, SeedableRng};
+        let mut cfg = crate::model::config::tests::small_config();
+        cfg.bar_meters = bar::COMMON_METERS.to_vec();
+        let mut tensors = MelodyLstm::initial_tensors(&cfg, 3, &Device::Cpu).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let shape = tensors[BAR_TABLE].dims().to_vec();
+        let values = (0..shape.iter().product()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        tensors.insert(BAR_TABLE.to_string(), Tensor::from_vec(values, shape, &Device::Cpu).unwrap());
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        Arc::new(LoadedModel::new(cfg.clone(), MelodyLstm::new(&cfg, vb).unwrap(), "test").unwrap())
+    }
+
+    #[test]
+    fn the_primer_is_fed_at_its_bar_positions() {
+        let model = model_with_bars();
+        let waltz = Meter { numerator: 3, denominator: 4 };
+        // A one-beat pickup in 3/4: the first step is step 8 of the bar's 12.
+        let mut primer = melody(&[(60, 0.0, 1.0), (64, 1.0, 0.5)]);
+        primer.key = Some(Key::C_MAJOR);
+        primer.meter = Some(waltz);
+        primer.pickup_beats = 1.0;
+        let mut phrase = PhraseContinuation::start(Arc::clone(&model), &primer, 8, 1).unwrap();
+        assert_eq!(phrase.generator.bar_clock().unwrap().step_in_bar(), 2);
+
+        // The same state and logits by hand: the delimiters outside any bar, then each primer
+        // step at its own position.
+        let cfg = &model.config;
+        let mut clock = BarClock::new(&cfg.bar_meters, waltz, cfg.grid, 8).unwrap();
+        let mut state = model.new_state();
+        let mut logits = vec![0.0; cfg.vocab_len()];
+        let delimiter = cfg.vocab.id(Symbol::Delimiter).unwrap();
+        for _ in 0..cfg.delimiter_len {
+            model.step_at(delimiter, NO_BAR_POSITION, &mut state, &mut logits).unwrap();
+        }
+        for symbol in parse_symbols("60 _ _ _ 64 _").unwrap() {
+            model.step_at(cfg.vocab.id(symbol).unwrap(), clock.id(), &mut state, &mut logits).unwrap();
+            clock.advance();
+        }
+        assert_eq!(phrase.generator.state(), &state);
+        assert_eq!(phrase.generator.logits, logits);
+
+        // Generated steps go on counting; without the meter nothing is counted.
+        for _ in 0..3 {
+            phrase.next_symbol(&SamplingSettings { may_end: false, ..SamplingSettings::default() }).unwrap();
+        }
+        assert_eq!(phrase.generator.bar_clock().unwrap().step_in_bar(), 5);
+        primer.meter = Some(Meter { numerator: 7, denominator: 8 });
+        let odd = PhraseContinuation::start(Arc::clone(&model), &primer, 8, 1).unwrap();
+        assert_eq!(odd.generator.bar_clock(), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 use super::config::{InputKind, ModelConfig};
 use super::lstm::{GenState, MelodyLstm, StepWeights};
 use super::ModelError;
+use crate::music::bar::NO_BAR_POSITION;
 use crate::music::TokenId;
 
 /// The weights file of a model directory.
@@ -114,7 +115,19 @@ impl LoadedModel {
     /// (`[vocab]`) into `logits`. Generation goes through here only, so a faster step kernel
     /// can take over without touching its callers.
     pub fn step(&self, token: TokenId, state: &mut GenState, logits: &mut [f32]) -> Result<(), ModelError> {
-        Ok(self.lstm.step(&self.step_weights, token, state, logits)?)
+        self.step_at(token, NO_BAR_POSITION, state, logits)
+    }
+
+    /// `step` for a token whose step lies at bar position `bar` (`music::bar`); a model
+    /// without bar positions ignores it.
+    pub fn step_at(
+        &self,
+        token: TokenId,
+        bar: u16,
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
+        Ok(self.lstm.step(&self.step_weights, token, bar, state, logits)?)
     }
 }
 

@@ -11,8 +11,11 @@
 //! | `lstm.weight_hh_l{k}` | `[4 hidden, hidden]` | recurrent weights of layer `k` |
 //! | `lstm.bias_ih_l{k}`, `lstm.bias_hh_l{k}` | `[4 hidden]` | the two biases of layer `k` |
 //! | `head.weight`, `head.bias` | `[vocab, hidden]`, `[vocab]` | output layer |
+//! | `bar_position.weight` | `[positions, 4 hidden]` | layer 0's gate input per bar position (models with `bar_meters` only) |
 //!
 //! The input of layer 0 is `dim` wide with an embedding and `vocab` wide with one-hot input.
+//! A model with bar positions also reads, beside each token, the id of its step's place in the
+//! bar (`music::bar`), a one-hot input whose weights are the rows of `bar_position.weight`.
 //! One LSTM step, with `σ` the logistic function and `⊙` the element-wise product:
 //! `[i f g o] = W_ih x + b_ih + W_hh h + b_hh`, `c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)`,
 //! `h' = σ(o) ⊙ tanh(c')`.
@@ -39,6 +42,8 @@ use crate::music::TokenId;
 
 /// Prefix of the LSTM layers' tensors.
 const LSTM_PREFIX: &str = "lstm";
+/// Name of the bar-position table.
+pub const BAR_TABLE: &str = "bar_position.weight";
 
 /// One LSTM layer's weights, PyTorch layout (gates i, f, g, o stacked along the rows).
 #[derive(Clone, Debug)]
@@ -140,8 +145,17 @@ impl LstmLayer {
         let mut ys = Vec::with_capacity(num_steps);
         for t in 0..num_steps {
             let gates: Vec<Tensor> = match input {
-                LayerInput::Tokens { tables, tokens } => (0..4)
-                    .map(|g| tables[g].index_select(&tokens[t], 0)? + h.matmul(&recurrent[g])?)
+                LayerInput::Tokens { tables, tokens, bars } => (0..4)
+                    .map(|g| {
+                        let from_token = tables[g].index_select(&tokens[t], 0)?;
+                        let from_input = match bars {
+                            Some((bar_tables, ids)) => {
+                                (from_token + bar_tables[g].index_select(&ids[t], 0)?)?
+                            }
+                            None => from_token,
+                        };
+                        from_input + h.matmul(&recurrent[g])?
+                    })
                     .collect::<Result<_>>()?,
                 LayerInput::Vectors(xs) => {
                     let xh = Tensor::cat(&[&xs[t], &h], 1)?;
@@ -163,8 +177,10 @@ impl LstmLayer {
 /// What one layer reads at each step.
 pub enum LayerInput {
     /// Layer 0: token ids, and per gate the table of every token's input contribution
-    /// (`LstmLayer::token_tables`). tables: 4 × `[vocab, hidden]`; tokens: per step `[batch]` u32.
-    Tokens { tables: Vec<Tensor>, tokens: Vec<Tensor> },
+    /// (`LstmLayer::token_tables`). tables: 4 × `[vocab, hidden]`; tokens: per step `[batch]` u32;
+    /// bars (models with bar positions): per gate the table `[positions, hidden]` and per step
+    /// `[batch]` u32 ids.
+    Tokens { tables: Vec<Tensor>, tokens: Vec<Tensor>, bars: Option<(Vec<Tensor>, Vec<Tensor>)> },
     /// Layers above: the layer below's outputs, per step `[batch, input]`.
     Vectors(Vec<Tensor>),
 }
@@ -245,6 +261,8 @@ pub struct MelodyLstm {
     input: InputKind,
     /// `[vocab, dim]`, present for embedding input.
     embedding: Option<Tensor>,
+    /// `[positions, 4 hidden]`, present for a model with bar positions.
+    bar_table: Option<Tensor>,
     layers: Vec<LstmLayer>,
     /// `[vocab, hidden]`.
     head_w: Tensor,
@@ -270,6 +288,10 @@ impl MelodyLstm {
             )?),
             InputKind::OneHot => None,
         };
+        let bar_table = match cfg.num_bar_positions() {
+            0 => None,
+            rows => Some(vb.get_with_hints((rows, 4 * hidden), BAR_TABLE, Init::Const(0.0))?),
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for layer_idx in 0..cfg.num_layers {
             let width = if layer_idx == 0 { cfg.input.width(vocab_len) } else { hidden };
@@ -283,6 +305,7 @@ impl MelodyLstm {
         Ok(Self {
             input: cfg.input,
             embedding,
+            bar_table,
             layers,
             head_w,
             head_b,
@@ -309,12 +332,16 @@ impl MelodyLstm {
         }
         shapes.push(("head.weight".to_string(), vec![vocab, hidden]));
         shapes.push(("head.bias".to_string(), vec![vocab]));
+        if cfg.num_bar_positions() > 0 {
+            shapes.push((BAR_TABLE.to_string(), vec![cfg.num_bar_positions(), 4 * hidden]));
+        }
         shapes
     }
 
     /// Seeded starting values for every tensor of `cfg`: LSTM and output weights uniform in
     /// `±1/√hidden` (PyTorch's default), embedding rows standard normal, biases zero except the
-    /// forget gate's input bias at 1 (so early training does not forget everything).
+    /// forget gate's input bias at 1 (so early training does not forget everything), and the
+    /// bar-position table zero (a new model starts out reading symbols alone).
     pub fn initial_tensors(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let bound = 1.0 / (cfg.hidden_size as f32).sqrt();
@@ -326,7 +353,7 @@ impl MelodyLstm {
                 (0..len).map(|_| standard_normal(&mut rng)).collect()
             } else if name.contains(".bias_ih_") {
                 (0..len).map(|i| if (hidden..2 * hidden).contains(&i) { 1.0 } else { 0.0 }).collect()
-            } else if name.contains(".bias_hh_") || name == "head.bias" {
+            } else if name.contains(".bias_hh_") || name == "head.bias" || name == BAR_TABLE {
                 vec![0.0; len]
             } else {
                 (0..len).map(|_| rng.random_range(-bound..bound)).collect()
@@ -350,6 +377,9 @@ impl MelodyLstm {
         }
         out.push(("head.weight".to_string(), self.head_w.clone()));
         out.push(("head.bias".to_string(), self.head_b.clone()));
+        if let Some(table) = &self.bar_table {
+            out.push((BAR_TABLE.to_string(), table.clone()));
+        }
         out
     }
 
@@ -361,6 +391,11 @@ impl MelodyLstm {
     /// The token table `[vocab, dim]`, for embedding input.
     pub fn embedding(&self) -> Option<&Tensor> {
         self.embedding.as_ref()
+    }
+
+    /// The bar-position table `[positions, 4 hidden]`, for a model with bar positions.
+    pub fn bar_table(&self) -> Option<&Tensor> {
+        self.bar_table.as_ref()
     }
 
     /// The LSTM layers, input first.
@@ -400,12 +435,28 @@ impl MelodyLstm {
         Ok(LstmState { h: vec![zeros.clone(); n], c: vec![zeros; n] })
     }
 
+    /// The bar-position ids the model reads beside `tokens`: `bars` when given, all
+    /// `NO_BAR_POSITION` when not; `None` for a model without bar positions, which ignores them.
+    pub fn bar_ids(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Option<Tensor>> {
+        if self.bar_table.is_none() {
+            return Ok(None);
+        }
+        match bars {
+            Some(ids) if ids.dims() == tokens.dims() => Ok(Some(ids.to_dtype(DType::U32)?)),
+            Some(ids) => {
+                candle_core::bail!("bar positions {:?} do not fit tokens {:?}", ids.dims(), tokens.dims())
+            }
+            None => Ok(Some(tokens.zeros_like()?.to_dtype(DType::U32)?)),
+        }
+    }
+
     /// The top layer's output at every step of a time-major batch, before dropout and the
-    /// output layer. tokens: `[seq, batch]` u32 → (per step `[batch, hidden]`, state after the
-    /// last step)
-    fn lstm_outputs(
+    /// output layer. tokens and bars: `[seq, batch]` u32 → (per step `[batch, hidden]`, state
+    /// after the last step)
+    pub(crate) fn lstm_outputs(
         &self,
         tokens: &Tensor,
+        bars: Option<&Tensor>,
         state: Option<&LstmState>,
         mut dropout: Option<&mut Dropout>,
     ) -> Result<(Vec<Tensor>, LstmState)> {
@@ -421,9 +472,20 @@ impl MelodyLstm {
         let mut next =
             LstmState { h: Vec::with_capacity(self.layers.len()), c: Vec::with_capacity(self.layers.len()) };
         let step_tokens = (0..seq_len).map(|t| tokens.get(t)).collect::<Result<Vec<_>>>()?;
+        let bars = match (&self.bar_table, self.bar_ids(tokens, bars)?) {
+            (Some(table), Some(ids)) => {
+                let hidden = self.hidden_size;
+                let tables = (0..4)
+                    .map(|g| table.narrow(1, g * hidden, hidden)?.contiguous())
+                    .collect::<Result<_>>()?;
+                Some((tables, (0..seq_len).map(|t| ids.get(t)).collect::<Result<Vec<_>>>()?))
+            }
+            _ => None,
+        };
         let mut input = LayerInput::Tokens {
             tables: self.layers[0].token_tables(self.embedding.as_ref())?,
             tokens: step_tokens,
+            bars,
         };
         let mut ys = Vec::new();
         for (k, layer) in self.layers.iter().enumerate() {
@@ -440,6 +502,11 @@ impl MelodyLstm {
     }
 
     /// The output layer. xs: `[..., hidden]` → `[..., vocab]`
+    #[cfg(test)]
+    pub(crate) fn forward_head(&self, xs: &Tensor) -> Result<Tensor> {
+        self.head(xs)
+    }
+
     fn head(&self, xs: &Tensor) -> Result<Tensor> {
         let dims = xs.dims().to_vec();
         let flat = xs.reshape(((), self.hidden_size))?;
@@ -450,44 +517,49 @@ impl MelodyLstm {
     }
 
     /// Logits for every position of a time-major batch. Pass `dropout` only when training.
-    /// tokens: `[seq, batch]` u32, state: per layer `[batch, hidden]` (zeros when `None`)
-    /// → (logits `[seq, batch, vocab]`, state after the last step)
+    /// tokens: `[seq, batch]` u32, bars: the same shape (`bar_ids`), state: per layer `[batch,
+    /// hidden]` (zeros when `None`) → (logits `[seq, batch, vocab]`, state after the last step)
     pub fn forward_time_major(
         &self,
         tokens: &Tensor,
+        bars: Option<&Tensor>,
         state: Option<&LstmState>,
         dropout: Option<&mut Dropout>,
     ) -> Result<(Tensor, LstmState)> {
         if fused::applies_to(self) {
-            let (ys, next) = fused::lstm_outputs(self, tokens, state, dropout, false)?;
+            let (ys, next) = fused::lstm_outputs(self, tokens, bars, state, dropout, false)?;
             return Ok((self.head(&ys)?, next));
         }
-        let (ys, next) = self.lstm_outputs(tokens, state, dropout)?;
+        let (ys, next) = self.lstm_outputs(tokens, bars, state, dropout)?;
         Ok((self.head(&Tensor::stack(&ys, 0)?)?, next))
     }
 
     /// Logits for every position of a batch. Pass `dropout` only when training.
-    /// tokens: `[batch, seq]` u32, state: per layer `[batch, hidden]` (zeros when `None`)
-    /// → (logits `[batch, seq, vocab]`, state after the last step)
+    /// tokens: `[batch, seq]` u32, bars: the same shape (`bar_ids`), state: per layer `[batch,
+    /// hidden]` (zeros when `None`) → (logits `[batch, seq, vocab]`, state after the last step)
     pub fn forward(
         &self,
         tokens: &Tensor,
+        bars: Option<&Tensor>,
         state: Option<&LstmState>,
         dropout: Option<&mut Dropout>,
     ) -> Result<(Tensor, LstmState)> {
-        let (logits, next) = self.forward_time_major(&tokens.t()?.contiguous()?, state, dropout)?;
+        let bars = bars.map(|b| b.t()?.contiguous()).transpose()?;
+        let (logits, next) =
+            self.forward_time_major(&tokens.t()?.contiguous()?, bars.as_ref(), state, dropout)?;
         Ok((logits.transpose(0, 1)?.contiguous()?, next))
     }
 
     /// Logits of the symbol after each window, every window starting from the zero state: the
-    /// recipe's evaluation. tokens: `[batch, seq]` u32 → `[batch, vocab]`
-    pub fn forward_last(&self, tokens: &Tensor) -> Result<Tensor> {
+    /// recipe's evaluation. tokens and bars: `[batch, seq]` u32 → `[batch, vocab]`
+    pub fn forward_last(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Tensor> {
         let tokens = tokens.t()?.contiguous()?;
+        let bars = bars.map(|b| b.t()?.contiguous()).transpose()?;
         if fused::applies_to(self) {
-            let (ys, _) = fused::lstm_outputs(self, &tokens, None, None, false)?;
+            let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, false)?;
             return self.head(&ys.get(ys.dim(0)? - 1)?);
         }
-        let (ys, _) = self.lstm_outputs(&tokens, None, None)?;
+        let (ys, _) = self.lstm_outputs(&tokens, bars.as_ref(), None, None)?;
         self.head(ys.last().expect("at least one step"))
     }
 
@@ -505,7 +577,10 @@ impl MelodyLstm {
                     Some(table) => table.matmul(&w_ih_t)?,
                     None => w_ih_t,
                 };
-                StepInput::Table(table.broadcast_add(&bias)?.detach())
+                StepInput::Table {
+                    tokens: table.broadcast_add(&bias)?.detach(),
+                    bars: self.bar_table.as_ref().map(Tensor::detach),
+                }
             } else {
                 StepInput::Weights {
                     w_ih_t: layer.w_ih.t()?.contiguous()?.detach(),
@@ -522,18 +597,19 @@ impl MelodyLstm {
         })
     }
 
-    /// Feeds one token to one sequence: updates `state` and writes the logits of the next
-    /// symbol into `logits`. weights: from `step_weights`; state: per layer `[hidden]`;
-    /// logits: `[vocab]`.
+    /// Feeds one token, at bar position `bar` (ignored by a model without bar positions), to
+    /// one sequence: updates `state` and writes the logits of the next symbol into `logits`.
+    /// weights: from `step_weights`; state: per layer `[hidden]`; logits: `[vocab]`.
     pub fn step(
         &self,
         weights: &StepWeights,
         token: TokenId,
+        bar: u16,
         state: &mut GenState,
         logits: &mut [f32],
     ) -> Result<()> {
         if let Some(fast) = &weights.fast {
-            return fast.step(token, state, logits);
+            return fast.step_at(token, bar, state, logits);
         }
         let hidden = self.hidden_size;
         let mut x: Option<Tensor> = None;
@@ -541,7 +617,13 @@ impl MelodyLstm {
             let h = Tensor::from_slice(&state.h[k], (1, hidden), &self.device)?;
             let c = Tensor::from_slice(&state.c[k], (1, hidden), &self.device)?;
             let from_input = match (&layer.input, &x) {
-                (StepInput::Table(table), _) => table.narrow(0, token.0 as usize, 1)?,
+                (StepInput::Table { tokens, bars }, _) => {
+                    let from_token = tokens.narrow(0, token.0 as usize, 1)?;
+                    match bars {
+                        Some(bars) => (from_token + bars.narrow(0, bar as usize, 1)?)?,
+                        None => from_token,
+                    }
+                }
                 (StepInput::Weights { w_ih_t, bias }, Some(x)) => (x.matmul(w_ih_t)? + bias)?,
                 (StepInput::Weights { .. }, None) => candle_core::bail!("layer {k} has no input"),
             };
@@ -566,21 +648,36 @@ impl MelodyLstm {
 impl MelodyLstm {
     /// Logits of the symbol after each window, each window from the zero state, with weights
     /// arranged by `step_weights` and no gradient bookkeeping: evaluation's fast path.
-    /// tokens: `[batch, seq]` u32 → `[batch, vocab]`
-    pub fn forward_last_with(&self, weights: &StepWeights, tokens: &Tensor) -> Result<Tensor> {
+    /// tokens and bars: `[batch, seq]` u32 → `[batch, vocab]`
+    pub fn forward_last_with(
+        &self,
+        weights: &StepWeights,
+        tokens: &Tensor,
+        bars: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let tokens = tokens.t()?.contiguous()?;
+        let bars = bars.map(|b| b.t()?.contiguous()).transpose()?;
         if fused::applies_to(self) {
-            let (ys, _) = fused::lstm_outputs(self, &tokens, None, None, true)?;
+            let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, true)?;
             let top = ys.get(ys.dim(0)? - 1)?;
             return top.matmul(&weights.head_w_t)?.broadcast_add(&weights.head_b);
         }
         let (seq_len, batch) = tokens.dims2()?;
         let hidden = self.hidden_size;
+        let bar_ids = self.bar_ids(&tokens, bars.as_ref())?;
         let mut below: Option<Tensor> = None;
         for layer in &weights.layers {
             // Every step's input contribution at once: `[seq, batch, 4 hidden]`.
             let from_input = match (&layer.input, &below) {
-                (StepInput::Table(table), _) => table.index_select(&tokens.flatten_all()?, 0)?,
+                (StepInput::Table { tokens: table, bars }, _) => {
+                    let from_tokens = table.index_select(&tokens.flatten_all()?, 0)?;
+                    match (bars, &bar_ids) {
+                        (Some(bars), Some(ids)) => {
+                            (from_tokens + bars.index_select(&ids.flatten_all()?, 0)?)?
+                        }
+                        _ => from_tokens,
+                    }
+                }
                 (StepInput::Weights { w_ih_t, bias }, Some(xs)) => {
                     xs.reshape((seq_len * batch, hidden))?.matmul(w_ih_t)?.broadcast_add(bias)?
                 }
@@ -630,8 +727,9 @@ struct StepLayer {
 
 #[derive(Clone, Debug)]
 enum StepInput {
-    /// Layer 0: every token's input contribution, biases included, `[vocab, 4 hidden]`.
-    Table(Tensor),
+    /// Layer 0: every token's input contribution, biases included, `[vocab, 4 hidden]`, and
+    /// every bar position's, `[positions, 4 hidden]`, for a model with bar positions.
+    Table { tokens: Tensor, bars: Option<Tensor> },
     /// Layers above: `[input, 4 hidden]` and the summed bias `[1, 4 hidden]`.
     Weights { w_ih_t: Tensor, bias: Tensor },
 }
@@ -668,37 +766,67 @@ mod tests {
         let v = cfg.vocab_len() as u32;
         let tokens =
             Tensor::from_vec((0..15).map(|i| i % v).collect::<Vec<u32>>(), (3, 5), &Device::Cpu).unwrap();
-        let (logits, state) = m.forward(&tokens, None, None).unwrap();
+        let (logits, state) = m.forward(&tokens, None, None, None).unwrap();
         assert_eq!(logits.dims(), &[3, 5, cfg.vocab_len()]);
         assert_eq!(state.h.len(), 2);
         assert_eq!(state.c[1].dims(), &[3, 16]);
-        assert_eq!(m.forward_last(&tokens).unwrap().dims(), &[3, cfg.vocab_len()]);
+        assert_eq!(m.forward_last(&tokens, None).unwrap().dims(), &[3, cfg.vocab_len()]);
+    }
+
+    /// A model whose bar table is random rather than zero, so bar positions change its output.
+    fn model_with_bars(cfg: &ModelConfig, seed: u64) -> MelodyLstm {
+        let mut tensors = MelodyLstm::initial_tensors(cfg, seed, &Device::Cpu).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let shape = tensors[BAR_TABLE].dims().to_vec();
+        let values = (0..shape.iter().product()).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+        tensors.insert(BAR_TABLE.to_string(), Tensor::from_vec(values, shape, &Device::Cpu).unwrap());
+        MelodyLstm::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap()
     }
 
     #[test]
     fn stepping_one_token_at_a_time_matches_the_whole_sequence() {
-        for input in [InputKind::Embedding { dim: 8 }, InputKind::OneHot] {
-            let cfg = ModelConfig { input, ..small_config() };
-            let m = model(&cfg, 2);
+        let with_bars =
+            ModelConfig { bar_meters: crate::music::bar::COMMON_METERS.to_vec(), ..small_config() };
+        let cases = [
+            (ModelConfig { input: InputKind::Embedding { dim: 8 }, ..small_config() }, None),
+            (ModelConfig { input: InputKind::OneHot, ..small_config() }, None),
+            (with_bars.clone(), Some([0u32, 17, 18, 19, 20, 212])),
+            (ModelConfig { input: InputKind::OneHot, ..with_bars }, Some([5u32, 6, 7, 0, 0, 30])),
+        ];
+        for (cfg, bar_ids) in cases {
+            let m = if bar_ids.is_some() { model_with_bars(&cfg, 2) } else { model(&cfg, 2) };
             let ids = [3u32, 0, 7, 7, 12, 15];
             let tokens = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
-            let (logits, _) = m.forward(&tokens, None, None).unwrap();
+            let bars = bar_ids.map(|b| Tensor::from_slice(&b, (1, b.len()), &Device::Cpu).unwrap());
+            let (logits, _) = m.forward(&tokens, bars.as_ref(), None, None).unwrap();
             let whole = logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
             let mut state = GenState::zeros(2, 16);
             let mut step_logits = vec![0.0; cfg.vocab_len()];
             let weights = m.step_weights().unwrap();
             for (t, &id) in ids.iter().enumerate() {
-                m.step(&weights, TokenId(id as u16), &mut state, &mut step_logits).unwrap();
+                let bar = bar_ids.map_or(0, |b| b[t] as u16);
+                m.step(&weights, TokenId(id as u16), bar, &mut state, &mut step_logits).unwrap();
                 for (a, b) in step_logits.iter().zip(&whole[t]) {
                     assert!((a - b).abs() < 1e-5, "step {t}: {a} vs {b}");
                 }
             }
-            let last = m.forward_last(&tokens).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+            let last =
+                m.forward_last(&tokens, bars.as_ref()).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(last, whole[ids.len() - 1]);
-            let fast =
-                m.forward_last_with(&weights, &tokens).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+            let fast = m.forward_last_with(&weights, &tokens, bars.as_ref()).unwrap();
+            let fast = fast.squeeze(0).unwrap().to_vec1::<f32>().unwrap();
             for (a, b) in fast.iter().zip(&last) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+            if let Some(bars) = &bars {
+                // Leaving the bars out reads every step as `NO_BAR_POSITION`, which differs.
+                let (without, _) = m.forward(&tokens, None, None, None).unwrap();
+                let zeros = Tensor::zeros(bars.dims(), DType::U32, &Device::Cpu).unwrap();
+                let (at_zero, _) = m.forward(&tokens, Some(&zeros), None, None).unwrap();
+                let diff = (&without - &at_zero).unwrap().abs().unwrap().max_all().unwrap();
+                assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+                let diff = (&without - &logits).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(diff.to_scalar::<f32>().unwrap() > 1e-3);
             }
         }
     }

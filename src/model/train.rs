@@ -371,6 +371,7 @@ pub fn model_config(cfg: &TrainConfig, data: &Dataset) -> ModelConfig {
     model.highest_pitch = data.highest_pitch;
     model.transposition = cfg.data.transposition;
     model.delimiter_len = cfg.data.delimiter_len;
+    model.bar_meters = cfg.data.bar_meters.clone();
     model
 }
 
@@ -522,8 +523,9 @@ pub fn train(
         for (batch_idx, batch) in batches.iter().enumerate() {
             lr = learning_rate_at(cfg, global_step, total_steps, epochs_done);
             optimizer.set_learning_rate(lr);
-            let (inputs, targets) = batch_tensors(&data.train_tokens, batch, cfg.window_len, device)?;
-            let (logits, _) = lstm.forward_time_major(&inputs, None, Some(&mut dropout))?;
+            let (inputs, bars, targets) =
+                batch_tensors(&data.train_tokens, &data.train_bars, batch, cfg.window_len, device)?;
+            let (logits, _) = lstm.forward_time_major(&inputs, Some(&bars), None, Some(&mut dropout))?;
             let logits = logits.reshape(((), model_cfg.vocab_len()))?;
             let (nll, argmax) = nll_and_argmax(&logits, &targets)?;
             let loss = nll.mean_all()?;
@@ -568,9 +570,10 @@ pub fn train(
         for stream in &data.validation {
             let num = eval_targets(stream.tokens.len(), &cfg.eval).len();
             observer.on_eval_start(epoch, num);
-            let metrics = evaluate(judged, &stream.tokens, &data.vocab, &cfg.eval, &mut |done| {
-                observer.on_eval_progress(done)
-            })?;
+            let metrics =
+                evaluate(judged, &stream.tokens, &stream.bars, &data.vocab, &cfg.eval, &mut |done| {
+                    observer.on_eval_progress(done)
+                })?;
             validation.push((stream.name.clone(), metrics));
         }
         let eval_wall_s = eval_started.elapsed().as_secs_f64();
@@ -650,7 +653,7 @@ pub fn train(
                 summary.best_epoch.unwrap_or(0),
                 eval_targets(stream.tokens.len(), &full).len(),
             );
-            let metrics = evaluate(&best, &stream.tokens, &data.vocab, &full, &mut |done| {
+            let metrics = evaluate(&best, &stream.tokens, &stream.bars, &data.vocab, &full, &mut |done| {
                 observer.on_eval_progress(done)
             })?;
             validation.push((stream.name.clone(), metrics));
@@ -750,21 +753,25 @@ fn window_starts(stream_len: usize, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> 
 /// → (inputs `[window, batch]` u32, targets `[window * batch]` u32: the symbol after each input)
 fn batch_tensors(
     tokens: &[u32],
+    bars: &[u32],
     starts: &[usize],
     window_len: usize,
     device: &Device,
-) -> Result<(Tensor, Tensor), ModelError> {
+) -> Result<(Tensor, Tensor, Tensor), ModelError> {
     let batch = starts.len();
     let mut inputs = Vec::with_capacity(window_len * batch);
+    let mut input_bars = Vec::with_capacity(window_len * batch);
     let mut targets = Vec::with_capacity(window_len * batch);
     for t in 0..window_len {
         for &s in starts {
             inputs.push(tokens[s + t]);
+            input_bars.push(bars[s + t]);
             targets.push(tokens[s + t + 1]);
         }
     }
     Ok((
         Tensor::from_vec(inputs, (window_len, batch), device)?,
+        Tensor::from_vec(input_bars, (window_len, batch), device)?,
         Tensor::from_vec(targets, window_len * batch, device)?,
     ))
 }
@@ -807,11 +814,13 @@ fn eval_targets(stream_len: usize, eval: &EvalConfig) -> Vec<usize> {
 }
 
 /// The recipe's validation metric: each target symbol predicted from exactly the
-/// `context_len` symbols before it, every window starting from the zero state.
-/// `progress` hears the number of targets done after each batch.
+/// `context_len` symbols before it (and their bar positions, `bars`, for a model that reads
+/// them), every window starting from the zero state. `progress` hears the number of targets
+/// done after each batch.
 pub fn evaluate(
     lstm: &MelodyLstm,
     tokens: &[u32],
+    bars: &[u32],
     vocab: &Vocab,
     eval: &EvalConfig,
     progress: &mut dyn FnMut(usize),
@@ -823,13 +832,16 @@ pub fn evaluate(
     let mut done = 0;
     for chunk in targets.chunks(eval.batch_size.max(1)) {
         let mut windows = Vec::with_capacity(chunk.len() * eval.context_len);
+        let mut window_bars = Vec::with_capacity(chunk.len() * eval.context_len);
         for &i in chunk {
             windows.extend_from_slice(&tokens[i - eval.context_len..i]);
+            window_bars.extend_from_slice(&bars[i - eval.context_len..i]);
         }
         let inputs = Tensor::from_vec(windows, (chunk.len(), eval.context_len), device)?;
+        let input_bars = Tensor::from_vec(window_bars, (chunk.len(), eval.context_len), device)?;
         let wanted: Vec<u32> = chunk.iter().map(|&i| tokens[i]).collect();
         let wanted_t = Tensor::from_slice(&wanted, chunk.len(), device)?;
-        let logits = lstm.forward_last_with(&weights, &inputs)?.detach();
+        let logits = lstm.forward_last_with(&weights, &inputs, Some(&input_bars))?.detach();
         let (nll, argmax) = nll_and_argmax(&logits, &wanted_t)?;
         let nll = nll.to_vec1::<f32>()?;
         let argmax = argmax.to_vec1::<u32>()?;
@@ -915,8 +927,14 @@ mod tests {
     #[test]
     fn batches_are_time_major_with_shifted_targets() {
         let tokens: Vec<u32> = (0..20).collect();
-        let (inputs, targets) = batch_tensors(&tokens, &[0, 10], 3, &Device::Cpu).unwrap();
+        let bars: Vec<u32> = (100..120).collect();
+        let (inputs, input_bars, targets) = batch_tensors(&tokens, &bars, &[0, 10], 3, &Device::Cpu).unwrap();
         assert_eq!(inputs.to_vec2::<u32>().unwrap(), vec![vec![0, 10], vec![1, 11], vec![2, 12]]);
+        // Each input carries its own step's bar position.
+        assert_eq!(
+            input_bars.to_vec2::<u32>().unwrap(),
+            vec![vec![100, 110], vec![101, 111], vec![102, 112]]
+        );
         assert_eq!(targets.to_vec1::<u32>().unwrap(), vec![1, 11, 2, 12, 3, 13]);
     }
 

@@ -4,6 +4,7 @@
 //! thread, except `phrase`, whose types the audio thread owns; never imports `nice_plug` or candle.
 
 pub mod abc;
+pub mod bar;
 pub mod corpus;
 pub mod encode;
 pub mod key;

@@ -410,7 +410,7 @@ fn training(args: &BenchArgs) -> Result<()> {
 
         let cpu = process_cpu_s(None);
         let t = Instant::now();
-        let (logits, _) = ours.forward_time_major(&inputs.t()?.contiguous()?, None, None)?;
+        let (logits, _) = ours.forward_time_major(&inputs.t()?.contiguous()?, None, None, None)?;
         let tm_targets = targets.t()?.contiguous()?.flatten_all()?;
         train_step(&logits.reshape(((), vocab.len()))?, &tm_targets, &mut ours_opt)?;
         sides[0].record(keep, t.elapsed().as_secs_f64() * 1e3, cpu, process_cpu_s(None));

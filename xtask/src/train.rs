@@ -92,6 +92,10 @@ pub struct TrainArgs {
     /// Dropout between layers and before the output layer.
     #[arg(long)]
     dropout: Option<f32>,
+    /// Also read each step's place in its bar beside its symbol (songs in the common meters:
+    /// 2/4, 3/4, 4/4, 6/8...); the plugin reads it from the host's time signature.
+    #[arg(long)]
+    bar_positions: bool,
     /// `every-nth` (song index % --val-every == 0 is validation) or `random`.
     #[arg(long)]
     split: Option<String>,
@@ -245,6 +249,9 @@ fn settings(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut cfg.model.hidden_size, args.hidden);
     set(&mut cfg.model.num_layers, args.layers);
     set(&mut cfg.model.dropout, args.dropout);
+    if args.bar_positions {
+        cfg.data.bar_meters = antiphon::music::bar::COMMON_METERS.to_vec();
+    }
     if let Some(dim) = args.embedding {
         cfg.model.input = if dim == 0 { InputKind::OneHot } else { InputKind::Embedding { dim } };
     }
