@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::model::generate::PhraseContinuation;
 use crate::model::io::LoadedModel;
 use crate::model::sample::{PitchClassSet, SamplingSettings};
+use crate::music::bar::BarPhase;
 use crate::music::encode::{decode, StepGrid};
 use crate::music::Symbol;
 
@@ -46,8 +47,12 @@ impl Continuer for LstmContinuer {
         self.model.config.grid
     }
 
-    fn begin(&mut self, primer: &[Symbol], seed: u64) -> Result<(), EngineError> {
-        let melody = decode(primer, self.grid());
+    fn begin(&mut self, primer: &[Symbol], bar: Option<BarPhase>, seed: u64) -> Result<(), EngineError> {
+        let mut melody = decode(primer, self.grid());
+        if let Some(bar) = bar {
+            melody.meter = Some(bar.meter);
+            melody.pickup_beats = bar.pickup_beats(self.grid());
+        }
         let continuation =
             PhraseContinuation::start(Arc::clone(&self.model), &melody, MAX_CONTINUATION_STEPS, seed)
                 .map_err(|err| EngineError::ModelLoad {
@@ -100,7 +105,7 @@ mod tests {
         let primer =
             parse_symbols("67 _ _ _ 71 _ 74 _ 72 _ 71 _ 69 _ _ _ 67 _ 69 _ 71 _ 72 _ 74 _ _ _ r _ _ _")
                 .unwrap();
-        continuer.begin(&primer, seed).unwrap();
+        continuer.begin(&primer, None, seed).unwrap();
         temperatures.iter().map(|&t| continuer.next_symbol(t, c).unwrap()).collect()
     }
 

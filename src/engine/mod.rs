@@ -23,6 +23,7 @@ use std::time::Duration;
 use crossbeam::channel::{bounded, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 
+use crate::music::bar::BarPhase;
 use crate::music::encode::{Reject, StepGrid};
 use crate::music::phrase::{AnswerChunk, LiveShared, Request};
 use crate::music::{Key, Symbol};
@@ -257,10 +258,12 @@ pub trait Continuer: Send {
 
     /// Starts a new continuation of `primer`, forgetting any earlier one. The primer is a phrase
     /// encoded with `music::encode` on [`Continuer::grid`], in the phrase's own key (moving it to
-    /// the model's key convention and back is the continuer's business), starting on a bar line
-    /// and ending on the grid point where the continuation starts. It may be empty. `seed` seeds
-    /// the sampler: the same primer, seed and temperatures must give the same symbols.
-    fn begin(&mut self, primer: &[Symbol], seed: u64) -> Result<(), EngineError>;
+    /// the model's key convention and back is the continuer's business), ending on the grid
+    /// point where the continuation starts. It may be empty. `bar` says where in which bar its
+    /// first step lies, when the host's time signature and bar lines are known (a phrase starts
+    /// on a bar line; a continuous answer's later primers anywhere). `seed` seeds the sampler:
+    /// the same primer, bar, seed and temperatures must give the same symbols.
+    fn begin(&mut self, primer: &[Symbol], bar: Option<BarPhase>, seed: u64) -> Result<(), EngineError>;
 
     /// The symbol of the next step, sampled at `temperature` (greedy as it nears 0, as trained
     /// at 1, more uniform above), from the symbols `constraints` allow. The worker reads the

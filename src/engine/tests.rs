@@ -5,17 +5,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::music::bar::BarPhase;
 use crate::music::encode::parse_symbols;
 use crate::music::note::Note;
 use crate::music::phrase::{
     AnswerEvent, AnswerEventKind, AnswerRequest, GenSettings, KeyLock, Phrase, LOOKAHEAD_BEATS,
 };
-use crate::music::Mode;
+use crate::music::{Meter, Mode};
 
 /// What the scripted continuer was asked.
 #[derive(Default)]
 struct Log {
     begins: Vec<(Vec<Symbol>, u64)>,
+    /// The bar phase of each begin's primer.
+    bars: Vec<Option<BarPhase>>,
     temperatures: Vec<f32>,
 }
 
@@ -31,9 +34,11 @@ impl Continuer for Scripted {
         StepGrid::SIXTEENTHS
     }
 
-    fn begin(&mut self, primer: &[Symbol], seed: u64) -> Result<(), EngineError> {
+    fn begin(&mut self, primer: &[Symbol], bar: Option<BarPhase>, seed: u64) -> Result<(), EngineError> {
         self.step_idx = 0;
-        self.log.lock().unwrap().begins.push((primer.to_vec(), seed));
+        let mut log = self.log.lock().unwrap();
+        log.begins.push((primer.to_vec(), seed));
+        log.bars.push(bar);
         Ok(())
     }
 
@@ -178,6 +183,8 @@ fn the_answer_ends_at_its_length() {
     assert!(finished);
     assert_eq!(written, 3.0);
     assert_eq!(events, vec![on(0.0, 67), off(2.0, 67), on(2.0, 67), off(3.0, 67)]);
+    // Without the host's meter the primer has no bar phase.
+    assert_eq!(w.log.lock().unwrap().bars, vec![None]);
 }
 
 #[test]
@@ -226,7 +233,9 @@ fn a_cancelled_answer_stops_and_a_new_request_replaces_it() {
 fn continuous_answers_start_over_after_a_delimiter() {
     let w = start("60 _ / 62 _", ModelChoice::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
-    w.ask(request(1, None));
+    let mut asked = request(1, None);
+    asked.phrase.meter = Some(Meter::COMMON);
+    w.ask(asked);
     w.live.playhead_beats.store(1.0, Ordering::Release);
     let (events, _, finished) = w.collect(1, 2.0);
     assert!(!finished);
@@ -237,6 +246,12 @@ fn continuous_answers_start_over_after_a_delimiter() {
     let (restart, seed) = &log.begins[1];
     assert_eq!(&restart[restart.len() - 2..], &parse_symbols("60 _").unwrap()[..]);
     assert_eq!(*seed, 100);
+    // The phrase starts on a downbeat of the host's meter. The new primer (the phrase's 16
+    // steps and "60 _") is read as ending where the next step starts, the 20th ("60 _ /" were
+    // written), so it starts one step into a bar.
+    assert_eq!(log.bars[0], Some(BarPhase::downbeat(Meter::COMMON)));
+    assert_eq!(restart.len(), 18);
+    assert_eq!(log.bars[1], Some(BarPhase { meter: Meter::COMMON, step_in_bar: 1 }));
 }
 
 #[test]

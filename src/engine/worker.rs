@@ -9,6 +9,7 @@ use std::time::Duration;
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use nice_plug::prelude::{nice_log, nice_warn};
 
+use crate::music::bar::BarPhase;
 use crate::music::encode::{encode, EncodeConfig, StepGrid};
 use crate::music::key::estimate_key;
 use crate::music::phrase::{
@@ -173,6 +174,8 @@ struct ActiveAnswer {
     num_restarts: u64,
     /// The primer and what was written since, for a continuous answer to start over from.
     history: Vec<Symbol>,
+    /// Where in the host's bar the next step to write lies, when the host gives its meter.
+    next_bar: Option<BarPhase>,
 }
 
 pub(super) struct Worker {
@@ -367,6 +370,7 @@ impl Worker {
         }
         let mut chunk = empty_chunk(answer.id);
         let mut failure = None;
+        let grid = continuer.grid();
         let written_before_beats = answer.stream.written_until_beats();
         // Room for the two events one step can make (an end and a start).
         // A full answer is finished at once, target or not, so its last note's end is known
@@ -389,6 +393,7 @@ impl Worker {
                 }
             };
             let is_delimiter = answer.stream.push(symbol, &answer.constraints, &mut push);
+            answer.next_bar = answer.next_bar.map(|b| b.shifted(1, grid));
             if answer.is_continuous {
                 answer.history.push(symbol);
                 if answer.history.len() > 2 * CONTINUOUS_HISTORY_STEPS {
@@ -405,7 +410,10 @@ impl Worker {
                 let tail_idx = answer.history.len().saturating_sub(CONTINUOUS_HISTORY_STEPS);
                 let primer: Vec<Symbol> =
                     answer.history[tail_idx..].iter().copied().filter(|s| *s != Symbol::Delimiter).collect();
-                if let Err(err) = continuer.begin(&primer, answer.seed.wrapping_add(answer.num_restarts)) {
+                // The new primer is played as if it ended where the next step starts.
+                let bar = answer.next_bar.map(|b| b.shifted(-(primer.len() as i64), grid));
+                if let Err(err) = continuer.begin(&primer, bar, answer.seed.wrapping_add(answer.num_restarts))
+                {
                     answer.stream.finish(&mut push);
                     failure = Some(err);
                     break;
@@ -453,8 +461,10 @@ fn begin_answer(continuer: &mut dyn Continuer, request: &AnswerRequest) -> Resul
         key,
         may_end: is_continuous,
     };
-    continuer.begin(&primer, request.seed)?;
+    let bar = request.phrase.meter.map(BarPhase::downbeat);
+    continuer.begin(&primer, bar, request.seed)?;
     Ok(ActiveAnswer {
+        next_bar: bar.map(|b| b.shifted(primer.len() as i64, grid)),
         id: request.answer_id,
         stream: NoteStream::new(grid, settings.len_beats, NoteStream::last_sounding_pitch(&primer)),
         constraints,

@@ -41,12 +41,15 @@ pub struct Phrase {
     pub len_beats: f64,
     /// Length of one bar in beats (4.0 in 4/4, 3.0 in 6/8).
     pub bar_beats: f64,
+    /// The host's time signature, when it gives one (its bars are `bar_beats` long): the origin
+    /// is a downbeat of it.
+    pub meter: Option<Meter>,
 }
 
 impl Phrase {
     /// An empty phrase of no length in the given bar length.
     pub fn empty(bar_beats: f64) -> Self {
-        Self { notes: ArrayVec::new(), len_beats: 0.0, bar_beats }
+        Self { notes: ArrayVec::new(), len_beats: 0.0, bar_beats, meter: None }
     }
 
     /// The phrase with every onset and end moved to the nearest point of `grid`, made monophonic
@@ -60,6 +63,7 @@ impl Phrase {
             notes: ArrayVec::new(),
             len_beats: len_steps as f64 * step_beats,
             bar_beats: self.bar_beats,
+            meter: self.meter,
         };
         // (start_steps, end_steps, note) of the note being built; it is pushed once the next
         // onset fixes where it must end.

@@ -7,6 +7,8 @@
 //! on across the seam without a stuck or doubled note. With the transport stopped or absent the
 //! timeline runs on by itself at the host tempo, or at the free-run tempo when the host gives none.
 
+use crate::music::Meter;
+
 /// Differences between the host position and the one expected from the previous block that are
 /// smaller than this, in beats, are rounding or tempo-ramp error, not a jump. It is about a
 /// millisecond at common tempos, far below any loop a host offers.
@@ -37,11 +39,16 @@ pub struct HostTransport {
 impl HostTransport {
     /// Bar length in beats from the time signature, or 4/4 when it is missing or junk.
     pub fn bar_beats(&self) -> f64 {
+        self.meter().map_or(DEFAULT_BAR_BEATS, |m| m.bar_beats())
+    }
+
+    /// The time signature, unless it is missing or junk.
+    pub fn meter(&self) -> Option<Meter> {
         match self.time_sig {
             Some((num, den)) if (1..=64).contains(&num) && [1, 2, 4, 8, 16, 32].contains(&den) => {
-                num as f64 * 4.0 / den as f64
+                Some(Meter { numerator: num as u8, denominator: den as u8 })
             }
-            _ => DEFAULT_BAR_BEATS,
+            _ => None,
         }
     }
 }
@@ -73,6 +80,8 @@ pub struct BlockTime {
     pub tempo_bpm: f64,
     /// Bar length in beats.
     pub bar_beats: f64,
+    /// The host's time signature, when it gives a valid one (`bar_beats` is its bar).
+    pub meter: Option<Meter>,
     /// A bar line of the host on the timeline, when the host transport plays: bar lines lie at
     /// this plus whole multiples of `bar_beats`. `None` with a free-running clock.
     pub host_bar_origin_beats: Option<f64>,
@@ -203,6 +212,7 @@ impl Clock {
             len_samples,
             tempo_bpm,
             bar_beats,
+            meter: host.meter(),
             host_bar_origin_beats,
         };
         self.next_start_beats = Some(block.end_beats());
@@ -350,7 +360,12 @@ mod tests {
             HostTransport { bar_start_beats: Some(0.0), time_sig: Some((6, 8)), ..playing(7.5, 120.0) };
         let (block, _) = clock.advance(&host, 64, 100.0);
         assert_eq!(block.bar_beats, 3.0);
+        assert_eq!(block.meter, Some(Meter { numerator: 6, denominator: 8 }));
         assert_eq!(block.host_bar_origin_beats, Some(6.0));
+        // A junk time signature counts as none: 4/4 bars, no meter for the model.
+        let junk = HostTransport { time_sig: Some((6, 7)), ..host };
+        let (block, _) = clock.advance(&junk, 64, 100.0);
+        assert_eq!((block.bar_beats, block.meter), (4.0, None));
         // A host bar start that holds the position wins (a meter change earlier in the song).
         clock.reset();
         let host =

@@ -228,6 +228,7 @@ impl Scheduler {
             len_samples: 0,
             tempo_bpm: 120.0,
             bar_beats: 4.0,
+            meter: None,
             host_bar_origin_beats: None,
         };
         Self {
@@ -538,7 +539,8 @@ impl Scheduler {
             AnswerStart::NextBar => bar_beats,
             AnswerStart::NextBeat => 1.0,
         };
-        let (phrase, phrase_origin_beats) = self.capture.phrase_until(at_beats, unit_beats, bar_beats);
+        let (mut phrase, phrase_origin_beats) = self.capture.phrase_until(at_beats, unit_beats, bar_beats);
+        phrase.meter = self.block.meter.filter(|m| m.bar_beats() == bar_beats);
         // An empty phrase ("answer now" before anything was played) answers on the host's grid.
         let grid_origin_beats = if self.capture.has_notes() {
             phrase_origin_beats

@@ -170,6 +170,8 @@ fn the_answer_starts_on_the_bar_after_the_silence() {
     assert_eq!(request.seed, 42);
     assert_eq!(request.phrase.notes.len(), 8);
     assert_eq!(request.phrase.len_beats, 8.0);
+    // The host's 4/4 travels with the phrase, whose origin is its bar line.
+    assert_eq!(request.phrase.meter, Some(crate::music::Meter::COMMON));
     assert_eq!(request.settings.len_beats, Some(8.0));
     assert_eq!(rig.live.active_answer_id.load(Ordering::Acquire), request.answer_id);
     // The worker writes two notes.

@@ -27,6 +27,14 @@ pub struct GenerateArgs {
     /// Which tune of an ABC tunebook, or melody of a MIDI file, is the primer (0-based).
     #[arg(long, default_value_t = 0)]
     tune: usize,
+    /// The primer's time signature, such as 3/4 or 6/8. Default: the file's, or 4/4 for
+    /// symbols.
+    #[arg(long)]
+    meter: Option<String>,
+    /// Beats before the primer's first bar line (a pickup). Default: the file's, or 0 for
+    /// symbols.
+    #[arg(long)]
+    pickup: Option<f64>,
     /// Steps to generate (one step is a sixteenth on the default grid).
     #[arg(long, conflicts_with = "bars")]
     steps: Option<usize>,
@@ -74,7 +82,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => LoadedModel::builtin().context("loading the built-in model")?,
     };
     let model = Arc::new(model);
-    let primer = read_primer(&args.primer, args.tune, &model)?;
+    let mut primer = read_primer(&args.primer, args.tune, &model)?;
+    if let Some(text) = &args.meter {
+        primer.meter = Some(parse_meter(text)?);
+    }
+    if let Some(pickup) = args.pickup {
+        if !(pickup.is_finite() && pickup >= 0.0) {
+            bail!("--pickup {pickup}: expected beats, 0 or more");
+        }
+        primer.pickup_beats = pickup;
+    }
     let grid = model.config.grid;
     let num_steps = match (args.steps, args.bars) {
         (Some(steps), _) => steps,
@@ -153,7 +170,22 @@ fn read_primer(text: &str, tune: usize, model: &LoadedModel) -> Result<Melody> {
             .with_context(|| format!("{text} has {count} readable tunes, no #{tune}"));
     }
     let symbols = parse_symbols(text).context("the primer is neither a .mid/.abc file nor symbols")?;
-    Ok(decode(&symbols, model.config.grid))
+    let mut melody = decode(&symbols, model.config.grid);
+    melody.meter = Some(Meter::COMMON);
+    Ok(melody)
+}
+
+/// "6/8" → the meter.
+fn parse_meter(text: &str) -> Result<Meter> {
+    let parsed = text
+        .split_once('/')
+        .and_then(|(n, d)| Some((n.trim().parse::<u8>().ok()?, d.trim().parse::<u8>().ok()?)));
+    match parsed {
+        Some((numerator, denominator)) if numerator > 0 && [1, 2, 4, 8, 16, 32].contains(&denominator) => {
+            Ok(Meter { numerator, denominator })
+        }
+        _ => bail!("--meter {text}: expected a time signature such as 3/4 or 6/8"),
+    }
 }
 
 /// "G", "F# minor", "Bb dorian" → the key.
@@ -203,6 +235,15 @@ mod tests {
         assert_eq!(parse_key("Bb Dorian").unwrap(), Key::from_tonic(10, Mode::Dorian));
         assert!(parse_key("H").is_err());
         assert!(parse_key("C blues").is_err());
+    }
+
+    #[test]
+    fn meters_from_text() {
+        assert_eq!(parse_meter("6/8").unwrap(), Meter { numerator: 6, denominator: 8 });
+        assert_eq!(parse_meter(" 3 / 4 ").unwrap(), Meter { numerator: 3, denominator: 4 });
+        for junk in ["6", "0/4", "3/5", "x/4", "4/4/4"] {
+            assert!(parse_meter(junk).is_err(), "{junk}");
+        }
     }
 
     #[test]
