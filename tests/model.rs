@@ -270,6 +270,7 @@ fn tiny_train_config(epochs: usize) -> TrainConfig {
             hidden_size: 24,
             num_layers: 1,
             dropout: 0.0,
+            bar_lookback: 0,
         },
         window_len: 16,
         window_stride: 8,
@@ -344,10 +345,10 @@ fn a_model_trained_with_bar_positions_keeps_and_reads_them() {
     assert!(table.to_scalar::<f32>().unwrap() > 0.0, "the bar table learned nothing");
     // The same token at the downbeat and at no known position gives other logits.
     let token = loaded.config.vocab.id(Symbol::Pitch(60)).unwrap();
-    let mut logits = |bar| {
+    let logits = |bar| {
         let mut state = loaded.new_state();
         let mut logits = vec![0.0; loaded.config.vocab_len()];
-        loaded.step_at(token, bar, &mut state, &mut logits).unwrap();
+        loaded.step_at(token, &[bar], &mut state, &mut logits).unwrap();
         logits
     };
     assert_ne!(logits(downbeat), logits(bar::NO_BAR_POSITION));

@@ -71,8 +71,11 @@ pub fn streaming_likelihood(
     let target_tokens = vocab.encode(&targets)?;
     let mut state = model.new_state();
     let mut logits = vec![0.0f32; vocab.len()];
+    let reader = model.lstm.bar_reader();
+    let mut fed: Vec<u32> = Vec::with_capacity(lead_tokens.len() + target_tokens.len());
     for &token in &lead_tokens {
         model.step(token, &mut state, &mut logits)?;
+        fed.push(token.0 as u32);
     }
     let mut sums = MetricSums::default();
     for (idx, (&symbol, &token)) in targets.iter().zip(&target_tokens).enumerate() {
@@ -82,7 +85,10 @@ pub fn streaming_likelihood(
             Some(&bar) if idx < song.len() => bar,
             _ => NO_BAR_POSITION,
         };
-        model.step_at(token, bar, &mut state, &mut logits)?;
+        fed.push(token.0 as u32);
+        let earlier = |back: usize| fed.len().checked_sub(back + 1).map(|i| fed[i]);
+        let inputs: Vec<u16> = reader.inputs(bar as u32, earlier).iter().map(|&x| x as u16).collect();
+        model.step_at(token, &inputs, &mut state, &mut logits)?;
     }
     Ok(sums)
 }

@@ -90,7 +90,18 @@ pub struct ModelConfig {
     /// the order of their ids; empty for a model that reads symbols alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bar_meters: Vec<Meter>,
+    /// How many bars back the model also reads the symbol one and two bars before each target
+    /// (0, 1 or 2; needs `bar_meters`): the lookback inputs of `bar_lookback.weight`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bar_lookback: usize,
 }
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Most bars a model may look back.
+pub const MAX_BAR_LOOKBACK: usize = 2;
 
 fn default_delimiter_len() -> usize {
     64
@@ -132,6 +143,9 @@ pub enum ConfigError {
     /// A grid of 0 steps per quarter.
     #[error("a step grid of {steps_per_quarter} steps per quarter note")]
     BadGrid { steps_per_quarter: u32 },
+    /// A lookback beyond `MAX_BAR_LOOKBACK`, or one without bar meters to count bars by.
+    #[error("a lookback of {bars} bars needs bar meters and at most {max} bars")]
+    BadBarLookback { bars: usize, max: usize },
     /// A bar meter listed twice, or one whose bar is not a whole number of steps.
     #[error("bar meter {numerator}/{denominator} is listed twice or is not whole steps of the grid")]
     BadBarMeter { numerator: u8, denominator: u8 },
@@ -155,6 +169,7 @@ impl ModelConfig {
             transposition: Transposition::default(),
             delimiter_len: default_delimiter_len(),
             bar_meters: Vec::new(),
+            bar_lookback: 0,
         }
     }
 
@@ -214,7 +229,20 @@ impl ModelConfig {
                 });
             }
         }
+        if self.bar_lookback > MAX_BAR_LOOKBACK || (self.bar_lookback > 0 && self.bar_meters.is_empty()) {
+            return Err(ConfigError::BadBarLookback { bars: self.bar_lookback, max: MAX_BAR_LOOKBACK });
+        }
         Ok(())
+    }
+
+    /// Bar inputs read beside each token: the bar position and one symbol per bar of lookback
+    /// (0 for a model that reads symbols alone).
+    pub fn bar_inputs_per_step(&self) -> usize {
+        if self.bar_meters.is_empty() {
+            0
+        } else {
+            1 + self.bar_lookback
+        }
     }
 
     /// Rows of the bar-position table (`bar_position.weight`): 0 for a model without one.
@@ -288,6 +316,7 @@ pub(crate) mod tests {
             &|c| c.bar_meters = vec![Meter::COMMON, Meter { numerator: 3, denominator: 4 }, Meter::COMMON],
             ConfigError::BadBarMeter { numerator: 4, denominator: 4 },
         );
+        check(&|c| c.bar_lookback = 1, ConfigError::BadBarLookback { bars: 1, max: MAX_BAR_LOOKBACK });
         check(
             &|c| c.bar_meters = vec![Meter { numerator: 1, denominator: 64 }],
             ConfigError::BadBarMeter { numerator: 1, denominator: 64 },

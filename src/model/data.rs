@@ -7,11 +7,13 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
+use arrayvec::ArrayVec;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{ModelError, Transposition};
+use super::config::MAX_BAR_LOOKBACK;
+use super::{ModelConfig, ModelError, Transposition};
 use crate::music::bar;
 use crate::music::corpus::Collection;
 use crate::music::encode::{encode, join_songs, DurationFilter, EncodeConfig};
@@ -179,6 +181,69 @@ impl Kept {
     fn bars(&self, meters: &[Meter], grid: StepGrid) -> Vec<u32> {
         let ids = bar::melody_bar_positions(&self.melody, self.symbols.len(), meters, grid);
         ids.into_iter().map(u32::from).collect()
+    }
+}
+
+/// Reads a model's bar inputs off a token stream and its bar positions: per input step, the
+/// bar position, then for each bar of lookback the token that many bars before the target.
+#[derive(Clone, Debug)]
+pub struct BarReader {
+    /// `bar::bar_lengths` of the model's meters.
+    lengths: Vec<u16>,
+    lookback: usize,
+    /// The lookback input for "nothing there": the vocabulary's length.
+    none: u32,
+}
+
+impl BarReader {
+    /// The reader for `cfg`'s bar inputs (a model without bars reads only positions, which it
+    /// ignores).
+    pub fn for_model(cfg: &ModelConfig) -> Self {
+        Self {
+            lengths: bar::bar_lengths(&cfg.bar_meters, cfg.grid),
+            lookback: if cfg.bar_meters.is_empty() { 0 } else { cfg.bar_lookback },
+            none: cfg.vocab_len() as u32,
+        }
+    }
+
+    /// Inputs per step.
+    pub fn per_step(&self) -> usize {
+        1 + self.lookback
+    }
+
+    /// How many recent tokens `inputs` may ask for.
+    pub fn history_len(&self) -> usize {
+        self.lookback * self.lengths.iter().copied().max().unwrap_or(0) as usize
+    }
+
+    /// Appends the bar inputs of input step `t` of a window that starts at `window_start` to
+    /// `out`: its bar position, then for each bar of lookback the token one (two) bars before
+    /// the target `t + 1`, or "none" when the step's bar is unknown or that step lies before the
+    /// window (a window sees nothing before its first symbol).
+    pub fn push(&self, tokens: &[u32], bars: &[u32], window_start: usize, t: usize, out: &mut Vec<u32>) {
+        let earlier =
+            |back: usize| t.checked_sub(back).filter(|&idx| idx >= window_start).map(|idx| tokens[idx]);
+        out.extend(self.inputs(bars[t], earlier));
+    }
+
+    /// The bar inputs of a step at bar position `bar` (as `push`), where `earlier(k)` is the
+    /// token `k` steps before it (`earlier(0)`: its own), or `None` beyond what is known.
+    pub fn inputs(
+        &self,
+        bar: u32,
+        earlier: impl Fn(usize) -> Option<u32>,
+    ) -> ArrayVec<u32, { 1 + MAX_BAR_LOOKBACK }> {
+        let bar_len = self.lengths.get(bar as usize).copied().unwrap_or(0) as usize;
+        let mut out = ArrayVec::new();
+        out.push(bar);
+        for back in 1..=self.lookback.min(MAX_BAR_LOOKBACK) {
+            // The token `back` bars before the target lies `back · bar - 1` steps before this one.
+            out.push(match bar_len {
+                0 => self.none,
+                _ => earlier(back * bar_len - 1).unwrap_or(self.none),
+            });
+        }
+        out
     }
 }
 
@@ -401,6 +466,31 @@ mod tests {
         // That is 9 keys, so 8 copies of each of the 9 training songs.
         assert_eq!(c.num_augmented_copies, 9 * 8);
         assert_eq!(data.vocab.pitch_range(), Some((58, 70)));
+    }
+
+    #[test]
+    fn bar_inputs_look_back_whole_bars_within_the_window() {
+        let mut cfg = crate::model::config::tests::small_config();
+        cfg.bar_meters = vec![Meter { numerator: 2, denominator: 4 }];
+        cfg.bar_lookback = 2;
+        let reader = BarReader::for_model(&cfg);
+        let none = cfg.vocab_len() as u32;
+        assert_eq!((reader.per_step(), reader.history_len()), (3, 16));
+        // A song in 2/4 (ids 1..=8, one bar of 8 steps) after two delimiters.
+        let tokens: Vec<u32> = (100..130).collect();
+        let bars: Vec<u32> = [0, 0].into_iter().chain((0..28).map(|i| 1 + i % 8)).collect();
+        let mut out = Vec::new();
+        // Step 20 predicts step 21; a bar before that is step 13, two bars step 5.
+        reader.push(&tokens, &bars, 0, 20, &mut out);
+        assert_eq!(out, vec![bars[20], 113, 105]);
+        // A window starting at 6 cannot see step 5.
+        out.clear();
+        reader.push(&tokens, &bars, 6, 20, &mut out);
+        assert_eq!(out, vec![bars[20], 113, none]);
+        // A delimiter has no bar to count back by.
+        out.clear();
+        reader.push(&tokens, &bars, 0, 1, &mut out);
+        assert_eq!(out, vec![0, none, none]);
     }
 
     #[test]

@@ -25,10 +25,10 @@ use std::ops::BitXor;
 
 use candle_core::{DType, Device, Error, Result, Tensor};
 
-use super::config::InputKind;
+use super::config::{InputKind, MAX_BAR_LOOKBACK};
 use super::int8::{self, Int8Part, Limbs};
 use super::kernels::{madd, sigmoid, tanh_approx, Isa};
-use super::lstm::{GenState, MelodyLstm};
+use super::lstm::{side_row, GenState, MelodyLstm};
 use crate::music::bar::NO_BAR_POSITION;
 use crate::music::TokenId;
 
@@ -90,9 +90,13 @@ pub struct FastLstm {
     num_blocks: usize,
     /// `[vocab][num_blocks · BLOCK_ROWS]`: layer 0's `W_ih x + b_ih + b_hh` per token, packed.
     token_gates: Vec<f32>,
-    /// `[positions][num_blocks · BLOCK_ROWS]`: layer 0's input per bar position, packed; empty
-    /// for a model without bar positions.
-    bar_gates: Vec<f32>,
+    /// `[side rows][num_blocks · BLOCK_ROWS]`: layer 0's input per row of the side table
+    /// (`MelodyLstm::side_table`: bar positions, then lookback tokens), packed; empty for a
+    /// model without bar inputs.
+    side_gates: Vec<f32>,
+    /// Rows of the bar-position table, and bar inputs per step (0 without them).
+    num_bar_positions: usize,
+    bar_inputs_per_step: usize,
     layers: Vec<PackedLayer>,
     /// `[vocab blocks][hidden][BLOCK_ROWS]`: the output layer, symbol `v` in block `v / 64`.
     head_w: Vec<f32>,
@@ -246,19 +250,21 @@ impl FastLstm {
             layers.push(PackedLayer { input_width, weights, bias: packed_bias });
         }
 
-        let mut bar_gates = Vec::new();
-        if let Some(table) = lstm.bar_table() {
-            let (positions, _) = table.dims2()?;
-            let table = values(table)?;
-            bar_gates = vec![0.0f32; positions * packed_rows];
-            for (pos, out) in bar_gates.chunks_exact_mut(packed_rows).enumerate() {
+        let mut side_gates = Vec::new();
+        if let Some(table) = lstm.side_table(&Tensor::clone)? {
+            let (num_rows, _) = table.dims2()?;
+            let table = values(&table)?;
+            side_gates = vec![0.0f32; num_rows * packed_rows];
+            for (side_row, out) in side_gates.chunks_exact_mut(packed_rows).enumerate() {
                 for (p, out) in out.iter_mut().enumerate() {
                     if let Some(row) = source_row(p) {
-                        *out = table[pos * 4 * hidden + row];
+                        *out = table[side_row * 4 * hidden + row];
                     }
                 }
             }
         }
+        let num_bar_positions = lstm.bar_table().map_or(0, |t| t.dims()[0]);
+        let bar_inputs_per_step = if num_bar_positions > 0 { lstm.bar_reader().per_step() } else { 0 };
 
         let head_w_src = get("head.weight")?;
         let head_b_src = get("head.bias")?;
@@ -279,7 +285,9 @@ impl FastLstm {
             vocab_len,
             num_blocks,
             token_gates,
-            bar_gates,
+            side_gates,
+            num_bar_positions,
+            bar_inputs_per_step,
             layers,
             head_w,
             head_b,
@@ -343,59 +351,80 @@ impl FastLstm {
         total
     }
 
-    /// `step_at` with no bar position known.
+    /// `step_at` with no bar inputs known.
     pub fn step(&self, token: TokenId, state: &mut GenState, logits: &mut [f32]) -> Result<()> {
-        self.step_at(token, NO_BAR_POSITION, state, logits)
+        self.step_at(token, &[], state, logits)
     }
 
-    /// Feeds `token` at bar position `bar` (ignored by a model without bar positions) to one
-    /// sequence: updates `state` (per layer `[hidden]`) and writes the next symbol's logits
-    /// into `logits` (`[vocab]`). Errors (a token or position outside the model's, a state or
+    /// Feeds `token` with its bar inputs (`bars`: the bar position, then the tokens one and two
+    /// bars back; missing ones read as none, and a model without bar inputs ignores them) to
+    /// one sequence: updates `state` (per layer `[hidden]`) and writes the next symbol's logits
+    /// into `logits` (`[vocab]`). Errors (a token or bar input outside the model's, a state or
     /// buffer of the wrong size) leave `state` untouched.
-    pub fn step_at(&self, token: TokenId, bar: u16, state: &mut GenState, logits: &mut [f32]) -> Result<()> {
+    pub fn step_at(
+        &self,
+        token: TokenId,
+        bars: &[u16],
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) -> Result<()> {
         let token = token.0 as usize;
         let hidden = self.hidden_size;
         let packed_rows = self.num_blocks * BLOCK_ROWS;
-        let num_bars = self.bar_gates.len() / packed_rows;
         let is_shaped = state.h.len() == self.layers.len()
             && state.c.len() == self.layers.len()
             && state.h.iter().chain(&state.c).all(|v| v.len() == hidden);
-        let bar_fits = num_bars == 0 || (bar as usize) < num_bars;
-        if token >= self.vocab_len || !bar_fits || !is_shaped || logits.len() != self.vocab_len {
+        if token >= self.vocab_len || !is_shaped || logits.len() != self.vocab_len {
             return Err(Error::Msg(format!(
-                "fast step: token {token} of {}, bar position {bar} of {num_bars}, {} layers of {hidden} in the state, {} logits",
+                "fast step: token {token} of {}, {} layers of {hidden} in the state, {} logits",
                 self.vocab_len,
                 state.h.len(),
                 logits.len()
             )));
         }
-        let bar_row: &[f32] = match num_bars {
-            0 => &[],
-            _ => &self.bar_gates[bar as usize * packed_rows..][..packed_rows],
-        };
+        // The bar inputs' rows, added to layer 0's gates.
+        let mut side_rows: [&[f32]; 1 + MAX_BAR_LOOKBACK] = [&[]; 1 + MAX_BAR_LOOKBACK];
+        for (j, side) in side_rows.iter_mut().enumerate().take(self.bar_inputs_per_step) {
+            let raw = match bars.get(j) {
+                Some(&raw) => raw as u32,
+                None if j == 0 => NO_BAR_POSITION as u32,
+                None => self.vocab_len as u32,
+            };
+            let row = side_row(self.num_bar_positions, self.vocab_len, j, raw).ok_or_else(|| {
+                Error::Msg(format!("fast step: bar input {j} is {raw}, outside the model's"))
+            })? as usize;
+            *side = &self.side_gates[row * packed_rows..][..packed_rows];
+        }
+        let bar_rows = &side_rows[..self.bar_inputs_per_step];
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA;
             // int8 weights are only packed where it also reports AVX-512BW and VNNI.
             Isa::Avx512 => unsafe {
                 if self.format == WeightFormat::I8 {
-                    self.step_avx512_vnni(token, bar_row, state, logits)
+                    self.step_avx512_vnni(token, bar_rows, state, logits)
                 } else {
-                    self.step_avx512(token, bar_row, state, logits)
+                    self.step_avx512(token, bar_rows, state, logits)
                 }
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
-            Isa::Avx2Fma => unsafe { self.step_avx2(token, bar_row, state, logits) },
-            _ => self.step_body::<false, false>(token, bar_row, state, logits),
+            Isa::Avx2Fma => unsafe { self.step_avx2(token, bar_rows, state, logits) },
+            _ => self.step_body::<false, false>(token, bar_rows, state, logits),
         }
         Ok(())
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn step_avx512(&self, token: usize, bar_row: &[f32], state: &mut GenState, logits: &mut [f32]) {
-        self.step_body::<true, false>(token, bar_row, state, logits)
+    unsafe fn step_avx512(
+        &self,
+        token: usize,
+        bar_rows: &[&[f32]],
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) {
+        self.step_body::<true, false>(token, bar_rows, state, logits)
     }
 
     /// The AVX-512 step for int8 weights, which are only packed where VNNI runs.
@@ -404,17 +433,17 @@ impl FastLstm {
     unsafe fn step_avx512_vnni(
         &self,
         token: usize,
-        bar_row: &[f32],
+        bar_rows: &[&[f32]],
         state: &mut GenState,
         logits: &mut [f32],
     ) {
-        self.step_body::<true, true>(token, bar_row, state, logits)
+        self.step_body::<true, true>(token, bar_rows, state, logits)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn step_avx2(&self, token: usize, bar_row: &[f32], state: &mut GenState, logits: &mut [f32]) {
-        self.step_body::<true, false>(token, bar_row, state, logits)
+    unsafe fn step_avx2(&self, token: usize, bar_rows: &[&[f32]], state: &mut GenState, logits: &mut [f32]) {
+        self.step_body::<true, false>(token, bar_rows, state, logits)
     }
 
     /// The step itself; shapes were checked by `step`.
@@ -422,7 +451,7 @@ impl FastLstm {
     fn step_body<const FMA: bool, const VNNI: bool>(
         &self,
         token: usize,
-        bar_row: &[f32],
+        bar_rows: &[&[f32]],
         state: &mut GenState,
         logits: &mut [f32],
     ) {
@@ -456,9 +485,11 @@ impl FastLstm {
             for b in 0..self.num_blocks {
                 let mut acc = [0.0f32; BLOCK_ROWS];
                 acc.copy_from_slice(&start[b * BLOCK_ROWS..][..BLOCK_ROWS]);
-                if k == 0 && !bar_row.is_empty() {
-                    for (a, &x) in acc.iter_mut().zip(&bar_row[b * BLOCK_ROWS..][..BLOCK_ROWS]) {
-                        *a += x;
+                if k == 0 {
+                    for side in bar_rows {
+                        for (a, &x) in acc.iter_mut().zip(&side[b * BLOCK_ROWS..][..BLOCK_ROWS]) {
+                            *a += x;
+                        }
                     }
                 }
                 let block_range = b * cols * BLOCK_ROWS..(b + 1) * cols * BLOCK_ROWS;

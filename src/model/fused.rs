@@ -76,13 +76,13 @@ pub fn lstm_outputs(
                     None => w_ih_t.contiguous()?,
                 };
                 let table = table.broadcast_add(&bias)?;
-                match (model.bar_table(), model.bar_ids(tokens, bars)?) {
-                    (Some(bar_table), Some(bar_ids)) => {
-                        // One table of token rows then bar rows; each step sums its two rows.
-                        let vocab_len = table.dim(0)? as u32;
-                        let table = Tensor::cat(&[&table, &weight(bar_table)], 0)?;
-                        let bar_rows = (bar_ids + vocab_len as f64)?;
-                        let ids = Tensor::stack(&[tokens, &bar_rows], 2)?;
+                match (model.side_table(&weight)?, model.side_rows(tokens, bars)?) {
+                    (Some(side_table), Some(side_rows)) => {
+                        // One table of token rows then side rows; each step sums its token's
+                        // row and its bar inputs' rows.
+                        let vocab_len = table.dim(0)? as f64;
+                        let table = Tensor::cat(&[&table, &side_table], 0)?;
+                        let ids = Tensor::cat(&[&tokens.unsqueeze(2)?, &(side_rows + vocab_len)?], 2)?;
                         recur_table_rows(&table, &ids, &w_hh, &state.h[k], &state.c[k])?
                     }
                     _ => recur_tokens(&table, tokens, &w_hh, &state.h[k], &state.c[k])?,
@@ -1203,13 +1203,14 @@ mod tests {
         }
     }
 
-    /// A model with bar positions through the fused op (token and bar rows summed inside it)
-    /// against the per-step candle graph that runs off the CPU: logits and the gradient of
-    /// every weight, the bar table's included, with bars given and with bars left out.
+    /// A model with bar positions and lookback through the fused op (token and side rows summed
+    /// inside it) against the per-step candle graph that runs off the CPU: outputs and the
+    /// gradient of every weight, the side tables' included, with all bar inputs given, with
+    /// positions only, and with none.
     #[test]
-    fn bar_positions_match_the_per_step_graph() {
+    fn bar_inputs_match_the_per_step_graph() {
         use crate::model::config::ModelConfig;
-        use crate::model::lstm::{nll_and_argmax, BAR_TABLE};
+        use crate::model::lstm::{nll_and_argmax, BAR_TABLE, LOOKBACK_TABLE};
         use crate::model::InputKind;
         use crate::music::{bar, Vocab};
 
@@ -1217,6 +1218,7 @@ mod tests {
         let mut cfg =
             ModelConfig::new(Vocab::for_pitch_range(60, 72), InputKind::Embedding { dim: 6 }, 20, 2, 0.0);
         cfg.bar_meters = bar::COMMON_METERS.to_vec();
+        cfg.bar_lookback = 2;
         let (vocab, num_bars) = (cfg.vocab_len(), cfg.num_bar_positions());
         let map = VarMap::new();
         let model = MelodyLstm::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, &dev)).unwrap();
@@ -1224,21 +1226,30 @@ mod tests {
         let random = |rng: &mut ChaCha8Rng, n: usize| {
             (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect::<Vec<_>>()
         };
-        let table = Tensor::from_vec(random(&mut rng, num_bars * 80), (num_bars, 80), &dev).unwrap();
-        map.data().lock().unwrap()[BAR_TABLE].set(&table).unwrap();
+        for (name, rows) in [(BAR_TABLE, num_bars), (LOOKBACK_TABLE, 2 * (vocab + 1))] {
+            let table = Tensor::from_vec(random(&mut rng, rows * 80), (rows, 80), &dev).unwrap();
+            map.data().lock().unwrap()[name].set(&table).unwrap();
+        }
 
         let (batch, seq_len) = (3, 7);
         let ids: Vec<u32> = (0..batch * (seq_len + 1)).map(|_| rng.random_range(0..vocab as u32)).collect();
         let all = Tensor::from_vec(ids, (seq_len + 1, batch), &dev).unwrap();
         let inputs = all.narrow(0, 0, seq_len).unwrap().contiguous().unwrap();
         let targets = all.narrow(0, 1, seq_len).unwrap().flatten_all().unwrap();
-        let bar_ids: Vec<u32> = (0..batch * seq_len).map(|_| rng.random_range(0..num_bars as u32)).collect();
-        let bars = Tensor::from_vec(bar_ids, (seq_len, batch), &dev).unwrap();
+        // Per step: a bar position and the tokens one and two bars back (`vocab`: none).
+        let bar_inputs: Vec<u32> = (0..batch * seq_len)
+            .flat_map(|_| {
+                let position = rng.random_range(0..num_bars as u32);
+                [position, rng.random_range(0..=vocab as u32), rng.random_range(0..=vocab as u32)]
+            })
+            .collect();
+        let bars = Tensor::from_vec(bar_inputs, (seq_len, batch, 3), &dev).unwrap();
+        let positions_only = bars.narrow(2, 0, 1).unwrap().squeeze(2).unwrap().contiguous().unwrap();
         let loss = |ys: &Tensor| {
             let logits = model.forward_head(ys).unwrap().reshape(((), vocab)).unwrap();
             nll_and_argmax(&logits, &targets).unwrap().0.mean_all().unwrap()
         };
-        for given in [Some(&bars), None] {
+        for given in [Some(&bars), Some(&positions_only), None] {
             let (fused_ys, _) = lstm_outputs(&model, &inputs, given, None, None, false).unwrap();
             let (graph_ys, _) = model.lstm_outputs(&inputs, given, None, None).unwrap();
             let graph_ys = Tensor::stack(&graph_ys, 0).unwrap();
@@ -1250,11 +1261,11 @@ mod tests {
                 assert!(d < 1e-4, "bars {}: gradient of {name} off by {d} (relative)", given.is_some());
             }
         }
-        // The bars matter: other positions give other outputs.
-        let shifted = (&bars + 1.0).unwrap().minimum((num_bars - 1) as f64).unwrap();
-        let (a, _) = lstm_outputs(&model, &inputs, Some(&bars), None, None, false).unwrap();
-        let (b, _) = lstm_outputs(&model, &inputs, Some(&shifted), None, None, false).unwrap();
-        assert!(rel_diff(&a, &b) > 1e-3);
+        // The bar inputs matter: leaving the lookback out, or everything, gives other outputs.
+        let (all, _) = lstm_outputs(&model, &inputs, Some(&bars), None, None, false).unwrap();
+        let (positions, _) = lstm_outputs(&model, &inputs, Some(&positions_only), None, None, false).unwrap();
+        let (nothing, _) = lstm_outputs(&model, &inputs, None, None, None, false).unwrap();
+        assert!(rel_diff(&all, &positions) > 1e-3 && rel_diff(&positions, &nothing) > 1e-3);
     }
 
     /// `linear` against candle's `matmul` + `broadcast_add`: values and the gradients of all

@@ -5,8 +5,12 @@
 //! Runs on: the worker thread (one `Generator` per phrase, built cheaply from an
 //! `Arc<LoadedModel>`) and offline threads (xtask generate, tests).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
+use arrayvec::ArrayVec;
+
+use super::config::MAX_BAR_LOOKBACK;
 use super::io::LoadedModel;
 use super::sample::{Sampler, SamplingSettings};
 use super::{GenState, ModelError, Transposition};
@@ -29,12 +33,15 @@ pub struct Generator {
     is_finished: bool,
     /// The bar position of the next song symbol fed, for a model with bar positions.
     bar_clock: Option<BarClock>,
+    /// The most recent tokens fed, newest last, as far back as the model's lookback reaches.
+    history: VecDeque<u32>,
 }
 
 impl Generator {
     /// A generator at the zero state whose draws follow `seed`.
     pub fn new(model: Arc<LoadedModel>, seed: u64) -> Self {
         let vocab_len = model.config.vocab_len();
+        let history_len = model.lstm.bar_reader().history_len();
         Self {
             state: model.new_state(),
             model,
@@ -45,6 +52,7 @@ impl Generator {
             num_generated: 0,
             is_finished: false,
             bar_clock: None,
+            history: VecDeque::with_capacity(history_len + 1),
         }
     }
 
@@ -74,6 +82,7 @@ impl Generator {
     /// Back to the zero state with nothing generated; the RNG goes on where it was.
     pub fn reset(&mut self) {
         self.state.reset();
+        self.history.clear();
         self.has_logits = false;
         self.num_generated = 0;
         self.is_finished = false;
@@ -106,15 +115,26 @@ impl Generator {
         self.feed_token(token)
     }
 
-    /// Feeds a token at the bar clock's position (delimiters lie outside bars), then moves the
-    /// clock on by a step.
+    /// Feeds a token at the bar clock's position (delimiters lie outside bars) with the tokens
+    /// the model looks back to, then moves the clock on by a step.
     fn feed_token(&mut self, token: TokenId) -> Result<(), ModelError> {
         let is_song_symbol = self.model.config.vocab.symbol(token) != Symbol::Delimiter;
         let bar = match (&self.bar_clock, is_song_symbol) {
             (Some(clock), true) => clock.id(),
             _ => NO_BAR_POSITION,
         };
-        self.model.step_at(token, bar, &mut self.state, &mut self.logits)?;
+        let reader = self.model.lstm.bar_reader();
+        if reader.history_len() > 0 {
+            if self.history.len() > reader.history_len() {
+                self.history.pop_front();
+            }
+            self.history.push_back(token.0 as u32);
+        }
+        let history = &self.history;
+        let earlier = |back: usize| history.len().checked_sub(back + 1).map(|idx| history[idx]);
+        let inputs: ArrayVec<u16, { 1 + MAX_BAR_LOOKBACK }> =
+            reader.inputs(bar as u32, earlier).iter().map(|&input| input as u16).collect();
+        self.model.step_at(token, &inputs, &mut self.state, &mut self.logits)?;
         if let (Some(clock), true) = (&mut self.bar_clock, is_song_symbol) {
             clock.advance();
         }
@@ -399,18 +419,22 @@ mod tests {
         assert_eq!(model_shift(&g, Transposition::None, 0, 127), 0);
     }
 
-    /// A small random model over 60..=72 that reads bar positions of the common meters.
+    /// A small random model over 60..=72 that reads bar positions of the common meters and the
+    /// symbol a bar back.
     fn model_with_bars() -> Arc<LoadedModel> {
-        use crate::model::lstm::{MelodyLstm, BAR_TABLE};
+        use crate::model::lstm::{MelodyLstm, BAR_TABLE, LOOKBACK_TABLE};
         use candle_core::{DType, Device, Tensor};
         use rand::{Rng, SeedableRng};
         let mut cfg = crate::model::config::tests::small_config();
         cfg.bar_meters = bar::COMMON_METERS.to_vec();
+        cfg.bar_lookback = 1;
         let mut tensors = MelodyLstm::initial_tensors(&cfg, 3, &Device::Cpu).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let shape = tensors[BAR_TABLE].dims().to_vec();
-        let values = (0..shape.iter().product()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        tensors.insert(BAR_TABLE.to_string(), Tensor::from_vec(values, shape, &Device::Cpu).unwrap());
+        for name in [BAR_TABLE, LOOKBACK_TABLE] {
+            let shape = tensors[name].dims().to_vec();
+            let values = (0..shape.iter().product()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            tensors.insert(name.to_string(), Tensor::from_vec(values, shape, &Device::Cpu).unwrap());
+        }
         let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         Arc::new(LoadedModel::new(cfg.clone(), MelodyLstm::new(&cfg, vb).unwrap(), "test").unwrap())
     }
@@ -418,27 +442,35 @@ mod tests {
     #[test]
     fn the_primer_is_fed_at_its_bar_positions() {
         let model = model_with_bars();
-        let waltz = Meter { numerator: 3, denominator: 4 };
-        // A one-beat pickup in 3/4: the first step is step 8 of the bar's 12.
-        let mut primer = melody(&[(60, 0.0, 1.0), (64, 1.0, 0.5)]);
+        let two_four = Meter { numerator: 2, denominator: 4 };
+        // A one-beat pickup in 2/4: the first step is step 4 of the bar's 8; 20 steps in all.
+        let mut primer =
+            melody(&[(60, 0.0, 1.0), (64, 1.0, 0.5), (65, 1.5, 0.5), (67, 2.0, 2.0), (65, 4.0, 1.0)]);
         primer.key = Some(Key::C_MAJOR);
-        primer.meter = Some(waltz);
+        primer.meter = Some(two_four);
         primer.pickup_beats = 1.0;
         let mut phrase = PhraseContinuation::start(Arc::clone(&model), &primer, 8, 1).unwrap();
-        assert_eq!(phrase.generator.bar_clock().unwrap().step_in_bar(), 2);
+        assert_eq!(phrase.generator.bar_clock().unwrap().step_in_bar(), 0);
 
-        // The same state and logits by hand: the delimiters outside any bar, then each primer
-        // step at its own position.
+        // The same state and logits by hand: the delimiters outside any bar and with nothing
+        // to look back to, then each primer step at its own position with the token a bar
+        // (8 steps) before the one it predicts.
         let cfg = &model.config;
-        let mut clock = BarClock::new(&cfg.bar_meters, waltz, cfg.grid, 8).unwrap();
+        let none = cfg.vocab_len() as u16;
+        let mut clock = BarClock::new(&cfg.bar_meters, two_four, cfg.grid, 4).unwrap();
         let mut state = model.new_state();
         let mut logits = vec![0.0; cfg.vocab_len()];
         let delimiter = cfg.vocab.id(Symbol::Delimiter).unwrap();
+        let mut fed = Vec::new();
         for _ in 0..cfg.delimiter_len {
-            model.step_at(delimiter, NO_BAR_POSITION, &mut state, &mut logits).unwrap();
+            model.step_at(delimiter, &[NO_BAR_POSITION, none], &mut state, &mut logits).unwrap();
+            fed.push(delimiter.0);
         }
-        for symbol in parse_symbols("60 _ _ _ 64 _").unwrap() {
-            model.step_at(cfg.vocab.id(symbol).unwrap(), clock.id(), &mut state, &mut logits).unwrap();
+        for symbol in parse_symbols("60 _ _ _ 64 _ 65 _ 67 _ _ _ _ _ _ _ 65 _ _ _").unwrap() {
+            let token = cfg.vocab.id(symbol).unwrap();
+            fed.push(token.0);
+            let bar_back = fed[fed.len() - 8];
+            model.step_at(token, &[clock.id(), bar_back], &mut state, &mut logits).unwrap();
             clock.advance();
         }
         assert_eq!(phrase.generator.state(), &state);
@@ -448,7 +480,7 @@ mod tests {
         for _ in 0..3 {
             phrase.next_symbol(&SamplingSettings { may_end: false, ..SamplingSettings::default() }).unwrap();
         }
-        assert_eq!(phrase.generator.bar_clock().unwrap().step_in_bar(), 5);
+        assert_eq!(phrase.generator.bar_clock().unwrap().step_in_bar(), 3);
         primer.meter = Some(Meter { numerator: 7, denominator: 8 });
         let odd = PhraseContinuation::start(Arc::clone(&model), &primer, 8, 1).unwrap();
         assert_eq!(odd.generator.bar_clock(), None);

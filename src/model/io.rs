@@ -13,7 +13,6 @@ use safetensors::{Dtype, SafeTensors};
 use super::config::{InputKind, ModelConfig};
 use super::lstm::{GenState, MelodyLstm, StepWeights};
 use super::ModelError;
-use crate::music::bar::NO_BAR_POSITION;
 use crate::music::TokenId;
 
 /// The weights file of a model directory.
@@ -115,19 +114,20 @@ impl LoadedModel {
     /// (`[vocab]`) into `logits`. Generation goes through here only, so a faster step kernel
     /// can take over without touching its callers.
     pub fn step(&self, token: TokenId, state: &mut GenState, logits: &mut [f32]) -> Result<(), ModelError> {
-        self.step_at(token, NO_BAR_POSITION, state, logits)
+        self.step_at(token, &[], state, logits)
     }
 
-    /// `step` for a token whose step lies at bar position `bar` (`music::bar`); a model
-    /// without bar positions ignores it.
+    /// `step` for a token with its bar inputs: its step's bar position (`music::bar`), then the
+    /// tokens one and two bars before the next step (`BarReader`); missing ones read as none,
+    /// and a model without bar inputs ignores them.
     pub fn step_at(
         &self,
         token: TokenId,
-        bar: u16,
+        bars: &[u16],
         state: &mut GenState,
         logits: &mut [f32],
     ) -> Result<(), ModelError> {
-        Ok(self.lstm.step(&self.step_weights, token, bar, state, logits)?)
+        Ok(self.lstm.step(&self.step_weights, token, bars, state, logits)?)
     }
 }
 

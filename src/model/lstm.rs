@@ -36,14 +36,18 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{InputKind, ModelConfig};
+use super::data::BarReader;
 use super::fast::FastLstm;
 use super::fused;
+use crate::music::bar::NO_BAR_POSITION;
 use crate::music::TokenId;
 
 /// Prefix of the LSTM layers' tensors.
 const LSTM_PREFIX: &str = "lstm";
 /// Name of the bar-position table.
 pub const BAR_TABLE: &str = "bar_position.weight";
+/// Name of the lookback table.
+pub const LOOKBACK_TABLE: &str = "bar_lookback.weight";
 
 /// One LSTM layer's weights, PyTorch layout (gates i, f, g, o stacked along the rows).
 #[derive(Clone, Debug)]
@@ -148,10 +152,9 @@ impl LstmLayer {
                 LayerInput::Tokens { tables, tokens, bars } => (0..4)
                     .map(|g| {
                         let from_token = tables[g].index_select(&tokens[t], 0)?;
+                        let hidden = self.hidden_size();
                         let from_input = match bars {
-                            Some((bar_tables, ids)) => {
-                                (from_token + bar_tables[g].index_select(&ids[t], 0)?)?
-                            }
+                            Some(bars) => (from_token + bars[t].narrow(1, g * hidden, hidden)?)?,
                             None => from_token,
                         };
                         from_input + h.matmul(&recurrent[g])?
@@ -178,9 +181,8 @@ impl LstmLayer {
 pub enum LayerInput {
     /// Layer 0: token ids, and per gate the table of every token's input contribution
     /// (`LstmLayer::token_tables`). tables: 4 × `[vocab, hidden]`; tokens: per step `[batch]` u32;
-    /// bars (models with bar positions): per gate the table `[positions, hidden]` and per step
-    /// `[batch]` u32 ids.
-    Tokens { tables: Vec<Tensor>, tokens: Vec<Tensor>, bars: Option<(Vec<Tensor>, Vec<Tensor>)> },
+    /// bars (models with bar inputs): per step their summed contribution `[batch, 4 hidden]`.
+    Tokens { tables: Vec<Tensor>, tokens: Vec<Tensor>, bars: Option<Vec<Tensor>> },
     /// Layers above: the layer below's outputs, per step `[batch, input]`.
     Vectors(Vec<Tensor>),
 }
@@ -263,6 +265,9 @@ pub struct MelodyLstm {
     embedding: Option<Tensor>,
     /// `[positions, 4 hidden]`, present for a model with bar positions.
     bar_table: Option<Tensor>,
+    /// `[lookback · (vocab + 1), 4 hidden]`, present for a model with bar lookback.
+    lookback_table: Option<Tensor>,
+    bar_reader: BarReader,
     layers: Vec<LstmLayer>,
     /// `[vocab, hidden]`.
     head_w: Tensor,
@@ -292,6 +297,14 @@ impl MelodyLstm {
             0 => None,
             rows => Some(vb.get_with_hints((rows, 4 * hidden), BAR_TABLE, Init::Const(0.0))?),
         };
+        let lookback_table = match (cfg.num_bar_positions(), cfg.bar_lookback) {
+            (0, _) | (_, 0) => None,
+            (_, bars) => Some(vb.get_with_hints(
+                (bars * (vocab_len + 1), 4 * hidden),
+                LOOKBACK_TABLE,
+                Init::Const(0.0),
+            )?),
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for layer_idx in 0..cfg.num_layers {
             let width = if layer_idx == 0 { cfg.input.width(vocab_len) } else { hidden };
@@ -306,6 +319,8 @@ impl MelodyLstm {
             input: cfg.input,
             embedding,
             bar_table,
+            lookback_table,
+            bar_reader: BarReader::for_model(cfg),
             layers,
             head_w,
             head_b,
@@ -334,6 +349,9 @@ impl MelodyLstm {
         shapes.push(("head.bias".to_string(), vec![vocab]));
         if cfg.num_bar_positions() > 0 {
             shapes.push((BAR_TABLE.to_string(), vec![cfg.num_bar_positions(), 4 * hidden]));
+            if cfg.bar_lookback > 0 {
+                shapes.push((LOOKBACK_TABLE.to_string(), vec![cfg.bar_lookback * (vocab + 1), 4 * hidden]));
+            }
         }
         shapes
     }
@@ -353,7 +371,11 @@ impl MelodyLstm {
                 (0..len).map(|_| standard_normal(&mut rng)).collect()
             } else if name.contains(".bias_ih_") {
                 (0..len).map(|i| if (hidden..2 * hidden).contains(&i) { 1.0 } else { 0.0 }).collect()
-            } else if name.contains(".bias_hh_") || name == "head.bias" || name == BAR_TABLE {
+            } else if name.contains(".bias_hh_")
+                || name == "head.bias"
+                || name == BAR_TABLE
+                || name == LOOKBACK_TABLE
+            {
                 vec![0.0; len]
             } else {
                 (0..len).map(|_| rng.random_range(-bound..bound)).collect()
@@ -380,6 +402,9 @@ impl MelodyLstm {
         if let Some(table) = &self.bar_table {
             out.push((BAR_TABLE.to_string(), table.clone()));
         }
+        if let Some(table) = &self.lookback_table {
+            out.push((LOOKBACK_TABLE.to_string(), table.clone()));
+        }
         out
     }
 
@@ -396,6 +421,35 @@ impl MelodyLstm {
     /// The bar-position table `[positions, 4 hidden]`, for a model with bar positions.
     pub fn bar_table(&self) -> Option<&Tensor> {
         self.bar_table.as_ref()
+    }
+
+    /// How this model's bar inputs are read off a stream.
+    pub fn bar_reader(&self) -> &BarReader {
+        &self.bar_reader
+    }
+
+    /// The tables of every bar input, one after the other (`[positions + lookback · (vocab + 1),
+    /// 4 hidden]`: the rows `side_rows` indexes), each passed through `weight`; `None` for a
+    /// model without bar inputs.
+    pub fn side_table(&self, weight: &dyn Fn(&Tensor) -> Tensor) -> Result<Option<Tensor>> {
+        match (&self.bar_table, &self.lookback_table) {
+            (Some(bars), Some(lookback)) => Ok(Some(Tensor::cat(&[&weight(bars), &weight(lookback)], 0)?)),
+            (Some(bars), None) => Ok(Some(weight(bars))),
+            _ => Ok(None),
+        }
+    }
+
+    /// The row of the side table for bar input `j` with value `raw` (input 0: a bar position;
+    /// input `j > 0`: the token `j` bars back, or the vocabulary's length for none).
+    pub fn side_row(&self, j: usize, raw: u32) -> Result<u32> {
+        let positions = self.bar_table.as_ref().map_or(0, |t| t.dims()[0]);
+        side_row(positions, self.vocab_len, j, raw).ok_or_else(|| match j {
+            0 => candle_core::Error::Msg(format!("bar position {raw} outside the model's {positions}")),
+            _ => candle_core::Error::Msg(format!(
+                "lookback token {raw} outside the vocabulary of {}",
+                self.vocab_len
+            )),
+        })
     }
 
     /// The LSTM layers, input first.
@@ -435,19 +489,61 @@ impl MelodyLstm {
         Ok(LstmState { h: vec![zeros.clone(); n], c: vec![zeros; n] })
     }
 
-    /// The bar-position ids the model reads beside `tokens`: `bars` when given, all
-    /// `NO_BAR_POSITION` when not; `None` for a model without bar positions, which ignores them.
-    pub fn bar_ids(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Option<Tensor>> {
+    /// The rows of the side table (`side_table`) each step reads beside its token, `[seq, batch,
+    /// inputs]` u32 (`inputs`: the bar position and one per bar of lookback). `bars` holds the
+    /// raw inputs (`BarReader::push`), `[seq, batch]` (positions only) or `[seq, batch, n]`;
+    /// inputs not given read as none (`NO_BAR_POSITION`, no lookback). `None` for a model
+    /// without bar inputs, which ignores them.
+    pub fn side_rows(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Option<Tensor>> {
         if self.bar_table.is_none() {
             return Ok(None);
         }
-        match bars {
-            Some(ids) if ids.dims() == tokens.dims() => Ok(Some(ids.to_dtype(DType::U32)?)),
-            Some(ids) => {
-                candle_core::bail!("bar positions {:?} do not fit tokens {:?}", ids.dims(), tokens.dims())
+        let (seq_len, batch) = tokens.dims2()?;
+        let per_step = self.bar_reader.per_step();
+        let (given, given_per_step) = match bars {
+            Some(bars) => {
+                let dims = bars.dims();
+                let n = match dims.len() {
+                    2 => 1,
+                    3 => dims[2],
+                    _ => 0,
+                };
+                if n == 0 || dims[..2] != [seq_len, batch] {
+                    candle_core::bail!("bar inputs {dims:?} do not fit tokens {:?}", tokens.dims());
+                }
+                (bars.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?, n)
             }
-            None => Ok(Some(tokens.zeros_like()?.to_dtype(DType::U32)?)),
+            None => (Vec::new(), 0),
+        };
+        let none = self.vocab_len as u32;
+        let mut rows = Vec::with_capacity(seq_len * batch * per_step);
+        for item in 0..seq_len * batch {
+            for j in 0..per_step {
+                let raw = match j < given_per_step {
+                    true => given[item * given_per_step + j],
+                    false if j == 0 => NO_BAR_POSITION as u32,
+                    false => none,
+                };
+                rows.push(self.side_row(j, raw)?);
+            }
         }
+        Ok(Some(Tensor::from_vec(rows, (seq_len, batch, per_step), tokens.device())?))
+    }
+
+    /// The summed side-table rows of every step, `[seq, batch, 4 hidden]`, or `None` for a model
+    /// without bar inputs.
+    fn side_sums(
+        &self,
+        tokens: &Tensor,
+        bars: Option<&Tensor>,
+        weight: &dyn Fn(&Tensor) -> Tensor,
+    ) -> Result<Option<Tensor>> {
+        let (Some(rows), Some(table)) = (self.side_rows(tokens, bars)?, self.side_table(weight)?) else {
+            return Ok(None);
+        };
+        let (seq_len, batch, per_step) = rows.dims3()?;
+        let picked = table.index_select(&rows.flatten_all()?, 0)?;
+        Ok(Some(picked.reshape((seq_len, batch, per_step, 4 * self.hidden_size))?.sum(2)?))
     }
 
     /// The top layer's output at every step of a time-major batch, before dropout and the
@@ -472,15 +568,9 @@ impl MelodyLstm {
         let mut next =
             LstmState { h: Vec::with_capacity(self.layers.len()), c: Vec::with_capacity(self.layers.len()) };
         let step_tokens = (0..seq_len).map(|t| tokens.get(t)).collect::<Result<Vec<_>>>()?;
-        let bars = match (&self.bar_table, self.bar_ids(tokens, bars)?) {
-            (Some(table), Some(ids)) => {
-                let hidden = self.hidden_size;
-                let tables = (0..4)
-                    .map(|g| table.narrow(1, g * hidden, hidden)?.contiguous())
-                    .collect::<Result<_>>()?;
-                Some((tables, (0..seq_len).map(|t| ids.get(t)).collect::<Result<Vec<_>>>()?))
-            }
-            _ => None,
+        let bars = match self.side_sums(tokens, bars, &Tensor::clone)? {
+            Some(sums) => Some((0..seq_len).map(|t| sums.get(t)).collect::<Result<Vec<_>>>()?),
+            None => None,
         };
         let mut input = LayerInput::Tokens {
             tables: self.layers[0].token_tables(self.embedding.as_ref())?,
@@ -544,7 +634,7 @@ impl MelodyLstm {
         state: Option<&LstmState>,
         dropout: Option<&mut Dropout>,
     ) -> Result<(Tensor, LstmState)> {
-        let bars = bars.map(|b| b.t()?.contiguous()).transpose()?;
+        let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
         let (logits, next) =
             self.forward_time_major(&tokens.t()?.contiguous()?, bars.as_ref(), state, dropout)?;
         Ok((logits.transpose(0, 1)?.contiguous()?, next))
@@ -554,7 +644,7 @@ impl MelodyLstm {
     /// recipe's evaluation. tokens and bars: `[batch, seq]` u32 → `[batch, vocab]`
     pub fn forward_last(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Tensor> {
         let tokens = tokens.t()?.contiguous()?;
-        let bars = bars.map(|b| b.t()?.contiguous()).transpose()?;
+        let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
         if fused::applies_to(self) {
             let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, false)?;
             return self.head(&ys.get(ys.dim(0)? - 1)?);
@@ -579,7 +669,7 @@ impl MelodyLstm {
                 };
                 StepInput::Table {
                     tokens: table.broadcast_add(&bias)?.detach(),
-                    bars: self.bar_table.as_ref().map(Tensor::detach),
+                    bars: self.side_table(&Tensor::detach)?,
                 }
             } else {
                 StepInput::Weights {
@@ -597,19 +687,20 @@ impl MelodyLstm {
         })
     }
 
-    /// Feeds one token, at bar position `bar` (ignored by a model without bar positions), to
-    /// one sequence: updates `state` and writes the logits of the next symbol into `logits`.
+    /// Feeds one token with its bar inputs (`bars`: the bar position, then the tokens one and
+    /// two bars back; missing ones read as none, and a model without bar inputs ignores them)
+    /// to one sequence: updates `state` and writes the logits of the next symbol into `logits`.
     /// weights: from `step_weights`; state: per layer `[hidden]`; logits: `[vocab]`.
     pub fn step(
         &self,
         weights: &StepWeights,
         token: TokenId,
-        bar: u16,
+        bars: &[u16],
         state: &mut GenState,
         logits: &mut [f32],
     ) -> Result<()> {
         if let Some(fast) = &weights.fast {
-            return fast.step_at(token, bar, state, logits);
+            return fast.step_at(token, bars, state, logits);
         }
         let hidden = self.hidden_size;
         let mut x: Option<Tensor> = None;
@@ -617,12 +708,20 @@ impl MelodyLstm {
             let h = Tensor::from_slice(&state.h[k], (1, hidden), &self.device)?;
             let c = Tensor::from_slice(&state.c[k], (1, hidden), &self.device)?;
             let from_input = match (&layer.input, &x) {
-                (StepInput::Table { tokens, bars }, _) => {
-                    let from_token = tokens.narrow(0, token.0 as usize, 1)?;
-                    match bars {
-                        Some(bars) => (from_token + bars.narrow(0, bar as usize, 1)?)?,
-                        None => from_token,
+                (StepInput::Table { tokens, bars: side }, _) => {
+                    let mut from_input = tokens.narrow(0, token.0 as usize, 1)?;
+                    if let Some(side) = side {
+                        for j in 0..self.bar_reader.per_step() {
+                            let raw = match bars.get(j) {
+                                Some(&raw) => raw as u32,
+                                None if j == 0 => NO_BAR_POSITION as u32,
+                                None => self.vocab_len as u32,
+                            };
+                            let row = self.side_row(j, raw)? as usize;
+                            from_input = (from_input + side.narrow(0, row, 1)?)?;
+                        }
                     }
+                    from_input
                 }
                 (StepInput::Weights { w_ih_t, bias }, Some(x)) => (x.matmul(w_ih_t)? + bias)?,
                 (StepInput::Weights { .. }, None) => candle_core::bail!("layer {k} has no input"),
@@ -656,7 +755,7 @@ impl MelodyLstm {
         bars: Option<&Tensor>,
     ) -> Result<Tensor> {
         let tokens = tokens.t()?.contiguous()?;
-        let bars = bars.map(|b| b.t()?.contiguous()).transpose()?;
+        let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
         if fused::applies_to(self) {
             let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, true)?;
             let top = ys.get(ys.dim(0)? - 1)?;
@@ -664,18 +763,16 @@ impl MelodyLstm {
         }
         let (seq_len, batch) = tokens.dims2()?;
         let hidden = self.hidden_size;
-        let bar_ids = self.bar_ids(&tokens, bars.as_ref())?;
+        let side_sums = self.side_sums(&tokens, bars.as_ref(), &Tensor::detach)?;
         let mut below: Option<Tensor> = None;
         for layer in &weights.layers {
             // Every step's input contribution at once: `[seq, batch, 4 hidden]`.
             let from_input = match (&layer.input, &below) {
-                (StepInput::Table { tokens: table, bars }, _) => {
+                (StepInput::Table { tokens: table, .. }, _) => {
                     let from_tokens = table.index_select(&tokens.flatten_all()?, 0)?;
-                    match (bars, &bar_ids) {
-                        (Some(bars), Some(ids)) => {
-                            (from_tokens + bars.index_select(&ids.flatten_all()?, 0)?)?
-                        }
-                        _ => from_tokens,
+                    match &side_sums {
+                        Some(sums) => (from_tokens + sums.reshape((seq_len * batch, 4 * hidden))?)?,
+                        None => from_tokens,
                     }
                 }
                 (StepInput::Weights { w_ih_t, bias }, Some(xs)) => {
@@ -728,10 +825,22 @@ struct StepLayer {
 #[derive(Clone, Debug)]
 enum StepInput {
     /// Layer 0: every token's input contribution, biases included, `[vocab, 4 hidden]`, and
-    /// every bar position's, `[positions, 4 hidden]`, for a model with bar positions.
+    /// the side table of every bar input's (`MelodyLstm::side_table`), for a model with them.
     Table { tokens: Tensor, bars: Option<Tensor> },
     /// Layers above: `[input, 4 hidden]` and the summed bias `[1, 4 hidden]`.
     Weights { w_ih_t: Tensor, bias: Tensor },
+}
+
+/// The side-table row of bar input `j` with value `raw` for a model of `positions` bar
+/// positions and `vocab_len` symbols (`MelodyLstm::side_row`), or `None` when `raw` is out of
+/// range.
+pub(crate) fn side_row(positions: usize, vocab_len: usize, j: usize, raw: u32) -> Option<u32> {
+    let raw = raw as usize;
+    let row = match j {
+        0 => (raw < positions).then_some(raw)?,
+        _ => (raw <= vocab_len).then_some(positions + (j - 1) * (vocab_len + 1) + raw)?,
+    };
+    Some(row as u32)
 }
 
 /// Mean negative log-likelihood and accuracy helpers shared by training and evaluation.
@@ -753,6 +862,7 @@ fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
 mod tests {
     use super::*;
     use crate::model::config::tests::small_config;
+    use crate::model::lstm::LOOKBACK_TABLE;
 
     fn model(cfg: &ModelConfig, seed: u64) -> MelodyLstm {
         let tensors = MelodyLstm::initial_tensors(cfg, seed, &Device::Cpu).unwrap();
@@ -777,9 +887,12 @@ mod tests {
     fn model_with_bars(cfg: &ModelConfig, seed: u64) -> MelodyLstm {
         let mut tensors = MelodyLstm::initial_tensors(cfg, seed, &Device::Cpu).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let shape = tensors[BAR_TABLE].dims().to_vec();
-        let values = (0..shape.iter().product()).map(|_| rng.random_range(-0.5f32..0.5)).collect();
-        tensors.insert(BAR_TABLE.to_string(), Tensor::from_vec(values, shape, &Device::Cpu).unwrap());
+        for name in [BAR_TABLE, LOOKBACK_TABLE] {
+            let Some(table) = tensors.get(name) else { continue };
+            let shape = table.dims().to_vec();
+            let values = (0..shape.iter().product()).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+            tensors.insert(name.to_string(), Tensor::from_vec(values, shape, &Device::Cpu).unwrap());
+        }
         MelodyLstm::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap()
     }
 
@@ -787,25 +900,45 @@ mod tests {
     fn stepping_one_token_at_a_time_matches_the_whole_sequence() {
         let with_bars =
             ModelConfig { bar_meters: crate::music::bar::COMMON_METERS.to_vec(), ..small_config() };
-        let cases = [
+        let none = small_config().vocab_len() as u32;
+        // Bar inputs per step: positions only, or positions with the tokens one and two bars back.
+        let cases: [(ModelConfig, Option<Vec<Vec<u32>>>); 5] = [
             (ModelConfig { input: InputKind::Embedding { dim: 8 }, ..small_config() }, None),
             (ModelConfig { input: InputKind::OneHot, ..small_config() }, None),
-            (with_bars.clone(), Some([0u32, 17, 18, 19, 20, 212])),
-            (ModelConfig { input: InputKind::OneHot, ..with_bars }, Some([5u32, 6, 7, 0, 0, 30])),
+            (with_bars.clone(), Some([0u32, 17, 18, 19, 20, 212].map(|b| vec![b]).to_vec())),
+            (
+                ModelConfig { input: InputKind::OneHot, ..with_bars.clone() },
+                Some([5u32, 6, 7, 0, 0, 30].map(|b| vec![b]).to_vec()),
+            ),
+            (
+                ModelConfig { bar_lookback: 2, ..with_bars },
+                Some(vec![
+                    vec![1, none, none],
+                    vec![2, 3, none],
+                    vec![3, 0, 7],
+                    vec![0, none, none],
+                    vec![9, 12, 3],
+                    vec![10, none, 0],
+                ]),
+            ),
         ];
         for (cfg, bar_ids) in cases {
             let m = if bar_ids.is_some() { model_with_bars(&cfg, 2) } else { model(&cfg, 2) };
             let ids = [3u32, 0, 7, 7, 12, 15];
             let tokens = Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).unwrap();
-            let bars = bar_ids.map(|b| Tensor::from_slice(&b, (1, b.len()), &Device::Cpu).unwrap());
+            let bars = bar_ids.as_ref().map(|b| {
+                let flat: Vec<u32> = b.concat();
+                Tensor::from_vec(flat, (1, b.len(), b[0].len()), &Device::Cpu).unwrap()
+            });
             let (logits, _) = m.forward(&tokens, bars.as_ref(), None, None).unwrap();
             let whole = logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
             let mut state = GenState::zeros(2, 16);
             let mut step_logits = vec![0.0; cfg.vocab_len()];
             let weights = m.step_weights().unwrap();
             for (t, &id) in ids.iter().enumerate() {
-                let bar = bar_ids.map_or(0, |b| b[t] as u16);
-                m.step(&weights, TokenId(id as u16), bar, &mut state, &mut step_logits).unwrap();
+                let bars: Vec<u16> =
+                    bar_ids.as_ref().map_or(vec![0], |b| b[t].iter().map(|&x| x as u16).collect());
+                m.step(&weights, TokenId(id as u16), &bars, &mut state, &mut step_logits).unwrap();
                 for (a, b) in step_logits.iter().zip(&whole[t]) {
                     assert!((a - b).abs() < 1e-5, "step {t}: {a} vs {b}");
                 }
@@ -819,9 +952,10 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
             if let Some(bars) = &bars {
-                // Leaving the bars out reads every step as `NO_BAR_POSITION`, which differs.
+                // Leaving the bars out reads every step as `NO_BAR_POSITION` with nothing to look
+                // back to, which differs.
                 let (without, _) = m.forward(&tokens, None, None, None).unwrap();
-                let zeros = Tensor::zeros(bars.dims(), DType::U32, &Device::Cpu).unwrap();
+                let zeros = Tensor::zeros(tokens.dims(), DType::U32, &Device::Cpu).unwrap();
                 let (at_zero, _) = m.forward(&tokens, Some(&zeros), None, None).unwrap();
                 let diff = (&without - &at_zero).unwrap().abs().unwrap().max_all().unwrap();
                 assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);

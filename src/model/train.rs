@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::data::BarReader;
 pub use super::data::{build_dataset, read_set, DataConfig, DataSet, Dataset, SetCounts, Split};
 use super::io::{read_weights, save_model, save_weights, TRAIN_FILE, WEIGHTS_FILE};
 use super::lstm::{nll_and_argmax, Dropout, MelodyLstm};
@@ -40,11 +41,19 @@ pub struct ModelShape {
     pub num_layers: usize,
     /// Dropout between layers and before the output layer, in `[0, 1)`.
     pub dropout: f32,
+    /// Bars of lookback (`ModelConfig::bar_lookback`; needs the data's bar meters).
+    pub bar_lookback: usize,
 }
 
 impl Default for ModelShape {
     fn default() -> Self {
-        Self { input: InputKind::Embedding { dim: 64 }, hidden_size: 256, num_layers: 2, dropout: 0.2 }
+        Self {
+            input: InputKind::Embedding { dim: 64 },
+            hidden_size: 256,
+            num_layers: 2,
+            dropout: 0.2,
+            bar_lookback: 0,
+        }
     }
 }
 
@@ -372,6 +381,7 @@ pub fn model_config(cfg: &TrainConfig, data: &Dataset) -> ModelConfig {
     model.transposition = cfg.data.transposition;
     model.delimiter_len = cfg.data.delimiter_len;
     model.bar_meters = cfg.data.bar_meters.clone();
+    model.bar_lookback = cfg.model.bar_lookback;
     model
 }
 
@@ -427,6 +437,7 @@ pub fn train(
 
     let mut varmap = VarMap::new();
     let lstm = MelodyLstm::new(&model_cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    let bar_reader = BarReader::for_model(&model_cfg);
     let vars = sorted_vars(&varmap);
     let fingerprint = (data.train_tokens.len(), data.vocab.len());
 
@@ -523,8 +534,14 @@ pub fn train(
         for (batch_idx, batch) in batches.iter().enumerate() {
             lr = learning_rate_at(cfg, global_step, total_steps, epochs_done);
             optimizer.set_learning_rate(lr);
-            let (inputs, bars, targets) =
-                batch_tensors(&data.train_tokens, &data.train_bars, batch, cfg.window_len, device)?;
+            let (inputs, bars, targets) = batch_tensors(
+                &data.train_tokens,
+                &data.train_bars,
+                &bar_reader,
+                batch,
+                cfg.window_len,
+                device,
+            )?;
             let (logits, _) = lstm.forward_time_major(&inputs, Some(&bars), None, Some(&mut dropout))?;
             let logits = logits.reshape(((), model_cfg.vocab_len()))?;
             let (nll, argmax) = nll_and_argmax(&logits, &targets)?;
@@ -754,24 +771,25 @@ fn window_starts(stream_len: usize, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> 
 fn batch_tensors(
     tokens: &[u32],
     bars: &[u32],
+    reader: &BarReader,
     starts: &[usize],
     window_len: usize,
     device: &Device,
 ) -> Result<(Tensor, Tensor, Tensor), ModelError> {
     let batch = starts.len();
     let mut inputs = Vec::with_capacity(window_len * batch);
-    let mut input_bars = Vec::with_capacity(window_len * batch);
+    let mut input_bars = Vec::with_capacity(window_len * batch * reader.per_step());
     let mut targets = Vec::with_capacity(window_len * batch);
     for t in 0..window_len {
         for &s in starts {
             inputs.push(tokens[s + t]);
-            input_bars.push(bars[s + t]);
+            reader.push(tokens, bars, s, s + t, &mut input_bars);
             targets.push(tokens[s + t + 1]);
         }
     }
     Ok((
         Tensor::from_vec(inputs, (window_len, batch), device)?,
-        Tensor::from_vec(input_bars, (window_len, batch), device)?,
+        Tensor::from_vec(input_bars, (window_len, batch, reader.per_step()), device)?,
         Tensor::from_vec(targets, window_len * batch, device)?,
     ))
 }
@@ -828,17 +846,22 @@ pub fn evaluate(
     let targets = eval_targets(tokens.len(), eval);
     let mut sums = MetricSums::default();
     let device = lstm.device();
+    let reader = lstm.bar_reader();
     let weights = lstm.step_weights()?;
     let mut done = 0;
     for chunk in targets.chunks(eval.batch_size.max(1)) {
         let mut windows = Vec::with_capacity(chunk.len() * eval.context_len);
-        let mut window_bars = Vec::with_capacity(chunk.len() * eval.context_len);
+        let mut window_bars = Vec::with_capacity(chunk.len() * eval.context_len * reader.per_step());
         for &i in chunk {
-            windows.extend_from_slice(&tokens[i - eval.context_len..i]);
-            window_bars.extend_from_slice(&bars[i - eval.context_len..i]);
+            let start = i - eval.context_len;
+            windows.extend_from_slice(&tokens[start..i]);
+            for t in start..i {
+                reader.push(tokens, bars, start, t, &mut window_bars);
+            }
         }
         let inputs = Tensor::from_vec(windows, (chunk.len(), eval.context_len), device)?;
-        let input_bars = Tensor::from_vec(window_bars, (chunk.len(), eval.context_len), device)?;
+        let input_bars =
+            Tensor::from_vec(window_bars, (chunk.len(), eval.context_len, reader.per_step()), device)?;
         let wanted: Vec<u32> = chunk.iter().map(|&i| tokens[i]).collect();
         let wanted_t = Tensor::from_slice(&wanted, chunk.len(), device)?;
         let logits = lstm.forward_last_with(&weights, &inputs, Some(&input_bars))?.detach();
@@ -928,13 +951,13 @@ mod tests {
     fn batches_are_time_major_with_shifted_targets() {
         let tokens: Vec<u32> = (0..20).collect();
         let bars: Vec<u32> = (100..120).collect();
-        let (inputs, input_bars, targets) = batch_tensors(&tokens, &bars, &[0, 10], 3, &Device::Cpu).unwrap();
+        let reader = BarReader::for_model(&crate::model::config::tests::small_config());
+        let (inputs, input_bars, targets) =
+            batch_tensors(&tokens, &bars, &reader, &[0, 10], 3, &Device::Cpu).unwrap();
         assert_eq!(inputs.to_vec2::<u32>().unwrap(), vec![vec![0, 10], vec![1, 11], vec![2, 12]]);
         // Each input carries its own step's bar position.
-        assert_eq!(
-            input_bars.to_vec2::<u32>().unwrap(),
-            vec![vec![100, 110], vec![101, 111], vec![102, 112]]
-        );
+        let input_bars = input_bars.squeeze(2).unwrap().to_vec2::<u32>().unwrap();
+        assert_eq!(input_bars, vec![vec![100, 110], vec![101, 111], vec![102, 112]]);
         assert_eq!(targets.to_vec1::<u32>().unwrap(), vec![1, 11, 2, 12, 3, 13]);
     }
 

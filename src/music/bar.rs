@@ -42,6 +42,18 @@ pub fn num_bar_positions(meters: &[Meter], grid: StepGrid) -> usize {
     1 + meters.iter().filter_map(|&m| bar_steps(m, grid)).map(|s| s as usize).sum::<usize>()
 }
 
+/// The bar length in steps of every id for `meters` on `grid`, indexed by id (0 for
+/// `NO_BAR_POSITION`): how far back "one bar ago" lies from a step.
+pub fn bar_lengths(meters: &[Meter], grid: StepGrid) -> Vec<u16> {
+    let mut lengths = vec![0u16];
+    for &meter in meters {
+        if let Some(steps) = bar_steps(meter, grid) {
+            lengths.extend(std::iter::repeat_n(steps as u16, steps as usize));
+        }
+    }
+    lengths
+}
+
 /// Counts the steps of a bar and names each one's id. Copy, no allocation: the worker keeps
 /// one per phrase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,6 +192,10 @@ mod tests {
             assert_eq!(clock.step_in_bar(), 0, "{m:?} wraps at its bar line");
         }
         assert!(!seen.contains(&NO_BAR_POSITION));
+        let lengths = bar_lengths(&COMMON_METERS, GRID);
+        assert_eq!(lengths.len(), num_bar_positions(&COMMON_METERS, GRID));
+        let waltz = BarClock::new(&COMMON_METERS, meter(3, 4), GRID, 5).unwrap();
+        assert_eq!((lengths[0], lengths[waltz.id() as usize]), (0, 12));
         assert_eq!(BarClock::new(&COMMON_METERS, meter(7, 8), GRID, 0), None);
     }
 

@@ -96,6 +96,9 @@ pub struct TrainArgs {
     /// 2/4, 3/4, 4/4, 6/8...); the plugin reads it from the host's time signature.
     #[arg(long)]
     bar_positions: bool,
+    /// With --bar-positions, also read the symbols 1 or 2 bars before each one predicted.
+    #[arg(long)]
+    bar_lookback: Option<usize>,
     /// `every-nth` (song index % --val-every == 0 is validation) or `random`.
     #[arg(long)]
     split: Option<String>,
@@ -251,6 +254,10 @@ fn settings(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut cfg.model.dropout, args.dropout);
     if args.bar_positions {
         cfg.data.bar_meters = antiphon::music::bar::COMMON_METERS.to_vec();
+    }
+    set(&mut cfg.model.bar_lookback, args.bar_lookback);
+    if cfg.model.bar_lookback > 0 && cfg.data.bar_meters.is_empty() {
+        bail!("--bar-lookback needs --bar-positions: bars are counted in the songs' meters");
     }
     if let Some(dim) = args.embedding {
         cfg.model.input = if dim == 0 { InputKind::OneHot } else { InputKind::Embedding { dim } };
