@@ -951,7 +951,7 @@ mod tests {
             for (a, b) in fast.iter().zip(&last) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
-            if let Some(bars) = &bars {
+            if bars.is_some() {
                 // Leaving the bars out reads every step as `NO_BAR_POSITION` with nothing to look
                 // back to, which differs.
                 let (without, _) = m.forward(&tokens, None, None, None).unwrap();

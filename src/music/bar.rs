@@ -33,7 +33,7 @@ pub fn bar_steps(meter: Meter, grid: StepGrid) -> Option<u32> {
     }
     let per_whole = 4 * grid.steps_per_quarter;
     let steps = meter.numerator as u32 * per_whole;
-    (steps % meter.denominator as u32 == 0).then(|| steps / meter.denominator as u32)
+    steps.is_multiple_of(meter.denominator as u32).then(|| steps / meter.denominator as u32)
 }
 
 /// Number of ids for `meters` on `grid`: `NO_BAR_POSITION` plus one per step of each meter's
