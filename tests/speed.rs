@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use antiphon::model::{Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, SamplingSettings};
-use antiphon::music::Vocab;
+use antiphon::music::{bar, Meter, Vocab};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use nice_assert_no_alloc::{assert_no_alloc, reset_violation_count, violation_count};
@@ -17,9 +17,14 @@ fn allocations_during(f: impl FnOnce()) -> usize {
     violation_count() as usize
 }
 
-/// A seeded model with fixed weights, so its steps run on the packed path.
-fn model(input: InputKind, hidden: usize, layers: usize) -> Arc<LoadedModel> {
-    let config = ModelConfig::new(Vocab::for_pitch_range(48, 88), input, hidden, layers, 0.0);
+/// A seeded model with fixed weights, so its steps run on the packed path; with `bar_lookback`,
+/// one that reads bar positions and looks that many bars back.
+fn model(input: InputKind, hidden: usize, layers: usize, bar_lookback: Option<usize>) -> Arc<LoadedModel> {
+    let mut config = ModelConfig::new(Vocab::for_pitch_range(48, 88), input, hidden, layers, 0.0);
+    if let Some(bars) = bar_lookback {
+        config.bar_meters = bar::COMMON_METERS.to_vec();
+        config.bar_lookback = bars;
+    }
     let tensors = MelodyLstm::initial_tensors(&config, 3, &Device::Cpu).unwrap();
     let lstm = MelodyLstm::new(&config, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
     Arc::new(LoadedModel::new(config, lstm, "test").unwrap())
@@ -27,14 +32,20 @@ fn model(input: InputKind, hidden: usize, layers: usize) -> Arc<LoadedModel> {
 
 #[test]
 fn generating_a_symbol_allocates_nothing() {
-    let cases = [(InputKind::Embedding { dim: 16 }, 64, 2), (InputKind::OneHot, 40, 1)];
+    let cases = [
+        (InputKind::Embedding { dim: 16 }, 64, 2, None),
+        (InputKind::OneHot, 40, 1, None),
+        (InputKind::Embedding { dim: 16 }, 64, 2, Some(2)),
+    ];
     let settings = [
         SamplingSettings { may_end: false, ..Default::default() },
         SamplingSettings { temperature: 0.7, top_k: 5, may_end: false, ..Default::default() },
         SamplingSettings { temperature: 1.3, top_p: 0.9, may_end: false, ..Default::default() },
     ];
-    for (input, hidden, layers) in cases {
-        let mut generator = Generator::new(model(input, hidden, layers), 9);
+    for (input, hidden, layers, bar_lookback) in cases {
+        let mut generator = Generator::new(model(input, hidden, layers, bar_lookback), 9);
+        // In 3/4, so every step reads its bar position and the steps a bar and two back.
+        generator.set_bar(Meter { numerator: 3, denominator: 4 }, 0);
         // The sampler's scratch buffer grows to the vocabulary on the first draw.
         generator.next_symbol(&settings[0]).unwrap();
         let mut num_symbols = 0;
@@ -44,7 +55,10 @@ fn generating_a_symbol_allocates_nothing() {
             }
         });
         assert_eq!(num_symbols, 300);
-        assert_eq!(num_allocs, 0, "{input:?} {hidden}×{layers}: {num_allocs} allocations in 300 symbols");
+        assert_eq!(
+            num_allocs, 0,
+            "{input:?} {hidden}×{layers}, lookback {bar_lookback:?}: {num_allocs} allocations in 300 symbols"
+        );
     }
 }
 

@@ -79,7 +79,8 @@ impl Generator {
         &self.state
     }
 
-    /// Back to the zero state with nothing generated; the RNG goes on where it was.
+    /// Back to the zero state with nothing generated and nothing to look back to; the RNG and
+    /// the bar clock go on where they were (`set_bar` moves the clock).
     pub fn reset(&mut self) {
         self.state.reset();
         self.history.clear();
