@@ -36,12 +36,13 @@ pub fn applies_to(model: &MelodyLstm) -> bool {
 /// The top layer's outputs for a time-major batch, before dropout and the output layer: the
 /// same function as `MelodyLstm`'s per-step graph, with every step of a layer in one op. Each
 /// layer's input projection is one matrix product (layer 0: a table of every token's
-/// `W_ih x + b_ih + b_hh`, gathered, plus the row of each step's bar position for a model with
-/// bar positions), and `dropout` (training only) applies to each layer's outputs as the
+/// `W_ih x + b_ih + b_hh`, gathered, plus the side-table rows of each step's bar inputs for a
+/// model with them), and `dropout` (training only) applies to each layer's outputs as the
 /// per-step graph applies it, drawing its masks in the same order. With `detach`, no gradient
 /// is tracked (evaluation).
-/// tokens and bars: `[seq, batch]` u32, state: per layer `[batch, hidden]` (zeros when `None`)
-/// → (ys `[seq, batch, hidden]`, state after the last step)
+/// tokens: `[seq, batch]` u32, bars: `[seq, batch(, inputs)]` (`MelodyLstm::side_rows`), state:
+/// per layer `[batch, hidden]` (zeros when `None`) → (ys `[seq, batch, hidden]`, state after the
+/// last step)
 pub fn lstm_outputs(
     model: &MelodyLstm,
     tokens: &Tensor,

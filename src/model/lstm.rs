@@ -12,10 +12,12 @@
 //! | `lstm.bias_ih_l{k}`, `lstm.bias_hh_l{k}` | `[4 hidden]` | the two biases of layer `k` |
 //! | `head.weight`, `head.bias` | `[vocab, hidden]`, `[vocab]` | output layer |
 //! | `bar_position.weight` | `[positions, 4 hidden]` | layer 0's gate input per bar position (models with `bar_meters` only) |
+//! | `bar_lookback.weight` | `[lookback · (vocab + 1), 4 hidden]` | layer 0's gate input per token one (two) bars back, or none (models with `bar_lookback` only) |
 //!
 //! The input of layer 0 is `dim` wide with an embedding and `vocab` wide with one-hot input.
 //! A model with bar positions also reads, beside each token, the id of its step's place in the
-//! bar (`music::bar`), a one-hot input whose weights are the rows of `bar_position.weight`.
+//! bar (`music::bar`), a one-hot input whose weights are the rows of `bar_position.weight`; with
+//! lookback, also the tokens one and two bars before the one it predicts (`data::BarReader`).
 //! One LSTM step, with `σ` the logistic function and `⊙` the element-wise product:
 //! `[i f g o] = W_ih x + b_ih + W_hh h + b_hh`, `c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)`,
 //! `h' = σ(o) ⊙ tanh(c')`.
@@ -547,8 +549,8 @@ impl MelodyLstm {
     }
 
     /// The top layer's output at every step of a time-major batch, before dropout and the
-    /// output layer. tokens and bars: `[seq, batch]` u32 → (per step `[batch, hidden]`, state
-    /// after the last step)
+    /// output layer. tokens: `[seq, batch]` u32, bars: `[seq, batch(, inputs)]` → (per step
+    /// `[batch, hidden]`, state after the last step)
     pub(crate) fn lstm_outputs(
         &self,
         tokens: &Tensor,
@@ -607,8 +609,9 @@ impl MelodyLstm {
     }
 
     /// Logits for every position of a time-major batch. Pass `dropout` only when training.
-    /// tokens: `[seq, batch]` u32, bars: the same shape (`bar_ids`), state: per layer `[batch,
-    /// hidden]` (zeros when `None`) → (logits `[seq, batch, vocab]`, state after the last step)
+    /// tokens: `[seq, batch]` u32, bars: `[seq, batch]` or `[seq, batch, inputs]` (`side_rows`),
+    /// state: per layer `[batch, hidden]` (zeros when `None`) → (logits `[seq, batch, vocab]`,
+    /// state after the last step)
     pub fn forward_time_major(
         &self,
         tokens: &Tensor,
@@ -625,8 +628,9 @@ impl MelodyLstm {
     }
 
     /// Logits for every position of a batch. Pass `dropout` only when training.
-    /// tokens: `[batch, seq]` u32, bars: the same shape (`bar_ids`), state: per layer `[batch,
-    /// hidden]` (zeros when `None`) → (logits `[batch, seq, vocab]`, state after the last step)
+    /// tokens: `[batch, seq]` u32, bars: `[batch, seq]` or `[batch, seq, inputs]` (`side_rows`),
+    /// state: per layer `[batch, hidden]` (zeros when `None`) → (logits `[batch, seq, vocab]`,
+    /// state after the last step)
     pub fn forward(
         &self,
         tokens: &Tensor,
@@ -641,7 +645,8 @@ impl MelodyLstm {
     }
 
     /// Logits of the symbol after each window, every window starting from the zero state: the
-    /// recipe's evaluation. tokens and bars: `[batch, seq]` u32 → `[batch, vocab]`
+    /// recipe's evaluation. tokens: `[batch, seq]` u32, bars: `[batch, seq(, inputs)]` →
+    /// `[batch, vocab]`
     pub fn forward_last(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Tensor> {
         let tokens = tokens.t()?.contiguous()?;
         let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
@@ -747,7 +752,7 @@ impl MelodyLstm {
 impl MelodyLstm {
     /// Logits of the symbol after each window, each window from the zero state, with weights
     /// arranged by `step_weights` and no gradient bookkeeping: evaluation's fast path.
-    /// tokens and bars: `[batch, seq]` u32 → `[batch, vocab]`
+    /// tokens: `[batch, seq]` u32, bars: `[batch, seq(, inputs)]` → `[batch, vocab]`
     pub fn forward_last_with(
         &self,
         weights: &StepWeights,
