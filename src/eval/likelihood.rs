@@ -10,7 +10,7 @@ pub use crate::model::train::{MetricSums, ScoreSum};
 use crate::model::train::{evaluate, EvalConfig, EvalMetrics};
 use crate::model::{LoadedModel, ModelError};
 use crate::music::bar::NO_BAR_POSITION;
-use crate::music::encode::join_songs;
+use crate::music::encode::{join_runs, join_songs};
 use crate::music::Symbol;
 
 /// The stream the recipe's windows run over: `context_len` delimiters of padding, then each
@@ -35,16 +35,22 @@ pub fn windowed_likelihood(
 ) -> Result<EvalMetrics, ModelError> {
     let stream = windowed_stream(model, songs, eval.context_len);
     let tokens: Vec<u32> = model.config.vocab.encode(&stream)?.into_iter().map(|t| t.0 as u32).collect();
+    // The bar positions beside that stream: none for the padding and the delimiters, nor for a
+    // song whose positions are not given.
+    let song_bars: Vec<Vec<u32>> = songs
+        .iter()
+        .enumerate()
+        .map(|(idx, song)| match bars.get(idx) {
+            Some(given) if given.len() == song.len() => given.iter().map(|&b| b as u32).collect(),
+            _ => vec![NO_BAR_POSITION as u32; song.len()],
+        })
+        .collect();
     let mut bar_stream = vec![NO_BAR_POSITION as u32; eval.context_len];
-    for (idx, song) in songs.iter().enumerate() {
-        match bars.get(idx) {
-            Some(song_bars) if song_bars.len() == song.len() => {
-                bar_stream.extend(song_bars.iter().map(|&b| b as u32))
-            }
-            _ => bar_stream.extend(std::iter::repeat_n(NO_BAR_POSITION as u32, song.len())),
-        }
-        bar_stream.extend(std::iter::repeat_n(NO_BAR_POSITION as u32, model.config.delimiter_len));
-    }
+    bar_stream.extend(join_runs(
+        song_bars.iter().map(Vec::as_slice),
+        NO_BAR_POSITION as u32,
+        model.config.delimiter_len,
+    ));
     evaluate(&model.lstm, &tokens, &bar_stream, &model.config.vocab, eval, progress)
 }
 

@@ -16,7 +16,7 @@ use super::config::MAX_BAR_LOOKBACK;
 use super::{ModelConfig, ModelError, Transposition};
 use crate::music::bar;
 use crate::music::corpus::Collection;
-use crate::music::encode::{encode, join_songs, DurationFilter, EncodeConfig};
+use crate::music::encode::{encode, join_runs, join_songs, DurationFilter, EncodeConfig};
 use crate::music::key::{shift_to_convention, shifts_within};
 use crate::music::midi::MelodyChoice;
 use crate::music::{Melody, Meter, StepGrid, Symbol, Vocab};
@@ -249,12 +249,7 @@ impl BarReader {
 
 /// Joins per-song bar positions as `join_songs` joins their symbols.
 fn join_bars<'a>(songs: impl IntoIterator<Item = &'a [u32]>, delimiter_len: usize) -> Vec<u32> {
-    let mut stream = Vec::new();
-    for song in songs {
-        stream.extend_from_slice(song);
-        stream.extend(std::iter::repeat_n(bar::NO_BAR_POSITION as u32, delimiter_len));
-    }
-    stream
+    join_runs(songs, bar::NO_BAR_POSITION as u32, delimiter_len)
 }
 
 /// Builds the streams from named sets of melodies (in their order) under `cfg`.

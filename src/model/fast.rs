@@ -351,11 +351,6 @@ impl FastLstm {
         total
     }
 
-    /// `step_at` with no bar inputs known.
-    pub fn step(&self, token: TokenId, state: &mut GenState, logits: &mut [f32]) -> Result<()> {
-        self.step_at(token, &[], state, logits)
-    }
-
     /// Feeds `token` with its bar inputs (`bars`: the bar position, then the tokens one and two
     /// bars back; missing ones read as none, and a model without bar inputs ignores them) to
     /// one sequence: updates `state` (per layer `[hidden]`) and writes the next symbol's logits
@@ -669,7 +664,7 @@ mod tests {
         let mut state = fast.new_state();
         let mut logits = vec![0.0; fast.vocab_len];
         for (t, &token) in tokens.iter().enumerate() {
-            fast.step(TokenId(token as u16), &mut state, &mut logits).unwrap();
+            fast.step_at(TokenId(token as u16), &[], &mut state, &mut logits).unwrap();
             let d = max_diff(&logits, &want[t]);
             assert!(d < 1e-5, "{what} step {t}: off by {d}");
         }
@@ -757,12 +752,12 @@ mod tests {
         state.h[1][3] = 0.25;
         let before = state.clone();
         let mut logits = vec![0.0; cfg.vocab_len()];
-        assert!(fast.step(TokenId(cfg.vocab_len() as u16), &mut state, &mut logits).is_err());
-        assert!(fast.step(TokenId(0), &mut state, &mut logits[1..]).is_err());
+        assert!(fast.step_at(TokenId(cfg.vocab_len() as u16), &[], &mut state, &mut logits).is_err());
+        assert!(fast.step_at(TokenId(0), &[], &mut state, &mut logits[1..]).is_err());
         let mut wrong = GenState::zeros(1, 8);
-        assert!(fast.step(TokenId(0), &mut wrong, &mut logits).is_err());
+        assert!(fast.step_at(TokenId(0), &[], &mut wrong, &mut logits).is_err());
         assert_eq!(state, before);
-        fast.step(TokenId(0), &mut state, &mut logits).unwrap();
+        fast.step_at(TokenId(0), &[], &mut state, &mut logits).unwrap();
         assert_ne!(state, before);
     }
 

@@ -39,7 +39,7 @@ pub fn bar_steps(meter: Meter, grid: StepGrid) -> Option<u32> {
 /// Number of ids for `meters` on `grid`: `NO_BAR_POSITION` plus one per step of each meter's
 /// bar (meters whose bar is not whole steps get none).
 pub fn num_bar_positions(meters: &[Meter], grid: StepGrid) -> usize {
-    1 + meters.iter().filter_map(|&m| bar_steps(m, grid)).map(|s| s as usize).sum::<usize>()
+    bar_lengths(meters, grid).len()
 }
 
 /// The bar length in steps of every id for `meters` on `grid`, indexed by id (0 for

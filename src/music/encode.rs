@@ -357,10 +357,21 @@ pub fn decode(symbols: &[Symbol], grid: StepGrid) -> Melody {
 /// Joins encoded songs into one stream as the recipe does: each song followed by
 /// `delimiter_len` delimiters.
 pub fn join_songs<'a>(songs: impl IntoIterator<Item = &'a [Symbol]>, delimiter_len: usize) -> Vec<Symbol> {
+    join_runs(songs, Symbol::Delimiter, delimiter_len)
+}
+
+/// Joins per-song runs of anything as `join_songs` joins symbols: each run followed by
+/// `filler_len` copies of `filler` (for streams that run beside the symbols, such as their
+/// bar positions).
+pub fn join_runs<'a, T: Copy + 'a>(
+    runs: impl IntoIterator<Item = &'a [T]>,
+    filler: T,
+    filler_len: usize,
+) -> Vec<T> {
     let mut stream = Vec::new();
-    for song in songs {
-        stream.extend_from_slice(song);
-        stream.extend(std::iter::repeat_n(Symbol::Delimiter, delimiter_len));
+    for run in runs {
+        stream.extend_from_slice(run);
+        stream.extend(std::iter::repeat_n(filler, filler_len));
     }
     stream
 }

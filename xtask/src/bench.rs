@@ -236,7 +236,7 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         exact_state.reset();
         let t = Instant::now();
         for _ in 0..n {
-            exact.step(exact_token, &mut exact_state, &mut logits)?;
+            exact.step_at(exact_token, &[], &mut exact_state, &mut logits)?;
             exact_token = sampler.sample(&logits, &vocab, &settings);
         }
         let f32_us = per_symbol_us(t);
