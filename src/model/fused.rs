@@ -37,8 +37,8 @@ pub fn applies_to(model: &MelodyLstm) -> bool {
 /// same function as `MelodyLstm`'s per-step graph, with every step of a layer in one op. Each
 /// layer's input projection is one matrix product (layer 0: a table of every token's
 /// `W_ih x + b_ih + b_hh`, gathered, plus the side-table rows of each step's bar inputs for a
-/// model with them), and `dropout` (training only) applies to each layer's outputs as the
-/// per-step graph applies it, drawing its masks in the same order. With `detach`, no gradient
+/// model with them), and `dropout` (training only) applies to each layer's recurrent weights
+/// and outputs as the per-step graph applies it, drawing its masks in the same order. With `detach`, no gradient
 /// is tracked (evaluation).
 /// tokens: `[seq, batch]` u32, bars: `[seq, batch(, inputs)]` (`MelodyLstm::side_rows`), state:
 /// per layer `[batch, hidden]` (zeros when `None`) → (ys `[seq, batch, hidden]`, state after the
@@ -68,7 +68,10 @@ pub fn lstm_outputs(
     for (k, layer) in model.layers().iter().enumerate() {
         let bias = (weight(&layer.b_ih) + weight(&layer.b_hh))?;
         let w_ih_t = weight(&layer.w_ih).t()?;
-        let w_hh = weight(&layer.w_hh);
+        let w_hh = match dropout.as_deref_mut() {
+            Some(d) => d.recurrent_weights(&weight(&layer.w_hh))?,
+            None => weight(&layer.w_hh),
+        };
         let (out, h, c) = match &ys {
             None => {
                 let table = match model.embedding() {
@@ -99,7 +102,7 @@ pub fn lstm_outputs(
         next.h.push(h);
         next.c.push(c);
         ys = Some(match dropout.as_deref_mut() {
-            Some(d) => d.apply(&out)?,
+            Some(d) => d.apply_sequence(&out)?,
             None => out,
         });
     }
@@ -1267,6 +1270,67 @@ mod tests {
         let (positions, _) = lstm_outputs(&model, &inputs, Some(&positions_only), None, None, false).unwrap();
         let (nothing, _) = lstm_outputs(&model, &inputs, None, None, None, false).unwrap();
         assert!(rel_diff(&all, &positions) > 1e-3 && rel_diff(&positions, &nothing) > 1e-3);
+    }
+
+    /// Training regularisation through the fused op against the per-step graph, from the same
+    /// seed: per-element, locked (one mask per layer, every step) and DropConnect on the
+    /// recurrent weights each draw the same masks in both, so outputs and gradients agree; and
+    /// each kind changes the outputs.
+    #[test]
+    fn dropout_kinds_match_the_per_step_graph() {
+        use crate::model::config::ModelConfig;
+        use crate::model::lstm::{nll_and_argmax, Dropout};
+        use crate::model::InputKind;
+        use crate::music::Vocab;
+
+        let dev = Device::Cpu;
+        let cfg =
+            ModelConfig::new(Vocab::for_pitch_range(60, 72), InputKind::Embedding { dim: 6 }, 20, 2, 0.3);
+        let vocab = cfg.vocab_len();
+        let map = VarMap::new();
+        let model = MelodyLstm::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, &dev)).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let (batch, seq_len) = (3, 7);
+        let ids: Vec<u32> = (0..batch * (seq_len + 1)).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let all = Tensor::from_vec(ids, (seq_len + 1, batch), &dev).unwrap();
+        let inputs = all.narrow(0, 0, seq_len).unwrap().contiguous().unwrap();
+        let targets = all.narrow(0, 1, seq_len).unwrap().flatten_all().unwrap();
+        let loss = |ys: &Tensor| {
+            let logits = model.forward_head(ys).unwrap().reshape(((), vocab)).unwrap();
+            nll_and_argmax(&logits, &targets).unwrap().0.mean_all().unwrap()
+        };
+        let (plain, _) = lstm_outputs(&model, &inputs, None, None, None, false).unwrap();
+        let kinds = [(false, 0.0), (true, 0.0), (false, 0.4), (true, 0.4)];
+        let mut seen: Vec<Tensor> = Vec::new();
+        for (locked, weight_drop) in kinds {
+            let dropout = || Dropout::new(0.3, 17).locked(locked).weight_drop(weight_drop);
+            let (fused_ys, _) =
+                lstm_outputs(&model, &inputs, None, None, Some(&mut dropout()), false).unwrap();
+            let (graph_ys, _) = model.lstm_outputs(&inputs, None, None, Some(&mut dropout())).unwrap();
+            let graph_ys = Tensor::stack(&graph_ys, 0).unwrap();
+            let what = format!("locked {locked}, weight drop {weight_drop}");
+            assert!(rel_diff(&fused_ys, &graph_ys) < 1e-5, "{what}: outputs");
+            let (fused_grads, graph_grads) =
+                (loss(&fused_ys).backward().unwrap(), loss(&graph_ys).backward().unwrap());
+            for (name, var) in map.data().lock().unwrap().iter() {
+                let d = rel_diff(fused_grads.get(var).unwrap(), graph_grads.get(var).unwrap());
+                assert!(d < 1e-4, "{what}: gradient of {name} off by {d} (relative)");
+            }
+            assert!(rel_diff(&fused_ys, &plain) > 1e-2, "{what}: dropout changed nothing");
+            for other in &seen {
+                assert!(rel_diff(&fused_ys, other) > 1e-3, "{what}: the same as another kind");
+            }
+            seen.push(fused_ys);
+        }
+        // A locked mask is the same at every step: a unit dropped once stays dropped.
+        let ones = Tensor::ones((seq_len, batch, 20), DType::F32, &dev).unwrap();
+        let masked = Dropout::new(0.5, 3).locked(true).apply_sequence(&ones).unwrap();
+        let first = masked.get(0).unwrap();
+        for t in 1..seq_len {
+            assert_eq!(rel_diff(&masked.get(t).unwrap(), &first), 0.0);
+        }
+        let zeros = first.eq(0.0).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap();
+        assert!(zeros.to_scalar::<f32>().unwrap() > 0.0);
     }
 
     /// `linear` against candle's `matmul` + `broadcast_add`: values and the gradients of all

@@ -114,9 +114,11 @@ impl LstmLayer {
             .collect()
     }
 
-    /// The recurrence over a sequence, one step after another.
-    /// input: per step `[batch]` tokens (with tables) or `[batch, input]` vectors; h0 and c0:
-    /// `[batch, hidden]` → (per step h `[batch, hidden]`, final h, final c `[batch, hidden]`).
+    /// The recurrence over a sequence, one step after another, with `w_hh` as the recurrent
+    /// weights (the layer's own, or a dropped-out copy when training).
+    /// input: per step `[batch]` tokens (with tables) or `[batch, input]` vectors; w_hh:
+    /// `[4 hidden, hidden]`; h0 and c0: `[batch, hidden]` → (per step h `[batch, hidden]`, final
+    /// h, final c `[batch, hidden]`).
     ///
     /// Each gate has its own weight slices, cut once per call: candle's backward pass of a
     /// per-step slice of a larger tensor would write a zero-padded copy of the whole tensor
@@ -124,6 +126,7 @@ impl LstmLayer {
     pub fn recur(
         &self,
         input: &LayerInput,
+        w_hh: &Tensor,
         h0: &Tensor,
         c0: &Tensor,
     ) -> Result<(Vec<Tensor>, Tensor, Tensor)> {
@@ -133,14 +136,10 @@ impl LstmLayer {
         let mut stacked = Vec::with_capacity(4);
         for gate in 0..4 {
             match input {
-                LayerInput::Tokens { .. } => {
-                    recurrent.push(self.gate_rows(&self.w_hh, gate)?.t()?.contiguous()?)
-                }
+                LayerInput::Tokens { .. } => recurrent.push(self.gate_rows(w_hh, gate)?.t()?.contiguous()?),
                 LayerInput::Vectors(_) => {
-                    let w = Tensor::cat(
-                        &[self.gate_rows(&self.w_ih, gate)?, self.gate_rows(&self.w_hh, gate)?],
-                        1,
-                    )?;
+                    let w =
+                        Tensor::cat(&[self.gate_rows(&self.w_ih, gate)?, self.gate_rows(w_hh, gate)?], 1)?;
                     let bias = (self.gate_rows(&self.b_ih, gate)? + self.gate_rows(&self.b_hh, gate)?)?;
                     stacked.push((w.t()?.contiguous()?, bias));
                 }
@@ -232,29 +231,80 @@ impl GenState {
 }
 
 /// Seeded dropout masks, so a training run repeats exactly for a seed (candle's own random
-/// tensors on the CPU cannot be seeded).
+/// tensors on the CPU cannot be seeded). Three kinds, each set apart:
+/// - on each layer's outputs, per element and step, or `locked`: one mask per layer and
+///   sequence, the same at every step (variational dropout), so the network cannot average a
+///   dropped unit back in over the following steps;
+/// - on each layer's recurrent weights (`weight_drop`, DropConnect): one mask per layer and
+///   batch, so the recurrence itself is regularised without touching the state it carries.
 pub struct Dropout {
     rng: ChaCha8Rng,
     drop_p: f32,
+    locked: bool,
+    weight_drop: f32,
 }
 
 impl Dropout {
     /// Drops each activation with probability `drop_p` and scales the rest by `1 / (1 - drop_p)`.
     pub fn new(drop_p: f32, seed: u64) -> Self {
-        Self { rng: ChaCha8Rng::seed_from_u64(seed), drop_p }
+        Self { rng: ChaCha8Rng::seed_from_u64(seed), drop_p, locked: false, weight_drop: 0.0 }
     }
 
-    /// xs: any shape → the same shape with dropout applied.
+    /// One output mask per layer and sequence, shared by every step.
+    pub fn locked(mut self, locked: bool) -> Self {
+        self.locked = locked;
+        self
+    }
+
+    /// Also drops each recurrent weight with probability `weight_drop`, once per batch.
+    pub fn weight_drop(mut self, weight_drop: f32) -> Self {
+        self.weight_drop = weight_drop;
+        self
+    }
+
+    /// A mask of `shape`: each element 0 with probability `p`, else `1 / (1 - p)`.
+    fn mask(&mut self, p: f32, shape: &[usize], like: &Tensor) -> Result<Tensor> {
+        let scale = 1.0 / (1.0 - p);
+        let n = shape.iter().product();
+        let mask: Vec<f32> = (0..n).map(|_| if self.rng.random::<f32>() < p { 0.0 } else { scale }).collect();
+        Tensor::from_vec(mask, shape, like.device())?.to_dtype(like.dtype())
+    }
+
+    /// xs: any shape → the same shape with dropout applied to every element.
     pub fn apply(&mut self, xs: &Tensor) -> Result<Tensor> {
         if self.drop_p <= 0.0 {
             return Ok(xs.clone());
         }
-        let scale = 1.0 / (1.0 - self.drop_p);
-        let mask: Vec<f32> = (0..xs.elem_count())
-            .map(|_| if self.rng.random::<f32>() < self.drop_p { 0.0 } else { scale })
-            .collect();
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-        xs * mask
+        xs * self.mask(self.drop_p, xs.dims(), xs)?
+    }
+
+    /// One layer's outputs over a whole sequence. ys: `[seq, batch, hidden]` → the same shape.
+    pub fn apply_sequence(&mut self, ys: &Tensor) -> Result<Tensor> {
+        if !self.locked || self.drop_p <= 0.0 {
+            return self.apply(ys);
+        }
+        let (_, batch, hidden) = ys.dims3()?;
+        ys.broadcast_mul(&self.mask(self.drop_p, &[batch, hidden], ys)?)
+    }
+
+    /// One layer's outputs step by step, as `apply_sequence` treats them stacked, drawing the
+    /// same masks. ys: per step `[batch, hidden]`.
+    pub fn apply_steps(&mut self, ys: &[Tensor]) -> Result<Vec<Tensor>> {
+        let Some(first) = ys.first() else { return Ok(Vec::new()) };
+        if !self.locked || self.drop_p <= 0.0 {
+            return ys.iter().map(|y| self.apply(y)).collect();
+        }
+        let mask = self.mask(self.drop_p, first.dims(), first)?;
+        ys.iter().map(|y| y * &mask).collect()
+    }
+
+    /// A layer's recurrent weights for one batch, with DropConnect when `weight_drop` is set.
+    /// w_hh: `[4 hidden, hidden]` → the same shape.
+    pub fn recurrent_weights(&mut self, w_hh: &Tensor) -> Result<Tensor> {
+        if self.weight_drop <= 0.0 {
+            return Ok(w_hh.clone());
+        }
+        w_hh * self.mask(self.weight_drop, w_hh.dims(), w_hh)?
     }
 }
 
@@ -581,11 +631,15 @@ impl MelodyLstm {
         };
         let mut ys = Vec::new();
         for (k, layer) in self.layers.iter().enumerate() {
-            let (out, h, c) = layer.recur(&input, &state.h[k], &state.c[k])?;
+            let w_hh = match dropout.as_deref_mut() {
+                Some(d) => d.recurrent_weights(&layer.w_hh)?,
+                None => layer.w_hh.clone(),
+            };
+            let (out, h, c) = layer.recur(&input, &w_hh, &state.h[k], &state.c[k])?;
             next.h.push(h);
             next.c.push(c);
             ys = match dropout.as_deref_mut() {
-                Some(d) => out.iter().map(|y| d.apply(y)).collect::<Result<_>>()?,
+                Some(d) => d.apply_steps(&out)?,
                 None => out,
             };
             input = LayerInput::Vectors(ys.clone());

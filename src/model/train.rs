@@ -41,6 +41,11 @@ pub struct ModelShape {
     pub num_layers: usize,
     /// Dropout between layers and before the output layer, in `[0, 1)`.
     pub dropout: f32,
+    /// Draw the `dropout` mask once per window and layer rather than per step.
+    pub locked_dropout: bool,
+    /// DropConnect on each layer's recurrent weights, in `[0, 1)`: the chance each weight is
+    /// dropped for a batch.
+    pub weight_drop: f32,
     /// Bars of lookback (`ModelConfig::bar_lookback`; needs the data's bar meters).
     pub bar_lookback: usize,
 }
@@ -52,6 +57,8 @@ impl Default for ModelShape {
             hidden_size: 256,
             num_layers: 2,
             dropout: 0.2,
+            locked_dropout: false,
+            weight_drop: 0.0,
             bar_lookback: 0,
         }
     }
@@ -421,6 +428,9 @@ pub fn train(
     if cfg.window_len == 0 || cfg.batch_size == 0 || cfg.window_stride == 0 {
         return Err(ModelError::Data("window length, stride and batch size must be at least 1".to_string()));
     }
+    if !(0.0..1.0).contains(&cfg.model.weight_drop) {
+        return Err(ModelError::Data(format!("weight drop {} is outside [0, 1)", cfg.model.weight_drop)));
+    }
     if data.train_tokens.len() <= cfg.window_len + 1 {
         return Err(ModelError::Data(format!(
             "the training stream has {} symbols, fewer than one window of {}",
@@ -522,7 +532,9 @@ pub fn train(
         let mut rng = ChaCha8Rng::seed_from_u64(
             cfg.seed.wrapping_add((epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
         );
-        let mut dropout = Dropout::new(cfg.model.dropout, rng.random());
+        let mut dropout = Dropout::new(cfg.model.dropout, rng.random())
+            .locked(cfg.model.locked_dropout)
+            .weight_drop(cfg.model.weight_drop);
         let starts = window_starts(data.train_tokens.len(), cfg, &mut rng);
         let batches: Vec<&[usize]> = starts.chunks(cfg.batch_size).take(batches_per_epoch).collect();
         observer.on_epoch_start(epoch, batches.len());

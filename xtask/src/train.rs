@@ -92,6 +92,12 @@ pub struct TrainArgs {
     /// Dropout between layers and before the output layer.
     #[arg(long)]
     dropout: Option<f32>,
+    /// Draw the dropout mask once per window and layer, the same at every step.
+    #[arg(long)]
+    locked_dropout: bool,
+    /// DropConnect on the recurrent weights: the chance each is dropped for a batch.
+    #[arg(long)]
+    weight_drop: Option<f32>,
     /// Also read each step's place in its bar beside its symbol (songs in the common meters:
     /// 2/4, 3/4, 4/4, 6/8...); the plugin reads it from the host's time signature.
     #[arg(long)]
@@ -252,6 +258,10 @@ fn settings(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut cfg.model.hidden_size, args.hidden);
     set(&mut cfg.model.num_layers, args.layers);
     set(&mut cfg.model.dropout, args.dropout);
+    if args.locked_dropout {
+        cfg.model.locked_dropout = true;
+    }
+    set(&mut cfg.model.weight_drop, args.weight_drop);
     if args.bar_positions {
         cfg.data.bar_meters = antiphon::music::bar::COMMON_METERS.to_vec();
     }
