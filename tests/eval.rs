@@ -151,7 +151,7 @@ fn tiny_train_config() -> TrainConfig {
             hidden_size: 24,
             num_layers: 1,
             dropout: 0.0,
-            bar_lookback: 0,
+            ..Default::default()
         },
         window_len: 32,
         window_stride: 16,

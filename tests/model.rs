@@ -270,7 +270,7 @@ fn tiny_train_config(epochs: usize) -> TrainConfig {
             hidden_size: 24,
             num_layers: 1,
             dropout: 0.0,
-            bar_lookback: 0,
+            ..Default::default()
         },
         window_len: 16,
         window_stride: 8,
@@ -315,6 +315,30 @@ fn a_tiny_model_learns_and_resumes() {
         assert!((a.train_loss - b.train_loss).abs() < 1e-12);
     }
     assert!(resumed.epochs[5].train_loss < summary.epochs[0].train_loss);
+}
+
+/// Locked dropout and DropConnect on the recurrent weights, together: a tiny model still
+/// learns, and a weight drop outside [0, 1) is refused before any training.
+#[test]
+fn a_tiny_model_learns_under_locked_dropout_and_weight_drop() {
+    let mut cfg = tiny_train_config(4);
+    cfg.model.dropout = 0.2;
+    cfg.model.locked_dropout = true;
+    cfg.model.weight_drop = 0.3;
+    let data = build_dataset(vec![("tiny".into(), tiny_corpus())], &cfg.data).unwrap();
+    let scratch = scratch_dir("regularised");
+    let summary = train(&cfg, &data, scratch.path(), &Device::Cpu, false, &mut Quiet).unwrap();
+    let (first, last) = (&summary.epochs[0], &summary.epochs[3]);
+    assert!(last.train_loss < first.train_loss * 0.8, "{} → {}", first.train_loss, last.train_loss);
+    let (first_val, last_val) = (first.validation[0].1.all.loss, last.validation[0].1.all.loss);
+    assert!(last_val < first_val, "{first_val} → {last_val}");
+    assert_eq!(summary.config.model.weight_drop, 0.3);
+
+    cfg.model.weight_drop = 1.0;
+    let refused = scratch_dir("refused");
+    let err = train(&cfg, &data, refused.path(), &Device::Cpu, false, &mut Quiet).unwrap_err();
+    assert!(err.to_string().contains("weight drop 1 is outside [0, 1)"), "{err}");
+    assert!(!refused.path().join(TRAIN_FILE).exists());
 }
 
 /// Songs in 4/4 whose every figure starts on a downbeat: a model trained with bar positions keeps
