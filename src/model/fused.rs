@@ -38,8 +38,8 @@ pub fn applies_to(model: &MelodyLstm) -> bool {
 /// layer's input projection is one matrix product (layer 0: a table of every token's
 /// `W_ih x + b_ih + b_hh`, gathered, plus the side-table rows of each step's bar inputs for a
 /// model with them), and `dropout` (training only) applies to each layer's recurrent weights
-/// and outputs as the per-step graph applies it, drawing its masks in the same order. With `detach`, no gradient
-/// is tracked (evaluation).
+/// and outputs as the per-step graph applies it, drawing its masks in the same order. With
+/// `detach`, no gradient is tracked (evaluation).
 /// tokens: `[seq, batch]` u32, bars: `[seq, batch(, inputs)]` (`MelodyLstm::side_rows`), state:
 /// per layer `[batch, hidden]` (zeros when `None`) → (ys `[seq, batch, hidden]`, state after the
 /// last step)

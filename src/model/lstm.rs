@@ -231,8 +231,8 @@ impl GenState {
 }
 
 /// Seeded dropout masks, so a training run repeats exactly for a seed (candle's own random
-/// tensors on the CPU cannot be seeded). Three kinds, each set apart:
-/// - on each layer's outputs, per element and step, or `locked`: one mask per layer and
+/// tensors on the CPU cannot be seeded). Masks go in two places, each set apart:
+/// - on each layer's outputs: per element and step, or `locked`: one mask per layer and
 ///   sequence, the same at every step (variational dropout), so the network cannot average a
 ///   dropped unit back in over the following steps;
 /// - on each layer's recurrent weights (`weight_drop`, DropConnect): one mask per layer and
