@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use antiphon::model::data::DataConfig;
-use antiphon::model::io::{save_model, CONFIG_FILE, TRAIN_FILE, WEIGHTS_FILE};
+use antiphon::model::io::{
+    read_model_config, save_model, ModelSource, CONFIG_FILE, TRAIN_FILE, WEIGHTS_FILE,
+};
 use antiphon::model::train::{build_dataset, train, EvalConfig, ModelShape, Quiet, TrainConfig};
 use antiphon::model::{
     continue_melody, Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, ModelError,
@@ -339,6 +341,81 @@ fn a_tiny_model_learns_under_locked_dropout_and_weight_drop() {
     let err = train(&cfg, &data, refused.path(), &Device::Cpu, false, &mut Quiet).unwrap_err();
     assert!(err.to_string().contains("weight drop 1 is outside [0, 1)"), "{err}");
     assert!(!refused.path().join(TRAIN_FILE).exists());
+}
+
+/// Fine-tuning: a run started from a trained model begins where that model stands, encodes its
+/// data in that model's vocabulary, and is refused, naming both, when its sizes differ.
+#[test]
+fn a_run_starts_from_a_trained_model() {
+    let scratch = scratch_dir("fine-tune");
+    let base_dir = scratch.path().join("base");
+    let cfg = tiny_train_config(4);
+    let data = build_dataset(vec![("tiny".into(), tiny_corpus())], &cfg.data).unwrap();
+    let base = train(&cfg, &data, &base_dir, &Device::Cpu, false, &mut Quiet).unwrap();
+    let base_loss = base.best_validation[0].1.all.loss;
+    let fresh_first_loss = base.epochs[0].validation[0].1.all.loss;
+
+    // A song reaching above the base's highest pitch is dropped rather than growing the
+    // vocabulary, and a near-zero learning rate leaves the base's validation loss in place.
+    let base_config = read_model_config(&ModelSource::Dir(base_dir.clone())).unwrap();
+    let mut tune_cfg = tiny_train_config(1);
+    tune_cfg.adopt_base(&base_config);
+    tune_cfg.init_from = Some(base_dir.display().to_string());
+    tune_cfg.learning_rate = 1e-9;
+    let mut corpus = tiny_corpus();
+    let mut high = melody(&[(60, 0.0, 1.0), (base_config.highest_pitch + 12, 1.0, 1.0)]);
+    high.key = Some(Key::C_MAJOR);
+    corpus.melodies.push(high);
+    let tune_data = build_dataset(vec![("tiny".into(), corpus)], &tune_cfg.data).unwrap();
+    assert_eq!(tune_data.vocab, base_config.vocab);
+    assert_eq!(tune_data.counts[0].num_kept, data.counts[0].num_kept);
+    let tuned_dir = scratch.path().join("tuned");
+    let tuned = train(&tune_cfg, &tune_data, &tuned_dir, &Device::Cpu, false, &mut Quiet).unwrap();
+    let tuned_loss = tuned.epochs[0].validation[0].1.all.loss;
+    assert!((tuned_loss - base_loss).abs() < 1e-4, "base {base_loss}, fine-tuned {tuned_loss}");
+    assert!(tuned_loss < fresh_first_loss - 0.2, "fresh {fresh_first_loss}, fine-tuned {tuned_loss}");
+    assert_eq!(LoadedModel::load_dir(&tuned_dir).unwrap().config, base_config);
+
+    // Other sizes do not fit its weights.
+    tune_cfg.model.hidden_size = 32;
+    let refused = scratch.path().join("refused");
+    let err =
+        train(&tune_cfg, &tune_data, &refused, &Device::Cpu, false, &mut Quiet).unwrap_err().to_string();
+    assert!(
+        err.contains(&base_dir.display().to_string()) && err.contains("size 1×24, the run's 1×32"),
+        "{err}"
+    );
+    assert!(!refused.join(TRAIN_FILE).exists());
+}
+
+/// The built-in model is a base too: a short run on a few tunes starts from it and keeps its
+/// sizes and bar inputs.
+#[test]
+fn a_run_starts_from_the_builtin_model() {
+    let builtin = read_model_config(&ModelSource::Builtin).unwrap();
+    let mut cfg = tiny_train_config(1);
+    cfg.adopt_base(&builtin);
+    cfg.init_from = Some("builtin".to_string());
+    cfg.learning_rate = 1e-4;
+    cfg.max_batches_per_epoch = Some(2);
+    let data = build_dataset(vec![("tiny".into(), tiny_corpus())], &cfg.data).unwrap();
+    let scratch = scratch_dir("from-builtin");
+    let summary = train(&cfg, &data, scratch.path(), &Device::Cpu, false, &mut Quiet).unwrap();
+    assert_eq!(
+        summary.num_params,
+        LoadedModel::builtin()
+            .unwrap()
+            .lstm
+            .named_tensors()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum::<usize>()
+    );
+    // The built-in model knows these stepwise tunes in C from the start: far below the
+    // vocabulary's uniform guess.
+    let loss = summary.epochs[0].validation[0].1.all.loss;
+    assert!(loss < 0.5 * (builtin.vocab_len() as f64).ln(), "{loss}");
+    assert_eq!(LoadedModel::load_dir(scratch.path()).unwrap().config, builtin);
 }
 
 /// Songs in 4/4 whose every figure starts on a downbeat: a model trained with bar positions keeps

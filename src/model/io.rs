@@ -4,7 +4,7 @@
 //! memory (a buffered read, never mmap), so a file changing under a running host cannot fault.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -56,18 +56,13 @@ impl LoadedModel {
 
     /// Loads and validates a model directory onto `device`.
     pub fn load_dir_on(dir: &Path, device: &Device) -> Result<Self, ModelError> {
-        let config_path = dir.join(CONFIG_FILE);
-        let weights_path = dir.join(WEIGHTS_FILE);
-        let config = read_file(&config_path)?;
-        let weights = read_file(&weights_path)?;
-        let config = parse_config(&config, &config_path.display().to_string())?;
-        Self::from_parts(
-            config,
-            &weights,
-            &weights_path.display().to_string(),
-            &dir.display().to_string(),
-            device,
-        )
+        Self::load_on(&ModelSource::Dir(dir.to_path_buf()), device)
+    }
+
+    /// Loads and validates a model directory or the built-in model onto `device`.
+    pub fn load_on(source: &ModelSource, device: &Device) -> Result<Self, ModelError> {
+        let (config, tensors) = read_model_parts(source, device)?;
+        Self::from_tensors(config, tensors, &source.to_string(), device)
     }
 
     /// Loads a model from the bytes of its `config.json` and `model.safetensors`. `origin`
@@ -79,22 +74,21 @@ impl LoadedModel {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let config = parse_config(config_json, &format!("{origin}/{CONFIG_FILE}"))?;
-        Self::from_parts(config, weights, &format!("{origin}/{WEIGHTS_FILE}"), origin, device)
+        let tensors = read_weights(weights, &format!("{origin}/{WEIGHTS_FILE}"), &config, device)?;
+        Self::from_tensors(config, tensors, origin, device)
     }
 
     /// The default model built into the plugin (trained on folk melodies), on the CPU.
     pub fn builtin() -> Result<Self, ModelError> {
-        Self::from_bytes(BUILTIN_CONFIG, BUILTIN_WEIGHTS, BUILTIN_ORIGIN, &Device::Cpu)
+        Self::load_on(&ModelSource::Builtin, &Device::Cpu)
     }
 
-    fn from_parts(
+    fn from_tensors(
         config: ModelConfig,
-        weights: &[u8],
-        weights_path: &str,
+        tensors: HashMap<String, Tensor>,
         origin: &str,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        let tensors = read_weights(weights, weights_path, &config, device)?;
         let lstm = MelodyLstm::new(&config, VarBuilder::from_tensors(tensors, DType::F32, device))?;
         Self::new(config, lstm, origin)
     }
@@ -129,6 +123,64 @@ impl LoadedModel {
     ) -> Result<(), ModelError> {
         Ok(self.lstm.step(&self.step_weights, token, bars, state, logits)?)
     }
+}
+
+/// A model to read: a model directory, or the one built in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// The built-in model (`presets/models/default`).
+    Builtin,
+    /// A model directory (`config.json` and `model.safetensors`).
+    Dir(PathBuf),
+}
+
+impl ModelSource {
+    /// `builtin`, or else a directory path (write `./builtin` for a folder of that name).
+    pub fn parse(text: &str) -> Self {
+        if text == "builtin" {
+            Self::Builtin
+        } else {
+            Self::Dir(PathBuf::from(text))
+        }
+    }
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Builtin => f.write_str(BUILTIN_ORIGIN),
+            Self::Dir(dir) => write!(f, "{}", dir.display()),
+        }
+    }
+}
+
+/// Reads and validates a model's config.
+pub fn read_model_config(source: &ModelSource) -> Result<ModelConfig, ModelError> {
+    match source {
+        ModelSource::Builtin => parse_config(BUILTIN_CONFIG, &format!("{BUILTIN_ORIGIN}/{CONFIG_FILE}")),
+        ModelSource::Dir(dir) => {
+            let path = dir.join(CONFIG_FILE);
+            parse_config(&read_file(&path)?, &path.display().to_string())
+        }
+    }
+}
+
+/// Reads and validates a model's config and weights, the weights as f32 on `device`.
+pub fn read_model_parts(
+    source: &ModelSource,
+    device: &Device,
+) -> Result<(ModelConfig, HashMap<String, Tensor>), ModelError> {
+    let config = read_model_config(source)?;
+    let tensors = match source {
+        ModelSource::Builtin => {
+            read_weights(BUILTIN_WEIGHTS, &format!("{BUILTIN_ORIGIN}/{WEIGHTS_FILE}"), &config, device)?
+        }
+        ModelSource::Dir(dir) => {
+            let path = dir.join(WEIGHTS_FILE);
+            read_weights(&read_file(&path)?, &path.display().to_string(), &config, device)?
+        }
+    };
+    Ok((config, tensors))
 }
 
 /// Writes `model.safetensors` and `config.json` of `lstm` into `dir` (created if needed).

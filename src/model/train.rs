@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use super::data::BarReader;
 pub use super::data::{build_dataset, read_set, DataConfig, DataSet, Dataset, SetCounts, Split};
-use super::io::{read_weights, save_model, save_weights, TRAIN_FILE, WEIGHTS_FILE};
+use super::io::{
+    read_model_parts, read_weights, save_model, save_weights, ModelSource, TRAIN_FILE, WEIGHTS_FILE,
+};
 use super::lstm::{nll_and_argmax, Dropout, MelodyLstm};
 use super::{InputKind, ModelConfig, ModelError};
 use crate::music::{Symbol, TokenId, Vocab};
@@ -133,6 +135,10 @@ pub struct TrainConfig {
     /// (0: the weights themselves). Small batches make the last step's weights noisy; their
     /// average generalises better. Resuming restarts the average from the weights.
     pub weight_average: f64,
+    /// Start from this model's weights rather than random ones (fine-tuning): a model
+    /// directory, or `builtin`. The run must keep its sizes, vocabulary and conventions
+    /// (`adopt_base` copies them).
+    pub init_from: Option<String>,
     /// Seeds the weights, window order and dropout.
     pub seed: u64,
     /// Cut each epoch to this many batches (for quick trials and tests).
@@ -158,10 +164,88 @@ impl Default for TrainConfig {
             weight_decay: 0.01,
             grad_clip_norm: 1.0,
             weight_average: 0.0,
+            init_from: None,
             seed: 1,
             max_batches_per_epoch: None,
             eval: EvalConfig::default(),
         }
+    }
+}
+
+impl TrainConfig {
+    /// Takes the sizes and data conventions of `base`, the model the run starts from, so that
+    /// the data is encoded in its vocabulary and the network fits its weights. Dropout is taken
+    /// too, as a default the run may change.
+    pub fn adopt_base(&mut self, base: &ModelConfig) {
+        self.data.grid = base.grid;
+        self.data.pitch_range = Some((base.lowest_pitch, base.highest_pitch));
+        self.data.transposition = base.transposition;
+        self.data.delimiter_len = base.delimiter_len;
+        self.data.bar_meters = base.bar_meters.clone();
+        self.model.input = base.input;
+        self.model.hidden_size = base.hidden_size;
+        self.model.num_layers = base.num_layers;
+        self.model.dropout = base.dropout;
+        self.model.bar_lookback = base.bar_lookback;
+    }
+}
+
+/// The first way in which the model a run would build differs from the model it starts from,
+/// if any, as `what (base) against (run)`.
+fn base_mismatch(base: &ModelConfig, run: &ModelConfig) -> Option<String> {
+    let differ = |what: &str, base: String, run: String| Some(format!("{what} {base}, the run's {run}"));
+    if (base.lowest_pitch, base.highest_pitch) != (run.lowest_pitch, run.highest_pitch) {
+        return differ(
+            "pitch range",
+            format!("{}..={}", base.lowest_pitch, base.highest_pitch),
+            format!("{}..={}", run.lowest_pitch, run.highest_pitch),
+        );
+    }
+    if base.vocab != run.vocab {
+        let symbols = |c: &ModelConfig| format!("{} symbols", c.vocab.len());
+        return differ("a vocabulary of", symbols(base), symbols(run));
+    }
+    let debug = |x: &dyn std::fmt::Debug| format!("{x:?}");
+    if base.grid != run.grid {
+        return differ("step grid", debug(&base.grid), debug(&run.grid));
+    }
+    if base.input != run.input {
+        return differ("input", debug(&base.input), debug(&run.input));
+    }
+    if (base.hidden_size, base.num_layers) != (run.hidden_size, run.num_layers) {
+        return differ(
+            "size",
+            format!("{}×{}", base.num_layers, base.hidden_size),
+            format!("{}×{}", run.num_layers, run.hidden_size),
+        );
+    }
+    if base.transposition != run.transposition {
+        return differ("key convention", debug(&base.transposition), debug(&run.transposition));
+    }
+    if base.delimiter_len != run.delimiter_len {
+        return differ("song delimiter", base.delimiter_len.to_string(), run.delimiter_len.to_string());
+    }
+    if (&base.bar_meters, base.bar_lookback) != (&run.bar_meters, run.bar_lookback) {
+        let bars =
+            |c: &ModelConfig| format!("{} bar meters, lookback {}", c.bar_meters.len(), c.bar_lookback);
+        return differ("bar inputs", bars(base), bars(run));
+    }
+    None
+}
+
+/// The weights of the model a run starts from, after checking that the run's model fits them.
+fn base_weights(
+    source: &str,
+    run: &ModelConfig,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, ModelError> {
+    let source = ModelSource::parse(source);
+    let (base, tensors) = read_model_parts(&source, device)?;
+    match base_mismatch(&base, run) {
+        Some(problem) => Err(ModelError::Data(format!(
+            "cannot start from {source}: it has {problem} (leave its sizes, pitch range and key convention as they are)"
+        ))),
+        None => Ok(tensors),
     }
 }
 
@@ -485,7 +569,10 @@ pub fn train(
         summary.config = cfg.clone();
         (state.epochs_done, state.global_step, state.epochs_since_best, state.best_loss, summary)
     } else {
-        let init = MelodyLstm::initial_tensors(&model_cfg, cfg.seed, device)?;
+        let init = match &cfg.init_from {
+            Some(source) => base_weights(source, &model_cfg, device)?,
+            None => MelodyLstm::initial_tensors(&model_cfg, cfg.seed, device)?,
+        };
         varmap.set(init.iter())?;
         let summary = TrainSummary {
             config: cfg.clone(),

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use antiphon::model::data::read_set;
+use antiphon::model::io::{read_model_config, ModelSource};
 use antiphon::model::train::{
     build_dataset, read_train_config, train, BatchProgress, DataSet, EpochRecord, LrSchedule, Split,
     TrainConfig, TrainObserver, TrainSummary,
@@ -37,6 +38,11 @@ pub struct TrainArgs {
     /// Continue the run in `--out` from its last epoch (same data and settings).
     #[arg(long)]
     resume: bool,
+    /// Start from a trained model's weights rather than random ones, to fine-tune it on this
+    /// data: a model directory, or `builtin`. The run keeps its sizes, pitch range and key
+    /// convention.
+    #[arg(long, value_name = "DIR|builtin")]
+    init_from: Option<String>,
     /// Where to train: cpu, cuda or metal (the last two need the build feature of that name).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -230,6 +236,13 @@ fn settings(args: &TrainArgs) -> Result<TrainConfig> {
         Some(path) => read_train_config(path).with_context(|| format!("reading {}", path.display()))?,
         None => TrainConfig::default(),
     };
+    if args.init_from.is_some() {
+        cfg.init_from = args.init_from.clone();
+    }
+    if let Some(source) = &cfg.init_from {
+        let base = read_model_config(&ModelSource::parse(source))?;
+        cfg.adopt_base(&base);
+    }
     if !args.data.is_empty() {
         cfg.sets = args.data.iter().enumerate().map(|(i, spec)| parse_set(spec, i)).collect();
     }
