@@ -375,6 +375,22 @@ fn a_run_starts_from_a_trained_model() {
     assert!((tuned_loss - base_loss).abs() < 1e-4, "base {base_loss}, fine-tuned {tuned_loss}");
     assert!(tuned_loss < fresh_first_loss - 0.2, "fresh {fresh_first_loss}, fine-tuned {tuned_loss}");
     assert_eq!(LoadedModel::load_dir(&tuned_dir).unwrap().config, base_config);
+    // The base was validated first, on the same targets.
+    assert!((tuned.base_validation[0].1.all.loss - base_loss).abs() < 1e-9);
+
+    // A run that only makes the model worse keeps the base, as epoch 0.
+    tune_cfg.learning_rate = 5.0;
+    tune_cfg.grad_clip_norm = 0.0;
+    let worse_dir = scratch.path().join("worse");
+    let worse = train(&tune_cfg, &tune_data, &worse_dir, &Device::Cpu, false, &mut Quiet).unwrap();
+    assert!(worse.epochs[0].validation[0].1.all.loss > base_loss + 0.1, "{:?}", worse.epochs[0]);
+    assert_eq!(worse.best_epoch, Some(0));
+    let ids: Vec<u16> = (0..base_config.vocab_len() as u16).collect();
+    let base_model = LoadedModel::load_dir(&base_dir).unwrap();
+    assert_eq!(
+        logits_after(&LoadedModel::load_dir(&worse_dir).unwrap(), &ids),
+        logits_after(&base_model, &ids)
+    );
 
     // Other sizes do not fit its weights.
     tune_cfg.model.hidden_size = 32;

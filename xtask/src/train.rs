@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use antiphon::model::data::read_set;
 use antiphon::model::io::{read_model_config, ModelSource};
 use antiphon::model::train::{
-    build_dataset, read_train_config, train, BatchProgress, DataSet, EpochRecord, LrSchedule, Split,
-    TrainConfig, TrainObserver, TrainSummary,
+    build_dataset, read_train_config, train, BatchProgress, DataSet, EpochRecord, EvalMetrics, LrSchedule,
+    Split, TrainConfig, TrainObserver, TrainSummary,
 };
 use antiphon::model::{select_device, InputKind, Transposition};
 use antiphon::music::encode::DurationFilter;
@@ -23,6 +23,12 @@ use plotters::prelude::*;
 /// given here; nothing else is built in. Example, the benchmark split of the Erk tunes:
 ///
 ///   cargo xtask train --data erk=../shared/corpus/essen/erk5.abc,../shared/corpus/essen/erk10.abc,../shared/corpus/essen/erk20.abc,../shared/corpus/essen/erk30.abc --durations recipe --out my-model
+///
+/// To fine-tune the built-in model on a few dozen of your own tunes (with --init-from and no
+/// --config, the defaults suit fine-tuning: learning rate 3e-4, batches of 16 windows 16 steps
+/// apart, no weight average):
+///
+///   cargo xtask train --init-from builtin --data ~/tunes --out my-model
 #[derive(clap::Args)]
 pub struct TrainArgs {
     /// Settings file (JSON): a TrainConfig; flags override it.
@@ -212,7 +218,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     observer.finish();
     println!("stopped: {}", summary.stop_reason);
     if let Some(best) = summary.best_epoch {
-        println!("best epoch {best}, on every validation symbol:");
+        if best == 0 {
+            println!("no epoch beat the model it started from, which is kept; on every validation symbol:");
+        } else {
+            println!("best epoch {best}, on every validation symbol:");
+        }
         for (name, m) in &summary.final_validation {
             println!(
                 "  {name}: loss {:.4} acc {:.4} | songs only: loss {:.4} acc {:.4} | non-hold: loss {:.4} acc {:.4}",
@@ -234,13 +244,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
 fn settings(args: &TrainArgs) -> Result<TrainConfig> {
     let mut cfg = match &args.config {
         Some(path) => read_train_config(path).with_context(|| format!("reading {}", path.display()))?,
+        None if args.init_from.is_some() => TrainConfig::fine_tuning(),
         None => TrainConfig::default(),
     };
     if args.init_from.is_some() {
         cfg.init_from = args.init_from.clone();
     }
     if let Some(source) = &cfg.init_from {
-        let base = read_model_config(&ModelSource::parse(source))?;
+        let base = read_model_config(&ModelSource::parse(source))
+            .with_context(|| format!("--init-from {source}: reading the model to start from"))?;
         cfg.adopt_base(&base);
     }
     if !args.data.is_empty() {
@@ -438,29 +450,19 @@ impl TrainObserver for Progress {
         }
     }
 
+    fn on_base_validated(&mut self, validation: &[(String, EvalMetrics)]) {
+        self.finish();
+        println!("epoch   0 (the model it starts from): {}", validation_line(validation));
+    }
+
     fn on_epoch_end(&mut self, r: &EpochRecord, summary: &TrainSummary) {
         self.finish();
-        let validation: Vec<String> = r
-            .validation
-            .iter()
-            .map(|(name, m)| {
-                format!(
-                    "{name} loss {:.4} acc {:.4} (songs {:.4}/{:.4}, non-hold {:.4}/{:.4})",
-                    m.all.loss,
-                    m.all.accuracy,
-                    m.song.loss,
-                    m.song.accuracy,
-                    m.non_hold.loss,
-                    m.non_hold.accuracy
-                )
-            })
-            .collect();
         println!(
             "epoch {:>3}: train loss {:.4} acc {:.4} | {} | {:.0}+{:.0} s, {:.0} sym/s{}",
             r.epoch,
             r.train_loss,
             r.train_accuracy,
-            validation.join(" | "),
+            validation_line(&r.validation),
             r.train_wall_s,
             r.eval_wall_s,
             r.symbols_per_s,
@@ -473,17 +475,43 @@ impl TrainObserver for Progress {
     }
 }
 
+/// Loss and accuracy of each validation set, on all, song and non-hold targets.
+fn validation_line(validation: &[(String, EvalMetrics)]) -> String {
+    let sets: Vec<String> = validation
+        .iter()
+        .map(|(name, m)| {
+            format!(
+                "{name} loss {:.4} acc {:.4} (songs {:.4}/{:.4}, non-hold {:.4}/{:.4})",
+                m.all.loss,
+                m.all.accuracy,
+                m.song.loss,
+                m.song.accuracy,
+                m.non_hold.loss,
+                m.non_hold.accuracy
+            )
+        })
+        .collect();
+    sets.join(" | ")
+}
+
 /// Draws training and validation loss per epoch. Text is drawn with a small built-in pixel
 /// font, so the plot needs no system fonts.
 fn plot_losses(path: &Path, summary: &TrainSummary) -> Result<()> {
     const WIDTH: u32 = 800;
     const HEIGHT: u32 = 480;
     let train: Vec<(f64, f64)> = summary.epochs.iter().map(|e| (e.epoch as f64, e.train_loss)).collect();
-    let validation: Vec<(f64, f64)> = summary
-        .epochs
-        .iter()
-        .filter_map(|e| e.validation.first().map(|(_, m)| (e.epoch as f64, m.all.loss)))
+    // A fine-tuning run's validation starts at epoch 0, the model it started from.
+    let base = summary.base_validation.first().map(|(_, m)| (0.0, m.all.loss));
+    let validation: Vec<(f64, f64)> = base
+        .into_iter()
+        .chain(
+            summary
+                .epochs
+                .iter()
+                .filter_map(|e| e.validation.first().map(|(_, m)| (e.epoch as f64, m.all.loss))),
+        )
         .collect();
+    let x_lo = if base.is_some() { 0.0 } else { 1.0 };
     let values = train.iter().chain(&validation).map(|p| p.1).filter(|v| v.is_finite());
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
     if !lo.is_finite() {
@@ -500,17 +528,17 @@ fn plot_losses(path: &Path, summary: &TrainSummary) -> Result<()> {
         .margin_right(20)
         .margin_top(40)
         .margin_bottom(50)
-        .build_cartesian_2d(1.0..x_hi, y_lo..y_hi)?;
+        .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)?;
     let grey = RGBColor(220, 220, 220);
     let y_ticks = 5;
     for i in 0..=y_ticks {
         let y = y_lo + (y_hi - y_lo) * i as f64 / y_ticks as f64;
-        chart.draw_series(std::iter::once(PathElement::new(vec![(1.0, y), (x_hi, y)], grey)))?;
-        let (px, py) = chart.backend_coord(&(1.0, y));
+        chart.draw_series(std::iter::once(PathElement::new(vec![(x_lo, y), (x_hi, y)], grey)))?;
+        let (px, py) = chart.backend_coord(&(x_lo, y));
         draw_text(&root, &format!("{y:.3}"), px - 60, py - 5, &BLACK)?;
     }
     let x_step = ((x_hi as usize) / 10).max(1);
-    for epoch in (1..=x_hi as usize).step_by(x_step) {
+    for epoch in (x_lo as usize..=x_hi as usize).step_by(x_step) {
         let (px, py) = chart.backend_coord(&(epoch as f64, y_lo));
         chart.draw_series(std::iter::once(PathElement::new(
             vec![(epoch as f64, y_lo), (epoch as f64, y_hi)],
@@ -603,6 +631,38 @@ mod tests {
         assert_eq!(named.name, "erk");
         assert_eq!(named.paths, vec![PathBuf::from("a/erk5.abc"), PathBuf::from("a/erk10.abc")]);
         assert_eq!(parse_set("x/folk", 3).name, "folk");
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn settings_of(flags: &[&str]) -> Result<TrainConfig> {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["train", "--out", "out", "--data", "tunes"].iter().chain(flags))?;
+        settings(&cli.args)
+    }
+
+    #[test]
+    fn fine_tuning_takes_the_base_and_its_own_defaults() {
+        let builtin = read_model_config(&ModelSource::Builtin).unwrap();
+        let tuning = settings_of(&["--init-from", "builtin"]).unwrap();
+        assert_eq!(tuning.init_from.as_deref(), Some("builtin"));
+        assert_eq!(tuning.learning_rate, TrainConfig::fine_tuning().learning_rate);
+        assert_eq!((tuning.batch_size, tuning.window_stride, tuning.weight_average), (16, 16, 0.0));
+        assert_eq!(tuning.model.hidden_size, builtin.hidden_size);
+        assert_eq!(tuning.model.bar_lookback, builtin.bar_lookback);
+        assert_eq!(tuning.data.pitch_range, Some((builtin.lowest_pitch, builtin.highest_pitch)));
+        assert_eq!(tuning.data.bar_meters, builtin.bar_meters);
+        // Flags still win, and a run from scratch keeps the usual defaults.
+        assert_eq!(settings_of(&["--init-from", "builtin", "--lr", "0.001"]).unwrap().learning_rate, 1e-3);
+        let scratch = settings_of(&[]).unwrap();
+        assert_eq!((scratch.learning_rate, scratch.data.pitch_range), (3e-3, None));
+        // A base that is not there is named.
+        let err = settings_of(&["--init-from", "no/such/model"]).unwrap_err();
+        assert!(format!("{err:#}").contains("no/such/model/config.json"), "{err:#}");
     }
 
     #[test]
