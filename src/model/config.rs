@@ -90,8 +90,8 @@ pub struct ModelConfig {
     /// the order of their ids; empty for a model that reads symbols alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bar_meters: Vec<Meter>,
-    /// How many bars back the model also reads the symbol one and two bars before each target
-    /// (0, 1 or 2; needs `bar_meters`): the lookback inputs of `bar_lookback.weight`.
+    /// How many bars back the model also reads: the symbols one, two... bars before each target
+    /// (0 to `MAX_BAR_LOOKBACK`; needs `bar_meters`): the lookback inputs of `bar_lookback.weight`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub bar_lookback: usize,
 }
@@ -101,7 +101,7 @@ fn is_zero(n: &usize) -> bool {
 }
 
 /// Most bars a model may look back.
-pub const MAX_BAR_LOOKBACK: usize = 2;
+pub const MAX_BAR_LOOKBACK: usize = 4;
 
 fn default_delimiter_len() -> usize {
     64

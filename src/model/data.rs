@@ -217,7 +217,7 @@ impl BarReader {
     }
 
     /// Appends the bar inputs of input step `t` of a window that starts at `window_start` to
-    /// `out`: its bar position, then for each bar of lookback the token one (two) bars before
+    /// `out`: its bar position, then for each bar of lookback the token that many bars before
     /// the target `t + 1`, or "none" when the step's bar is unknown or that step lies before the
     /// window (a window sees nothing before its first symbol).
     pub fn push(&self, tokens: &[u32], bars: &[u32], window_start: usize, t: usize, out: &mut Vec<u32>) {
@@ -486,6 +486,17 @@ mod tests {
         out.clear();
         reader.push(&tokens, &bars, 0, 1, &mut out);
         assert_eq!(out, vec![0, none, none]);
+
+        // Four bars back: steps 13, 5, then before the stream's start.
+        cfg.bar_lookback = MAX_BAR_LOOKBACK;
+        let reader = BarReader::for_model(&cfg);
+        assert_eq!((reader.per_step(), reader.history_len()), (5, 32));
+        out.clear();
+        reader.push(&tokens, &bars, 0, 20, &mut out);
+        assert_eq!(out, vec![bars[20], 113, 105, none, none]);
+        out.clear();
+        reader.push(&tokens, &bars, 0, 29, &mut out);
+        assert_eq!(out, vec![bars[29], 122, 114, 106, none]);
     }
 
     #[test]

@@ -112,7 +112,7 @@ impl LoadedModel {
     }
 
     /// `step` for a token with its bar inputs: its step's bar position (`music::bar`), then the
-    /// tokens one and two bars before the next step (`BarReader`); missing ones read as none,
+    /// tokens one, two... bars before the next step (`BarReader`); missing ones read as none,
     /// and a model without bar inputs ignores them.
     pub fn step_at(
         &self,

@@ -12,12 +12,12 @@
 //! | `lstm.bias_ih_l{k}`, `lstm.bias_hh_l{k}` | `[4 hidden]` | the two biases of layer `k` |
 //! | `head.weight`, `head.bias` | `[vocab, hidden]`, `[vocab]` | output layer |
 //! | `bar_position.weight` | `[positions, 4 hidden]` | layer 0's gate input per bar position (models with `bar_meters` only) |
-//! | `bar_lookback.weight` | `[lookback · (vocab + 1), 4 hidden]` | layer 0's gate input per token one (two) bars back, or none (models with `bar_lookback` only) |
+//! | `bar_lookback.weight` | `[lookback · (vocab + 1), 4 hidden]` | layer 0's gate input per token one, two... bars back, or none (models with `bar_lookback` only) |
 //!
 //! The input of layer 0 is `dim` wide with an embedding and `vocab` wide with one-hot input.
 //! A model with bar positions also reads, beside each token, the id of its step's place in the
 //! bar (`music::bar`), a one-hot input whose weights are the rows of `bar_position.weight`; with
-//! lookback, also the tokens one and two bars before the one it predicts (`data::BarReader`).
+//! lookback, also the tokens one, two... bars before the one it predicts (`data::BarReader`).
 //! One LSTM step, with `σ` the logistic function and `⊙` the element-wise product:
 //! `[i f g o] = W_ih x + b_ih + W_hh h + b_hh`, `c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g)`,
 //! `h' = σ(o) ⊙ tanh(c')`.
@@ -921,6 +921,7 @@ fn standard_normal(rng: &mut ChaCha8Rng) -> f32 {
 mod tests {
     use super::*;
     use crate::model::config::tests::small_config;
+    use crate::model::config::MAX_BAR_LOOKBACK;
     use crate::model::lstm::LOOKBACK_TABLE;
 
     fn model(cfg: &ModelConfig, seed: u64) -> MelodyLstm {
@@ -960,8 +961,9 @@ mod tests {
         let with_bars =
             ModelConfig { bar_meters: crate::music::bar::COMMON_METERS.to_vec(), ..small_config() };
         let none = small_config().vocab_len() as u32;
-        // Bar inputs per step: positions only, or positions with the tokens one and two bars back.
-        let cases: [(ModelConfig, Option<Vec<Vec<u32>>>); 5] = [
+        // Bar inputs per step: positions only, or positions with the tokens one, two (and three
+        // and four) bars back.
+        let cases: [(ModelConfig, Option<Vec<Vec<u32>>>); 6] = [
             (ModelConfig { input: InputKind::Embedding { dim: 8 }, ..small_config() }, None),
             (ModelConfig { input: InputKind::OneHot, ..small_config() }, None),
             (with_bars.clone(), Some([0u32, 17, 18, 19, 20, 212].map(|b| vec![b]).to_vec())),
@@ -970,7 +972,7 @@ mod tests {
                 Some([5u32, 6, 7, 0, 0, 30].map(|b| vec![b]).to_vec()),
             ),
             (
-                ModelConfig { bar_lookback: 2, ..with_bars },
+                ModelConfig { bar_lookback: 2, ..with_bars.clone() },
                 Some(vec![
                     vec![1, none, none],
                     vec![2, 3, none],
@@ -978,6 +980,17 @@ mod tests {
                     vec![0, none, none],
                     vec![9, 12, 3],
                     vec![10, none, 0],
+                ]),
+            ),
+            (
+                ModelConfig { bar_lookback: MAX_BAR_LOOKBACK, ..with_bars },
+                Some(vec![
+                    vec![1, none, none, none, none],
+                    vec![2, 3, none, none, none],
+                    vec![3, 0, 7, 3, none],
+                    vec![0, none, none, none, none],
+                    vec![9, 12, 3, 0, 7],
+                    vec![10, none, 0, none, 12],
                 ]),
             ),
         ];

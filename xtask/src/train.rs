@@ -114,7 +114,7 @@ pub struct TrainArgs {
     /// 2/4, 3/4, 4/4, 6/8...); the plugin reads it from the host's time signature.
     #[arg(long)]
     bar_positions: bool,
-    /// With --bar-positions, also read the symbols 1 or 2 bars before each one predicted.
+    /// With --bar-positions, also read the symbols 1 to N bars before each one predicted (N at most 4).
     #[arg(long)]
     bar_lookback: Option<usize>,
     /// `every-nth` (song index % --val-every == 0 is validation) or `random`.
