@@ -36,6 +36,7 @@ fn generating_a_symbol_allocates_nothing() {
         (InputKind::Embedding { dim: 16 }, 64, 2, None),
         (InputKind::OneHot, 40, 1, None),
         (InputKind::Embedding { dim: 16 }, 64, 2, Some(2)),
+        (InputKind::Embedding { dim: 16 }, 64, 2, Some(4)),
     ];
     let settings = [
         SamplingSettings { may_end: false, ..Default::default() },
@@ -44,7 +45,7 @@ fn generating_a_symbol_allocates_nothing() {
     ];
     for (input, hidden, layers, bar_lookback) in cases {
         let mut generator = Generator::new(model(input, hidden, layers, bar_lookback), 9);
-        // In 3/4, so every step reads its bar position and the steps a bar and two back.
+        // In 3/4, so every step reads its bar position and the steps a bar, two... back.
         generator.set_bar(Meter { numerator: 3, denominator: 4 }, 0);
         // The sampler's scratch buffer grows to the vocabulary on the first draw.
         generator.next_symbol(&settings[0]).unwrap();

@@ -351,7 +351,7 @@ impl FastLstm {
         total
     }
 
-    /// Feeds `token` with its bar inputs (`bars`: the bar position, then the tokens one and two
+    /// Feeds `token` with its bar inputs (`bars`: the bar position, then the tokens one, two...
     /// bars back; missing ones read as none, and a model without bar inputs ignores them) to
     /// one sequence: updates `state` (per layer `[hidden]`) and writes the next symbol's logits
     /// into `logits` (`[vocab]`). Errors (a token or bar input outside the model's, a state or
