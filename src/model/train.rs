@@ -207,46 +207,29 @@ impl TrainConfig {
 }
 
 /// The first way in which the model a run would build differs from the model it starts from,
-/// if any, as `what (base) against (run)`.
+/// if any, as `what (base), the run's (run)`.
 fn base_mismatch(base: &ModelConfig, run: &ModelConfig) -> Option<String> {
-    let differ = |what: &str, base: String, run: String| Some(format!("{what} {base}, the run's {run}"));
-    if (base.lowest_pitch, base.highest_pitch) != (run.lowest_pitch, run.highest_pitch) {
-        return differ(
-            "pitch range",
-            format!("{}..={}", base.lowest_pitch, base.highest_pitch),
-            format!("{}..={}", run.lowest_pitch, run.highest_pitch),
-        );
-    }
-    if base.vocab != run.vocab {
-        let symbols = |c: &ModelConfig| format!("{} symbols", c.vocab.len());
-        return differ("a vocabulary of", symbols(base), symbols(run));
-    }
-    let debug = |x: &dyn std::fmt::Debug| format!("{x:?}");
-    if base.grid != run.grid {
-        return differ("step grid", debug(&base.grid), debug(&run.grid));
-    }
-    if base.input != run.input {
-        return differ("input", debug(&base.input), debug(&run.input));
-    }
-    if (base.hidden_size, base.num_layers) != (run.hidden_size, run.num_layers) {
-        return differ(
-            "size",
-            format!("{}×{}", base.num_layers, base.hidden_size),
-            format!("{}×{}", run.num_layers, run.hidden_size),
-        );
-    }
-    if base.transposition != run.transposition {
-        return differ("key convention", debug(&base.transposition), debug(&run.transposition));
-    }
-    if base.delimiter_len != run.delimiter_len {
-        return differ("song delimiter", base.delimiter_len.to_string(), run.delimiter_len.to_string());
-    }
-    if (&base.bar_meters, base.bar_lookback) != (&run.bar_meters, run.bar_lookback) {
-        let bars =
-            |c: &ModelConfig| format!("{} bar meters, lookback {}", c.bar_meters.len(), c.bar_lookback);
-        return differ("bar inputs", bars(base), bars(run));
-    }
-    None
+    // Everything the weights or the encoding depend on, as each side reads it.
+    let parts = |c: &ModelConfig| {
+        let meters: Vec<String> =
+            c.bar_meters.iter().map(|m| format!("{}/{}", m.numerator, m.denominator)).collect();
+        [
+            ("pitch range", format!("{}..={}", c.lowest_pitch, c.highest_pitch)),
+            ("vocabulary", format!("{:?}", c.vocab.symbols())),
+            ("step grid", format!("{:?}", c.grid)),
+            ("input", format!("{:?}", c.input)),
+            ("size", format!("{}×{}", c.num_layers, c.hidden_size)),
+            ("key convention", format!("{:?}", c.transposition)),
+            ("song delimiter", c.delimiter_len.to_string()),
+            ("bar meters", format!("[{}]", meters.join(" "))),
+            ("bar lookback", c.bar_lookback.to_string()),
+        ]
+    };
+    parts(base)
+        .into_iter()
+        .zip(parts(run))
+        .find(|((_, ours), (_, theirs))| ours != theirs)
+        .map(|((what, ours), (_, theirs))| format!("{what} {ours}, the run's {theirs}"))
 }
 
 /// The weights of the model a run starts from, after checking that the run's model fits them.
