@@ -94,12 +94,6 @@ pub struct ModelConfig {
     /// (0 to `MAX_BAR_LOOKBACK`; needs `bar_meters`): the lookback inputs of `bar_lookback.weight`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub bar_lookback: usize,
-    /// Whether the bar inputs also add straight to the logits (`bar_logits.weight`, a row of
-    /// `[vocab]` per side-table row), besides feeding the first layer: a bar position or a
-    /// symbol bars back can then vote for the next symbol directly, which is how a tune
-    /// repeats its own phrases (needs `bar_meters`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub bar_logits: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -152,9 +146,6 @@ pub enum ConfigError {
     /// A lookback beyond `MAX_BAR_LOOKBACK`, or one without bar meters to count bars by.
     #[error("a lookback of {bars} bars needs bar meters and at most {max} bars")]
     BadBarLookback { bars: usize, max: usize },
-    /// Bar inputs to the logits without bar meters to read them in.
-    #[error("bar inputs to the logits need bar meters")]
-    BarLogitsWithoutBars,
     /// A bar meter listed twice, or one whose bar is not a whole number of steps.
     #[error("bar meter {numerator}/{denominator} is listed twice or is not whole steps of the grid")]
     BadBarMeter { numerator: u8, denominator: u8 },
@@ -179,7 +170,6 @@ impl ModelConfig {
             delimiter_len: default_delimiter_len(),
             bar_meters: Vec::new(),
             bar_lookback: 0,
-            bar_logits: false,
         }
     }
 
@@ -242,9 +232,6 @@ impl ModelConfig {
         if self.bar_lookback > MAX_BAR_LOOKBACK || (self.bar_lookback > 0 && self.bar_meters.is_empty()) {
             return Err(ConfigError::BadBarLookback { bars: self.bar_lookback, max: MAX_BAR_LOOKBACK });
         }
-        if self.bar_logits && self.bar_meters.is_empty() {
-            return Err(ConfigError::BarLogitsWithoutBars);
-        }
         Ok(())
     }
 
@@ -255,15 +242,6 @@ impl ModelConfig {
             0
         } else {
             1 + self.bar_lookback
-        }
-    }
-
-    /// Rows of all the bar inputs' tables together (bar positions, then `vocab + 1` per bar of
-    /// lookback): the rows of `bar_logits.weight`, 0 for a model without bar inputs.
-    pub fn num_side_rows(&self) -> usize {
-        match self.num_bar_positions() {
-            0 => 0,
-            positions => positions + self.bar_lookback * (self.vocab_len() + 1),
         }
     }
 
@@ -339,7 +317,6 @@ pub(crate) mod tests {
             ConfigError::BadBarMeter { numerator: 4, denominator: 4 },
         );
         check(&|c| c.bar_lookback = 1, ConfigError::BadBarLookback { bars: 1, max: MAX_BAR_LOOKBACK });
-        check(&|c| c.bar_logits = true, ConfigError::BarLogitsWithoutBars);
         check(
             &|c| c.bar_meters = vec![Meter { numerator: 1, denominator: 64 }],
             ConfigError::BadBarMeter { numerator: 1, denominator: 64 },

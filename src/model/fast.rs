@@ -94,9 +94,6 @@ pub struct FastLstm {
     /// (`MelodyLstm::side_table`: bar positions, then lookback tokens), packed; empty for a
     /// model without bar inputs.
     side_gates: Vec<f32>,
-    /// `[side rows][vocab]`: what each row of the side table adds to the logits
-    /// (`MelodyLstm::logit_table`); empty for a model without `bar_logits`.
-    side_logits: Vec<f32>,
     /// Rows of the bar-position table, and bar inputs per step (0 without them).
     num_bar_positions: usize,
     bar_inputs_per_step: usize,
@@ -266,10 +263,6 @@ impl FastLstm {
                 }
             }
         }
-        let side_logits = match lstm.logit_table() {
-            Some(table) => values(table)?,
-            None => Vec::new(),
-        };
         let num_bar_positions = lstm.bar_table().map_or(0, |t| t.dims()[0]);
         let bar_inputs_per_step = if num_bar_positions > 0 { lstm.bar_reader().per_step() } else { 0 };
 
@@ -293,7 +286,6 @@ impl FastLstm {
             num_blocks,
             token_gates,
             side_gates,
-            side_logits,
             num_bar_positions,
             bar_inputs_per_step,
             layers,
@@ -385,9 +377,8 @@ impl FastLstm {
                 logits.len()
             )));
         }
-        // The bar inputs' rows, added to layer 0's gates (and to the logits, with `bar_logits`).
+        // The bar inputs' rows, added to layer 0's gates.
         let mut side_rows: [&[f32]; 1 + MAX_BAR_LOOKBACK] = [&[]; 1 + MAX_BAR_LOOKBACK];
-        let mut row_ids = [0usize; 1 + MAX_BAR_LOOKBACK];
         for (j, side) in side_rows.iter_mut().enumerate().take(self.bar_inputs_per_step) {
             let raw = match bars.get(j) {
                 Some(&raw) => raw as u32,
@@ -398,7 +389,6 @@ impl FastLstm {
                 Error::Msg(format!("fast step: bar input {j} is {raw}, outside the model's"))
             })? as usize;
             *side = &self.side_gates[row * packed_rows..][..packed_rows];
-            row_ids[j] = row;
         }
         let bar_rows = &side_rows[..self.bar_inputs_per_step];
         match self.isa {
@@ -416,12 +406,6 @@ impl FastLstm {
             // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
             Isa::Avx2Fma => unsafe { self.step_avx2(token, bar_rows, state, logits) },
             _ => self.step_body::<false, false>(token, bar_rows, state, logits),
-        }
-        if !self.side_logits.is_empty() {
-            for &row in &row_ids[..self.bar_inputs_per_step] {
-                let votes = &self.side_logits[row * self.vocab_len..][..self.vocab_len];
-                logits.iter_mut().zip(votes).for_each(|(logit, vote)| *logit += vote);
-            }
         }
         Ok(())
     }

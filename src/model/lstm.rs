@@ -50,8 +50,6 @@ const LSTM_PREFIX: &str = "lstm";
 pub const BAR_TABLE: &str = "bar_position.weight";
 /// Name of the lookback table.
 pub const LOOKBACK_TABLE: &str = "bar_lookback.weight";
-/// Name of the table of the bar inputs' direct votes on the logits.
-pub const LOGIT_TABLE: &str = "bar_logits.weight";
 
 /// One LSTM layer's weights, PyTorch layout (gates i, f, g, o stacked along the rows).
 #[derive(Clone, Debug)]
@@ -321,9 +319,6 @@ pub struct MelodyLstm {
     bar_table: Option<Tensor>,
     /// `[lookback · (vocab + 1), 4 hidden]`, present for a model with bar lookback.
     lookback_table: Option<Tensor>,
-    /// `[side rows, vocab]`: what each bar input adds to the logits, for a model with
-    /// `bar_logits`.
-    logit_table: Option<Tensor>,
     bar_reader: BarReader,
     layers: Vec<LstmLayer>,
     /// `[vocab, hidden]`.
@@ -362,10 +357,6 @@ impl MelodyLstm {
                 Init::Const(0.0),
             )?),
         };
-        let logit_table = match (cfg.bar_logits, cfg.num_side_rows()) {
-            (false, _) | (_, 0) => None,
-            (true, rows) => Some(vb.get_with_hints((rows, vocab_len), LOGIT_TABLE, Init::Const(0.0))?),
-        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for layer_idx in 0..cfg.num_layers {
             let width = if layer_idx == 0 { cfg.input.width(vocab_len) } else { hidden };
@@ -381,7 +372,6 @@ impl MelodyLstm {
             embedding,
             bar_table,
             lookback_table,
-            logit_table,
             bar_reader: BarReader::for_model(cfg),
             layers,
             head_w,
@@ -414,9 +404,6 @@ impl MelodyLstm {
             if cfg.bar_lookback > 0 {
                 shapes.push((LOOKBACK_TABLE.to_string(), vec![cfg.bar_lookback * (vocab + 1), 4 * hidden]));
             }
-            if cfg.bar_logits {
-                shapes.push((LOGIT_TABLE.to_string(), vec![cfg.num_side_rows(), vocab]));
-            }
         }
         shapes
     }
@@ -440,7 +427,6 @@ impl MelodyLstm {
                 || name == "head.bias"
                 || name == BAR_TABLE
                 || name == LOOKBACK_TABLE
-                || name == LOGIT_TABLE
             {
                 vec![0.0; len]
             } else {
@@ -470,9 +456,6 @@ impl MelodyLstm {
         }
         if let Some(table) = &self.lookback_table {
             out.push((LOOKBACK_TABLE.to_string(), table.clone()));
-        }
-        if let Some(table) = &self.logit_table {
-            out.push((LOGIT_TABLE.to_string(), table.clone()));
         }
         out
     }
@@ -519,17 +502,6 @@ impl MelodyLstm {
                 self.vocab_len
             )),
         })
-    }
-
-    /// The side-table row of a step's bar input `j` given `bars` (`step`'s: missing inputs
-    /// read as none).
-    fn step_side_row(&self, j: usize, bars: &[u16]) -> Result<u32> {
-        let raw = match bars.get(j) {
-            Some(&raw) => raw as u32,
-            None if j == 0 => NO_BAR_POSITION as u32,
-            None => self.vocab_len as u32,
-        };
-        self.side_row(j, raw)
     }
 
     /// The LSTM layers, input first.
@@ -621,30 +593,9 @@ impl MelodyLstm {
         let (Some(rows), Some(table)) = (self.side_rows(tokens, bars)?, self.side_table(weight)?) else {
             return Ok(None);
         };
-        Ok(Some(sum_rows(&table, &rows)?))
-    }
-
-    /// What the bar inputs of every step add to its logits, `[seq, batch, vocab]`, or `None` for
-    /// a model without `bar_logits`.
-    fn side_logits(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Option<Tensor>> {
-        let (Some(table), Some(rows)) = (&self.logit_table, self.side_rows(tokens, bars)?) else {
-            return Ok(None);
-        };
-        Ok(Some(sum_rows(table, &rows)?))
-    }
-
-    /// The table of the bar inputs' votes on the logits, `[side rows, vocab]`, for a model with
-    /// `bar_logits`.
-    pub fn logit_table(&self) -> Option<&Tensor> {
-        self.logit_table.as_ref()
-    }
-
-    /// `logits` (`[seq, batch, vocab]`) with the bar inputs' votes added, for a model with them.
-    fn add_side_logits(&self, logits: Tensor, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Tensor> {
-        match self.side_logits(tokens, bars)? {
-            Some(votes) => logits + votes,
-            None => Ok(logits),
-        }
+        let (seq_len, batch, per_step) = rows.dims3()?;
+        let picked = table.index_select(&rows.flatten_all()?, 0)?;
+        Ok(Some(picked.reshape((seq_len, batch, per_step, 4 * self.hidden_size))?.sum(2)?))
     }
 
     /// The top layer's output at every step of a time-major batch, before dropout and the
@@ -722,14 +673,12 @@ impl MelodyLstm {
         state: Option<&LstmState>,
         dropout: Option<&mut Dropout>,
     ) -> Result<(Tensor, LstmState)> {
-        let (logits, next) = if fused::applies_to(self) {
+        if fused::applies_to(self) {
             let (ys, next) = fused::lstm_outputs(self, tokens, bars, state, dropout, false)?;
-            (self.head(&ys)?, next)
-        } else {
-            let (ys, next) = self.lstm_outputs(tokens, bars, state, dropout)?;
-            (self.head(&Tensor::stack(&ys, 0)?)?, next)
-        };
-        Ok((self.add_side_logits(logits, tokens, bars)?, next))
+            return Ok((self.head(&ys)?, next));
+        }
+        let (ys, next) = self.lstm_outputs(tokens, bars, state, dropout)?;
+        Ok((self.head(&Tensor::stack(&ys, 0)?)?, next))
     }
 
     /// Logits for every position of a batch. Pass `dropout` only when training.
@@ -755,29 +704,12 @@ impl MelodyLstm {
     pub fn forward_last(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Tensor> {
         let tokens = tokens.t()?.contiguous()?;
         let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
-        let top = if fused::applies_to(self) {
+        if fused::applies_to(self) {
             let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, false)?;
-            ys.get(ys.dim(0)? - 1)?
-        } else {
-            let (ys, _) = self.lstm_outputs(&tokens, bars.as_ref(), None, None)?;
-            ys.last().expect("at least one step").clone()
-        };
-        self.add_last_side_logits(self.head(&top)?, &tokens, bars.as_ref())
-    }
-
-    /// The logits of a window's last step (`[batch, vocab]`) with the votes of that step's bar
-    /// inputs added. tokens: `[seq, batch]`, bars: `[seq, batch(, inputs)]`
-    fn add_last_side_logits(&self, logits: Tensor, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Tensor> {
-        if self.logit_table.is_none() {
-            return Ok(logits);
+            return self.head(&ys.get(ys.dim(0)? - 1)?);
         }
-        let last = tokens.dim(0)? - 1;
-        let tokens = tokens.narrow(0, last, 1)?;
-        let bars = bars.map(|b| b.narrow(0, last, 1)).transpose()?;
-        match self.side_logits(&tokens, bars.as_ref())? {
-            Some(votes) => logits + votes.squeeze(0)?,
-            None => Ok(logits),
-        }
+        let (ys, _) = self.lstm_outputs(&tokens, bars.as_ref(), None, None)?;
+        self.head(ys.last().expect("at least one step"))
     }
 
     /// The weights rearranged for `step` and `forward_last_with`: computed once per loaded
@@ -810,7 +742,6 @@ impl MelodyLstm {
             layers,
             head_w_t: self.head_w.t()?.contiguous()?.detach(),
             head_b: self.head_b.unsqueeze(0)?.detach(),
-            logit_table: self.logit_table.as_ref().map(Tensor::detach),
             fast: FastLstm::for_model(self)?.map(Arc::new),
         })
     }
@@ -840,7 +771,12 @@ impl MelodyLstm {
                     let mut from_input = tokens.narrow(0, token.0 as usize, 1)?;
                     if let Some(side) = side {
                         for j in 0..self.bar_reader.per_step() {
-                            let row = self.step_side_row(j, bars)? as usize;
+                            let raw = match bars.get(j) {
+                                Some(&raw) => raw as u32,
+                                None if j == 0 => NO_BAR_POSITION as u32,
+                                None => self.vocab_len as u32,
+                            };
+                            let row = self.side_row(j, raw)? as usize;
                             from_input = (from_input + side.narrow(0, row, 1)?)?;
                         }
                     }
@@ -861,12 +797,7 @@ impl MelodyLstm {
             x = Some(h);
         }
         let top = x.expect("a config has at least one layer");
-        let mut out = (top.matmul(&weights.head_w_t)? + &weights.head_b)?;
-        if let Some(table) = &weights.logit_table {
-            for j in 0..self.bar_reader.per_step() {
-                out = (out + table.narrow(0, self.step_side_row(j, bars)? as usize, 1)?)?;
-            }
-        }
+        let out = (top.matmul(&weights.head_w_t)? + &weights.head_b)?;
         logits.copy_from_slice(&out.flatten_all()?.to_vec1::<f32>()?);
         Ok(())
     }
@@ -887,8 +818,7 @@ impl MelodyLstm {
         if fused::applies_to(self) {
             let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, true)?;
             let top = ys.get(ys.dim(0)? - 1)?;
-            let logits = top.matmul(&weights.head_w_t)?.broadcast_add(&weights.head_b)?;
-            return self.add_last_side_logits(logits, &tokens, bars.as_ref());
+            return top.matmul(&weights.head_w_t)?.broadcast_add(&weights.head_b);
         }
         let (seq_len, batch) = tokens.dims2()?;
         let hidden = self.hidden_size;
@@ -928,8 +858,7 @@ impl MelodyLstm {
             below = Some(Tensor::stack(&ys, 0)?);
         }
         let top = below.expect("a config has at least one layer").get(seq_len - 1)?;
-        let logits = top.matmul(&weights.head_w_t)?.broadcast_add(&weights.head_b)?;
-        self.add_last_side_logits(logits, &tokens, bars.as_ref())
+        top.matmul(&weights.head_w_t)?.broadcast_add(&weights.head_b)
     }
 }
 
@@ -941,8 +870,6 @@ pub struct StepWeights {
     head_w_t: Tensor,
     /// `[1, vocab]`.
     head_b: Tensor,
-    /// `[side rows, vocab]`, for a model with `bar_logits`.
-    logit_table: Option<Tensor>,
     /// The same weights packed for the CPU's one-sequence step (`None` off the CPU).
     fast: Option<Arc<FastLstm>>,
 }
@@ -961,15 +888,6 @@ enum StepInput {
     Table { tokens: Tensor, bars: Option<Tensor> },
     /// Layers above: `[input, 4 hidden]` and the summed bias `[1, 4 hidden]`.
     Weights { w_ih_t: Tensor, bias: Tensor },
-}
-
-/// The rows of `table` (`[rows, width]`) that `rows` (`[seq, batch, inputs]` u32) picks, summed
-/// per step: `[seq, batch, width]`.
-fn sum_rows(table: &Tensor, rows: &Tensor) -> Result<Tensor> {
-    let (seq_len, batch, per_step) = rows.dims3()?;
-    let width = table.dim(1)?;
-    let picked = table.index_select(&rows.flatten_all()?, 0)?;
-    picked.reshape((seq_len, batch, per_step, width))?.sum(2)
 }
 
 /// The side-table row of bar input `j` with value `raw` for a model of `positions` bar
@@ -1029,7 +947,7 @@ mod tests {
     fn model_with_bars(cfg: &ModelConfig, seed: u64) -> MelodyLstm {
         let mut tensors = MelodyLstm::initial_tensors(cfg, seed, &Device::Cpu).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        for name in [BAR_TABLE, LOOKBACK_TABLE, LOGIT_TABLE] {
+        for name in [BAR_TABLE, LOOKBACK_TABLE] {
             let Some(table) = tensors.get(name) else { continue };
             let shape = table.dims().to_vec();
             let values = (0..shape.iter().product()).map(|_| rng.random_range(-0.5f32..0.5)).collect();
@@ -1039,59 +957,13 @@ mod tests {
     }
 
     #[test]
-    fn bar_logits_add_the_rows_of_each_steps_bar_inputs() {
-        let cfg = ModelConfig {
-            bar_meters: crate::music::bar::COMMON_METERS.to_vec(),
-            bar_lookback: 2,
-            bar_logits: true,
-            ..small_config()
-        };
-        let voting = model_with_bars(&cfg, 3);
-        let mut tensors: HashMap<String, Tensor> = voting.named_tensors().into_iter().collect();
-        let table = tensors[LOGIT_TABLE].to_vec2::<f32>().unwrap();
-        tensors.insert(LOGIT_TABLE.to_string(), tensors[LOGIT_TABLE].zeros_like().unwrap());
-        let silent =
-            MelodyLstm::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
-
-        let none = cfg.vocab_len() as u32;
-        let bar_ids = [[1, none, none], [2, 3, none], [3, 0, 7], [9, 12, 3]];
-        let tokens = Tensor::from_slice(&[3u32, 0, 7, 12], (1, 4), &Device::Cpu).unwrap();
-        let bars = Tensor::from_vec(bar_ids.concat(), (1, 4, 3), &Device::Cpu).unwrap();
-        let logits = |m: &MelodyLstm| {
-            let (logits, _) = m.forward(&tokens, Some(&bars), None, None).unwrap();
-            logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap()
-        };
-        let (with, without) = (logits(&voting), logits(&silent));
-        let positions = cfg.num_bar_positions();
-        let mut largest_vote = 0.0f32;
-        for (t, ids) in bar_ids.iter().enumerate() {
-            for v in 0..cfg.vocab_len() {
-                let votes: f32 = (0..3)
-                    .map(|j| table[side_row(positions, cfg.vocab_len(), j, ids[j]).unwrap() as usize][v])
-                    .sum();
-                assert!((with[t][v] - without[t][v] - votes).abs() < 1e-5, "step {t}, symbol {v}");
-                largest_vote = largest_vote.max(votes.abs());
-            }
-        }
-        assert!(largest_vote > 0.1, "the votes must move the logits, not vanish: {largest_vote}");
-    }
-
-    #[test]
     fn stepping_one_token_at_a_time_matches_the_whole_sequence() {
         let with_bars =
             ModelConfig { bar_meters: crate::music::bar::COMMON_METERS.to_vec(), ..small_config() };
         let none = small_config().vocab_len() as u32;
         // Bar inputs per step: positions only, or positions with the tokens one, two (and three
         // and four) bars back.
-        let lookback_2 = vec![
-            vec![1, none, none],
-            vec![2, 3, none],
-            vec![3, 0, 7],
-            vec![0, none, none],
-            vec![9, 12, 3],
-            vec![10, none, 0],
-        ];
-        let cases: [(ModelConfig, Option<Vec<Vec<u32>>>); 7] = [
+        let cases: [(ModelConfig, Option<Vec<Vec<u32>>>); 6] = [
             (ModelConfig { input: InputKind::Embedding { dim: 8 }, ..small_config() }, None),
             (ModelConfig { input: InputKind::OneHot, ..small_config() }, None),
             (with_bars.clone(), Some([0u32, 17, 18, 19, 20, 212].map(|b| vec![b]).to_vec())),
@@ -1099,9 +971,17 @@ mod tests {
                 ModelConfig { input: InputKind::OneHot, ..with_bars.clone() },
                 Some([5u32, 6, 7, 0, 0, 30].map(|b| vec![b]).to_vec()),
             ),
-            (ModelConfig { bar_lookback: 2, ..with_bars.clone() }, Some(lookback_2.clone())),
-            // The bar inputs also voting on the logits.
-            (ModelConfig { bar_lookback: 2, bar_logits: true, ..with_bars.clone() }, Some(lookback_2)),
+            (
+                ModelConfig { bar_lookback: 2, ..with_bars.clone() },
+                Some(vec![
+                    vec![1, none, none],
+                    vec![2, 3, none],
+                    vec![3, 0, 7],
+                    vec![0, none, none],
+                    vec![9, 12, 3],
+                    vec![10, none, 0],
+                ]),
+            ),
             (
                 ModelConfig { bar_lookback: MAX_BAR_LOOKBACK, ..with_bars },
                 Some(vec![

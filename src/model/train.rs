@@ -50,8 +50,6 @@ pub struct ModelShape {
     pub weight_drop: f32,
     /// Bars of lookback (`ModelConfig::bar_lookback`; needs the data's bar meters).
     pub bar_lookback: usize,
-    /// Whether the bar inputs also vote on the logits (`ModelConfig::bar_logits`).
-    pub bar_logits: bool,
 }
 
 impl Default for ModelShape {
@@ -64,7 +62,6 @@ impl Default for ModelShape {
             locked_dropout: false,
             weight_drop: 0.0,
             bar_lookback: 0,
-            bar_logits: false,
         }
     }
 }
@@ -206,7 +203,6 @@ impl TrainConfig {
         self.model.num_layers = base.num_layers;
         self.model.dropout = base.dropout;
         self.model.bar_lookback = base.bar_lookback;
-        self.model.bar_logits = base.bar_logits;
     }
 }
 
@@ -227,7 +223,6 @@ fn base_mismatch(base: &ModelConfig, run: &ModelConfig) -> Option<String> {
             ("song delimiter", c.delimiter_len.to_string()),
             ("bar meters", format!("[{}]", meters.join(" "))),
             ("bar lookback", c.bar_lookback.to_string()),
-            ("bar inputs to the logits", c.bar_logits.to_string()),
         ]
     };
     parts(base)
@@ -483,7 +478,6 @@ pub fn model_config(cfg: &TrainConfig, data: &Dataset) -> ModelConfig {
     model.delimiter_len = cfg.data.delimiter_len;
     model.bar_meters = cfg.data.bar_meters.clone();
     model.bar_lookback = cfg.model.bar_lookback;
-    model.bar_logits = cfg.model.bar_logits;
     model
 }
 

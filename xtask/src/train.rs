@@ -117,10 +117,6 @@ pub struct TrainArgs {
     /// With --bar-positions, also read the symbols 1 to N bars before each one predicted (N at most 4).
     #[arg(long)]
     bar_lookback: Option<usize>,
-    /// With --bar-positions, let the bar inputs also vote on the next symbol directly, beside
-    /// feeding the LSTM.
-    #[arg(long)]
-    bar_logits: bool,
     /// `every-nth` (song index % --val-every == 0 is validation) or `random`.
     #[arg(long)]
     split: Option<String>,
@@ -297,12 +293,6 @@ fn settings(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut cfg.model.bar_lookback, args.bar_lookback);
     if cfg.model.bar_lookback > 0 && cfg.data.bar_meters.is_empty() {
         bail!("--bar-lookback needs --bar-positions: bars are counted in the songs' meters");
-    }
-    if args.bar_logits {
-        cfg.model.bar_logits = true;
-    }
-    if cfg.model.bar_logits && cfg.data.bar_meters.is_empty() {
-        bail!("--bar-logits needs --bar-positions: bars are counted in the songs' meters");
     }
     if let Some(dim) = args.embedding {
         cfg.model.input = if dim == 0 { InputKind::OneHot } else { InputKind::Embedding { dim } };
@@ -656,15 +646,6 @@ mod tests {
     }
 
     #[test]
-    fn bar_logits_need_bar_positions() {
-        let err = settings_of(&["--bar-logits"]).unwrap_err();
-        assert!(format!("{err:#}").contains("--bar-positions"), "{err:#}");
-        let voting = settings_of(&["--bar-positions", "--bar-lookback", "4", "--bar-logits"]).unwrap();
-        assert!(voting.model.bar_logits);
-        assert!(!settings_of(&["--bar-positions"]).unwrap().model.bar_logits);
-    }
-
-    #[test]
     fn fine_tuning_takes_the_base_and_its_own_defaults() {
         let builtin = read_model_config(&ModelSource::Builtin).unwrap();
         let tuning = settings_of(&["--init-from", "builtin"]).unwrap();
@@ -673,7 +654,6 @@ mod tests {
         assert_eq!((tuning.batch_size, tuning.window_stride, tuning.weight_average), (16, 16, 0.0));
         assert_eq!(tuning.model.hidden_size, builtin.hidden_size);
         assert_eq!(tuning.model.bar_lookback, builtin.bar_lookback);
-        assert_eq!(tuning.model.bar_logits, builtin.bar_logits);
         assert_eq!(tuning.data.pitch_range, Some((builtin.lowest_pitch, builtin.highest_pitch)));
         assert_eq!(tuning.data.bar_meters, builtin.bar_meters);
         // Flags still win, and a run from scratch keeps the usual defaults.
