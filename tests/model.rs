@@ -122,12 +122,24 @@ fn save_then_load_gives_the_same_logits() {
 
 #[test]
 fn the_builtin_model_loads_and_generates() {
-    let model = Arc::new(LoadedModel::builtin().unwrap());
+    answers_a_phrase(LoadedModel::builtin().unwrap());
+}
+
+#[test]
+fn the_shipped_folk_wide_model_loads_and_generates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/models/folk-wide");
+    answers_a_phrase(LoadedModel::load_dir(&dir).unwrap());
+}
+
+/// Checks `model` and lets it answer a bar-long phrase with eight beats.
+fn answers_a_phrase(model: LoadedModel) {
+    let model = Arc::new(model);
     assert_eq!(model.config.validate(), Ok(()));
     let primer = melody(&[(60, 0.0, 1.0), (64, 1.0, 1.0), (67, 2.0, 2.0)]);
     let settings = SamplingSettings { may_end: false, ..Default::default() };
     let out = continue_melody(&model, &primer, 32, &settings, 1).unwrap();
     assert_eq!(out.end_beats, 8.0);
+    assert!(!out.notes.is_empty(), "an answer with no notes");
 }
 
 /// A saved good model, and its tensors by name.
