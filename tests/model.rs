@@ -6,10 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use antiphon::model::data::DataConfig;
+use antiphon::model::distill::Teachers;
 use antiphon::model::io::{
     read_model_config, save_model, ModelSource, CONFIG_FILE, TRAIN_FILE, WEIGHTS_FILE,
 };
-use antiphon::model::train::{build_dataset, train, EvalConfig, ModelShape, Quiet, TrainConfig};
+use antiphon::model::train::{
+    build_dataset, model_config, train, EvalConfig, ModelShape, Quiet, TrainConfig,
+};
 use antiphon::model::{
     continue_melody, Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, ModelError,
     PhraseContinuation, PitchClassSet, SamplingSettings,
@@ -414,6 +417,82 @@ fn a_run_starts_from_a_trained_model() {
         "{err}"
     );
     assert!(!refused.join(TRAIN_FILE).exists());
+}
+
+/// Distillation: the teachers' targets are their own next-symbol distributions over each
+/// window, a smaller student learns from them alone, and a teacher that reads the data another
+/// way, or lacks one of the run's symbols, is refused by name.
+#[test]
+fn a_student_learns_from_its_teachers() {
+    let scratch = scratch_dir("distill");
+    let teacher_dir = scratch.path().join("teacher");
+    let cfg = tiny_train_config(4);
+    let data = build_dataset(vec![("tiny".into(), tiny_corpus())], &cfg.data).unwrap();
+    let taught = train(&cfg, &data, &teacher_dir, &Device::Cpu, false, &mut Quiet).unwrap();
+    let teacher_loss = taught.best_validation[0].1.all.loss;
+    let teacher = LoadedModel::load_dir(&teacher_dir).unwrap();
+
+    // With one teacher, the targets are its softmax after each window's prefix, from the zero
+    // state, in the trainer's target order (time-major).
+    let source = teacher_dir.display().to_string();
+    let student_cfg = model_config(&cfg, &data);
+    let teachers =
+        Teachers::load(std::slice::from_ref(&source), &student_cfg, &data.train_tokens, &Device::Cpu)
+            .unwrap();
+    let (starts, window) = ([3usize, 20], 6);
+    let soft = teachers.soft_targets(&data.train_bars, &starts, window, &Device::Cpu).unwrap().unwrap();
+    let soft = soft.to_vec2::<f32>().unwrap();
+    assert_eq!(soft.len(), starts.len() * window);
+    for (b, &start) in starts.iter().enumerate() {
+        let mut state = teacher.new_state();
+        let mut logits = vec![0.0; teacher.config.vocab_len()];
+        for t in 0..window {
+            let token = TokenId(data.train_tokens[start + t] as u16);
+            teacher.step(token, &mut state, &mut logits).unwrap();
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+            let row = &soft[t * starts.len() + b];
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            for (got, l) in row.iter().zip(&logits) {
+                assert!((got - (l - max).exp() / sum).abs() < 1e-5, "window {b}, step {t}");
+            }
+        }
+    }
+
+    // A student of another size, taught by the teacher alone, learns the tunes from it.
+    let mut student = tiny_train_config(8);
+    student.model.hidden_size = 16;
+    student.teachers = vec![source.clone()];
+    student.teacher_weight = 1.0;
+    let student_dir = scratch.path().join("student");
+    let summary = train(&student, &data, &student_dir, &Device::Cpu, false, &mut Quiet).unwrap();
+    let (first, last) = (&summary.epochs[0], &summary.epochs[7]);
+    let (first_val, last_val) = (first.validation[0].1.all.loss, last.validation[0].1.all.loss);
+    // It comes close to the teacher it copies (the tunes' uniform guess is ln 11 ≈ 2.4 nats).
+    assert!(last_val < first_val - 0.15, "{first_val} → {last_val}");
+    assert!(last_val < teacher_loss + 0.1, "student {last_val}, teacher {teacher_loss}");
+    assert_eq!(summary.config.teachers, vec![source.clone()]);
+
+    // Another song delimiter reads the stream differently.
+    let mut other = tiny_train_config(1);
+    other.data.delimiter_len = 4;
+    other.teachers = vec![source.clone()];
+    let other_data = build_dataset(vec![("tiny".into(), tiny_corpus())], &other.data).unwrap();
+    let refused = scratch.path().join("refused");
+    let err = train(&other, &other_data, &refused, &Device::Cpu, false, &mut Quiet).unwrap_err().to_string();
+    assert!(err.contains(&source) && err.contains("song delimiter 8, the run's 4"), "{err}");
+    assert!(!refused.join(TRAIN_FILE).exists());
+
+    // A song above the teacher's range gives the run symbols the teacher cannot predict; the
+    // first of them is named.
+    let mut corpus = tiny_corpus();
+    let mut high = melody(&[(60, 0.0, 1.0), (teacher.config.highest_pitch + 2, 1.0, 1.0)]);
+    high.key = Some(Key::C_MAJOR);
+    corpus.melodies.push(high);
+    let wider = build_dataset(vec![("tiny".into(), corpus)], &student.data).unwrap();
+    let err = train(&student, &wider, &refused, &Device::Cpu, false, &mut Quiet).unwrap_err().to_string();
+    let missing = teacher.config.highest_pitch + 1;
+    assert!(err.contains(&source) && err.contains(&format!("lacks the run's symbol {missing}")), "{err}");
 }
 
 /// The built-in model is a base too: a short run on a few tunes starts from it and keeps its

@@ -681,6 +681,18 @@ impl MelodyLstm {
         Ok((self.head(&Tensor::stack(&ys, 0)?)?, next))
     }
 
+    /// Logits for every position of a time-major batch from the zero state, with no gradient
+    /// tracked (a teacher's predictions). tokens: `[seq, batch]` u32, bars: as
+    /// `forward_time_major` → logits `[seq, batch, vocab]`
+    pub fn predict_time_major(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Tensor> {
+        if fused::applies_to(self) {
+            let (ys, _) = fused::lstm_outputs(self, tokens, bars, None, None, true)?;
+            return Ok(self.head(&ys)?.detach());
+        }
+        let (logits, _) = self.forward_time_major(tokens, bars, None, None)?;
+        Ok(logits.detach())
+    }
+
     /// Logits for every position of a batch. Pass `dropout` only when training.
     /// tokens: `[batch, seq]` u32, bars: `[batch, seq]` or `[batch, seq, inputs]` (`side_rows`),
     /// state: per layer `[batch, hidden]` (zeros when `None`) → (logits `[batch, seq, vocab]`,

@@ -37,6 +37,7 @@
 
 pub mod config;
 pub mod data;
+pub mod distill;
 pub mod fast;
 pub mod fused;
 pub mod generate;

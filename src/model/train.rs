@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::BarReader;
 pub use super::data::{build_dataset, read_set, DataConfig, DataSet, Dataset, SetCounts, Split};
+use super::distill::Teachers;
 use super::io::{
     read_model_parts, read_weights, save_model, save_weights, ModelSource, TRAIN_FILE, WEIGHTS_FILE,
 };
@@ -139,6 +140,12 @@ pub struct TrainConfig {
     /// directory, or `builtin`. The run must keep its sizes, vocabulary and conventions
     /// (`adopt_base` copies them).
     pub init_from: Option<String>,
+    /// Trained models to learn from as well as from the data (distillation): model
+    /// directories, or `builtin`. Empty: learn from the data alone.
+    pub teachers: Vec<String>,
+    /// How much of the loss is the cross-entropy against the teachers' mean distribution, in
+    /// `[0, 1]`; the rest is against the symbol that came. Only read with teachers.
+    pub teacher_weight: f64,
     /// Seeds the weights, window order and dropout.
     pub seed: u64,
     /// Cut each epoch to this many batches (for quick trials and tests).
@@ -165,6 +172,8 @@ impl Default for TrainConfig {
             grad_clip_norm: 1.0,
             weight_average: 0.0,
             init_from: None,
+            teachers: Vec::new(),
+            teacher_weight: 0.5,
             seed: 1,
             max_batches_per_epoch: None,
             eval: EvalConfig::default(),
@@ -209,6 +218,16 @@ impl TrainConfig {
 /// The first way in which the model a run would build differs from the model it starts from,
 /// if any, as `what (base), the run's (run)`.
 fn base_mismatch(base: &ModelConfig, run: &ModelConfig) -> Option<String> {
+    config_mismatch(base, run, &|_| true)
+}
+
+/// The first of the parts that `which` names (by their names below) in which `ours` differs
+/// from the run's model `run`, as `what (ours), the run's (run)`.
+pub(super) fn config_mismatch(
+    ours: &ModelConfig,
+    run: &ModelConfig,
+    which: &dyn Fn(&str) -> bool,
+) -> Option<String> {
     // Everything the weights or the encoding depend on, as each side reads it.
     let parts = |c: &ModelConfig| {
         let meters: Vec<String> =
@@ -225,10 +244,10 @@ fn base_mismatch(base: &ModelConfig, run: &ModelConfig) -> Option<String> {
             ("bar lookback", c.bar_lookback.to_string()),
         ]
     };
-    parts(base)
+    parts(ours)
         .into_iter()
         .zip(parts(run))
-        .find(|((_, ours), (_, theirs))| ours != theirs)
+        .find(|((what, ours), (_, theirs))| which(what) && ours != theirs)
         .map(|((what, ours), (_, theirs))| format!("{what} {ours}, the run's {theirs}"))
 }
 
@@ -537,6 +556,10 @@ pub fn train(
     let mut varmap = VarMap::new();
     let lstm = MelodyLstm::new(&model_cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
     let bar_reader = BarReader::for_model(&model_cfg);
+    if !(0.0..=1.0).contains(&cfg.teacher_weight) {
+        return Err(ModelError::Data(format!("teacher weight {} is outside [0, 1]", cfg.teacher_weight)));
+    }
+    let teachers = Teachers::load(&cfg.teachers, &model_cfg, &data.train_tokens, device)?;
     let vars = sorted_vars(&varmap);
     let fingerprint = (data.train_tokens.len(), data.vocab.len());
 
@@ -660,13 +683,23 @@ pub fn train(
                 cfg.window_len,
                 device,
             )?;
+            let soft = teachers.soft_targets(&data.train_bars, batch, cfg.window_len, device)?;
             let (logits, _) = lstm.forward_time_major(&inputs, Some(&bars), None, Some(&mut dropout))?;
             let logits = logits.reshape(((), model_cfg.vocab_len()))?;
             let (nll, argmax) = nll_and_argmax(&logits, &targets)?;
-            let loss = nll.mean_all()?;
-            let loss_value = loss.to_scalar::<f32>()? as f64;
+            let loss = match &soft {
+                Some(soft) => {
+                    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+                    let soft_nll = (soft * log_probs)?.sum(D::Minus1)?.neg()?;
+                    ((nll.clone() * (1.0 - cfg.teacher_weight))? + (soft_nll * cfg.teacher_weight)?)?
+                        .mean_all()?
+                }
+                None => nll.mean_all()?,
+            };
+            // The reported loss is always the data's, comparable with validation.
+            let loss_value = nll.mean_all()?.to_scalar::<f32>()? as f64;
             global_step += 1;
-            if !loss_value.is_finite() {
+            if !loss_value.is_finite() || !loss.to_scalar::<f32>()?.is_finite() {
                 num_skipped += 1;
                 continue;
             }
@@ -885,7 +918,7 @@ fn window_starts(stream_len: usize, cfg: &TrainConfig, rng: &mut ChaCha8Rng) -> 
 
 /// Time-major inputs and flat targets of a batch of windows.
 /// → (inputs `[window, batch]` u32, targets `[window * batch]` u32: the symbol after each input)
-fn batch_tensors(
+pub(super) fn batch_tensors(
     tokens: &[u32],
     bars: &[u32],
     reader: &BarReader,

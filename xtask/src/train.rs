@@ -49,6 +49,15 @@ pub struct TrainArgs {
     /// convention.
     #[arg(long, value_name = "DIR|builtin")]
     init_from: Option<String>,
+    /// Learn also from a trained model's predictions (distillation): a model directory, or
+    /// `builtin`. Repeat for several; their mean is the target. It must read the data as this
+    /// run does (grid, key convention, bar meters) and know its symbols; its size may differ.
+    #[arg(long, value_name = "DIR|builtin")]
+    teacher: Vec<String>,
+    /// Share of the loss taken from the teachers' predictions, in [0, 1] (default 0.5); the
+    /// rest is from the symbols of the data.
+    #[arg(long)]
+    teacher_weight: Option<f64>,
     /// Where to train: cpu, cuda or metal (the last two need the build feature of that name).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -275,6 +284,10 @@ fn settings(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut cfg.weight_decay, args.weight_decay);
     set(&mut cfg.grad_clip_norm, args.grad_clip);
     set(&mut cfg.weight_average, args.weight_average);
+    if !args.teacher.is_empty() {
+        cfg.teachers = args.teacher.clone();
+    }
+    set(&mut cfg.teacher_weight, args.teacher_weight);
     if let Some(text) = &args.schedule {
         cfg.schedule = parse_schedule(text, args.min_lr_ratio)?;
     } else if let (Some(ratio), LrSchedule::Cosine { min_ratio }) = (args.min_lr_ratio, &mut cfg.schedule) {
