@@ -539,6 +539,9 @@ pub fn train(
     if !(0.0..1.0).contains(&cfg.model.weight_drop) {
         return Err(ModelError::Data(format!("weight drop {} is outside [0, 1)", cfg.model.weight_drop)));
     }
+    if !(0.0..=1.0).contains(&cfg.teacher_weight) {
+        return Err(ModelError::Data(format!("teacher weight {} is outside [0, 1]", cfg.teacher_weight)));
+    }
     if data.train_tokens.len() <= cfg.window_len + 1 {
         return Err(ModelError::Data(format!(
             "the training stream has {} symbols, fewer than one window of {}",
@@ -556,9 +559,6 @@ pub fn train(
     let mut varmap = VarMap::new();
     let lstm = MelodyLstm::new(&model_cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
     let bar_reader = BarReader::for_model(&model_cfg);
-    if !(0.0..=1.0).contains(&cfg.teacher_weight) {
-        return Err(ModelError::Data(format!("teacher weight {} is outside [0, 1]", cfg.teacher_weight)));
-    }
     let teachers = Teachers::load(&cfg.teachers, &model_cfg, &data.train_tokens, device)?;
     let vars = sorted_vars(&varmap);
     let fingerprint = (data.train_tokens.len(), data.vocab.len());
@@ -687,19 +687,20 @@ pub fn train(
             let (logits, _) = lstm.forward_time_major(&inputs, Some(&bars), None, Some(&mut dropout))?;
             let logits = logits.reshape(((), model_cfg.vocab_len()))?;
             let (nll, argmax) = nll_and_argmax(&logits, &targets)?;
+            // The reported loss is always the data's, comparable with validation.
+            let data_loss = nll.mean_all()?;
+            let loss_value = data_loss.to_scalar::<f32>()? as f64;
             let loss = match &soft {
                 Some(soft) => {
                     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-                    let soft_nll = (soft * log_probs)?.sum(D::Minus1)?.neg()?;
-                    ((nll.clone() * (1.0 - cfg.teacher_weight))? + (soft_nll * cfg.teacher_weight)?)?
-                        .mean_all()?
+                    let soft_loss = (soft * log_probs)?.sum(D::Minus1)?.neg()?.mean_all()?;
+                    ((data_loss * (1.0 - cfg.teacher_weight))? + (soft_loss * cfg.teacher_weight)?)?
                 }
-                None => nll.mean_all()?,
+                None => data_loss,
             };
-            // The reported loss is always the data's, comparable with validation.
-            let loss_value = nll.mean_all()?.to_scalar::<f32>()? as f64;
             global_step += 1;
-            if !loss_value.is_finite() || !loss.to_scalar::<f32>()?.is_finite() {
+            let loss_is_finite = soft.is_none() || loss.to_scalar::<f32>()?.is_finite();
+            if !loss_value.is_finite() || !loss_is_finite {
                 num_skipped += 1;
                 continue;
             }

@@ -51,7 +51,8 @@ pub struct TrainArgs {
     init_from: Option<String>,
     /// Learn also from a trained model's predictions (distillation): a model directory, or
     /// `builtin`. Repeat for several; their mean is the target. It must read the data as this
-    /// run does (grid, key convention, bar meters) and know its symbols; its size may differ.
+    /// run does (grid, key convention, song delimiter, bar meters) and know its symbols; its
+    /// size may differ.
     #[arg(long, value_name = "DIR|builtin")]
     teacher: Vec<String>,
     /// Share of the loss taken from the teachers' predictions, in [0, 1] (default 0.5); the
