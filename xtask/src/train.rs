@@ -99,7 +99,8 @@ pub struct TrainArgs {
     #[arg(long)]
     grad_clip: Option<f64>,
     /// Validate and keep an exponential moving average of the weights with this decay per step
-    /// (e.g. 0.999; 0: off). Helps most with small batches.
+    /// (e.g. 0.999; 0: off). Helps most with small batches. It starts at the weights of
+    /// --init-from or a resumed run; from random weights, it holds only what the run trained.
     #[arg(long)]
     weight_average: Option<f64>,
     /// LSTM width.
