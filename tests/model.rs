@@ -11,7 +11,7 @@ use antiphon::model::io::{
     read_model_config, save_model, ModelSource, CONFIG_FILE, TRAIN_FILE, WEIGHTS_FILE,
 };
 use antiphon::model::train::{
-    build_dataset, model_config, train, EvalConfig, ModelShape, Quiet, TrainConfig,
+    build_dataset, model_config, train, Dataset, EvalConfig, ModelShape, Quiet, TrainConfig, TrainSummary,
 };
 use antiphon::model::{
     continue_melody, Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, ModelError,
@@ -301,9 +301,22 @@ fn tiny_train_config(epochs: usize) -> TrainConfig {
     }
 }
 
+/// `corpus` as the one set "tiny", under `cfg`'s data settings.
+fn tiny_data(corpus: Collection, cfg: &TrainConfig) -> Dataset {
+    build_dataset(vec![("tiny".into(), corpus)], &cfg.data).unwrap()
+}
+
+/// A tiny model trained from scratch for 4 epochs into `dir`: its settings, data and record.
+fn trained_tiny_model(dir: &Path) -> (TrainConfig, Dataset, TrainSummary) {
+    let cfg = tiny_train_config(4);
+    let data = tiny_data(tiny_corpus(), &cfg);
+    let summary = train(&cfg, &data, dir, &Device::Cpu, false, &mut Quiet).unwrap();
+    (cfg, data, summary)
+}
+
 #[test]
 fn a_tiny_model_learns_and_resumes() {
-    let data = build_dataset(vec![("tiny".into(), tiny_corpus())], &tiny_train_config(1).data).unwrap();
+    let data = tiny_data(tiny_corpus(), &tiny_train_config(1));
     let scratch = scratch_dir("train");
     let dir = scratch.path().to_path_buf();
     let summary = train(&tiny_train_config(4), &data, &dir, &Device::Cpu, false, &mut Quiet).unwrap();
@@ -342,7 +355,7 @@ fn a_tiny_model_learns_under_locked_dropout_and_weight_drop() {
     cfg.model.dropout = 0.2;
     cfg.model.locked_dropout = true;
     cfg.model.weight_drop = 0.3;
-    let data = build_dataset(vec![("tiny".into(), tiny_corpus())], &cfg.data).unwrap();
+    let data = tiny_data(tiny_corpus(), &cfg);
     let scratch = scratch_dir("regularised");
     let summary = train(&cfg, &data, scratch.path(), &Device::Cpu, false, &mut Quiet).unwrap();
     let (first, last) = (&summary.epochs[0], &summary.epochs[3]);
@@ -364,9 +377,7 @@ fn a_tiny_model_learns_under_locked_dropout_and_weight_drop() {
 fn a_run_starts_from_a_trained_model() {
     let scratch = scratch_dir("fine-tune");
     let base_dir = scratch.path().join("base");
-    let cfg = tiny_train_config(4);
-    let data = build_dataset(vec![("tiny".into(), tiny_corpus())], &cfg.data).unwrap();
-    let base = train(&cfg, &data, &base_dir, &Device::Cpu, false, &mut Quiet).unwrap();
+    let (_, data, base) = trained_tiny_model(&base_dir);
     let base_loss = base.best_validation[0].1.all.loss;
     let fresh_first_loss = base.epochs[0].validation[0].1.all.loss;
 
@@ -381,7 +392,7 @@ fn a_run_starts_from_a_trained_model() {
     let mut high = melody(&[(60, 0.0, 1.0), (base_config.highest_pitch + 12, 1.0, 1.0)]);
     high.key = Some(Key::C_MAJOR);
     corpus.melodies.push(high);
-    let tune_data = build_dataset(vec![("tiny".into(), corpus)], &tune_cfg.data).unwrap();
+    let tune_data = tiny_data(corpus, &tune_cfg);
     assert_eq!(tune_data.vocab, base_config.vocab);
     assert_eq!(tune_data.counts[0].num_kept, data.counts[0].num_kept);
     let tuned_dir = scratch.path().join("tuned");
@@ -426,9 +437,7 @@ fn a_run_starts_from_a_trained_model() {
 fn a_student_learns_from_its_teachers() {
     let scratch = scratch_dir("distill");
     let teacher_dir = scratch.path().join("teacher");
-    let cfg = tiny_train_config(4);
-    let data = build_dataset(vec![("tiny".into(), tiny_corpus())], &cfg.data).unwrap();
-    let taught = train(&cfg, &data, &teacher_dir, &Device::Cpu, false, &mut Quiet).unwrap();
+    let (cfg, data, taught) = trained_tiny_model(&teacher_dir);
     let teacher_loss = taught.best_validation[0].1.all.loss;
     let teacher = LoadedModel::load_dir(&teacher_dir).unwrap();
 
@@ -477,7 +486,7 @@ fn a_student_learns_from_its_teachers() {
     let mut other = tiny_train_config(1);
     other.data.delimiter_len = 4;
     other.teachers = vec![source.clone()];
-    let other_data = build_dataset(vec![("tiny".into(), tiny_corpus())], &other.data).unwrap();
+    let other_data = tiny_data(tiny_corpus(), &other);
     let refused = scratch.path().join("refused");
     let err = train(&other, &other_data, &refused, &Device::Cpu, false, &mut Quiet).unwrap_err().to_string();
     assert!(err.contains(&source) && err.contains("song delimiter 8, the run's 4"), "{err}");
@@ -489,7 +498,7 @@ fn a_student_learns_from_its_teachers() {
     let mut high = melody(&[(60, 0.0, 1.0), (teacher.config.highest_pitch + 2, 1.0, 1.0)]);
     high.key = Some(Key::C_MAJOR);
     corpus.melodies.push(high);
-    let wider = build_dataset(vec![("tiny".into(), corpus)], &student.data).unwrap();
+    let wider = tiny_data(corpus, &student);
     let err = train(&student, &wider, &refused, &Device::Cpu, false, &mut Quiet).unwrap_err().to_string();
     let missing = teacher.config.highest_pitch + 1;
     assert!(err.contains(&source) && err.contains(&format!("lacks the run's symbol {missing}")), "{err}");
@@ -505,7 +514,7 @@ fn a_run_starts_from_the_builtin_model() {
     cfg.init_from = Some("builtin".to_string());
     cfg.learning_rate = 1e-4;
     cfg.max_batches_per_epoch = Some(2);
-    let data = build_dataset(vec![("tiny".into(), tiny_corpus())], &cfg.data).unwrap();
+    let data = tiny_data(tiny_corpus(), &cfg);
     let scratch = scratch_dir("from-builtin");
     let summary = train(&cfg, &data, scratch.path(), &Device::Cpu, false, &mut Quiet).unwrap();
     assert_eq!(
@@ -535,7 +544,7 @@ fn a_model_trained_with_bar_positions_keeps_and_reads_them() {
     }
     let mut cfg = tiny_train_config(3);
     cfg.data.bar_meters = bar::COMMON_METERS.to_vec();
-    let data = build_dataset(vec![("tiny".into(), corpus)], &cfg.data).unwrap();
+    let data = tiny_data(corpus, &cfg);
     let downbeat = BarClock::new(&bar::COMMON_METERS, Meter::COMMON, StepGrid::SIXTEENTHS, 0).unwrap().id();
     assert_eq!(data.train_bars.len(), data.train_tokens.len());
     assert_eq!(data.train_bars[0], downbeat as u32);
