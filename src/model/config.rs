@@ -94,6 +94,11 @@ pub struct ModelConfig {
     /// (0 to `MAX_BAR_LOOKBACK`; needs `bar_meters`): the lookback inputs of `bar_lookback.weight`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub bar_lookback: usize,
+    /// How many classes of repeat the model reads (0 to `MAX_REPEAT_CLASSES`; needs
+    /// `bar_meters`): beside each symbol, the one that followed the longest earlier match of the
+    /// symbols just played, by its length (`data::BarReader`), the inputs of `repeat.weight`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeat_classes: usize,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -102,6 +107,12 @@ fn is_zero(n: &usize) -> bool {
 
 /// Most bars a model may look back.
 pub const MAX_BAR_LOOKBACK: usize = 4;
+
+/// Most classes of repeat length a model may read.
+pub const MAX_REPEAT_CLASSES: usize = 4;
+
+/// Most inputs read beside each token: the bar position, the lookback and the repeat.
+pub const MAX_SIDE_INPUTS: usize = 1 + MAX_BAR_LOOKBACK + MAX_REPEAT_CLASSES;
 
 fn default_delimiter_len() -> usize {
     64
@@ -143,6 +154,10 @@ pub enum ConfigError {
     /// A grid of 0 steps per quarter.
     #[error("a step grid of {steps_per_quarter} steps per quarter note")]
     BadGrid { steps_per_quarter: u32 },
+    /// More repeat classes than `MAX_REPEAT_CLASSES`, or repeats without bar meters (whose
+    /// side inputs carry them).
+    #[error("{classes} classes of repeat need bar meters and are at most {max}")]
+    BadRepeatClasses { classes: usize, max: usize },
     /// A lookback beyond `MAX_BAR_LOOKBACK`, or one without bar meters to count bars by.
     #[error("a lookback of {bars} bars needs bar meters and at most {max} bars")]
     BadBarLookback { bars: usize, max: usize },
@@ -170,6 +185,7 @@ impl ModelConfig {
             delimiter_len: default_delimiter_len(),
             bar_meters: Vec::new(),
             bar_lookback: 0,
+            repeat_classes: 0,
         }
     }
 
@@ -232,16 +248,23 @@ impl ModelConfig {
         if self.bar_lookback > MAX_BAR_LOOKBACK || (self.bar_lookback > 0 && self.bar_meters.is_empty()) {
             return Err(ConfigError::BadBarLookback { bars: self.bar_lookback, max: MAX_BAR_LOOKBACK });
         }
+        if self.repeat_classes > MAX_REPEAT_CLASSES || (self.repeat_classes > 0 && self.bar_meters.is_empty())
+        {
+            return Err(ConfigError::BadRepeatClasses {
+                classes: self.repeat_classes,
+                max: MAX_REPEAT_CLASSES,
+            });
+        }
         Ok(())
     }
 
-    /// Bar inputs read beside each token: the bar position and one symbol per bar of lookback
-    /// (0 for a model that reads symbols alone).
+    /// Bar inputs read beside each token: the bar position, one symbol per bar of lookback and
+    /// one per class of repeat (0 for a model that reads symbols alone).
     pub fn bar_inputs_per_step(&self) -> usize {
         if self.bar_meters.is_empty() {
             0
         } else {
-            1 + self.bar_lookback
+            1 + self.bar_lookback + self.repeat_classes
         }
     }
 

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::config::MAX_BAR_LOOKBACK;
+use super::config::{MAX_BAR_LOOKBACK, MAX_SIDE_INPUTS};
 use super::{ModelConfig, ModelError, Transposition};
 use crate::music::bar;
 use crate::music::corpus::Collection;
@@ -184,13 +184,25 @@ impl Kept {
     }
 }
 
+/// How far back a repeat is looked for: as far as the last step of a 64-symbol window sees.
+pub const REPEAT_REACH: usize = 63;
+
+/// The shortest match of each class of repeat; the first class starts at one symbol.
+const REPEAT_CLASS_STARTS: [usize; 4] = [1, 4, 10, 24];
+
+/// Matches are not followed past this length: the last class holds every longer one.
+const REPEAT_MAX_LEN: usize = 24;
+
 /// Reads a model's bar inputs off a token stream and its bar positions: per input step, the
-/// bar position, then for each bar of lookback the token that many bars before the target.
+/// bar position, then for each bar of lookback the token that many bars before the target,
+/// then for each class of repeat the token that followed the latest longest earlier match of
+/// the symbols up to this step, in the slot of the match's length class (the others none).
 #[derive(Clone, Debug)]
 pub struct BarReader {
     /// `bar::bar_lengths` of the model's meters.
     lengths: Vec<u16>,
     lookback: usize,
+    repeat_classes: usize,
     /// The lookback input for "nothing there": the vocabulary's length.
     none: u32,
 }
@@ -202,18 +214,23 @@ impl BarReader {
         Self {
             lengths: bar::bar_lengths(&cfg.bar_meters, cfg.grid),
             lookback: if cfg.bar_meters.is_empty() { 0 } else { cfg.bar_lookback },
+            repeat_classes: if cfg.bar_meters.is_empty() { 0 } else { cfg.repeat_classes },
             none: cfg.vocab_len() as u32,
         }
     }
 
     /// Inputs per step.
     pub fn per_step(&self) -> usize {
-        1 + self.lookback
+        1 + self.lookback + self.repeat_classes
     }
 
     /// How many recent tokens `inputs` may ask for.
     pub fn history_len(&self) -> usize {
-        self.lookback * self.lengths.iter().copied().max().unwrap_or(0) as usize
+        let bars = self.lookback * self.lengths.iter().copied().max().unwrap_or(0) as usize;
+        match self.repeat_classes {
+            0 => bars,
+            _ => bars.max(REPEAT_REACH + 1),
+        }
     }
 
     /// Appends the bar inputs of input step `t` of a window that starts at `window_start` to
@@ -228,11 +245,7 @@ impl BarReader {
 
     /// The bar inputs of a step at bar position `bar` (as `push`), where `earlier(k)` is the
     /// token `k` steps before it (`earlier(0)`: its own), or `None` beyond what is known.
-    pub fn inputs(
-        &self,
-        bar: u32,
-        earlier: impl Fn(usize) -> Option<u32>,
-    ) -> ArrayVec<u32, { 1 + MAX_BAR_LOOKBACK }> {
+    pub fn inputs(&self, bar: u32, earlier: impl Fn(usize) -> Option<u32>) -> ArrayVec<u32, MAX_SIDE_INPUTS> {
         let bar_len = self.lengths.get(bar as usize).copied().unwrap_or(0) as usize;
         let mut out = ArrayVec::new();
         out.push(bar);
@@ -243,8 +256,52 @@ impl BarReader {
                 _ => earlier(back * bar_len - 1).unwrap_or(self.none),
             });
         }
+        if self.repeat_classes > 0 {
+            let found = latest_longest_match(&earlier);
+            for class in 0..self.repeat_classes {
+                out.push(match found {
+                    Some((token, len)) if repeat_class(len, self.repeat_classes) == class => token,
+                    _ => self.none,
+                });
+            }
+        }
         out
     }
+}
+
+/// The token that followed the latest of the longest earlier matches of the symbols up to
+/// this step (`earlier(0)` back), with the match's length (at most `REPEAT_MAX_LEN`), looking no
+/// further back than `REPEAT_REACH`; `None` when this step's symbol has not come before.
+fn latest_longest_match(earlier: &impl Fn(usize) -> Option<u32>) -> Option<(u32, usize)> {
+    let mut best = None;
+    let mut best_len = 0;
+    for distance in 1..=REPEAT_REACH {
+        let mut len = 0;
+        while len < REPEAT_MAX_LEN && len + distance <= REPEAT_REACH {
+            match (earlier(len), earlier(len + distance)) {
+                (Some(now), Some(then)) if now == then => len += 1,
+                _ => break,
+            }
+        }
+        if len > best_len {
+            // The match ends `distance` steps back; what came after it is `distance - 1` back.
+            best = earlier(distance - 1).map(|next| (next, len));
+            best_len = len;
+            if len == REPEAT_MAX_LEN {
+                break;
+            }
+        }
+        if earlier(distance).is_none() {
+            break;
+        }
+    }
+    best
+}
+
+/// The class (of `classes`) of a match of `len` symbols: the last class also holds the
+/// longer ones.
+fn repeat_class(len: usize, classes: usize) -> usize {
+    REPEAT_CLASS_STARTS[..classes].iter().rposition(|&start| len >= start).unwrap_or(0)
 }
 
 /// Joins per-song bar positions as `join_songs` joins their symbols.
@@ -403,6 +460,7 @@ fn to_tokens(vocab: &Vocab, symbols: &[Symbol]) -> Result<Vec<u32>, ModelError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::config::MAX_REPEAT_CLASSES;
     use crate::music::note::tests::melody;
 
     /// `n` one-bar songs in C, song `i` starting on pitch `60 + i % 5`.
@@ -497,6 +555,39 @@ mod tests {
         out.clear();
         reader.push(&tokens, &bars, 0, 29, &mut out);
         assert_eq!(out, vec![bars[29], 122, 114, 106, none]);
+    }
+
+    #[test]
+    fn repeat_inputs_carry_what_followed_the_longest_latest_match() {
+        let mut cfg = crate::model::config::tests::small_config();
+        cfg.bar_meters = vec![Meter { numerator: 2, denominator: 4 }];
+        cfg.repeat_classes = 3;
+        let reader = BarReader::for_model(&cfg);
+        let none = cfg.vocab_len() as u32;
+        assert_eq!((reader.per_step(), reader.history_len()), (4, REPEAT_REACH + 1));
+        let bars = vec![1; 40];
+        let inputs = |tokens: &[u32], window_start: usize, t: usize| {
+            let mut out = Vec::new();
+            reader.push(tokens, &bars, window_start, t, &mut out);
+            out[1..].to_vec()
+        };
+        // 1 2 3 9 | 1 2 3 7 | 1 2 3: at the last 3, the latest match of "1 2 3" ends three
+        // before a 7, and an older one before a 9; both are 3 long (class 0, 1 to 3 symbols).
+        let tokens = [1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3];
+        assert_eq!(inputs(&tokens, 0, 10), vec![7, none, none]);
+        // At the first 7 nothing like it came before.
+        assert_eq!(inputs(&tokens, 0, 7), vec![none, none, none]);
+        // At the last 3, the latest "1 2 3" (four back) came before a 7, but "1 2 3 7 1 2 3"
+        // came eight back, 7 long (class 1: 4 to 9 symbols), before a 9. A window that starts
+        // at 8 sees only the first.
+        let tokens = [4, 1, 2, 3, 7, 1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3];
+        assert_eq!(inputs(&tokens, 0, 15), vec![none, 9, none]);
+        assert_eq!(inputs(&tokens, 8, 15), vec![7, none, none]);
+        // Ten or more alike are the last class; twelve here, then the next 5 follows a 6 back.
+        let tokens = [5, 6, 5, 6, 5, 6, 5, 6, 5, 6, 5, 6, 5, 6];
+        assert_eq!(inputs(&tokens, 0, 13), vec![none, none, 5]);
+        assert_eq!(repeat_class(40, MAX_REPEAT_CLASSES), MAX_REPEAT_CLASSES - 1);
+        assert_eq!(repeat_class(5, 1), 0);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::ops::BitXor;
 
 use candle_core::{DType, Device, Error, Result, Tensor};
 
-use super::config::{InputKind, MAX_BAR_LOOKBACK};
+use super::config::{InputKind, MAX_SIDE_INPUTS};
 use super::int8::{self, Int8Part, Limbs};
 use super::kernels::{madd, sigmoid, tanh_approx, Isa};
 use super::lstm::{side_row, GenState, MelodyLstm};
@@ -378,7 +378,7 @@ impl FastLstm {
             )));
         }
         // The bar inputs' rows, added to layer 0's gates.
-        let mut side_rows: [&[f32]; 1 + MAX_BAR_LOOKBACK] = [&[]; 1 + MAX_BAR_LOOKBACK];
+        let mut side_rows: [&[f32]; MAX_SIDE_INPUTS] = [&[]; MAX_SIDE_INPUTS];
         for (j, side) in side_rows.iter_mut().enumerate().take(self.bar_inputs_per_step) {
             let raw = match bars.get(j) {
                 Some(&raw) => raw as u32,

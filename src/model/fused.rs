@@ -1207,14 +1207,14 @@ mod tests {
         }
     }
 
-    /// A model with bar positions and lookback through the fused op (token and side rows summed
-    /// inside it) against the per-step candle graph that runs off the CPU: outputs and the
-    /// gradient of every weight, the side tables' included, with all bar inputs given, with
-    /// positions only, and with none.
+    /// A model with bar positions, lookback and repeats through the fused op (token and side
+    /// rows summed inside it) against the per-step candle graph that runs off the CPU: outputs
+    /// and the gradient of every weight, the side tables' included, with all bar inputs given,
+    /// with positions only, and with none.
     #[test]
     fn bar_inputs_match_the_per_step_graph() {
         use crate::model::config::ModelConfig;
-        use crate::model::lstm::{nll_and_argmax, BAR_TABLE, LOOKBACK_TABLE};
+        use crate::model::lstm::{nll_and_argmax, BAR_TABLE, LOOKBACK_TABLE, REPEAT_TABLE};
         use crate::model::InputKind;
         use crate::music::{bar, Vocab};
 
@@ -1223,6 +1223,7 @@ mod tests {
             ModelConfig::new(Vocab::for_pitch_range(60, 72), InputKind::Embedding { dim: 6 }, 20, 2, 0.0);
         cfg.bar_meters = bar::COMMON_METERS.to_vec();
         cfg.bar_lookback = 2;
+        cfg.repeat_classes = 1;
         let (vocab, num_bars) = (cfg.vocab_len(), cfg.num_bar_positions());
         let map = VarMap::new();
         let model = MelodyLstm::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, &dev)).unwrap();
@@ -1230,7 +1231,9 @@ mod tests {
         let random = |rng: &mut ChaCha8Rng, n: usize| {
             (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect::<Vec<_>>()
         };
-        for (name, rows) in [(BAR_TABLE, num_bars), (LOOKBACK_TABLE, 2 * (vocab + 1))] {
+        for (name, rows) in
+            [(BAR_TABLE, num_bars), (LOOKBACK_TABLE, 2 * (vocab + 1)), (REPEAT_TABLE, vocab + 1)]
+        {
             let table = Tensor::from_vec(random(&mut rng, rows * 80), (rows, 80), &dev).unwrap();
             map.data().lock().unwrap()[name].set(&table).unwrap();
         }
@@ -1240,14 +1243,16 @@ mod tests {
         let all = Tensor::from_vec(ids, (seq_len + 1, batch), &dev).unwrap();
         let inputs = all.narrow(0, 0, seq_len).unwrap().contiguous().unwrap();
         let targets = all.narrow(0, 1, seq_len).unwrap().flatten_all().unwrap();
-        // Per step: a bar position and the tokens one and two bars back (`vocab`: none).
+        // Per step: a bar position, the tokens one and two bars back and a repeated token
+        // (`vocab`: none).
         let bar_inputs: Vec<u32> = (0..batch * seq_len)
             .flat_map(|_| {
                 let position = rng.random_range(0..num_bars as u32);
-                [position, rng.random_range(0..=vocab as u32), rng.random_range(0..=vocab as u32)]
+                let mut token = || rng.random_range(0..=vocab as u32);
+                [position, token(), token(), token()]
             })
             .collect();
-        let bars = Tensor::from_vec(bar_inputs, (seq_len, batch, 3), &dev).unwrap();
+        let bars = Tensor::from_vec(bar_inputs, (seq_len, batch, 4), &dev).unwrap();
         let positions_only = bars.narrow(2, 0, 1).unwrap().squeeze(2).unwrap().contiguous().unwrap();
         let loss = |ys: &Tensor| {
             let logits = model.forward_head(ys).unwrap().reshape(((), vocab)).unwrap();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use arrayvec::ArrayVec;
 
-use super::config::MAX_BAR_LOOKBACK;
+use super::config::MAX_SIDE_INPUTS;
 use super::io::LoadedModel;
 use super::sample::{Sampler, SamplingSettings};
 use super::{GenState, ModelError, Transposition};
@@ -133,7 +133,7 @@ impl Generator {
         }
         let history = &self.history;
         let earlier = |back: usize| history.len().checked_sub(back + 1).map(|idx| history[idx]);
-        let inputs: ArrayVec<u16, { 1 + MAX_BAR_LOOKBACK }> =
+        let inputs: ArrayVec<u16, MAX_SIDE_INPUTS> =
             reader.inputs(bar as u32, earlier).iter().map(|&input| input as u16).collect();
         self.model.step_at(token, &inputs, &mut self.state, &mut self.logits)?;
         if let (Some(clock), true) = (&mut self.bar_clock, is_song_symbol) {
@@ -420,18 +420,19 @@ mod tests {
         assert_eq!(model_shift(&g, Transposition::None, 0, 127), 0);
     }
 
-    /// A small random model over 60..=72 that reads bar positions of the common meters and the
-    /// symbol a bar back.
+    /// A small random model over 60..=72 that reads bar positions of the common meters, the
+    /// symbol a bar back and two classes of repeat.
     fn model_with_bars() -> Arc<LoadedModel> {
-        use crate::model::lstm::{MelodyLstm, BAR_TABLE, LOOKBACK_TABLE};
+        use crate::model::lstm::{MelodyLstm, BAR_TABLE, LOOKBACK_TABLE, REPEAT_TABLE};
         use candle_core::{DType, Device, Tensor};
         use rand::{Rng, SeedableRng};
         let mut cfg = crate::model::config::tests::small_config();
         cfg.bar_meters = bar::COMMON_METERS.to_vec();
         cfg.bar_lookback = 1;
+        cfg.repeat_classes = 2;
         let mut tensors = MelodyLstm::initial_tensors(&cfg, 3, &Device::Cpu).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for name in [BAR_TABLE, LOOKBACK_TABLE] {
+        for name in [BAR_TABLE, LOOKBACK_TABLE, REPEAT_TABLE] {
             let shape = tensors[name].dims().to_vec();
             let values = (0..shape.iter().product()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
             tensors.insert(name.to_string(), Tensor::from_vec(values, shape, &Device::Cpu).unwrap());
@@ -455,25 +456,38 @@ mod tests {
 
         // The same state and logits by hand: the delimiters outside any bar and with nothing
         // to look back to, then each primer step at its own position with the token a bar
-        // (8 steps) before the one it predicts.
+        // (8 steps) before the one it predicts; the repeats as training reads them off the
+        // same stream.
         let cfg = &model.config;
         let none = cfg.vocab_len() as u16;
+        let repeats = |fed: &[u32]| {
+            let mut out = Vec::new();
+            model.lstm.bar_reader().push(fed, &vec![0; fed.len()], 0, fed.len() - 1, &mut out);
+            [out[2] as u16, out[3] as u16]
+        };
         let mut clock = BarClock::new(&cfg.bar_meters, two_four, cfg.grid, 4).unwrap();
         let mut state = model.new_state();
         let mut logits = vec![0.0; cfg.vocab_len()];
         let delimiter = cfg.vocab.id(Symbol::Delimiter).unwrap();
-        let mut fed = Vec::new();
+        let mut fed: Vec<u32> = Vec::new();
         for _ in 0..cfg.delimiter_len {
-            model.step_at(delimiter, &[NO_BAR_POSITION, none], &mut state, &mut logits).unwrap();
-            fed.push(delimiter.0);
+            fed.push(delimiter.0 as u32);
+            let [short, long] = repeats(&fed);
+            model.step_at(delimiter, &[NO_BAR_POSITION, none, short, long], &mut state, &mut logits).unwrap();
         }
+        let mut found = [0; 2];
         for symbol in parse_symbols("60 _ _ _ 64 _ 65 _ 67 _ _ _ _ _ _ _ 65 _ _ _").unwrap() {
             let token = cfg.vocab.id(symbol).unwrap();
-            fed.push(token.0);
-            let bar_back = fed[fed.len() - 8];
-            model.step_at(token, &[clock.id(), bar_back], &mut state, &mut logits).unwrap();
+            fed.push(token.0 as u32);
+            let bar_back = fed[fed.len() - 8] as u16;
+            let [short, long] = repeats(&fed);
+            found[0] += usize::from(short != none);
+            found[1] += usize::from(long != none);
+            model.step_at(token, &[clock.id(), bar_back, short, long], &mut state, &mut logits).unwrap();
             clock.advance();
         }
+        // The primer read both classes: short matches, and long ones in its run of holds.
+        assert!(found[0] > 0 && found[1] > 0, "{found:?}");
         assert_eq!(phrase.generator.state(), &state);
         assert_eq!(phrase.generator.logits, logits);
 

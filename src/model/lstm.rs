@@ -13,6 +13,7 @@
 //! | `head.weight`, `head.bias` | `[vocab, hidden]`, `[vocab]` | output layer |
 //! | `bar_position.weight` | `[positions, 4 hidden]` | layer 0's gate input per bar position (models with `bar_meters` only) |
 //! | `bar_lookback.weight` | `[lookback · (vocab + 1), 4 hidden]` | layer 0's gate input per token one, two... bars back, or none (models with `bar_lookback` only) |
+//! | `repeat.weight` | `[classes · (vocab + 1), 4 hidden]` | layer 0's gate input per token that followed the longest earlier match, by class of length, or none (models with `repeat_classes` only) |
 //!
 //! The input of layer 0 is `dim` wide with an embedding and `vocab` wide with one-hot input.
 //! A model with bar positions also reads, beside each token, the id of its step's place in the
@@ -50,6 +51,8 @@ const LSTM_PREFIX: &str = "lstm";
 pub const BAR_TABLE: &str = "bar_position.weight";
 /// Name of the lookback table.
 pub const LOOKBACK_TABLE: &str = "bar_lookback.weight";
+/// Name of the repeat table.
+pub const REPEAT_TABLE: &str = "repeat.weight";
 
 /// One LSTM layer's weights, PyTorch layout (gates i, f, g, o stacked along the rows).
 #[derive(Clone, Debug)]
@@ -319,6 +322,8 @@ pub struct MelodyLstm {
     bar_table: Option<Tensor>,
     /// `[lookback · (vocab + 1), 4 hidden]`, present for a model with bar lookback.
     lookback_table: Option<Tensor>,
+    /// `[classes · (vocab + 1), 4 hidden]`, present for a model with repeat inputs.
+    repeat_table: Option<Tensor>,
     bar_reader: BarReader,
     layers: Vec<LstmLayer>,
     /// `[vocab, hidden]`.
@@ -357,6 +362,14 @@ impl MelodyLstm {
                 Init::Const(0.0),
             )?),
         };
+        let repeat_table = match (cfg.num_bar_positions(), cfg.repeat_classes) {
+            (0, _) | (_, 0) => None,
+            (_, classes) => Some(vb.get_with_hints(
+                (classes * (vocab_len + 1), 4 * hidden),
+                REPEAT_TABLE,
+                Init::Const(0.0),
+            )?),
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for layer_idx in 0..cfg.num_layers {
             let width = if layer_idx == 0 { cfg.input.width(vocab_len) } else { hidden };
@@ -372,6 +385,7 @@ impl MelodyLstm {
             embedding,
             bar_table,
             lookback_table,
+            repeat_table,
             bar_reader: BarReader::for_model(cfg),
             layers,
             head_w,
@@ -404,6 +418,9 @@ impl MelodyLstm {
             if cfg.bar_lookback > 0 {
                 shapes.push((LOOKBACK_TABLE.to_string(), vec![cfg.bar_lookback * (vocab + 1), 4 * hidden]));
             }
+            if cfg.repeat_classes > 0 {
+                shapes.push((REPEAT_TABLE.to_string(), vec![cfg.repeat_classes * (vocab + 1), 4 * hidden]));
+            }
         }
         shapes
     }
@@ -427,6 +444,7 @@ impl MelodyLstm {
                 || name == "head.bias"
                 || name == BAR_TABLE
                 || name == LOOKBACK_TABLE
+                || name == REPEAT_TABLE
             {
                 vec![0.0; len]
             } else {
@@ -457,6 +475,9 @@ impl MelodyLstm {
         if let Some(table) = &self.lookback_table {
             out.push((LOOKBACK_TABLE.to_string(), table.clone()));
         }
+        if let Some(table) = &self.repeat_table {
+            out.push((REPEAT_TABLE.to_string(), table.clone()));
+        }
         out
     }
 
@@ -480,25 +501,33 @@ impl MelodyLstm {
         &self.bar_reader
     }
 
-    /// The tables of every bar input, one after the other (`[positions + lookback · (vocab + 1),
-    /// 4 hidden]`: the rows `side_rows` indexes), each passed through `weight`; `None` for a
-    /// model without bar inputs.
+    /// The tables of every bar input, one after the other (`[positions + (lookback + repeat
+    /// classes) · (vocab + 1), 4 hidden]`: the rows `side_rows` indexes), each passed through
+    /// `weight`; `None` for a model without bar inputs.
     pub fn side_table(&self, weight: &dyn Fn(&Tensor) -> Tensor) -> Result<Option<Tensor>> {
-        match (&self.bar_table, &self.lookback_table) {
-            (Some(bars), Some(lookback)) => Ok(Some(Tensor::cat(&[&weight(bars), &weight(lookback)], 0)?)),
-            (Some(bars), None) => Ok(Some(weight(bars))),
-            _ => Ok(None),
-        }
+        let Some(bars) = &self.bar_table else {
+            return Ok(None);
+        };
+        let tables: Vec<Tensor> = [Some(bars), self.lookback_table.as_ref(), self.repeat_table.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(weight)
+            .collect();
+        Ok(Some(match tables.len() {
+            1 => tables[0].clone(),
+            _ => Tensor::cat(&tables, 0)?,
+        }))
     }
 
     /// The row of the side table for bar input `j` with value `raw` (input 0: a bar position;
-    /// input `j > 0`: the token `j` bars back, or the vocabulary's length for none).
+    /// input `j > 0`: the token `j` bars back, then the repeated token of each class, or the
+    /// vocabulary's length for none).
     pub fn side_row(&self, j: usize, raw: u32) -> Result<u32> {
         let positions = self.bar_table.as_ref().map_or(0, |t| t.dims()[0]);
         side_row(positions, self.vocab_len, j, raw).ok_or_else(|| match j {
             0 => candle_core::Error::Msg(format!("bar position {raw} outside the model's {positions}")),
             _ => candle_core::Error::Msg(format!(
-                "lookback token {raw} outside the vocabulary of {}",
+                "lookback or repeat token {raw} outside the vocabulary of {}",
                 self.vocab_len
             )),
         })
@@ -959,7 +988,7 @@ mod tests {
     fn model_with_bars(cfg: &ModelConfig, seed: u64) -> MelodyLstm {
         let mut tensors = MelodyLstm::initial_tensors(cfg, seed, &Device::Cpu).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        for name in [BAR_TABLE, LOOKBACK_TABLE] {
+        for name in [BAR_TABLE, LOOKBACK_TABLE, REPEAT_TABLE] {
             let Some(table) = tensors.get(name) else { continue };
             let shape = table.dims().to_vec();
             let values = (0..shape.iter().product()).map(|_| rng.random_range(-0.5f32..0.5)).collect();
@@ -974,7 +1003,7 @@ mod tests {
             ModelConfig { bar_meters: crate::music::bar::COMMON_METERS.to_vec(), ..small_config() };
         let none = small_config().vocab_len() as u32;
         // Bar inputs per step: positions only, or positions with the tokens one, two (and three
-        // and four) bars back.
+        // and four) bars back (and two classes of repeat).
         let cases: [(ModelConfig, Option<Vec<Vec<u32>>>); 6] = [
             (ModelConfig { input: InputKind::Embedding { dim: 8 }, ..small_config() }, None),
             (ModelConfig { input: InputKind::OneHot, ..small_config() }, None),
@@ -995,14 +1024,14 @@ mod tests {
                 ]),
             ),
             (
-                ModelConfig { bar_lookback: MAX_BAR_LOOKBACK, ..with_bars },
+                ModelConfig { bar_lookback: MAX_BAR_LOOKBACK, repeat_classes: 2, ..with_bars },
                 Some(vec![
-                    vec![1, none, none, none, none],
-                    vec![2, 3, none, none, none],
-                    vec![3, 0, 7, 3, none],
-                    vec![0, none, none, none, none],
-                    vec![9, 12, 3, 0, 7],
-                    vec![10, none, 0, none, 12],
+                    vec![1, none, none, none, none, none, none],
+                    vec![2, 3, none, none, none, 4, none],
+                    vec![3, 0, 7, 3, none, none, 9],
+                    vec![0, none, none, none, none, none, none],
+                    vec![9, 12, 3, 0, 7, 3, none],
+                    vec![10, none, 0, none, 12, none, 0],
                 ]),
             ),
         ];

@@ -51,6 +51,9 @@ pub struct ModelShape {
     pub weight_drop: f32,
     /// Bars of lookback (`ModelConfig::bar_lookback`; needs the data's bar meters).
     pub bar_lookback: usize,
+    /// Classes of repeat read (`ModelConfig::repeat_classes`; needs the data's bar meters).
+    #[serde(default)]
+    pub repeat_classes: usize,
 }
 
 impl Default for ModelShape {
@@ -63,6 +66,7 @@ impl Default for ModelShape {
             locked_dropout: false,
             weight_drop: 0.0,
             bar_lookback: 0,
+            repeat_classes: 0,
         }
     }
 }
@@ -214,13 +218,16 @@ impl TrainConfig {
         self.model.num_layers = base.num_layers;
         self.model.dropout = base.dropout;
         self.model.bar_lookback = base.bar_lookback;
+        self.model.repeat_classes = base.repeat_classes;
     }
 }
 
 /// The first way in which the model a run would build differs from the model it starts from,
 /// if any, as `what (base), the run's (run)`.
 fn base_mismatch(base: &ModelConfig, run: &ModelConfig) -> Option<String> {
-    config_mismatch(base, run, &|_| true)
+    // A run may add repeat inputs to a base without them: their table starts at zero.
+    let adds_repeats = base.repeat_classes == 0;
+    config_mismatch(base, run, &|what| !(adds_repeats && what == "repeat classes"))
 }
 
 /// The first of the parts that `which` names (by their names below) in which `ours` differs
@@ -244,6 +251,7 @@ pub(super) fn config_mismatch(
             ("song delimiter", c.delimiter_len.to_string()),
             ("bar meters", format!("[{}]", meters.join(" "))),
             ("bar lookback", c.bar_lookback.to_string()),
+            ("repeat classes", c.repeat_classes.to_string()),
         ]
     };
     parts(ours)
@@ -260,13 +268,19 @@ fn base_weights(
     device: &Device,
 ) -> Result<HashMap<String, Tensor>, ModelError> {
     let source = ModelSource::parse(source);
-    let (base, tensors) = read_model_parts(&source, device)?;
-    match base_mismatch(&base, run) {
-        Some(problem) => Err(ModelError::Data(format!(
+    let (base, mut tensors) = read_model_parts(&source, device)?;
+    if let Some(problem) = base_mismatch(&base, run) {
+        return Err(ModelError::Data(format!(
             "cannot start from {source}: it has {problem} (leave its sizes, pitch range and key convention as they are)"
-        ))),
-        None => Ok(tensors),
+        )));
     }
+    // Inputs the base lacks start at zero, so the run starts from the base's function.
+    for (name, shape) in MelodyLstm::tensor_shapes(run) {
+        if !tensors.contains_key(&name) {
+            tensors.insert(name, Tensor::zeros(shape, DType::F32, device)?);
+        }
+    }
+    Ok(tensors)
 }
 
 /// Cross-entropy (nats per symbol) and accuracy over some targets.
@@ -499,6 +513,7 @@ pub fn model_config(cfg: &TrainConfig, data: &Dataset) -> ModelConfig {
     model.delimiter_len = cfg.data.delimiter_len;
     model.bar_meters = cfg.data.bar_meters.clone();
     model.bar_lookback = cfg.model.bar_lookback;
+    model.repeat_classes = cfg.model.repeat_classes;
     model
 }
 

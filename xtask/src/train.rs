@@ -128,6 +128,11 @@ pub struct TrainArgs {
     /// With --bar-positions, also read the symbols 1 to N bars before each one predicted (N at most 4).
     #[arg(long)]
     bar_lookback: Option<usize>,
+    /// With --bar-positions, also read the symbol that followed the latest longest earlier
+    /// match of the symbols just played (within 63 steps), in N classes of match length (N at
+    /// most 4). A model without them may be given them with --init-from: they start at zero.
+    #[arg(long)]
+    repeat_classes: Option<usize>,
     /// `every-nth` (song index % --val-every == 0 is validation) or `random`.
     #[arg(long)]
     split: Option<String>,
@@ -308,6 +313,10 @@ fn settings(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut cfg.model.bar_lookback, args.bar_lookback);
     if cfg.model.bar_lookback > 0 && cfg.data.bar_meters.is_empty() {
         bail!("--bar-lookback needs --bar-positions: bars are counted in the songs' meters");
+    }
+    set(&mut cfg.model.repeat_classes, args.repeat_classes);
+    if cfg.model.repeat_classes > 0 && cfg.data.bar_meters.is_empty() {
+        bail!("--repeat-classes needs --bar-positions: repeats are read beside the bar inputs");
     }
     if let Some(dim) = args.embedding {
         cfg.model.input = if dim == 0 { InputKind::OneHot } else { InputKind::Embedding { dim } };
