@@ -571,6 +571,56 @@ fn a_model_trained_with_bar_positions_keeps_and_reads_them() {
     assert_ne!(logits(downbeat), logits(bar::NO_BAR_POSITION));
 }
 
+/// Repeat inputs added to a trained model without them start at zero, so the run starts from
+/// the model's own function, and then learn; a model that has them keeps their number.
+#[test]
+fn repeat_inputs_added_to_a_trained_model_start_from_it() {
+    let mut corpus = tiny_corpus();
+    for m in &mut corpus.melodies {
+        m.meter = Some(Meter::COMMON);
+    }
+    let mut cfg = tiny_train_config(2);
+    cfg.data.bar_meters = bar::COMMON_METERS.to_vec();
+    let data = tiny_data(corpus, &cfg);
+    let scratch = scratch_dir("repeats");
+    let base_dir = scratch.path().join("base");
+    let base = train(&cfg, &data, &base_dir, &Device::Cpu, false, &mut Quiet).unwrap();
+
+    let base_config = read_model_config(&ModelSource::Dir(base_dir.clone())).unwrap();
+    let mut tune_cfg = tiny_train_config(2);
+    tune_cfg.adopt_base(&base_config);
+    tune_cfg.init_from = Some(base_dir.display().to_string());
+    tune_cfg.model.repeat_classes = 2;
+    let tuned_dir = scratch.path().join("tuned");
+    let tuned = train(&tune_cfg, &data, &tuned_dir, &Device::Cpu, false, &mut Quiet).unwrap();
+    let base_loss = base.best_validation[0].1.all.loss;
+    assert!((tuned.base_validation[0].1.all.loss - base_loss).abs() < 1e-9, "{:?}", tuned.base_validation);
+    let loaded = LoadedModel::load_dir(&tuned_dir).unwrap();
+    assert_eq!(loaded.config.repeat_classes, 2);
+    let table = loaded.lstm.named_tensors().into_iter().find(|(name, _)| name == "repeat.weight").unwrap().1;
+    let largest = table.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(largest > 0.0, "the repeat table learned nothing");
+    // The same step with and without a repeated symbol gives other logits.
+    let token = loaded.config.vocab.id(Symbol::Pitch(60)).unwrap();
+    let none = loaded.config.vocab_len() as u16;
+    let logits = |short| {
+        let mut state = loaded.new_state();
+        let mut logits = vec![0.0; loaded.config.vocab_len()];
+        loaded.step_at(token, &[bar::NO_BAR_POSITION, short, none], &mut state, &mut logits).unwrap();
+        logits
+    };
+    assert_ne!(logits(token.0), logits(none));
+
+    // From a model with repeats, another number of them does not fit its weights.
+    let mut other = tune_cfg.clone();
+    other.init_from = Some(tuned_dir.display().to_string());
+    other.model.repeat_classes = 1;
+    let err = train(&other, &data, &scratch.path().join("refused"), &Device::Cpu, false, &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("repeat classes 2, the run's 1"), "{err}");
+}
+
 #[test]
 fn generation_is_seeded() {
     let model = Arc::new(random_model(InputKind::Embedding { dim: 8 }, 3));
