@@ -6,6 +6,7 @@
 //! Runs on: offline threads (xtask train, tests). Progress goes to a `TrainObserver`, so the
 //! terminal and plotting live in xtask.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -276,8 +277,8 @@ fn base_weights(
     }
     // Inputs the base lacks start at zero, so the run starts from the base's function.
     for (name, shape) in MelodyLstm::tensor_shapes(run) {
-        if !tensors.contains_key(&name) {
-            tensors.insert(name, Tensor::zeros(shape, DType::F32, device)?);
+        if let Entry::Vacant(slot) = tensors.entry(name) {
+            slot.insert(Tensor::zeros(shape, DType::F32, device)?);
         }
     }
     Ok(tensors)
