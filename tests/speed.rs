@@ -17,13 +17,19 @@ fn allocations_during(f: impl FnOnce()) -> usize {
     violation_count() as usize
 }
 
-/// A seeded model with fixed weights, so its steps run on the packed path; with `bar_lookback`,
-/// one that reads bar positions and looks that many bars back.
-fn model(input: InputKind, hidden: usize, layers: usize, bar_lookback: Option<usize>) -> Arc<LoadedModel> {
+/// A seeded model with fixed weights, so its steps run on the packed path; with `bar_inputs`
+/// (bars of lookback, classes of repeat), one that reads bar positions and those.
+fn model(
+    input: InputKind,
+    hidden: usize,
+    layers: usize,
+    bar_inputs: Option<(usize, usize)>,
+) -> Arc<LoadedModel> {
     let mut config = ModelConfig::new(Vocab::for_pitch_range(48, 88), input, hidden, layers, 0.0);
-    if let Some(bars) = bar_lookback {
+    if let Some((bars, repeats)) = bar_inputs {
         config.bar_meters = bar::COMMON_METERS.to_vec();
         config.bar_lookback = bars;
+        config.repeat_classes = repeats;
     }
     let tensors = MelodyLstm::initial_tensors(&config, 3, &Device::Cpu).unwrap();
     let lstm = MelodyLstm::new(&config, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
@@ -35,17 +41,19 @@ fn generating_a_symbol_allocates_nothing() {
     let cases = [
         (InputKind::Embedding { dim: 16 }, 64, 2, None),
         (InputKind::OneHot, 40, 1, None),
-        (InputKind::Embedding { dim: 16 }, 64, 2, Some(2)),
-        (InputKind::Embedding { dim: 16 }, 64, 2, Some(4)),
+        (InputKind::Embedding { dim: 16 }, 64, 2, Some((2, 0))),
+        (InputKind::Embedding { dim: 16 }, 64, 2, Some((4, 0))),
+        (InputKind::Embedding { dim: 16 }, 64, 2, Some((4, 4))),
     ];
     let settings = [
         SamplingSettings { may_end: false, ..Default::default() },
         SamplingSettings { temperature: 0.7, top_k: 5, may_end: false, ..Default::default() },
         SamplingSettings { temperature: 1.3, top_p: 0.9, may_end: false, ..Default::default() },
     ];
-    for (input, hidden, layers, bar_lookback) in cases {
-        let mut generator = Generator::new(model(input, hidden, layers, bar_lookback), 9);
-        // In 3/4, so every step reads its bar position and the steps a bar, two... back.
+    for (input, hidden, layers, bar_inputs) in cases {
+        let mut generator = Generator::new(model(input, hidden, layers, bar_inputs), 9);
+        // In 3/4, so every step reads its bar position and the steps a bar, two... back, and
+        // looks for repeats.
         generator.set_bar(Meter { numerator: 3, denominator: 4 }, 0);
         // The sampler's scratch buffer grows to the vocabulary on the first draw.
         generator.next_symbol(&settings[0]).unwrap();
@@ -58,7 +66,7 @@ fn generating_a_symbol_allocates_nothing() {
         assert_eq!(num_symbols, 300);
         assert_eq!(
             num_allocs, 0,
-            "{input:?} {hidden}×{layers}, lookback {bar_lookback:?}: {num_allocs} allocations in 300 symbols"
+            "{input:?} {hidden}×{layers}, bar inputs {bar_inputs:?}: {num_allocs} allocations in 300 symbols"
         );
     }
 }
