@@ -7,11 +7,12 @@
 
 pub use crate::model::train::{MetricSums, ScoreSum};
 
+use crate::model::lstm::GenState;
 use crate::model::train::{evaluate, EvalConfig, EvalMetrics};
 use crate::model::{LoadedModel, ModelError};
 use crate::music::bar::NO_BAR_POSITION;
 use crate::music::encode::{join_runs, join_songs};
-use crate::music::Symbol;
+use crate::music::{Symbol, TokenId};
 
 /// The stream the recipe's windows run over: `context_len` delimiters of padding, then each
 /// song followed by the model's run of delimiters, as the training streams are joined.
@@ -79,9 +80,16 @@ pub fn streaming_likelihood(
     let mut logits = vec![0.0f32; vocab.len()];
     let reader = model.lstm.bar_reader();
     let mut fed: Vec<u32> = Vec::with_capacity(lead_tokens.len() + target_tokens.len());
-    for &token in &lead_tokens {
-        model.step(token, &mut state, &mut logits)?;
+    // Every step, the delimiters' too, reads what the generator reads: its bar inputs off what
+    // was fed so far.
+    let mut feed = |token: TokenId, bar: u16, state: &mut GenState, logits: &mut [f32]| {
         fed.push(token.0 as u32);
+        let earlier = |back: usize| fed.len().checked_sub(back + 1).map(|i| fed[i]);
+        let inputs: Vec<u16> = reader.inputs(bar as u32, earlier).iter().map(|&x| x as u16).collect();
+        model.step_at(token, &inputs, state, logits)
+    };
+    for &token in &lead_tokens {
+        feed(token, NO_BAR_POSITION, &mut state, &mut logits)?;
     }
     let mut sums = MetricSums::default();
     for (idx, (&symbol, &token)) in targets.iter().zip(&target_tokens).enumerate() {
@@ -91,10 +99,7 @@ pub fn streaming_likelihood(
             Some(&bar) if idx < song.len() => bar,
             _ => NO_BAR_POSITION,
         };
-        fed.push(token.0 as u32);
-        let earlier = |back: usize| fed.len().checked_sub(back + 1).map(|i| fed[i]);
-        let inputs: Vec<u16> = reader.inputs(bar as u32, earlier).iter().map(|&x| x as u16).collect();
-        model.step_at(token, &inputs, &mut state, &mut logits)?;
+        feed(token, bar, &mut state, &mut logits)?;
     }
     Ok(sums)
 }
