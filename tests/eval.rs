@@ -12,15 +12,19 @@ use antiphon::eval::{
     to_json, EvalReport, EvalSettings, Feature, Quiet, SplitSide, TrainingSongs,
 };
 use antiphon::model::data::{read_set, DataConfig, DataSet, Split};
+use antiphon::model::generate::Generator;
 use antiphon::model::io::TRAIN_FILE;
+use antiphon::model::lstm::REPEAT_TABLE;
 use antiphon::model::train::{build_dataset, model_config, train, EvalConfig, ModelShape, TrainConfig};
 use antiphon::model::{InputKind, LoadedModel, MelodyLstm, ModelConfig};
 use antiphon::music::corpus::Collection;
 use antiphon::music::encode::{join_songs, parse_symbols, DurationFilter};
 use antiphon::music::midi::{parse_midi, write_midi, MelodyChoice};
-use antiphon::music::{Key, Melody, Meter, Mode, Note, Source, Symbol, TokenId, Vocab};
-use candle_core::{DType, Device};
+use antiphon::music::{bar, Key, Melody, Meter, Mode, Note, Source, Symbol, TokenId, Vocab};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// A fresh, empty folder for one test, removed when the guard drops.
 fn scratch_dir(name: &str) -> tempfile::TempDir {
@@ -80,6 +84,41 @@ fn streaming_likelihood_matches_stepping_by_hand() {
     assert!((m.song.loss - song_only / 8.0).abs() < 1e-5);
     assert!((m.non_hold.loss - onsets / 5.0).abs() < 1e-5);
     assert_eq!(sums.all.num_correct, num_correct);
+}
+
+/// Streamed as the plugin runs it: each target's likelihood is the generator's, primed on the
+/// delimiters and the song so far, for a model whose repeat inputs read the delimiters too.
+#[test]
+fn streaming_likelihood_reads_what_the_generator_reads() {
+    let mut cfg =
+        ModelConfig::new(Vocab::for_pitch_range(60, 72), InputKind::Embedding { dim: 6 }, 12, 2, 0.0);
+    cfg.delimiter_len = 6;
+    cfg.bar_meters = bar::COMMON_METERS.to_vec();
+    cfg.repeat_classes = 2;
+    let mut tensors = MelodyLstm::initial_tensors(&cfg, 7, &Device::Cpu).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let table = &tensors[REPEAT_TABLE];
+    let values = (0..table.elem_count()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let table = Tensor::from_vec(values, table.dims(), &Device::Cpu).unwrap();
+    tensors.insert(REPEAT_TABLE.to_string(), table);
+    let lstm = MelodyLstm::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
+    let model = Arc::new(LoadedModel::new(cfg, lstm, "random").unwrap());
+
+    let song = parse_symbols("60 _ 62 _ 60 _ 62 _ 64 r").unwrap();
+    let m = streaming_likelihood(&model, &song, &[]).unwrap().metrics();
+    let mut context = vec![Symbol::Delimiter; 6];
+    let mut all = 0.0;
+    for target in song.iter().copied().chain([Symbol::Delimiter]) {
+        let mut generator = Generator::new(Arc::clone(&model), 1);
+        generator.prime(&context).unwrap();
+        let logits = generator.logits().unwrap();
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let log_total = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+        all += log_total - logits[model.config.vocab.id(target).unwrap().0 as usize] as f64;
+        context.push(target);
+    }
+    assert_eq!(m.all.num_targets, 11);
+    assert!((m.all.loss - all / 11.0).abs() < 1e-5, "{} vs {}", m.all.loss, all / 11.0);
 }
 
 #[test]

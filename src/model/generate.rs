@@ -79,6 +79,11 @@ impl Generator {
         &self.state
     }
 
+    /// The logits of the next symbol after the symbols fed so far; `None` before the first.
+    pub fn logits(&self) -> Option<&[f32]> {
+        self.has_logits.then_some(&self.logits[..])
+    }
+
     /// Back to the zero state with nothing generated and nothing to look back to; the RNG and
     /// the bar clock go on where they were (`set_bar` moves the clock).
     pub fn reset(&mut self) {
