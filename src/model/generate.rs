@@ -136,7 +136,9 @@ impl Generator {
             }
             self.history.push_back(token.0 as u32);
         }
-        let history = &self.history;
+        // One slice (a move of at most the history's length, no allocation): the repeat search
+        // reads it up to 63 × 24 times a step.
+        let history: &[u32] = self.history.make_contiguous();
         let earlier = |back: usize| history.len().checked_sub(back + 1).map(|idx| history[idx]);
         let inputs: ArrayVec<u16, MAX_SIDE_INPUTS> =
             reader.inputs(bar as u32, earlier).iter().map(|&input| input as u16).collect();
