@@ -534,17 +534,24 @@ fn a_run_starts_from_the_builtin_model() {
     assert_eq!(LoadedModel::load_dir(scratch.path()).unwrap().config, builtin);
 }
 
-/// Songs in 4/4 whose every figure starts on a downbeat: a model trained with bar positions keeps
-/// its meters, learns a table for them, and reads them when stepping.
-#[test]
-fn a_model_trained_with_bar_positions_keeps_and_reads_them() {
+/// The tiny corpus in 4/4, and settings for `epochs` that read bar positions of the common
+/// meters.
+fn common_time_data(epochs: usize) -> (TrainConfig, Dataset) {
     let mut corpus = tiny_corpus();
     for m in &mut corpus.melodies {
         m.meter = Some(Meter::COMMON);
     }
-    let mut cfg = tiny_train_config(3);
+    let mut cfg = tiny_train_config(epochs);
     cfg.data.bar_meters = bar::COMMON_METERS.to_vec();
     let data = tiny_data(corpus, &cfg);
+    (cfg, data)
+}
+
+/// Songs in 4/4 whose every figure starts on a downbeat: a model trained with bar positions keeps
+/// its meters, learns a table for them, and reads them when stepping.
+#[test]
+fn a_model_trained_with_bar_positions_keeps_and_reads_them() {
+    let (cfg, data) = common_time_data(3);
     let downbeat = BarClock::new(&bar::COMMON_METERS, Meter::COMMON, StepGrid::SIXTEENTHS, 0).unwrap().id();
     assert_eq!(data.train_bars.len(), data.train_tokens.len());
     assert_eq!(data.train_bars[0], downbeat as u32);
@@ -575,13 +582,7 @@ fn a_model_trained_with_bar_positions_keeps_and_reads_them() {
 /// the model's own function, and then learn; a model that has them keeps their number.
 #[test]
 fn repeat_inputs_added_to_a_trained_model_start_from_it() {
-    let mut corpus = tiny_corpus();
-    for m in &mut corpus.melodies {
-        m.meter = Some(Meter::COMMON);
-    }
-    let mut cfg = tiny_train_config(2);
-    cfg.data.bar_meters = bar::COMMON_METERS.to_vec();
-    let data = tiny_data(corpus, &cfg);
+    let (cfg, data) = common_time_data(2);
     let scratch = scratch_dir("repeats");
     let base_dir = scratch.path().join("base");
     let base = train(&cfg, &data, &base_dir, &Device::Cpu, false, &mut Quiet).unwrap();

@@ -354,22 +354,14 @@ impl MelodyLstm {
             0 => None,
             rows => Some(vb.get_with_hints((rows, 4 * hidden), BAR_TABLE, Init::Const(0.0))?),
         };
-        let lookback_table = match (cfg.num_bar_positions(), cfg.bar_lookback) {
-            (0, _) | (_, 0) => None,
-            (_, bars) => Some(vb.get_with_hints(
-                (bars * (vocab_len + 1), 4 * hidden),
-                LOOKBACK_TABLE,
-                Init::Const(0.0),
-            )?),
+        // A table of one block of `vocab + 1` rows (every token, then none) per slot; only
+        // beside the bar positions, whose side inputs carry them.
+        let token_table = |slots: usize, name: &str| match (cfg.num_bar_positions(), slots) {
+            (0, _) | (_, 0) => Ok(None),
+            _ => vb.get_with_hints((slots * (vocab_len + 1), 4 * hidden), name, Init::Const(0.0)).map(Some),
         };
-        let repeat_table = match (cfg.num_bar_positions(), cfg.repeat_classes) {
-            (0, _) | (_, 0) => None,
-            (_, classes) => Some(vb.get_with_hints(
-                (classes * (vocab_len + 1), 4 * hidden),
-                REPEAT_TABLE,
-                Init::Const(0.0),
-            )?),
-        };
+        let lookback_table = token_table(cfg.bar_lookback, LOOKBACK_TABLE)?;
+        let repeat_table = token_table(cfg.repeat_classes, REPEAT_TABLE)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for layer_idx in 0..cfg.num_layers {
             let width = if layer_idx == 0 { cfg.input.width(vocab_len) } else { hidden };
