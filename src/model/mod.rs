@@ -89,6 +89,9 @@ pub enum ModelError {
     /// `config.json` is not valid JSON for a `ModelConfig`.
     #[error("{path}: not a model config: {source}")]
     ConfigParse { path: String, source: serde_json::Error },
+    /// A training settings file is not valid JSON for a `TrainConfig`.
+    #[error("{path}: not training settings (a TrainConfig, or a model's train.json): {source}")]
+    TrainConfigParse { path: String, source: serde_json::Error },
     /// `config.json` parsed but describes no usable model.
     #[error("{path}: {problem}")]
     InvalidConfig { path: String, problem: ConfigError },

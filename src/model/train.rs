@@ -1092,12 +1092,16 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ModelError> {
         .map_err(|source| ModelError::Io { path: path.display().to_string(), source })
 }
 
-/// Reads a `TrainConfig` from a JSON file.
-pub fn read_train_config(path: &PathBuf) -> Result<TrainConfig, ModelError> {
+/// Reads a `TrainConfig` from a JSON file: the settings themselves, or a model's `train.json`,
+/// whose `config` field holds the settings that trained it.
+pub fn read_train_config(path: &Path) -> Result<TrainConfig, ModelError> {
     let text =
         std::fs::read(path).map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
-    serde_json::from_slice(&text)
-        .map_err(|source| ModelError::ConfigParse { path: path.display().to_string(), source })
+    let parse_error = |source| ModelError::TrainConfigParse { path: path.display().to_string(), source };
+    let value: serde_json::Value = serde_json::from_slice(&text).map_err(parse_error)?;
+    let is_report = value.get("config").is_some() && value.get("epochs").is_some();
+    let settings = if is_report { value["config"].clone() } else { value };
+    serde_json::from_value(settings).map_err(parse_error)
 }
 
 #[cfg(test)]
@@ -1214,5 +1218,26 @@ mod tests {
         assert_eq!(eval_targets(8, &eval), vec![4, 5, 6, 7]);
         let capped = EvalConfig { max_targets: Some(2), ..eval };
         assert_eq!(eval_targets(8, &capped), vec![4, 6]);
+    }
+
+    /// `--config` takes the settings alone or a model's `train.json`, so a shipped model's run
+    /// can be repeated; anything else is refused with the file's name.
+    #[test]
+    fn train_config_is_read_from_settings_or_a_models_train_json() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/models/default/train.json");
+        let from_report = read_train_config(&shipped).unwrap();
+        let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(&shipped).unwrap()).unwrap();
+        assert_eq!(serde_json::to_value(&from_report).unwrap(), summary["config"]);
+        assert_eq!(from_report.model.repeat_classes, 4);
+
+        let dir = tempfile::tempdir().unwrap();
+        let settings = dir.path().join("settings.json");
+        std::fs::write(&settings, serde_json::to_string(&from_report).unwrap()).unwrap();
+        assert_eq!(read_train_config(&settings).unwrap(), from_report);
+
+        let junk = dir.path().join("junk.json");
+        std::fs::write(&junk, r#"{"config": 3, "epochs": []}"#).unwrap();
+        let message = read_train_config(&junk).unwrap_err().to_string();
+        assert!(message.contains("junk.json") && message.contains("not training settings"), "{message}");
     }
 }

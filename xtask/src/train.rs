@@ -31,7 +31,8 @@ use plotters::prelude::*;
 ///   cargo xtask train --init-from builtin --data ~/tunes --out my-model
 #[derive(clap::Args)]
 pub struct TrainArgs {
-    /// Settings file (JSON): a TrainConfig; flags override it.
+    /// Settings file (JSON): a TrainConfig, or a model's train.json to repeat its run; flags
+    /// override it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Training data as `[NAME=]PATH[,PATH...]`; repeat for several sets. Each set is split on
