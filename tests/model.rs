@@ -11,7 +11,8 @@ use antiphon::model::io::{
     read_model_config, save_model, ModelSource, CONFIG_FILE, TRAIN_FILE, WEIGHTS_FILE,
 };
 use antiphon::model::train::{
-    build_dataset, model_config, train, Dataset, EvalConfig, ModelShape, Quiet, TrainConfig, TrainSummary,
+    build_dataset, model_config, train, Dataset, EvalConfig, LrSchedule, ModelShape, Quiet, TrainConfig,
+    TrainObserver, TrainSummary, CHECKPOINT_DIR,
 };
 use antiphon::model::{
     continue_melody, Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, ModelError,
@@ -345,6 +346,75 @@ fn a_tiny_model_learns_and_resumes() {
         assert!((a.train_loss - b.train_loss).abs() < 1e-12);
     }
     assert!(resumed.epochs[5].train_loss < summary.epochs[0].train_loss);
+}
+
+/// Collects the notices a training run gives.
+#[derive(Default)]
+struct Notices(Vec<String>);
+impl TrainObserver for Notices {
+    fn on_notice(&mut self, message: &str) {
+        self.0.push(message.to_string());
+    }
+}
+
+/// A run stopped after 2 epochs and resumed for 2 more is the 4-epoch run: AdamW's moments
+/// and the weight average come back with the weights. Without them (a checkpoint from before
+/// they were saved), the run still resumes, says so, and goes elsewhere.
+#[test]
+fn a_resumed_run_continues_exactly() {
+    // A cosine's shape depends on the planned epochs; a step schedule's only on the epoch.
+    let config = |epochs| TrainConfig {
+        weight_average: 0.9,
+        schedule: LrSchedule::Step { every_epochs: 1, factor: 0.7 },
+        ..tiny_train_config(epochs)
+    };
+    let data = tiny_data(tiny_corpus(), &config(1));
+    let whole_dir = scratch_dir("whole");
+    let whole = train(&config(4), &data, whole_dir.path(), &Device::Cpu, false, &mut Quiet).unwrap();
+
+    let mut resumed_runs = Vec::new();
+    for keep_optimizer in [true, false] {
+        let scratch = scratch_dir("halves");
+        let dir = scratch.path();
+        train(&config(2), &data, dir, &Device::Cpu, false, &mut Quiet).unwrap();
+        let optimizer_file = dir.join(CHECKPOINT_DIR).join("optimizer.safetensors");
+        assert!(optimizer_file.exists());
+        if !keep_optimizer {
+            std::fs::remove_file(&optimizer_file).unwrap();
+        }
+        let mut notices = Notices::default();
+        let resumed = train(&config(4), &data, dir, &Device::Cpu, true, &mut notices).unwrap();
+        assert_eq!(resumed.resumed_after_epochs, vec![2]);
+        if keep_optimizer {
+            assert_eq!(notices.0, Vec::<String>::new());
+        } else {
+            assert_eq!(notices.0.len(), 1);
+            let notice = &notices.0[0];
+            assert!(notice.starts_with(&optimizer_file.display().to_string()), "{notice}");
+            assert!(notice.contains("start afresh"), "{notice}");
+        }
+        resumed_runs.push(resumed);
+    }
+
+    let gap = |run: &TrainSummary, epoch: usize| {
+        let (a, b) = (&run.epochs[epoch], &whole.epochs[epoch]);
+        let train_gap = (a.train_loss - b.train_loss).abs();
+        let validation_gap = (a.validation[0].1.all.loss - b.validation[0].1.all.loss).abs();
+        train_gap.max(validation_gap)
+    };
+    for epoch in 2..4 {
+        assert!(
+            gap(&resumed_runs[0], epoch) < 1e-5,
+            "epoch {}: off by {}",
+            epoch + 1,
+            gap(&resumed_runs[0], epoch)
+        );
+    }
+    assert!(
+        gap(&resumed_runs[1], 2) > 1e-3,
+        "a cold optimiser should change epoch 3: {}",
+        gap(&resumed_runs[1], 2)
+    );
 }
 
 /// Locked dropout and DropConnect on the recurrent weights, together: a tiny model still

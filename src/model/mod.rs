@@ -45,6 +45,7 @@ pub mod int8;
 pub mod io;
 pub mod kernels;
 pub mod lstm;
+pub mod optim;
 pub mod sample;
 pub mod train;
 

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -25,6 +25,7 @@ use super::io::{
     read_model_parts, read_weights, save_model, save_weights, ModelSource, TRAIN_FILE, WEIGHTS_FILE,
 };
 use super::lstm::{nll_and_argmax, Dropout, MelodyLstm};
+use super::optim::AdamW;
 use super::{InputKind, ModelConfig, ModelError};
 use crate::music::{Symbol, TokenId, Vocab};
 
@@ -32,6 +33,10 @@ use crate::music::{Symbol, TokenId, Vocab};
 pub const CHECKPOINT_DIR: &str = "checkpoint";
 const LAST_WEIGHTS_FILE: &str = "last.safetensors";
 const RESUME_FILE: &str = "state.json";
+/// The optimiser's moments and the weight average at the end of the last epoch.
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The tensor of `OPTIMIZER_FILE` holding the epochs done when it was written.
+const OPTIMIZER_EPOCH: &str = "epochs_done";
 
 /// The network's sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -480,6 +485,8 @@ pub trait TrainObserver {
     fn on_epoch_end(&mut self, _record: &EpochRecord, _summary: &TrainSummary) {}
     /// The model a fine-tuning run starts from was validated, before any training.
     fn on_base_validated(&mut self, _validation: &[(String, EvalMetrics)]) {}
+    /// Something the person running the training should know, that does not stop it.
+    fn on_notice(&mut self, _message: &str) {}
 }
 
 /// An observer that ignores everything.
@@ -496,6 +503,18 @@ struct ResumeState {
     summary: TrainSummary,
     /// Training stream length and vocabulary size, to refuse resuming on other data.
     data_fingerprint: (usize, usize),
+    /// The counters beside the tensors of `OPTIMIZER_FILE`; absent in checkpoints written
+    /// before the optimiser was saved, which resume with a fresh one.
+    #[serde(default)]
+    optimizer: Option<OptimizerCounters>,
+}
+
+/// The optimiser's and the weight average's counters, for an exact resume.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+struct OptimizerCounters {
+    adam_steps: usize,
+    average_total: f64,
+    average_steps: usize,
 }
 
 /// The model config a run trains, from its settings and data.
@@ -591,6 +610,7 @@ pub fn train(
         None => (!data.validation.is_empty()).then_some(0),
     };
 
+    let mut saved_optimizer = None;
     let (mut epochs_done, mut global_step, mut epochs_since_best, mut best_loss, mut summary) = if resume {
         let state_path = checkpoint_dir.join(RESUME_FILE);
         let text = std::fs::read(&state_path).map_err(io_err(&state_path))?;
@@ -613,6 +633,7 @@ pub fn train(
         summary.resumed_after_epochs.push(state.epochs_done);
         summary.stop_reason.clear();
         summary.config = cfg.clone();
+        saved_optimizer = Some(state.optimizer);
         (state.epochs_done, state.global_step, state.epochs_since_best, state.best_loss, summary)
     } else {
         let init = match &cfg.init_from {
@@ -660,14 +681,38 @@ pub fn train(
         observer.on_base_validated(&summary.base_validation);
     }
 
-    // NOTE: candle's AdamW keeps its moments private, so a resumed run starts them afresh; the
-    // learning-rate schedule continues from the saved step.
-    let mut optimizer = AdamW::new(
-        vars.clone(),
-        ParamsAdamW { lr: cfg.learning_rate, weight_decay: cfg.weight_decay, ..ParamsAdamW::default() },
-    )?;
+    let mut optimizer = AdamW::new(vars.clone(), cfg.learning_rate, cfg.weight_decay)?;
     let start = if resume || cfg.init_from.is_some() { AverageStart::Weights } else { AverageStart::Empty };
     let mut average = WeightAverage::new(cfg.weight_average, &vars, start)?;
+    let var_names: Vec<String> = vars.iter().map(|var| var_name(&varmap, var)).collect();
+    let optimizer_path = checkpoint_dir.join(OPTIMIZER_FILE);
+    if let Some(counters) = saved_optimizer {
+        let restored = counters
+            .ok_or_else(|| {
+                let state_path = checkpoint_dir.join(RESUME_FILE);
+                format!("{}: written before the optimiser was saved with the weights", state_path.display())
+            })
+            .and_then(|counters| {
+                restore_optimizer(
+                    &optimizer_path,
+                    epochs_done,
+                    counters,
+                    &var_names,
+                    &mut optimizer,
+                    average.as_mut(),
+                    device,
+                )
+                .map_err(|e| e.to_string())
+            });
+        if let Err(reason) = restored {
+            // The weights and the schedule still resume; only the optimiser starts cold.
+            optimizer = AdamW::new(vars.clone(), cfg.learning_rate, cfg.weight_decay)?;
+            average = WeightAverage::new(cfg.weight_average, &vars, start)?;
+            observer.on_notice(&format!(
+                "{reason}: AdamW's moments and the weight average start afresh from the resumed weights"
+            ));
+        }
+    }
     let batches_per_epoch = {
         let windows = (data.train_tokens.len() - cfg.window_len - 1) / cfg.window_stride + 1;
         let batches = windows.div_ceil(cfg.batch_size);
@@ -693,7 +738,7 @@ pub fn train(
         let mut lr = cfg.learning_rate;
         for (batch_idx, batch) in batches.iter().enumerate() {
             lr = learning_rate_at(cfg, global_step, total_steps, epochs_done);
-            optimizer.set_learning_rate(lr);
+            optimizer.learning_rate = lr;
             let (inputs, bars, targets) = batch_tensors(
                 &data.train_tokens,
                 &data.train_bars,
@@ -801,6 +846,8 @@ pub fn train(
             summary.stop_reason = format!("ran all {} epochs", cfg.epochs);
         }
         save_weights(&checkpoint_dir.join(LAST_WEIGHTS_FILE), &lstm)?;
+        let counters =
+            save_optimizer(&optimizer_path, epochs_done, &var_names, &optimizer, average.as_ref())?;
         let state = ResumeState {
             epochs_done,
             global_step,
@@ -808,6 +855,7 @@ pub fn train(
             best_loss,
             summary: summary.clone(),
             data_fingerprint: fingerprint,
+            optimizer: Some(counters),
         };
         write_json(&checkpoint_dir.join(RESUME_FILE), &state)?;
         write_json(&out_dir.join(TRAIN_FILE), &summary)?;
@@ -854,6 +902,66 @@ fn validate(
     Ok(validation)
 }
 
+/// Writes the optimiser's moments and the weight average to `path`, with the epochs done so a
+/// stale file is never paired with newer weights; → the counters that go beside them.
+fn save_optimizer(
+    path: &Path,
+    epochs_done: usize,
+    names: &[String],
+    optimizer: &AdamW,
+    average: Option<&WeightAverage>,
+) -> Result<OptimizerCounters, ModelError> {
+    let mut tensors = optimizer.state(names);
+    if let Some(average) = average {
+        tensors.extend(average.state(names));
+    }
+    tensors.insert(OPTIMIZER_EPOCH.to_string(), Tensor::new(&[epochs_done as u32], &Device::Cpu)?);
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?)))
+        .collect::<candle_core::Result<HashMap<_, _>>>()?;
+    candle_core::safetensors::save(&tensors, path).map_err(|e| ModelError::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(OptimizerCounters {
+        adam_steps: optimizer.steps(),
+        average_total: average.map_or(0.0, |a| a.total),
+        average_steps: average.map_or(0, |a| a.steps),
+    })
+}
+
+/// Puts back what `save_optimizer` wrote to `path` after epoch `epochs_done`.
+fn restore_optimizer(
+    path: &Path,
+    epochs_done: usize,
+    counters: OptimizerCounters,
+    names: &[String],
+    optimizer: &mut AdamW,
+    average: Option<&mut WeightAverage>,
+    device: &Device,
+) -> Result<(), ModelError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: shown.clone(), source })?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| ModelError::CorruptWeights { path: shown.clone(), reason: e.to_string() })?;
+    let written_after = tensors
+        .get(OPTIMIZER_EPOCH)
+        .ok_or_else(|| ModelError::MissingTensor { path: shown.clone(), name: OPTIMIZER_EPOCH.to_string() })?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
+    if written_after != [epochs_done as u32] {
+        return Err(ModelError::Data(format!(
+            "{shown}: written after another epoch than the resumed weights' ({epochs_done})"
+        )));
+    }
+    optimizer.restore(&tensors, names, counters.adam_steps, &shown)?;
+    if let Some(average) = average {
+        average.restore(&tensors, names, counters, &shown)?;
+    }
+    Ok(())
+}
+
 /// An exponential moving average of the trained weights (Polyak averaging), kept beside them.
 struct WeightAverage {
     /// The decay per update, which comes every `AVERAGE_EVERY` steps.
@@ -882,6 +990,9 @@ enum AverageStart {
 /// small batch's step, and weights a few steps apart differ little.
 const AVERAGE_EVERY: usize = 8;
 
+/// Prefix of the weight average's sums in `OPTIMIZER_FILE`.
+const AVERAGE_PREFIX: &str = "average.";
+
 impl WeightAverage {
     /// An average of `vars` from `start`; `None` when `decay` is 0 (no average).
     fn new(decay: f64, vars: &[Var], start: AverageStart) -> Result<Option<Self>, ModelError> {
@@ -897,6 +1008,43 @@ impl WeightAverage {
             .collect::<candle_core::Result<_>>()?;
         let total = if start == AverageStart::Weights { 1.0 } else { 0.0 };
         Ok(Some(Self { decay: decay.powi(AVERAGE_EVERY as i32), steps: 0, averages, total }))
+    }
+
+    /// The weighted sums, named after `names` (one per variable, in order), for a checkpoint.
+    fn state(&self, names: &[String]) -> HashMap<String, Tensor> {
+        names
+            .iter()
+            .zip(&self.averages)
+            .map(|(name, sum)| (format!("{AVERAGE_PREFIX}{name}"), sum.clone()))
+            .collect()
+    }
+
+    /// Puts back the sums of `state` and `counters`; nothing changes unless every sum is there.
+    fn restore(
+        &mut self,
+        state: &HashMap<String, Tensor>,
+        names: &[String],
+        counters: OptimizerCounters,
+        path: &str,
+    ) -> Result<(), ModelError> {
+        let mut averages = Vec::with_capacity(self.averages.len());
+        for (name, like) in names.iter().zip(&self.averages) {
+            let key = format!("{AVERAGE_PREFIX}{name}");
+            let sum = state
+                .get(&key)
+                .ok_or_else(|| ModelError::MissingTensor { path: path.to_string(), name: key.clone() })?;
+            if sum.dims() != like.dims() {
+                return Err(ModelError::ShapeMismatch {
+                    path: path.to_string(),
+                    name: key,
+                    expected: like.dims().to_vec(),
+                    got: sum.dims().to_vec(),
+                });
+            }
+            averages.push(sum.to_device(like.device())?.to_dtype(like.dtype())?);
+        }
+        (self.averages, self.total, self.steps) = (averages, counters.average_total, counters.average_steps);
+        Ok(())
     }
 
     /// Called after every optimiser step; every `AVERAGE_EVERY` steps,

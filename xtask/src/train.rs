@@ -42,7 +42,8 @@ pub struct TrainArgs {
     /// The model directory to write.
     #[arg(long)]
     out: PathBuf,
-    /// Continue the run in `--out` from its last epoch (same data and settings).
+    /// Continue the run in `--out` from its last epoch (same data and settings), with the
+    /// optimiser as it was.
     #[arg(long)]
     resume: bool,
     /// Start from a trained model's weights rather than random ones, to fine-tune it on this
@@ -473,6 +474,11 @@ impl TrainObserver for Progress {
         if let Some(bar) = &self.bar {
             bar.set_position(num_done as u64);
         }
+    }
+
+    fn on_notice(&mut self, message: &str) {
+        self.finish();
+        println!("note: {message}");
     }
 
     fn on_base_validated(&mut self, validation: &[(String, EvalMetrics)]) {
