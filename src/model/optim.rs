@@ -93,30 +93,37 @@ impl AdamW {
         steps: usize,
         path: &str,
     ) -> Result<(), ModelError> {
-        let lookup = |prefix: &str, name: &str, like: &Var| -> Result<Tensor, ModelError> {
-            let key = format!("{prefix}{name}");
-            let tensor = state
-                .get(&key)
-                .ok_or_else(|| ModelError::MissingTensor { path: path.to_string(), name: key.clone() })?;
-            if tensor.dims() != like.dims() {
-                return Err(ModelError::ShapeMismatch {
-                    path: path.to_string(),
-                    name: key,
-                    expected: like.dims().to_vec(),
-                    got: tensor.dims().to_vec(),
-                });
-            }
-            Ok(tensor.to_device(like.device())?.to_dtype(like.dtype())?)
-        };
         let mut first = Vec::with_capacity(self.vars.len());
         let mut second = Vec::with_capacity(self.vars.len());
         for (name, var) in names.iter().zip(&self.vars) {
-            first.push(lookup(FIRST_MOMENT, name, var)?);
-            second.push(lookup(SECOND_MOMENT, name, var)?);
+            first.push(saved_tensor(state, &format!("{FIRST_MOMENT}{name}"), var.as_tensor(), path)?);
+            second.push(saved_tensor(state, &format!("{SECOND_MOMENT}{name}"), var.as_tensor(), path)?);
         }
         (self.first, self.second, self.step) = (first, second, steps);
         Ok(())
     }
+}
+
+/// The tensor `key` of a checkpoint's `state`, on `like`'s device and of its type and shape;
+/// `path` names the checkpoint in errors.
+pub(super) fn saved_tensor(
+    state: &HashMap<String, Tensor>,
+    key: &str,
+    like: &Tensor,
+    path: &str,
+) -> Result<Tensor, ModelError> {
+    let tensor = state
+        .get(key)
+        .ok_or_else(|| ModelError::MissingTensor { path: path.to_string(), name: key.to_string() })?;
+    if tensor.dims() != like.dims() {
+        return Err(ModelError::ShapeMismatch {
+            path: path.to_string(),
+            name: key.to_string(),
+            expected: like.dims().to_vec(),
+            got: tensor.dims().to_vec(),
+        });
+    }
+    Ok(tensor.to_device(like.device())?.to_dtype(like.dtype())?)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use super::io::{
     read_model_parts, read_weights, save_model, save_weights, ModelSource, TRAIN_FILE, WEIGHTS_FILE,
 };
 use super::lstm::{nll_and_argmax, Dropout, MelodyLstm};
-use super::optim::AdamW;
+use super::optim::{saved_tensor, AdamW};
 use super::{InputKind, ModelConfig, ModelError};
 use crate::music::{Symbol, TokenId, Vocab};
 
@@ -1029,19 +1029,7 @@ impl WeightAverage {
     ) -> Result<(), ModelError> {
         let mut averages = Vec::with_capacity(self.averages.len());
         for (name, like) in names.iter().zip(&self.averages) {
-            let key = format!("{AVERAGE_PREFIX}{name}");
-            let sum = state
-                .get(&key)
-                .ok_or_else(|| ModelError::MissingTensor { path: path.to_string(), name: key.clone() })?;
-            if sum.dims() != like.dims() {
-                return Err(ModelError::ShapeMismatch {
-                    path: path.to_string(),
-                    name: key,
-                    expected: like.dims().to_vec(),
-                    got: sum.dims().to_vec(),
-                });
-            }
-            averages.push(sum.to_device(like.device())?.to_dtype(like.dtype())?);
+            averages.push(saved_tensor(state, &format!("{AVERAGE_PREFIX}{name}"), like, path)?);
         }
         (self.averages, self.total, self.steps) = (averages, counters.average_total, counters.average_steps);
         Ok(())
