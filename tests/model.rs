@@ -417,6 +417,32 @@ fn a_resumed_run_continues_exactly() {
     );
 }
 
+/// An optimiser file left from an earlier epoch (a run killed between writing it and the
+/// weights) is not paired with newer weights: the run says so and starts the optimiser cold.
+#[test]
+fn a_stale_optimizer_checkpoint_is_refused() {
+    let data = tiny_data(tiny_corpus(), &tiny_train_config(1));
+    let scratch = scratch_dir("stale");
+    let dir = scratch.path();
+    train(&tiny_train_config(1), &data, dir, &Device::Cpu, false, &mut Quiet).unwrap();
+    let optimizer_file = dir.join(CHECKPOINT_DIR).join("optimizer.safetensors");
+    let after_epoch_1 = std::fs::read(&optimizer_file).unwrap();
+    train(&tiny_train_config(2), &data, dir, &Device::Cpu, true, &mut Quiet).unwrap();
+    std::fs::write(&optimizer_file, after_epoch_1).unwrap();
+
+    let mut notices = Notices::default();
+    let resumed = train(&tiny_train_config(3), &data, dir, &Device::Cpu, true, &mut notices).unwrap();
+    assert_eq!(resumed.epochs.len(), 3);
+    assert_eq!(
+        notices.0,
+        vec![format!(
+            "{}: written after another epoch than the resumed weights' (2): AdamW's moments and the \
+             weight average start afresh from the resumed weights",
+            optimizer_file.display()
+        )]
+    );
+}
+
 /// Locked dropout and DropConnect on the recurrent weights, together: a tiny model still
 /// learns, and a weight drop outside [0, 1) is refused before any training.
 #[test]

@@ -131,6 +131,9 @@ pub enum ModelError {
     /// The training data gave nothing to train or validate on.
     #[error("training data: {0}")]
     Data(String),
+    /// A file of a training checkpoint does not belong with the rest of it.
+    #[error("{path}: {problem}")]
+    StaleCheckpoint { path: String, problem: String },
     /// The requested device cannot be used.
     #[error("device '{name}': {reason}")]
     Device { name: String, reason: String },

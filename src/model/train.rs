@@ -951,9 +951,10 @@ fn restore_optimizer(
         .flatten_all()?
         .to_vec1::<u32>()?;
     if written_after != [epochs_done as u32] {
-        return Err(ModelError::Data(format!(
-            "{shown}: written after another epoch than the resumed weights' ({epochs_done})"
-        )));
+        return Err(ModelError::StaleCheckpoint {
+            path: shown,
+            problem: format!("written after another epoch than the resumed weights' ({epochs_done})"),
+        });
     }
     optimizer.restore(&tensors, names, counters.adam_steps, &shown)?;
     if let Some(average) = average {
