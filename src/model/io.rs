@@ -194,15 +194,34 @@ pub fn save_model(dir: &Path, config: &ModelConfig, lstm: &MelodyLstm) -> Result
 
 /// Writes the network's tensors as safetensors (f32, on the CPU).
 pub fn save_weights(path: &Path, lstm: &MelodyLstm) -> Result<(), ModelError> {
-    let tensors: HashMap<String, Tensor> = lstm
+    let tensors = lstm
         .named_tensors()
         .into_iter()
-        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)))
+        .map(|(name, t)| Ok((name, t.to_dtype(DType::F32)?)))
         .collect::<Result<_, candle_core::Error>>()?;
+    save_tensors(path, tensors)
+}
+
+/// Writes `tensors` as safetensors, moved to the CPU, as they are typed.
+pub fn save_tensors(path: &Path, tensors: HashMap<String, Tensor>) -> Result<(), ModelError> {
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?)))
+        .collect::<Result<HashMap<_, _>, candle_core::Error>>()?;
     candle_core::safetensors::save(&tensors, path).map_err(|e| ModelError::Io {
         path: path.display().to_string(),
         source: std::io::Error::other(e.to_string()),
     })
+}
+
+/// Every tensor of the safetensors file at `path`, on `device`, as stored; a truncated or
+/// otherwise unreadable file is told apart in the error.
+pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, ModelError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: shown.clone(), source })?;
+    check_length(&bytes, &shown)?;
+    candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| ModelError::CorruptWeights { path: shown, reason: e.to_string() })
 }
 
 /// Writes `config` as pretty JSON.

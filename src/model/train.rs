@@ -22,7 +22,8 @@ use super::data::BarReader;
 pub use super::data::{build_dataset, read_set, DataConfig, DataSet, Dataset, SetCounts, Split};
 use super::distill::Teachers;
 use super::io::{
-    read_model_parts, read_weights, save_model, save_weights, ModelSource, TRAIN_FILE, WEIGHTS_FILE,
+    read_model_parts, read_tensors, read_weights, save_model, save_tensors, save_weights, ModelSource,
+    TRAIN_FILE, WEIGHTS_FILE,
 };
 use super::lstm::{nll_and_argmax, Dropout, MelodyLstm};
 use super::optim::{saved_tensor, AdamW};
@@ -610,7 +611,8 @@ pub fn train(
         None => (!data.validation.is_empty()).then_some(0),
     };
 
-    let mut saved_optimizer = None;
+    // The optimiser's counters of a resumed run; `None` in checkpoints that predate them.
+    let mut saved_counters = None;
     let (mut epochs_done, mut global_step, mut epochs_since_best, mut best_loss, mut summary) = if resume {
         let state_path = checkpoint_dir.join(RESUME_FILE);
         let text = std::fs::read(&state_path).map_err(io_err(&state_path))?;
@@ -633,7 +635,7 @@ pub fn train(
         summary.resumed_after_epochs.push(state.epochs_done);
         summary.stop_reason.clear();
         summary.config = cfg.clone();
-        saved_optimizer = Some(state.optimizer);
+        saved_counters = state.optimizer;
         (state.epochs_done, state.global_step, state.epochs_since_best, state.best_loss, summary)
     } else {
         let init = match &cfg.init_from {
@@ -686,8 +688,8 @@ pub fn train(
     let mut average = WeightAverage::new(cfg.weight_average, &vars, start)?;
     let var_names: Vec<String> = vars.iter().map(|var| var_name(&varmap, var)).collect();
     let optimizer_path = checkpoint_dir.join(OPTIMIZER_FILE);
-    if let Some(counters) = saved_optimizer {
-        let restored = counters
+    if resume {
+        let restored = saved_counters
             .ok_or_else(|| {
                 let state_path = checkpoint_dir.join(RESUME_FILE);
                 format!("{}: written before the optimiser was saved with the weights", state_path.display())
@@ -916,14 +918,7 @@ fn save_optimizer(
         tensors.extend(average.state(names));
     }
     tensors.insert(OPTIMIZER_EPOCH.to_string(), Tensor::new(&[epochs_done as u32], &Device::Cpu)?);
-    let tensors = tensors
-        .into_iter()
-        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?)))
-        .collect::<candle_core::Result<HashMap<_, _>>>()?;
-    candle_core::safetensors::save(&tensors, path).map_err(|e| ModelError::Io {
-        path: path.display().to_string(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    save_tensors(path, tensors)?;
     Ok(OptimizerCounters {
         adam_steps: optimizer.steps(),
         average_total: average.map_or(0.0, |a| a.total),
@@ -942,9 +937,7 @@ fn restore_optimizer(
     device: &Device,
 ) -> Result<(), ModelError> {
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: shown.clone(), source })?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| ModelError::CorruptWeights { path: shown.clone(), reason: e.to_string() })?;
+    let tensors = read_tensors(path, device)?;
     let written_after = tensors
         .get(OPTIMIZER_EPOCH)
         .ok_or_else(|| ModelError::MissingTensor { path: shown.clone(), name: OPTIMIZER_EPOCH.to_string() })?
