@@ -577,6 +577,36 @@ fn a_student_learns_from_its_teachers() {
     assert!(last_val < first_val - 0.15, "{first_val} → {last_val}");
     assert!(last_val < teacher_loss + 0.1, "student {last_val}, teacher {teacher_loss}");
     assert_eq!(summary.config.teachers, vec![source.clone()]);
+    // Before training, the run scores what it learns from: one teacher's mean is that teacher.
+    let alone = &summary.teachers_validation[0].1.all;
+    assert!((alone.loss - teacher_loss).abs() < 1e-5, "{} against {teacher_loss}", alone.loss);
+
+    // Two teachers' mean, window by window: each predicts every target from exactly the
+    // `context_len` symbols before it, from the zero state, and their probabilities average.
+    let student_model = LoadedModel::load_dir(&student_dir).unwrap();
+    let pair = [source.clone(), student_dir.display().to_string()];
+    let both = Teachers::load(&pair, &student_cfg, &data.train_tokens, &Device::Cpu).unwrap();
+    let stream = &data.validation[0];
+    let eval = &EvalConfig { max_targets: None, ..student.eval.clone() };
+    let got = both.evaluate(&stream.tokens, &stream.bars, &data.vocab, eval, &mut |_| {}).unwrap().unwrap();
+    let mut nll = 0.0;
+    for i in eval.context_len..stream.tokens.len() {
+        let mut mean = 0.0;
+        for model in [&teacher, &student_model] {
+            let mut state = model.new_state();
+            let mut logits = vec![0.0; model.config.vocab_len()];
+            for &token in &stream.tokens[i - eval.context_len..i] {
+                model.step(TokenId(token as u16), &mut state, &mut logits).unwrap();
+            }
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+            mean += ((logits[stream.tokens[i] as usize] - max).exp() / sum) as f64 / 2.0;
+        }
+        nll -= mean.ln();
+    }
+    let want = nll / (stream.tokens.len() - eval.context_len) as f64;
+    assert_eq!(got.all.num_targets, stream.tokens.len() - eval.context_len);
+    assert!((got.all.loss - want).abs() < 1e-5, "{} against {want}", got.all.loss);
 
     // Another song delimiter reads the stream differently.
     let mut other = tiny_train_config(1);

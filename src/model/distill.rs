@@ -10,14 +10,17 @@ use candle_core::{Device, Tensor, D};
 
 use super::data::BarReader;
 use super::io::{LoadedModel, ModelSource};
-use super::train::{batch_tensors, config_mismatch};
+use super::train::{batch_tensors, config_mismatch, score_windows, window_logits, EvalConfig, EvalMetrics};
 use super::{ModelConfig, ModelError};
+use crate::music::Vocab;
 
 /// One teacher: its network, and the training stream in its vocabulary.
 struct Teacher {
     model: LoadedModel,
     /// The training stream, each token renumbered into the teacher's vocabulary.
     tokens: Vec<u32>,
+    /// For each token of the student's vocabulary, the teacher's number for the same symbol.
+    renumber: Vec<u32>,
     reader: BarReader,
     /// For each token of the student's vocabulary, the teacher's number for the same symbol.
     columns: Tensor,
@@ -58,17 +61,16 @@ impl Teachers {
                 renumber.push(id.0 as u32);
             }
             let tokens = stream.iter().map(|&t| renumber[t as usize]).collect();
-            let columns = Tensor::from_vec(renumber, student.vocab.len(), device)?;
+            let columns = Tensor::from_slice(&renumber, student.vocab.len(), device)?;
             let reader = BarReader::for_model(&model.config);
-            members.push(Teacher { model, tokens, reader, columns });
+            members.push(Teacher { model, tokens, renumber, reader, columns });
         }
         Ok(Self { members })
     }
 
     /// The teachers' mean distribution over the student's vocabulary for every target of the
-    /// batch of windows starting at `starts`, in the order `batch_tensors` gives the targets.
-    /// Mass a teacher puts on symbols the student lacks is left out and the rest renormalised.
-    /// bars: the training stream's bar positions → `[window_len * batch, student vocab]`
+    /// batch of windows starting at `starts`, in the order `batch_tensors` gives the targets
+    /// (`mean_distribution`). bars: the training stream's bar positions → `[window_len * batch, student vocab]`
     pub fn soft_targets(
         &self,
         bars: &[u32],
@@ -76,12 +78,24 @@ impl Teachers {
         window_len: usize,
         device: &Device,
     ) -> Result<Option<Tensor>, ModelError> {
-        let mut sum: Option<Tensor> = None;
-        for teacher in &self.members {
+        self.mean_distribution(&mut |_, teacher| {
             let (inputs, input_bars, _) =
                 batch_tensors(&teacher.tokens, bars, &teacher.reader, starts, window_len, device)?;
             let logits = teacher.model.lstm.predict_time_major(&inputs, Some(&input_bars))?;
-            let logits = logits.reshape(((), teacher.model.config.vocab_len()))?;
+            Ok(logits.reshape(((), teacher.model.config.vocab_len()))?)
+        })
+    }
+
+    /// The mean over the teachers of each one's distribution over the student's vocabulary,
+    /// from the logits (`[targets, teacher vocab]`) that `logits_of` gives for teacher `k`.
+    /// Mass a teacher puts on symbols the student lacks is left out and the rest renormalised.
+    fn mean_distribution(
+        &self,
+        logits_of: &mut dyn FnMut(usize, &Teacher) -> Result<Tensor, ModelError>,
+    ) -> Result<Option<Tensor>, ModelError> {
+        let mut sum: Option<Tensor> = None;
+        for (k, teacher) in self.members.iter().enumerate() {
+            let logits = logits_of(k, teacher)?;
             let probs = candle_nn::ops::softmax_last_dim(&logits)?.index_select(&teacher.columns, 1)?;
             let probs = probs.broadcast_div(&probs.sum_keepdim(D::Minus1)?)?;
             sum = Some(match sum {
@@ -90,6 +104,40 @@ impl Teachers {
             });
         }
         Ok(sum.map(|s| s / self.members.len() as f64).transpose()?)
+    }
+
+    /// Whether the run has no teachers.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The recipe's metric (`train::evaluate`) for the teachers' mean distribution, the one
+    /// the run learns from, over a validation stream in the student's vocabulary: how good a
+    /// student that copied them perfectly would be. `None` without teachers.
+    pub fn evaluate(
+        &self,
+        tokens: &[u32],
+        bars: &[u32],
+        vocab: &Vocab,
+        eval: &EvalConfig,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Option<EvalMetrics>, ModelError> {
+        if self.members.is_empty() {
+            return Ok(None);
+        }
+        let mut streams = Vec::with_capacity(self.members.len());
+        for teacher in &self.members {
+            let renumbered: Vec<u32> = tokens.iter().map(|&t| teacher.renumber[t as usize]).collect();
+            streams.push((renumbered, teacher.model.lstm.step_weights()?));
+        }
+        let metrics = score_windows(tokens, vocab, eval, progress, &mut |chunk| {
+            let mean = self.mean_distribution(&mut |k, teacher| {
+                let (tokens, weights) = &streams[k];
+                window_logits(&teacher.model.lstm, weights, tokens, bars, chunk, eval.context_len)
+            })?;
+            Ok(mean.expect("at least one teacher").log()?)
+        })?;
+        Ok(Some(metrics))
     }
 }
 

@@ -18,14 +18,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::data::BarReader;
 pub use super::data::{build_dataset, read_set, DataConfig, DataSet, Dataset, SetCounts, Split};
+use super::data::{BarReader, ValidationStream};
 use super::distill::Teachers;
 use super::io::{
     read_model_parts, read_tensors, read_weights, save_model, save_tensors, save_weights, ModelSource,
     TRAIN_FILE, WEIGHTS_FILE,
 };
-use super::lstm::{nll_and_argmax, Dropout, MelodyLstm};
+use super::lstm::{nll_and_argmax, Dropout, MelodyLstm, StepWeights};
 use super::optim::{saved_tensor, AdamW};
 use super::{InputKind, ModelConfig, ModelError};
 use crate::music::{Symbol, TokenId, Vocab};
@@ -449,6 +449,11 @@ pub struct TrainSummary {
     /// what an epoch must beat to be kept. Empty for a run from random weights.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub base_validation: Vec<(String, EvalMetrics)>,
+    /// The validation of the teachers' mean distribution, the target the run learns from:
+    /// what a student that copied them perfectly would score. Empty for a run without
+    /// teachers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub teachers_validation: Vec<(String, EvalMetrics)>,
 }
 
 /// What one batch reports to the observer.
@@ -486,6 +491,8 @@ pub trait TrainObserver {
     fn on_epoch_end(&mut self, _record: &EpochRecord, _summary: &TrainSummary) {}
     /// The model a fine-tuning run starts from was validated, before any training.
     fn on_base_validated(&mut self, _validation: &[(String, EvalMetrics)]) {}
+    /// The teachers' mean distribution was validated, before any training.
+    fn on_teachers_validated(&mut self, _validation: &[(String, EvalMetrics)]) {}
     /// Something the person running the training should know, that does not stop it.
     fn on_notice(&mut self, _message: &str) {}
 }
@@ -664,11 +671,21 @@ pub fn train(
             symbols_per_s: 0.0,
             resumed_after_epochs: Vec::new(),
             base_validation: Vec::new(),
+            teachers_validation: Vec::new(),
         };
         (0, 0, 0, None, summary)
     };
     let wall_before = summary.wall_s;
     observer.on_start(&summary);
+    if !teachers.is_empty() && !resume {
+        summary.teachers_validation =
+            validate_with(data, &cfg.eval, 0, observer, &mut |stream, progress| {
+                let metrics =
+                    teachers.evaluate(&stream.tokens, &stream.bars, &data.vocab, &cfg.eval, progress)?;
+                Ok(metrics.expect("the run has teachers"))
+            })?;
+        observer.on_teachers_validated(&summary.teachers_validation);
+    }
     if cfg.init_from.is_some() && !resume {
         // The base is epoch 0: kept unless an epoch does better on its validation.
         let validation = validate(&lstm, data, &cfg.eval, 0, observer)?;
@@ -893,12 +910,28 @@ fn validate(
     epoch: usize,
     observer: &mut dyn TrainObserver,
 ) -> Result<Vec<(String, EvalMetrics)>, ModelError> {
+    validate_with(data, eval, epoch, observer, &mut |stream, progress| {
+        evaluate(lstm, &stream.tokens, &stream.bars, &data.vocab, eval, progress)
+    })
+}
+
+/// Scores one validation stream, telling the callback the targets done so far.
+type StreamScorer<'a> =
+    dyn FnMut(&ValidationStream, &mut dyn FnMut(usize)) -> Result<EvalMetrics, ModelError> + 'a;
+
+/// Each validation stream's metrics from `score`, reported to `observer` as epoch `epoch`'s
+/// validation.
+fn validate_with(
+    data: &Dataset,
+    eval: &EvalConfig,
+    epoch: usize,
+    observer: &mut dyn TrainObserver,
+    score: &mut StreamScorer,
+) -> Result<Vec<(String, EvalMetrics)>, ModelError> {
     let mut validation = Vec::new();
     for stream in &data.validation {
         observer.on_eval_start(epoch, eval_targets(stream.tokens.len(), eval).len());
-        let metrics = evaluate(lstm, &stream.tokens, &stream.bars, &data.vocab, eval, &mut |done| {
-            observer.on_eval_progress(done)
-        })?;
+        let metrics = score(stream, &mut |done| observer.on_eval_progress(done))?;
         validation.push((stream.name.clone(), metrics));
     }
     Ok(validation)
@@ -1182,29 +1215,29 @@ pub fn evaluate(
     eval: &EvalConfig,
     progress: &mut dyn FnMut(usize),
 ) -> Result<EvalMetrics, ModelError> {
+    let weights = lstm.step_weights()?;
+    score_windows(tokens, vocab, eval, progress, &mut |chunk| {
+        window_logits(lstm, &weights, tokens, bars, chunk, eval.context_len)
+    })
+}
+
+/// The recipe's metric over `tokens` with the scores `predict` gives each batch of targets
+/// (their indices in `tokens`): `[targets, vocab]` log-probabilities, or logits.
+pub(super) fn score_windows(
+    tokens: &[u32],
+    vocab: &Vocab,
+    eval: &EvalConfig,
+    progress: &mut dyn FnMut(usize),
+    predict: &mut dyn FnMut(&[usize]) -> Result<Tensor, ModelError>,
+) -> Result<EvalMetrics, ModelError> {
     let targets = eval_targets(tokens.len(), eval);
     let mut sums = MetricSums::default();
-    let device = lstm.device();
-    let reader = lstm.bar_reader();
-    let weights = lstm.step_weights()?;
     let mut done = 0;
     for chunk in targets.chunks(eval.batch_size.max(1)) {
-        let mut windows = Vec::with_capacity(chunk.len() * eval.context_len);
-        let mut window_bars = Vec::with_capacity(chunk.len() * eval.context_len * reader.per_step());
-        for &i in chunk {
-            let start = i - eval.context_len;
-            windows.extend_from_slice(&tokens[start..i]);
-            for t in start..i {
-                reader.push(tokens, bars, start, t, &mut window_bars);
-            }
-        }
-        let inputs = Tensor::from_vec(windows, (chunk.len(), eval.context_len), device)?;
-        let input_bars =
-            Tensor::from_vec(window_bars, (chunk.len(), eval.context_len, reader.per_step()), device)?;
+        let scores = predict(chunk)?;
         let wanted: Vec<u32> = chunk.iter().map(|&i| tokens[i]).collect();
-        let wanted_t = Tensor::from_slice(&wanted, chunk.len(), device)?;
-        let logits = lstm.forward_last_with(&weights, &inputs, Some(&input_bars))?.detach();
-        let (nll, argmax) = nll_and_argmax(&logits, &wanted_t)?;
+        let wanted_t = Tensor::from_slice(&wanted, chunk.len(), scores.device())?;
+        let (nll, argmax) = nll_and_argmax(&scores, &wanted_t)?;
         let nll = nll.to_vec1::<f32>()?;
         let argmax = argmax.to_vec1::<u32>()?;
         for ((&target, &loss), &best) in wanted.iter().zip(&nll).zip(&argmax) {
@@ -1214,6 +1247,32 @@ pub fn evaluate(
         progress(done);
     }
     Ok(sums.metrics())
+}
+
+/// Logits of the symbol at each index of `chunk` in `tokens`, from the `context_len` symbols
+/// before it, starting from the zero state → `[chunk, vocab]`
+pub(super) fn window_logits(
+    lstm: &MelodyLstm,
+    weights: &StepWeights,
+    tokens: &[u32],
+    bars: &[u32],
+    chunk: &[usize],
+    context_len: usize,
+) -> Result<Tensor, ModelError> {
+    let device = lstm.device();
+    let reader = lstm.bar_reader();
+    let mut windows = Vec::with_capacity(chunk.len() * context_len);
+    let mut window_bars = Vec::with_capacity(chunk.len() * context_len * reader.per_step());
+    for &i in chunk {
+        let start = i - context_len;
+        windows.extend_from_slice(&tokens[start..i]);
+        for t in start..i {
+            reader.push(tokens, bars, start, t, &mut window_bars);
+        }
+    }
+    let inputs = Tensor::from_vec(windows, (chunk.len(), context_len), device)?;
+    let input_bars = Tensor::from_vec(window_bars, (chunk.len(), context_len, reader.per_step()), device)?;
+    Ok(lstm.forward_last_with(weights, &inputs, Some(&input_bars))?.detach())
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ModelError> {

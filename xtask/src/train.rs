@@ -54,7 +54,7 @@ pub struct TrainArgs {
     /// Learn also from a trained model's predictions (distillation): a model directory, or
     /// `builtin`. Repeat for several; their mean is the target. It must read the data as this
     /// run does (grid, key convention, song delimiter, bar meters) and know its symbols; its
-    /// size may differ.
+    /// size may differ. Their mean is validated before the first epoch.
     #[arg(long, value_name = "DIR|builtin")]
     teacher: Vec<String>,
     /// Share of the loss taken from the teachers' predictions, in [0, 1] (default 0.5); the
@@ -484,6 +484,11 @@ impl TrainObserver for Progress {
     fn on_base_validated(&mut self, validation: &[(String, EvalMetrics)]) {
         self.finish();
         println!("epoch   0 (the model it starts from): {}", validation_line(validation));
+    }
+
+    fn on_teachers_validated(&mut self, validation: &[(String, EvalMetrics)]) {
+        self.finish();
+        println!("the teachers' mean, which it learns from: {}", validation_line(validation));
     }
 
     fn on_epoch_end(&mut self, r: &EpochRecord, summary: &TrainSummary) {
