@@ -19,8 +19,6 @@ struct Teacher {
     model: LoadedModel,
     /// The training stream, each token renumbered into the teacher's vocabulary.
     tokens: Vec<u32>,
-    /// For each token of the student's vocabulary, the teacher's number for the same symbol.
-    renumber: Vec<u32>,
     reader: BarReader,
     /// For each token of the student's vocabulary, the teacher's number for the same symbol.
     columns: Tensor,
@@ -61,16 +59,17 @@ impl Teachers {
                 renumber.push(id.0 as u32);
             }
             let tokens = stream.iter().map(|&t| renumber[t as usize]).collect();
-            let columns = Tensor::from_slice(&renumber, student.vocab.len(), device)?;
+            let columns = Tensor::from_vec(renumber, student.vocab.len(), device)?;
             let reader = BarReader::for_model(&model.config);
-            members.push(Teacher { model, tokens, renumber, reader, columns });
+            members.push(Teacher { model, tokens, reader, columns });
         }
         Ok(Self { members })
     }
 
     /// The teachers' mean distribution over the student's vocabulary for every target of the
     /// batch of windows starting at `starts`, in the order `batch_tensors` gives the targets
-    /// (`mean_distribution`). bars: the training stream's bar positions → `[window_len * batch, student vocab]`
+    /// (`mean_distribution`). bars: the training stream's bar positions →
+    /// `[window_len * batch, student vocab]`
     pub fn soft_targets(
         &self,
         bars: &[u32],
@@ -127,7 +126,8 @@ impl Teachers {
         }
         let mut streams = Vec::with_capacity(self.members.len());
         for teacher in &self.members {
-            let renumbered: Vec<u32> = tokens.iter().map(|&t| teacher.renumber[t as usize]).collect();
+            let renumber = teacher.columns.to_vec1::<u32>()?;
+            let renumbered: Vec<u32> = tokens.iter().map(|&t| renumber[t as usize]).collect();
             streams.push((renumbered, teacher.model.lstm.step_weights()?));
         }
         let metrics = score_windows(tokens, vocab, eval, progress, &mut |chunk| {
