@@ -112,7 +112,7 @@ impl Teachers {
 
     /// The recipe's metric (`train::evaluate`) for the teachers' mean distribution, the one
     /// the run learns from, over a validation stream in the student's vocabulary: how good a
-    /// student that copied them perfectly would be. `None` without teachers.
+    /// student that copied them perfectly would be. An error without teachers.
     pub fn evaluate(
         &self,
         tokens: &[u32],
@@ -120,9 +120,9 @@ impl Teachers {
         vocab: &Vocab,
         eval: &EvalConfig,
         progress: &mut dyn FnMut(usize),
-    ) -> Result<Option<EvalMetrics>, ModelError> {
+    ) -> Result<EvalMetrics, ModelError> {
         if self.members.is_empty() {
-            return Ok(None);
+            return Err(ModelError::Data("there are no teachers to validate".into()));
         }
         let mut streams = Vec::with_capacity(self.members.len());
         for teacher in &self.members {
@@ -130,14 +130,13 @@ impl Teachers {
             let renumbered: Vec<u32> = tokens.iter().map(|&t| renumber[t as usize]).collect();
             streams.push((renumbered, teacher.model.lstm.step_weights()?));
         }
-        let metrics = score_windows(tokens, vocab, eval, progress, &mut |chunk| {
+        score_windows(tokens, vocab, eval, progress, &mut |chunk| {
             let mean = self.mean_distribution(&mut |k, teacher| {
                 let (tokens, weights) = &streams[k];
                 window_logits(&teacher.model.lstm, weights, tokens, bars, chunk, eval.context_len)
             })?;
             Ok(mean.expect("at least one teacher").log()?)
-        })?;
-        Ok(Some(metrics))
+        })
     }
 }
 

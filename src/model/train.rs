@@ -680,9 +680,7 @@ pub fn train(
     if !teachers.is_empty() && !resume {
         summary.teachers_validation =
             validate_with(data, &cfg.eval, 0, observer, &mut |stream, progress| {
-                let metrics =
-                    teachers.evaluate(&stream.tokens, &stream.bars, &data.vocab, &cfg.eval, progress)?;
-                Ok(metrics.expect("the run has teachers"))
+                teachers.evaluate(&stream.tokens, &stream.bars, &data.vocab, &cfg.eval, progress)
             })?;
         observer.on_teachers_validated(&summary.teachers_validation);
     }
