@@ -79,6 +79,10 @@ pub struct DataConfig {
     /// The meters whose bar positions the streams carry beside the tokens (`music::bar`);
     /// empty: every position is `NO_BAR_POSITION`.
     pub bar_meters: Vec<Meter>,
+    /// Copies of each training song of the named sets in the training stream (a set not
+    /// named has one), so a small set that validation cares most about is seen more often
+    /// an epoch. Validation streams are never repeated.
+    pub oversample: BTreeMap<String, usize>,
 }
 
 impl Default for DataConfig {
@@ -95,6 +99,7 @@ impl Default for DataConfig {
             drop_validation_duplicates: true,
             quantize_midi: true,
             bar_meters: Vec::new(),
+            oversample: BTreeMap::new(),
         }
     }
 }
@@ -131,10 +136,18 @@ pub struct SetCounts {
     pub num_validation_songs: usize,
     /// Training copies added by key augmentation.
     pub num_augmented_copies: usize,
-    /// Symbols of the training songs (augmented copies included), without delimiters.
+    /// Copies of each training song in the stream (`DataConfig::oversample`; 1 when absent).
+    #[serde(default = "one_copy")]
+    pub copies: usize,
+    /// Symbols of the training songs (augmented and oversampled copies included), without
+    /// delimiters.
     pub num_train_song_symbols: usize,
     /// Symbols of the validation songs, without delimiters.
     pub num_validation_song_symbols: usize,
+}
+
+fn one_copy() -> usize {
+    1
 }
 
 /// One set's validation stream.
@@ -379,7 +392,16 @@ pub fn build_dataset(sets: Vec<(String, Collection)>, cfg: &DataConfig) -> Resul
     let mut train_songs: Vec<Vec<Symbol>> = Vec::new();
     let mut train_song_bars: Vec<Vec<u32>> = Vec::new();
     let mut validation = Vec::new();
+    for (name, &copies) in &cfg.oversample {
+        if copies == 0 {
+            return Err(ModelError::Data(format!("oversample {name}: copies must be at least 1")));
+        }
+        if !counts.iter().any(|c| &c.name == name) {
+            return Err(ModelError::Data(format!("oversample {name}: no data set has that name")));
+        }
+    }
     for ((train, val), c) in split_sets.iter().zip(&mut counts) {
+        c.copies = cfg.oversample.get(&c.name).copied().unwrap_or(1);
         c.num_validation_songs = val.len();
         c.num_validation_song_symbols = val.iter().map(|s| s.symbols.len()).sum();
         for song in train {
@@ -400,9 +422,15 @@ pub fn build_dataset(sets: Vec<(String, Collection)>, cfg: &DataConfig) -> Resul
                     c.num_augmented_copies += 1;
                     song.symbols.iter().map(|s| shift_symbol(*s, shift)).collect()
                 };
+                let bars = song.bars(&cfg.bar_meters, cfg.grid);
+                for _ in 1..c.copies {
+                    c.num_train_song_symbols += symbols.len();
+                    train_songs.push(symbols.clone());
+                    train_song_bars.push(bars.clone());
+                }
                 c.num_train_song_symbols += symbols.len();
                 train_songs.push(symbols);
-                train_song_bars.push(song.bars(&cfg.bar_meters, cfg.grid));
+                train_song_bars.push(bars);
             }
         }
         if !val.is_empty() {
@@ -490,6 +518,30 @@ mod tests {
         assert_eq!(data.train_tokens.len(), 22 * (16 + 64));
         assert_eq!(data.validation[0].tokens.len(), 3 * (16 + 64));
         assert_eq!(data.vocab.pitch_range(), Some((60, 68)));
+    }
+
+    #[test]
+    fn an_oversampled_set_repeats_its_training_songs_only() {
+        let cfg = DataConfig {
+            drop_validation_duplicates: false,
+            oversample: BTreeMap::from([("b".to_string(), 3)]),
+            ..Default::default()
+        };
+        let data = build_dataset(vec![("a".into(), songs(20)), ("b".into(), songs(20))], &cfg).unwrap();
+        let (a, b) = (&data.counts[0], &data.counts[1]);
+        assert_eq!((a.copies, b.copies), (1, 3));
+        assert_eq!((a.num_train_songs, b.num_train_songs), (18, 18));
+        assert_eq!((a.num_train_song_symbols, b.num_train_song_symbols), (18 * 16, 3 * 18 * 16));
+        assert_eq!(data.train_tokens.len(), (18 + 3 * 18) * (16 + 64));
+        assert_eq!(data.train_bars.len(), data.train_tokens.len());
+        assert_eq!(data.validation[1].tokens.len(), 2 * (16 + 64));
+
+        for (name, copies, problem) in [("c", 2, "no data set"), ("b", 0, "at least 1")] {
+            let cfg =
+                DataConfig { oversample: BTreeMap::from([(name.to_string(), copies)]), ..Default::default() };
+            let err = build_dataset(vec![("b".into(), songs(20))], &cfg).unwrap_err().to_string();
+            assert!(err.contains(name) && err.contains(problem), "{err}");
+        }
     }
 
     #[test]

@@ -167,6 +167,10 @@ pub struct TrainArgs {
     /// Keep training songs that equal a validation song.
     #[arg(long)]
     keep_duplicates: bool,
+    /// Put each training song of a set in the stream this many times, as `NAME=COPIES`;
+    /// repeat for several sets (validation is unaffected).
+    #[arg(long, value_name = "NAME=COPIES")]
+    oversample: Vec<String>,
     /// Windows per validation batch.
     #[arg(long)]
     eval_batch: Option<usize>,
@@ -209,13 +213,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     for c in &data.counts {
         let rejected: Vec<String> = c.rejected.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
         println!(
-            "{}: kept {} of {} (dropped: {}); train {} songs (+{} transposed copies), validation {} songs",
+            "{}: kept {} of {} (dropped: {}); train {} songs (+{} transposed copies){}, validation {} songs",
             c.name,
             c.num_kept,
             c.num_melodies,
             if rejected.is_empty() { "none".to_string() } else { rejected.join(", ") },
             c.num_train_songs,
             c.num_augmented_copies,
+            if c.copies > 1 { format!(", each {} times in the stream", c.copies) } else { String::new() },
             c.num_validation_songs
         );
     }
@@ -359,6 +364,15 @@ fn settings(args: &TrainArgs) -> Result<TrainConfig> {
     }
     if args.keep_duplicates {
         cfg.data.drop_validation_duplicates = false;
+    }
+    for spec in &args.oversample {
+        let (name, copies) =
+            spec.split_once('=').with_context(|| format!("--oversample {spec}: expected NAME=COPIES"))?;
+        let copies: usize = copies
+            .trim()
+            .parse()
+            .with_context(|| format!("--oversample {spec}: COPIES must be a whole number"))?;
+        cfg.data.oversample.insert(name.trim().to_string(), copies);
     }
     if let Some(text) = &args.pitch_range {
         let (lo, hi) = text.split_once('-').context("--pitch-range: expected LO-HI, such as 48-84")?;
