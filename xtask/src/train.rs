@@ -716,6 +716,19 @@ mod tests {
     }
 
     #[test]
+    fn oversample_flags() {
+        let cfg = settings_of(&["--oversample", "erk=2", "--oversample", "mine = 3"]).unwrap();
+        assert_eq!(
+            cfg.data.oversample,
+            std::collections::BTreeMap::from([("erk".to_string(), 2), ("mine".to_string(), 3)])
+        );
+        for bad in ["erk", "erk=two"] {
+            let err = settings_of(&["--oversample", bad]).unwrap_err();
+            assert!(format!("{err:#}").contains(&format!("--oversample {bad}")), "{err:#}");
+        }
+    }
+
+    #[test]
     fn schedules() {
         assert_eq!(
             parse_schedule("step:3:0.5", None).unwrap(),
