@@ -81,7 +81,9 @@ pub struct DataConfig {
     pub bar_meters: Vec<Meter>,
     /// Copies of each training song of the named sets in the training stream (a set not
     /// named has one), so a small set that validation cares most about is seen more often
-    /// an epoch. Validation streams are never repeated.
+    /// an epoch. Validation streams are never repeated. Left out of a saved config when empty,
+    /// so the settings of runs without it read and write as before.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub oversample: BTreeMap<String, usize>,
 }
 
