@@ -138,18 +138,11 @@ pub struct SetCounts {
     pub num_validation_songs: usize,
     /// Training copies added by key augmentation.
     pub num_augmented_copies: usize,
-    /// Copies of each training song in the stream (`DataConfig::oversample`; 1 when absent).
-    #[serde(default = "one_copy")]
-    pub copies: usize,
     /// Symbols of the training songs (augmented and oversampled copies included), without
     /// delimiters.
     pub num_train_song_symbols: usize,
     /// Symbols of the validation songs, without delimiters.
     pub num_validation_song_symbols: usize,
-}
-
-fn one_copy() -> usize {
-    1
 }
 
 /// One set's validation stream.
@@ -403,7 +396,7 @@ pub fn build_dataset(sets: Vec<(String, Collection)>, cfg: &DataConfig) -> Resul
         }
     }
     for ((train, val), c) in split_sets.iter().zip(&mut counts) {
-        c.copies = cfg.oversample.get(&c.name).copied().unwrap_or(1);
+        let copies = cfg.oversample.get(&c.name).copied().unwrap_or(1);
         c.num_validation_songs = val.len();
         c.num_validation_song_symbols = val.iter().map(|s| s.symbols.len()).sum();
         for song in train {
@@ -424,15 +417,9 @@ pub fn build_dataset(sets: Vec<(String, Collection)>, cfg: &DataConfig) -> Resul
                     c.num_augmented_copies += 1;
                     song.symbols.iter().map(|s| shift_symbol(*s, shift)).collect()
                 };
-                let bars = song.bars(&cfg.bar_meters, cfg.grid);
-                for _ in 1..c.copies {
-                    c.num_train_song_symbols += symbols.len();
-                    train_songs.push(symbols.clone());
-                    train_song_bars.push(bars.clone());
-                }
-                c.num_train_song_symbols += symbols.len();
-                train_songs.push(symbols);
-                train_song_bars.push(bars);
+                c.num_train_song_symbols += copies * symbols.len();
+                train_song_bars.extend(std::iter::repeat_n(song.bars(&cfg.bar_meters, cfg.grid), copies));
+                train_songs.extend(std::iter::repeat_n(symbols, copies));
             }
         }
         if !val.is_empty() {
@@ -531,7 +518,6 @@ mod tests {
         };
         let data = build_dataset(vec![("a".into(), songs(20)), ("b".into(), songs(20))], &cfg).unwrap();
         let (a, b) = (&data.counts[0], &data.counts[1]);
-        assert_eq!((a.copies, b.copies), (1, 3));
         assert_eq!((a.num_train_songs, b.num_train_songs), (18, 18));
         assert_eq!((a.num_train_song_symbols, b.num_train_song_symbols), (18 * 16, 3 * 18 * 16));
         assert_eq!(data.train_tokens.len(), (18 + 3 * 18) * (16 + 64));

@@ -220,7 +220,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
             if rejected.is_empty() { "none".to_string() } else { rejected.join(", ") },
             c.num_train_songs,
             c.num_augmented_copies,
-            if c.copies > 1 { format!(", each {} times in the stream", c.copies) } else { String::new() },
+            match cfg.data.oversample.get(&c.name) {
+                Some(copies) if *copies > 1 => format!(", each {copies} times in the stream"),
+                _ => String::new(),
+            },
             c.num_validation_songs
         );
     }
