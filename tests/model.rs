@@ -680,10 +680,14 @@ fn a_model_trained_with_bar_positions_keeps_and_reads_them() {
     let (cfg, data) = common_time_data(3);
     let downbeat = BarClock::new(&bar::COMMON_METERS, Meter::COMMON, StepGrid::SIXTEENTHS, 0).unwrap().id();
     assert_eq!(data.train_bars.len(), data.train_tokens.len());
-    assert_eq!(data.train_bars[0], downbeat as u32);
-    // Each song is three bars (three figures of four beats).
-    let num_downbeats = data.train_bars.iter().filter(|&&b| b == downbeat as u32).count();
+    assert_eq!(bar::step_position(data.train_bars[0]), downbeat);
+    // Each song is three bars (three figures of four beats), numbered 1 to 3 (2 to 4 as bar
+    // steps carry them: 1 is a pickup).
+    let num_downbeats = data.train_bars.iter().filter(|&&b| bar::step_position(b) == downbeat).count();
     assert_eq!(num_downbeats, data.counts[0].num_train_songs * 3);
+    let numbers: Vec<u16> =
+        data.train_bars[..48].iter().step_by(16).map(|&b| bar::step_bar_number(b)).collect();
+    assert_eq!(numbers, vec![2, 3, 4]);
     let scratch = scratch_dir("bars");
     let dir = scratch.path().to_path_buf();
     let summary = train(&cfg, &data, &dir, &Device::Cpu, false, &mut Quiet).unwrap();
@@ -702,6 +706,42 @@ fn a_model_trained_with_bar_positions_keeps_and_reads_them() {
         logits
     };
     assert_ne!(logits(downbeat), logits(bar::NO_BAR_POSITION));
+}
+
+/// A model trained with bar numbers keeps how many it tells apart, learns a table for them,
+/// and reads them when stepping: the same symbol at the same place in the first and the third
+/// bar of a song gives other logits.
+#[test]
+fn a_model_trained_with_bar_numbers_keeps_and_reads_them() {
+    let (mut cfg, data) = common_time_data(2);
+    cfg.model.bar_numbers = 4;
+    let scratch = scratch_dir("bar-numbers");
+    let dir = scratch.path().to_path_buf();
+    train(&cfg, &data, &dir, &Device::Cpu, false, &mut Quiet).unwrap();
+
+    let loaded = LoadedModel::load_dir(&dir).unwrap();
+    assert_eq!(loaded.config.bar_numbers, 4);
+    let table =
+        loaded.lstm.named_tensors().into_iter().find(|(name, _)| name == "bar_number.weight").unwrap().1;
+    assert_eq!(table.dims()[0], 6);
+    let largest = table.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(largest > 0.0, "the bar-number table learned nothing");
+    let token = loaded.config.vocab.id(Symbol::Pitch(60)).unwrap();
+    let downbeat = BarClock::new(&bar::COMMON_METERS, Meter::COMMON, StepGrid::SIXTEENTHS, 0).unwrap().id();
+    // The inputs beside a token: its bar position, then its bar number's row (no lookback or
+    // repeats here).
+    let logits = |number_row: u16| {
+        let mut state = loaded.new_state();
+        let mut logits = vec![0.0; loaded.config.vocab_len()];
+        loaded.step_at(token, &[downbeat, number_row], &mut state, &mut logits).unwrap();
+        logits
+    };
+    assert_ne!(logits(2), logits(4));
+    // A row past the table is refused, not read out of bounds.
+    let mut state = loaded.new_state();
+    let mut out = vec![0.0; loaded.config.vocab_len()];
+    let err = loaded.step_at(token, &[downbeat, 6], &mut state, &mut out).unwrap_err();
+    assert!(err.to_string().contains("bar number"), "{err}");
 }
 
 /// Repeat inputs added to a trained model without them start at zero, so the run starts from

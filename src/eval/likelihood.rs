@@ -24,13 +24,14 @@ pub fn windowed_stream(model: &LoadedModel, songs: &[&[Symbol]], context_len: us
 
 /// The recipe's metric over `songs` (each in the model's key and vocabulary): every symbol
 /// after the padding predicted from exactly the `eval.context_len` symbols before it (and
-/// their bar positions: `bars` holds each song's, or nothing when none are known), each window
+/// their bar positions and numbers: `bars` holds each song's `bar_step`s, or nothing when none
+/// are known), each window
 /// from the zero state. The same computation as training's validation, on a stream that also
 /// pads the first song. `progress` hears the targets done after each batch.
 pub fn windowed_likelihood(
     model: &LoadedModel,
     songs: &[&[Symbol]],
-    bars: &[&[u16]],
+    bars: &[&[u32]],
     eval: &EvalConfig,
     progress: &mut dyn FnMut(usize),
 ) -> Result<EvalMetrics, ModelError> {
@@ -42,7 +43,7 @@ pub fn windowed_likelihood(
         .iter()
         .enumerate()
         .map(|(idx, song)| match bars.get(idx) {
-            Some(given) if given.len() == song.len() => given.iter().map(|&b| b as u32).collect(),
+            Some(given) if given.len() == song.len() => given.to_vec(),
             _ => vec![NO_BAR_POSITION as u32; song.len()],
         })
         .collect();
@@ -68,7 +69,7 @@ pub fn num_windowed_targets(model: &LoadedModel, songs: &[&[Symbol]], eval: &Eva
 pub fn streaming_likelihood(
     model: &LoadedModel,
     song: &[Symbol],
-    bars: &[u16],
+    bars: &[u32],
 ) -> Result<MetricSums, ModelError> {
     let vocab = &model.config.vocab;
     let lead = vec![Symbol::Delimiter; model.config.delimiter_len.max(1)];
@@ -82,14 +83,14 @@ pub fn streaming_likelihood(
     let mut fed: Vec<u32> = Vec::with_capacity(lead_tokens.len() + target_tokens.len());
     // Every step, the delimiters' too, reads what the generator reads: its bar inputs off what
     // was fed so far.
-    let mut feed = |token: TokenId, bar: u16, state: &mut GenState, logits: &mut [f32]| {
+    let mut feed = |token: TokenId, bar: u32, state: &mut GenState, logits: &mut [f32]| {
         fed.push(token.0 as u32);
         let earlier = |back: usize| fed.len().checked_sub(back + 1).map(|i| fed[i]);
-        let inputs: Vec<u16> = reader.inputs(bar as u32, earlier).iter().map(|&x| x as u16).collect();
+        let inputs: Vec<u16> = reader.inputs(bar, earlier).iter().map(|&x| x as u16).collect();
         model.step_at(token, &inputs, state, logits)
     };
     for &token in &lead_tokens {
-        feed(token, NO_BAR_POSITION, &mut state, &mut logits)?;
+        feed(token, NO_BAR_POSITION as u32, &mut state, &mut logits)?;
     }
     let mut sums = MetricSums::default();
     for (idx, (&symbol, &token)) in targets.iter().zip(&target_tokens).enumerate() {
@@ -97,7 +98,7 @@ pub fn streaming_likelihood(
         sums.add(symbol, nll, is_best);
         let bar = match bars.get(idx) {
             Some(&bar) if idx < song.len() => bar,
-            _ => NO_BAR_POSITION,
+            _ => NO_BAR_POSITION as u32,
         };
         feed(token, bar, &mut state, &mut logits)?;
     }

@@ -226,8 +226,8 @@ pub fn run_eval(
 ) -> Result<EvalOutput, ModelError> {
     let songs = selection.songs.as_slice();
     let symbols: Vec<&[Symbol]> = songs.iter().map(|s| s.symbols.as_slice()).collect();
-    let bars: Vec<Vec<u16>> = songs.iter().map(|s| s.bars(&model.config)).collect();
-    let bar_slices: Vec<&[u16]> = bars.iter().map(Vec::as_slice).collect();
+    let bars: Vec<Vec<u32>> = songs.iter().map(|s| s.bars(&model.config)).collect();
+    let bar_slices: Vec<&[u32]> = bars.iter().map(Vec::as_slice).collect();
     let eval_cfg = EvalConfig {
         context_len: settings.context_len,
         batch_size: settings.batch_size,

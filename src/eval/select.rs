@@ -67,9 +67,9 @@ pub struct EvalSong {
 }
 
 impl EvalSong {
-    /// The bar position of each of its symbols for `model` (`music::bar`).
-    pub fn bars(&self, model: &ModelConfig) -> Vec<u16> {
-        bar::melody_bar_positions(&self.melody, self.symbols.len(), &model.bar_meters, model.grid)
+    /// The bar position and number of each of its symbols for `model` (`music::bar::bar_step`).
+    pub fn bars(&self, model: &ModelConfig) -> Vec<u32> {
+        bar::melody_bar_steps(&self.melody, self.symbols.len(), &model.bar_meters, model.grid)
     }
 }
 

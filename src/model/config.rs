@@ -99,9 +99,15 @@ pub struct ModelConfig {
     /// symbols just played, by its length (`data::BarReader`), the inputs of `repeat.weight`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub repeat_classes: usize,
+    /// How many bars the model tells apart by number (0 to `MAX_BAR_NUMBERS`; needs
+    /// `bar_meters`): beside each symbol, its bar's number since the song began (the pickup,
+    /// then bars 1 to this many, counted again from 1 after it), the inputs of
+    /// `bar_number.weight`. Where phrases begin and end, and so where a song may.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bar_numbers: usize,
 }
 
-fn is_zero(n: &usize) -> bool {
+pub(crate) fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
@@ -111,8 +117,12 @@ pub const MAX_BAR_LOOKBACK: usize = 4;
 /// Most classes of repeat length a model may read.
 pub const MAX_REPEAT_CLASSES: usize = 4;
 
-/// Most inputs read beside each token: the bar position, the lookback and the repeat.
-pub const MAX_SIDE_INPUTS: usize = 1 + MAX_BAR_LOOKBACK + MAX_REPEAT_CLASSES;
+/// Most bars a model may tell apart by number.
+pub const MAX_BAR_NUMBERS: usize = 256;
+
+/// Most inputs read beside each token: the bar position, the lookback, the repeat and the bar
+/// number.
+pub const MAX_SIDE_INPUTS: usize = 1 + MAX_BAR_LOOKBACK + MAX_REPEAT_CLASSES + 1;
 
 fn default_delimiter_len() -> usize {
     64
@@ -161,6 +171,9 @@ pub enum ConfigError {
     /// A lookback beyond `MAX_BAR_LOOKBACK`, or one without bar meters to count bars by.
     #[error("a lookback of {bars} bars needs bar meters and at most {max} bars")]
     BadBarLookback { bars: usize, max: usize },
+    /// More bar numbers than `MAX_BAR_NUMBERS`, or bar numbers without bar meters to count by.
+    #[error("{bars} bar numbers need bar meters and are at most {max}")]
+    BadBarNumbers { bars: usize, max: usize },
     /// A bar meter listed twice, or one whose bar is not a whole number of steps.
     #[error("bar meter {numerator}/{denominator} is listed twice or is not whole steps of the grid")]
     BadBarMeter { numerator: u8, denominator: u8 },
@@ -186,6 +199,7 @@ impl ModelConfig {
             bar_meters: Vec::new(),
             bar_lookback: 0,
             repeat_classes: 0,
+            bar_numbers: 0,
         }
     }
 
@@ -255,16 +269,28 @@ impl ModelConfig {
                 max: MAX_REPEAT_CLASSES,
             });
         }
+        if self.bar_numbers > MAX_BAR_NUMBERS || (self.bar_numbers > 0 && self.bar_meters.is_empty()) {
+            return Err(ConfigError::BadBarNumbers { bars: self.bar_numbers, max: MAX_BAR_NUMBERS });
+        }
         Ok(())
     }
 
-    /// Bar inputs read beside each token: the bar position, one symbol per bar of lookback and
-    /// one per class of repeat (0 for a model that reads symbols alone).
+    /// Bar inputs read beside each token: the bar position, one symbol per bar of lookback, one
+    /// per class of repeat and the bar number (0 for a model that reads symbols alone).
     pub fn bar_inputs_per_step(&self) -> usize {
         if self.bar_meters.is_empty() {
             0
         } else {
-            1 + self.bar_lookback + self.repeat_classes
+            1 + self.bar_lookback + self.repeat_classes + usize::from(self.bar_numbers > 0)
+        }
+    }
+
+    /// Rows of the bar-number table (`bar_number.weight`): unknown, the pickup, then one per
+    /// numbered bar; 0 for a model without one.
+    pub fn num_bar_number_rows(&self) -> usize {
+        match self.bar_numbers {
+            0 => 0,
+            bars => 2 + bars,
         }
     }
 
@@ -340,6 +366,7 @@ pub(crate) mod tests {
             ConfigError::BadBarMeter { numerator: 4, denominator: 4 },
         );
         check(&|c| c.bar_lookback = 1, ConfigError::BadBarLookback { bars: 1, max: MAX_BAR_LOOKBACK });
+        check(&|c| c.bar_numbers = 8, ConfigError::BadBarNumbers { bars: 8, max: MAX_BAR_NUMBERS });
         check(
             &|c| c.bar_meters = vec![Meter { numerator: 1, denominator: 64 }],
             ConfigError::BadBarMeter { numerator: 1, denominator: 64 },

@@ -185,10 +185,9 @@ pub struct Kept {
 }
 
 impl Kept {
-    /// The bar position of each of its symbols among `meters`.
+    /// The bar position and number (`bar::bar_step`) of each of its symbols among `meters`.
     fn bars(&self, meters: &[Meter], grid: StepGrid) -> Vec<u32> {
-        let ids = bar::melody_bar_positions(&self.melody, self.symbols.len(), meters, grid);
-        ids.into_iter().map(u32::from).collect()
+        bar::melody_bar_steps(&self.melody, self.symbols.len(), meters, grid)
     }
 }
 
@@ -201,16 +200,19 @@ const REPEAT_CLASS_STARTS: [usize; 4] = [1, 4, 10, 24];
 /// Matches are not followed past this length: the last class holds every longer one.
 const REPEAT_MAX_LEN: usize = 24;
 
-/// Reads a model's bar inputs off a token stream and its bar positions: per input step, the
+/// Reads a model's bar inputs off a token stream and its `bar::bar_step`s: per input step, the
 /// bar position, then for each bar of lookback the token that many bars before the target,
 /// then for each class of repeat the token that followed the latest longest earlier match of
-/// the symbols up to this step, in the slot of the match's length class (the others none).
+/// the symbols up to this step, in the slot of the match's length class (the others none),
+/// then the row of the step's bar number.
 #[derive(Clone, Debug)]
 pub struct BarReader {
     /// `bar::bar_lengths` of the model's meters.
     lengths: Vec<u16>,
     lookback: usize,
     repeat_classes: usize,
+    /// Bars told apart by number (0: the model reads no bar numbers).
+    bar_numbers: usize,
     /// The lookback input for "nothing there": the vocabulary's length.
     none: u32,
 }
@@ -223,13 +225,14 @@ impl BarReader {
             lengths: bar::bar_lengths(&cfg.bar_meters, cfg.grid),
             lookback: if cfg.bar_meters.is_empty() { 0 } else { cfg.bar_lookback },
             repeat_classes: if cfg.bar_meters.is_empty() { 0 } else { cfg.repeat_classes },
+            bar_numbers: if cfg.bar_meters.is_empty() { 0 } else { cfg.bar_numbers },
             none: cfg.vocab_len() as u32,
         }
     }
 
     /// Inputs per step.
     pub fn per_step(&self) -> usize {
-        1 + self.lookback + self.repeat_classes
+        1 + self.lookback + self.repeat_classes + usize::from(self.bar_numbers > 0)
     }
 
     /// How many recent tokens `inputs` may ask for.
@@ -251,12 +254,13 @@ impl BarReader {
         out.extend(self.inputs(bars[t], earlier));
     }
 
-    /// The bar inputs of a step at bar position `bar` (as `push`), where `earlier(k)` is the
-    /// token `k` steps before it (`earlier(0)`: its own), or `None` beyond what is known.
+    /// The bar inputs of a step at `bar` (a `bar::bar_step`, as `push`), where `earlier(k)` is
+    /// the token `k` steps before it (`earlier(0)`: its own), or `None` beyond what is known.
     pub fn inputs(&self, bar: u32, earlier: impl Fn(usize) -> Option<u32>) -> ArrayVec<u32, MAX_SIDE_INPUTS> {
-        let bar_len = self.lengths.get(bar as usize).copied().unwrap_or(0) as usize;
+        let position = bar::step_position(bar);
+        let bar_len = self.lengths.get(position as usize).copied().unwrap_or(0) as usize;
         let mut out = ArrayVec::new();
-        out.push(bar);
+        out.push(position as u32);
         for back in 1..=self.lookback.min(MAX_BAR_LOOKBACK) {
             // The token `back` bars before the target lies `back · bar - 1` steps before this one.
             out.push(match bar_len {
@@ -273,7 +277,20 @@ impl BarReader {
                 });
             }
         }
+        if self.bar_numbers > 0 {
+            out.push(bar_number_row(bar::step_bar_number(bar), self.bar_numbers));
+        }
         out
+    }
+}
+
+/// The row of `bar_number.weight` for a bar numbered `number` (`bar::BarClock::bar_number`) in
+/// a model that tells `bar_numbers` bars apart: unknown and the pickup have their own rows, and
+/// the count starts again after the last.
+fn bar_number_row(number: u16, bar_numbers: usize) -> u32 {
+    match number as usize {
+        n @ 0..=1 => n as u32,
+        n => (2 + (n - 2) % bar_numbers) as u32,
     }
 }
 
@@ -595,6 +612,42 @@ mod tests {
         out.clear();
         reader.push(&tokens, &bars, 0, 29, &mut out);
         assert_eq!(out, vec![bars[29], 122, 114, 106, none]);
+    }
+
+    #[test]
+    fn bar_numbers_come_last_and_count_again_after_the_last_numbered_bar() {
+        let mut cfg = crate::model::config::tests::small_config();
+        cfg.bar_meters = vec![Meter { numerator: 2, denominator: 4 }];
+        cfg.bar_lookback = 1;
+        cfg.bar_numbers = 4;
+        let reader = BarReader::for_model(&cfg);
+        assert_eq!(reader.per_step(), 3);
+        let tokens: Vec<u32> = (0..80).collect();
+        // A delimiter, a pickup of two steps, then bars 1 to 5 of 8 steps, numbered as a clock
+        // counts them.
+        let mut clock =
+            bar::BarClock::new(&cfg.bar_meters, cfg.bar_meters[0], cfg.grid, -2).expect("a known meter");
+        let mut bars = vec![bar::NO_BAR_POSITION as u32];
+        for _ in 0..2 + 5 * 8 {
+            bars.push(clock.bar_step());
+            clock.advance();
+        }
+        let number_at = |t: usize| {
+            let mut out = Vec::new();
+            reader.push(&tokens, &bars, 0, t, &mut out);
+            assert_eq!(out[0], bar::step_position(bars[t]) as u32, "the position comes first");
+            *out.last().unwrap()
+        };
+        // Unknown, the pickup, bars 1 to 4, then bar 5 reads as bar 1 again.
+        let rows: Vec<u32> = [0, 1, 3, 3 + 8, 3 + 16, 3 + 24, 3 + 32].into_iter().map(number_at).collect();
+        assert_eq!(rows, vec![0, 1, 2, 3, 4, 5, 2]);
+        assert!(rows.iter().all(|&row| (row as usize) < cfg.num_bar_number_rows()));
+        // A model without bar numbers reads the same stream's positions only.
+        cfg.bar_numbers = 0;
+        let mut out = Vec::new();
+        BarReader::for_model(&cfg).push(&tokens, &bars, 0, 20, &mut out);
+        assert_eq!(out[0], bar::step_position(bars[20]) as u32);
+        assert_eq!(out.len(), 2);
     }
 
     #[test]

@@ -28,8 +28,7 @@ use candle_core::{DType, Device, Error, Result, Tensor};
 use super::config::{InputKind, MAX_SIDE_INPUTS};
 use super::int8::{self, Int8Part, Limbs};
 use super::kernels::{madd, sigmoid, tanh_approx, Isa};
-use super::lstm::{side_row, GenState, MelodyLstm};
-use crate::music::bar::NO_BAR_POSITION;
+use super::lstm::{GenState, MelodyLstm, SideLayout};
 use crate::music::TokenId;
 
 /// Hidden units per packed block.
@@ -91,12 +90,11 @@ pub struct FastLstm {
     /// `[vocab][num_blocks · BLOCK_ROWS]`: layer 0's `W_ih x + b_ih + b_hh` per token, packed.
     token_gates: Vec<f32>,
     /// `[side rows][num_blocks · BLOCK_ROWS]`: layer 0's input per row of the side table
-    /// (`MelodyLstm::side_table`: bar positions, then lookback tokens), packed; empty for a
-    /// model without bar inputs.
+    /// (`MelodyLstm::side_table`: bar positions, lookback and repeat tokens, bar numbers),
+    /// packed; empty for a model without bar inputs.
     side_gates: Vec<f32>,
-    /// Rows of the bar-position table, and bar inputs per step (0 without them).
-    num_bar_positions: usize,
-    bar_inputs_per_step: usize,
+    /// Which rows of `side_gates` each bar input reads.
+    side_layout: SideLayout,
     layers: Vec<PackedLayer>,
     /// `[vocab blocks][hidden][BLOCK_ROWS]`: the output layer, symbol `v` in block `v / 64`.
     head_w: Vec<f32>,
@@ -263,8 +261,7 @@ impl FastLstm {
                 }
             }
         }
-        let num_bar_positions = lstm.bar_table().map_or(0, |t| t.dims()[0]);
-        let bar_inputs_per_step = if num_bar_positions > 0 { lstm.bar_reader().per_step() } else { 0 };
+        let side_layout = lstm.side_layout();
 
         let head_w_src = get("head.weight")?;
         let head_b_src = get("head.bias")?;
@@ -286,8 +283,7 @@ impl FastLstm {
             num_blocks,
             token_gates,
             side_gates,
-            num_bar_positions,
-            bar_inputs_per_step,
+            side_layout,
             layers,
             head_w,
             head_b,
@@ -379,18 +375,17 @@ impl FastLstm {
         }
         // The bar inputs' rows, added to layer 0's gates.
         let mut side_rows: [&[f32]; MAX_SIDE_INPUTS] = [&[]; MAX_SIDE_INPUTS];
-        for (j, side) in side_rows.iter_mut().enumerate().take(self.bar_inputs_per_step) {
-            let raw = match bars.get(j) {
-                Some(&raw) => raw as u32,
-                None if j == 0 => NO_BAR_POSITION as u32,
-                None => self.vocab_len as u32,
-            };
-            let row = side_row(self.num_bar_positions, self.vocab_len, j, raw).ok_or_else(|| {
-                Error::Msg(format!("fast step: bar input {j} is {raw}, outside the model's"))
-            })? as usize;
+        let inputs_per_step = self.side_layout.inputs_per_step();
+        for (j, side) in side_rows.iter_mut().enumerate().take(inputs_per_step) {
+            let raw = bars.get(j).map_or(self.side_layout.missing(j), |&raw| raw as u32);
+            let row = self
+                .side_layout
+                .row(j, raw)
+                .ok_or_else(|| Error::Msg(format!("fast step: {}", self.side_layout.refusal(j, raw))))?
+                as usize;
             *side = &self.side_gates[row * packed_rows..][..packed_rows];
         }
-        let bar_rows = &side_rows[..self.bar_inputs_per_step];
+        let bar_rows = &side_rows[..inputs_per_step];
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA;

@@ -1214,7 +1214,7 @@ mod tests {
     #[test]
     fn bar_inputs_match_the_per_step_graph() {
         use crate::model::config::ModelConfig;
-        use crate::model::lstm::{nll_and_argmax, BAR_TABLE, LOOKBACK_TABLE, REPEAT_TABLE};
+        use crate::model::lstm::{nll_and_argmax, BAR_NUMBER_TABLE, BAR_TABLE, LOOKBACK_TABLE, REPEAT_TABLE};
         use crate::model::InputKind;
         use crate::music::{bar, Vocab};
 
@@ -1224,6 +1224,7 @@ mod tests {
         cfg.bar_meters = bar::COMMON_METERS.to_vec();
         cfg.bar_lookback = 2;
         cfg.repeat_classes = 1;
+        cfg.bar_numbers = 3;
         let (vocab, num_bars) = (cfg.vocab_len(), cfg.num_bar_positions());
         let map = VarMap::new();
         let model = MelodyLstm::new(&cfg, VarBuilder::from_varmap(&map, DType::F32, &dev)).unwrap();
@@ -1231,9 +1232,12 @@ mod tests {
         let random = |rng: &mut ChaCha8Rng, n: usize| {
             (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect::<Vec<_>>()
         };
-        for (name, rows) in
-            [(BAR_TABLE, num_bars), (LOOKBACK_TABLE, 2 * (vocab + 1)), (REPEAT_TABLE, vocab + 1)]
-        {
+        for (name, rows) in [
+            (BAR_TABLE, num_bars),
+            (LOOKBACK_TABLE, 2 * (vocab + 1)),
+            (REPEAT_TABLE, vocab + 1),
+            (BAR_NUMBER_TABLE, cfg.num_bar_number_rows()),
+        ] {
             let table = Tensor::from_vec(random(&mut rng, rows * 80), (rows, 80), &dev).unwrap();
             map.data().lock().unwrap()[name].set(&table).unwrap();
         }
@@ -1243,16 +1247,18 @@ mod tests {
         let all = Tensor::from_vec(ids, (seq_len + 1, batch), &dev).unwrap();
         let inputs = all.narrow(0, 0, seq_len).unwrap().contiguous().unwrap();
         let targets = all.narrow(0, 1, seq_len).unwrap().flatten_all().unwrap();
-        // Per step: a bar position, the tokens one and two bars back and a repeated token
-        // (`vocab`: none).
+        // Per step: a bar position, the tokens one and two bars back, a repeated token
+        // (`vocab`: none) and the row of a bar number.
+        let number_rows = cfg.num_bar_number_rows() as u32;
         let bar_inputs: Vec<u32> = (0..batch * seq_len)
             .flat_map(|_| {
                 let position = rng.random_range(0..num_bars as u32);
+                let number = rng.random_range(0..number_rows);
                 let mut token = || rng.random_range(0..=vocab as u32);
-                [position, token(), token(), token()]
+                [position, token(), token(), token(), number]
             })
             .collect();
-        let bars = Tensor::from_vec(bar_inputs, (seq_len, batch, 4), &dev).unwrap();
+        let bars = Tensor::from_vec(bar_inputs, (seq_len, batch, 5), &dev).unwrap();
         let positions_only = bars.narrow(2, 0, 1).unwrap().squeeze(2).unwrap().contiguous().unwrap();
         let loss = |ys: &Tensor| {
             let logits = model.forward_head(ys).unwrap().reshape(((), vocab)).unwrap();

@@ -31,7 +31,7 @@ pub struct Generator {
     max_steps: Option<usize>,
     num_generated: usize,
     is_finished: bool,
-    /// The bar position of the next song symbol fed, for a model with bar positions.
+    /// The bar position and number of the next song symbol fed, for a model with bar positions.
     bar_clock: Option<BarClock>,
     /// The most recent tokens fed, newest last, as far back as the model's lookback reaches.
     history: VecDeque<u32>,
@@ -126,8 +126,8 @@ impl Generator {
     fn feed_token(&mut self, token: TokenId) -> Result<(), ModelError> {
         let is_song_symbol = self.model.config.vocab.symbol(token) != Symbol::Delimiter;
         let bar = match (&self.bar_clock, is_song_symbol) {
-            (Some(clock), true) => clock.id(),
-            _ => NO_BAR_POSITION,
+            (Some(clock), true) => clock.bar_step(),
+            _ => NO_BAR_POSITION as u32,
         };
         let reader = self.model.lstm.bar_reader();
         if reader.history_len() > 0 {
@@ -141,7 +141,7 @@ impl Generator {
         let history: &[u32] = self.history.make_contiguous();
         let earlier = |back: usize| history.len().checked_sub(back + 1).map(|idx| history[idx]);
         let inputs: ArrayVec<u16, MAX_SIDE_INPUTS> =
-            reader.inputs(bar as u32, earlier).iter().map(|&input| input as u16).collect();
+            reader.inputs(bar, earlier).iter().map(|&input| input as u16).collect();
         self.model.step_at(token, &inputs, &mut self.state, &mut self.logits)?;
         if let (Some(clock), true) = (&mut self.bar_clock, is_song_symbol) {
             clock.advance();

@@ -14,6 +14,7 @@
 //! | `bar_position.weight` | `[positions, 4 hidden]` | layer 0's gate input per bar position (models with `bar_meters` only) |
 //! | `bar_lookback.weight` | `[lookback · (vocab + 1), 4 hidden]` | layer 0's gate input per token one, two... bars back, or none (models with `bar_lookback` only) |
 //! | `repeat.weight` | `[classes · (vocab + 1), 4 hidden]` | layer 0's gate input per token that followed the longest earlier match, by class of length, or none (models with `repeat_classes` only) |
+//! | `bar_number.weight` | `[bar numbers + 2, 4 hidden]` | layer 0's gate input per bar number: unknown, the pickup, bars 1, 2... (models with `bar_numbers` only) |
 //!
 //! The input of layer 0 is `dim` wide with an embedding and `vocab` wide with one-hot input.
 //! A model with bar positions also reads, beside each token, the id of its step's place in the
@@ -53,6 +54,8 @@ pub const BAR_TABLE: &str = "bar_position.weight";
 pub const LOOKBACK_TABLE: &str = "bar_lookback.weight";
 /// Name of the repeat table.
 pub const REPEAT_TABLE: &str = "repeat.weight";
+/// Name of the bar-number table.
+pub const BAR_NUMBER_TABLE: &str = "bar_number.weight";
 
 /// One LSTM layer's weights, PyTorch layout (gates i, f, g, o stacked along the rows).
 #[derive(Clone, Debug)]
@@ -324,7 +327,10 @@ pub struct MelodyLstm {
     lookback_table: Option<Tensor>,
     /// `[classes · (vocab + 1), 4 hidden]`, present for a model with repeat inputs.
     repeat_table: Option<Tensor>,
+    /// `[bar numbers + 2, 4 hidden]`, present for a model with bar numbers.
+    bar_number_table: Option<Tensor>,
     bar_reader: BarReader,
+    side_layout: SideLayout,
     layers: Vec<LstmLayer>,
     /// `[vocab, hidden]`.
     head_w: Tensor,
@@ -362,6 +368,10 @@ impl MelodyLstm {
         };
         let lookback_table = token_table(cfg.bar_lookback, LOOKBACK_TABLE)?;
         let repeat_table = token_table(cfg.repeat_classes, REPEAT_TABLE)?;
+        let bar_number_table = match (cfg.num_bar_positions(), cfg.num_bar_number_rows()) {
+            (0, _) | (_, 0) => None,
+            (_, rows) => Some(vb.get_with_hints((rows, 4 * hidden), BAR_NUMBER_TABLE, Init::Const(0.0))?),
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for layer_idx in 0..cfg.num_layers {
             let width = if layer_idx == 0 { cfg.input.width(vocab_len) } else { hidden };
@@ -378,7 +388,9 @@ impl MelodyLstm {
             bar_table,
             lookback_table,
             repeat_table,
+            bar_number_table,
             bar_reader: BarReader::for_model(cfg),
+            side_layout: SideLayout::for_model(cfg),
             layers,
             head_w,
             head_b,
@@ -413,6 +425,9 @@ impl MelodyLstm {
             if cfg.repeat_classes > 0 {
                 shapes.push((REPEAT_TABLE.to_string(), vec![cfg.repeat_classes * (vocab + 1), 4 * hidden]));
             }
+            if cfg.bar_numbers > 0 {
+                shapes.push((BAR_NUMBER_TABLE.to_string(), vec![cfg.num_bar_number_rows(), 4 * hidden]));
+            }
         }
         shapes
     }
@@ -437,6 +452,7 @@ impl MelodyLstm {
                 || name == BAR_TABLE
                 || name == LOOKBACK_TABLE
                 || name == REPEAT_TABLE
+                || name == BAR_NUMBER_TABLE
             {
                 vec![0.0; len]
             } else {
@@ -470,6 +486,9 @@ impl MelodyLstm {
         if let Some(table) = &self.repeat_table {
             out.push((REPEAT_TABLE.to_string(), table.clone()));
         }
+        if let Some(table) = &self.bar_number_table {
+            out.push((BAR_NUMBER_TABLE.to_string(), table.clone()));
+        }
         out
     }
 
@@ -494,35 +513,36 @@ impl MelodyLstm {
     }
 
     /// The tables of every bar input, one after the other (`[positions + (lookback + repeat
-    /// classes) · (vocab + 1), 4 hidden]`: the rows `side_rows` indexes), each passed through
-    /// `weight`; `None` for a model without bar inputs.
+    /// classes) · (vocab + 1) + bar number rows, 4 hidden]`: the rows `side_rows` indexes), each
+    /// passed through `weight`; `None` for a model without bar inputs.
     pub fn side_table(&self, weight: &dyn Fn(&Tensor) -> Tensor) -> Result<Option<Tensor>> {
         let Some(bars) = &self.bar_table else {
             return Ok(None);
         };
-        let tables: Vec<Tensor> = [Some(bars), self.lookback_table.as_ref(), self.repeat_table.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(weight)
-            .collect();
+        let tables: Vec<Tensor> = [
+            Some(bars),
+            self.lookback_table.as_ref(),
+            self.repeat_table.as_ref(),
+            self.bar_number_table.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(weight)
+        .collect();
         Ok(Some(match tables.len() {
             1 => tables[0].clone(),
             _ => Tensor::cat(&tables, 0)?,
         }))
     }
 
-    /// The row of the side table for bar input `j` with value `raw` (input 0: a bar position;
-    /// input `j > 0`: the token `j` bars back, then the repeated token of each class, or the
-    /// vocabulary's length for none).
+    /// The row of the side table for bar input `j` with value `raw` (`SideLayout::row`).
     pub fn side_row(&self, j: usize, raw: u32) -> Result<u32> {
-        let positions = self.bar_table.as_ref().map_or(0, |t| t.dims()[0]);
-        side_row(positions, self.vocab_len, j, raw).ok_or_else(|| match j {
-            0 => candle_core::Error::Msg(format!("bar position {raw} outside the model's {positions}")),
-            _ => candle_core::Error::Msg(format!(
-                "lookback or repeat token {raw} outside the vocabulary of {}",
-                self.vocab_len
-            )),
-        })
+        self.side_layout.row(j, raw).ok_or_else(|| candle_core::Error::Msg(self.side_layout.refusal(j, raw)))
+    }
+
+    /// Where each bar input's rows lie in the side table.
+    pub fn side_layout(&self) -> SideLayout {
+        self.side_layout
     }
 
     /// The LSTM layers, input first.
@@ -588,14 +608,12 @@ impl MelodyLstm {
             }
             None => (Vec::new(), 0),
         };
-        let none = self.vocab_len as u32;
         let mut rows = Vec::with_capacity(seq_len * batch * per_step);
         for item in 0..seq_len * batch {
             for j in 0..per_step {
                 let raw = match j < given_per_step {
                     true => given[item * given_per_step + j],
-                    false if j == 0 => NO_BAR_POSITION as u32,
-                    false => none,
+                    false => self.side_layout.missing(j),
                 };
                 rows.push(self.side_row(j, raw)?);
             }
@@ -804,11 +822,7 @@ impl MelodyLstm {
                     let mut from_input = tokens.narrow(0, token.0 as usize, 1)?;
                     if let Some(side) = side {
                         for j in 0..self.bar_reader.per_step() {
-                            let raw = match bars.get(j) {
-                                Some(&raw) => raw as u32,
-                                None if j == 0 => NO_BAR_POSITION as u32,
-                                None => self.vocab_len as u32,
-                            };
+                            let raw = bars.get(j).map_or(self.side_layout.missing(j), |&raw| raw as u32);
                             let row = self.side_row(j, raw)? as usize;
                             from_input = (from_input + side.narrow(0, row, 1)?)?;
                         }
@@ -923,16 +937,84 @@ enum StepInput {
     Weights { w_ih_t: Tensor, bias: Tensor },
 }
 
-/// The side-table row of bar input `j` with value `raw` for a model of `positions` bar
-/// positions and `vocab_len` symbols (`MelodyLstm::side_row`), or `None` when `raw` is out of
-/// range.
-pub(crate) fn side_row(positions: usize, vocab_len: usize, j: usize, raw: u32) -> Option<u32> {
-    let raw = raw as usize;
-    let row = match j {
-        0 => (raw < positions).then_some(raw)?,
-        _ => (raw <= vocab_len).then_some(positions + (j - 1) * (vocab_len + 1) + raw)?,
-    };
-    Some(row as u32)
+/// Where each bar input's rows lie in the side table (`MelodyLstm::side_table`): input 0 is a
+/// bar position, the next `token_slots` a token each (one, two... bars back, then the repeated
+/// token of each class, or the vocabulary's length for none), and the last, for a model with
+/// bar numbers, the row of the step's bar number (`data::BarReader`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SideLayout {
+    /// Rows of the bar-position table; 0 for a model without bar inputs.
+    positions: usize,
+    vocab_len: usize,
+    /// Lookback and repeat inputs, a block of `vocab_len + 1` rows each.
+    token_slots: usize,
+    /// Rows of the bar-number table; 0 for a model without one.
+    bar_number_rows: usize,
+}
+
+impl SideLayout {
+    /// The layout of `cfg`'s side table.
+    pub fn for_model(cfg: &ModelConfig) -> Self {
+        match cfg.num_bar_positions() {
+            0 => Self::default(),
+            positions => Self {
+                positions,
+                vocab_len: cfg.vocab_len(),
+                token_slots: cfg.bar_lookback + cfg.repeat_classes,
+                bar_number_rows: cfg.num_bar_number_rows(),
+            },
+        }
+    }
+
+    /// Inputs read beside each token.
+    pub fn inputs_per_step(&self) -> usize {
+        match self.positions {
+            0 => 0,
+            _ => 1 + self.token_slots + usize::from(self.bar_number_rows > 0),
+        }
+    }
+
+    /// The value input `j` reads when none is given: an unknown position or bar number, or no
+    /// token.
+    pub fn missing(&self, j: usize) -> u32 {
+        match j {
+            0 => NO_BAR_POSITION as u32,
+            j if j <= self.token_slots => self.vocab_len as u32,
+            _ => 0,
+        }
+    }
+
+    /// The side-table row of input `j` with value `raw`, or `None` when `raw` (or `j`) is out
+    /// of range.
+    pub fn row(&self, j: usize, raw: u32) -> Option<u32> {
+        let raw = raw as usize;
+        let tokens_end = self.positions + self.token_slots * (self.vocab_len + 1);
+        let row = match j {
+            0 => (raw < self.positions).then_some(raw)?,
+            j if j <= self.token_slots => {
+                (raw <= self.vocab_len).then_some(self.positions + (j - 1) * (self.vocab_len + 1) + raw)?
+            }
+            j if j == self.token_slots + 1 && self.bar_number_rows > 0 => {
+                (raw < self.bar_number_rows).then_some(tokens_end + raw)?
+            }
+            _ => return None,
+        };
+        Some(row as u32)
+    }
+
+    /// Why `row(j, raw)` has none, in words.
+    pub fn refusal(&self, j: usize, raw: u32) -> String {
+        match j {
+            0 => format!("bar position {raw} outside the model's {}", self.positions),
+            j if j <= self.token_slots => {
+                format!("lookback or repeat token {raw} outside the vocabulary of {}", self.vocab_len)
+            }
+            j if j == self.token_slots + 1 && self.bar_number_rows > 0 => {
+                format!("bar number row {raw} outside the model's {}", self.bar_number_rows)
+            }
+            _ => format!("bar input {j} beyond the model's {}", self.inputs_per_step()),
+        }
+    }
 }
 
 /// Mean negative log-likelihood and accuracy helpers shared by training and evaluation.
@@ -980,7 +1062,7 @@ mod tests {
     fn model_with_bars(cfg: &ModelConfig, seed: u64) -> MelodyLstm {
         let mut tensors = MelodyLstm::initial_tensors(cfg, seed, &Device::Cpu).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        for name in [BAR_TABLE, LOOKBACK_TABLE, REPEAT_TABLE] {
+        for name in [BAR_TABLE, LOOKBACK_TABLE, REPEAT_TABLE, BAR_NUMBER_TABLE] {
             let Some(table) = tensors.get(name) else { continue };
             let shape = table.dims().to_vec();
             let values = (0..shape.iter().product()).map(|_| rng.random_range(-0.5f32..0.5)).collect();
@@ -990,12 +1072,41 @@ mod tests {
     }
 
     #[test]
+    fn the_side_layout_puts_each_input_in_its_own_block() {
+        let cfg = ModelConfig {
+            bar_meters: vec![crate::music::Meter { numerator: 2, denominator: 4 }],
+            bar_lookback: 1,
+            repeat_classes: 1,
+            bar_numbers: 4,
+            ..small_config()
+        };
+        let (positions, vocab) = (cfg.num_bar_positions(), cfg.vocab_len());
+        let layout = SideLayout::for_model(&cfg);
+        assert_eq!(layout.inputs_per_step(), 4);
+        assert_eq!(layout.row(0, 8), Some(8));
+        assert_eq!(layout.row(0, positions as u32), None);
+        assert_eq!(layout.row(1, vocab as u32), Some((positions + vocab) as u32));
+        assert_eq!(layout.row(2, 0), Some((positions + vocab + 1) as u32));
+        assert_eq!(layout.row(3, 5), Some((positions + 2 * (vocab + 1) + 5) as u32));
+        assert_eq!(layout.row(3, 6), None);
+        assert_eq!(layout.row(4, 0), None);
+        assert!(layout.refusal(3, 6).contains("bar number"), "{}", layout.refusal(3, 6));
+        assert_eq!([0, 1, 2, 3].map(|j| layout.missing(j)), [0, vocab as u32, vocab as u32, 0]);
+        // The last row is the last of the side table.
+        let m = model_with_bars(&cfg, 1);
+        let rows = m.side_table(&Tensor::clone).unwrap().unwrap().dims()[0];
+        assert_eq!(rows, positions + 2 * (vocab + 1) + cfg.num_bar_number_rows());
+        assert_eq!(layout.row(3, 5), Some(rows as u32 - 1));
+        assert_eq!(SideLayout::for_model(&small_config()).inputs_per_step(), 0);
+    }
+
+    #[test]
     fn stepping_one_token_at_a_time_matches_the_whole_sequence() {
         let with_bars =
             ModelConfig { bar_meters: crate::music::bar::COMMON_METERS.to_vec(), ..small_config() };
         let none = small_config().vocab_len() as u32;
         // Bar inputs per step: positions only, or positions with the tokens one, two (and three
-        // and four) bars back (and two classes of repeat).
+        // and four) bars back (and two classes of repeat, and the row of a bar number).
         let cases: [(ModelConfig, Option<Vec<Vec<u32>>>); 6] = [
             (ModelConfig { input: InputKind::Embedding { dim: 8 }, ..small_config() }, None),
             (ModelConfig { input: InputKind::OneHot, ..small_config() }, None),
@@ -1016,14 +1127,19 @@ mod tests {
                 ]),
             ),
             (
-                ModelConfig { bar_lookback: MAX_BAR_LOOKBACK, repeat_classes: 2, ..with_bars },
+                ModelConfig {
+                    bar_lookback: MAX_BAR_LOOKBACK,
+                    repeat_classes: 2,
+                    bar_numbers: 3,
+                    ..with_bars
+                },
                 Some(vec![
-                    vec![1, none, none, none, none, none, none],
-                    vec![2, 3, none, none, none, 4, none],
-                    vec![3, 0, 7, 3, none, none, 9],
-                    vec![0, none, none, none, none, none, none],
-                    vec![9, 12, 3, 0, 7, 3, none],
-                    vec![10, none, 0, none, 12, none, 0],
+                    vec![1, none, none, none, none, none, none, 1],
+                    vec![2, 3, none, none, none, 4, none, 2],
+                    vec![3, 0, 7, 3, none, none, 9, 2],
+                    vec![0, none, none, none, none, none, none, 0],
+                    vec![9, 12, 3, 0, 7, 3, none, 4],
+                    vec![10, none, 0, none, 12, none, 0, 3],
                 ]),
             ),
         ];

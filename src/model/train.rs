@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::config::is_zero;
 pub use super::data::{build_dataset, read_set, DataConfig, DataSet, Dataset, SetCounts, Split};
 use super::data::{BarReader, ValidationStream};
 use super::distill::Teachers;
@@ -61,6 +62,9 @@ pub struct ModelShape {
     /// Classes of repeat read (`ModelConfig::repeat_classes`; needs the data's bar meters).
     #[serde(default)]
     pub repeat_classes: usize,
+    /// Bars told apart by number (`ModelConfig::bar_numbers`; needs the data's bar meters).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bar_numbers: usize,
 }
 
 impl Default for ModelShape {
@@ -74,6 +78,7 @@ impl Default for ModelShape {
             weight_drop: 0.0,
             bar_lookback: 0,
             repeat_classes: 0,
+            bar_numbers: 0,
         }
     }
 }
@@ -226,15 +231,20 @@ impl TrainConfig {
         self.model.dropout = base.dropout;
         self.model.bar_lookback = base.bar_lookback;
         self.model.repeat_classes = base.repeat_classes;
+        self.model.bar_numbers = base.bar_numbers;
     }
 }
 
 /// The first way in which the model a run would build differs from the model it starts from,
 /// if any, as `what (base), the run's (run)`.
 fn base_mismatch(base: &ModelConfig, run: &ModelConfig) -> Option<String> {
-    // A run may add repeat inputs to a base without them: their table starts at zero.
+    // A run may add repeat inputs or bar numbers to a base without them: their tables start at
+    // zero.
     let adds_repeats = base.repeat_classes == 0;
-    config_mismatch(base, run, &|what| !(adds_repeats && what == "repeat classes"))
+    let adds_bar_numbers = base.bar_numbers == 0;
+    config_mismatch(base, run, &|what| {
+        !(adds_repeats && what == "repeat classes" || adds_bar_numbers && what == "bar numbers")
+    })
 }
 
 /// The first of the parts that `which` names (by their names below) in which `ours` differs
@@ -259,6 +269,7 @@ pub(super) fn config_mismatch(
             ("bar meters", format!("[{}]", meters.join(" "))),
             ("bar lookback", c.bar_lookback.to_string()),
             ("repeat classes", c.repeat_classes.to_string()),
+            ("bar numbers", c.bar_numbers.to_string()),
         ]
     };
     parts(ours)
@@ -542,6 +553,7 @@ pub fn model_config(cfg: &TrainConfig, data: &Dataset) -> ModelConfig {
     model.bar_meters = cfg.data.bar_meters.clone();
     model.bar_lookback = cfg.model.bar_lookback;
     model.repeat_classes = cfg.model.repeat_classes;
+    model.bar_numbers = cfg.model.bar_numbers;
     model
 }
 

@@ -9,6 +9,26 @@ use super::{Melody, Meter, StepGrid};
 /// The id of a step whose place in a bar is unknown, and of every delimiter.
 pub const NO_BAR_POSITION: u16 = 0;
 
+/// The number of a step's bar when it is unknown (delimiters, no meter); 1 is the pickup before
+/// the first bar line, `k + 1` the `k`th bar.
+pub const NO_BAR_NUMBER: u16 = 0;
+
+/// A step's place in the song, as the bar streams carry it: its position id in the low 16 bits
+/// and its bar's number above them. `position` alone reads as bar number unknown.
+pub fn bar_step(position: u16, number: u16) -> u32 {
+    position as u32 | (number as u32) << 16
+}
+
+/// The position id of a `bar_step`.
+pub fn step_position(step: u32) -> u16 {
+    step as u16
+}
+
+/// The bar number of a `bar_step`.
+pub fn step_bar_number(step: u32) -> u16 {
+    (step >> 16) as u16
+}
+
 /// The meters a new model learns positions for: those of nearly all the folk songs in the
 /// corpus (the Essen and Erk books: 2/4, 4/4, 3/4, 6/8, 4/2, 3/8, 6/4, 3/2, 2/2...).
 pub const COMMON_METERS: [Meter; 12] = [
@@ -63,20 +83,25 @@ pub struct BarClock {
     bar_steps: u16,
     /// Step within the bar, `0..bar_steps`.
     step: u16,
+    /// The bar's number: 1 in a pickup, 2 in the first whole bar (`NO_BAR_NUMBER` never).
+    number: u16,
 }
 
 impl BarClock {
-    /// A clock for `meter` among a model's `meters`, at `step_in_bar` (taken modulo the bar).
-    /// `None` when the model does not know the meter or its bar is not whole steps.
+    /// A clock for `meter` among a model's `meters`, at `step_in_bar` (taken modulo the bar):
+    /// a run that starts off the downbeat starts in a pickup, and its first bar line begins the
+    /// first bar. `None` when the model does not know the meter or its bar is not whole steps.
     pub fn new(meters: &[Meter], meter: Meter, grid: StepGrid, step_in_bar: i64) -> Option<Self> {
         let mut first_id = 1usize;
         for &known in meters {
             let Some(steps) = bar_steps(known, grid) else { continue };
             if known == meter {
+                let step = step_in_bar.rem_euclid(steps as i64) as u16;
                 return Some(Self {
                     first_id: u16::try_from(first_id).ok()?,
                     bar_steps: u16::try_from(steps).ok()?,
-                    step: step_in_bar.rem_euclid(steps as i64) as u16,
+                    step,
+                    number: if step == 0 { 2 } else { 1 },
                 });
             }
             first_id += steps as usize;
@@ -94,9 +119,22 @@ impl BarClock {
         self.step as u32
     }
 
-    /// Moves to the next step, wrapping at the bar line.
+    /// The current bar's number since the clock started (1: a pickup, 2: the first whole bar).
+    pub fn bar_number(&self) -> u16 {
+        self.number
+    }
+
+    /// The current step's position and bar number, as one `bar_step`.
+    pub fn bar_step(&self) -> u32 {
+        bar_step(self.id(), self.number)
+    }
+
+    /// Moves to the next step, wrapping at the bar line into the next bar.
     pub fn advance(&mut self) {
         self.step = (self.step + 1) % self.bar_steps;
+        if self.step == 0 {
+            self.number = self.number.saturating_add(1);
+        }
     }
 }
 
@@ -141,20 +179,20 @@ pub fn first_step_in_bar(melody: &Melody, grid: StepGrid) -> i64 {
     -(grid.nearest_steps(melody.pickup_beats) as i64)
 }
 
-/// The ids of `len` steps of `melody` from beat 0 (its encoding's steps), for a model that
-/// knows `meters`: all `NO_BAR_POSITION` when the melody has no meter or one the model does not
-/// know.
-pub fn melody_bar_positions(melody: &Melody, len: usize, meters: &[Meter], grid: StepGrid) -> Vec<u16> {
+/// The `bar_step`s of `len` steps of `melody` from beat 0 (its encoding's steps), for a model
+/// that knows `meters`, bars numbered from the melody's start: all unknown when the melody has
+/// no meter or one the model does not know.
+pub fn melody_bar_steps(melody: &Melody, len: usize, meters: &[Meter], grid: StepGrid) -> Vec<u32> {
     let clock = melody.meter.and_then(|m| BarClock::new(meters, m, grid, first_step_in_bar(melody, grid)));
     match clock {
         Some(mut clock) => (0..len)
             .map(|_| {
-                let id = clock.id();
+                let step = clock.bar_step();
                 clock.advance();
-                id
+                step
             })
             .collect(),
-        None => vec![NO_BAR_POSITION; len],
+        None => vec![NO_BAR_POSITION as u32; len],
     }
 }
 
@@ -204,14 +242,36 @@ mod tests {
         let mut m = crate::music::note::tests::melody(&[(60, 0.0, 1.0), (62, 1.0, 4.0)]);
         m.meter = Some(meter(3, 4));
         m.pickup_beats = 1.0;
-        let ids = melody_bar_positions(&m, 6, &COMMON_METERS, GRID);
+        let steps = melody_bar_steps(&m, 18, &COMMON_METERS, GRID);
+        let ids: Vec<u16> = steps.iter().map(|&s| step_position(s)).collect();
+        let numbers: Vec<u16> = steps.iter().map(|&s| step_bar_number(s)).collect();
         let downbeat = BarClock::new(&COMMON_METERS, meter(3, 4), GRID, 0).unwrap().id();
-        // Steps 0..4 are the pickup beat (steps 8..12 of the bar); step 4 is the downbeat.
+        // Steps 0..4 are the pickup beat (steps 8..12 of the bar); step 4 is the downbeat of
+        // the first bar, step 16 that of the second.
         assert_eq!(ids[4], downbeat);
         assert_eq!(ids[0], downbeat + 8);
         assert_eq!(ids[5], downbeat + 1);
+        assert_eq!(ids[16], downbeat);
+        assert_eq!((numbers[0], numbers[3], numbers[4], numbers[15], numbers[16]), (1, 1, 2, 2, 3));
         m.meter = None;
-        assert_eq!(melody_bar_positions(&m, 3, &COMMON_METERS, GRID), vec![NO_BAR_POSITION; 3]);
+        assert_eq!(melody_bar_steps(&m, 3, &COMMON_METERS, GRID), vec![NO_BAR_POSITION as u32; 3]);
+        assert_eq!(step_bar_number(NO_BAR_POSITION as u32), NO_BAR_NUMBER);
+    }
+
+    #[test]
+    fn a_clock_counts_its_bars_from_where_it_starts() {
+        let mut on_beat = BarClock::new(&COMMON_METERS, meter(2, 4), GRID, 0).unwrap();
+        assert_eq!(on_beat.bar_number(), 2);
+        for _ in 0..8 * 3 {
+            on_beat.advance();
+        }
+        assert_eq!((on_beat.bar_number(), on_beat.step_in_bar()), (5, 0));
+        assert_eq!(on_beat.bar_step(), bar_step(on_beat.id(), 5));
+        let mut pickup = BarClock::new(&COMMON_METERS, meter(2, 4), GRID, -2).unwrap();
+        assert_eq!((pickup.bar_number(), pickup.step_in_bar()), (1, 6));
+        pickup.advance();
+        pickup.advance();
+        assert_eq!((pickup.bar_number(), pickup.step_in_bar()), (2, 0));
     }
 
     #[test]

@@ -135,6 +135,11 @@ pub struct TrainArgs {
     /// most 4). A model without them may be given them with --init-from: they start at zero.
     #[arg(long)]
     repeat_classes: Option<usize>,
+    /// With --bar-positions, also read each symbol's bar number since the song began, telling N
+    /// bars apart (the count starts again after bar N; N at most 256): where phrases, and songs,
+    /// end. A model without them may be given them with --init-from: they start at zero.
+    #[arg(long)]
+    bar_numbers: Option<usize>,
     /// `every-nth` (song index % --val-every == 0 is validation) or `random`.
     #[arg(long)]
     split: Option<String>,
@@ -327,6 +332,10 @@ fn settings(args: &TrainArgs) -> Result<TrainConfig> {
     set(&mut cfg.model.repeat_classes, args.repeat_classes);
     if cfg.model.repeat_classes > 0 && cfg.data.bar_meters.is_empty() {
         bail!("--repeat-classes needs --bar-positions: repeats are read beside the bar inputs");
+    }
+    set(&mut cfg.model.bar_numbers, args.bar_numbers);
+    if cfg.model.bar_numbers > 0 && cfg.data.bar_meters.is_empty() {
+        bail!("--bar-numbers needs --bar-positions: bars are counted in the songs' meters");
     }
     if let Some(dim) = args.embedding {
         cfg.model.input = if dim == 0 { InputKind::OneHot } else { InputKind::Embedding { dim } };
