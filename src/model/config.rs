@@ -275,16 +275,6 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Bar inputs read beside each token: the bar position, one symbol per bar of lookback, one
-    /// per class of repeat and the bar number (0 for a model that reads symbols alone).
-    pub fn bar_inputs_per_step(&self) -> usize {
-        if self.bar_meters.is_empty() {
-            0
-        } else {
-            1 + self.bar_lookback + self.repeat_classes + usize::from(self.bar_numbers > 0)
-        }
-    }
-
     /// Rows of the bar-number table (`bar_number.weight`): unknown, the pickup, then one per
     /// numbered bar; 0 for a model without one.
     pub fn num_bar_number_rows(&self) -> usize {

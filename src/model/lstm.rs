@@ -974,47 +974,67 @@ impl SideLayout {
         }
     }
 
+    /// Which kind of input `j` is, or `None` past the last.
+    fn input(&self, j: usize) -> Option<SideInput> {
+        match j {
+            0 => Some(SideInput::Position),
+            j if j <= self.token_slots => Some(SideInput::Token { slot: j - 1 }),
+            j if j == self.token_slots + 1 && self.bar_number_rows > 0 => Some(SideInput::BarNumber),
+            _ => None,
+        }
+    }
+
+    /// The first row and the number of rows of `input`'s block.
+    fn block(&self, input: SideInput) -> (usize, usize) {
+        let token_rows = self.vocab_len + 1;
+        match input {
+            SideInput::Position => (0, self.positions),
+            SideInput::Token { slot } => (self.positions + slot * token_rows, token_rows),
+            SideInput::BarNumber => (self.positions + self.token_slots * token_rows, self.bar_number_rows),
+        }
+    }
+
     /// The value input `j` reads when none is given: an unknown position or bar number, or no
     /// token.
     pub fn missing(&self, j: usize) -> u32 {
-        match j {
-            0 => NO_BAR_POSITION as u32,
-            j if j <= self.token_slots => self.vocab_len as u32,
-            _ => 0,
+        match self.input(j) {
+            Some(SideInput::Position) => NO_BAR_POSITION as u32,
+            Some(SideInput::Token { .. }) => self.vocab_len as u32,
+            Some(SideInput::BarNumber) | None => 0,
         }
     }
 
     /// The side-table row of input `j` with value `raw`, or `None` when `raw` (or `j`) is out
     /// of range.
     pub fn row(&self, j: usize, raw: u32) -> Option<u32> {
-        let raw = raw as usize;
-        let tokens_end = self.positions + self.token_slots * (self.vocab_len + 1);
-        let row = match j {
-            0 => (raw < self.positions).then_some(raw)?,
-            j if j <= self.token_slots => {
-                (raw <= self.vocab_len).then_some(self.positions + (j - 1) * (self.vocab_len + 1) + raw)?
-            }
-            j if j == self.token_slots + 1 && self.bar_number_rows > 0 => {
-                (raw < self.bar_number_rows).then_some(tokens_end + raw)?
-            }
-            _ => return None,
-        };
-        Some(row as u32)
+        let (first, len) = self.block(self.input(j)?);
+        ((raw as usize) < len).then_some((first + raw as usize) as u32)
     }
 
     /// Why `row(j, raw)` has none, in words.
     pub fn refusal(&self, j: usize, raw: u32) -> String {
-        match j {
-            0 => format!("bar position {raw} outside the model's {}", self.positions),
-            j if j <= self.token_slots => {
+        match self.input(j) {
+            Some(SideInput::Position) => format!("bar position {raw} outside the model's {}", self.positions),
+            Some(SideInput::Token { .. }) => {
                 format!("lookback or repeat token {raw} outside the vocabulary of {}", self.vocab_len)
             }
-            j if j == self.token_slots + 1 && self.bar_number_rows > 0 => {
+            Some(SideInput::BarNumber) => {
                 format!("bar number row {raw} outside the model's {}", self.bar_number_rows)
             }
-            _ => format!("bar input {j} beyond the model's {}", self.inputs_per_step()),
+            None => format!("bar input {j} beyond the model's {}", self.inputs_per_step()),
         }
     }
+}
+
+/// The kinds of input a `SideLayout` places.
+#[derive(Clone, Copy, Debug)]
+enum SideInput {
+    /// A bar position.
+    Position,
+    /// A token one, two... bars back, or a repeated token, or none (`slot` counts from 0).
+    Token { slot: usize },
+    /// The row of a bar number.
+    BarNumber,
 }
 
 /// Mean negative log-likelihood and accuracy helpers shared by training and evaluation.
