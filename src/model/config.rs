@@ -280,7 +280,7 @@ impl ModelConfig {
     pub fn num_bar_number_rows(&self) -> usize {
         match self.bar_numbers {
             0 => 0,
-            bars => 2 + bars,
+            bars => bar::FIRST_BAR_NUMBER as usize + bars,
         }
     }
 

@@ -285,12 +285,13 @@ impl BarReader {
 }
 
 /// The row of `bar_number.weight` for a bar numbered `number` (`bar::BarClock::bar_number`) in
-/// a model that tells `bar_numbers` bars apart: unknown and the pickup have their own rows, and
-/// the count starts again after the last.
+/// a model that tells `bar_numbers` bars apart: the row is the number itself, so unknown and the
+/// pickup have their own rows, and the count starts again after the last.
 fn bar_number_row(number: u16, bar_numbers: usize) -> u32 {
+    let first = bar::FIRST_BAR_NUMBER as usize;
     match number as usize {
-        n @ 0..=1 => n as u32,
-        n => (2 + (n - 2) % bar_numbers) as u32,
+        n if n < first => n as u32,
+        n => (first + (n - first) % bar_numbers) as u32,
     }
 }
 

@@ -43,7 +43,7 @@ use super::config::{InputKind, ModelConfig};
 use super::data::BarReader;
 use super::fast::FastLstm;
 use super::fused;
-use crate::music::bar::NO_BAR_POSITION;
+use crate::music::bar::{NO_BAR_NUMBER, NO_BAR_POSITION};
 use crate::music::TokenId;
 
 /// Prefix of the LSTM layers' tensors.
@@ -1000,7 +1000,7 @@ impl SideLayout {
         match self.input(j) {
             Some(SideInput::Position) => NO_BAR_POSITION as u32,
             Some(SideInput::Token { .. }) => self.vocab_len as u32,
-            Some(SideInput::BarNumber) | None => 0,
+            Some(SideInput::BarNumber) | None => NO_BAR_NUMBER as u32,
         }
     }
 

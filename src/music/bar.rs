@@ -9,9 +9,14 @@ use super::{Melody, Meter, StepGrid};
 /// The id of a step whose place in a bar is unknown, and of every delimiter.
 pub const NO_BAR_POSITION: u16 = 0;
 
-/// The number of a step's bar when it is unknown (delimiters, no meter); 1 is the pickup before
-/// the first bar line, `k + 1` the `k`th bar.
+/// The number of a step's bar when it is unknown (delimiters, no meter).
 pub const NO_BAR_NUMBER: u16 = 0;
+
+/// The number of the pickup before a song's first bar line.
+pub const PICKUP_BAR_NUMBER: u16 = 1;
+
+/// The number of a song's first whole bar; the `k`th bar is `FIRST_BAR_NUMBER + k - 1`.
+pub const FIRST_BAR_NUMBER: u16 = 2;
 
 /// A step's place in the song, as the bar streams carry it: its position id in the low 16 bits
 /// and its bar's number above them. `position` alone reads as bar number unknown.
@@ -83,7 +88,8 @@ pub struct BarClock {
     bar_steps: u16,
     /// Step within the bar, `0..bar_steps`.
     step: u16,
-    /// The bar's number: 1 in a pickup, 2 in the first whole bar (`NO_BAR_NUMBER` never).
+    /// The bar's number: `PICKUP_BAR_NUMBER` or counting from `FIRST_BAR_NUMBER` (never
+    /// `NO_BAR_NUMBER`).
     number: u16,
 }
 
@@ -101,7 +107,7 @@ impl BarClock {
                     first_id: u16::try_from(first_id).ok()?,
                     bar_steps: u16::try_from(steps).ok()?,
                     step,
-                    number: if step == 0 { 2 } else { 1 },
+                    number: if step == 0 { FIRST_BAR_NUMBER } else { PICKUP_BAR_NUMBER },
                 });
             }
             first_id += steps as usize;
@@ -119,7 +125,8 @@ impl BarClock {
         self.step as u32
     }
 
-    /// The current bar's number since the clock started (1: a pickup, 2: the first whole bar).
+    /// The current bar's number since the clock started (`PICKUP_BAR_NUMBER` in a pickup, then
+    /// from `FIRST_BAR_NUMBER`).
     pub fn bar_number(&self) -> u16 {
         self.number
     }
