@@ -348,6 +348,26 @@ fn a_tiny_model_learns_and_resumes() {
     assert!(resumed.epochs[5].train_loss < summary.epochs[0].train_loss);
 }
 
+/// With a smallest context, only the targets predicted from at least that many symbols of
+/// their window count: half of each 16-symbol window at 9, over the same windows; and a
+/// smallest context no window reaches is refused before any training.
+#[test]
+fn a_smallest_context_leaves_the_early_targets_out() {
+    let data = tiny_data(tiny_corpus(), &tiny_train_config(1));
+    let run = |min_context| {
+        let scratch = scratch_dir("context");
+        let cfg = TrainConfig { min_context, ..tiny_train_config(1) };
+        train(&cfg, &data, scratch.path(), &Device::Cpu, false, &mut Quiet)
+    };
+    let every = run(0).unwrap().epochs[0].train_symbols;
+    assert_eq!(run(1).unwrap().epochs[0].train_symbols, every);
+    let late = run(9).unwrap();
+    assert_eq!(late.epochs[0].train_symbols * 2, every);
+    assert_eq!(late.config.min_context, 9);
+    let err = run(17).unwrap_err().to_string();
+    assert!(err.contains("smallest context of 17") && err.contains("windows of 16"), "{err}");
+}
+
 /// Collects the notices a training run gives.
 #[derive(Default)]
 struct Notices(Vec<String>);

@@ -132,6 +132,11 @@ pub struct TrainConfig {
     pub window_len: usize,
     /// Distance between window starts (`window_len`: each symbol once an epoch).
     pub window_stride: usize,
+    /// Targets predicted from fewer symbols of their window than this are left out of the
+    /// loss (0 or 1: every position is a target). Validation predicts each target from
+    /// `eval.context_len` symbols, so a run can spend its gradient on the contexts it is judged
+    /// on; a stride below `window_len` keeps every symbol a target.
+    pub min_context: usize,
     /// Windows per mini-batch.
     pub batch_size: usize,
     /// Most epochs to run.
@@ -180,6 +185,7 @@ impl Default for TrainConfig {
             model: ModelShape::default(),
             window_len: 64,
             window_stride: 64,
+            min_context: 0,
             batch_size: 64,
             epochs: 30,
             patience: 4,
@@ -593,6 +599,12 @@ pub fn train(
     if cfg.window_len == 0 || cfg.batch_size == 0 || cfg.window_stride == 0 {
         return Err(ModelError::Data("window length, stride and batch size must be at least 1".to_string()));
     }
+    if cfg.min_context > cfg.window_len {
+        return Err(ModelError::Data(format!(
+            "a smallest context of {} leaves no target in windows of {}",
+            cfg.min_context, cfg.window_len
+        )));
+    }
     if !(0.0..1.0).contains(&cfg.model.weight_drop) {
         return Err(ModelError::Data(format!("weight drop {} is outside [0, 1)", cfg.model.weight_drop)));
     }
@@ -779,6 +791,15 @@ pub fn train(
             let soft = teachers.soft_targets(&data.train_bars, batch, cfg.window_len, device)?;
             let (logits, _) = lstm.forward_time_major(&inputs, Some(&bars), None, Some(&mut dropout))?;
             let logits = logits.reshape(((), model_cfg.vocab_len()))?;
+            // Time-major rows: the first `skip` are the targets with too little context.
+            let skip = cfg.min_context.saturating_sub(1) * batch.len();
+            let (logits, targets, soft) = if skip > 0 {
+                let rows = targets.dim(0)? - skip;
+                let soft = soft.map(|soft| soft.narrow(0, skip, rows)).transpose()?;
+                (logits.narrow(0, skip, rows)?, targets.narrow(0, skip, rows)?, soft)
+            } else {
+                (logits, targets, soft)
+            };
             let (nll, argmax) = nll_and_argmax(&logits, &targets)?;
             // The reported loss is always the data's, comparable with validation.
             let data_loss = nll.mean_all()?;

@@ -82,6 +82,10 @@ pub struct TrainArgs {
     /// Distance between window starts.
     #[arg(long)]
     stride: Option<usize>,
+    /// Leave out of the loss the targets predicted from fewer symbols of their window than
+    /// this (validation predicts each from 64; pair it with a shorter `--stride`).
+    #[arg(long)]
+    min_context: Option<usize>,
     /// Peak learning rate.
     #[arg(long)]
     lr: Option<f64>,
@@ -301,6 +305,7 @@ fn settings(args: &TrainArgs) -> Result<TrainConfig> {
         }
     }
     set(&mut cfg.window_stride, args.stride);
+    set(&mut cfg.min_context, args.min_context);
     set(&mut cfg.learning_rate, args.lr);
     set(&mut cfg.warmup_steps, args.warmup_steps);
     set(&mut cfg.weight_decay, args.weight_decay);
