@@ -349,8 +349,8 @@ fn a_tiny_model_learns_and_resumes() {
 }
 
 /// With a smallest context, only the targets predicted from at least that many symbols of
-/// their window count: half of each 16-symbol window at 9, over the same windows; and a
-/// smallest context no window reaches is refused before any training.
+/// their window count: half of each 16-symbol window at 9, over the same windows, and the
+/// run's record says so; a smallest context no window reaches is refused before any training.
 #[test]
 fn a_smallest_context_leaves_the_early_targets_out() {
     let data = tiny_data(tiny_corpus(), &tiny_train_config(1));
@@ -363,7 +363,9 @@ fn a_smallest_context_leaves_the_early_targets_out() {
     assert_eq!(run(1).unwrap().epochs[0].train_symbols, every);
     let late = run(9).unwrap();
     assert_eq!(late.epochs[0].train_symbols * 2, every);
-    assert_eq!(late.config.min_context, 9);
+    // The run's record keeps the setting, and leaves it out where every position counted.
+    assert_eq!(serde_json::to_value(&late.config).unwrap()["min_context"], 9);
+    assert!(serde_json::to_value(tiny_train_config(1)).unwrap().get("min_context").is_none());
     let err = run(17).unwrap_err().to_string();
     assert!(err.contains("smallest context of 17") && err.contains("windows of 16"), "{err}");
 }

@@ -135,7 +135,9 @@ pub struct TrainConfig {
     /// Targets predicted from fewer symbols of their window than this are left out of the
     /// loss (0 or 1: every position is a target). Validation predicts each target from
     /// `eval.context_len` symbols, so a run can spend its gradient on the contexts it is judged
-    /// on; a stride below `window_len` keeps every symbol a target.
+    /// on; a stride below `window_len` keeps every symbol a target. Left out of `train.json`
+    /// when 0, so runs that count every position record the settings they always did.
+    #[serde(skip_serializing_if = "is_zero")]
     pub min_context: usize,
     /// Windows per mini-batch.
     pub batch_size: usize,
