@@ -128,7 +128,8 @@ pub struct TrainConfig {
     pub data: DataConfig,
     /// Network sizes.
     pub model: ModelShape,
-    /// Symbols per training window; every position of a window is a target.
+    /// Symbols per training window; every position of a window is a target unless
+    /// `min_context` leaves the early ones out.
     pub window_len: usize,
     /// Distance between window starts (`window_len`: each symbol once an epoch).
     pub window_stride: usize,

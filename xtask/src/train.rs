@@ -76,7 +76,7 @@ pub struct TrainArgs {
     /// Windows per batch.
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Symbols per training window (every position is a target).
+    /// Symbols per training window (every position is a target, unless `--min-context`).
     #[arg(long)]
     window: Option<usize>,
     /// Distance between window starts.
