@@ -8,7 +8,7 @@
 pub use crate::model::train::{MetricSums, ScoreSum};
 
 use crate::model::lstm::GenState;
-use crate::model::train::{evaluate, EvalConfig, EvalMetrics};
+use crate::model::train::{evaluate_with_memory, EvalConfig, EvalMetrics};
 use crate::model::{LoadedModel, ModelError};
 use crate::music::bar::NO_BAR_POSITION;
 use crate::music::encode::{join_runs, join_songs};
@@ -26,8 +26,9 @@ pub fn windowed_stream(model: &LoadedModel, songs: &[&[Symbol]], context_len: us
 /// after the padding predicted from exactly the `eval.context_len` symbols before it (and
 /// their bar positions and numbers: `bars` holds each song's `bar_step`s, or nothing when none
 /// are known), each window
-/// from the zero state. The same computation as training's validation, on a stream that also
-/// pads the first song. `progress` hears the targets done after each batch.
+/// from the zero state, with the model's tune memory mixed in where it has one. The same
+/// computation as training's validation, on a stream that also pads the first song. `progress`
+/// hears the targets done after each batch.
 pub fn windowed_likelihood(
     model: &LoadedModel,
     songs: &[&[Symbol]],
@@ -53,7 +54,8 @@ pub fn windowed_likelihood(
         NO_BAR_POSITION as u32,
         model.config.delimiter_len,
     ));
-    evaluate(&model.lstm, &tokens, &bar_stream, &model.config.vocab, eval, progress)
+    let memory = model.memory.as_ref();
+    evaluate_with_memory(&model.lstm, memory, &tokens, &bar_stream, &model.config.vocab, eval, progress)
 }
 
 /// Targets of `windowed_likelihood` for `songs`, for a progress bar.
@@ -65,7 +67,7 @@ pub fn num_windowed_targets(model: &LoadedModel, songs: &[&[Symbol]], eval: &Eva
 /// One song streamed as the plugin runs it: from the zero state, the model's run of delimiters,
 /// then every symbol of `song` (at its bar position in `bars`, when they are known) and one
 /// closing delimiter predicted from everything before it, one `LoadedModel::step_at` at a time
-/// (the generator's own path).
+/// with the tune memory mixed in (the generator's own path).
 pub fn streaming_likelihood(
     model: &LoadedModel,
     song: &[Symbol],
@@ -87,7 +89,9 @@ pub fn streaming_likelihood(
         fed.push(token.0 as u32);
         let earlier = |back: usize| fed.len().checked_sub(back + 1).map(|i| fed[i]);
         let inputs: Vec<u16> = reader.inputs(bar, earlier).iter().map(|&x| x as u16).collect();
-        model.step_at(token, &inputs, state, logits)
+        model.step_at(token, &inputs, state, logits)?;
+        model.mix_memory(&fed[fed.len().saturating_sub(model.memory_context())..], logits);
+        Ok::<(), ModelError>(())
     };
     for &token in &lead_tokens {
         feed(token, NO_BAR_POSITION as u32, &mut state, &mut logits)?;

@@ -33,15 +33,18 @@ pub struct Generator {
     is_finished: bool,
     /// The bar position and number of the next song symbol fed, for a model with bar positions.
     bar_clock: Option<BarClock>,
-    /// The most recent tokens fed, newest last, as far back as the model's lookback reaches.
+    /// The most recent tokens fed, newest last, as far back as the model's lookback and its
+    /// tune memory reach (`history_len`).
     history: VecDeque<u32>,
+    history_len: usize,
 }
 
 impl Generator {
     /// A generator at the zero state whose draws follow `seed`.
     pub fn new(model: Arc<LoadedModel>, seed: u64) -> Self {
         let vocab_len = model.config.vocab_len();
-        let history_len = model.lstm.bar_reader().history_len();
+        // The bar reader reads one token past its history length (the token being fed).
+        let history_len = (model.lstm.bar_reader().history_len() + 1).max(model.memory_context());
         Self {
             state: model.new_state(),
             model,
@@ -52,7 +55,8 @@ impl Generator {
             num_generated: 0,
             is_finished: false,
             bar_clock: None,
-            history: VecDeque::with_capacity(history_len + 1),
+            history: VecDeque::with_capacity(history_len),
+            history_len,
         }
     }
 
@@ -130,8 +134,8 @@ impl Generator {
             _ => NO_BAR_POSITION as u32,
         };
         let reader = self.model.lstm.bar_reader();
-        if reader.history_len() > 0 {
-            if self.history.len() > reader.history_len() {
+        if self.history_len > 1 {
+            if self.history.len() == self.history_len {
                 self.history.pop_front();
             }
             self.history.push_back(token.0 as u32);
@@ -139,10 +143,15 @@ impl Generator {
         // One slice (a move of at most the history's length, no allocation): the repeat search
         // reads it up to 63 × 24 times a step.
         let history: &[u32] = self.history.make_contiguous();
-        let earlier = |back: usize| history.len().checked_sub(back + 1).map(|idx| history[idx]);
+        // The bar inputs see no further back than they do in training's windows, however far
+        // the memory reads.
+        let seen = &history[history.len().saturating_sub(reader.history_len() + 1)..];
+        let earlier = |back: usize| seen.len().checked_sub(back + 1).map(|idx| seen[idx]);
         let inputs: ArrayVec<u16, MAX_SIDE_INPUTS> =
             reader.inputs(bar, earlier).iter().map(|&input| input as u16).collect();
         self.model.step_at(token, &inputs, &mut self.state, &mut self.logits)?;
+        let recent = &history[history.len().saturating_sub(self.model.memory_context())..];
+        self.model.mix_memory(recent, &mut self.logits);
         if let (Some(clock), true) = (&mut self.bar_clock, is_song_symbol) {
             clock.advance();
         }

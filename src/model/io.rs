@@ -1,8 +1,10 @@
 //! A trained model on disk and in memory: the model directory (`model.safetensors`,
-//! `config.json`, `train.json`), strict validation at load, and the built-in default model.
+//! `config.json`, `train.json`, and the tune memory's `memory.bin` and `memory.json` where it
+//! has one), strict validation at load, and the built-in default model.
 //! Runs on: the worker thread (loading) and offline threads (saving). Reads whole files into
 //! memory (a buffered read, never mmap), so a file changing under a running host cannot fault.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -12,6 +14,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::config::{InputKind, ModelConfig};
 use super::lstm::{GenState, MelodyLstm, StepWeights};
+use super::memory::{MemoryConfig, Recall, TuneMemory, MEMORY_CONFIG_FILE, MEMORY_FILE};
 use super::ModelError;
 use crate::music::TokenId;
 
@@ -28,6 +31,12 @@ const BUILTIN_CONFIG: &[u8] =
 /// The built-in model's weights, embedded at compile time.
 const BUILTIN_WEIGHTS: &[u8] =
     include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/presets/models/default/model.safetensors"));
+/// The built-in model's tune memory settings, embedded at compile time.
+const BUILTIN_MEMORY_CONFIG: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/presets/models/default/memory.json"));
+/// The built-in model's tune memory, embedded at compile time.
+const BUILTIN_MEMORY: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/presets/models/default/memory.bin"));
 /// Where the built-in model came from, for error messages.
 const BUILTIN_ORIGIN: &str = "built-in model (presets/models/default)";
 
@@ -44,6 +53,9 @@ pub struct LoadedModel {
     pub lstm: MelodyLstm,
     /// Where it was loaded from (a directory, or the built-in model), for messages.
     pub origin: String,
+    /// Its training songs, indexed, mixed into every prediction (`memory`); `None` for a model
+    /// without one, or with it set aside.
+    pub memory: Option<TuneMemory>,
     /// The weights arranged for one step of one sequence.
     step_weights: StepWeights,
 }
@@ -62,7 +74,8 @@ impl LoadedModel {
     /// Loads and validates a model directory or the built-in model onto `device`.
     pub fn load_on(source: &ModelSource, device: &Device) -> Result<Self, ModelError> {
         let (config, tensors) = read_model_parts(source, device)?;
-        Self::from_tensors(config, tensors, &source.to_string(), device)
+        let memory = read_memory(source, config.vocab_len())?;
+        Ok(Self::from_tensors(config, tensors, &source.to_string(), device)?.with_memory(memory))
     }
 
     /// Loads a model from the bytes of its `config.json` and `model.safetensors`. `origin`
@@ -93,10 +106,29 @@ impl LoadedModel {
         Self::new(config, lstm, origin)
     }
 
-    /// A model from a network already built (for tests and freshly trained weights).
+    /// A model from a network already built (for tests and freshly trained weights), without a
+    /// tune memory.
     pub fn new(config: ModelConfig, lstm: MelodyLstm, origin: &str) -> Result<Self, ModelError> {
         let step_weights = lstm.step_weights()?;
-        Ok(Self { config, lstm, origin: origin.to_string(), step_weights })
+        Ok(Self { config, lstm, origin: origin.to_string(), memory: None, step_weights })
+    }
+
+    /// The same model with `memory` (or none) as its tune memory.
+    pub fn with_memory(mut self, memory: Option<TuneMemory>) -> Self {
+        self.memory = memory;
+        self
+    }
+
+    /// Symbols of history the tune memory reads (0 without one).
+    pub fn memory_context(&self) -> usize {
+        self.memory.as_ref().map_or(0, |m| m.config().max_context)
+    }
+
+    /// Mixes the tune memory, if the model has one, into the next symbol's `logits` (`[vocab]`,
+    /// as `step` wrote them) for the tokens fed so far (`history`, newest last): they become
+    /// log-probabilities. Neither allocates nor locks. Returns what the memory recalled.
+    pub fn mix_memory(&self, history: &[u32], logits: &mut [f32]) -> Option<Recall> {
+        self.memory.as_ref()?.mix(history, logits)
     }
 
     /// A zero recurrent state sized for this model.
@@ -181,6 +213,42 @@ pub fn read_model_parts(
         }
     };
     Ok((config, tensors))
+}
+
+/// Reads the tune memory of a model directory, or the built-in one: `None` for a directory
+/// without `memory.json`.
+pub fn read_memory(source: &ModelSource, vocab_len: usize) -> Result<Option<TuneMemory>, ModelError> {
+    let (config_bytes, config_path, bytes, path) = match source {
+        ModelSource::Builtin => (
+            Cow::Borrowed(BUILTIN_MEMORY_CONFIG),
+            format!("{BUILTIN_ORIGIN}/{MEMORY_CONFIG_FILE}"),
+            Cow::Borrowed(BUILTIN_MEMORY),
+            format!("{BUILTIN_ORIGIN}/{MEMORY_FILE}"),
+        ),
+        ModelSource::Dir(dir) => {
+            let (config_path, path) = (dir.join(MEMORY_CONFIG_FILE), dir.join(MEMORY_FILE));
+            if !config_path.exists() {
+                if path.exists() {
+                    return Err(ModelError::CorruptMemory {
+                        path: path.display().to_string(),
+                        problem: format!("found without the {MEMORY_CONFIG_FILE} that says how to use it"),
+                    });
+                }
+                return Ok(None);
+            }
+            (
+                Cow::Owned(read_file(&config_path)?),
+                config_path.display().to_string(),
+                Cow::Owned(read_file(&path)?),
+                path.display().to_string(),
+            )
+        }
+    };
+    let config: MemoryConfig = serde_json::from_slice(&config_bytes).map_err(|e| {
+        ModelError::CorruptMemory { path: config_path.clone(), problem: format!("not memory settings: {e}") }
+    })?;
+    config.validate().map_err(|problem| ModelError::CorruptMemory { path: config_path, problem })?;
+    TuneMemory::from_bytes(&bytes, &path, vocab_len, config).map(Some)
 }
 
 /// Writes `model.safetensors` and `config.json` of `lstm` into `dir` (created if needed).

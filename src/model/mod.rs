@@ -14,7 +14,8 @@
 //! | `Symbol::Hold` | `_` | the sounding note or rest goes on for another step |
 //! | `Symbol::Delimiter` | `/` | between songs; generation stops here |
 //!
-//! A trained model is a directory (`io`): `model.safetensors`, `config.json`, `train.json`.
+//! A trained model is a directory (`io`): `model.safetensors`, `config.json`, `train.json`, and
+//! optionally its tune memory (`memory`): `memory.bin` and `memory.json`.
 //!
 //! The worker continues a phrase like this: one `PhraseContinuation` per phrase, built from a
 //! shared model, advanced one step at a time with settings that may change between steps.
@@ -45,6 +46,7 @@ pub mod int8;
 pub mod io;
 pub mod kernels;
 pub mod lstm;
+pub mod memory;
 pub mod optim;
 pub mod sample;
 pub mod train;
@@ -131,6 +133,9 @@ pub enum ModelError {
     /// The training data gave nothing to train or validate on.
     #[error("training data: {0}")]
     Data(String),
+    /// The tune memory (`memory.bin`, `memory.json`) is unreadable or does not fit the model.
+    #[error("{path}: {problem}")]
+    CorruptMemory { path: String, problem: String },
     /// A file of a training checkpoint does not belong with the rest of it.
     #[error("{path}: {problem}")]
     StaleCheckpoint { path: String, problem: String },

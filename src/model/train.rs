@@ -27,6 +27,7 @@ use super::io::{
     TRAIN_FILE, WEIGHTS_FILE,
 };
 use super::lstm::{nll_and_argmax, Dropout, MelodyLstm, StepWeights};
+use super::memory::{FitSample, TuneMemory};
 use super::optim::{saved_tensor, AdamW};
 use super::{InputKind, ModelConfig, ModelError};
 use crate::music::{Symbol, TokenId, Vocab};
@@ -1249,10 +1250,63 @@ pub fn evaluate(
     eval: &EvalConfig,
     progress: &mut dyn FnMut(usize),
 ) -> Result<EvalMetrics, ModelError> {
+    evaluate_with_memory(lstm, None, tokens, bars, vocab, eval, progress)
+}
+
+/// `evaluate` with a tune memory mixed into every prediction, each window its history.
+pub fn evaluate_with_memory(
+    lstm: &MelodyLstm,
+    memory: Option<&TuneMemory>,
+    tokens: &[u32],
+    bars: &[u32],
+    vocab: &Vocab,
+    eval: &EvalConfig,
+    progress: &mut dyn FnMut(usize),
+) -> Result<EvalMetrics, ModelError> {
     let weights = lstm.step_weights()?;
     score_windows(tokens, vocab, eval, progress, &mut |chunk| {
-        window_logits(lstm, &weights, tokens, bars, chunk, eval.context_len)
+        let logits = window_logits(lstm, &weights, tokens, bars, chunk, eval.context_len)?;
+        let Some(memory) = memory else { return Ok(logits) };
+        let mut rows = logits.to_vec2::<f32>()?;
+        for (row, &target_idx) in rows.iter_mut().zip(chunk) {
+            memory.mix(&tokens[target_idx - eval.context_len..target_idx], row);
+        }
+        let num_rows = rows.len();
+        Ok(Tensor::from_vec(rows.concat(), (num_rows, vocab.len()), logits.device())?)
     })
+}
+
+/// What fitting a tune memory's weights needs of each target of `tokens` that `evaluate`
+/// scores: the network's probability of it, and the class of the memory's match and the
+/// memory's probability of it, as its window recalls them.
+pub fn memory_fit_samples(
+    lstm: &MelodyLstm,
+    memory: &TuneMemory,
+    tokens: &[u32],
+    bars: &[u32],
+    eval: &EvalConfig,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<FitSample>, ModelError> {
+    let weights = lstm.step_weights()?;
+    let targets = eval_targets(tokens.len(), eval);
+    let mut samples = Vec::with_capacity(targets.len());
+    let mut counts = vec![0u32; lstm.vocab_len()];
+    for chunk in targets.chunks(eval.batch_size.max(1)) {
+        let logits = window_logits(lstm, &weights, tokens, bars, chunk, eval.context_len)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+        for (row, &target_idx) in probs.iter().zip(chunk) {
+            let target = tokens[target_idx] as usize;
+            counts.fill(0);
+            let history = &tokens[target_idx - eval.context_len..target_idx];
+            let recalled = memory.recall(history, &mut counts).map(|recall| {
+                let class = memory.config().class_of(recall.len, recall.count);
+                (class, counts[target] as f64 / recall.count as f64)
+            });
+            samples.push(FitSample { p_model: row[target] as f64, recalled });
+        }
+        progress(samples.len());
+    }
+    Ok(samples)
 }
 
 /// The recipe's metric over `tokens` with the scores `predict` gives each batch of targets

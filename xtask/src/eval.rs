@@ -13,7 +13,6 @@ use antiphon::eval::{
 };
 use antiphon::model::data::{read_set, DataSet, Split};
 use antiphon::model::io::TRAIN_FILE;
-use antiphon::model::LoadedModel;
 use antiphon::music::encode::DurationFilter;
 use antiphon::music::midi::write_midi;
 use antiphon::music::Melody;
@@ -43,6 +42,9 @@ pub struct EvalArgs {
     /// Model directory (default: the model built into the plugin).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Leave the model's tune memory out: the network alone.
+    #[arg(long)]
+    no_memory: bool,
     /// Songs to evaluate as `[NAME=]PATH[,PATH...]` (files and folders of .abc and .mid);
     /// repeat for several sets. Each set is split on its own, as in training. Default: the sets
     /// the model was trained on (from its train.json), which suits --split validation.
@@ -138,13 +140,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if train_side == SplitSide::Validation {
         bail!("--train-split validation: copies are looked for in training songs (all or training)");
     }
-    let model = match &args.model {
-        Some(dir) => {
-            LoadedModel::load_dir(dir).with_context(|| format!("loading the model in {}", dir.display()))?
-        }
-        None => LoadedModel::builtin().context("loading the built-in model")?,
-    };
-    let model = Arc::new(model);
+    let model = Arc::new(crate::load_model(args.model.as_deref(), !args.no_memory)?);
     let train_json = match &args.model {
         Some(dir) => dir.join(TRAIN_FILE),
         None => PathBuf::from(BUILTIN_TRAIN_JSON),

@@ -20,6 +20,9 @@ pub struct GenerateArgs {
     /// Model directory (default: the model built into the plugin).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Leave the model's tune memory out: the network alone.
+    #[arg(long)]
+    no_memory: bool,
     /// The primer: a .mid or .abc file, or symbols such as "60 _ 62 _ 64 _ _ _" (a pitch starts
     /// a note, `r` a rest, `_` holds for a step). Empty: a fresh song.
     #[arg(long, default_value = "")]
@@ -75,13 +78,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let model = match &args.model {
-        Some(dir) => {
-            LoadedModel::load_dir(dir).with_context(|| format!("loading the model in {}", dir.display()))?
-        }
-        None => LoadedModel::builtin().context("loading the built-in model")?,
-    };
-    let model = Arc::new(model);
+    let model = Arc::new(crate::load_model(args.model.as_deref(), !args.no_memory)?);
     let mut primer = read_primer(&args.primer, args.tune, &model)?;
     if let Some(text) = &args.meter {
         primer.meter = Some(parse_meter(text)?);

@@ -1,13 +1,17 @@
 //! `cargo xtask`: bundling the plugin, and the offline tools that share its code.
 //! Runs on: offline (a terminal).
 
-use anyhow::Result;
+use std::path::Path;
+
+use antiphon::model::LoadedModel;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
 mod corpus;
 mod eval;
 mod generate;
+mod memory;
 mod quantize;
 mod train;
 
@@ -43,6 +47,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Put a model's LSTM weights on int8 grids, for a generation step four times lighter.
     Quantize(quantize::QuantizeArgs),
+    // The help text is `MemoryArgs`'s doc comment, long form included.
+    Memory(memory::MemoryArgs),
 }
 
 fn main() -> Result<()> {
@@ -59,5 +65,17 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Memory(args) => memory::run(args),
     }
+}
+
+/// The model in `dir`, or the built-in one; without its tune memory unless `with_memory`.
+pub(crate) fn load_model(dir: Option<&Path>, with_memory: bool) -> Result<LoadedModel> {
+    let model = match dir {
+        Some(dir) => {
+            LoadedModel::load_dir(dir).with_context(|| format!("loading the model in {}", dir.display()))?
+        }
+        None => LoadedModel::builtin().context("loading the built-in model")?,
+    };
+    Ok(if with_memory { model } else { model.with_memory(None) })
 }
