@@ -12,8 +12,9 @@ use antiphon::model::io::{
 };
 use antiphon::model::memory::{fit_weights, MemoryConfig, TuneMemory, MEMORY_CONFIG_FILE, MEMORY_FILE};
 use antiphon::model::train::{
-    build_dataset, evaluate, evaluate_with_memory, memory_fit_samples, model_config, train, Dataset,
-    EvalConfig, LrSchedule, ModelShape, Quiet, TrainConfig, TrainObserver, TrainSummary, CHECKPOINT_DIR,
+    build_dataset, evaluate, evaluate_with_memory, model_config, score_predictions, train,
+    window_predictions, Dataset, EvalConfig, LrSchedule, ModelShape, Quiet, TrainConfig, TrainObserver,
+    TrainSummary, CHECKPOINT_DIR,
 };
 use antiphon::model::{
     continue_melody, Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, ModelError,
@@ -467,9 +468,19 @@ fn a_tiny_models_tune_memory_lowers_its_held_out_loss() {
     let memory = TuneMemory::build(stream, data.vocab.len(), MemoryConfig::default()).unwrap();
     let val = &data.validation[0];
     let eval = EvalConfig { max_targets: None, ..cfg.eval.clone() };
-    let samples =
-        memory_fit_samples(&model.lstm, &memory, &val.tokens, &val.bars, &eval, &mut |_| {}).unwrap();
-    assert_eq!(samples.len(), val.tokens.len() - eval.context_len);
+    let (targets, rows) =
+        window_predictions(&model.lstm, &val.tokens, &val.bars, &eval, &mut |_| {}).unwrap();
+    assert_eq!(targets.len(), val.tokens.len() - eval.context_len);
+    let samples: Vec<_> = targets
+        .iter()
+        .zip(&rows)
+        .map(|(&idx, row)| {
+            let target = val.tokens[idx] as usize;
+            let sum: f32 = row.iter().map(|l| l.exp()).sum();
+            let p_model = (row[target].exp() / sum) as f64;
+            memory.fit_sample(&val.tokens[idx - eval.context_len..idx], target, p_model)
+        })
+        .collect();
     let mut memory_cfg = memory.config().clone();
     memory_cfg.weights = fit_weights(&memory_cfg, &samples);
     let memory = memory.with_config(memory_cfg).unwrap();
@@ -485,6 +496,9 @@ fn a_tiny_models_tune_memory_lowers_its_held_out_loss() {
     )
     .unwrap();
     assert_eq!(mixed.all.num_targets, network.all.num_targets);
+    // The same figures from the predictions made once.
+    let again = score_predictions(&val.tokens, &targets, &rows, &data.vocab, Some(&memory), eval.context_len);
+    assert!((again.all.loss - mixed.all.loss).abs() < 1e-5, "{} against {}", again.all.loss, mixed.all.loss);
     assert!(mixed.all.loss < 0.5 * network.all.loss, "{} → {}", network.all.loss, mixed.all.loss);
 
     // Saved beside the network, it comes back with the model and speaks in generation.

@@ -8,7 +8,7 @@
 pub use crate::model::train::{MetricSums, ScoreSum};
 
 use crate::model::lstm::GenState;
-use crate::model::train::{evaluate_with_memory, EvalConfig, EvalMetrics};
+use crate::model::train::{evaluate_with_memory, nll_of, EvalConfig, EvalMetrics};
 use crate::model::{LoadedModel, ModelError};
 use crate::music::bar::NO_BAR_POSITION;
 use crate::music::encode::{join_runs, join_songs};
@@ -107,13 +107,4 @@ pub fn streaming_likelihood(
         feed(token, bar, &mut state, &mut logits)?;
     }
     Ok(sums)
-}
-
-/// Negative log-likelihood (nats) of entry `target` under the softmax of `logits`, and whether
-/// it is the largest (the first of equals, as `argmax` picks).
-fn nll_of(logits: &[f32], target: usize) -> (f64, bool) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let log_sum = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
-    let best = logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
-    (log_sum - logits[target] as f64, best == target)
 }

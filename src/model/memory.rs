@@ -377,6 +377,18 @@ impl TuneMemory {
         Some(Recall { len, count: (end - first) as u32 })
     }
 
+    /// What fitting the weights needs of one held-out target: the network's probability of it
+    /// (`p_model`), and the class of what `recall` finds for `history` and the memory's
+    /// probability of `target`.
+    pub fn fit_sample(&self, history: &[u32], target: usize, p_model: f64) -> FitSample {
+        let mut counts = [0u32; MAX_VOCAB];
+        let recalled = self.recall(history, &mut counts[..self.vocab_len]).map(|recall| {
+            let class = self.config.class_of(recall.len, recall.count);
+            (class, counts[target] as f64 / recall.count as f64)
+        });
+        FitSample { p_model, recalled }
+    }
+
     /// Mixes the memory into a prediction: `logits` (`[vocab]`, the network's) become the
     /// log-probabilities of `(1 - λ) softmax(logits) + λ m` for what `recall` finds for
     /// `history`, or are left as they are when it finds nothing or `λ` is 0. Neither allocates

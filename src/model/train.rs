@@ -27,7 +27,7 @@ use super::io::{
     TRAIN_FILE, WEIGHTS_FILE,
 };
 use super::lstm::{nll_and_argmax, Dropout, MelodyLstm, StepWeights};
-use super::memory::{FitSample, TuneMemory};
+use super::memory::TuneMemory;
 use super::optim::{saved_tensor, AdamW};
 use super::{InputKind, ModelConfig, ModelError};
 use crate::music::{Symbol, TokenId, Vocab};
@@ -1230,7 +1230,9 @@ fn clip_gradients(
 
 /// Indices of the symbols a stream's evaluation predicts: every one after the first
 /// `context_len`, or `max_targets` of them evenly spaced.
-fn eval_targets(stream_len: usize, eval: &EvalConfig) -> Vec<usize> {
+/// The targets (indices into a stream of `stream_len`) that `evaluate` scores: every one with
+/// a full context, or `eval.max_targets` of them evenly spaced.
+pub fn eval_targets(stream_len: usize, eval: &EvalConfig) -> Vec<usize> {
     let all: Vec<usize> = (eval.context_len..stream_len).collect();
     match eval.max_targets {
         Some(max) if max < all.len() && max > 0 => (0..max).map(|i| all[i * all.len() / max]).collect(),
@@ -1276,37 +1278,59 @@ pub fn evaluate_with_memory(
     })
 }
 
-/// What fitting a tune memory's weights needs of each target of `tokens` that `evaluate`
-/// scores: the network's probability of it, and the class of the memory's match and the
-/// memory's probability of it, as its window recalls them.
-pub fn memory_fit_samples(
+/// The network's logits for every target `evaluate` scores, in order: their indices in
+/// `tokens` (`eval_targets`) and a `[vocab]` row of logits each, every window from the zero
+/// state. Holds them all, for work that reads the same predictions several ways (fitting a tune
+/// memory and scoring with and without it). `progress` hears the targets done after each batch.
+pub fn window_predictions(
     lstm: &MelodyLstm,
-    memory: &TuneMemory,
     tokens: &[u32],
     bars: &[u32],
     eval: &EvalConfig,
     progress: &mut dyn FnMut(usize),
-) -> Result<Vec<FitSample>, ModelError> {
+) -> Result<(Vec<usize>, Vec<Vec<f32>>), ModelError> {
     let weights = lstm.step_weights()?;
     let targets = eval_targets(tokens.len(), eval);
-    let mut samples = Vec::with_capacity(targets.len());
-    let mut counts = vec![0u32; lstm.vocab_len()];
+    let mut rows = Vec::with_capacity(targets.len());
     for chunk in targets.chunks(eval.batch_size.max(1)) {
-        let logits = window_logits(lstm, &weights, tokens, bars, chunk, eval.context_len)?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
-        for (row, &target_idx) in probs.iter().zip(chunk) {
-            let target = tokens[target_idx] as usize;
-            counts.fill(0);
-            let history = &tokens[target_idx - eval.context_len..target_idx];
-            let recalled = memory.recall(history, &mut counts).map(|recall| {
-                let class = memory.config().class_of(recall.len, recall.count);
-                (class, counts[target] as f64 / recall.count as f64)
-            });
-            samples.push(FitSample { p_model: row[target] as f64, recalled });
-        }
-        progress(samples.len());
+        rows.extend(window_logits(lstm, &weights, tokens, bars, chunk, eval.context_len)?.to_vec2::<f32>()?);
+        progress(rows.len());
     }
-    Ok(samples)
+    Ok((targets, rows))
+}
+
+/// The recipe's metric from predictions already made (`window_predictions`): `rows[i]` the
+/// logits of the symbol at `targets[i]` of `tokens`, with `memory` mixed into each (the
+/// `context_len` symbols before it its history) when given.
+pub fn score_predictions(
+    tokens: &[u32],
+    targets: &[usize],
+    rows: &[Vec<f32>],
+    vocab: &Vocab,
+    memory: Option<&TuneMemory>,
+    context_len: usize,
+) -> EvalMetrics {
+    let mut sums = MetricSums::default();
+    let mut mixed = vec![0.0f32; vocab.len()];
+    for (&target_idx, row) in targets.iter().zip(rows) {
+        mixed.copy_from_slice(row);
+        if let Some(memory) = memory {
+            memory.mix(&tokens[target_idx.saturating_sub(context_len)..target_idx], &mut mixed);
+        }
+        let target = tokens[target_idx];
+        let (nll, is_best) = nll_of(&mixed, target as usize);
+        sums.add(vocab.symbol(TokenId(target as u16)), nll, is_best);
+    }
+    sums.metrics()
+}
+
+/// Negative log-likelihood (nats) of entry `target` under the softmax of `logits`, and whether
+/// it is the largest (the first of equals, as `argmax` picks).
+pub fn nll_of(logits: &[f32], target: usize) -> (f64, bool) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_sum = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+    let best = logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
+    (log_sum - logits[target] as f64, best == target)
 }
 
 /// The recipe's metric over `tokens` with the scores `predict` gives each batch of targets

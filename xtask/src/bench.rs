@@ -285,8 +285,19 @@ fn describe(config: &ModelConfig) -> String {
     format!("{}×{}, {input}, {} sym", config.num_layers, config.hidden_size, config.vocab_len())
 }
 
+/// `describe`, and whether a tune memory is mixed in.
+fn describe_model(model: &LoadedModel) -> String {
+    let memory = if model.memory.is_some() { " +mem" } else { "" };
+    format!("{}{memory}", describe(&model.config))
+}
+
 fn generation(args: &BenchArgs) -> Result<()> {
-    let mut models = vec![("built-in".to_string(), LoadedModel::builtin()?)];
+    // The built-in model with its tune memory, as the plugin runs it, and without: what the
+    // memory's lookup and mixing add to a step.
+    let mut models = vec![
+        ("built-in".to_string(), LoadedModel::builtin()?),
+        ("  no memory".to_string(), LoadedModel::builtin()?.with_memory(None)),
+    ];
     if let Some(dir) = &args.model {
         let model = LoadedModel::load_dir(dir).with_context(|| format!("loading {}", dir.display()))?;
         models.push((dir.display().to_string(), model));
@@ -302,18 +313,18 @@ fn generation(args: &BenchArgs) -> Result<()> {
     models.push(("recipe size int8".to_string(), recipe_int8));
     println!("\nGeneration, one sequence, one thread: µs per symbol (LSTM step + output layer + sampling)");
     println!(
-        "{:<16} {:<24} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9}",
+        "{:<16} {:<28} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9}",
         "model", "sizes", "packed", "ours", "floor", "weights", "as f32", "floor", "stock", "stock/us"
     );
     for (name, model) in models {
-        let sizes = describe(&model.config);
+        let sizes = describe_model(&model);
         let g = time_generation(model, args)?;
         let format = match g.format {
             WeightFormat::F32 => "f32",
             WeightFormat::I8 => "int8",
         };
         println!(
-            "{:<16} {:<24} {:>6} {:>8.2} {:>8.2} {:>5.0} KiB {:>8.2} {:>8.2} {:>9.1} {:>8.1}×",
+            "{:<16} {:<28} {:>6} {:>8.2} {:>8.2} {:>5.0} KiB {:>8.2} {:>8.2} {:>9.1} {:>8.1}×",
             name,
             sizes,
             format,
@@ -327,7 +338,7 @@ fn generation(args: &BenchArgs) -> Result<()> {
         );
     }
     println!(
-        "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) where the CPU has AVX-512 VNNI, else f32; either way within 1e-5 of candle on the same weights.\n  floor: one pass reading the packed weights a step reads. as f32: the same weights packed as f32, same step and sampler.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler.",
+        "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) where the CPU has AVX-512 VNNI, else f32; either way within 1e-5 of candle on the same weights.\n  floor: one pass reading the packed weights a step reads. as f32: the same weights packed as f32, same step and sampler.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler. +mem: with the tune memory mixed in (ours only).",
         antiphon::model::kernels::Isa::detect().name()
     );
     Ok(())

@@ -3,14 +3,14 @@
 //! songs.
 //! Runs on: offline (a terminal).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use antiphon::model::data::{build_dataset, read_set};
 use antiphon::model::io::{CONFIG_FILE, TRAIN_FILE, WEIGHTS_FILE};
-use antiphon::model::memory::{fit_weights, MemoryConfig, MemoryScore, TuneMemory, MAX_VOCAB};
+use antiphon::model::memory::{fit_weights, FitSample, MemoryConfig, MemoryScore, TuneMemory, MAX_VOCAB};
 use antiphon::model::train::{
-    evaluate, evaluate_with_memory, memory_fit_samples, read_train_config, EvalConfig, EvalMetrics,
+    read_train_config, score_predictions, window_predictions, EvalConfig, EvalMetrics, TrainConfig,
 };
 use antiphon::model::LoadedModel;
 use anyhow::{bail, Context, Result};
@@ -46,23 +46,41 @@ pub struct MemoryArgs {
 }
 
 pub fn run(args: MemoryArgs) -> Result<()> {
+    let config_path = args.config.clone().unwrap_or_else(|| args.model.join(TRAIN_FILE));
+    let cfg = read_train_config(&config_path)?;
+    let out = args.out.as_ref().unwrap_or(&args.model);
+    if out != &args.model {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        for file in [CONFIG_FILE, WEIGHTS_FILE, TRAIN_FILE, "loss.png"] {
+            let from = args.model.join(file);
+            if from.exists() {
+                std::fs::copy(&from, out.join(file))
+                    .with_context(|| format!("copying {} to {}", from.display(), out.display()))?;
+            }
+        }
+    }
+    remember(&args.model, &cfg, args.fit_on.as_deref(), out)
+}
+
+/// Builds the tune memory of the model in `model_dir` from the training songs of `cfg`'s data,
+/// fits its weights on the held-out songs of the set `fit_on` (default: the first with any),
+/// scores every held-out set with and without it, and writes it into `out`.
+pub fn remember(model_dir: &Path, cfg: &TrainConfig, fit_on: Option<&str>, out: &Path) -> Result<()> {
     let started = Instant::now();
-    let model_dir = &args.model;
     let model =
         LoadedModel::load_dir(model_dir).with_context(|| format!("loading {}", model_dir.display()))?;
-    let config_path = args.config.clone().unwrap_or_else(|| model_dir.join(TRAIN_FILE));
-    let mut cfg = read_train_config(&config_path)?;
+    let mut data_cfg = cfg.data.clone();
     // The songs as the network saw them, each once, in its pitch range (which an unset range
     // in the settings derived from the same songs).
-    cfg.data.oversample.clear();
-    cfg.data.pitch_range = Some((model.config.lowest_pitch, model.config.highest_pitch));
-    let sets = cfg.sets.iter().map(|set| (set.name.clone(), read_set(set, &cfg.data))).collect();
-    let data = build_dataset(sets, &cfg.data).context("building the dataset")?;
+    data_cfg.oversample.clear();
+    data_cfg.pitch_range = Some((model.config.lowest_pitch, model.config.highest_pitch));
+    let sets = cfg.sets.iter().map(|set| (set.name.clone(), read_set(set, &data_cfg))).collect();
+    let data = build_dataset(sets, &data_cfg).context("building the dataset")?;
     if data.vocab != model.config.vocab {
         bail!(
-            "{}: the data gives a vocabulary of {} symbols, the model has {}",
-            config_path.display(),
+            "the data gives a vocabulary of {} symbols, the model in {} has {}",
             data.vocab.len(),
+            model_dir.display(),
             model.config.vocab.len()
         );
     }
@@ -77,29 +95,43 @@ pub fn run(args: MemoryArgs) -> Result<()> {
         memory.len(),
         started.elapsed().as_secs_f64()
     );
-
-    let eval = EvalConfig { max_targets: None, ..cfg.eval.clone() };
-    let fit_stream = match &args.fit_on {
-        Some(name) => data.validation.iter().find(|s| &s.name == name).with_context(|| {
+    let fit_name = match fit_on {
+        Some(name) if data.validation.iter().any(|s| s.name == name) => name.to_string(),
+        Some(name) => {
             let names: Vec<&str> = data.validation.iter().map(|s| s.name.as_str()).collect();
-            format!("--fit-on {name}: no held-out songs of that name (there are: {})", names.join(", "))
-        })?,
-        None => data.validation.first().context("the data has no held-out songs to fit on")?,
+            bail!("fitting on {name}: no held-out songs of that name (there are: {})", names.join(", "))
+        }
+        None => data.validation.first().context("the data has no held-out songs to fit on")?.name.clone(),
     };
-    let bar = progress_bar(&format!("fit {}", fit_stream.name), fit_stream.tokens.len() - eval.context_len);
-    let samples =
-        memory_fit_samples(&model.lstm, &memory, &fit_stream.tokens, &fit_stream.bars, &eval, &mut |n| {
+
+    // One pass of the network over every held-out set; the fit and both scores read it.
+    let eval = EvalConfig { max_targets: None, ..cfg.eval.clone() };
+    let mut predictions = Vec::new();
+    for stream in &data.validation {
+        let bar = progress_bar(&stream.name, stream.tokens.len().saturating_sub(eval.context_len));
+        let predicted = window_predictions(&model.lstm, &stream.tokens, &stream.bars, &eval, &mut |n| {
             bar.set_position(n as u64)
         })?;
-    bar.finish_and_clear();
+        bar.finish_and_clear();
+        predictions.push(predicted);
+    }
+    let (fit_stream, (targets, rows)) =
+        data.validation.iter().zip(&predictions).find(|(s, _)| s.name == fit_name).expect("checked above");
+    let samples: Vec<FitSample> = targets
+        .iter()
+        .zip(rows)
+        .map(|(&idx, row)| {
+            let target = fit_stream.tokens[idx] as usize;
+            let p_model = softmax_at(row, target);
+            memory.fit_sample(&fit_stream.tokens[idx - eval.context_len..idx], target, p_model)
+        })
+        .collect();
     let mut memory_cfg = memory.config().clone();
     memory_cfg.weights = fit_weights(&memory_cfg, &samples);
     let num_recalled = samples.iter().filter(|s| s.recalled.is_some()).count();
     memory_cfg.fitted_on = Some(format!(
-        "{}: {} held-out targets, {} of them with a match found at most {} times",
-        fit_stream.name,
+        "{fit_name}: {} held-out targets, {num_recalled} of them with a match found at most {} times",
         samples.len(),
-        num_recalled,
         memory_cfg.max_count
     ));
     println!("fitted on {}", memory_cfg.fitted_on.as_deref().unwrap_or_default());
@@ -110,46 +142,29 @@ pub fn run(args: MemoryArgs) -> Result<()> {
     for row in &memory_cfg.weights {
         println!("  {}", row.iter().map(|w| format!("{w:.2}")).collect::<Vec<_>>().join(" "));
     }
-    let mut memory = memory.with_config(memory_cfg.clone()).map_err(anyhow::Error::msg)?;
+    let memory = memory.with_config(memory_cfg.clone()).map_err(anyhow::Error::msg)?;
 
     println!("held-out, every symbol from the {} before it:", eval.context_len);
     println!("{:>10} {:>8}  {:>16}  {:>16}  {:>16}", "set", "targets", "all", "song symbols", "onsets");
-    for stream in &data.validation {
-        let total = stream.tokens.len() - eval.context_len;
-        let bar = progress_bar(&stream.name, 2 * total);
-        let network = evaluate(&model.lstm, &stream.tokens, &stream.bars, &data.vocab, &eval, &mut |n| {
-            bar.set_position(n as u64)
-        })?;
-        let with_memory = evaluate_with_memory(
-            &model.lstm,
-            Some(&memory),
-            &stream.tokens,
-            &stream.bars,
-            &data.vocab,
-            &eval,
-            &mut |n| bar.set_position((total + n) as u64),
-        )?;
-        bar.finish_and_clear();
+    for (stream, (targets, rows)) in data.validation.iter().zip(&predictions) {
+        let score =
+            |memory| score_predictions(&stream.tokens, targets, rows, &data.vocab, memory, eval.context_len);
+        let (network, with_memory) = (score(None), score(Some(&memory)));
         print_row(&stream.name, "network", &network);
         print_row("", "+ memory", &with_memory);
         memory_cfg.scores.push(MemoryScore { set: stream.name.clone(), network, with_memory });
     }
-    memory = memory.with_config(memory_cfg).map_err(anyhow::Error::msg)?;
-
-    let out = args.out.as_ref().unwrap_or(model_dir);
-    if out != model_dir {
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        for file in [CONFIG_FILE, WEIGHTS_FILE, TRAIN_FILE, "loss.png"] {
-            let from = model_dir.join(file);
-            if from.exists() {
-                std::fs::copy(&from, out.join(file))
-                    .with_context(|| format!("copying {} to {}", from.display(), out.display()))?;
-            }
-        }
-    }
+    let memory = memory.with_config(memory_cfg).map_err(anyhow::Error::msg)?;
     memory.save(out)?;
-    println!("wrote {} ({:.0} s)", out.display(), started.elapsed().as_secs_f64());
+    println!("wrote the memory into {} ({:.0} s)", out.display(), started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The softmax of `logits` at `idx`.
+fn softmax_at(logits: &[f32], idx: usize) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    (logits[idx] as f64 - max).exp() / sum
 }
 
 fn print_row(set: &str, what: &str, m: &EvalMetrics) {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use antiphon::model::data::read_set;
 use antiphon::model::io::{read_model_config, ModelSource};
+use antiphon::model::memory::{MEMORY_CONFIG_FILE, MEMORY_FILE};
 use antiphon::model::train::{
     build_dataset, read_train_config, train, BatchProgress, DataSet, EpochRecord, EvalMetrics, LrSchedule,
     Split, TrainConfig, TrainObserver, TrainSummary,
@@ -64,6 +65,14 @@ pub struct TrainArgs {
     /// Where to train: cpu, cuda or metal (the last two need the build feature of that name).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The data set whose held-out songs fit the tune memory built after training (default:
+    /// the one that picks the best epoch, else the first with held-out songs). Name another
+    /// than the one you judge the model on to keep that one unseen.
+    #[arg(long, value_name = "NAME")]
+    memory_fit_on: Option<String>,
+    /// Train the network only, without a tune memory (`cargo xtask memory` can add one later).
+    #[arg(long)]
+    no_memory: bool,
     /// Seed of the weights, window order and dropout.
     #[arg(long)]
     seed: Option<u64>,
@@ -248,6 +257,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if let (Some(name), false) = (&args.memory_fit_on, args.no_memory) {
+        if !data.validation.iter().any(|v| &v.name == name) {
+            bail!("--memory-fit-on {name}: no data set of that name has held-out songs");
+        }
+    }
     let mut observer = Progress::new(&args.out);
     let summary = train(&cfg, &data, &args.out, &device, args.resume, &mut observer)?;
     observer.finish();
@@ -272,6 +286,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
         summary.symbols_per_s,
         args.out.display()
     );
+    // A memory left from an earlier run in the same folder belongs to other weights.
+    for file in [MEMORY_FILE, MEMORY_CONFIG_FILE] {
+        let path = args.out.join(file);
+        if path.exists() {
+            std::fs::remove_file(&path).with_context(|| format!("removing the old {}", path.display()))?;
+        }
+    }
+    if !args.no_memory {
+        println!("\ntune memory:");
+        let fit_on = args.memory_fit_on.as_deref().or(cfg.eval.select_on.as_deref());
+        if let Err(err) = crate::memory::remember(&args.out, &cfg, fit_on, &args.out) {
+            println!("no tune memory: {err:#} (the network is saved; `cargo xtask memory` can try again)");
+        }
+    }
     Ok(())
 }
 
