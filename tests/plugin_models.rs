@@ -11,11 +11,14 @@ use std::path::Path;
 
 use plugin_host::{notes_on, Plugin, Take};
 
-/// Copies the built-in model's files to `dir`, cutting the weights to `weights_len` bytes.
+/// Copies the built-in model's files (its tune memory too) to `dir`, cutting the weights to
+/// `weights_len` bytes.
 fn copy_builtin(dir: &Path, weights_len: Option<usize>) {
     let builtin = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/models/default");
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::copy(builtin.join("config.json"), dir.join("config.json")).unwrap();
+    for file in ["config.json", "memory.bin", "memory.json"] {
+        std::fs::copy(builtin.join(file), dir.join(file)).unwrap();
+    }
     let mut weights = std::fs::read(builtin.join("model.safetensors")).unwrap();
     if let Some(len) = weights_len {
         weights.truncate(len);

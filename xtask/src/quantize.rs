@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use antiphon::model::fast::{FastLstm, WeightFormat};
 use antiphon::model::int8;
 use antiphon::model::io::{save_model, TRAIN_FILE};
+use antiphon::model::memory::{MEMORY_CONFIG_FILE, MEMORY_FILE};
 use antiphon::model::LoadedModel;
 use anyhow::{bail, Context, Result};
 
@@ -22,8 +23,8 @@ pub struct QuantizeArgs {
     /// The model directory to read.
     #[arg(long)]
     model: PathBuf,
-    /// Where to write the quantised model (config.json, model.safetensors, and train.json and
-    /// loss.png when the model has them).
+    /// Where to write the quantised model (config.json, model.safetensors, and train.json,
+    /// loss.png and the tune memory when the model has them).
     #[arg(long)]
     out: PathBuf,
 }
@@ -36,7 +37,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         LoadedModel::load_dir(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     let (lstm, largest_change) = int8::quantize_model(&model.lstm, &model.config)?;
     save_model(&args.out, &model.config, &lstm).with_context(|| format!("writing {}", args.out.display()))?;
-    for extra in [TRAIN_FILE, "loss.png"] {
+    for extra in [TRAIN_FILE, "loss.png", MEMORY_FILE, MEMORY_CONFIG_FILE] {
         let from = args.model.join(extra);
         if from.exists() {
             std::fs::copy(&from, args.out.join(extra))
