@@ -145,7 +145,11 @@ impl Generator {
         let history: &[u32] = self.history.make_contiguous();
         // The bar inputs see no further back than they do in training's windows, however far
         // the memory reads.
-        let seen = &history[history.len().saturating_sub(reader.history_len() + 1)..];
+        let reach = match reader.history_len() {
+            0 => 0,
+            len => len + 1,
+        };
+        let seen = &history[history.len().saturating_sub(reach)..];
         let earlier = |back: usize| seen.len().checked_sub(back + 1).map(|idx| seen[idx]);
         let inputs: ArrayVec<u16, MAX_SIDE_INPUTS> =
             reader.inputs(bar, earlier).iter().map(|&input| input as u16).collect();
