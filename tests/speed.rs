@@ -72,6 +72,25 @@ fn generating_a_symbol_allocates_nothing() {
 }
 
 #[test]
+fn generating_with_the_tune_memory_allocates_nothing() {
+    // The built-in model mixes its memory into every step: the lookup and the mixing must not
+    // allocate either.
+    let model = Arc::new(LoadedModel::builtin().unwrap());
+    assert!(model.memory.is_some(), "the built-in model ships its tune memory");
+    let mut generator = Generator::new(model, 9);
+    generator.set_bar(Meter { numerator: 4, denominator: 4 }, 0);
+    let settings = SamplingSettings { temperature: 0.9, may_end: false, ..Default::default() };
+    generator.next_symbol(&settings).unwrap();
+    let mut num_symbols = 0;
+    let num_allocs = allocations_during(|| {
+        for _ in 0..300 {
+            num_symbols += generator.next_symbol(&settings).unwrap().is_some() as usize;
+        }
+    });
+    assert_eq!((num_symbols, num_allocs), (300, 0));
+}
+
+#[test]
 fn the_counter_sees_allocations() {
     let n = allocations_during(|| {
         std::hint::black_box(vec![1u8; 100]);
