@@ -401,11 +401,16 @@ impl TuneMemory {
             return None;
         }
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+        let log_norm = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
         let (keep, per_count) = (1.0 - weight, weight / recall.count as f32);
+        let log_keep = keep.ln();
         for (logit, &count) in logits.iter_mut().zip(&counts) {
-            let p = keep * (*logit - max).exp() / sum + per_count * count as f32;
-            *logit = p.ln();
+            // Most symbols never followed the match: their share only shrinks by `keep`, which
+            // spares a logarithm each (the step's budget is a few microseconds).
+            *logit = match count {
+                0 => *logit - log_norm + log_keep,
+                _ => (keep * (*logit - log_norm).exp() + per_count * count as f32).ln(),
+            };
         }
         Some(recall)
     }
