@@ -1230,8 +1230,6 @@ fn clip_gradients(
 
 /// Indices of the symbols a stream's evaluation predicts: every one after the first
 /// `context_len`, or `max_targets` of them evenly spaced.
-/// The targets (indices into a stream of `stream_len`) that `evaluate` scores: every one with
-/// a full context, or `eval.max_targets` of them evenly spaced.
 pub fn eval_targets(stream_len: usize, eval: &EvalConfig) -> Vec<usize> {
     let all: Vec<usize> = (eval.context_len..stream_len).collect();
     match eval.max_targets {
