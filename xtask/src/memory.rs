@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use antiphon::model::data::{build_dataset, read_set};
+use antiphon::model::data::{build_dataset, read_set, ValidationStream};
 use antiphon::model::io::{CONFIG_FILE, TRAIN_FILE, WEIGHTS_FILE};
 use antiphon::model::memory::{fit_weights, FitSample, MemoryConfig, MemoryScore, TuneMemory, MAX_VOCAB};
 use antiphon::model::train::{
@@ -37,8 +37,9 @@ pub struct MemoryArgs {
     /// default: the model's own train.json).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// The data set whose held-out songs fit the weights (default: the first with any).
-    #[arg(long)]
+    /// The data sets whose held-out songs fit the weights, pooled: `NAME[,NAME...]` (default:
+    /// the first with any).
+    #[arg(long, value_name = "NAMES")]
     fit_on: Option<String>,
     /// Write a copy of the model with its memory here instead of into --model.
     #[arg(long)]
@@ -63,7 +64,7 @@ pub fn run(args: MemoryArgs) -> Result<()> {
 }
 
 /// Builds the tune memory of the model in `model_dir` from the training songs of `cfg`'s data,
-/// fits its weights on the held-out songs of the set `fit_on` (default: the first with any),
+/// fits its weights on the held-out songs of the sets `fit_on` names (`fit_sets`),
 /// scores every held-out set with and without it, and writes it into `out`.
 pub fn remember(model_dir: &Path, cfg: &TrainConfig, fit_on: Option<&str>, out: &Path) -> Result<()> {
     let started = Instant::now();
@@ -95,14 +96,7 @@ pub fn remember(model_dir: &Path, cfg: &TrainConfig, fit_on: Option<&str>, out: 
         memory.len(),
         started.elapsed().as_secs_f64()
     );
-    let fit_name = match fit_on {
-        Some(name) if data.validation.iter().any(|s| s.name == name) => name.to_string(),
-        Some(name) => {
-            let names: Vec<&str> = data.validation.iter().map(|s| s.name.as_str()).collect();
-            bail!("fitting on {name}: no held-out songs of that name (there are: {})", names.join(", "))
-        }
-        None => data.validation.first().context("the data has no held-out songs to fit on")?.name.clone(),
-    };
+    let fit_names = fit_sets(fit_on, &data.validation)?;
 
     // One pass of the network over every held-out set; the fit and both scores read it.
     let eval = EvalConfig { max_targets: None, ..cfg.eval.clone() };
@@ -115,22 +109,23 @@ pub fn remember(model_dir: &Path, cfg: &TrainConfig, fit_on: Option<&str>, out: 
         bar.finish_and_clear();
         predictions.push(predicted);
     }
-    let (fit_stream, (targets, rows)) =
-        data.validation.iter().zip(&predictions).find(|(s, _)| s.name == fit_name).expect("checked above");
-    let samples: Vec<FitSample> = targets
-        .iter()
-        .zip(rows)
-        .map(|(&idx, row)| {
-            let target = fit_stream.tokens[idx] as usize;
+    let mut samples: Vec<FitSample> = Vec::new();
+    for (stream, (targets, rows)) in data.validation.iter().zip(&predictions) {
+        if !fit_names.contains(&stream.name) {
+            continue;
+        }
+        samples.extend(targets.iter().zip(rows).map(|(&idx, row)| {
+            let target = stream.tokens[idx] as usize;
             let p_model = softmax_at(row, target);
-            memory.fit_sample(&fit_stream.tokens[idx - eval.context_len..idx], target, p_model)
-        })
-        .collect();
+            memory.fit_sample(&stream.tokens[idx - eval.context_len..idx], target, p_model)
+        }));
+    }
     let mut memory_cfg = memory.config().clone();
     memory_cfg.weights = fit_weights(&memory_cfg, &samples);
     let num_recalled = samples.iter().filter(|s| s.recalled.is_some()).count();
     memory_cfg.fitted_on = Some(format!(
-        "{fit_name}: {} held-out targets, {num_recalled} of them with a match found at most {} times",
+        "{}: {} held-out targets, {num_recalled} of them with a match found at most {} times",
+        fit_names.join(", "),
         samples.len(),
         memory_cfg.max_count
     ));
@@ -158,6 +153,26 @@ pub fn remember(model_dir: &Path, cfg: &TrainConfig, fit_on: Option<&str>, out: 
     memory.save(out)?;
     println!("wrote the memory into {} ({:.0} s)", out.display(), started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The held-out sets `fit_on` names (`NAME[,NAME...]`; by default the first set), each checked
+/// to have held-out songs in `validation`.
+pub fn fit_sets(fit_on: Option<&str>, validation: &[ValidationStream]) -> Result<Vec<String>> {
+    let Some(list) = fit_on else {
+        let first = validation.first().context("the data has no held-out songs to fit a memory on")?;
+        return Ok(vec![first.name.clone()]);
+    };
+    let names: Vec<String> = list.split(',').map(|name| name.trim().to_string()).collect();
+    for name in &names {
+        if !validation.iter().any(|s| &s.name == name) {
+            let known: Vec<&str> = validation.iter().map(|s| s.name.as_str()).collect();
+            bail!(
+                "fitting the memory on {name}: no held-out songs of that name (there are: {})",
+                known.join(", ")
+            );
+        }
+    }
+    Ok(names)
 }
 
 /// The softmax of `logits` at `idx`.

@@ -65,10 +65,10 @@ pub struct TrainArgs {
     /// Where to train: cpu, cuda or metal (the last two need the build feature of that name).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// The data set whose held-out songs fit the tune memory built after training (default:
-    /// the one that picks the best epoch, else the first with held-out songs). Name another
-    /// than the one you judge the model on to keep that one unseen.
-    #[arg(long, value_name = "NAME")]
+    /// The data sets whose held-out songs fit the tune memory built after training, pooled:
+    /// `NAME[,NAME...]` (default: the one that picks the best epoch, else the first with
+    /// held-out songs). Name others than the one you judge the model on to keep it unseen.
+    #[arg(long, value_name = "NAMES")]
     memory_fit_on: Option<String>,
     /// Train the network only, without a tune memory (`cargo xtask memory` can add one later).
     #[arg(long)]
@@ -257,10 +257,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if let (Some(name), false) = (&args.memory_fit_on, args.no_memory) {
-        if !data.validation.iter().any(|v| &v.name == name) {
-            bail!("--memory-fit-on {name}: no data set of that name has held-out songs");
-        }
+    if !args.no_memory && args.memory_fit_on.is_some() {
+        crate::memory::fit_sets(args.memory_fit_on.as_deref(), &data.validation)
+            .context("--memory-fit-on")?;
     }
     let mut observer = Progress::new(&args.out);
     let summary = train(&cfg, &data, &args.out, &device, args.resume, &mut observer)?;
