@@ -138,7 +138,9 @@ fn the_builtin_model_loads_and_generates() {
 #[test]
 fn the_shipped_folk_wide_model_loads_and_generates() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/models/folk-wide");
-    answers_a_phrase(LoadedModel::load_dir(&dir).unwrap());
+    let model = LoadedModel::load_dir(&dir).unwrap();
+    assert!(model.memory.as_ref().is_some_and(|m| m.len() > 2_000_000), "folk-wide ships its tune memory");
+    answers_a_phrase(model);
 }
 
 /// Checks `model` and lets it answer a bar-long phrase with eight beats.
