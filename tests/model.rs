@@ -268,7 +268,7 @@ fn saved_model_with_memory(name: &str, stream: &[u8], weight: f32) -> (tempfile:
     let (scratch, dir, _) = saved_model(name);
     let mut cfg = MemoryConfig { max_context: 8, ..MemoryConfig::default() };
     cfg.weights.iter_mut().flatten().for_each(|w| *w = weight);
-    TuneMemory::build(stream.to_vec(), golden_config().vocab_len(), cfg).unwrap().save(&dir).unwrap();
+    TuneMemory::build(stream, golden_config().vocab_len(), cfg).unwrap().save(&dir).unwrap();
     (scratch, dir)
 }
 
@@ -317,7 +317,7 @@ fn a_tune_memory_loads_with_its_model_and_each_damaged_file_is_named() {
     other.vocab = Vocab::for_pitch_range(60, 66);
     let cfg = MemoryConfig { max_context: 8, ..MemoryConfig::default() };
     std::fs::remove_file(&bin).unwrap();
-    TuneMemory::build(stream.to_vec(), other.vocab_len(), cfg).unwrap().save(&dir).unwrap();
+    TuneMemory::build(&stream, other.vocab_len(), cfg).unwrap().save(&dir).unwrap();
     let message = error(&dir);
     assert!(message.contains(MEMORY_FILE) && message.contains("vocabulary of 10"), "{message}");
 }
@@ -467,7 +467,7 @@ fn a_tiny_models_tune_memory_lowers_its_held_out_loss() {
     let model = LoadedModel::load_dir(scratch.path()).unwrap();
     assert!(model.memory.is_none(), "training writes no memory");
     let stream: Vec<u8> = data.train_tokens.iter().map(|&t| t as u8).collect();
-    let memory = TuneMemory::build(stream, data.vocab.len(), MemoryConfig::default()).unwrap();
+    let memory = TuneMemory::build(&stream, data.vocab.len(), MemoryConfig::default()).unwrap();
     let val = &data.validation[0];
     let eval = EvalConfig { max_targets: None, ..cfg.eval.clone() };
     let (targets, rows) =

@@ -148,9 +148,7 @@ pub struct Recall {
 pub struct TuneMemory {
     config: MemoryConfig,
     vocab_len: usize,
-    /// The stream in training order, as stored.
-    stream: Vec<u8>,
-    /// The stream backwards: the context before position `p` of the stream, read backwards,
+    /// The stream backwards (`to_bytes` turns it round again): the context before position `p` of the stream, read backwards,
     /// is `reversed[n - p..]`, with `n` the stream's length.
     reversed: Vec<u8>,
     /// Start in `reversed` of every context (`n - p` for positions `p` in `1..n`), sorted by
@@ -168,7 +166,7 @@ pub struct TuneMemory {
 
 impl TuneMemory {
     /// Indexes `stream` (token ids below `vocab_len`) under `config`.
-    pub fn build(stream: Vec<u8>, vocab_len: usize, config: MemoryConfig) -> Result<Self, String> {
+    pub fn build(stream: &[u8], vocab_len: usize, config: MemoryConfig) -> Result<Self, String> {
         config.validate()?;
         if vocab_len == 0 || vocab_len > MAX_VOCAB {
             return Err(format!("a vocabulary of {vocab_len} symbols does not fit one byte each"));
@@ -207,7 +205,7 @@ impl TuneMemory {
                 next_start += 1;
             }
         }
-        Ok(Self { config, vocab_len, stream, reversed, order, lcp, next, starts })
+        Ok(Self { config, vocab_len, reversed, order, lcp, next, starts })
     }
 
     /// Reads `memory.bin` bytes (`path` names the file in errors) and indexes them.
@@ -246,16 +244,16 @@ impl TuneMemory {
         if bytes.len() > expected {
             return Err(corrupt(format!("{} bytes after the {num_symbols} symbols", bytes.len() - expected)));
         }
-        Self::build(bytes[HEADER_BYTES..].to_vec(), vocab_len, config).map_err(corrupt)
+        Self::build(&bytes[HEADER_BYTES..], vocab_len, config).map_err(corrupt)
     }
 
     /// The bytes of `memory.bin` for this memory.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(HEADER_BYTES + self.stream.len());
+        let mut bytes = Vec::with_capacity(HEADER_BYTES + self.len());
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&(self.vocab_len as u32).to_le_bytes());
-        bytes.extend_from_slice(&(self.stream.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&self.stream);
+        bytes.extend_from_slice(&(self.len() as u32).to_le_bytes());
+        bytes.extend(self.reversed.iter().rev());
         bytes
     }
 
@@ -281,7 +279,8 @@ impl TuneMemory {
     pub fn with_config(mut self, config: MemoryConfig) -> Result<Self, String> {
         config.validate()?;
         if config.max_context != self.config.max_context {
-            return Self::build(self.stream, self.vocab_len, config);
+            let stream: Vec<u8> = self.reversed.iter().rev().copied().collect();
+            return Self::build(&stream, self.vocab_len, config);
         }
         self.config = config;
         Ok(self)
@@ -289,12 +288,12 @@ impl TuneMemory {
 
     /// Symbols in the stream.
     pub fn len(&self) -> usize {
-        self.stream.len()
+        self.reversed.len()
     }
 
     /// True for an empty stream.
     pub fn is_empty(&self) -> bool {
-        self.stream.is_empty()
+        self.reversed.is_empty()
     }
 
     /// The longest suffix of `history` (token ids, newest last; only the last `max_context`
@@ -497,7 +496,7 @@ mod tests {
         let passage = stream[100..140].to_vec();
         stream.extend_from_slice(&passage);
         stream.extend((0..200).map(|_| rng.random_range(0..8u8)));
-        let memory = TuneMemory::build(stream.clone(), 8, config(24, 1000)).unwrap();
+        let memory = TuneMemory::build(&stream, 8, config(24, 1000)).unwrap();
         let mut num_long = 0;
         for trial in 0..2000 {
             let history: Vec<u32> = if trial % 2 == 0 {
@@ -534,10 +533,10 @@ mod tests {
         let stream = vec![0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 1, 3];
         let history = [5, 0, 1];
         let mut counts = vec![0u32; 6];
-        let loose = TuneMemory::build(stream.clone(), 6, config(8, 3)).unwrap();
+        let loose = TuneMemory::build(&stream, 6, config(8, 3)).unwrap();
         assert_eq!(loose.recall(&history, &mut counts), Some(Recall { len: 2, count: 3 }));
         assert_eq!(counts, [0, 0, 3, 0, 0, 0]);
-        let strict = TuneMemory::build(stream, 6, config(8, 2)).unwrap();
+        let strict = TuneMemory::build(&stream, 6, config(8, 2)).unwrap();
         assert_eq!(strict.recall(&history, &mut [0; 6]), None);
         assert_eq!(strict.recall(&[4], &mut [0; 6]), None, "a symbol never seen");
         assert_eq!(strict.recall(&[], &mut [0; 6]), None);
@@ -549,7 +548,7 @@ mod tests {
         let mut cfg = config(8, 64);
         // Every class at 0.25.
         cfg.weights.iter_mut().flatten().for_each(|w| *w = 0.25);
-        let memory = TuneMemory::build(stream, 5, cfg).unwrap();
+        let memory = TuneMemory::build(&stream, 5, cfg).unwrap();
         let mut logits = vec![0.0f32; 5];
         let recall = memory.mix(&[0, 1], &mut logits);
         assert_eq!(recall, Some(Recall { len: 2, count: 2 }));
@@ -566,10 +565,10 @@ mod tests {
 
     #[test]
     fn bytes_round_trip_and_damage_is_named() {
-        let memory = TuneMemory::build(vec![0, 1, 2, 1, 0], 3, config(8, 64)).unwrap();
+        let memory = TuneMemory::build(&[0, 1, 2, 1, 0], 3, config(8, 64)).unwrap();
         let bytes = memory.to_bytes();
         let back = TuneMemory::from_bytes(&bytes, "m.bin", 3, config(8, 64)).unwrap();
-        assert_eq!(back.stream, memory.stream);
+        assert_eq!(back.to_bytes(), bytes);
         let message = |r: Result<TuneMemory, ModelError>| r.unwrap_err().to_string();
         let truncated = message(TuneMemory::from_bytes(&bytes[..bytes.len() - 1], "m.bin", 3, config(8, 64)));
         assert!(truncated.contains("m.bin") && truncated.contains("truncated"), "{truncated}");

@@ -17,7 +17,7 @@ use antiphon::music::encode::DurationFilter;
 use antiphon::music::midi::write_midi;
 use antiphon::music::Melody;
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use crate::train::parse_set;
 
@@ -300,14 +300,7 @@ impl Progress {
 impl EvalObserver for Progress {
     fn on_stage(&mut self, stage: Stage, total: usize) {
         self.finish();
-        let bar = ProgressBar::new(total as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix:>13} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
-                .expect("a valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(stage.label());
-        self.bar = Some(bar);
+        self.bar = Some(crate::progress_bar(stage.label(), total));
     }
 
     fn on_progress(&mut self, done: usize) {

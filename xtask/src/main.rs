@@ -6,6 +6,7 @@ use std::path::Path;
 use antiphon::model::LoadedModel;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 
 mod bench;
 mod corpus;
@@ -78,4 +79,16 @@ pub(crate) fn load_model(dir: Option<&Path>, with_memory: bool) -> Result<Loaded
         None => LoadedModel::builtin().context("loading the built-in model")?,
     };
     Ok(if with_memory { model } else { model.with_memory(None) })
+}
+
+/// A progress bar of `total` steps labelled `prefix`, as `eval` and `memory` draw them.
+pub(crate) fn progress_bar(prefix: &str, total: usize) -> ProgressBar {
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>13} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
 }

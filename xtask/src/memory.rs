@@ -10,11 +10,10 @@ use antiphon::model::data::{build_dataset, read_set, ValidationStream};
 use antiphon::model::io::{CONFIG_FILE, TRAIN_FILE, WEIGHTS_FILE};
 use antiphon::model::memory::{fit_weights, FitSample, MemoryConfig, MemoryScore, TuneMemory, MAX_VOCAB};
 use antiphon::model::train::{
-    read_train_config, score_predictions, window_predictions, EvalConfig, EvalMetrics, TrainConfig,
+    nll_of, read_train_config, score_predictions, window_predictions, EvalConfig, EvalMetrics, TrainConfig,
 };
 use antiphon::model::LoadedModel;
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 
 /// Give a model a tune memory: the songs it was trained on, indexed, so that where a phrase
 /// continues a passage of one of them the model leans toward what followed there.
@@ -90,7 +89,8 @@ pub fn remember(model_dir: &Path, cfg: &TrainConfig, fit_on: Option<&str>, out: 
         bail!("a vocabulary of {vocab_len} symbols is more than a tune memory stores ({MAX_VOCAB})");
     }
     let stream: Vec<u8> = data.train_tokens.iter().map(|&t| t as u8).collect();
-    let memory = TuneMemory::build(stream, vocab_len, MemoryConfig::default()).map_err(anyhow::Error::msg)?;
+    let memory =
+        TuneMemory::build(&stream, vocab_len, MemoryConfig::default()).map_err(anyhow::Error::msg)?;
     println!(
         "memory: {} symbols of training songs, indexed in {:.2} s",
         memory.len(),
@@ -102,7 +102,7 @@ pub fn remember(model_dir: &Path, cfg: &TrainConfig, fit_on: Option<&str>, out: 
     let eval = EvalConfig { max_targets: None, ..cfg.eval.clone() };
     let mut predictions = Vec::new();
     for stream in &data.validation {
-        let bar = progress_bar(&stream.name, stream.tokens.len().saturating_sub(eval.context_len));
+        let bar = crate::progress_bar(&stream.name, stream.tokens.len().saturating_sub(eval.context_len));
         let predicted = window_predictions(&model.lstm, &stream.tokens, &stream.bars, &eval, &mut |n| {
             bar.set_position(n as u64)
         })?;
@@ -116,7 +116,7 @@ pub fn remember(model_dir: &Path, cfg: &TrainConfig, fit_on: Option<&str>, out: 
         }
         samples.extend(targets.iter().zip(rows).map(|(&idx, row)| {
             let target = stream.tokens[idx] as usize;
-            let p_model = softmax_at(row, target);
+            let p_model = (-nll_of(row, target).0).exp();
             memory.fit_sample(&stream.tokens[idx - eval.context_len..idx], target, p_model)
         }));
     }
@@ -175,13 +175,6 @@ pub fn fit_sets(fit_on: Option<&str>, validation: &[ValidationStream]) -> Result
     Ok(names)
 }
 
-/// The softmax of `logits` at `idx`.
-fn softmax_at(logits: &[f32], idx: usize) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    (logits[idx] as f64 - max).exp() / sum
-}
-
 fn print_row(set: &str, what: &str, m: &EvalMetrics) {
     let cell = |s: &antiphon::model::train::Score| format!("{:.4} / {:5.2} %", s.loss, 100.0 * s.accuracy);
     println!(
@@ -191,15 +184,4 @@ fn print_row(set: &str, what: &str, m: &EvalMetrics) {
         cell(&m.song),
         cell(&m.non_hold)
     );
-}
-
-fn progress_bar(prefix: &str, total: usize) -> ProgressBar {
-    let bar = ProgressBar::new(total as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{prefix:>13} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_prefix(prefix.to_string());
-    bar
 }
