@@ -1,14 +1,10 @@
 //! Antiphon: a MIDI effect that answers the phrase you play with a continuation written by an
 //! LSTM. This file is wiring only: the plugin type, its host-facing constants and the exports;
-//! `schedule` does the audio thread's work and `engine` the worker's.
+//! the `live` crate does the audio thread's work and `engine` the worker's.
 //! Runs on: audio thread (`process`, `reset`), main thread (everything else).
 
 pub mod engine;
-pub mod eval;
-pub mod model;
-pub mod music;
 pub mod params;
-pub mod schedule;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -18,9 +14,9 @@ use nice_plug::prelude::*;
 
 use engine::lstm::LstmFactory;
 use engine::{ContinuerFactory, Engine, EngineStatus};
-use music::phrase::LiveShared;
+use live::phrase::LiveShared;
+use live::{EngineLink, HostTransport, NoteMsg, Scheduler};
 use params::AntiphonParams;
-use schedule::{EngineLink, HostTransport, NoteMsg, Scheduler};
 
 /// The plugin instance the host creates. Creating it is cheap: no thread, no model.
 pub struct Antiphon {

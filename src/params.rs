@@ -9,9 +9,9 @@ use nice_plug::params::persist::PersistentField;
 use nice_plug::prelude::*;
 
 use crate::engine::{ModelChoice, ModelSlot, MAX_LIBRARY_MODELS};
-use crate::music::phrase::KeyLock;
-use crate::music::{Key, Mode};
-use crate::schedule::{AnswerStart, Settings, TriggerMode, VelocityMode};
+use live::phrase::KeyLock;
+use live::{AnswerStart, Settings, TriggerMode, VelocityMode};
+use music::{Key, Mode};
 
 /// Temperature range: near-greedy to wild. 1.0 is the model as trained.
 pub const TEMPERATURE_RANGE: (f32, f32) = (0.05, 2.0);

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use antiphon::engine::lstm::LstmFactory;
 use antiphon::engine::{Engine, EngineStatus};
-use antiphon::music::phrase::LiveShared;
 use antiphon::params::AntiphonParams;
-use antiphon::schedule::{EngineLink, HostTransport, NoteMsg, Scheduler, Settings, TriggerMode};
+use live::phrase::LiveShared;
+use live::{EngineLink, HostTransport, NoteMsg, Scheduler, Settings, TriggerMode};
 use nice_assert_no_alloc::{assert_no_alloc, reset_violation_count, violation_count};
 
 const SAMPLE_RATE_HZ: f64 = 48_000.0;

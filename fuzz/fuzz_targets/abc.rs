@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    let book = antiphon::music::abc::parse_tunebook(&text, "fuzz.abc");
+    let book = antiphon_music::abc::parse_tunebook(&text, "fuzz.abc");
     for melody in &book.tunes {
         let mut previous_end_beats = 0.0;
         for note in &melody.notes {

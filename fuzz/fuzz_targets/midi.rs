@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use antiphon::music::midi::{parse_midi, MelodyChoice};
+use antiphon_music::midi::{parse_midi, MelodyChoice};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {

@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::model::generate::PhraseContinuation;
-use crate::model::io::LoadedModel;
-use crate::model::sample::{PitchClassSet, SamplingSettings};
-use crate::music::bar::BarPhase;
-use crate::music::encode::{decode, StepGrid};
-use crate::music::Symbol;
+use model::generate::PhraseContinuation;
+use model::io::LoadedModel;
+use model::sample::{PitchClassSet, SamplingSettings};
+use music::bar::BarPhase;
+use music::encode::{decode, StepGrid};
+use music::Symbol;
 
 use super::{Constraints, Continuer, ContinuerFactory, EngineError, ModelChoice};
 
@@ -89,8 +89,8 @@ impl Continuer for LstmContinuer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::music::encode::parse_symbols;
-    use crate::music::{Key, Mode};
+    use music::encode::parse_symbols;
+    use music::{Key, Mode};
 
     fn builtin() -> Box<dyn Continuer> {
         LstmFactory.load(&ModelChoice::Builtin).expect("the built-in model loads")

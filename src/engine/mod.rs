@@ -23,10 +23,10 @@ use std::time::Duration;
 use crossbeam::channel::{bounded, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 
-use crate::music::bar::BarPhase;
-use crate::music::encode::{Reject, StepGrid};
-use crate::music::phrase::{AnswerChunk, LiveShared, Request};
-use crate::music::{Key, Symbol};
+use live::phrase::{AnswerChunk, LiveShared, Request};
+use music::bar::BarPhase;
+use music::encode::{Reject, StepGrid};
+use music::{Key, Symbol};
 
 pub use library::{LibraryModel, ModelLibrary, MAX_LIBRARY_MODELS};
 pub use worker::{constrain_pitch, NoteStream};

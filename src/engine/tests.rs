@@ -5,13 +5,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::music::bar::BarPhase;
-use crate::music::encode::parse_symbols;
-use crate::music::note::Note;
-use crate::music::phrase::{
+use live::phrase::{
     AnswerEvent, AnswerEventKind, AnswerRequest, GenSettings, KeyLock, Phrase, LOOKAHEAD_BEATS,
 };
-use crate::music::{Meter, Mode};
+use music::bar::BarPhase;
+use music::encode::parse_symbols;
+use music::note::Note;
+use music::{Meter, Mode};
 
 /// What the scripted continuer was asked.
 #[derive(Default)]

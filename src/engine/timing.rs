@@ -7,10 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{ContinuerFactory, Engine, EngineError, EngineStatus, ModelSlot};
-use crate::music::note::Note;
-use crate::music::phrase::{
-    AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Phrase, Request,
-};
+use live::phrase::{AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Phrase, Request};
+use music::note::Note;
 
 /// Two bars of eighths and quarters in D major, as the audio thread hands a phrase over.
 pub fn sample_phrase() -> Phrase {

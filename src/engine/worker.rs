@@ -9,13 +9,13 @@ use std::time::Duration;
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use nice_plug::prelude::{nice_log, nice_warn};
 
-use crate::music::bar::BarPhase;
-use crate::music::encode::{encode, EncodeConfig, StepGrid};
-use crate::music::key::estimate_key;
-use crate::music::phrase::{
+use live::phrase::{
     AnswerChunk, AnswerEvent, AnswerEventKind, AnswerRequest, KeyLock, LiveShared, Request, LOOKAHEAD_BEATS,
 };
-use crate::music::Symbol;
+use music::bar::BarPhase;
+use music::encode::{encode, EncodeConfig, StepGrid};
+use music::key::estimate_key;
+use music::Symbol;
 
 use super::{
     Constraints, Continuer, ContinuerFactory, EngineError, EngineState, EngineStatus, ModelChoice, ModelSlot,

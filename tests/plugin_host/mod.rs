@@ -252,7 +252,9 @@ impl Plugin {
         let config_id = u32::from(is_note_only);
         // SAFETY: as above.
         let mut info: clap_audio_ports_config = unsafe { std::mem::zeroed() };
-        assert!(unsafe { (ext.get.unwrap())(self.raw(), config_id, &mut info) });
+        // SAFETY: as above; `info` outlives the call.
+        let is_found = unsafe { (ext.get.unwrap())(self.raw(), config_id, &mut info) };
+        assert!(is_found);
         assert_eq!(info.input_port_count == 0 && info.output_port_count == 0, is_note_only);
         // SAFETY: as above.
         assert!(unsafe { (ext.select.unwrap())(self.raw(), config_id) });

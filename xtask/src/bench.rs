@@ -12,17 +12,16 @@ use std::time::Instant;
 
 use antiphon::engine::lstm::LstmFactory;
 use antiphon::engine::timing::first_note_latencies;
-use antiphon::model::fast::{FastLstm, WeightFormat};
-use antiphon::model::int8;
-use antiphon::model::lstm::nll_and_argmax;
-use antiphon::model::{
-    Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, Sampler, SamplingSettings,
-};
-use antiphon::music::{Symbol, TokenId, Vocab};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::rnn::{LSTMConfig, LSTMState, RNN};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
+use model::fast::{FastLstm, WeightFormat};
+use model::int8;
+use model::lstm::nll_and_argmax;
+use model::{Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, Sampler, SamplingSettings};
+use music::{Symbol, TokenId, Vocab};
+use train::SequenceForward;
 
 /// Time generation and training: ours against candle-nn's stock LSTM, same weights and sizes.
 ///
@@ -339,7 +338,7 @@ fn generation(args: &BenchArgs) -> Result<()> {
     }
     println!(
         "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) where the CPU has AVX-512 VNNI, else f32; either way within 1e-5 of candle on the same weights.\n  floor: one pass reading the packed weights a step reads. as f32: the same weights packed as f32, same step and sampler.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler. +mem: with the tune memory mixed in (ours only).",
-        antiphon::model::kernels::Isa::detect().name()
+        model::kernels::Isa::detect().name()
     );
     Ok(())
 }
@@ -572,7 +571,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     println!(
         "cargo xtask bench: {} CPU threads for candle and the fused LSTM, kernels for {}",
         candle_core::utils::barrier_pool().n_workers() + 1,
-        antiphon::model::kernels::Isa::detect().name()
+        model::kernels::Isa::detect().name()
     );
     if !args.no_generation {
         generation(&args)?;

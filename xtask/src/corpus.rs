@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use antiphon::music::corpus::{encode_all, Collection, ReadError};
-use antiphon::music::encode::{encode, quantize, symbols_to_string, DurationFilter, EncodeConfig};
-use antiphon::music::key::{shift_to_convention, KeySource};
-use antiphon::music::midi::{parse_midi, MelodyChoice};
-use antiphon::music::{abc, Melody, StepGrid, Symbol, Vocab};
 use anyhow::{Context, Result};
+use music::corpus::{encode_all, Collection, ReadError};
+use music::encode::{encode, quantize, symbols_to_string, DurationFilter, EncodeConfig};
+use music::key::{shift_to_convention, KeySource};
+use music::midi::{parse_midi, MelodyChoice};
+use music::{abc, Melody, StepGrid, Symbol, Vocab};
 
 /// The Erk tunebooks, in the order of the benchmark split.
 const ERK_FILES: [&str; 4] = ["erk5", "erk10", "erk20", "erk30"];

@@ -6,18 +6,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use antiphon::eval::select::{data_config_for, split_melodies};
-use antiphon::eval::{
+use anyhow::{bail, Context, Result};
+use indicatif::ProgressBar;
+use model::io::TRAIN_FILE;
+use music::encode::DurationFilter;
+use music::midi::write_midi;
+use music::Melody;
+use train::data::{read_set, DataSet, Split};
+use train::eval::select::{data_config_for, split_melodies};
+use train::eval::{
     file_stem_of, format_table, read_training_record, run_eval, select_songs, to_json, EvalObserver,
     EvalSettings, SplitSide, Stage, TrainingSongs,
 };
-use antiphon::model::data::{read_set, DataSet, Split};
-use antiphon::model::io::TRAIN_FILE;
-use antiphon::music::encode::DurationFilter;
-use antiphon::music::midi::write_midi;
-use antiphon::music::Melody;
-use anyhow::{bail, Context, Result};
-use indicatif::ProgressBar;
 
 use crate::train::parse_set;
 
@@ -259,8 +259,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
 /// generated continuation.
 fn write_continuations(
     dir: &Path,
-    continued: &[antiphon::eval::ContinuedSong],
-    songs: &[antiphon::eval::EvalSong],
+    continued: &[train::eval::ContinuedSong],
+    songs: &[train::eval::EvalSong],
     default_tempo_qpm: f64,
     several_temperatures: bool,
 ) -> Result<()> {

@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use antiphon::model::{LoadedModel, PhraseContinuation, PitchClassSet, SamplingSettings};
-use antiphon::music::encode::{decode, parse_symbols, symbols_to_string};
-use antiphon::music::midi::{parse_midi, write_midi, MelodyChoice};
-use antiphon::music::{abc, Key, Melody, Meter, Mode};
 use anyhow::{bail, Context, Result};
+use model::{LoadedModel, PhraseContinuation, PitchClassSet, SamplingSettings};
+use music::encode::{decode, parse_symbols, symbols_to_string};
+use music::midi::{parse_midi, write_midi, MelodyChoice};
+use music::{abc, Key, Melody, Meter, Mode};
 
 /// Continue a primer melody with a model and write MIDI.
 ///

@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use antiphon::model::LoadedModel;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use model::LoadedModel;
 
 mod bench;
 mod corpus;

@@ -1,19 +1,19 @@
 //! `cargo xtask memory`: gives a model a tune memory, its training songs indexed beside the
-//! network (see `antiphon::model::memory`), with the weights of the mixture fitted on held-out
+//! network (see `model::memory`), with the weights of the mixture fitted on held-out
 //! songs.
 //! Runs on: offline (a terminal).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use antiphon::model::data::{build_dataset, read_set, ValidationStream};
-use antiphon::model::io::{CONFIG_FILE, TRAIN_FILE, WEIGHTS_FILE};
-use antiphon::model::memory::{fit_weights, FitSample, MemoryConfig, MemoryScore, TuneMemory, MAX_VOCAB};
-use antiphon::model::train::{
+use anyhow::{bail, Context, Result};
+use model::io::{CONFIG_FILE, TRAIN_FILE, WEIGHTS_FILE};
+use model::memory::{fit_weights, FitSample, MemoryConfig, MemoryScore, TuneMemory, MAX_VOCAB};
+use model::LoadedModel;
+use train::data::{build_dataset, read_set, ValidationStream};
+use train::trainer::{
     nll_of, read_train_config, score_predictions, window_predictions, EvalConfig, EvalMetrics, TrainConfig,
 };
-use antiphon::model::LoadedModel;
-use anyhow::{bail, Context, Result};
 
 /// Give a model a tune memory: the songs it was trained on, indexed, so that where a phrase
 /// continues a passage of one of them the model leans toward what followed there.
@@ -176,7 +176,7 @@ pub fn fit_sets(fit_on: Option<&str>, validation: &[ValidationStream]) -> Result
 }
 
 fn print_row(set: &str, what: &str, m: &EvalMetrics) {
-    let cell = |s: &antiphon::model::train::Score| format!("{:.4} / {:5.2} %", s.loss, 100.0 * s.accuracy);
+    let cell = |s: &train::trainer::Score| format!("{:.4} / {:5.2} %", s.loss, 100.0 * s.accuracy);
     println!(
         "{set:>10} {:>8}  {:>16}  {:>16}  {:>16}  {what}",
         m.all.num_targets,

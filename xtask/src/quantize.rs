@@ -1,15 +1,15 @@
 //! `cargo xtask quantize`: puts a model's LSTM weights on int8 grids, so the generation step
-//! streams a quarter of the bytes (see `antiphon::model::int8`).
+//! streams a quarter of the bytes (see `model::int8`).
 //! Runs on: offline (a terminal).
 
 use std::path::PathBuf;
 
-use antiphon::model::fast::{FastLstm, WeightFormat};
-use antiphon::model::int8;
-use antiphon::model::io::{save_model, TRAIN_FILE};
-use antiphon::model::memory::{MEMORY_CONFIG_FILE, MEMORY_FILE};
-use antiphon::model::LoadedModel;
 use anyhow::{bail, Context, Result};
+use model::fast::{FastLstm, WeightFormat};
+use model::int8;
+use model::io::{save_model, TRAIN_FILE};
+use model::memory::{MEMORY_CONFIG_FILE, MEMORY_FILE};
+use model::LoadedModel;
 
 /// Put a model's LSTM weights on int8 grids, for a generation step four times lighter.
 ///

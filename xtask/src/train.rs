@@ -4,19 +4,19 @@
 
 use std::path::{Path, PathBuf};
 
-use antiphon::model::data::read_set;
-use antiphon::model::io::{read_model_config, ModelSource};
-use antiphon::model::memory::{MEMORY_CONFIG_FILE, MEMORY_FILE};
-use antiphon::model::train::{
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use model::io::{read_model_config, ModelSource};
+use model::memory::{MEMORY_CONFIG_FILE, MEMORY_FILE};
+use model::{select_device, InputKind, Transposition};
+use music::encode::DurationFilter;
+use music::key::KeySource;
+use plotters::prelude::*;
+use train::data::read_set;
+use train::trainer::{
     build_dataset, read_train_config, train, BatchProgress, DataSet, EpochRecord, EvalMetrics, LrSchedule,
     Split, TrainConfig, TrainObserver, TrainSummary,
 };
-use antiphon::model::{select_device, InputKind, Transposition};
-use antiphon::music::encode::DurationFilter;
-use antiphon::music::key::KeySource;
-use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
-use plotters::prelude::*;
 
 /// Train a melody model on folders of .abc and .mid files.
 ///
@@ -355,7 +355,7 @@ fn settings(args: &TrainArgs) -> Result<TrainConfig> {
     }
     set(&mut cfg.model.weight_drop, args.weight_drop);
     if args.bar_positions {
-        cfg.data.bar_meters = antiphon::music::bar::COMMON_METERS.to_vec();
+        cfg.data.bar_meters = music::bar::COMMON_METERS.to_vec();
     }
     set(&mut cfg.model.bar_lookback, args.bar_lookback);
     if cfg.model.bar_lookback > 0 && cfg.data.bar_meters.is_empty() {

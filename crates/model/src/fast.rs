@@ -1,0 +1,773 @@
+//! The generation step on packed weights: one symbol for one sequence in a few microseconds,
+//! computing the same function as `MelodyLstm`'s candle graph (within 1e-5; see the tests).
+//! Runs on: the worker thread. `FastLstm::step` neither allocates nor locks; the weights are
+//! packed once, when a model with fixed weights is built.
+//!
+//! A batch-1 step is bound by how fast the weights stream from cache, so the layout serves one
+//! pass over them:
+//! - The gate rows of each layer are regrouped into blocks of `BLOCK_UNITS` hidden units, each
+//!   block holding its units' four gates (i, f, g, o) as `4 · BLOCK_UNITS` rows. A block's
+//!   weights are stored column after column (`[input + hidden][4 · BLOCK_UNITS]`), so the
+//!   matrix-vector product is a run of contiguous multiply-adds into 64 accumulators, and the
+//!   cell update of the block's units follows at once.
+//! - Layer 0's input projection is a table: for a one-hot or embedded token, `W_ih x + b_ih +
+//!   b_hh` is one precomputed row per token (`E W_ihᵀ` for an embedding).
+//! - The output layer is packed the same way, in blocks of 64 symbols.
+//!
+//! Hidden sizes that are not a multiple of `BLOCK_UNITS` are padded with zero rows; the padded
+//! units are computed and thrown away.
+//!
+//! A model whose LSTM rows lie on int8 grids (`int8`, `cargo xtask quantize`) is packed as
+//! those integers where the CPU has AVX-512 VNNI: a quarter of the bytes, the same function.
+
+use std::fmt;
+use std::ops::BitXor;
+
+use candle_core::{DType, Device, Error, Result, Tensor};
+
+use super::config::{InputKind, MAX_SIDE_INPUTS};
+use super::int8::{self, Int8Part, Limbs};
+use super::kernels::{madd, sigmoid, tanh_approx, Isa};
+use super::lstm::{GenState, MelodyLstm, SideLayout};
+use music::TokenId;
+
+/// Hidden units per packed block.
+pub const BLOCK_UNITS: usize = 16;
+/// Gate rows per packed block (four gates of `BLOCK_UNITS` units); also the symbols per block of
+/// the output layer.
+const BLOCK_ROWS: usize = 4 * BLOCK_UNITS;
+const _: () = assert!(BLOCK_ROWS == int8::BLOCK_ROWS, "int8 parts are blocks of the same rows");
+/// Largest hidden size the fast step runs: a layer's previous hidden state is copied to a stack
+/// buffer of this many numbers. Larger models use candle.
+pub const MAX_FAST_HIDDEN: usize = 1024;
+
+/// How the packed layer matrices are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// As trained: the step computes candle's function within 1e-5.
+    F32,
+    /// The integers of weights that lie on their rows' int8 grids (`int8`; a model saved by
+    /// `cargo xtask quantize`): a quarter of the bytes, and still candle's function within 1e-5.
+    /// Needs AVX-512 VNNI; `for_model` picks it by itself where both hold.
+    I8,
+}
+
+/// A layer's matrix in one of the `WeightFormat`s.
+enum LayerWeights {
+    F32(Vec<f32>),
+    /// Per block, the input part then the hidden part.
+    I8(Vec<Int8Part>),
+}
+
+impl LayerWeights {
+    fn num_bytes(&self) -> usize {
+        match self {
+            LayerWeights::F32(w) => 4 * w.len(),
+            LayerWeights::I8(parts) => parts.iter().map(|p| p.weights.len() + 8 * BLOCK_ROWS).sum(),
+        }
+    }
+}
+
+/// One LSTM layer, packed.
+struct PackedLayer {
+    /// Width of the layer's input in `weights` (0 for layer 0, whose input is the token table).
+    input_width: usize,
+    /// `[num_blocks][input_width + hidden][BLOCK_ROWS]`: block `b`, column `k`, packed row
+    /// `q · BLOCK_UNITS + u` is row `q · hidden + b · BLOCK_UNITS + u` of `[W_ih | W_hh]`.
+    weights: LayerWeights,
+    /// `[num_blocks · BLOCK_ROWS]`: `b_ih + b_hh` in packed row order (all zero for layer 0,
+    /// whose biases live in the token table).
+    bias: Vec<f32>,
+}
+
+/// A `MelodyLstm` with its weights packed for one-sequence stepping on the CPU.
+pub struct FastLstm {
+    isa: Isa,
+    format: WeightFormat,
+    hidden_size: usize,
+    vocab_len: usize,
+    num_blocks: usize,
+    /// `[vocab][num_blocks · BLOCK_ROWS]`: layer 0's `W_ih x + b_ih + b_hh` per token, packed.
+    token_gates: Vec<f32>,
+    /// `[side rows][num_blocks · BLOCK_ROWS]`: layer 0's input per row of the side table
+    /// (`MelodyLstm::side_table`: bar positions, lookback and repeat tokens, bar numbers),
+    /// packed; empty for a model without bar inputs.
+    side_gates: Vec<f32>,
+    /// Which rows of `side_gates` each bar input reads.
+    side_layout: SideLayout,
+    layers: Vec<PackedLayer>,
+    /// `[vocab blocks][hidden][BLOCK_ROWS]`: the output layer, symbol `v` in block `v / 64`.
+    head_w: Vec<f32>,
+    /// `[vocab blocks · BLOCK_ROWS]`.
+    head_b: Vec<f32>,
+}
+
+impl fmt::Debug for FastLstm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FastLstm")
+            .field("isa", &self.isa)
+            .field("format", &self.format)
+            .field("hidden_size", &self.hidden_size)
+            .field("num_layers", &self.layers.len())
+            .field("vocab_len", &self.vocab_len)
+            .field("weight_bytes_per_step", &self.weight_bytes_per_step())
+            .finish()
+    }
+}
+
+/// A tensor's values as `f32`, row-major.
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+impl FastLstm {
+    /// Packs `lstm`'s current weights when it lives on the CPU and its hidden size is at most
+    /// `MAX_FAST_HIDDEN` (`None` otherwise). A copy: pack again after the weights change.
+    pub fn for_model(lstm: &MelodyLstm) -> Result<Option<Self>> {
+        if !lstm.device().is_cpu() || lstm.hidden_size() > MAX_FAST_HIDDEN {
+            return Ok(None);
+        }
+        let isa = Isa::detect();
+        if isa == Isa::Avx512 && int8::cpu_has_vnni() {
+            if let Ok(fast) = Self::pack_as(lstm, isa, WeightFormat::I8) {
+                return Ok(Some(fast));
+            }
+        }
+        Self::pack(lstm, isa).map(Some)
+    }
+
+    /// Packs `lstm`'s current weights as f32 for kernels of `isa` (which the CPU must run; see
+    /// `Isa::detect`). Works for any hidden size up to `MAX_FAST_HIDDEN`.
+    pub fn pack(lstm: &MelodyLstm, isa: Isa) -> Result<Self> {
+        Self::pack_as(lstm, isa, WeightFormat::F32)
+    }
+
+    /// Packs `lstm`'s current weights in `format` for kernels of `isa`. `WeightFormat::I8` errors
+    /// unless `isa` is AVX-512, the CPU has VNNI and every row of the layers' matrices (but layer
+    /// 0's input matrix, which becomes the token table) lies on its int8 grid.
+    pub fn pack_as(lstm: &MelodyLstm, isa: Isa, format: WeightFormat) -> Result<Self> {
+        if format == WeightFormat::I8 && !(isa == Isa::Avx512 && int8::cpu_has_vnni()) {
+            return Err(Error::Msg("fast step: int8 weights need AVX-512 VNNI".into()));
+        }
+        let hidden = lstm.hidden_size();
+        let vocab_len = lstm.vocab_len();
+        if hidden == 0 || hidden > MAX_FAST_HIDDEN {
+            return Err(Error::Msg(format!("fast step: hidden size {hidden} outside 1..={MAX_FAST_HIDDEN}")));
+        }
+        let num_blocks = hidden.div_ceil(BLOCK_UNITS);
+        let packed_rows = num_blocks * BLOCK_ROWS;
+        // Packed row → original gate row (None for padding).
+        let source_row = |packed: usize| {
+            let (b, r) = (packed / BLOCK_ROWS, packed % BLOCK_ROWS);
+            let (q, u) = (r / BLOCK_UNITS, r % BLOCK_UNITS);
+            let unit = b * BLOCK_UNITS + u;
+            (unit < hidden).then_some(q * hidden + unit)
+        };
+        let get = |name: &str| -> Result<Vec<f32>> {
+            let (_, t) = lstm
+                .named_tensors()
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| Error::Msg(format!("fast step: no tensor '{name}'")))?;
+            values(&t)
+        };
+
+        let mut layers = Vec::with_capacity(lstm.num_layers());
+        let mut token_gates = vec![0.0f32; vocab_len * packed_rows];
+        for k in 0..lstm.num_layers() {
+            let w_ih = get(&format!("lstm.weight_ih_l{k}"))?;
+            let w_hh = get(&format!("lstm.weight_hh_l{k}"))?;
+            let b_ih = get(&format!("lstm.bias_ih_l{k}"))?;
+            let b_hh = get(&format!("lstm.bias_hh_l{k}"))?;
+            let in_width = w_ih.len() / (4 * hidden);
+            let bias = |row: usize| b_ih[row] + b_hh[row];
+            let input_width = if k == 0 { 0 } else { in_width };
+            let cols = input_width + hidden;
+            let mut weights = vec![0.0f32; num_blocks * cols * BLOCK_ROWS];
+            let mut packed_bias = vec![0.0f32; packed_rows];
+            for (p, packed_bias) in packed_bias.iter_mut().enumerate() {
+                let Some(row) = source_row(p) else { continue };
+                let (b, r) = (p / BLOCK_ROWS, p % BLOCK_ROWS);
+                let block = &mut weights[b * cols * BLOCK_ROWS..][..cols * BLOCK_ROWS];
+                for col in 0..input_width {
+                    block[col * BLOCK_ROWS + r] = w_ih[row * in_width + col];
+                }
+                for col in 0..hidden {
+                    block[(input_width + col) * BLOCK_ROWS + r] = w_hh[row * hidden + col];
+                }
+                if k > 0 {
+                    *packed_bias = bias(row);
+                }
+            }
+            if k == 0 {
+                // The token table: a one-hot token picks a column of W_ih; an embedded one is
+                // its table row times W_ihᵀ (summed in f64, so only the final rounding differs
+                // from an exact product).
+                let embedding = match lstm.input() {
+                    InputKind::Embedding { .. } => Some(get("embedding.weight")?),
+                    InputKind::OneHot => None,
+                };
+                for v in 0..vocab_len {
+                    let row_out = &mut token_gates[v * packed_rows..][..packed_rows];
+                    for (p, out) in row_out.iter_mut().enumerate() {
+                        let Some(row) = source_row(p) else { continue };
+                        let w_row = &w_ih[row * in_width..][..in_width];
+                        let x_part = match &embedding {
+                            Some(table) => {
+                                let e_row = &table[v * in_width..][..in_width];
+                                w_row.iter().zip(e_row).map(|(&w, &e)| w as f64 * e as f64).sum::<f64>()
+                            }
+                            None => w_row[v] as f64,
+                        };
+                        *out = (x_part + b_ih[row] as f64 + b_hh[row] as f64) as f32;
+                    }
+                }
+            }
+            let weights = match format {
+                WeightFormat::I8 => {
+                    let mut parts = Vec::with_capacity(2 * num_blocks);
+                    for b in 0..num_blocks {
+                        for (matrix, width) in [(&w_ih, input_width), (&w_hh, hidden)] {
+                            // The block's rows of the matrix (`None` for padding rows).
+                            let rows: Vec<Option<&[f32]>> = (0..BLOCK_ROWS)
+                                .map(|r| {
+                                    let row = (width > 0).then(|| source_row(b * BLOCK_ROWS + r)).flatten();
+                                    row.map(|row| &matrix[row * width..][..width])
+                                })
+                                .collect();
+                            let part = Int8Part::pack(&rows, width).ok_or_else(|| {
+                                Error::Msg(format!("fast step: layer {k} has weights off their int8 grid"))
+                            })?;
+                            parts.push(part);
+                        }
+                    }
+                    LayerWeights::I8(parts)
+                }
+                WeightFormat::F32 => LayerWeights::F32(weights),
+            };
+            layers.push(PackedLayer { input_width, weights, bias: packed_bias });
+        }
+
+        let mut side_gates = Vec::new();
+        if let Some(table) = lstm.side_table(&Tensor::clone)? {
+            let (num_rows, _) = table.dims2()?;
+            let table = values(&table)?;
+            side_gates = vec![0.0f32; num_rows * packed_rows];
+            for (side_row, out) in side_gates.chunks_exact_mut(packed_rows).enumerate() {
+                for (p, out) in out.iter_mut().enumerate() {
+                    if let Some(row) = source_row(p) {
+                        *out = table[side_row * 4 * hidden + row];
+                    }
+                }
+            }
+        }
+        let side_layout = lstm.side_layout();
+
+        let head_w_src = get("head.weight")?;
+        let head_b_src = get("head.bias")?;
+        let vocab_blocks = vocab_len.div_ceil(BLOCK_ROWS);
+        let mut head_w = vec![0.0f32; vocab_blocks * hidden * BLOCK_ROWS];
+        let mut head_b = vec![0.0f32; vocab_blocks * BLOCK_ROWS];
+        for v in 0..vocab_len {
+            let (b, r) = (v / BLOCK_ROWS, v % BLOCK_ROWS);
+            for col in 0..hidden {
+                head_w[(b * hidden + col) * BLOCK_ROWS + r] = head_w_src[v * hidden + col];
+            }
+            head_b[v] = head_b_src[v];
+        }
+        Ok(Self {
+            isa,
+            format,
+            hidden_size: hidden,
+            vocab_len,
+            num_blocks,
+            token_gates,
+            side_gates,
+            side_layout,
+            layers,
+            head_w,
+            head_b,
+        })
+    }
+
+    /// An all-zero state for this model.
+    pub fn new_state(&self) -> GenState {
+        GenState::zeros(self.layers.len(), self.hidden_size)
+    }
+
+    /// The instruction set its kernels run with.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// How its layer matrices are stored.
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// Bytes of weights one step reads: every layer, one row of the token table, the output
+    /// layer.
+    pub fn weight_bytes_per_step(&self) -> usize {
+        let layers: usize = self.layers.iter().map(|l| l.weights.num_bytes() + 4 * l.bias.len()).sum();
+        let table_row = self.num_blocks * BLOCK_ROWS;
+        layers + 4 * (table_row + self.head_w.len() + self.head_b.len())
+    }
+
+    /// Reads every weight a step reads, once, and returns their sum: timing this gives the
+    /// floor a step's time is measured against (it does no other work).
+    pub fn read_weights_once(&self, token: TokenId) -> f32 {
+        let row = (token.0 as usize).min(self.vocab_len - 1) * self.num_blocks * BLOCK_ROWS;
+        let table_row = &self.token_gates[row..][..self.num_blocks * BLOCK_ROWS];
+        let mut total = 0.0;
+        let mut parts: Vec<&[f32]> = vec![table_row, &self.head_w, &self.head_b];
+        for layer in &self.layers {
+            parts.push(&layer.bias);
+            match &layer.weights {
+                LayerWeights::F32(w) => parts.push(w),
+                LayerWeights::I8(parts) => {
+                    for part in parts {
+                        total += xor_fold(self.isa, &part.weights) as f32
+                            + xor_fold(self.isa, &part.sums) as f32
+                            + part.scales.iter().sum::<f32>();
+                    }
+                }
+            }
+        }
+        for part in parts {
+            total += match self.isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA.
+                Isa::Avx512 => unsafe { sum_avx512(part) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
+                Isa::Avx2Fma => unsafe { sum_avx2(part) },
+                _ => sum_body(part),
+            };
+        }
+        total
+    }
+
+    /// Feeds `token` with its bar inputs (`bars`: the bar position, then the tokens one, two...
+    /// bars back; missing ones read as none, and a model without bar inputs ignores them) to
+    /// one sequence: updates `state` (per layer `[hidden]`) and writes the next symbol's logits
+    /// into `logits` (`[vocab]`). Errors (a token or bar input outside the model's, a state or
+    /// buffer of the wrong size) leave `state` untouched.
+    pub fn step_at(
+        &self,
+        token: TokenId,
+        bars: &[u16],
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let token = token.0 as usize;
+        let hidden = self.hidden_size;
+        let packed_rows = self.num_blocks * BLOCK_ROWS;
+        let is_shaped = state.h.len() == self.layers.len()
+            && state.c.len() == self.layers.len()
+            && state.h.iter().chain(&state.c).all(|v| v.len() == hidden);
+        if token >= self.vocab_len || !is_shaped || logits.len() != self.vocab_len {
+            return Err(Error::Msg(format!(
+                "fast step: token {token} of {}, {} layers of {hidden} in the state, {} logits",
+                self.vocab_len,
+                state.h.len(),
+                logits.len()
+            )));
+        }
+        // The bar inputs' rows, added to layer 0's gates.
+        let mut side_rows: [&[f32]; MAX_SIDE_INPUTS] = [&[]; MAX_SIDE_INPUTS];
+        let inputs_per_step = self.side_layout.inputs_per_step();
+        for (j, side) in side_rows.iter_mut().enumerate().take(inputs_per_step) {
+            let raw = bars.get(j).map_or(self.side_layout.missing(j), |&raw| raw as u32);
+            let row = self
+                .side_layout
+                .row(j, raw)
+                .ok_or_else(|| Error::Msg(format!("fast step: {}", self.side_layout.refusal(j, raw))))?
+                as usize;
+            *side = &self.side_gates[row * packed_rows..][..packed_rows];
+        }
+        let bar_rows = &side_rows[..inputs_per_step];
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA;
+            // int8 weights are only packed where it also reports AVX-512BW and VNNI.
+            Isa::Avx512 => unsafe {
+                if self.format == WeightFormat::I8 {
+                    self.step_avx512_vnni(token, bar_rows, state, logits)
+                } else {
+                    self.step_avx512(token, bar_rows, state, logits)
+                }
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
+            Isa::Avx2Fma => unsafe { self.step_avx2(token, bar_rows, state, logits) },
+            _ => self.step_body::<false, false>(token, bar_rows, state, logits),
+        }
+        Ok(())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn step_avx512(
+        &self,
+        token: usize,
+        bar_rows: &[&[f32]],
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) {
+        self.step_body::<true, false>(token, bar_rows, state, logits)
+    }
+
+    /// The AVX-512 step for int8 weights, which are only packed where VNNI runs.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    unsafe fn step_avx512_vnni(
+        &self,
+        token: usize,
+        bar_rows: &[&[f32]],
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) {
+        self.step_body::<true, true>(token, bar_rows, state, logits)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn step_avx2(&self, token: usize, bar_rows: &[&[f32]], state: &mut GenState, logits: &mut [f32]) {
+        self.step_body::<true, false>(token, bar_rows, state, logits)
+    }
+
+    /// The step itself; shapes were checked by `step`.
+    #[inline(always)]
+    fn step_body<const FMA: bool, const VNNI: bool>(
+        &self,
+        token: usize,
+        bar_rows: &[&[f32]],
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) {
+        let hidden = self.hidden_size;
+        let packed_rows = self.num_blocks * BLOCK_ROWS;
+        // The layer's previous hidden state: the blocks read all of it while the new one is
+        // written over it.
+        let mut h_prev_buf = [0.0f32; MAX_FAST_HIDDEN];
+        let h_prev = &mut h_prev_buf[..hidden];
+        // With int8 weights, the input and the previous state in the kernel's fixed point.
+        let mut input_limbs_buf = [[0u32; 3]; MAX_FAST_HIDDEN / 4];
+        let mut h_limbs_buf = [[0u32; 3]; MAX_FAST_HIDDEN / 4];
+        for (k, layer) in self.layers.iter().enumerate() {
+            h_prev.copy_from_slice(&state.h[k]);
+            let (below, this_and_above) = state.h.split_at_mut(k);
+            let input: &[f32] = match below.last() {
+                Some(h_below) => h_below,
+                None => &[],
+            };
+            let input_limbs: &mut [Limbs] = &mut input_limbs_buf[..int8::num_quads(input.len())];
+            let h_limbs: &mut [Limbs] = &mut h_limbs_buf[..int8::num_quads(hidden)];
+            if VNNI {
+                int8::split_limbs(input, input_limbs);
+                int8::split_limbs(h_prev, h_limbs);
+            }
+            let h_out = &mut this_and_above[0];
+            let c = &mut state.c[k];
+            let cols = layer.input_width + hidden;
+            let start: &[f32] =
+                if k == 0 { &self.token_gates[token * packed_rows..][..packed_rows] } else { &layer.bias };
+            for b in 0..self.num_blocks {
+                let mut acc = [0.0f32; BLOCK_ROWS];
+                acc.copy_from_slice(&start[b * BLOCK_ROWS..][..BLOCK_ROWS]);
+                if k == 0 {
+                    for side in bar_rows {
+                        for (a, &x) in acc.iter_mut().zip(&side[b * BLOCK_ROWS..][..BLOCK_ROWS]) {
+                            *a += x;
+                        }
+                    }
+                }
+                let block_range = b * cols * BLOCK_ROWS..(b + 1) * cols * BLOCK_ROWS;
+                let split = layer.input_width * BLOCK_ROWS;
+                match &layer.weights {
+                    LayerWeights::F32(w) => {
+                        let (w_input, w_hidden) = w[block_range].split_at(split);
+                        accumulate::<FMA>(&mut acc, w_input, input);
+                        accumulate::<FMA>(&mut acc, w_hidden, h_prev);
+                    }
+                    LayerWeights::I8(parts) => {
+                        #[cfg(target_arch = "x86_64")]
+                        if VNNI {
+                            // SAFETY: the `VNNI` instance is `step_avx512_vnni`, only run where
+                            // `pack_as` saw AVX-512 VNNI; the limbs cover each part's quads.
+                            unsafe {
+                                if layer.input_width > 0 {
+                                    int8::accumulate(&mut acc, &parts[2 * b], input_limbs);
+                                }
+                                int8::accumulate(&mut acc, &parts[2 * b + 1], h_limbs);
+                            }
+                        }
+                        debug_assert!(VNNI, "int8 weights are only packed where VNNI runs");
+                    }
+                }
+                let units = b * BLOCK_UNITS..((b + 1) * BLOCK_UNITS).min(hidden);
+                cell_update(&acc, &mut c[units.clone()], &mut h_out[units]);
+            }
+        }
+        let top = &state.h[self.layers.len() - 1];
+        for (b, out) in logits.chunks_mut(BLOCK_ROWS).enumerate() {
+            let mut acc = [0.0f32; BLOCK_ROWS];
+            acc.copy_from_slice(&self.head_b[b * BLOCK_ROWS..][..BLOCK_ROWS]);
+            accumulate::<FMA>(&mut acc, &self.head_w[b * hidden * BLOCK_ROWS..][..hidden * BLOCK_ROWS], top);
+            out.copy_from_slice(&acc[..out.len()]);
+        }
+    }
+}
+
+/// `acc += W x` for one packed block: `w` is `[x.len()][BLOCK_ROWS]`.
+#[inline(always)]
+fn accumulate<const FMA: bool>(acc: &mut [f32; BLOCK_ROWS], w: &[f32], x: &[f32]) {
+    for (column, &xk) in w.chunks_exact(BLOCK_ROWS).zip(x) {
+        for (a, &wk) in acc.iter_mut().zip(column) {
+            *a = madd::<FMA>(wk, xk, *a);
+        }
+    }
+}
+
+/// The LSTM cell of one block: `gates` holds the pre-activations `[i; f; g; o]` of
+/// `BLOCK_UNITS` units, `c` and `h` the block's real units (fewer in a padded last block).
+#[inline(always)]
+fn cell_update(gates: &[f32; BLOCK_ROWS], c: &mut [f32], h: &mut [f32]) {
+    let n = c.len();
+    let mut c_buf = [0.0f32; BLOCK_UNITS];
+    let mut h_buf = [0.0f32; BLOCK_UNITS];
+    c_buf[..n].copy_from_slice(c);
+    for u in 0..BLOCK_UNITS {
+        let i = sigmoid(gates[u]);
+        let f = sigmoid(gates[BLOCK_UNITS + u]);
+        let g = tanh_approx(gates[2 * BLOCK_UNITS + u]);
+        let o = sigmoid(gates[3 * BLOCK_UNITS + u]);
+        let c_new = f * c_buf[u] + i * g;
+        c_buf[u] = c_new;
+        h_buf[u] = o * tanh_approx(c_new);
+    }
+    c.copy_from_slice(&c_buf[..n]);
+    h.copy_from_slice(&h_buf[..n]);
+}
+
+/// All of `xs` folded with exclusive-or, in the vector width of `isa`: reads the bytes a kernel
+/// over packed integers reads, at the speed memory delivers them.
+fn xor_fold<T: Copy + Default + BitXor<Output = T>>(isa: Isa, xs: &[T]) -> T {
+    #[inline(always)]
+    fn body<T: Copy + Default + BitXor<Output = T>>(xs: &[T]) -> T {
+        let mut acc = [T::default(); 2 * BLOCK_ROWS];
+        let mut chunks = xs.chunks_exact(acc.len());
+        for chunk in &mut chunks {
+            for (a, &x) in acc.iter_mut().zip(chunk) {
+                *a = *a ^ x;
+            }
+        }
+        acc.iter().chain(chunks.remainder()).fold(T::default(), |s, &a| s ^ a)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn body_avx512<T: Copy + Default + BitXor<Output = T>>(xs: &[T]) -> T {
+        body(xs)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn body_avx2<T: Copy + Default + BitXor<Output = T>>(xs: &[T]) -> T {
+        body(xs)
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F and AVX2.
+        Isa::Avx512 => unsafe { body_avx512(xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2.
+        Isa::Avx2Fma => unsafe { body_avx2(xs) },
+        _ => body(xs),
+    }
+}
+
+/// Sum of `xs` with many accumulators, so it runs at the speed memory delivers.
+#[inline(always)]
+fn sum_body(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; BLOCK_ROWS];
+    let mut chunks = xs.chunks_exact(BLOCK_ROWS);
+    for chunk in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn sum_avx512(xs: &[f32]) -> f32 {
+    sum_body(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_avx2(xs: &[f32]) -> f32 {
+    sum_body(xs)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_nn::VarBuilder;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::config::ModelConfig;
+    use music::Vocab;
+
+    /// A model of `cfg` with weights uniform in `±scale` (biases too) from `seed`.
+    fn random_lstm(cfg: &ModelConfig, seed: u64, scale: f32) -> MelodyLstm {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let tensors: HashMap<String, Tensor> = MelodyLstm::tensor_shapes(cfg)
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+                (name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+            })
+            .collect();
+        MelodyLstm::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap()
+    }
+
+    /// The candle graph's logits and state after each of `tokens`, from a zero state.
+    fn candle_steps(lstm: &MelodyLstm, tokens: &[u32]) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let seq = Tensor::from_slice(tokens, (1, tokens.len()), &Device::Cpu).unwrap();
+        let (logits, state) = lstm.graph_forward(&seq, None, None, None).unwrap();
+        let top_c = state.c.last().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (logits.squeeze(0).unwrap().to_vec2::<f32>().unwrap(), vec![top_c])
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// Steps `fast` through `tokens` from a zero state: every step's logits, and the final top
+    /// cell state, within 1e-5 of candle's (`candle_steps`).
+    fn assert_steps_match(
+        fast: &FastLstm,
+        tokens: &[u32],
+        (want, want_c): (&[Vec<f32>], &[Vec<f32>]),
+        what: &str,
+    ) {
+        let mut state = fast.new_state();
+        let mut logits = vec![0.0; fast.vocab_len];
+        for (t, &token) in tokens.iter().enumerate() {
+            fast.step_at(TokenId(token as u16), &[], &mut state, &mut logits).unwrap();
+            let d = max_diff(&logits, &want[t]);
+            assert!(d < 1e-5, "{what} step {t}: off by {d}");
+        }
+        let d = max_diff(state.c.last().unwrap(), &want_c[0]);
+        assert!(d < 1e-5, "{what} final cell state off by {d}");
+    }
+
+    /// Every instruction set this CPU runs, each packing of every size class, against candle.
+    #[test]
+    fn matches_candle_within_1e_5() {
+        let vocab = Vocab::for_pitch_range(48, 88);
+        let shapes = [
+            (InputKind::Embedding { dim: 12 }, 32, 2),
+            (InputKind::OneHot, 48, 1),
+            // Not a multiple of the block: the padded units must not leak.
+            (InputKind::Embedding { dim: 5 }, 23, 3),
+            (InputKind::OneHot, 7, 2),
+        ];
+        let mut isas = vec![Isa::Portable];
+        if Isa::detect() != Isa::Portable {
+            isas.push(Isa::Avx2Fma);
+        }
+        if Isa::detect() == Isa::Avx512 {
+            isas.push(Isa::Avx512);
+        }
+        for (seed, &(input, hidden, layers)) in shapes.iter().enumerate() {
+            let cfg = ModelConfig::new(vocab.clone(), input, hidden, layers, 0.0);
+            let lstm = random_lstm(&cfg, seed as u64, 0.6);
+            let mut rng = ChaCha8Rng::seed_from_u64(100 + seed as u64);
+            let tokens: Vec<u32> = (0..40).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
+            let (want, want_c) = candle_steps(&lstm, &tokens);
+            for &isa in &isas {
+                let fast = FastLstm::pack(&lstm, isa).unwrap();
+                assert_steps_match(
+                    &fast,
+                    &tokens,
+                    (&want, &want_c),
+                    &format!("{isa:?} {input:?} {hidden}x{layers}"),
+                );
+            }
+        }
+    }
+
+    /// Int8-grid weights (`int8::quantize_model`) through the VNNI kernel, against candle on the
+    /// same weights; and a model off the grid is refused that format.
+    #[test]
+    fn int8_weights_match_candle_within_1e_5() {
+        if !(Isa::detect() == Isa::Avx512 && int8::cpu_has_vnni()) {
+            return;
+        }
+        let vocab = Vocab::for_pitch_range(48, 88);
+        for (seed, (input, hidden, layers)) in [
+            (InputKind::Embedding { dim: 64 }, 256, 2),
+            (InputKind::OneHot, 48, 1),
+            (InputKind::Embedding { dim: 5 }, 23, 3),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let cfg = ModelConfig::new(vocab.clone(), input, hidden, layers, 0.0);
+            let lstm = random_lstm(&cfg, seed as u64, 2.0 / (hidden as f32).sqrt());
+            assert!(FastLstm::pack_as(&lstm, Isa::Avx512, WeightFormat::I8).is_err());
+            assert_eq!(FastLstm::for_model(&lstm).unwrap().unwrap().format(), WeightFormat::F32);
+            let (lstm, change) = int8::quantize_model(&lstm, &cfg).unwrap();
+            assert!(change > 0.0);
+            let fast = FastLstm::for_model(&lstm).unwrap().unwrap();
+            assert_eq!(fast.format(), WeightFormat::I8, "picked by itself for weights on the grid");
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            let tokens: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
+            let (want, want_c) = candle_steps(&lstm, &tokens);
+            assert_steps_match(
+                &fast,
+                &tokens,
+                (&want, &want_c),
+                &format!("int8 {input:?} {hidden}x{layers}"),
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_bad_tokens_and_shapes_without_touching_the_state() {
+        let cfg = ModelConfig::new(Vocab::for_pitch_range(60, 64), InputKind::OneHot, 8, 2, 0.0);
+        let fast = FastLstm::pack(&random_lstm(&cfg, 2, 0.3), Isa::detect()).unwrap();
+        let mut state = fast.new_state();
+        state.h[1][3] = 0.25;
+        let before = state.clone();
+        let mut logits = vec![0.0; cfg.vocab_len()];
+        assert!(fast.step_at(TokenId(cfg.vocab_len() as u16), &[], &mut state, &mut logits).is_err());
+        assert!(fast.step_at(TokenId(0), &[], &mut state, &mut logits[1..]).is_err());
+        let mut wrong = GenState::zeros(1, 8);
+        assert!(fast.step_at(TokenId(0), &[], &mut wrong, &mut logits).is_err());
+        assert_eq!(state, before);
+        fast.step_at(TokenId(0), &[], &mut state, &mut logits).unwrap();
+        assert_ne!(state, before);
+    }
+
+    #[test]
+    fn floor_pass_reads_every_weight() {
+        let cfg = ModelConfig::new(Vocab::for_pitch_range(60, 64), InputKind::OneHot, 8, 1, 0.0);
+        let fast = FastLstm::pack(&random_lstm(&cfg, 3, 0.3), Isa::detect()).unwrap();
+        // One block of 64 rows over 8 hidden columns, a table row of 64, a head block of 64 × 8
+        // plus its 64 biases, and the layer's 64 (zero) biases.
+        assert_eq!(fast.weight_bytes_per_step(), 4 * (64 * 8 + 64 + 64 + 64 * 8 + 64));
+        let LayerWeights::F32(weights) = &fast.layers[0].weights else { panic!("packed as f32") };
+        let direct: f32 = weights.iter().sum::<f32>()
+            + fast.token_gates[..64].iter().sum::<f32>()
+            + fast.head_w.iter().sum::<f32>()
+            + fast.head_b.iter().sum::<f32>();
+        assert!((fast.read_weights_once(TokenId(0)) - direct).abs() < 1e-4);
+    }
+}

@@ -1,0 +1,432 @@
+//! A trained model on disk and in memory: the model directory (`model.safetensors`,
+//! `config.json`, `train.json`, and the tune memory's `memory.bin` and `memory.json` where it
+//! has one), strict validation at load, and the built-in default model.
+//! Runs on: the worker thread (loading) and offline threads (saving). Reads whole files into
+//! memory (a buffered read, never mmap), so a file changing under a running host cannot fault.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use safetensors::{Dtype, SafeTensors};
+
+use super::config::{InputKind, ModelConfig};
+use super::lstm::{GenState, MelodyLstm, StepWeights};
+use super::memory::{MemoryConfig, Recall, TuneMemory, MEMORY_CONFIG_FILE, MEMORY_FILE};
+use super::ModelError;
+use music::TokenId;
+
+/// The weights file of a model directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The `ModelConfig` file of a model directory.
+pub const CONFIG_FILE: &str = "config.json";
+/// The training summary of a model directory (data, split, epochs, losses).
+pub const TRAIN_FILE: &str = "train.json";
+
+/// The built-in model's config, embedded at compile time.
+const BUILTIN_CONFIG: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../presets/models/default/config.json"));
+/// The built-in model's weights, embedded at compile time.
+const BUILTIN_WEIGHTS: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../presets/models/default/model.safetensors"));
+/// The built-in model's tune memory settings, embedded at compile time.
+const BUILTIN_MEMORY_CONFIG: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../presets/models/default/memory.json"));
+/// The built-in model's tune memory, embedded at compile time.
+const BUILTIN_MEMORY: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../presets/models/default/memory.bin"));
+/// Where the built-in model came from, for error messages.
+const BUILTIN_ORIGIN: &str = "built-in model (presets/models/default)";
+
+/// Headers beyond this size are refused as corrupt, as the safetensors crate does.
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// A validated model ready to run: its config and its network. Immutable once loaded, so the
+/// worker shares it as `Arc<LoadedModel>` and builds a cheap `Generator` from it per phrase.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// Sizes, vocabulary and conventions.
+    pub config: ModelConfig,
+    /// The network.
+    pub lstm: MelodyLstm,
+    /// Where it was loaded from (a directory, or the built-in model), for messages.
+    pub origin: String,
+    /// Its training songs, indexed, mixed into every prediction (`memory`); `None` for a model
+    /// without one, or with it set aside.
+    pub memory: Option<TuneMemory>,
+    /// The weights arranged for one step of one sequence.
+    step_weights: StepWeights,
+}
+
+impl LoadedModel {
+    /// Loads and validates a model directory onto the CPU.
+    pub fn load_dir(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_dir_on(dir, &Device::Cpu)
+    }
+
+    /// Loads and validates a model directory onto `device`.
+    pub fn load_dir_on(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::load_on(&ModelSource::Dir(dir.to_path_buf()), device)
+    }
+
+    /// Loads and validates a model directory or the built-in model onto `device`.
+    pub fn load_on(source: &ModelSource, device: &Device) -> Result<Self, ModelError> {
+        let (config, tensors) = read_model_parts(source, device)?;
+        let memory = read_memory(source, config.vocab_len())?;
+        Ok(Self::from_tensors(config, tensors, &source.to_string(), device)?.with_memory(memory))
+    }
+
+    /// Loads a model from the bytes of its `config.json` and `model.safetensors`. `origin`
+    /// names it in errors.
+    pub fn from_bytes(
+        config_json: &[u8],
+        weights: &[u8],
+        origin: &str,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let config = parse_config(config_json, &format!("{origin}/{CONFIG_FILE}"))?;
+        let tensors = read_weights(weights, &format!("{origin}/{WEIGHTS_FILE}"), &config, device)?;
+        Self::from_tensors(config, tensors, origin, device)
+    }
+
+    /// The default model built into the plugin (trained on folk melodies), on the CPU.
+    pub fn builtin() -> Result<Self, ModelError> {
+        Self::load_on(&ModelSource::Builtin, &Device::Cpu)
+    }
+
+    fn from_tensors(
+        config: ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        origin: &str,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let lstm = MelodyLstm::new(&config, VarBuilder::from_tensors(tensors, DType::F32, device))?;
+        Self::new(config, lstm, origin)
+    }
+
+    /// A model from a network already built (for tests and freshly trained weights), without a
+    /// tune memory.
+    pub fn new(config: ModelConfig, lstm: MelodyLstm, origin: &str) -> Result<Self, ModelError> {
+        let step_weights = lstm.step_weights()?;
+        Ok(Self { config, lstm, origin: origin.to_string(), memory: None, step_weights })
+    }
+
+    /// The same model with `memory` (or none) as its tune memory.
+    pub fn with_memory(mut self, memory: Option<TuneMemory>) -> Self {
+        self.memory = memory;
+        self
+    }
+
+    /// Symbols of history the tune memory reads (0 without one).
+    pub fn memory_context(&self) -> usize {
+        self.memory.as_ref().map_or(0, |m| m.config().max_context)
+    }
+
+    /// Mixes the tune memory, if the model has one, into the next symbol's `logits` (`[vocab]`,
+    /// as `step` wrote them) for the tokens fed so far (`history`, newest last): they become
+    /// log-probabilities. Neither allocates nor locks. Returns what the memory recalled.
+    pub fn mix_memory(&self, history: &[u32], logits: &mut [f32]) -> Option<Recall> {
+        self.memory.as_ref()?.mix(history, logits)
+    }
+
+    /// A zero recurrent state sized for this model.
+    pub fn new_state(&self) -> GenState {
+        GenState::zeros(self.config.num_layers, self.config.hidden_size)
+    }
+
+    /// Feeds `token` to one sequence: updates `state` and writes the next symbol's logits
+    /// (`[vocab]`) into `logits`. Generation goes through here only, so a faster step kernel
+    /// can take over without touching its callers.
+    pub fn step(&self, token: TokenId, state: &mut GenState, logits: &mut [f32]) -> Result<(), ModelError> {
+        self.step_at(token, &[], state, logits)
+    }
+
+    /// `step` for a token with its bar inputs: its step's bar position (`music::bar`), then the
+    /// tokens one, two... bars before the next step (`BarReader`); missing ones read as none,
+    /// and a model without bar inputs ignores them.
+    pub fn step_at(
+        &self,
+        token: TokenId,
+        bars: &[u16],
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) -> Result<(), ModelError> {
+        Ok(self.lstm.step(&self.step_weights, token, bars, state, logits)?)
+    }
+}
+
+/// A model to read: a model directory, or the one built in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelSource {
+    /// The built-in model (`presets/models/default`).
+    Builtin,
+    /// A model directory (`config.json` and `model.safetensors`).
+    Dir(PathBuf),
+}
+
+impl ModelSource {
+    /// `builtin`, or else a directory path (write `./builtin` for a folder of that name).
+    pub fn parse(text: &str) -> Self {
+        if text == "builtin" {
+            Self::Builtin
+        } else {
+            Self::Dir(PathBuf::from(text))
+        }
+    }
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Builtin => f.write_str(BUILTIN_ORIGIN),
+            Self::Dir(dir) => write!(f, "{}", dir.display()),
+        }
+    }
+}
+
+/// Reads and validates a model's config.
+pub fn read_model_config(source: &ModelSource) -> Result<ModelConfig, ModelError> {
+    match source {
+        ModelSource::Builtin => parse_config(BUILTIN_CONFIG, &format!("{BUILTIN_ORIGIN}/{CONFIG_FILE}")),
+        ModelSource::Dir(dir) => {
+            let path = dir.join(CONFIG_FILE);
+            parse_config(&read_file(&path)?, &path.display().to_string())
+        }
+    }
+}
+
+/// Reads and validates a model's config and weights, the weights as f32 on `device`.
+pub fn read_model_parts(
+    source: &ModelSource,
+    device: &Device,
+) -> Result<(ModelConfig, HashMap<String, Tensor>), ModelError> {
+    let config = read_model_config(source)?;
+    let tensors = match source {
+        ModelSource::Builtin => {
+            read_weights(BUILTIN_WEIGHTS, &format!("{BUILTIN_ORIGIN}/{WEIGHTS_FILE}"), &config, device)?
+        }
+        ModelSource::Dir(dir) => {
+            let path = dir.join(WEIGHTS_FILE);
+            read_weights(&read_file(&path)?, &path.display().to_string(), &config, device)?
+        }
+    };
+    Ok((config, tensors))
+}
+
+/// Reads the tune memory of a model directory, or the built-in one: `None` for a directory
+/// without `memory.json`.
+pub fn read_memory(source: &ModelSource, vocab_len: usize) -> Result<Option<TuneMemory>, ModelError> {
+    let (config_bytes, config_path, bytes, path) = match source {
+        ModelSource::Builtin => (
+            Cow::Borrowed(BUILTIN_MEMORY_CONFIG),
+            format!("{BUILTIN_ORIGIN}/{MEMORY_CONFIG_FILE}"),
+            Cow::Borrowed(BUILTIN_MEMORY),
+            format!("{BUILTIN_ORIGIN}/{MEMORY_FILE}"),
+        ),
+        ModelSource::Dir(dir) => {
+            let (config_path, path) = (dir.join(MEMORY_CONFIG_FILE), dir.join(MEMORY_FILE));
+            if !config_path.exists() {
+                if path.exists() {
+                    return Err(ModelError::CorruptMemory {
+                        path: path.display().to_string(),
+                        problem: format!("found without the {MEMORY_CONFIG_FILE} that says how to use it"),
+                    });
+                }
+                return Ok(None);
+            }
+            (
+                Cow::Owned(read_file(&config_path)?),
+                config_path.display().to_string(),
+                Cow::Owned(read_file(&path)?),
+                path.display().to_string(),
+            )
+        }
+    };
+    let config: MemoryConfig = serde_json::from_slice(&config_bytes).map_err(|e| {
+        ModelError::CorruptMemory { path: config_path.clone(), problem: format!("not memory settings: {e}") }
+    })?;
+    config.validate().map_err(|problem| ModelError::CorruptMemory { path: config_path, problem })?;
+    TuneMemory::from_bytes(&bytes, &path, vocab_len, config).map(Some)
+}
+
+/// Writes `model.safetensors` and `config.json` of `lstm` into `dir` (created if needed).
+/// `train.json` is the trainer's to write.
+pub fn save_model(dir: &Path, config: &ModelConfig, lstm: &MelodyLstm) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|source| ModelError::Io { path: dir.display().to_string(), source })?;
+    save_weights(&dir.join(WEIGHTS_FILE), lstm)?;
+    save_config(&dir.join(CONFIG_FILE), config)
+}
+
+/// Writes the network's tensors as safetensors (f32, on the CPU).
+pub fn save_weights(path: &Path, lstm: &MelodyLstm) -> Result<(), ModelError> {
+    let tensors = lstm
+        .named_tensors()
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_dtype(DType::F32)?)))
+        .collect::<Result<_, candle_core::Error>>()?;
+    save_tensors(path, tensors)
+}
+
+/// Writes `tensors` as safetensors, moved to the CPU, as they are typed.
+pub fn save_tensors(path: &Path, tensors: HashMap<String, Tensor>) -> Result<(), ModelError> {
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?)))
+        .collect::<Result<HashMap<_, _>, candle_core::Error>>()?;
+    candle_core::safetensors::save(&tensors, path).map_err(|e| ModelError::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// Every tensor of the safetensors file at `path`, on `device`, as stored; a truncated or
+/// otherwise unreadable file is told apart in the error.
+pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, ModelError> {
+    let shown = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: shown.clone(), source })?;
+    check_length(&bytes, &shown)?;
+    candle_core::safetensors::load_buffer(&bytes, device)
+        .map_err(|e| ModelError::CorruptWeights { path: shown, reason: e.to_string() })
+}
+
+/// Writes `config` as pretty JSON.
+pub fn save_config(path: &Path, config: &ModelConfig) -> Result<(), ModelError> {
+    let json = serde_json::to_string_pretty(config).expect("a ModelConfig always serialises");
+    std::fs::write(path, json + "\n")
+        .map_err(|source| ModelError::Io { path: path.display().to_string(), source })
+}
+
+/// Reads a whole file; a missing file is `MissingFile`.
+fn read_file(path: &Path) -> Result<Vec<u8>, ModelError> {
+    std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => ModelError::MissingFile { path: path.display().to_string() },
+        _ => ModelError::Io { path: path.display().to_string(), source },
+    })
+}
+
+/// Parses and validates `config.json`.
+pub fn parse_config(bytes: &[u8], path: &str) -> Result<ModelConfig, ModelError> {
+    let config: ModelConfig = serde_json::from_slice(bytes)
+        .map_err(|source| ModelError::ConfigParse { path: path.to_string(), source })?;
+    config.validate().map_err(|problem| ModelError::InvalidConfig { path: path.to_string(), problem })?;
+    Ok(config)
+}
+
+/// Reads safetensors `bytes` and checks them against `config`: every tensor present with its
+/// shape, nothing extra, a float type, every value finite. Returns the tensors as f32 on
+/// `device`. `path` names the file in errors.
+pub fn read_weights(
+    bytes: &[u8],
+    path: &str,
+    config: &ModelConfig,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, ModelError> {
+    check_length(bytes, path)?;
+    let file = SafeTensors::deserialize(bytes)
+        .map_err(|e| ModelError::CorruptWeights { path: path.to_string(), reason: e.to_string() })?;
+    let expected = MelodyLstm::tensor_shapes(config);
+    for (name, shape) in &expected {
+        let view = file
+            .tensor(name)
+            .map_err(|_| ModelError::MissingTensor { path: path.to_string(), name: name.clone() })?;
+        if view.shape() != shape.as_slice() {
+            return Err(shape_error(path, name, shape, view.shape(), config));
+        }
+    }
+    if let Some(extra) = file.names().into_iter().find(|n| !expected.iter().any(|(name, _)| name == *n)) {
+        return Err(ModelError::UnexpectedTensor { path: path.to_string(), name: extra.to_string() });
+    }
+    let mut out = HashMap::with_capacity(expected.len());
+    for (name, _) in expected {
+        let view = file.tensor(&name).expect("checked above");
+        if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(ModelError::UnsupportedDtype {
+                path: path.to_string(),
+                name,
+                dtype: format!("{:?}", view.dtype()),
+            });
+        }
+        let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let num_bad = tensor.flatten_all()?.to_vec1::<f32>()?.iter().filter(|x| !x.is_finite()).count();
+        if num_bad > 0 {
+            return Err(ModelError::NonFinite { path: path.to_string(), name, num_bad });
+        }
+        out.insert(name, tensor.to_device(device)?);
+    }
+    Ok(out)
+}
+
+/// A truncated file is told apart from other damage by comparing its length with what the
+/// header announces: 8 bytes of header length, the header, then the data.
+fn check_length(bytes: &[u8], path: &str) -> Result<(), ModelError> {
+    let truncated = |expected_bytes: u64| ModelError::Truncated {
+        path: path.to_string(),
+        expected_bytes,
+        got_bytes: bytes.len() as u64,
+    };
+    let Some(len_bytes) = bytes.get(..8) else {
+        return Err(truncated(8));
+    };
+    let header_len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
+    if header_len > MAX_HEADER_BYTES {
+        return Err(ModelError::CorruptWeights {
+            path: path.to_string(),
+            reason: format!("header length {header_len} is implausible"),
+        });
+    }
+    let Some(header) = bytes.get(8..8 + header_len as usize) else {
+        return Err(truncated(8 + header_len));
+    };
+    let header: serde_json::Value = serde_json::from_slice(header)
+        .map_err(|e| ModelError::CorruptWeights { path: path.to_string(), reason: format!("header: {e}") })?;
+    let data_end = header
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(name, _)| name.as_str() != "__metadata__")
+        .filter_map(|(_, info)| info.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    let expected = 8 + header_len + data_end;
+    if (bytes.len() as u64) < expected {
+        return Err(truncated(expected));
+    }
+    Ok(())
+}
+
+/// A shape mismatch, reported as a vocabulary mismatch when only the vocabulary dimension
+/// differs.
+fn shape_error(
+    path: &str,
+    name: &str,
+    expected: &[usize],
+    got: &[usize],
+    config: &ModelConfig,
+) -> ModelError {
+    let vocab_dim = match name {
+        "embedding.weight" | "head.weight" | "head.bias" => Some(0),
+        "lstm.weight_ih_l0" if config.input == InputKind::OneHot => Some(1),
+        _ => None,
+    };
+    if let Some(dim) = vocab_dim {
+        let others_agree = expected.len() == got.len()
+            && expected.iter().zip(got).enumerate().all(|(i, (e, g))| i == dim || e == g);
+        if others_agree {
+            return ModelError::VocabMismatch {
+                path: path.to_string(),
+                name: name.to_string(),
+                config_len: expected[dim],
+                weights_len: got[dim],
+            };
+        }
+    }
+    ModelError::ShapeMismatch {
+        path: path.to_string(),
+        name: name.to_string(),
+        expected: expected.to_vec(),
+        got: got.to_vec(),
+    }
+}

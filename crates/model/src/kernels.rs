@@ -1,0 +1,477 @@
+//! CPU building blocks of the fast generation step (`fast`) and the fused training cell
+//! (`fused`): which vector instructions this CPU has, activation functions written so the
+//! compiler vectorises them, and a small packed matrix product.
+//! Runs on: the worker thread (generation) and offline threads (training). Nothing here
+//! allocates or locks.
+//!
+//! The crate is built for baseline x86-64, so every kernel is written once as an
+//! `#[inline(always)]` generic body and instantiated inside `#[target_feature]` functions for
+//! AVX-512 and AVX2 + FMA; `Isa::detect` picks one at run time. The portable instance (SSE2, or
+//! any other architecture) computes the same function without fused multiply-adds.
+
+/// The vector instruction sets a kernel can be instantiated for, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F (with AVX2 and FMA): 16 floats per register.
+    Avx512,
+    /// AVX2 with FMA: 8 floats per register.
+    Avx2Fma,
+    /// Whatever the build's baseline has (SSE2 on x86-64), without fused multiply-adds.
+    Portable,
+}
+
+impl Isa {
+    /// The best set this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has_avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if has_avx2_fma && is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if has_avx2_fma {
+                return Isa::Avx2Fma;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// The set's name as printed by benchmarks.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2Fma => "avx2+fma",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
+/// `a · b + c`, fused (one rounding) when `FMA`; `FMA` is only true inside functions compiled
+/// with the `fma` feature, where `mul_add` is one instruction rather than a library call.
+#[inline(always)]
+pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `e^x` within about 2 ulp for `x` in `[-87, 88]` (clamped outside it), in plain arithmetic so
+/// a loop over it vectorises: `e^x = 2^n e^r` with `n = round(x / ln 2)`, `|r| ≤ ln 2 / 2`, and
+/// `e^r` from Cephes' degree-7 polynomial.
+#[inline(always)]
+pub fn exp_approx(x: f32) -> f32 {
+    // 1.5 · 2^23: adding and subtracting it rounds to the nearest integer in any vector width.
+    const ROUNDER: f32 = 12_582_912.0;
+    // ln 2 split in two, so `n · LN2_HI` is exact and `r` keeps its low bits.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let rounded = x * std::f32::consts::LOG2_E + ROUNDER;
+    let n = rounded - ROUNDER;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e_r = p * (r * r) + r + 1.0;
+    // `rounded` lies in [2^23, 2^24), where the step is 1, so its bits are the rounder's plus
+    // n (read that way rather than by a float-to-int conversion, which stops vectorisation).
+    // n ∈ [-126, 127] after the clamp, so the biased exponent is a normal one.
+    let n_bits = rounded.to_bits().wrapping_sub(ROUNDER.to_bits());
+    let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
+    e_r * two_n
+}
+
+/// The logistic function `1 / (1 + e^-x)`.
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp_approx(-x))
+}
+
+/// `tanh x = 2 σ(2x) - 1`; its absolute error stays below about 1e-7.
+#[inline(always)]
+pub fn tanh_approx(x: f32) -> f32 {
+    2.0 / (1.0 + exp_approx(-2.0 * x)) - 1.0
+}
+
+/// Columns per packed panel of a matrix product's right-hand side.
+pub const PANEL_COLS: usize = 16;
+/// Most rows of the left-hand side one micro-kernel call covers.
+const MAX_TILE_ROWS: usize = 6;
+/// Depth of one pass over a panel: `KC · PANEL_COLS` floats (16 KiB) stay in the L1 cache.
+const KC: usize = 256;
+
+/// The right-hand side `B` (`[k, n]`) of a matrix product, packed once and reused by every
+/// product with it: `[n / PANEL_COLS][k][PANEL_COLS]`, the last panel padded with zero columns.
+#[derive(Clone, Debug, Default)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// Packs `B` whose element `(row, col)` is `src[row * row_stride + col * col_stride]`,
+    /// reusing this buffer.
+    pub fn pack(&mut self, k: usize, n: usize, src: &[f32], row_stride: usize, col_stride: usize) {
+        let num_panels = n.div_ceil(PANEL_COLS);
+        self.k = k;
+        self.n = n;
+        self.data.clear();
+        self.data.resize(num_panels * k * PANEL_COLS, 0.0);
+        for (p, panel) in self.data.chunks_exact_mut(k * PANEL_COLS).enumerate() {
+            let cols = (n - p * PANEL_COLS).min(PANEL_COLS);
+            for (row, out) in panel.chunks_exact_mut(PANEL_COLS).enumerate() {
+                let base = row * row_stride + p * PANEL_COLS * col_stride;
+                if col_stride == 1 {
+                    out[..cols].copy_from_slice(&src[base..base + cols]);
+                } else {
+                    for (j, o) in out[..cols].iter_mut().enumerate() {
+                        *o = src[base + j * col_stride];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Packs the row-major `B` (`[k, n]`) whose rows are the rows of `pieces` one after another
+    /// (each piece a whole number of rows), reusing this buffer.
+    pub fn pack_row_pieces(&mut self, n: usize, pieces: &[&[f32]]) {
+        let k = pieces.iter().map(|p| p.len() / n).sum();
+        let num_panels = n.div_ceil(PANEL_COLS);
+        self.k = k;
+        self.n = n;
+        self.data.clear();
+        self.data.resize(num_panels * k * PANEL_COLS, 0.0);
+        let rows = pieces.iter().flat_map(|p| p.chunks_exact(n));
+        for (row_idx, row) in rows.enumerate() {
+            for (p, cols) in row.chunks(PANEL_COLS).enumerate() {
+                self.data[(p * k + row_idx) * PANEL_COLS..][..cols.len()].copy_from_slice(cols);
+            }
+        }
+    }
+
+    /// Columns of the packed matrix.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// An empty packing that will pack into `buffer`'s memory.
+    pub fn with_buffer(buffer: Vec<f32>) -> Self {
+        Self { k: 0, n: 0, data: buffer }
+    }
+
+    /// The memory of the packing, for reuse.
+    pub fn into_buffer(self) -> Vec<f32> {
+        self.data
+    }
+
+    /// A packed copy of `B`.
+    #[cfg(test)]
+    pub fn new(k: usize, n: usize, src: &[f32], row_stride: usize, col_stride: usize) -> Self {
+        let mut packed = Self::default();
+        packed.pack(k, n, src, row_stride, col_stride);
+        packed
+    }
+}
+
+/// The left-hand side `A` (`[m, k]`) of a matrix product, read in place: element `(row, col)` is
+/// `data[row * row_stride + col * col_stride]`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+/// `C = A B` (or `C += A B` when `accumulate`), `A` `[m, k]`, `B` packed `[k, n]`, `C` row-major
+/// `[m, n]` with rows `ldc` apart. Single-threaded; callers split `m` among threads.
+pub fn gemm(isa: Isa, m: usize, a: MatRef, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
+    let (k, n) = (b.k, b.n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "gemm: C too small");
+    assert!(k == 0 || a.data.len() > (m - 1) * a.row_stride + (k - 1) * a.col_stride, "gemm: A too small");
+    if k == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx512` and `Isa::Avx2Fma` are only chosen when the CPU reports AVX2 and
+        // FMA; the asserts above keep every access inside `a` and `c`.
+        Isa::Avx512 | Isa::Avx2Fma => unsafe { gemm_avx2(m, a, b, c, ldc, accumulate) },
+        _ => gemm_tiles::<false>(m, a, b, c, ldc, accumulate),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemm_avx2(m: usize, a: MatRef, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
+    gemm_tiles::<true>(m, a, b, c, ldc, accumulate)
+}
+
+/// The blocking shared by every instruction set: depth blocks of `KC`, then panels, then row
+/// tiles of near-equal height (so no tile is left with one or two rows).
+#[inline(always)]
+fn gemm_tiles<const SIMD: bool>(
+    m: usize,
+    a: MatRef,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (k, n) = (b.k, b.n);
+    let num_tiles = m.div_ceil(MAX_TILE_ROWS);
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        let load_c = accumulate || k0 > 0;
+        for (p, panel) in b.data.chunks_exact(k * PANEL_COLS).enumerate() {
+            let panel = &panel[k0 * PANEL_COLS..(k0 + kc) * PANEL_COLS];
+            let col0 = p * PANEL_COLS;
+            let cols = (n - col0).min(PANEL_COLS);
+            let mut row0 = 0;
+            for tile in 0..num_tiles {
+                let rows = (m - row0) / (num_tiles - tile);
+                let a_tile = &a.data[row0 * a.row_stride + k0 * a.col_stride..];
+                let tile_a = MatRef { data: a_tile, ..a };
+                let c_tile = &mut c[row0 * ldc + col0..];
+                if cols == PANEL_COLS {
+                    tile_dispatch::<SIMD>(rows, kc, tile_a, panel, c_tile, ldc, load_c);
+                } else {
+                    // A partial last panel goes through a full-width scratch tile.
+                    let mut scratch = [0.0f32; MAX_TILE_ROWS * PANEL_COLS];
+                    for r in 0..rows {
+                        scratch[r * PANEL_COLS..][..cols].copy_from_slice(&c_tile[r * ldc..][..cols]);
+                    }
+                    tile_dispatch::<SIMD>(rows, kc, tile_a, panel, &mut scratch, PANEL_COLS, load_c);
+                    for r in 0..rows {
+                        c_tile[r * ldc..][..cols].copy_from_slice(&scratch[r * PANEL_COLS..][..cols]);
+                    }
+                }
+                row0 += rows;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn tile_dispatch<const SIMD: bool>(
+    rows: usize,
+    kc: usize,
+    a: MatRef,
+    panel: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    load_c: bool,
+) {
+    match rows {
+        1 => tile::<SIMD, 1>(kc, a, panel, c, ldc, load_c),
+        2 => tile::<SIMD, 2>(kc, a, panel, c, ldc, load_c),
+        3 => tile::<SIMD, 3>(kc, a, panel, c, ldc, load_c),
+        4 => tile::<SIMD, 4>(kc, a, panel, c, ldc, load_c),
+        5 => tile::<SIMD, 5>(kc, a, panel, c, ldc, load_c),
+        _ => tile::<SIMD, 6>(kc, a, panel, c, ldc, load_c),
+    }
+}
+
+/// One `MR × PANEL_COLS` tile of `C` over depth `kc`. The bounds of `a`, `panel` and `c` were
+/// checked by `gemm` (and the slices carry them), so the AVX2 body indexes through pointers.
+#[inline(always)]
+fn tile<const SIMD: bool, const MR: usize>(
+    kc: usize,
+    a: MatRef,
+    panel: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    load_c: bool,
+) {
+    debug_assert!(panel.len() >= kc * PANEL_COLS && c.len() >= (MR - 1) * ldc + PANEL_COLS);
+    debug_assert!(a.data.len() > (MR - 1) * a.row_stride + (kc - 1) * a.col_stride);
+    #[cfg(target_arch = "x86_64")]
+    if SIMD {
+        // SAFETY: `SIMD` is only true inside `gemm_avx2`, compiled for AVX2 and FMA; the
+        // indices stay within the bounds asserted by `gemm` and restated above.
+        unsafe { tile_avx2::<MR>(kc, a, panel, c, ldc, load_c) };
+        return;
+    }
+    let mut acc = [[0.0f32; PANEL_COLS]; MR];
+    if load_c {
+        for (r, row) in acc.iter_mut().enumerate() {
+            row.copy_from_slice(&c[r * ldc..][..PANEL_COLS]);
+        }
+    }
+    for (kk, b_row) in panel.chunks_exact(PANEL_COLS).take(kc).enumerate() {
+        for (r, row) in acc.iter_mut().enumerate() {
+            let a_val = a.data[r * a.row_stride + kk * a.col_stride];
+            for (x, &bv) in row.iter_mut().zip(b_row) {
+                *x += a_val * bv;
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        c[r * ldc..][..PANEL_COLS].copy_from_slice(row);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile_avx2<const MR: usize>(
+    kc: usize,
+    a: MatRef,
+    panel: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    load_c: bool,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: offsets stay below the bounds the caller checked (rows < MR, depth < kc, columns
+    // < PANEL_COLS) in the whole body.
+    unsafe {
+        let (a_ptr, b_ptr, c_ptr) = (a.data.as_ptr(), panel.as_ptr(), c.as_mut_ptr());
+        let mut lo = [_mm256_setzero_ps(); MR];
+        let mut hi = [_mm256_setzero_ps(); MR];
+        if load_c {
+            for r in 0..MR {
+                lo[r] = _mm256_loadu_ps(c_ptr.add(r * ldc));
+                hi[r] = _mm256_loadu_ps(c_ptr.add(r * ldc + 8));
+            }
+        }
+        for kk in 0..kc {
+            let b_lo = _mm256_loadu_ps(b_ptr.add(kk * PANEL_COLS));
+            let b_hi = _mm256_loadu_ps(b_ptr.add(kk * PANEL_COLS + 8));
+            let a_col = a_ptr.add(kk * a.col_stride);
+            for r in 0..MR {
+                let a_val = _mm256_broadcast_ss(&*a_col.add(r * a.row_stride));
+                lo[r] = _mm256_fmadd_ps(a_val, b_lo, lo[r]);
+                hi[r] = _mm256_fmadd_ps(a_val, b_hi, hi[r]);
+            }
+        }
+        for r in 0..MR {
+            _mm256_storeu_ps(c_ptr.add(r * ldc), lo[r]);
+            _mm256_storeu_ps(c_ptr.add(r * ldc + 8), hi[r]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activations_match_the_standard_library() {
+        let mut worst = (0.0f64, 0.0f64, 0.0f64);
+        for i in -40_000..=40_000 {
+            let x = i as f32 * 1e-3;
+            let exp_rel = ((exp_approx(x) as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
+            let sig = (sigmoid(x) as f64 - 1.0 / (1.0 + (-(x as f64)).exp())).abs();
+            let tanh = (tanh_approx(x) as f64 - (x as f64).tanh()).abs();
+            worst = (worst.0.max(exp_rel), worst.1.max(sig), worst.2.max(tanh));
+        }
+        assert!(worst.0 < 4e-7, "exp relative error {}", worst.0);
+        assert!(worst.1 < 2e-7, "sigmoid error {}", worst.1);
+        assert!(worst.2 < 3e-7, "tanh error {}", worst.2);
+    }
+
+    #[test]
+    fn activations_saturate_without_nan() {
+        for x in [-1e30f32, -200.0, -88.5, 88.5, 200.0, 1e30, f32::INFINITY, f32::NEG_INFINITY] {
+            assert!(sigmoid(x).is_finite() && (0.0..=1.0).contains(&sigmoid(x)), "{x}");
+            assert!(tanh_approx(x).is_finite() && tanh_approx(x).abs() <= 1.0, "{x}");
+        }
+        assert_eq!(sigmoid(-1e30), sigmoid(-88.0));
+        assert!((tanh_approx(1e30) - 1.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn fused_and_separate_multiply_add_agree() {
+        assert_eq!(madd::<true>(1.5, 2.0, 0.25), 3.25);
+        assert_eq!(madd::<false>(1.5, 2.0, 0.25), 3.25);
+    }
+
+    /// `C = A B` by the definition, in f64.
+    fn reference_product(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        a_rs: usize,
+        a_cs: usize,
+        b: &[f32],
+    ) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for kk in 0..k {
+                let av = a[i * a_rs + kk * a_cs] as f64;
+                for j in 0..n {
+                    c[i * n + j] += av * b[kk * n + j] as f64;
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matrix_product_matches_the_definition() {
+        let isas: Vec<Isa> = [Isa::Portable, Isa::detect()].into_iter().collect();
+        // Sizes around every tile, panel and depth-block edge.
+        for &(m, k, n) in &[(1, 1, 1), (5, 7, 16), (7, 300, 33), (13, 256, 48), (32, 513, 20), (6, 1, 17)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 89) as f32 - 44.0) / 32.0).collect();
+            let c0: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
+            let want = reference_product(m, k, n, &a, k, 1, &b);
+            // A read transposed: the same values stored column-major.
+            let mut a_t = vec![0.0f32; m * k];
+            for i in 0..m {
+                for kk in 0..k {
+                    a_t[kk * m + i] = a[i * k + kk];
+                }
+            }
+            let packed = PackedB::new(k, n, &b, n, 1);
+            for &isa in &isas {
+                for (a_ref, label) in [
+                    (MatRef { data: &a, row_stride: k, col_stride: 1 }, "row-major A"),
+                    (MatRef { data: &a_t, row_stride: 1, col_stride: m }, "column-major A"),
+                ] {
+                    let mut c = c0.clone();
+                    gemm(isa, m, a_ref, &packed, &mut c, n, true);
+                    let mut fresh = vec![9.0f32; m * n];
+                    gemm(isa, m, a_ref, &packed, &mut fresh, n, false);
+                    for i in 0..m * n {
+                        let tol = 1e-4 * (1.0 + want[i].abs());
+                        assert!(
+                            (c[i] as f64 - c0[i] as f64 - want[i]).abs() < tol,
+                            "{isa:?} {label} {m}x{k}x{n} [{i}]"
+                        );
+                        assert!(
+                            (fresh[i] as f64 - want[i]).abs() < tol,
+                            "{isa:?} {label} {m}x{k}x{n} [{i}] fresh"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_transposed_b_packs_alike() {
+        // B given transposed (column stride > 1) packs to the same panels.
+        let (k, n) = (5, 19);
+        let b: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
+        let mut b_t = vec![0.0f32; k * n];
+        for r in 0..k {
+            for j in 0..n {
+                b_t[j * k + r] = b[r * n + j];
+            }
+        }
+        assert_eq!(PackedB::new(k, n, &b, n, 1).data, PackedB::new(k, n, &b_t, 1, k).data);
+    }
+}

@@ -1,0 +1,156 @@
+//! The melody network over whole sequences, as training and evaluation run it: on the CPU each
+//! layer is one fused op (`fused`), elsewhere the network's own per-step graph
+//! (`MelodyLstm::graph_*`). The two compute the same function.
+//! Runs on: offline threads (training, evaluation, xtask).
+
+use candle_core::{Result, Tensor};
+use model::lstm::{Dropout, LstmState, MelodyLstm, StepWeights};
+
+use crate::fused;
+
+/// Whole-sequence passes of a `MelodyLstm`, taking the fused op where it applies.
+pub trait SequenceForward {
+    /// Logits for every position of a time-major batch. Pass `dropout` only when training.
+    /// tokens: `[seq, batch]` u32, bars: `[seq, batch]` or `[seq, batch, inputs]`
+    /// (`MelodyLstm::side_rows`), state: per layer `[batch, hidden]` (zeros when `None`) →
+    /// (logits `[seq, batch, vocab]`, state after the last step)
+    fn forward_time_major(
+        &self,
+        tokens: &Tensor,
+        bars: Option<&Tensor>,
+        state: Option<&LstmState>,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<(Tensor, LstmState)>;
+
+    /// Logits for every position of a time-major batch from the zero state, with no gradient
+    /// tracked (a teacher's predictions). tokens, bars: as `forward_time_major` → logits
+    /// `[seq, batch, vocab]`
+    fn predict_time_major(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Tensor>;
+
+    /// Logits for every position of a batch-major batch. tokens: `[batch, seq]` u32, bars:
+    /// `[batch, seq(, inputs)]`, state as `forward_time_major` → (logits `[batch, seq, vocab]`,
+    /// state after the last step)
+    fn forward(
+        &self,
+        tokens: &Tensor,
+        bars: Option<&Tensor>,
+        state: Option<&LstmState>,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<(Tensor, LstmState)>;
+
+    /// Logits of the symbol after each window, every window from the zero state: the recipe's
+    /// evaluation. tokens: `[batch, seq]` u32, bars: `[batch, seq(, inputs)]` → `[batch, vocab]`
+    fn forward_last(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Tensor>;
+
+    /// As `forward_last`, with no gradient bookkeeping and the output layer of `weights`
+    /// (`MelodyLstm::step_weights`): evaluation's fast path.
+    fn forward_last_with(
+        &self,
+        weights: &StepWeights,
+        tokens: &Tensor,
+        bars: Option<&Tensor>,
+    ) -> Result<Tensor>;
+}
+
+impl SequenceForward for MelodyLstm {
+    fn forward_time_major(
+        &self,
+        tokens: &Tensor,
+        bars: Option<&Tensor>,
+        state: Option<&LstmState>,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<(Tensor, LstmState)> {
+        if !fused::applies_to(self) {
+            return self.graph_forward_time_major(tokens, bars, state, dropout);
+        }
+        let (ys, next) = fused::lstm_outputs(self, tokens, bars, state, dropout, false)?;
+        Ok((self.head(&ys)?, next))
+    }
+
+    fn predict_time_major(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Tensor> {
+        if !fused::applies_to(self) {
+            return self.graph_predict_time_major(tokens, bars);
+        }
+        let (ys, _) = fused::lstm_outputs(self, tokens, bars, None, None, true)?;
+        Ok(self.head(&ys)?.detach())
+    }
+
+    fn forward(
+        &self,
+        tokens: &Tensor,
+        bars: Option<&Tensor>,
+        state: Option<&LstmState>,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<(Tensor, LstmState)> {
+        let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
+        let (logits, next) =
+            self.forward_time_major(&tokens.t()?.contiguous()?, bars.as_ref(), state, dropout)?;
+        Ok((logits.transpose(0, 1)?.contiguous()?, next))
+    }
+
+    fn forward_last(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Tensor> {
+        if !fused::applies_to(self) {
+            return self.graph_forward_last(tokens, bars);
+        }
+        let tokens = tokens.t()?.contiguous()?;
+        let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
+        let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, false)?;
+        self.head(&ys.get(ys.dim(0)? - 1)?)
+    }
+
+    fn forward_last_with(
+        &self,
+        weights: &StepWeights,
+        tokens: &Tensor,
+        bars: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if !fused::applies_to(self) {
+            return self.graph_forward_last_with(weights, tokens, bars);
+        }
+        let tokens = tokens.t()?.contiguous()?;
+        let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
+        let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, true)?;
+        let (head_w_t, head_b) = weights.head();
+        ys.get(ys.dim(0)? - 1)?.matmul(head_w_t)?.broadcast_add(head_b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+    use candle_nn::VarBuilder;
+    use model::{InputKind, ModelConfig};
+    use music::Vocab;
+
+    use super::*;
+
+    /// The fused passes give what the network's own graph gives, batch-major and time-major,
+    /// with the last position and the step weights' output layer alike.
+    #[test]
+    fn every_pass_matches_the_graph() {
+        let cfg =
+            ModelConfig::new(Vocab::for_pitch_range(60, 72), InputKind::Embedding { dim: 8 }, 16, 2, 0.1);
+        let tensors = MelodyLstm::initial_tensors(&cfg, 4, &Device::Cpu).unwrap();
+        let m = MelodyLstm::new(&cfg, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu)).unwrap();
+        assert!(fused::applies_to(&m));
+        let v = cfg.vocab_len() as u32;
+        let tokens =
+            Tensor::from_vec((0..15).map(|i| (i * 7) % v).collect::<Vec<u32>>(), (3, 5), &Device::Cpu)
+                .unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        let (fused_all, _) = m.forward(&tokens, None, None, None).unwrap();
+        let (graph_all, _) = m.graph_forward(&tokens, None, None, None).unwrap();
+        assert_eq!(fused_all.dims(), &[3, 5, cfg.vocab_len()]);
+        assert!(max_diff(&fused_all, &graph_all) < 1e-5);
+        let last = m.forward_last(&tokens, None).unwrap();
+        assert!(max_diff(&last, &m.graph_forward_last(&tokens, None).unwrap()) < 1e-5);
+        let weights = m.step_weights().unwrap();
+        let with = m.forward_last_with(&weights, &tokens, None).unwrap();
+        assert!(max_diff(&with, &last) < 1e-5);
+        let time_major = tokens.t().unwrap().contiguous().unwrap();
+        let predicted = m.predict_time_major(&time_major, None).unwrap();
+        assert!(max_diff(&predicted.transpose(0, 1).unwrap(), &graph_all) < 1e-5);
+    }
+}
