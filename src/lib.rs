@@ -15,7 +15,7 @@ use nice_plug::prelude::*;
 use engine::lstm::LstmFactory;
 use engine::{ContinuerFactory, Engine, EngineStatus};
 use live::phrase::LiveShared;
-use live::{EngineLink, HostTransport, NoteMsg, Scheduler};
+use live::{HostTransport, NoteMsg, Scheduler};
 use params::AntiphonParams;
 
 /// The plugin instance the host creates. Creating it is cheap: no thread, no model.
@@ -71,6 +71,21 @@ fn host_transport(transport: &Transport) -> HostTransport {
     }
 }
 
+/// Sets subnormal samples of the passed-through audio to zero: a host may hand in denormals (a
+/// fading tail, a validator on purpose), and a chain that keeps them runs slowly downstream.
+fn flush_subnormals(buffer: &mut Buffer) {
+    for channel in buffer.as_slice() {
+        for sample in channel.iter_mut() {
+            if sample.is_subnormal() {
+                *sample = 0.0;
+            }
+        }
+    }
+}
+
+/// The sustain pedal's controller number.
+const SUSTAIN_PEDAL_CC: u8 = 64;
+
 /// Sends a note to the host; a refused event is counted.
 fn send(context: &mut impl ProcessContext<Antiphon>, msg: NoteMsg, live: &LiveShared) {
     let voice_id = msg.voice_id.map_or(VoiceID::Wildcard, VoiceID::ID);
@@ -102,8 +117,10 @@ impl Plugin for Antiphon {
         },
         AudioIOLayout::const_default(),
     ];
-    const MIDI_INPUT: MidiConfig = MidiConfig::Basic;
-    const MIDI_OUTPUT: MidiConfig = MidiConfig::Basic;
+    // Controllers, pitch bend and pressure too, so the pedal, the wheels and aftertouch a player
+    // uses pass through to the synth (and the sustain pedal shapes the captured phrase).
+    const MIDI_INPUT: MidiConfig = MidiConfig::MidiCCs;
+    const MIDI_OUTPUT: MidiConfig = MidiConfig::MidiCCs;
     const SAMPLE_ACCURATE_AUTOMATION: bool = true;
 
     type Editor = ();
@@ -134,9 +151,8 @@ impl Plugin for Antiphon {
                 self.status.clone(),
             );
             match spawned {
-                Ok((engine, channels)) => {
-                    self.scheduler
-                        .connect(EngineLink { request_tx: channels.request_tx, chunk_rx: channels.chunk_rx });
+                Ok((engine, link)) => {
+                    self.scheduler.connect(link);
                     self.engine = Some(engine);
                 }
                 // Without a worker the plugin still passes notes through.
@@ -170,36 +186,48 @@ impl Plugin for Antiphon {
         scheduler
             .start_block(&transport, buffer.samples() as u32, &settings, &mut |msg| send(context, msg, live));
         while let Some(event) = context.next_event() {
-            let note = match event {
+            let (timing, is_on, is_choke, voice_id, channel, key, velocity) = match event {
                 NoteEvent::NoteOn { timing, voice_id, channel, key, velocity } => {
-                    (timing, true, voice_id, channel.number(), key.number(), velocity)
+                    (timing, true, false, voice_id, channel.number(), key.number(), velocity)
                 }
                 NoteEvent::NoteOff { timing, voice_id, channel, key, velocity } => {
-                    (timing, false, voice_id, channel.number(), key.number(), velocity)
+                    (timing, false, false, voice_id, channel.number(), key.number(), velocity)
                 }
                 NoteEvent::Choke { timing, voice_id, channel, key } => {
-                    (timing, false, voice_id, channel.number(), key.number(), 0.0)
+                    (timing, false, true, voice_id, channel.number(), key.number(), 0.0)
                 }
                 other => {
-                    // Expression, pressure, wildcard notes: passed on in time order, not captured.
-                    scheduler.play_until(other.timing(), &settings, &mut |msg| send(context, msg, live));
+                    // Controllers, bend, pressure, expression: passed on in time order, not
+                    // captured; the sustain pedal also holds the phrase's notes.
+                    match other {
+                        NoteEvent::MidiCC { timing, channel, cc: SUSTAIN_PEDAL_CC, value } => {
+                            let is_down = value >= 0.5;
+                            scheduler.sustain(timing, channel, is_down, &settings, &mut |msg| {
+                                send(context, msg, live)
+                            });
+                        }
+                        _ => scheduler
+                            .play_until(other.timing(), &settings, &mut |msg| send(context, msg, live)),
+                    }
                     if settings.is_thru || settings.is_bypassed {
                         let _ = context.try_send_event(other);
                     }
                     continue;
                 }
             };
-            let (timing, is_on, voice_id, channel, key, velocity) = note;
             let (Some(channel), Some(key)) = (channel, key) else {
+                // A wildcard note (every key, or every channel) of a voice: passed on as it is.
+                scheduler.play_until(timing, &settings, &mut |msg| send(context, msg, live));
                 if settings.is_thru || settings.is_bypassed {
                     let _ = context.try_send_event(event);
                 }
                 continue;
             };
             let msg = NoteMsg { timing, is_on, channel, key, velocity, voice_id: voice_id.id() };
-            scheduler.note(msg, &settings, &mut |msg| send(context, msg, live));
+            scheduler.note(msg, is_choke, &settings, &mut |msg| send(context, msg, live));
         }
         scheduler.end_block(&settings, &mut |msg| send(context, msg, live));
+        flush_subnormals(buffer);
         // Keep being called with silent input: timers and answers run on the transport.
         ProcessStatus::KeepAlive
     }

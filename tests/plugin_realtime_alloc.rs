@@ -11,7 +11,7 @@ use antiphon::engine::lstm::LstmFactory;
 use antiphon::engine::{Engine, EngineStatus};
 use antiphon::params::AntiphonParams;
 use live::phrase::LiveShared;
-use live::{EngineLink, HostTransport, NoteMsg, Scheduler, Settings, TriggerMode};
+use live::{HostTransport, NoteMsg, Scheduler, Settings, TriggerMode};
 use nice_assert_no_alloc::{assert_no_alloc, reset_violation_count, violation_count};
 
 const SAMPLE_RATE_HZ: f64 = 48_000.0;
@@ -67,11 +67,11 @@ fn session(is_offline: bool) -> (usize, usize) {
     let live = Arc::new(LiveShared::new());
     let status = Arc::new(EngineStatus::default());
     let params = AntiphonParams::default();
-    let (engine, channels) =
+    let (engine, link) =
         Engine::spawn(Arc::new(LstmFactory), params.model.clone(), live.clone(), status).unwrap();
     let mut scheduler = Scheduler::new(live.clone());
     scheduler.configure(SAMPLE_RATE_HZ as f32, is_offline);
-    scheduler.connect(EngineLink { request_tx: channels.request_tx, chunk_rx: channels.chunk_rx });
+    scheduler.connect(link);
     let started = Instant::now();
     while !live.is_model_ready.load(Ordering::Acquire) {
         assert!(started.elapsed() < Duration::from_secs(5), "no model");
@@ -113,7 +113,7 @@ fn session(is_offline: bool) -> (usize, usize) {
             let mut emit = |msg: NoteMsg| out.push(msg);
             scheduler.start_block(&transport, BLOCK_LEN, &settings, &mut emit);
             for note in &block_inputs {
-                scheduler.note(*note, &settings, &mut emit);
+                scheduler.note(*note, false, &settings, &mut emit);
             }
             scheduler.end_block(&settings, &mut emit);
             // The plugin reads its parameters on the audio thread too.

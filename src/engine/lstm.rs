@@ -4,7 +4,7 @@
 //! Runs on: worker.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use model::generate::PhraseContinuation;
 use model::io::LoadedModel;
@@ -27,12 +27,27 @@ pub struct LstmFactory;
 impl ContinuerFactory for LstmFactory {
     fn load(&self, choice: &ModelChoice) -> Result<Box<dyn Continuer>, EngineError> {
         let loaded = match choice {
-            ModelChoice::Builtin => LoadedModel::builtin(),
-            ModelChoice::Directory(path) => LoadedModel::load_dir(Path::new(path)),
+            ModelChoice::Builtin => shared_builtin(),
+            ModelChoice::Directory(path) => LoadedModel::load_dir(Path::new(path)).map(Arc::new),
         }
         .map_err(|err| EngineError::ModelLoad { choice: choice.to_string(), reason: err.to_string() })?;
-        Ok(Box::new(LstmContinuer { model: Arc::new(loaded), continuation: None, num_steps: 0 }))
+        Ok(Box::new(LstmContinuer { model: loaded, continuation: None, num_steps: 0 }))
     }
+}
+
+/// The built-in model, loaded once for every instance in the process while any of them uses
+/// it: loading builds its tune memory's index (a fraction of a second and about 11 MB), which
+/// the instances then share, as they share the weights. Each continuation keeps its own state.
+/// Worker threads only: the lock is held while the first of them loads.
+pub fn shared_builtin() -> Result<Arc<LoadedModel>, model::ModelError> {
+    static SHARED: Mutex<Weak<LoadedModel>> = Mutex::new(Weak::new());
+    let mut shared = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(model) = shared.upgrade() {
+        return Ok(model);
+    }
+    let model = Arc::new(LoadedModel::builtin()?);
+    *shared = Arc::downgrade(&model);
+    Ok(model)
 }
 
 /// A loaded model and the continuation it writes.
@@ -136,6 +151,13 @@ mod tests {
         assert!(pitches.iter().all(|&p| c.allows(p)), "{pitches:?}");
         // No end while it may not end.
         assert!(!symbols.contains(&Symbol::Delimiter));
+    }
+
+    #[test]
+    fn instances_share_one_built_in_model_while_any_holds_it() {
+        let first = shared_builtin().unwrap();
+        let second = shared_builtin().unwrap();
+        assert!(Arc::ptr_eq(&first, &second), "the second instance loaded its own copy");
     }
 
     #[test]

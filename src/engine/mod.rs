@@ -18,29 +18,17 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use crossbeam::channel::{bounded, Receiver, Sender};
 use serde::{Deserialize, Serialize};
 
-use live::phrase::{AnswerChunk, LiveShared, Request};
+use live::link::WorkerLink;
+use live::phrase::LiveShared;
 use music::bar::BarPhase;
 use music::encode::{Reject, StepGrid};
 use music::{Key, Symbol};
 
 pub use library::{LibraryModel, ModelLibrary, MAX_LIBRARY_MODELS};
 pub use worker::{constrain_pitch, NoteStream};
-
-/// Requests the queue to the worker holds. The audio thread keeps one more in its outbox, and a
-/// newer request replaces it, so a full queue never blocks.
-pub const REQUEST_QUEUE_LEN: usize = 4;
-
-/// Chunks the queue to the audio thread holds: many beats of answer.
-pub const CHUNK_QUEUE_LEN: usize = 64;
-
-/// How long the main thread waits for the worker to stop before leaving it (it then ends on its
-/// own when it sees the channels closed).
-const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// Which model the plugin uses. Saved with the project.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,18 +319,9 @@ impl EngineStatus {
     }
 }
 
-/// The audio thread's ends of the worker's channels.
-#[derive(Debug)]
-pub struct EngineChannels {
-    /// Requests to the worker.
-    pub request_tx: Sender<Request>,
-    /// Answer chunks from the worker.
-    pub chunk_rx: Receiver<AnswerChunk>,
-}
-
 /// A running worker thread. Dropping it stops and joins the thread.
 pub struct Engine {
-    shutdown_tx: Sender<Request>,
+    link: Arc<WorkerLink>,
     thread: Option<JoinHandle<()>>,
     status: Arc<EngineStatus>,
 }
@@ -355,20 +334,19 @@ impl Engine {
         model: Arc<ModelSlot>,
         live: Arc<LiveShared>,
         status: Arc<EngineStatus>,
-    ) -> Result<(Engine, EngineChannels), EngineError> {
-        let (request_tx, request_rx) = bounded(REQUEST_QUEUE_LEN);
-        let (chunk_tx, chunk_rx) = bounded(CHUNK_QUEUE_LEN);
+    ) -> Result<(Engine, Arc<WorkerLink>), EngineError> {
+        let link = Arc::new(WorkerLink::new());
         status.set(EngineState::Loading, model.get().to_string());
         // Before the thread runs, so the audio thread never asks a worker that has no model yet.
         live.is_model_ready.store(false, Ordering::Release);
         live.is_model_loading.store(true, Ordering::Release);
-        let worker = worker::Worker::new(factory, model, live, status.clone(), request_rx, chunk_tx);
+        let worker = worker::Worker::new(factory, model, live, status.clone(), link.clone());
         let thread = std::thread::Builder::new()
             .name("antiphon-worker".into())
             .spawn(move || worker.run())
             .map_err(|e| EngineError::Spawn(e.to_string()))?;
-        let engine = Engine { shutdown_tx: request_tx.clone(), thread: Some(thread), status };
-        Ok((engine, EngineChannels { request_tx, chunk_rx }))
+        let engine = Engine { link: link.clone(), thread: Some(thread), status };
+        Ok((engine, link))
     }
 
     /// Stops the worker and waits for it. Main thread (the plugin's `deactivate`).
@@ -378,8 +356,10 @@ impl Engine {
 
     fn stop(&mut self) {
         let Some(thread) = self.thread.take() else { return };
-        // The queue may be full of requests; the worker drains it, so this only waits briefly.
-        let _ = self.shutdown_tx.send_timeout(Request::Shutdown, SHUTDOWN_WAIT);
+        // The worker sees the flag within a poll (it is woken at once; a model load in progress
+        // finishes first).
+        self.link.close();
+        thread.thread().unpark();
         let _ = thread.join();
         self.status.set(EngineState::Stopped, String::new());
     }

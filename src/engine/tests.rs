@@ -4,7 +4,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::timing::pop_chunk_within;
 use super::*;
+use live::link::WorkerLink;
 use live::phrase::{
     AnswerEvent, AnswerEventKind, AnswerRequest, GenSettings, KeyLock, Phrase, LOOKAHEAD_BEATS,
 };
@@ -75,7 +77,7 @@ impl ContinuerFactory for ScriptedFactory {
 
 struct Running {
     engine: Option<Engine>,
-    channels: EngineChannels,
+    link: Arc<WorkerLink>,
     live: Arc<LiveShared>,
     status: Arc<EngineStatus>,
     model: Arc<ModelSlot>,
@@ -92,8 +94,8 @@ fn start_with(script: &str, model: Arc<ModelSlot>, is_builtin_broken: bool) -> R
     let factory = Arc::new(ScriptedFactory { script, log: log.clone(), is_builtin_broken });
     let live = Arc::new(LiveShared::new());
     let status = Arc::new(EngineStatus::default());
-    let (engine, channels) = Engine::spawn(factory, model.clone(), live.clone(), status.clone()).unwrap();
-    Running { engine: Some(engine), channels, live, status, model, log }
+    let (engine, link) = Engine::spawn(factory, model.clone(), live.clone(), status.clone()).unwrap();
+    Running { engine: Some(engine), link, live, status, model, log }
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
@@ -121,7 +123,7 @@ impl Running {
     fn ask(&self, request: AnswerRequest) {
         self.live.active_answer_id.store(request.answer_id, Ordering::Release);
         self.live.playhead_beats.store(-2.0, Ordering::Release);
-        self.channels.request_tx.send(Request::Continue(request)).unwrap();
+        self.link.push_request(request).unwrap();
     }
 
     /// Receives chunks until `until_beats` is written or the answer finishes.
@@ -131,7 +133,7 @@ impl Running {
         let started = Instant::now();
         while written < until_beats && !finished {
             assert!(started.elapsed() < Duration::from_secs(5), "no chunk");
-            if let Ok(chunk) = self.channels.chunk_rx.recv_timeout(Duration::from_millis(10)) {
+            if let Some(chunk) = pop_chunk_within(&self.link, Duration::from_millis(10)) {
                 assert_eq!(chunk.answer_id, answer_id);
                 assert!(chunk.written_until_beats >= written);
                 events.extend(chunk.events.iter().copied());
@@ -165,7 +167,7 @@ fn the_worker_streams_about_a_beat_ahead() {
     assert_eq!(written, 1.0);
     // It does not run further ahead than the lookahead.
     std::thread::sleep(Duration::from_millis(20));
-    assert!(w.channels.chunk_rx.is_empty());
+    assert!(w.link.pop_chunk().is_none());
     // The playhead moves on, so does the answer.
     w.live.playhead_beats.store(1.0, Ordering::Release);
     let (events, written, _) = w.collect(1, 2.0);
@@ -223,7 +225,7 @@ fn a_cancelled_answer_stops_and_a_new_request_replaces_it() {
     w.live.active_answer_id.store(0, Ordering::Release);
     w.live.playhead_beats.store(5.0, Ordering::Release);
     std::thread::sleep(Duration::from_millis(20));
-    assert!(w.channels.chunk_rx.is_empty(), "a cancelled answer goes on");
+    assert!(w.link.pop_chunk().is_none(), "a cancelled answer goes on");
     w.ask(request(2, Some(4.0)));
     let (events, _, _) = w.collect(2, LOOKAHEAD_BEATS);
     assert_eq!(events[0], on(0.0, 60));
@@ -295,7 +297,7 @@ fn with_no_model_at_all_the_worker_survives_and_notes_pass() {
     // A request now is ignored, not answered.
     w.ask(request(1, Some(4.0)));
     std::thread::sleep(Duration::from_millis(20));
-    assert!(w.channels.chunk_rx.is_empty());
+    assert!(w.link.pop_chunk().is_none());
 }
 
 #[test]
@@ -338,7 +340,7 @@ fn dropping_the_engine_joins_the_worker() {
     drop(w.engine);
     assert_eq!(w.status.state(), EngineState::Stopped);
     // The worker's ends are gone.
-    assert!(w.channels.chunk_rx.recv_timeout(Duration::from_millis(50)).is_err());
+    assert!(pop_chunk_within(&w.link, Duration::from_millis(50)).is_none());
 }
 
 #[test]

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{ContinuerFactory, Engine, EngineError, EngineStatus, ModelSlot};
-use live::phrase::{AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Phrase, Request};
+use live::link::WorkerLink;
+use live::phrase::AnswerChunk;
+use live::phrase::{AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Phrase};
 use music::note::Note;
 
 /// Two bars of eighths and quarters in D major, as the audio thread hands a phrase over.
@@ -34,7 +36,7 @@ pub fn first_note_latencies(
 ) -> Result<Vec<Duration>, EngineError> {
     let live = Arc::new(LiveShared::new());
     let status = Arc::new(EngineStatus::default());
-    let (engine, channels) =
+    let (engine, link) =
         Engine::spawn(factory, Arc::new(ModelSlot::default()), live.clone(), status.clone())?;
     let started = Instant::now();
     while !live.is_model_ready.load(Ordering::Acquire) {
@@ -61,16 +63,17 @@ pub fn first_note_latencies(
         };
         live.active_answer_id.store(trial, Ordering::Release);
         live.playhead_beats.store(-3.0, Ordering::Release);
+        // As the audio thread sets it while the phrase that just ended was played (the worker
+        // then polls every millisecond): give it the time of a short phrase to notice.
+        live.is_phrase_open.store(true, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(40));
         let sent = Instant::now();
-        channels
-            .request_tx
-            .send(Request::Continue(request))
-            .map_err(|e| EngineError::Spawn(e.to_string()))?;
+        if link.push_request(request).is_err() {
+            return Err(EngineError::Step { step_idx: 0, reason: "the request queue is full".into() });
+        }
         loop {
-            let chunk = channels
-                .chunk_rx
-                .recv_timeout(Duration::from_secs(5))
-                .map_err(|_| EngineError::Step { step_idx: 0, reason: "no answer within 5 s".into() })?;
+            let chunk = pop_chunk_within(&link, Duration::from_secs(5))
+                .ok_or_else(|| EngineError::Step { step_idx: 0, reason: "no answer within 5 s".into() })?;
             if chunk.answer_id != trial {
                 continue;
             }
@@ -90,8 +93,24 @@ pub fn first_note_latencies(
         }
         live.active_answer_id.store(0, Ordering::Release);
         std::thread::sleep(Duration::from_millis(5));
-        while channels.chunk_rx.try_recv().is_ok() {}
+        live.is_phrase_open.store(false, Ordering::Relaxed);
+        while link.pop_chunk().is_some() {}
     }
     engine.shutdown();
     Ok(times)
+}
+
+/// The next chunk from the worker, waiting at most `limit` for it (the caller is not the audio
+/// thread, so it may sleep).
+pub fn pop_chunk_within(link: &WorkerLink, limit: Duration) -> Option<AnswerChunk> {
+    let started = Instant::now();
+    loop {
+        if let Some(chunk) = link.pop_chunk() {
+            return Some(chunk);
+        }
+        if started.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
 }

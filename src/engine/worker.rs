@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam::channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use nice_plug::prelude::{nice_log, nice_warn};
 
+use live::link::WorkerLink;
 use live::phrase::{
-    AnswerChunk, AnswerEvent, AnswerEventKind, AnswerRequest, KeyLock, LiveShared, Request, LOOKAHEAD_BEATS,
+    AnswerChunk, AnswerEvent, AnswerEventKind, AnswerRequest, KeyLock, LiveShared, LOOKAHEAD_BEATS,
 };
 use music::bar::BarPhase;
 use music::encode::{encode, EncodeConfig, StepGrid};
@@ -24,8 +24,12 @@ use super::{
 /// How long the worker sleeps between looks at the playhead while an answer is ahead of it.
 const AHEAD_POLL: Duration = Duration::from_millis(1);
 
-/// How long the worker sleeps when idle before it looks at the model choice again.
-const IDLE_POLL: Duration = Duration::from_millis(50);
+/// How long the worker sleeps while the player is in a phrase: the most a request waits to be
+/// seen, since nothing wakes the worker (the audio thread makes no system call).
+const PHRASE_POLL: Duration = Duration::from_millis(1);
+
+/// How long the worker sleeps when idle before it looks at the queue and the model choice again.
+const IDLE_POLL: Duration = Duration::from_millis(20);
 
 /// Symbols of its own output a continuous answer keeps to start over from after a delimiter.
 const CONTINUOUS_HISTORY_STEPS: usize = 256;
@@ -183,8 +187,7 @@ pub(super) struct Worker {
     model: Arc<ModelSlot>,
     live: Arc<LiveShared>,
     status: Arc<EngineStatus>,
-    request_rx: Receiver<Request>,
-    chunk_tx: Sender<AnswerChunk>,
+    link: Arc<WorkerLink>,
     continuer: Option<Box<dyn Continuer>>,
     /// `ModelSlot::version` of the model loaded (or tried).
     loaded_version: Option<u64>,
@@ -199,16 +202,14 @@ impl Worker {
         model: Arc<ModelSlot>,
         live: Arc<LiveShared>,
         status: Arc<EngineStatus>,
-        request_rx: Receiver<Request>,
-        chunk_tx: Sender<AnswerChunk>,
+        link: Arc<WorkerLink>,
     ) -> Self {
         Self {
             factory,
             model,
             live,
             status,
-            request_rx,
-            chunk_tx,
+            link,
             continuer: None,
             loaded_version: None,
             answer: None,
@@ -217,44 +218,29 @@ impl Worker {
     }
 
     pub(super) fn run(mut self) {
-        loop {
+        while !self.link.is_closed() {
             if self.loaded_version != Some(self.model.version()) {
                 self.load_model();
             }
-            let wait = if self.has_work_due() {
-                Duration::ZERO
-            } else if self.answer.is_some() {
-                AHEAD_POLL
-            } else {
-                IDLE_POLL
-            };
-            let first = if wait.is_zero() {
-                match self.request_rx.try_recv() {
-                    Ok(request) => Some(request),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => return,
-                }
-            } else {
-                match self.request_rx.recv_timeout(wait) {
-                    Ok(request) => Some(request),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
-            };
             // Take everything queued; of several phrases only the newest is answered.
             let mut newest = None;
-            let mut next = first;
-            while let Some(request) = next {
-                match request {
-                    Request::Shutdown => return,
-                    Request::Continue(request) => newest = Some(request),
-                }
-                next = self.request_rx.try_recv().ok();
+            while let Some(request) = self.link.pop_request() {
+                newest = Some(request);
             }
             if let Some(request) = newest {
                 self.start_answer(request);
             }
             self.write_ahead();
+            if !self.has_work_due() {
+                let wait = if self.answer.is_some() {
+                    AHEAD_POLL
+                } else if self.live.is_phrase_open.load(Ordering::Relaxed) {
+                    PHRASE_POLL
+                } else {
+                    IDLE_POLL
+                };
+                std::thread::park_timeout(wait);
+            }
         }
     }
 
@@ -349,13 +335,9 @@ impl Worker {
     /// Writes the answer up to the target and sends what was written.
     fn write_ahead(&mut self) {
         if let Some(chunk) = self.outgoing.take() {
-            match self.chunk_tx.try_send(chunk) {
-                Ok(()) => {}
-                Err(TrySendError::Full(chunk)) => {
-                    self.outgoing = Some(chunk);
-                    return;
-                }
-                Err(TrySendError::Disconnected(_)) => return,
+            if let Err(chunk) = self.link.push_chunk(chunk) {
+                self.outgoing = Some(chunk);
+                return;
             }
         }
         let target_beats = self.target_beats();
@@ -431,7 +413,7 @@ impl Worker {
         }
         self.outgoing = Some(chunk);
         if let Some(chunk) = self.outgoing.take() {
-            if let Err(TrySendError::Full(chunk)) = self.chunk_tx.try_send(chunk) {
+            if let Err(chunk) = self.link.push_chunk(chunk) {
                 self.outgoing = Some(chunk);
             }
         }

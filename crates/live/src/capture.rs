@@ -53,6 +53,10 @@ pub struct Capture {
     /// Keys down now: bit `c` of `held[k]` is key `k` on channel `c`. Tracked even while the
     /// phrase is sealed, so the silence timer is right when capturing resumes.
     held: [u16; 128],
+    /// Keys let go while their channel's sustain pedal is down, so still sounding: same layout.
+    sustained: [u16; 128],
+    /// Channels whose sustain pedal is down: bit `c` is channel `c`.
+    pedals_down: u16,
     /// Whether capturing is paused because the phrase has been handed over for an answer.
     is_sealed: bool,
 }
@@ -72,6 +76,8 @@ impl Capture {
             bar_beats: 4.0,
             all_up_since_beats: None,
             held: [0; 128],
+            sustained: [0; 128],
+            pedals_down: 0,
             is_sealed: false,
         }
     }
@@ -84,10 +90,13 @@ impl Capture {
         self.is_sealed = false;
     }
 
-    /// Forgets the phrase and the keys (after a host reset, when key-ups may never come).
+    /// Forgets the phrase, the keys and the pedals (after a host reset, when key-ups may never
+    /// come).
     pub fn clear_all(&mut self) {
         self.clear();
         self.held = [0; 128];
+        self.sustained = [0; 128];
+        self.pedals_down = 0;
     }
 
     /// Whether the phrase has at least one note.
@@ -110,9 +119,9 @@ impl Capture {
         self.is_sealed = false;
     }
 
-    /// Whether any key is down.
+    /// Whether any key is down, or still sounds under a sustain pedal.
     pub fn is_any_key_down(&self) -> bool {
-        self.held.iter().any(|&channels| channels != 0)
+        self.held.iter().chain(&self.sustained).any(|&channels| channels != 0)
     }
 
     /// A key went down at `at_beats`. `host_bar_origin_beats` is a host bar line when the host
@@ -128,6 +137,7 @@ impl Capture {
     ) {
         let (key, channel) = (key.min(127), channel.min(15));
         self.held[key as usize] |= 1 << channel;
+        self.sustained[key as usize] &= !(1 << channel);
         self.all_up_since_beats = None;
         if self.is_sealed {
             return;
@@ -158,14 +168,40 @@ impl Capture {
         });
     }
 
-    /// A key went up at `at_beats`.
+    /// A key went up at `at_beats`. Under its channel's sustain pedal its note sounds on.
     pub fn note_off(&mut self, at_beats: f64, channel: u8, key: u8) {
         let (key, channel) = (key.min(127), channel.min(15));
         self.held[key as usize] &= !(1 << channel);
+        if self.pedals_down & (1 << channel) != 0 {
+            self.sustained[key as usize] |= 1 << channel;
+            return;
+        }
         if !self.is_sealed {
             self.end_open_note(at_beats, channel, key);
         }
         if !self.is_any_key_down() {
+            self.all_up_since_beats = Some(at_beats);
+        }
+    }
+
+    /// The sustain pedal of `channel` went down or up at `at_beats`. Lifting it ends the notes
+    /// it held there.
+    pub fn sustain(&mut self, at_beats: f64, channel: u8, is_down: bool) {
+        let bit = 1u16 << channel.min(15);
+        if is_down {
+            self.pedals_down |= bit;
+            return;
+        }
+        self.pedals_down &= !bit;
+        for key in 0..128u8 {
+            if self.sustained[key as usize] & bit != 0 {
+                self.sustained[key as usize] &= !bit;
+                if !self.is_sealed {
+                    self.end_open_note(at_beats, channel, key);
+                }
+            }
+        }
+        if !self.is_any_key_down() && self.all_up_since_beats.is_none() && !self.notes.is_empty() {
             self.all_up_since_beats = Some(at_beats);
         }
     }
@@ -340,6 +376,33 @@ mod tests {
         // The oldest kept note starts at 4.0 (note 8), so the origin is the bar at 4.
         assert_eq!(origin, 4.0);
         assert_eq!(p.notes[0].start_beats, 0.0);
+    }
+
+    #[test]
+    fn the_sustain_pedal_holds_notes_and_the_silence_until_it_lifts() {
+        let mut c = Capture::new();
+        c.sustain(0.0, 0, true);
+        c.note_on(0.0, 0, 48, 100, Some(0.0), 4.0);
+        c.note_off(0.5, 0, 48);
+        c.note_on(1.0, 0, 60, 100, Some(0.0), 4.0);
+        c.note_off(1.5, 0, 60);
+        // A pedal on another channel holds nothing here.
+        c.sustain(1.5, 1, true);
+        // Keys are up but the pedal sounds them: no silence yet.
+        assert!(c.is_any_key_down());
+        assert_eq!(c.end_due_beats(TriggerMode::Silence, 1.0, 2), None);
+        // Striking a sustained key again ends its note there and starts a new one.
+        c.note_on(2.0, 0, 60, 100, Some(0.0), 4.0);
+        c.note_off(2.25, 0, 60);
+        c.sustain(3.0, 0, false);
+        assert!(!c.is_any_key_down());
+        assert_eq!(c.end_due_beats(TriggerMode::Silence, 1.0, 2), Some(4.0));
+        let (p, _) = c.phrase_until(4.0, 4.0, 4.0);
+        assert_eq!(notes(&p), vec![(48, 0.0, 3.0), (60, 1.0, 1.0), (60, 2.0, 1.0)]);
+        // Once lifted, keys end their notes as they go up.
+        c.note_on(4.0, 0, 62, 100, Some(0.0), 4.0);
+        c.note_off(4.5, 0, 62);
+        assert_eq!(notes(&c.phrase_until(5.0, 4.0, 4.0).0)[3], (62, 4.0, 0.5));
     }
 
     #[test]

@@ -12,6 +12,8 @@
 
 pub mod capture;
 pub mod clock;
+pub mod keys;
+pub mod link;
 pub mod phrase;
 pub mod playback;
 
@@ -19,11 +21,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{Receiver, Sender, TrySendError};
-
-use crate::phrase::{
-    AnswerChunk, AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Request, LOOKAHEAD_BEATS,
-};
+use crate::keys::{HeldKeys, Holder, KeyChange, SoundingNotes};
+use crate::link::WorkerLink;
+use crate::phrase::{AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, LOOKAHEAD_BEATS};
 
 pub use capture::{Capture, TriggerMode};
 pub use clock::{BlockTime, Clock, ClockChange, HostTransport};
@@ -158,15 +158,6 @@ impl NoteMsg {
     }
 }
 
-/// The scheduler's ends of the channels to the worker.
-#[derive(Debug)]
-pub struct EngineLink {
-    /// Requests for answers.
-    pub request_tx: Sender<Request>,
-    /// Answer chunks.
-    pub chunk_rx: Receiver<AnswerChunk>,
-}
-
 /// The answer being played or waited for.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Answer {
@@ -197,23 +188,28 @@ enum Action {
 /// The audio thread's state. Build it (and `configure`, `connect` it) on the main thread.
 pub struct Scheduler {
     live: Arc<LiveShared>,
-    link: Option<EngineLink>,
+    link: Option<Arc<WorkerLink>>,
     clock: Clock,
     capture: Capture,
     playback: Playback,
     answer: Option<Answer>,
     block: BlockTime,
     cursor_samples: u32,
-    /// Notes passed through that still sound downstream: bit `c` of `thru_held[k]` is key `k` on
-    /// channel `c`. Their note-offs are passed on even when thru has been turned off since.
-    thru_held: [u16; 128],
+    /// The player's keys as they come in (note-ons counted, duplicates told apart).
+    held_keys: HeldKeys,
+    /// What sounds at the output, passed through or answered: every note-on sent goes through
+    /// it, so every one gets its note-off.
+    output: SoundingNotes,
+    /// Samples processed since the scheduler was built: the time base that tells one note sent
+    /// in two dialects from a key struck twice.
+    samples_elapsed: u64,
     /// Set by `reset`: everything sounding is released at the start of the next block.
     needs_release: bool,
     was_answer_now: bool,
     was_bypassed: bool,
     model_epoch_seen: u32,
     /// A request the worker's queue had no room for; a newer one replaces it.
-    outbox: Option<Request>,
+    outbox: Option<AnswerRequest>,
     num_requests: u64,
     last_answer_id: u32,
     is_offline: bool,
@@ -241,7 +237,9 @@ impl Scheduler {
             answer: None,
             block,
             cursor_samples: 0,
-            thru_held: [0; 128],
+            held_keys: HeldKeys::default(),
+            output: SoundingNotes::default(),
+            samples_elapsed: 0,
             needs_release: false,
             was_answer_now: false,
             was_bypassed: false,
@@ -260,15 +258,15 @@ impl Scheduler {
         self.is_offline = is_offline;
     }
 
-    /// Connects the worker's channels. Main thread, while not processing.
-    pub fn connect(&mut self, link: EngineLink) {
+    /// Connects the worker's queues. Main thread, while not processing.
+    pub fn connect(&mut self, link: Arc<WorkerLink>) {
         self.link = Some(link);
         self.model_epoch_seen = self.live.model_epoch.load(Ordering::Acquire);
     }
 
-    /// Disconnects the worker's channels and hands them back so they are dropped off the audio
+    /// Disconnects the worker's queues and hands them back so they are dropped off the audio
     /// thread. Main thread, while not processing.
-    pub fn disconnect(&mut self) -> Option<EngineLink> {
+    pub fn disconnect(&mut self) -> Option<Arc<WorkerLink>> {
         self.outbox = None;
         self.link.take()
     }
@@ -278,6 +276,7 @@ impl Scheduler {
     pub fn reset(&mut self) {
         self.needs_release = true;
         self.capture.clear_all();
+        self.held_keys.clear();
         self.clock.reset();
         self.live.active_answer_id.store(0, Ordering::Release);
     }
@@ -290,6 +289,11 @@ impl Scheduler {
     /// Number of answer notes sounding now.
     pub fn num_sounding(&self) -> usize {
         self.playback.num_sounding()
+    }
+
+    /// Number of notes sounding at the output now, passed through or answered.
+    pub fn num_sounding_out(&self) -> usize {
+        self.output.num_sounding()
     }
 
     /// The current block on the timeline.
@@ -314,12 +318,7 @@ impl Scheduler {
         if self.needs_release {
             self.needs_release = false;
             self.cancel_answer(0, emit);
-            for key in 0..128u8 {
-                let channels = std::mem::take(&mut self.thru_held[key as usize]);
-                for channel in (0..16u8).filter(|c| channels & (1 << c) != 0) {
-                    emit(NoteMsg::off(0, channel, key));
-                }
-            }
+            self.output.release_all(0, emit);
         }
         if matches!(change, ClockChange::Started | ClockChange::Stopped) {
             // The answer was promised on the old timeline; a new take starts listening afresh.
@@ -362,49 +361,82 @@ impl Scheduler {
     }
 
     /// Handles an incoming note at its sample (which must not go back in time within the
-    /// block), after everything due before it.
-    pub fn note(&mut self, note: NoteMsg, settings: &Settings, emit: &mut impl FnMut(NoteMsg)) {
+    /// block), after everything due before it. A note-on sent again at the same sample (a host
+    /// that sends both dialects) is one note; a note-off counts only when it ends the last
+    /// note-on of its key (`keys`). `is_choke` ends the key at once, however often it was struck.
+    pub fn note(
+        &mut self,
+        note: NoteMsg,
+        is_choke: bool,
+        settings: &Settings,
+        emit: &mut impl FnMut(NoteMsg),
+    ) {
         let timing = note.timing.min(self.block.len_samples.saturating_sub(1)).max(self.cursor_samples);
         self.advance_to(timing, settings, emit);
         let at_beats = self.block.beats_at(timing);
         let (key, channel) = (note.key.min(127), note.channel.min(15));
         let out = NoteMsg { timing, key, channel, ..note };
-        if note.is_on {
-            if settings.is_bypassed || settings.is_thru {
-                emit(out);
-                self.thru_held[key as usize] |= 1 << channel;
+        if !note.is_on {
+            let is_released = match is_choke {
+                true => self.held_keys.release_all_of(channel, key),
+                false => self.held_keys.release(channel, key) == KeyChange::Released,
+            };
+            if is_released {
+                self.output.stop(Holder::Thru, out, emit);
+                self.capture.note_off(at_beats, channel, key);
             }
-            if settings.is_bypassed {
-                return;
-            }
-            if let Some(answer) = self.answer {
-                if settings.should_yield {
-                    let is_pending = at_beats < answer.start_beats;
-                    self.cancel_answer(timing, emit);
-                    if is_pending && settings.trigger != TriggerMode::Bars {
-                        // The player went on before the answer began: the phrase goes on too.
-                        self.capture.unseal();
-                    } else {
-                        self.capture.clear();
-                    }
+            return;
+        }
+        if self.held_keys.press(channel, key, self.samples_elapsed + u64::from(timing))
+            == KeyChange::Duplicate
+        {
+            return;
+        }
+        if settings.is_bypassed || settings.is_thru {
+            self.output.start(Holder::Thru, out, emit);
+        }
+        if settings.is_bypassed {
+            return;
+        }
+        if let Some(answer) = self.answer {
+            if settings.should_yield {
+                let is_pending = at_beats < answer.start_beats;
+                self.cancel_answer(timing, emit);
+                if is_pending && settings.trigger != TriggerMode::Bars {
+                    // The player went on before the answer began: the phrase goes on too.
+                    self.capture.unseal();
+                } else {
+                    self.capture.clear();
                 }
             }
-            let velocity = (note.velocity.clamp(0.0, 1.0) * 127.0).round() as u8;
-            self.capture.note_on(
-                at_beats,
-                channel,
-                key,
-                velocity,
-                self.block.host_bar_origin_beats,
-                self.block.bar_beats,
-            );
-        } else {
-            let bit = 1u16 << channel;
-            if self.thru_held[key as usize] & bit != 0 {
-                self.thru_held[key as usize] &= !bit;
-                emit(out);
-            }
-            self.capture.note_off(at_beats, channel, key);
+        }
+        let velocity = (note.velocity.clamp(0.0, 1.0) * 127.0).round() as u8;
+        self.capture.note_on(
+            at_beats,
+            channel,
+            key,
+            velocity,
+            self.block.host_bar_origin_beats,
+            self.block.bar_beats,
+        );
+    }
+
+    /// The sustain pedal of `channel` (0..=15) went down or up at sample `timing`, after
+    /// everything due before it. While it is down, keys let go still count as held for the
+    /// Silence trigger, and the phrase hears their notes sound on until it lifts. The caller
+    /// passes the controller itself on with the other controllers.
+    pub fn sustain(
+        &mut self,
+        timing: u32,
+        channel: u8,
+        is_down: bool,
+        settings: &Settings,
+        emit: &mut impl FnMut(NoteMsg),
+    ) {
+        self.play_until(timing, settings, emit);
+        if !settings.is_bypassed {
+            let at_beats = self.block.beats_at(self.cursor_samples);
+            self.capture.sustain(at_beats, channel.min(15), is_down);
         }
     }
 
@@ -421,7 +453,11 @@ impl Scheduler {
             self.advance_to(self.block.len_samples, settings, emit);
         }
         self.cursor_samples = self.block.len_samples;
+        self.samples_elapsed += u64::from(self.block.len_samples);
         self.publish_playhead(self.block.end_beats());
+        let is_phrase_open =
+            self.capture.is_any_key_down() || self.capture.has_notes() || self.answer.is_some();
+        self.live.is_phrase_open.store(is_phrase_open, Ordering::Relaxed);
     }
 
     /// Handles every timed action before `limit_samples`, in time order.
@@ -474,7 +510,7 @@ impl Scheduler {
             match action {
                 Action::NoteOff { sounding_idx } => {
                     if let Some(note) = self.playback.end_sounding(sounding_idx) {
-                        emit(NoteMsg::off(offset, note.channel, note.key));
+                        self.output.stop(Holder::Answer, NoteMsg::off(offset, note.channel, note.key), emit);
                     }
                 }
                 Action::AnswerEnd => {
@@ -504,17 +540,18 @@ impl Scheduler {
             {
                 // The same key still sounds (a gate rounding edge): end it first so on/off pair up.
                 if let Some(old) = self.playback.end_sounding(idx) {
-                    emit(NoteMsg::off(offset, old.channel, old.key));
+                    self.output.stop(Holder::Answer, NoteMsg::off(offset, old.channel, old.key), emit);
                 }
             }
-            emit(NoteMsg {
+            let on = NoteMsg {
                 timing: offset,
                 is_on: true,
                 channel: note.channel,
                 key: note.key,
                 velocity: velocity.clamp(1, 127) as f32 / 127.0,
                 voice_id: None,
-            });
+            };
+            self.output.start(Holder::Answer, on, emit);
         } else {
             LiveShared::bump(&self.live.num_lost_events);
         }
@@ -581,15 +618,18 @@ impl Scheduler {
         if self.outbox.take().is_some() {
             LiveShared::bump(&self.live.num_dropped_requests);
         }
-        self.outbox = Some(Request::Continue(request));
+        self.outbox = Some(request);
         self.flush_outbox();
     }
 
     /// Ends the answer now: every sounding answer note gets its note-off at `offset`.
     fn cancel_answer(&mut self, offset: u32, emit: &mut impl FnMut(NoteMsg)) {
-        self.playback.release_all(|note| emit(NoteMsg::off(offset, note.channel, note.key)));
+        let output = &mut self.output;
+        self.playback.release_all(|note| {
+            output.stop(Holder::Answer, NoteMsg::off(offset, note.channel, note.key), emit)
+        });
         if let Some(answer) = self.answer.take() {
-            if matches!(&self.outbox, Some(Request::Continue(r)) if r.answer_id == answer.id) {
+            if matches!(&self.outbox, Some(r) if r.answer_id == answer.id) {
                 // It never reached the worker.
                 self.outbox = None;
                 LiveShared::bump(&self.live.num_dropped_requests);
@@ -606,11 +646,8 @@ impl Scheduler {
 
     fn flush_outbox(&mut self) {
         let (Some(link), Some(request)) = (&self.link, self.outbox.take()) else { return };
-        match link.request_tx.try_send(request) {
-            Ok(()) => {}
-            Err(TrySendError::Full(request)) => self.outbox = Some(request),
-            // The worker is gone; the request is dropped (it holds no heap).
-            Err(TrySendError::Disconnected(_)) => {}
+        if let Err(request) = link.push_request(request) {
+            self.outbox = Some(request);
         }
     }
 
@@ -618,7 +655,7 @@ impl Scheduler {
     fn take_chunks(&mut self) {
         let Some(link) = &self.link else { return };
         let now_beats = self.block.beats_at(self.cursor_samples);
-        while let Ok(chunk) = link.chunk_rx.try_recv() {
+        while let Some(chunk) = link.pop_chunk() {
             let Some(answer) = &mut self.answer else { continue };
             if chunk.answer_id != answer.id {
                 continue;

@@ -3,8 +3,8 @@
 //! the streamed answer events, and the live values both sides share through atomics.
 //!
 //! Runs on: audio thread and worker. Nothing here allocates except
-//! [`Phrase::to_melody`] (worker only): building, moving or dropping a [`Request`] or an
-//! [`AnswerChunk`] never touches the allocator, so the audio thread may own and drop them.
+//! [`Phrase::to_melody`] (worker only): building, moving or dropping an [`AnswerRequest`] or
+//! an [`AnswerChunk`] never touches the allocator, so the audio thread may own and drop them.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -177,16 +177,6 @@ pub struct AnswerRequest {
     pub seed: u64,
 }
 
-/// Audio thread → worker. Fixed capacity: building or dropping it never touches the allocator.
-#[derive(Clone, Debug, PartialEq)]
-#[allow(clippy::large_enum_variant)] // Sized on purpose: it travels by value through a bounded queue.
-pub enum Request {
-    /// Write an answer, replacing any answer in progress.
-    Continue(AnswerRequest),
-    /// Stop the worker thread.
-    Shutdown,
-}
-
 /// What happens at an answer event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AnswerEventKind {
@@ -249,6 +239,10 @@ pub struct LiveShared {
     pub num_late_notes: AtomicU32,
     /// Events lost because a fixed queue was full or the host refused an output event.
     pub num_lost_events: AtomicU32,
+    /// Whether a request may come soon: a key is down, a phrase is captured, or an answer plays.
+    /// Written by the audio thread every block; the worker then looks for requests every
+    /// millisecond rather than every few, since nothing wakes it.
+    pub is_phrase_open: AtomicBool,
 }
 
 impl LiveShared {
@@ -264,6 +258,7 @@ impl LiveShared {
             num_dropped_requests: AtomicU32::new(0),
             num_late_notes: AtomicU32::new(0),
             num_lost_events: AtomicU32::new(0),
+            is_phrase_open: AtomicBool::new(false),
         }
     }
 

@@ -1,17 +1,15 @@
 //! Scheduler tests against a fake transport and a fake worker (the test plays the worker's part
-//! through the real channels).
+//! through the real queues).
 
 use super::*;
-use crate::phrase::{AnswerEvent, MAX_CHUNK_EVENTS};
-use crossbeam::channel::bounded;
+use crate::phrase::{AnswerChunk, AnswerEvent, MAX_CHUNK_EVENTS};
 
 /// A scheduler wired to channels the test holds, a host transport in 4/4 and a record of
 /// everything sent out, at absolute sample positions.
 struct Rig {
     sched: Scheduler,
     live: Arc<LiveShared>,
-    request_rx: Receiver<Request>,
-    chunk_tx: Sender<AnswerChunk>,
+    link: Arc<WorkerLink>,
     sample_rate_hz: f64,
     tempo_bpm: f64,
     is_playing: bool,
@@ -32,16 +30,14 @@ impl Rig {
     fn with_request_queue(len: usize) -> Self {
         let live = Arc::new(LiveShared::new());
         live.is_model_ready.store(true, Ordering::Release);
-        let (request_tx, request_rx) = bounded(len);
-        let (chunk_tx, chunk_rx) = bounded(64);
+        let link = Arc::new(WorkerLink::with_capacities(len, 64));
         let mut sched = Scheduler::new(live.clone());
         sched.configure(48_000.0, false);
-        sched.connect(EngineLink { request_tx, chunk_rx });
+        sched.connect(link.clone());
         Self {
             sched,
             live,
-            request_rx,
-            chunk_tx,
+            link,
             sample_rate_hz: 48_000.0,
             tempo_bpm: 120.0,
             is_playing: true,
@@ -95,17 +91,14 @@ impl Rig {
         self.sched.start_block(&transport, len, settings, &mut emit);
         for (sample, note) in inputs.iter().filter(|(s, _)| (first..first + len as u64).contains(s)) {
             let note = NoteMsg { timing: (sample - first) as u32, ..*note };
-            self.sched.note(note, settings, &mut emit);
+            self.sched.note(note, false, settings, &mut emit);
         }
         self.sched.end_block(settings, &mut emit);
         self.next_sample += len as u64;
     }
 
     fn take_request(&self) -> AnswerRequest {
-        match self.request_rx.try_recv() {
-            Ok(Request::Continue(request)) => request,
-            other => panic!("expected a request, got {other:?}"),
-        }
+        self.link.pop_request().expect("a request")
     }
 
     /// Sends a chunk of `(at_beats, is_on, pitch)` events, answer-relative.
@@ -117,7 +110,7 @@ impl Rig {
                 if is_on { AnswerEventKind::NoteOn { pitch } } else { AnswerEventKind::NoteOff { pitch } };
             chunk.events.push(AnswerEvent { at_beats, kind });
         }
-        self.chunk_tx.try_send(chunk).unwrap();
+        self.link.push_chunk(chunk).unwrap();
     }
 
     /// Answer notes sent (channel `channel`, no voice id), as (sample, is_on, key).
@@ -164,7 +157,7 @@ fn the_answer_starts_on_the_bar_after_the_silence() {
     let mut rig = Rig::new();
     let s = settings();
     rig.run(8.99, 256, &s, &two_bars());
-    assert!(rig.request_rx.is_empty(), "the phrase ended early");
+    assert!(rig.link.has_no_requests(), "the phrase ended early");
     rig.run(9.01, 256, &s, &[]);
     let request = rig.take_request();
     assert_eq!(request.seed, 42);
@@ -212,7 +205,7 @@ fn next_beat_and_bars_triggers() {
     let s = Settings { trigger: TriggerMode::Bars, phrase_bars: 1, ..settings() };
     let held = [(60, 4.5, 4.0)];
     rig.run(6.0, 128, &s, &held);
-    assert!(rig.request_rx.is_empty());
+    assert!(rig.link.has_no_requests());
     rig.run(8.01, 128, &s, &held);
     let request = rig.take_request();
     assert_eq!(request.phrase.len_beats, 4.0);
@@ -235,14 +228,14 @@ fn answer_now_ends_the_phrase_at_once() {
     let mut rig = Rig::new();
     let s = Settings { trigger: TriggerMode::Manual, ..settings() };
     rig.run(10.0, 64, &s, &two_bars());
-    assert!(rig.request_rx.is_empty(), "manual mode waits");
+    assert!(rig.link.has_no_requests(), "manual mode waits");
     let now = Settings { is_answer_now: true, ..s };
     rig.run(10.1, 64, &now, &[]);
     let request = rig.take_request();
     assert_eq!(request.phrase.notes.len(), 8);
     // Holding the trigger on does not fire again.
     rig.run(11.0, 64, &now, &[]);
-    assert!(rig.request_rx.is_empty());
+    assert!(rig.link.has_no_requests());
 }
 
 #[test]
@@ -527,7 +520,7 @@ fn without_a_model_notes_only_pass_through() {
     let mut rig = Rig::new();
     rig.live.is_model_ready.store(false, Ordering::Release);
     rig.run(16.0, 256, &settings(), &two_bars());
-    assert!(rig.request_rx.is_empty());
+    assert!(rig.link.has_no_requests());
     assert_eq!(rig.answer_out(0).len(), 16);
 }
 
