@@ -24,7 +24,8 @@ fn assert_generates_as_before(name: &str, args: &[&str]) {
         .output()
         .unwrap();
     assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
-    let printed = String::from_utf8(output.stdout).unwrap().replace(&format!("{}/", out_dir.path().display()), "OUT/");
+    let printed =
+        String::from_utf8(output.stdout).unwrap().replace(&format!("{}/", out_dir.path().display()), "OUT/");
     let expected_dir = root().join("tests/data/generate");
     let expected = std::fs::read_to_string(expected_dir.join(format!("{name}.txt"))).unwrap();
     assert_eq!(printed, expected, "{name}: the printed symbols changed");
@@ -43,7 +44,8 @@ fn the_readme_primer() {
 
 #[test]
 fn an_abc_tune_hot_with_top_k() {
-    let args = ["--primer", "tests/data/abc/erk5-first-tunes.abc", "--tune", "2", "--bars", "8", "--seed", "7"];
+    let args =
+        ["--primer", "tests/data/abc/erk5-first-tunes.abc", "--tune", "2", "--bars", "8", "--seed", "7"];
     let sampling = ["--temperature", "1.4", "--top-k", "20"];
     assert_generates_as_before("abc-hot", &[&args[..], &sampling[..]].concat());
 }
@@ -51,7 +53,10 @@ fn an_abc_tune_hot_with_top_k() {
 #[test]
 fn a_midi_file_cold_without_the_memory() {
     let args = ["--primer", "tests/data/midi/erk10-0226.mid", "--bars", "4", "--seed", "3"];
-    assert_generates_as_before("midi-cold", &[&args[..], &["--temperature", "0.5", "--no-memory"][..]].concat());
+    assert_generates_as_before(
+        "midi-cold",
+        &[&args[..], &["--temperature", "0.5", "--no-memory"][..]].concat(),
+    );
 }
 
 #[test]
@@ -64,5 +69,8 @@ fn a_jig_in_a_range_with_top_p() {
 #[test]
 fn a_reel_with_folk_wide() {
     let args = ["--model", "presets/models/folk-wide", "--primer", "tests/data/abc/AcaciaReel.abc"];
-    assert_generates_as_before("folkwide", &[&args[..], &["--bars", "4", "--seed", "5", "--scale", "E minor"][..]].concat());
+    assert_generates_as_before(
+        "folkwide",
+        &[&args[..], &["--bars", "4", "--seed", "5", "--scale", "E minor"][..]].concat(),
+    );
 }

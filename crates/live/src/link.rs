@@ -49,6 +49,7 @@ impl WorkerLink {
     }
 
     /// Queues a request for the worker; hands it back when the queue is full. Audio thread.
+    #[allow(clippy::result_large_err)] // By value on purpose: boxing it would allocate.
     pub fn push_request(&self, request: AnswerRequest) -> Result<(), AnswerRequest> {
         self.requests.push(request)
     }
@@ -59,6 +60,7 @@ impl WorkerLink {
     }
 
     /// Queues a chunk for the audio thread; hands it back when the queue is full. Worker.
+    #[allow(clippy::result_large_err)] // By value on purpose: the audio thread frees no box.
     pub fn push_chunk(&self, chunk: AnswerChunk) -> Result<(), AnswerChunk> {
         self.chunks.push(chunk)
     }
