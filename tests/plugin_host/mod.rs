@@ -1,6 +1,9 @@
 //! A small CLAP host for the plugin tests: loads the built bundle with clack-host, sets
 //! parameters, saves and loads state, and performs scripted takes (a transport, played notes,
 //! parameter changes) at any sample rate and block size, recording every note the plugin sends.
+//! Blocks can also be driven one at a time with any input (CLAP notes with or without note ids,
+//! chokes, MIDI messages, parameter changes) and any transport, and return every event the plugin
+//! sent, notes and MIDI alike.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -9,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use clack_host::events::event_types::{
-    NoteOffEvent, NoteOnEvent, ParamValueEvent, TransportEvent, TransportFlags,
+    MidiEvent, NoteChokeEvent, NoteOffEvent, NoteOnEvent, ParamValueEvent, TransportEvent, TransportFlags,
 };
-use clack_host::events::{EventFlags, EventHeader};
+use clack_host::events::{EventFlags, EventHeader, UnknownEvent};
 use clack_host::prelude::*;
 use clack_host::utils::BeatTime;
 use clap_sys::ext::audio_ports_config::{
@@ -101,7 +104,8 @@ pub struct ParamInfo {
 /// A loaded plugin instance on the test's main thread.
 pub struct Plugin {
     instance: PluginInstance<TestHost>,
-    _entry: PluginEntry,
+    /// The loaded bundle, kept while the instance lives and shared with `another`.
+    entry: PluginEntry,
     params: HashMap<String, ParamInfo>,
     /// Audio ports each way of the selected layout.
     num_audio_ports: usize,
@@ -114,10 +118,19 @@ impl Plugin {
         // SAFETY: the bundle is our own plugin, built from this repository.
         let entry =
             unsafe { PluginEntry::load(&path) }.unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+        Self::from_entry(entry)
+    }
+
+    /// A new instance, with default parameters, from the bundle this one was loaded from.
+    pub fn another(&self) -> Self {
+        Self::from_entry(self.entry.clone())
+    }
+
+    fn from_entry(entry: PluginEntry) -> Self {
         let host = HostInfo::new("Antiphon tests", "Antiphon", "https://example.org", "0.1").unwrap();
         let instance =
             PluginInstance::<TestHost>::new(|_| TestShared, |_| (), &entry, PLUGIN_ID, &host).unwrap();
-        let mut plugin = Self { instance, _entry: entry, params: HashMap::new(), num_audio_ports: 1 };
+        let mut plugin = Self { instance, entry, params: HashMap::new(), num_audio_ports: 1 };
         plugin.read_params();
         plugin
     }
@@ -304,29 +317,114 @@ pub struct HostTransport {
     pub pos_beats: f64,
     /// Active loop, in beats (start inclusive, end exclusive).
     pub loop_beats: Option<(f64, f64)>,
+    /// Time signature as (numerator, denominator).
+    pub time_sig: (u16, u16),
+    /// A bar line of the time signature, in beats: bars start here plus whole bars (where the
+    /// host's meter last changed, say).
+    pub bar_origin_beats: f64,
+}
+
+impl HostTransport {
+    /// A transport in 4/4 from beat 0, without a loop.
+    pub fn common_time(is_playing: bool, tempo_bpm: f64, pos_beats: f64) -> Self {
+        Self { is_playing, tempo_bpm, pos_beats, loop_beats: None, time_sig: (4, 4), bar_origin_beats: 0.0 }
+    }
+
+    /// Length of a bar of the time signature, in beats (quarter notes).
+    pub fn bar_beats(&self) -> f64 {
+        let (numerator, denominator) = self.time_sig;
+        f64::from(numerator) * 4.0 / f64::from(denominator)
+    }
 }
 
 /// Something the host sends into a block, at a sample offset.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Input {
-    NoteOn { offset: u32, key: u8, velocity: f64 },
-    NoteOff { offset: u32, key: u8 },
+    /// A CLAP note-on or note-off on `channel` (0..=15), with the host's note id or none.
+    Note { offset: u32, is_on: bool, channel: u8, key: u8, velocity: f64, note_id: Option<u32> },
+    /// A CLAP note choke: the key ends at once.
+    Choke { offset: u32, channel: u8, key: u8 },
+    /// A MIDI 1.0 message in the MIDI dialect: notes, controllers, pitch bend, pressure (a
+    /// two-byte message is padded with a zero).
+    Midi { offset: u32, data: [u8; 3] },
+    /// A parameter change: the parameter's id and its CLAP value.
     Param { offset: u32, id: u32, value: f64 },
 }
 
 impl Input {
-    fn offset(&self) -> u32 {
+    /// A CLAP note-on on the first channel, without a note id.
+    pub fn note_on(offset: u32, key: u8, velocity: f64) -> Self {
+        Input::Note { offset, is_on: true, channel: 0, key, velocity, note_id: None }
+    }
+
+    /// A CLAP note-off on the first channel, without a note id.
+    pub fn note_off(offset: u32, key: u8) -> Self {
+        Input::Note { offset, is_on: false, channel: 0, key, velocity: 0.0, note_id: None }
+    }
+
+    /// Sample offset in the block.
+    pub fn offset(&self) -> u32 {
         match *self {
-            Input::NoteOn { offset, .. } | Input::NoteOff { offset, .. } | Input::Param { offset, .. } => {
-                offset
-            }
+            Input::Note { offset, .. }
+            | Input::Choke { offset, .. }
+            | Input::Midi { offset, .. }
+            | Input::Param { offset, .. } => offset,
+        }
+    }
+
+    /// The same input at another offset.
+    pub fn at(mut self, new_offset: u32) -> Self {
+        match &mut self {
+            Input::Note { offset, .. }
+            | Input::Choke { offset, .. }
+            | Input::Midi { offset, .. }
+            | Input::Param { offset, .. } => *offset = new_offset,
+        }
+        self
+    }
+
+    /// Whether this starts a note, in either dialect (a MIDI note-on of velocity 0 is a note-off).
+    pub fn is_note_on(&self) -> bool {
+        match *self {
+            Input::Note { is_on, .. } => is_on,
+            Input::Midi { data: [status, _, velocity], .. } => status & 0xf0 == 0x90 && velocity > 0,
+            Input::Choke { .. } | Input::Param { .. } => false,
         }
     }
 }
 
-/// A note the plugin sent.
+/// Puts a block's inputs in the order `Processor::process` sends them: by offset, and at one
+/// offset parameter changes first, note-ons last, everything else in between in the order given
+/// (so a note that ends where the same key starts again ends first).
+pub fn sort_inputs(inputs: &mut [Input]) {
+    inputs.sort_by_key(|i| (i.offset(), !matches!(i, Input::Param { .. }), i.is_note_on()));
+}
+
+/// What the plugin sent.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sent {
+    /// A note-on or note-off: a CLAP note event, or (`is_midi`) a MIDI note message (a MIDI
+    /// note-on of velocity 0 reads as a note-off). `channel` is 0-based.
+    Note { is_on: bool, channel: u8, key: u8, velocity: f64, is_midi: bool },
+    /// A CLAP note choke of one key.
+    Choke { channel: u8, key: u8 },
+    /// Any other MIDI message (controllers, pitch bend, pressure), as its three bytes.
+    Midi([u8; 3]),
+    /// An event of another CLAP type (note end, parameter value...), by its type id.
+    Other { type_id: u16 },
+}
+
+/// An event the plugin sent.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Output {
+    /// Sample position from the start of processing.
+    pub sample: u64,
+    pub sent: Sent,
+}
+
+/// A note the plugin sent, in either dialect.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SentNote {
     /// Sample position from the start of processing.
     pub sample: u64,
     pub is_on: bool,
@@ -334,6 +432,62 @@ pub struct Output {
     /// 0-based MIDI channel.
     pub channel: u8,
     pub velocity: f64,
+}
+
+impl Output {
+    /// The note-on or note-off this is, if it is one.
+    pub fn note(&self) -> Option<SentNote> {
+        match self.sent {
+            Sent::Note { is_on, channel, key, velocity, .. } => {
+                Some(SentNote { sample: self.sample, is_on, key, channel, velocity })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A CLAP note event's channel and key, which must name one key on one channel: the tests send
+/// no wildcard notes, so the plugin has none to pass on.
+fn note_target(channel: i16, key: i16, what: &str) -> (u8, u8) {
+    assert!(
+        (0..16).contains(&channel) && (0..128).contains(&key),
+        "the plugin sent a {what} for channel {channel}, key {key}"
+    );
+    (channel as u8, key as u8)
+}
+
+/// Reads one output event.
+fn read_sent(event: &UnknownEvent) -> Sent {
+    if let Some(on) = event.as_event::<NoteOnEvent>() {
+        let raw = on.as_raw();
+        let (channel, key) = note_target(raw.channel, raw.key, "note-on");
+        return Sent::Note { is_on: true, channel, key, velocity: raw.velocity, is_midi: false };
+    }
+    if let Some(off) = event.as_event::<NoteOffEvent>() {
+        let raw = off.as_raw();
+        let (channel, key) = note_target(raw.channel, raw.key, "note-off");
+        return Sent::Note { is_on: false, channel, key, velocity: raw.velocity, is_midi: false };
+    }
+    if let Some(choke) = event.as_event::<NoteChokeEvent>() {
+        let raw = choke.as_raw();
+        let (channel, key) = note_target(raw.channel, raw.key, "choke");
+        return Sent::Choke { channel, key };
+    }
+    if let Some(midi) = event.as_event::<MidiEvent>() {
+        let data = midi.data();
+        let (status, channel, key, velocity) = (data[0] & 0xf0, data[0] & 0x0f, data[1], data[2]);
+        return match status {
+            0x90 | 0x80 => Sent::Note {
+                is_on: status == 0x90 && velocity > 0,
+                channel,
+                key,
+                velocity: f64::from(velocity) / 127.0,
+                is_midi: true,
+            },
+            _ => Sent::Midi(data),
+        };
+    }
+    Sent::Other { type_id: event.header().type_id() }
 }
 
 /// A started audio processor with its buffers.
@@ -356,27 +510,31 @@ pub struct Processor {
 }
 
 impl Processor {
-    /// Processes one block of `len` samples and returns the notes the plugin sent.
+    /// Processes one block of `len` samples and returns what the plugin sent. Inputs are sent in
+    /// `sort_inputs` order. Checks that every output event lies inside the block and that their
+    /// times never go back, as CLAP requires.
     pub fn process(&mut self, len: u32, transport: Option<&HostTransport>, inputs: &[Input]) -> Vec<Output> {
         assert!(len >= 1 && len <= self.max_block_len);
         self.in_events.clear();
         self.out_events.clear();
         let mut sorted: Vec<Input> = inputs.to_vec();
-        sorted.sort_by_key(|i| {
-            (i.offset(), !matches!(i, Input::Param { .. }), matches!(i, Input::NoteOn { .. }))
-        });
+        sort_inputs(&mut sorted);
+        let pckn = |channel: u8, key: u8, note_id: Option<u32>| {
+            let note_id = note_id.map_or(Match::All, Match::Specific);
+            Pckn::new(0u16, u16::from(channel), u16::from(key), note_id)
+        };
         for input in &sorted {
             match *input {
-                Input::NoteOn { offset, key, velocity } => self.in_events.push(&NoteOnEvent::new(
-                    offset,
-                    Pckn::new(0u16, 0u16, key as u16, Match::All),
-                    velocity,
-                )),
-                Input::NoteOff { offset, key } => self.in_events.push(&NoteOffEvent::new(
-                    offset,
-                    Pckn::new(0u16, 0u16, key as u16, Match::All),
-                    0.0,
-                )),
+                Input::Note { offset, is_on: true, channel, key, velocity, note_id } => {
+                    self.in_events.push(&NoteOnEvent::new(offset, pckn(channel, key, note_id), velocity))
+                }
+                Input::Note { offset, is_on: false, channel, key, velocity, note_id } => {
+                    self.in_events.push(&NoteOffEvent::new(offset, pckn(channel, key, note_id), velocity))
+                }
+                Input::Choke { offset, channel, key } => {
+                    self.in_events.push(&NoteChokeEvent::new(offset, pckn(channel, key, None)))
+                }
+                Input::Midi { offset, data } => self.in_events.push(&MidiEvent::new(offset, 0, data)),
                 Input::Param { offset, id, value } => self.in_events.push(&ParamValueEvent::new(
                     offset,
                     ClapId::new(id),
@@ -429,25 +587,23 @@ impl Processor {
             self.process_times.push(started.elapsed());
         }
         let mut outputs = Vec::new();
+        let mut last_time = 0;
         for event in self.out_events.iter() {
-            let (raw, is_on) = if let Some(on) = event.as_event::<NoteOnEvent>() {
-                (*on.as_raw(), true)
-            } else if let Some(off) = event.as_event::<NoteOffEvent>() {
-                (*off.as_raw(), false)
-            } else {
-                continue;
-            };
-            assert!(raw.header.time < len, "event at {} in a block of {len}", raw.header.time);
-            outputs.push(Output {
-                sample: self.next_sample + raw.header.time as u64,
-                is_on,
-                key: raw.key as u8,
-                channel: raw.channel as u8,
-                velocity: raw.velocity,
-            });
+            let time = event.header().time();
+            let sent = read_sent(event);
+            assert!(time < len, "{sent:?} at {time} in a block of {len}");
+            assert!(time >= last_time, "{sent:?} at {time} after an event at {last_time}");
+            last_time = time;
+            outputs.push(Output { sample: self.next_sample + u64::from(time), sent });
         }
         self.next_sample += len as u64;
         outputs
+    }
+
+    /// The host's `reset` on the audio thread: the plugin forgets what it was doing, as after
+    /// a locate or a glitch; `next_sample` goes on.
+    pub fn reset(&mut self) {
+        self.started.reset();
     }
 }
 
@@ -461,7 +617,9 @@ fn transport_event(t: &HostTransport) -> TransportEvent {
         flags |= TransportFlags::IS_LOOP_ACTIVE;
     }
     let (loop_start, loop_end) = t.loop_beats.unwrap_or((0.0, 0.0));
-    let bar = (t.pos_beats / 4.0 + 1e-9).floor();
+    let bar_beats = t.bar_beats();
+    let bars = ((t.pos_beats - t.bar_origin_beats) / bar_beats + 1e-9).floor();
+    let (numerator, denominator) = t.time_sig;
     TransportEvent {
         header: EventHeader::new_core(0, EventFlags::empty()),
         flags,
@@ -473,10 +631,10 @@ fn transport_event(t: &HostTransport) -> TransportEvent {
         loop_end_beats: BeatTime::from_float(loop_end),
         loop_start_seconds: Default::default(),
         loop_end_seconds: Default::default(),
-        bar_start: BeatTime::from_float(bar * 4.0),
-        bar_number: bar as i32,
-        time_signature_numerator: 4,
-        time_signature_denominator: 4,
+        bar_start: BeatTime::from_float(t.bar_origin_beats + bars * bar_beats),
+        bar_number: bars as i32,
+        time_signature_numerator: numerator,
+        time_signature_denominator: denominator,
     }
 }
 
@@ -540,8 +698,8 @@ impl Take {
         let sample_of = |beats: f64| (beats / beats_per_sample).round() as u64;
         let mut inputs: Vec<(u64, Input)> = Vec::new();
         for &(key, start, len) in &self.notes {
-            inputs.push((sample_of(start), Input::NoteOn { offset: 0, key, velocity: 0.8 }));
-            inputs.push((sample_of(start + len), Input::NoteOff { offset: 0, key }));
+            inputs.push((sample_of(start), Input::note_on(0, key, 0.8)));
+            inputs.push((sample_of(start + len), Input::note_off(0, key)));
         }
         for &(at, id, value) in &self.params {
             inputs.push((sample_of(at), Input::Param { offset: 0, id, value }));
@@ -573,12 +731,7 @@ impl Take {
             }
             let take_beats = take_sample as f64 * beats_per_sample;
             let transport = match self.transport {
-                TransportPlan::Playing => Some(HostTransport {
-                    is_playing: true,
-                    tempo_bpm: self.tempo_bpm,
-                    pos_beats: take_beats,
-                    loop_beats: None,
-                }),
+                TransportPlan::Playing => Some(HostTransport::common_time(true, self.tempo_bpm, take_beats)),
                 TransportPlan::Looping { start_beats, end_beats } => {
                     let mut pos_samples = take_sample;
                     let (loop_start, loop_end) = (sample_of(start_beats), sample_of(end_beats));
@@ -586,45 +739,35 @@ impl Take {
                         pos_samples = loop_start + (pos_samples - loop_end) % (loop_end - loop_start);
                     }
                     Some(HostTransport {
-                        is_playing: true,
-                        tempo_bpm: self.tempo_bpm,
-                        pos_beats: pos_samples as f64 * beats_per_sample,
                         loop_beats: Some((start_beats, end_beats)),
+                        ..HostTransport::common_time(
+                            true,
+                            self.tempo_bpm,
+                            pos_samples as f64 * beats_per_sample,
+                        )
                     })
                 }
-                TransportPlan::StopsAt { beats } => Some(HostTransport {
-                    is_playing: take_beats < beats - beats_per_sample / 2.0,
-                    tempo_bpm: self.tempo_bpm,
-                    pos_beats: take_beats.min(beats),
-                    loop_beats: None,
-                }),
-                TransportPlan::Stopped => Some(HostTransport {
-                    is_playing: false,
-                    tempo_bpm: self.tempo_bpm,
-                    pos_beats: 0.0,
-                    loop_beats: None,
-                }),
+                TransportPlan::StopsAt { beats } => Some(HostTransport::common_time(
+                    take_beats < beats - beats_per_sample / 2.0,
+                    self.tempo_bpm,
+                    take_beats.min(beats),
+                )),
+                TransportPlan::Stopped => Some(HostTransport::common_time(false, self.tempo_bpm, 0.0)),
                 TransportPlan::Absent => None,
             };
             let block_inputs: Vec<Input> = inputs
                 .iter()
                 .filter(|(s, _)| (take_sample..take_sample + len).contains(s))
-                .map(|(s, input)| {
-                    let offset = (s - take_sample) as u32;
-                    match *input {
-                        Input::NoteOn { key, velocity, .. } => Input::NoteOn { offset, key, velocity },
-                        Input::NoteOff { key, .. } => Input::NoteOff { offset, key },
-                        Input::Param { id, value, .. } => Input::Param { offset, id, value },
-                    }
-                })
+                .map(|(s, input)| input.at((s - take_sample) as u32))
                 .collect();
-            for out in processor.process(len as u32, transport.as_ref(), &block_inputs) {
+            let outputs = processor.process(len as u32, transport.as_ref(), &block_inputs);
+            for note in outputs.iter().filter_map(Output::note) {
                 heard.push(Heard {
-                    beats: (out.sample - first_sample) as f64 * beats_per_sample,
-                    is_on: out.is_on,
-                    key: out.key,
-                    channel: out.channel,
-                    velocity: out.velocity,
+                    beats: (note.sample - first_sample) as f64 * beats_per_sample,
+                    is_on: note.is_on,
+                    key: note.key,
+                    channel: note.channel,
+                    velocity: note.velocity,
                 });
             }
             sample += len;
