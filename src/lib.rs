@@ -4,6 +4,7 @@
 //! Runs on: audio thread (`process`, `reset`), main thread (everything else).
 
 pub mod engine;
+pub mod log;
 pub mod params;
 
 use std::num::NonZeroU32;
@@ -126,6 +127,10 @@ impl Plugin for Antiphon {
     type Editor = ();
     type SysExMessage = ();
     type BackgroundTask = ();
+
+    fn setup_logger() -> Option<bool> {
+        Some(log::setup())
+    }
 
     fn params(&self) -> Arc<dyn Params> {
         self.params.clone()

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use nice_plug::params::persist::PersistentField;
 use nice_plug::prelude::*;
 
-use crate::engine::{ModelChoice, ModelSlot, MAX_LIBRARY_MODELS};
+use crate::engine::{ModelChoice, ModelLibrary, ModelSlot, MAX_LIBRARY_MODELS};
 use live::phrase::KeyLock;
 use live::{AnswerStart, Settings, TriggerMode, VelocityMode};
 use music::{Key, Mode};
@@ -268,6 +268,27 @@ pub struct AntiphonParams {
     /// The saved model choice: built in, or a trained model directory. Saved with the project.
     #[persist = "model"]
     pub model: Arc<ModelSlot>,
+    /// The name of the models-folder model the Model parameter picks, saved with the project so
+    /// it reopens by name (`filter_state` turns it back into the parameter's position).
+    #[persist = "model-pick"]
+    pub model_pick: ModelPick,
+}
+
+/// The Model parameter's pick as a name, for the project: the same slot as `model`, seen by
+/// name.
+pub struct ModelPick(Arc<ModelSlot>);
+
+impl<'a> PersistentField<'a, Option<String>> for ModelPick {
+    fn set(&self, name: Option<String>) {
+        self.0.restore_pick(name);
+    }
+
+    fn map<F, R>(&self, f: F) -> R
+    where
+        F: Fn(&Option<String>) -> R,
+    {
+        f(&self.0.picked_name())
+    }
 }
 
 impl Default for AntiphonParams {
@@ -334,6 +355,7 @@ impl Default for AntiphonParams {
             .with_unit(" BPM")
             .with_value_to_string(formatters::v2s_f32_rounded(1)),
             model_select: model_select_param(&model),
+            model_pick: ModelPick(model.clone()),
             model,
         }
     }
@@ -430,6 +452,19 @@ pub fn filter_state(state: &mut PluginState) {
             serde_json::from_str::<ModelChoice>(text).is_ok_and(|choice| choice.validate().is_ok());
         if !is_valid {
             state.fields.remove("model");
+        }
+    }
+    // A project saved with a model of the folder names it: the parameter's position follows the
+    // name in today's list, or falls back to 0 (the model slot then reports the name missing).
+    // Older projects saved only the position, which is kept.
+    match state.fields.get("model-pick").map(|text| serde_json::from_str::<Option<String>>(text)) {
+        Some(Ok(Some(name))) => {
+            let slot = ModelLibrary::user().slot_of(&name).unwrap_or(0);
+            state.params.insert("modelsel".to_string(), nice_plug::plugin::ParamValue::I32(slot as i32));
+        }
+        Some(Ok(None)) | None => {}
+        Some(Err(_)) => {
+            state.fields.remove("model-pick");
         }
     }
 }

@@ -88,6 +88,9 @@ pub struct ModelSlot {
     library_folder: Option<PathBuf>,
     /// The folder's models, read the first time they are needed.
     library: OnceLock<ModelLibrary>,
+    /// The models-folder model a restored project picked by name, when the folder no longer
+    /// holds it: the worker says so and the built-in model answers.
+    missing_pick: Mutex<Option<String>>,
 }
 
 impl ModelSlot {
@@ -144,10 +147,44 @@ impl ModelSlot {
         })
     }
 
+    /// The name of the models-folder model the Model parameter picks now; `None` at 0 (the
+    /// saved choice) or past the folder's models. Saved with the project, so a project reopens
+    /// the model it used however the folder's list has changed since.
+    pub fn picked_name(&self) -> Option<String> {
+        self.library().get(self.library_slot()).map(|model| model.name.clone())
+    }
+
+    /// Takes the model name a project saved: when the folder no longer holds it, the worker
+    /// says so (and the built-in model answers) until another model is picked. Main thread,
+    /// while a state loads (the parameter itself was set from the name in `params::filter_state`).
+    pub fn restore_pick(&self, name: Option<String>) {
+        let missing = name.filter(|name| self.library().slot_of(name).is_none());
+        let mut pick = self.missing_pick.lock().unwrap_or_else(|e| e.into_inner());
+        if *pick != missing {
+            *pick = missing;
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     /// What the worker should load now: the parameter's model of the folder, or the saved
-    /// choice when the parameter is 0. A parameter past the folder's models is an error.
+    /// choice when the parameter is 0. A parameter past the folder's models, or a project's
+    /// model that the folder no longer holds, is an error.
     pub fn resolve(&self) -> Result<ModelChoice, EngineError> {
         let slot = self.library_slot();
+        let mut missing_pick = self.missing_pick.lock().unwrap_or_else(|e| e.into_inner());
+        if slot != 0 {
+            // Another model was picked since the project loaded.
+            *missing_pick = None;
+        } else if let Some(name) = missing_pick.as_ref() {
+            return Err(EngineError::BadChoice {
+                choice: format!("the model '{name}' this project uses"),
+                reason: match &self.library().folder {
+                    Some(folder) => format!("{} no longer holds it", folder.display()),
+                    None => "this system has no models folder".into(),
+                },
+            });
+        }
+        drop(missing_pick);
         if slot == 0 {
             return Ok(self.get());
         }
@@ -184,13 +221,16 @@ impl ModelSlot {
     }
 
     /// The Model parameter's value for a typed name: "built-in", a folder model's name, or a
-    /// number.
+    /// number; also every text `slot_name` shows ("Saved: ...", "3 (empty)"), so a value shown
+    /// reads back as itself.
     pub fn slot_for_name(&self, text: &str) -> Option<usize> {
         let text = text.trim();
-        if text.eq_ignore_ascii_case("built-in") || text.eq_ignore_ascii_case("builtin") {
+        let is_saved_choice = text.get(..6).is_some_and(|start| start.eq_ignore_ascii_case("saved:"));
+        if text.eq_ignore_ascii_case("built-in") || text.eq_ignore_ascii_case("builtin") || is_saved_choice {
             return Some(0);
         }
-        self.library().slot_of(text).or_else(|| text.parse().ok().filter(|&s| s <= MAX_LIBRARY_MODELS))
+        let number = text.strip_suffix("(empty)").unwrap_or(text).trim();
+        self.library().slot_of(text).or_else(|| number.parse().ok().filter(|&s| s <= MAX_LIBRARY_MODELS))
     }
 }
 
