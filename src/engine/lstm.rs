@@ -3,7 +3,6 @@
 //! every step.
 //! Runs on: worker.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 
 use model::generate::PhraseContinuation;
@@ -13,7 +12,7 @@ use music::bar::BarPhase;
 use music::encode::{decode, StepGrid};
 use music::Symbol;
 
-use super::{Constraints, Continuer, ContinuerFactory, EngineError, ModelChoice};
+use super::{Constraints, Continuer, ContinuerFactory, EngineError, ModelSource};
 
 /// Steps one continuation runs before the generator says it is done; a continuous answer then
 /// starts over from its own output (the worker treats the end like a delimiter). 4096 steps are
@@ -25,12 +24,12 @@ const MAX_CONTINUATION_STEPS: usize = 4096;
 pub struct LstmFactory;
 
 impl ContinuerFactory for LstmFactory {
-    fn load(&self, choice: &ModelChoice) -> Result<Box<dyn Continuer>, EngineError> {
+    fn load(&self, choice: &ModelSource) -> Result<Box<dyn Continuer>, EngineError> {
         let loaded = match choice {
-            ModelChoice::Builtin => shared_builtin(),
-            ModelChoice::Directory(path) => LoadedModel::load_dir(Path::new(path)).map(Arc::new),
+            ModelSource::Builtin => shared_builtin(),
+            ModelSource::Dir(path) => LoadedModel::load_dir(path).map(Arc::new),
         }
-        .map_err(|err| EngineError::ModelLoad { choice: choice.to_string(), reason: err.to_string() })?;
+        .map_err(|err| EngineError::ModelLoad { choice: choice.describe(), reason: err.to_string() })?;
         Ok(Box::new(LstmContinuer { model: loaded, continuation: None, num_steps: 0 }))
     }
 }
@@ -108,7 +107,7 @@ mod tests {
     use music::{Key, Mode};
 
     fn builtin() -> Box<dyn Continuer> {
-        LstmFactory.load(&ModelChoice::Builtin).expect("the built-in model loads")
+        LstmFactory.load(&ModelSource::Builtin).expect("the built-in model loads")
     }
 
     fn constraints(key: Option<Key>) -> Constraints {
@@ -162,7 +161,7 @@ mod tests {
 
     #[test]
     fn a_missing_directory_fails_with_its_path() {
-        let choice = ModelChoice::Directory("/no/such/antiphon/model".into());
+        let choice = ModelSource::Dir("/no/such/antiphon/model".into());
         let err = LstmFactory.load(&choice).err().expect("a missing directory loads");
         assert!(err.to_string().contains("/no/such/antiphon/model"), "{err}");
     }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use serde::{Deserialize, Serialize};
+pub use model::io::ModelSource;
 
 use live::link::WorkerLink;
 use live::phrase::LiveShared;
@@ -30,46 +30,6 @@ use music::{Key, Symbol};
 pub use library::{LibraryModel, ModelLibrary, MAX_LIBRARY_MODELS};
 pub use worker::{constrain_pitch, NoteStream};
 
-/// Which model the plugin uses. Saved with the project.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelChoice {
-    /// The model built into the plugin.
-    #[default]
-    Builtin,
-    /// A trained model directory (`model.safetensors`, `config.json`, `train.json`).
-    Directory(String),
-}
-
-impl ModelChoice {
-    /// Checks the choice can be what a user picked: a directory path must be non-empty, without
-    /// NUL bytes and of a sane length. Whether it loads is found out by the worker.
-    pub fn validate(&self) -> Result<(), EngineError> {
-        match self {
-            ModelChoice::Builtin => Ok(()),
-            ModelChoice::Directory(path) if path.trim().is_empty() => {
-                Err(EngineError::BadChoice { choice: self.to_string(), reason: "the path is empty".into() })
-            }
-            ModelChoice::Directory(path) if path.contains('\0') || path.len() > 4096 => {
-                Err(EngineError::BadChoice {
-                    choice: self.to_string(),
-                    reason: "the path is not a usable path".into(),
-                })
-            }
-            ModelChoice::Directory(_) => Ok(()),
-        }
-    }
-}
-
-impl std::fmt::Display for ModelChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ModelChoice::Builtin => f.write_str("the built-in model"),
-            ModelChoice::Directory(path) => write!(f, "the model in {path}"),
-        }
-    }
-}
-
 /// The model choice shared by the parameters (which save and restore it), the main thread (which
 /// may change it) and the worker (which loads it).
 ///
@@ -79,7 +39,7 @@ impl std::fmt::Display for ModelChoice {
 /// atomic store, through the parameter's callback); everything else here is for other threads.
 #[derive(Debug, Default)]
 pub struct ModelSlot {
-    choice: Mutex<ModelChoice>,
+    choice: Mutex<ModelSource>,
     /// Bumped on every change of `choice`, so the worker notices without taking the lock.
     epoch: AtomicU32,
     /// The Model parameter's value.
@@ -95,23 +55,23 @@ pub struct ModelSlot {
 
 impl ModelSlot {
     /// A slot holding `choice`, with the user's models folder.
-    pub fn new(choice: ModelChoice) -> Self {
+    pub fn new(choice: ModelSource) -> Self {
         Self { choice: Mutex::new(choice), ..Default::default() }
     }
 
     /// A slot holding `choice`, listing the models of `folder` instead of the user's.
-    pub fn with_library_folder(choice: ModelChoice, folder: PathBuf) -> Self {
+    pub fn with_library_folder(choice: ModelSource, folder: PathBuf) -> Self {
         Self { choice: Mutex::new(choice), library_folder: Some(folder), ..Default::default() }
     }
 
     /// The saved choice, which the Model parameter's value 0 stands for.
-    pub fn get(&self) -> ModelChoice {
+    pub fn get(&self) -> ModelSource {
         self.choice.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Changes the saved choice; a running worker loads it soon after if the Model parameter
     /// defers to it. Setting the same choice again changes nothing.
-    pub fn set(&self, choice: ModelChoice) {
+    pub fn set(&self, choice: ModelSource) {
         let mut current = self.choice.lock().unwrap_or_else(|e| e.into_inner());
         if *current != choice {
             *current = choice;
@@ -169,7 +129,7 @@ impl ModelSlot {
     /// What the worker should load now: the parameter's model of the folder, or the saved
     /// choice when the parameter is 0. A parameter past the folder's models, or a project's
     /// model that the folder no longer holds, is an error.
-    pub fn resolve(&self) -> Result<ModelChoice, EngineError> {
+    pub fn resolve(&self) -> Result<ModelSource, EngineError> {
         let slot = self.library_slot();
         let mut missing_pick = self.missing_pick.lock().unwrap_or_else(|e| e.into_inner());
         if slot != 0 {
@@ -190,7 +150,7 @@ impl ModelSlot {
         }
         let library = self.library();
         match library.get(slot) {
-            Some(model) => Ok(ModelChoice::Directory(model.path.to_string_lossy().into_owned())),
+            Some(model) => Ok(ModelSource::Dir(model.path.clone())),
             None => Err(EngineError::BadChoice {
                 choice: format!("model {slot} of the models folder"),
                 reason: match &library.folder {
@@ -206,11 +166,10 @@ impl ModelSlot {
     pub fn slot_name(&self, slot: usize) -> String {
         if slot == 0 {
             return match self.get() {
-                ModelChoice::Builtin => "Built-in".to_string(),
-                ModelChoice::Directory(path) => {
-                    let name =
-                        std::path::Path::new(&path).file_name().map(|n| n.to_string_lossy().into_owned());
-                    format!("Saved: {}", name.unwrap_or(path))
+                ModelSource::Builtin => "Built-in".to_string(),
+                ModelSource::Dir(path) => {
+                    let name = path.file_name().unwrap_or(path.as_os_str());
+                    format!("Saved: {}", name.to_string_lossy())
                 }
             };
         }
@@ -302,7 +261,7 @@ pub trait Continuer: Send {
 /// Loads continuers: the built-in model or a model directory. Called on the worker thread.
 pub trait ContinuerFactory: Send + Sync {
     /// Loads the model `choice` names.
-    fn load(&self, choice: &ModelChoice) -> Result<Box<dyn Continuer>, EngineError>;
+    fn load(&self, choice: &ModelSource) -> Result<Box<dyn Continuer>, EngineError>;
 }
 
 /// What the worker is doing.
@@ -376,7 +335,7 @@ impl Engine {
         status: Arc<EngineStatus>,
     ) -> Result<(Engine, Arc<WorkerLink>), EngineError> {
         let link = Arc::new(WorkerLink::new());
-        status.set(EngineState::Loading, model.get().to_string());
+        status.set(EngineState::Loading, model.get().describe());
         // Before the thread runs, so the audio thread never asks a worker that has no model yet.
         live.is_model_ready.store(false, Ordering::Release);
         live.is_model_loading.store(true, Ordering::Release);

@@ -60,16 +60,16 @@ struct ScriptedFactory {
 }
 
 impl ContinuerFactory for ScriptedFactory {
-    fn load(&self, choice: &ModelChoice) -> Result<Box<dyn Continuer>, EngineError> {
+    fn load(&self, choice: &ModelSource) -> Result<Box<dyn Continuer>, EngineError> {
         match choice {
-            ModelChoice::Builtin if self.is_builtin_broken => {
-                Err(EngineError::ModelLoad { choice: choice.to_string(), reason: "also broken".into() })
+            ModelSource::Builtin if self.is_builtin_broken => {
+                Err(EngineError::ModelLoad { choice: choice.describe(), reason: "also broken".into() })
             }
-            ModelChoice::Builtin => {
+            ModelSource::Builtin => {
                 Ok(Box::new(Scripted { script: self.script.clone(), step_idx: 0, log: self.log.clone() }))
             }
-            ModelChoice::Directory(_) => {
-                Err(EngineError::ModelLoad { choice: choice.to_string(), reason: "broken on purpose".into() })
+            ModelSource::Dir(_) => {
+                Err(EngineError::ModelLoad { choice: choice.describe(), reason: "broken on purpose".into() })
             }
         }
     }
@@ -84,7 +84,7 @@ struct Running {
     log: Arc<Mutex<Log>>,
 }
 
-fn start(script: &str, choice: ModelChoice) -> Running {
+fn start(script: &str, choice: ModelSource) -> Running {
     start_with(script, Arc::new(ModelSlot::new(choice)), false)
 }
 
@@ -155,7 +155,7 @@ fn off(at_beats: f64, pitch: u8) -> AnswerEvent {
 
 #[test]
 fn the_worker_streams_about_a_beat_ahead() {
-    let w = start("67 _ 69 _ r _ 71 _", ModelChoice::Builtin);
+    let w = start("67 _ 69 _ r _ 71 _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     assert_eq!(w.status.state(), EngineState::Ready);
     w.ask(request(1, Some(8.0)));
@@ -177,7 +177,7 @@ fn the_worker_streams_about_a_beat_ahead() {
 
 #[test]
 fn the_answer_ends_at_its_length() {
-    let w = start("67 _ _ _ _ _ _ _", ModelChoice::Builtin);
+    let w = start("67 _ _ _ _ _ _ _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     w.ask(request(3, Some(3.0)));
     w.live.playhead_beats.store(10.0, Ordering::Release);
@@ -191,7 +191,7 @@ fn the_answer_ends_at_its_length() {
 
 #[test]
 fn a_full_answer_ends_its_last_note_without_waiting_for_the_playhead() {
-    let w = start("67 _ _ _ _ _ _ _", ModelChoice::Builtin);
+    let w = start("67 _ _ _ _ _ _ _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     // One beat long: exactly the first lookahead, with the playhead still before the start.
     w.ask(request(4, Some(1.0)));
@@ -203,7 +203,7 @@ fn a_full_answer_ends_its_last_note_without_waiting_for_the_playhead() {
 
 #[test]
 fn the_temperature_is_read_before_every_step() {
-    let w = start("60 _ _ _", ModelChoice::Builtin);
+    let w = start("60 _ _ _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     w.live.temperature.store(0.5, Ordering::Relaxed);
     w.ask(request(1, None));
@@ -218,7 +218,7 @@ fn the_temperature_is_read_before_every_step() {
 
 #[test]
 fn a_cancelled_answer_stops_and_a_new_request_replaces_it() {
-    let w = start("60 _ 62 _", ModelChoice::Builtin);
+    let w = start("60 _ 62 _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     w.ask(request(1, None));
     w.collect(1, LOOKAHEAD_BEATS);
@@ -233,7 +233,7 @@ fn a_cancelled_answer_stops_and_a_new_request_replaces_it() {
 
 #[test]
 fn continuous_answers_start_over_after_a_delimiter() {
-    let w = start("60 _ / 62 _", ModelChoice::Builtin);
+    let w = start("60 _ / 62 _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     let mut asked = request(1, None);
     asked.phrase.meter = Some(Meter::COMMON);
@@ -258,7 +258,7 @@ fn continuous_answers_start_over_after_a_delimiter() {
 
 #[test]
 fn a_delimiter_ends_a_fixed_length_answer() {
-    let w = start("60 _ / 62 _", ModelChoice::Builtin);
+    let w = start("60 _ / 62 _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     w.ask(request(1, Some(8.0)));
     let (events, written, finished) = w.collect(1, 100.0);
@@ -269,7 +269,7 @@ fn a_delimiter_ends_a_fixed_length_answer() {
 
 #[test]
 fn a_broken_model_is_reported_and_the_builtin_one_answers() {
-    let mut w = start("60", ModelChoice::Directory("/models/broken".into()));
+    let mut w = start("60", ModelSource::Dir("/models/broken".into()));
     wait_until("the fallback", || w.status.state() == EngineState::Fallback);
     let detail = w.status.detail();
     assert!(detail.contains("/models/broken") && detail.contains("broken on purpose"), "{detail}");
@@ -280,7 +280,7 @@ fn a_broken_model_is_reported_and_the_builtin_one_answers() {
     assert_eq!(events.first(), Some(&on(0.0, 60)));
     // Choosing the built-in model outright clears the complaint, and tells the audio thread.
     let epoch = w.live.model_epoch.load(Ordering::Acquire);
-    w.model.set(ModelChoice::Builtin);
+    w.model.set(ModelSource::Builtin);
     wait_until("the reload", || w.status.state() == EngineState::Ready);
     assert!(w.live.model_epoch.load(Ordering::Acquire) > epoch);
     w.engine.take().unwrap().shutdown();
@@ -289,7 +289,7 @@ fn a_broken_model_is_reported_and_the_builtin_one_answers() {
 
 #[test]
 fn with_no_model_at_all_the_worker_survives_and_notes_pass() {
-    let model = Arc::new(ModelSlot::new(ModelChoice::Directory("/models/broken".into())));
+    let model = Arc::new(ModelSlot::new(ModelSource::Dir("/models/broken".into())));
     let w = start_with("60", model, true);
     wait_until("the failure", || w.status.state() == EngineState::Failed);
     assert!(w.status.detail().contains("also broken"), "{}", w.status.detail());
@@ -309,7 +309,7 @@ fn the_model_parameter_picks_from_the_models_folder() {
         std::fs::write(dir.join("config.json"), "{}").unwrap();
         std::fs::write(dir.join("model.safetensors"), "").unwrap();
     }
-    let model = Arc::new(ModelSlot::with_library_folder(ModelChoice::Builtin, folder.path().to_path_buf()));
+    let model = Arc::new(ModelSlot::with_library_folder(ModelSource::Builtin, folder.path().to_path_buf()));
     assert_eq!(model.slot_name(0), "Built-in");
     assert_eq!(model.slot_name(2), "reels");
     assert_eq!(model.slot_name(3), "3 (empty)");
@@ -335,7 +335,7 @@ fn the_model_parameter_picks_from_the_models_folder() {
 
 #[test]
 fn dropping_the_engine_joins_the_worker() {
-    let w = start("60", ModelChoice::Builtin);
+    let w = start("60", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     drop(w.engine);
     assert_eq!(w.status.state(), EngineState::Stopped);
@@ -419,11 +419,11 @@ fn pitches_are_moved_into_range_and_scale() {
 
 #[test]
 fn model_choices_validate_and_round_trip() {
-    assert!(ModelChoice::Builtin.validate().is_ok());
-    assert!(ModelChoice::Directory("".into()).validate().is_err());
-    assert!(ModelChoice::Directory("a\0b".into()).validate().is_err());
-    let json = serde_json::to_string(&ModelChoice::Directory("/m".into())).unwrap();
+    assert!(ModelSource::Builtin.validate().is_ok());
+    assert!(ModelSource::Dir("".into()).validate().is_err());
+    assert!(ModelSource::Dir("a\0b".into()).validate().is_err());
+    let json = serde_json::to_string(&ModelSource::Dir("/m".into())).unwrap();
     assert_eq!(json, r#"{"directory":"/m"}"#);
-    assert_eq!(serde_json::to_string(&ModelChoice::Builtin).unwrap(), r#""builtin""#);
-    assert_eq!(serde_json::from_str::<ModelChoice>(&json).unwrap(), ModelChoice::Directory("/m".into()));
+    assert_eq!(serde_json::to_string(&ModelSource::Builtin).unwrap(), r#""builtin""#);
+    assert_eq!(serde_json::from_str::<ModelSource>(&json).unwrap(), ModelSource::Dir("/m".into()));
 }

@@ -18,7 +18,7 @@ use music::key::estimate_key;
 use music::Symbol;
 
 use super::{
-    Constraints, Continuer, ContinuerFactory, EngineError, EngineState, EngineStatus, ModelChoice, ModelSlot,
+    Constraints, Continuer, ContinuerFactory, EngineError, EngineState, EngineStatus, ModelSlot, ModelSource,
 };
 
 /// How long the worker sleeps between looks at the playhead while an answer is ahead of it.
@@ -269,21 +269,23 @@ impl Worker {
         self.live.is_model_loading.store(true, Ordering::Release);
         let chosen = self.model.resolve();
         let what = match &chosen {
-            Ok(choice) => choice.to_string(),
+            Ok(choice) => choice.describe(),
             Err(_) => "the chosen model".to_string(),
         };
         self.status.set(EngineState::Loading, what);
         let loaded = chosen.and_then(|choice| {
-            choice.validate()?;
+            choice
+                .validate()
+                .map_err(|reason| EngineError::BadChoice { choice: choice.describe(), reason })?;
             self.factory.load(&choice).map(|continuer| (continuer, choice))
         });
         let outcome = match loaded {
             Ok((continuer, choice)) => {
-                nice_log!("Antiphon: loaded {choice}");
-                Ok((continuer, EngineState::Ready, choice.to_string()))
+                nice_log!("Antiphon: loaded {}", choice.describe());
+                Ok((continuer, EngineState::Ready, choice.describe()))
             }
             // A model the user chose that does not load: say why, and answer with the built-in one.
-            Err(err) => match self.factory.load(&ModelChoice::Builtin) {
+            Err(err) => match self.factory.load(&ModelSource::Builtin) {
                 Ok(continuer) => {
                     nice_warn!("Antiphon: {err}; the built-in model answers instead");
                     Ok((
