@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex, Weak};
 
 use model::generate::PhraseContinuation;
 use model::io::LoadedModel;
-use model::sample::{PitchClassSet, SamplingSettings};
+use model::sample::SamplingSettings;
 use music::bar::BarPhase;
 use music::encode::{decode, StepGrid};
 use music::Symbol;
 
-use super::{Constraints, Continuer, ContinuerFactory, EngineError, ModelSource};
+use super::{Continuer, ContinuerFactory, EngineError, ModelSource};
 
 /// Steps one continuation runs before the generator says it is done; a continuous answer then
 /// starts over from its own output (the worker treats the end like a delimiter). 4096 steps are
@@ -78,23 +78,15 @@ impl Continuer for LstmContinuer {
         Ok(())
     }
 
-    fn next_symbol(&mut self, temperature: f32, constraints: &Constraints) -> Result<Symbol, EngineError> {
+    fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Symbol, EngineError> {
         let step_idx = self.num_steps;
         let continuation = self
             .continuation
             .as_mut()
             .ok_or(EngineError::Step { step_idx, reason: "no continuation was begun".into() })?;
-        let settings = SamplingSettings {
-            temperature,
-            pitch_classes: constraints.key.map_or(PitchClassSet::ALL, PitchClassSet::of_key),
-            lowest_pitch: constraints.lowest_pitch,
-            highest_pitch: constraints.highest_pitch,
-            may_end: constraints.may_end,
-            ..SamplingSettings::default()
-        };
         self.num_steps += 1;
         let symbol = continuation
-            .next_symbol(&settings)
+            .next_symbol(settings)
             .map_err(|err| EngineError::Step { step_idx, reason: err.to_string() })?;
         Ok(symbol.unwrap_or(Symbol::Delimiter))
     }
@@ -104,23 +96,35 @@ impl Continuer for LstmContinuer {
 mod tests {
     use super::*;
     use music::encode::parse_symbols;
-    use music::{Key, Mode};
+    use music::{Key, Mode, PitchRules};
 
     fn builtin() -> Box<dyn Continuer> {
         LstmFactory.load(&ModelSource::Builtin).expect("the built-in model loads")
     }
 
-    fn constraints(key: Option<Key>) -> Constraints {
-        Constraints { lowest_pitch: 55, highest_pitch: 79, key, may_end: false }
+    fn constraints(key: Option<Key>) -> SamplingSettings {
+        SamplingSettings {
+            pitches: PitchRules::new(55, 79, key),
+            may_end: false,
+            ..SamplingSettings::default()
+        }
     }
 
-    fn run(continuer: &mut dyn Continuer, seed: u64, temperatures: &[f32], c: &Constraints) -> Vec<Symbol> {
+    fn run(
+        continuer: &mut dyn Continuer,
+        seed: u64,
+        temperatures: &[f32],
+        c: &SamplingSettings,
+    ) -> Vec<Symbol> {
         // A G major phrase: the model moves it to its key convention and back.
         let primer =
             parse_symbols("67 _ _ _ 71 _ 74 _ 72 _ 71 _ 69 _ _ _ 67 _ 69 _ 71 _ 72 _ 74 _ _ _ r _ _ _")
                 .unwrap();
         continuer.begin(&primer, None, seed).unwrap();
-        temperatures.iter().map(|&t| continuer.next_symbol(t, c).unwrap()).collect()
+        temperatures
+            .iter()
+            .map(|&temperature| continuer.next_symbol(&SamplingSettings { temperature, ..*c }).unwrap())
+            .collect()
     }
 
     #[test]
@@ -147,7 +151,7 @@ mod tests {
         let pitches: Vec<u8> =
             symbols.iter().filter_map(|s| if let Symbol::Pitch(p) = s { Some(*p) } else { None }).collect();
         assert!(pitches.len() > 8, "{symbols:?}");
-        assert!(pitches.iter().all(|&p| c.allows(p)), "{pitches:?}");
+        assert!(pitches.iter().all(|&p| c.pitches.allows(p)), "{pitches:?}");
         // No end while it may not end.
         assert!(!symbols.contains(&Symbol::Delimiter));
     }

@@ -20,15 +20,16 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 pub use model::io::ModelSource;
+use model::SamplingSettings;
 
 use live::link::WorkerLink;
 use live::phrase::LiveShared;
 use music::bar::BarPhase;
 use music::encode::{Reject, StepGrid};
-use music::{Key, Symbol};
+use music::Symbol;
 
 pub use library::{LibraryModel, ModelLibrary, MAX_LIBRARY_MODELS};
-pub use worker::{constrain_pitch, NoteStream};
+pub use worker::NoteStream;
 
 /// The model choice shared by the parameters (which save and restore it), the main thread (which
 /// may change it) and the worker (which loads it).
@@ -213,30 +214,6 @@ pub enum EngineError {
     Spawn(String),
 }
 
-/// Which pitches the next symbol may have. The continuer should only produce these; the worker
-/// also moves any pitch outside them to the nearest allowed one ([`constrain_pitch`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Constraints {
-    /// Lowest pitch, inclusive.
-    pub lowest_pitch: u8,
-    /// Highest pitch, inclusive.
-    pub highest_pitch: u8,
-    /// Only pitches of this key's scale, when set.
-    pub key: Option<Key>,
-    /// Whether the continuation may end here (a `Delimiter`). Off for an answer of a fixed
-    /// length, which should fill it; on in continuous mode, where the worker starts over from
-    /// the answer's own recent output.
-    pub may_end: bool,
-}
-
-impl Constraints {
-    /// Whether `pitch` is allowed.
-    pub fn allows(&self, pitch: u8) -> bool {
-        (self.lowest_pitch..=self.highest_pitch).contains(&pitch)
-            && self.key.is_none_or(|k| k.contains(pitch))
-    }
-}
-
 /// Anything that continues music symbols on a step grid, one symbol at a time: the model the
 /// worker drives. Implemented for the LSTM generator in [`lstm`].
 pub trait Continuer: Send {
@@ -252,10 +229,10 @@ pub trait Continuer: Send {
     /// the same primer, bar, seed and temperatures must give the same symbols.
     fn begin(&mut self, primer: &[Symbol], bar: Option<BarPhase>, seed: u64) -> Result<(), EngineError>;
 
-    /// The symbol of the next step, sampled at `temperature` (greedy as it nears 0, as trained
-    /// at 1, more uniform above), from the symbols `constraints` allow. The worker reads the
-    /// temperature anew before every step.
-    fn next_symbol(&mut self, temperature: f32, constraints: &Constraints) -> Result<Symbol, EngineError>;
+    /// The symbol of the next step, sampled as `settings` say: at their temperature (greedy as
+    /// it nears 0, as trained at 1, more uniform above), among the pitches they allow, ending
+    /// only where they may. The worker sets the temperature anew before every step.
+    fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Symbol, EngineError>;
 }
 
 /// Loads continuers: the built-in model or a model directory. Called on the worker thread.

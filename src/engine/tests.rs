@@ -10,10 +10,11 @@ use live::link::WorkerLink;
 use live::phrase::{
     AnswerEvent, AnswerEventKind, AnswerRequest, GenSettings, KeyLock, Phrase, LOOKAHEAD_BEATS,
 };
+use model::SamplingSettings;
 use music::bar::BarPhase;
 use music::encode::parse_symbols;
 use music::note::Note;
-use music::{Meter, Mode};
+use music::{Meter, PitchRules};
 
 /// What the scripted continuer was asked.
 #[derive(Default)]
@@ -44,8 +45,8 @@ impl Continuer for Scripted {
         Ok(())
     }
 
-    fn next_symbol(&mut self, temperature: f32, _constraints: &Constraints) -> Result<Symbol, EngineError> {
-        self.log.lock().unwrap().temperatures.push(temperature);
+    fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Symbol, EngineError> {
+        self.log.lock().unwrap().temperatures.push(settings.temperature);
         let symbol = self.script[self.step_idx % self.script.len()];
         self.step_idx += 1;
         Ok(symbol)
@@ -345,11 +346,10 @@ fn dropping_the_engine_joins_the_worker() {
 
 #[test]
 fn note_streams_turn_symbols_into_starts_and_ends() {
-    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
     let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, Some(2.0), None);
     let mut events = Vec::new();
     for symbol in parse_symbols("60 _ 62 r _ 64 64 _").unwrap() {
-        stream.push(symbol, &free, &mut |e| events.push(e));
+        stream.push(symbol, &PitchRules::ALL, &mut |e| events.push(e));
     }
     assert!(stream.is_full());
     stream.finish(&mut |e| events.push(e));
@@ -371,50 +371,22 @@ fn note_streams_turn_symbols_into_starts_and_ends() {
 
 #[test]
 fn an_answer_that_holds_the_phrase_s_last_note_plays_it_anew() {
-    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
     let primer = parse_symbols("60 _ 62 _ _").unwrap();
     assert_eq!(NoteStream::last_sounding_pitch(&primer), Some(62));
     assert_eq!(NoteStream::last_sounding_pitch(&parse_symbols("60 _ r _").unwrap()), None);
     let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, None, Some(62));
     let mut events = Vec::new();
     for symbol in parse_symbols("_ _ 64 _").unwrap() {
-        stream.push(symbol, &free, &mut |e| events.push(e));
+        stream.push(symbol, &PitchRules::ALL, &mut |e| events.push(e));
     }
     assert_eq!(events, vec![on(0.0, 62), off(0.5, 62), on(0.5, 64)]);
     // A continuation that starts with its own note or a rest does not carry it.
     let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, None, Some(62));
     let mut events = Vec::new();
     for symbol in parse_symbols("r _ 64").unwrap() {
-        stream.push(symbol, &free, &mut |e| events.push(e));
+        stream.push(symbol, &PitchRules::ALL, &mut |e| events.push(e));
     }
     assert_eq!(events, vec![on(0.5, 64)]);
-}
-
-#[test]
-fn pitches_are_moved_into_range_and_scale() {
-    let c_major = Constraints {
-        lowest_pitch: 60,
-        highest_pitch: 72,
-        key: Some(Key::from_tonic(0, Mode::Major)),
-        may_end: false,
-    };
-    assert_eq!(constrain_pitch(61, &c_major), 60); // C# → C (the lower on a tie)
-    assert_eq!(constrain_pitch(66, &c_major), 65); // F# → F
-    assert_eq!(constrain_pitch(40, &c_major), 64); // E2 → E4 by octaves
-    assert_eq!(constrain_pitch(90, &c_major), 65); // F#6 → F#4 → F4
-    assert_eq!(constrain_pitch(127, &c_major), 67); // G9 → G4 by octaves
-    let tight = Constraints {
-        lowest_pitch: 61,
-        highest_pitch: 61,
-        key: Some(Key::from_tonic(0, Mode::Major)),
-        may_end: false,
-    };
-    assert_eq!(constrain_pitch(70, &tight), 61); // nothing in the scale fits: the range wins
-    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
-    for p in 0..=127 {
-        assert_eq!(constrain_pitch(p, &free), p);
-    }
-    assert!(c_major.allows(67) && !c_major.allows(68) && !c_major.allows(74));
 }
 
 #[test]
