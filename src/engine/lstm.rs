@@ -3,7 +3,7 @@
 //! every step.
 //! Runs on: worker.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use model::generate::PhraseContinuation;
 use model::io::LoadedModel;
@@ -34,18 +34,20 @@ impl ContinuerFactory for LstmFactory {
     }
 }
 
-/// The built-in model, loaded once for every instance in the process while any of them uses
-/// it: loading builds its tune memory's index (a fraction of a second and about 11 MB), which
-/// the instances then share, as they share the weights. Each continuation keeps its own state.
-/// Worker threads only: the lock is held while the first of them loads.
+/// The built-in model, loaded once per process and shared by every instance: loading builds
+/// its tune memory's index (a fraction of a second and about 11 MB), which the instances then
+/// share, as they share the weights, and a host that deactivates and reactivates a plugin (or
+/// creates a new instance) gets it at once. It stays loaded while the host keeps the plugin's
+/// library. Each continuation keeps its own state. Worker threads only: the lock is held while
+/// the first of them loads.
 pub fn shared_builtin() -> Result<Arc<LoadedModel>, model::ModelError> {
-    static SHARED: Mutex<Weak<LoadedModel>> = Mutex::new(Weak::new());
+    static SHARED: Mutex<Option<Arc<LoadedModel>>> = Mutex::new(None);
     let mut shared = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(model) = shared.upgrade() {
-        return Ok(model);
+    if let Some(model) = shared.as_ref() {
+        return Ok(Arc::clone(model));
     }
     let model = Arc::new(LoadedModel::builtin()?);
-    *shared = Arc::downgrade(&model);
+    *shared = Some(Arc::clone(&model));
     Ok(model)
 }
 
@@ -157,7 +159,7 @@ mod tests {
     }
 
     #[test]
-    fn instances_share_one_built_in_model_while_any_holds_it() {
+    fn instances_share_one_built_in_model() {
         let first = shared_builtin().unwrap();
         let second = shared_builtin().unwrap();
         assert!(Arc::ptr_eq(&first, &second), "the second instance loaded its own copy");
