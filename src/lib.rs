@@ -4,6 +4,7 @@
 //! Runs on: audio thread (`process`, `reset`), main thread (everything else).
 
 pub mod engine;
+pub mod log;
 pub mod params;
 
 use std::num::NonZeroU32;
@@ -127,6 +128,10 @@ impl Plugin for Antiphon {
     type SysExMessage = ();
     type BackgroundTask = ();
 
+    fn setup_logger() -> Option<bool> {
+        Some(log::setup())
+    }
+
     fn params(&self) -> Arc<dyn Params> {
         self.params.clone()
     }
@@ -240,6 +245,43 @@ impl ClapPlugin for Antiphon {
     const CLAP_MANUAL_URL: Option<&'static str> = None;
     const CLAP_SUPPORT_URL: Option<&'static str> = None;
     const CLAP_FEATURES: &'static [ClapFeature] = &[ClapFeature::NoteEffect, ClapFeature::Utility];
+
+    /// Device-panel pages for hosts with remote controls (Bitwig maps its controllers to them):
+    /// the eight parameters a player reaches for first, then the rest of each stage.
+    fn remote_controls(&self, context: &mut impl RemoteControlsContext) {
+        let params = &self.params;
+        context.add_section("Antiphon", |section| {
+            section.add_page("Play", |page| {
+                page.add_param(&params.temperature);
+                page.add_param(&params.answer_bars);
+                page.add_param(&params.trigger);
+                page.add_param(&params.silence_beats);
+                page.add_param(&params.should_yield);
+                page.add_param(&params.is_continuous);
+                page.add_param(&params.key_lock);
+                page.add_param(&params.pass_through);
+            });
+            section.add_page("Answer", |page| {
+                page.add_param(&params.answer_start);
+                page.add_param(&params.phrase_bars);
+                page.add_param(&params.lowest_note);
+                page.add_param(&params.highest_note);
+                page.add_param(&params.velocity_mode);
+                page.add_param(&params.velocity);
+                page.add_param(&params.gate_percent);
+                page.add_param(&params.channel);
+            });
+            section.add_page("Key and Model", |page| {
+                page.add_param(&params.key_root);
+                page.add_param(&params.scale);
+                page.add_param(&params.model_select);
+                page.add_param(&params.seed);
+                page.add_param(&params.is_fresh_seed);
+                page.add_param(&params.free_tempo_bpm);
+                page.add_param(&params.answer_now);
+            });
+        });
+    }
 }
 
 impl Vst3Plugin for Antiphon {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use nice_plug::params::persist::PersistentField;
 use nice_plug::prelude::*;
 
-use crate::engine::{ModelChoice, ModelSlot, MAX_LIBRARY_MODELS};
+use crate::engine::{ModelLibrary, ModelSlot, ModelSource, MAX_LIBRARY_MODELS};
 use live::phrase::KeyLock;
 use live::{AnswerStart, Settings, TriggerMode, VelocityMode};
 use music::{Key, Mode};
@@ -265,9 +265,35 @@ pub struct AntiphonParams {
     /// (`engine::library`). The worker loads it.
     #[id = "modelsel"]
     pub model_select: IntParam,
-    /// The saved model choice: built in, or a trained model directory. Saved with the project.
-    #[persist = "model"]
+    /// The model choice the worker loads from: the Model parameter's pick and the saved choice.
     pub model: Arc<ModelSlot>,
+    /// The saved model choice (built in, or a trained model directory) of `model`, saved with
+    /// the project.
+    #[persist = "model"]
+    pub saved_model: SavedModel,
+    /// The name of the models-folder model the Model parameter picks, saved with the project so
+    /// it reopens by name (`filter_state` turns it back into the parameter's position).
+    #[persist = "model-pick"]
+    pub model_pick: ModelPick,
+}
+
+/// The saved model choice of a model slot, as the project keeps it.
+pub struct SavedModel(Arc<ModelSlot>);
+
+/// The Model parameter's pick of a model slot as a name, as the project keeps it.
+pub struct ModelPick(Arc<ModelSlot>);
+
+impl<'a> PersistentField<'a, Option<String>> for ModelPick {
+    fn set(&self, name: Option<String>) {
+        self.0.restore_pick(name);
+    }
+
+    fn map<F, R>(&self, f: F) -> R
+    where
+        F: Fn(&Option<String>) -> R,
+    {
+        f(&self.0.picked_name())
+    }
 }
 
 impl Default for AntiphonParams {
@@ -281,7 +307,7 @@ impl Default for AntiphonParams {
                 .with_value_to_string(formatters::v2s_i32_key_formatter())
                 .with_string_to_value(formatters::s2v_i32_key_formatter())
         };
-        let model = Arc::new(ModelSlot::new(ModelChoice::Builtin));
+        let model = Arc::new(ModelSlot::new(ModelSource::Builtin));
         Self {
             pass_through: BoolParam::new("MIDI Thru", true),
             bypass: BoolParam::new("Bypass", false).make_bypass(),
@@ -334,6 +360,8 @@ impl Default for AntiphonParams {
             .with_unit(" BPM")
             .with_value_to_string(formatters::v2s_f32_rounded(1)),
             model_select: model_select_param(&model),
+            saved_model: SavedModel(model.clone()),
+            model_pick: ModelPick(model.clone()),
             model,
         }
     }
@@ -396,19 +424,19 @@ impl AntiphonParams {
     }
 }
 
-impl<'a> PersistentField<'a, ModelChoice> for Arc<ModelSlot> {
-    fn set(&self, new_value: ModelChoice) {
+impl<'a> PersistentField<'a, ModelSource> for SavedModel {
+    fn set(&self, new_value: ModelSource) {
         // A choice that cannot be right leaves the current one.
         if new_value.validate().is_ok() {
-            ModelSlot::set(self, new_value);
+            self.0.set(new_value);
         }
     }
 
     fn map<F, R>(&self, f: F) -> R
     where
-        F: Fn(&ModelChoice) -> R,
+        F: Fn(&ModelSource) -> R,
     {
-        f(&self.get())
+        f(&self.0.get())
     }
 }
 
@@ -427,9 +455,22 @@ pub fn filter_state(state: &mut PluginState) {
     });
     if let Some(text) = state.fields.get("model") {
         let is_valid =
-            serde_json::from_str::<ModelChoice>(text).is_ok_and(|choice| choice.validate().is_ok());
+            serde_json::from_str::<ModelSource>(text).is_ok_and(|choice| choice.validate().is_ok());
         if !is_valid {
             state.fields.remove("model");
+        }
+    }
+    // A project saved with a model of the folder names it: the parameter's position follows the
+    // name in today's list, or falls back to 0 (the model slot then reports the name missing).
+    // Older projects saved only the position, which is kept.
+    match state.fields.get("model-pick").map(|text| serde_json::from_str::<Option<String>>(text)) {
+        Some(Ok(Some(name))) => {
+            let slot = ModelLibrary::user().slot_of(&name).unwrap_or(0);
+            state.params.insert("modelsel".to_string(), nice_plug::plugin::ParamValue::I32(slot as i32));
+        }
+        Some(Ok(None)) | None => {}
+        Some(Err(_)) => {
+            state.fields.remove("model-pick");
         }
     }
 }
@@ -528,15 +569,15 @@ mod tests {
     fn the_model_slot_refuses_bad_choices() {
         let params = AntiphonParams::default();
         let epoch = params.model.epoch();
-        PersistentField::set(&params.model, ModelChoice::Directory("  ".into()));
-        assert_eq!(params.model.get(), ModelChoice::Builtin);
+        PersistentField::set(&params.saved_model, ModelSource::Dir("  ".into()));
+        assert_eq!(params.model.get(), ModelSource::Builtin);
         assert_eq!(params.model.epoch(), epoch);
-        PersistentField::set(&params.model, ModelChoice::Directory("/tmp/m".into()));
-        assert_eq!(params.model.get(), ModelChoice::Directory("/tmp/m".into()));
+        PersistentField::set(&params.saved_model, ModelSource::Dir("/tmp/m".into()));
+        assert_eq!(params.model.get(), ModelSource::Dir("/tmp/m".into()));
         assert_eq!(params.model.epoch(), epoch + 1);
         assert_eq!(
-            PersistentField::map(&params.model, |c| c.clone()),
-            ModelChoice::Directory("/tmp/m".into())
+            PersistentField::map(&params.saved_model, |c| c.clone()),
+            ModelSource::Dir("/tmp/m".into())
         );
     }
 }

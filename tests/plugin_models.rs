@@ -1,9 +1,10 @@
 //! The Model parameter through a real CLAP host: it lists the user's models folder by name,
-//! picks a model from it, saves the pick with the project, and falls back to the built-in model
-//! (still answering) when the picked model does not load. Needs `cargo xtask bundle antiphon`
-//! first.
+//! picks a model from it, saves the pick with the project by name, and falls back to the
+//! built-in model (still answering) when the picked model does not load or is gone, with the
+//! reason in the log file. Needs `cargo xtask bundle antiphon` first.
 //!
-//! This file holds one test, so setting the models-folder variable cannot race another test.
+//! This file holds one test, so setting the models-folder and log variables cannot race another
+//! test, and they are set before the plugin library is first loaded (the log is set up then).
 
 mod plugin_host;
 
@@ -45,6 +46,8 @@ fn the_model_parameter_picks_from_the_models_folder() {
     copy_builtin(&folder.path().join("broken"), Some(1000));
     std::fs::create_dir_all(folder.path().join("not a model")).unwrap();
     std::env::set_var(antiphon::engine::library::MODELS_FOLDER_VAR, folder.path());
+    let log = folder.path().join("logs/antiphon.log");
+    std::env::set_var(antiphon::log::LOG_FILE_VAR, &log);
 
     let mut plugin = Plugin::load();
     plugin.set(&[("Output Channel", "2"), ("Fresh Seed", "Off")]);
@@ -62,12 +65,52 @@ fn the_model_parameter_picks_from_the_models_folder() {
     assert!(!builtin.is_empty(), "no answer from the built-in model");
     // The folder's copy of the built-in model answers as it does.
     assert_eq!(answer_with(&mut plugin, "Folk Tunes"), builtin);
-    // A model that does not load: the built-in model answers instead of silence.
+    // A model that does not load: the built-in model answers instead of silence, and the log
+    // file says which model and why.
     assert_eq!(answer_with(&mut plugin, "broken"), builtin);
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.lines().any(|line| line.contains("broken") && line.contains("model.safetensors")),
+        "the log does not say why 'broken' failed:\n{logged}"
+    );
 
-    // The pick is saved with the project.
+    // Every value the parameter shows reads back as itself (hosts and validators convert both
+    // ways).
+    for value in 0..=antiphon::engine::MAX_LIBRARY_MODELS {
+        plugin.set(&[("Model", &value.to_string())]);
+        let text = plugin.text("Model");
+        assert_eq!(plugin.value_of("Model", &text), value as f64, "{text:?} does not read back as {value}");
+    }
+
+    // The pick is saved with the project by name: a model added since, which sorts before it,
+    // moves it down the list, and the project still gets it.
     plugin.set(&[("Model", "Folk Tunes")]);
+    let project = plugin.save_state();
     let restored = Plugin::load();
-    assert!(restored.load_state(&plugin.save_state()));
+    assert!(restored.load_state(&project));
     assert_eq!(restored.text("Model"), "Folk Tunes");
+    copy_builtin(&folder.path().join("Airs"), None);
+    let restored = Plugin::load();
+    assert!(restored.load_state(&project));
+    assert_eq!(restored.text("Model"), "Folk Tunes");
+    assert_eq!(restored.value("Model"), 3.0, "Airs, broken, Folk Tunes");
+
+    // A project whose model is gone opens with the built-in model, and the log says so.
+    std::fs::remove_dir_all(folder.path().join("Folk Tunes")).unwrap();
+    let mut restored = Plugin::load();
+    assert!(restored.load_state(&project));
+    assert_eq!(restored.text("Model"), "Built-in");
+    restored.set(&[("Output Channel", "2"), ("Fresh Seed", "Off")]);
+    restored.set_offline(true);
+    let notes: Vec<(u8, f64, f64)> =
+        [62, 64, 66, 67, 69, 67, 66, 64].iter().enumerate().map(|(i, &k)| (k, i as f64, 1.0)).collect();
+    let mut processor = restored.activate(48_000.0, 256);
+    let heard = Take::new(120.0, notes, 21.0).perform(&mut processor, 256);
+    restored.deactivate(processor);
+    assert_eq!(notes_on(&heard, 1), builtin, "the built-in model answers for the missing one");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.lines().any(|line| line.contains("'Folk Tunes'") && line.contains("no longer holds it")),
+        "the log does not say the project's model is gone:\n{logged}"
+    );
 }

@@ -81,14 +81,23 @@ pub fn user_models_folder() -> Option<PathBuf> {
     if let Some(folder) = var(MODELS_FOLDER_VAR) {
         return Some(folder);
     }
+    let models = if cfg!(target_os = "macos") || cfg!(windows) { "Models" } else { "models" };
+    user_data_folder().map(|data| data.join(models))
+}
+
+/// Where this platform keeps the plugin's user data (its models folder and its log):
+/// `~/Library/Application Support/Antiphon` on macOS, `%APPDATA%\Antiphon` on Windows,
+/// `$XDG_DATA_HOME/antiphon` (or `~/.local/share/antiphon`) elsewhere.
+pub fn user_data_folder() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if cfg!(target_os = "macos") {
-        var("HOME").map(|home| home.join("Library/Application Support/Antiphon/Models"))
+        var("HOME").map(|home| home.join("Library/Application Support/Antiphon"))
     } else if cfg!(windows) {
-        var("APPDATA").map(|data| data.join("Antiphon").join("Models"))
+        var("APPDATA").map(|data| data.join("Antiphon"))
     } else {
         var("XDG_DATA_HOME")
             .or_else(|| var("HOME").map(|home| home.join(".local/share")))
-            .map(|data| data.join("antiphon/models"))
+            .map(|data| data.join("antiphon"))
     }
 }
 

@@ -3,17 +3,16 @@
 //! every step.
 //! Runs on: worker.
 
-use std::path::Path;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use model::generate::PhraseContinuation;
 use model::io::LoadedModel;
-use model::sample::{PitchClassSet, SamplingSettings};
+use model::sample::SamplingSettings;
 use music::bar::BarPhase;
 use music::encode::{decode, StepGrid};
 use music::Symbol;
 
-use super::{Constraints, Continuer, ContinuerFactory, EngineError, ModelChoice};
+use super::{Continuer, ContinuerFactory, EngineError, ModelSource};
 
 /// Steps one continuation runs before the generator says it is done; a continuous answer then
 /// starts over from its own output (the worker treats the end like a delimiter). 4096 steps are
@@ -25,28 +24,30 @@ const MAX_CONTINUATION_STEPS: usize = 4096;
 pub struct LstmFactory;
 
 impl ContinuerFactory for LstmFactory {
-    fn load(&self, choice: &ModelChoice) -> Result<Box<dyn Continuer>, EngineError> {
+    fn load(&self, choice: &ModelSource) -> Result<Box<dyn Continuer>, EngineError> {
         let loaded = match choice {
-            ModelChoice::Builtin => shared_builtin(),
-            ModelChoice::Directory(path) => LoadedModel::load_dir(Path::new(path)).map(Arc::new),
+            ModelSource::Builtin => shared_builtin(),
+            ModelSource::Dir(path) => LoadedModel::load_dir(path).map(Arc::new),
         }
-        .map_err(|err| EngineError::ModelLoad { choice: choice.to_string(), reason: err.to_string() })?;
+        .map_err(|err| EngineError::ModelLoad { choice: choice.describe(), reason: err.to_string() })?;
         Ok(Box::new(LstmContinuer { model: loaded, continuation: None, num_steps: 0 }))
     }
 }
 
-/// The built-in model, loaded once for every instance in the process while any of them uses
-/// it: loading builds its tune memory's index (a fraction of a second and about 11 MB), which
-/// the instances then share, as they share the weights. Each continuation keeps its own state.
-/// Worker threads only: the lock is held while the first of them loads.
+/// The built-in model, loaded once per process and shared by every instance: loading builds
+/// its tune memory's index (a fraction of a second and about 11 MB), which the instances then
+/// share, as they share the weights, and a host that deactivates and reactivates a plugin (or
+/// creates a new instance) gets it at once. It stays loaded while the host keeps the plugin's
+/// library. Each continuation keeps its own state. Worker threads only: the lock is held while
+/// the first of them loads.
 pub fn shared_builtin() -> Result<Arc<LoadedModel>, model::ModelError> {
-    static SHARED: Mutex<Weak<LoadedModel>> = Mutex::new(Weak::new());
+    static SHARED: Mutex<Option<Arc<LoadedModel>>> = Mutex::new(None);
     let mut shared = SHARED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(model) = shared.upgrade() {
-        return Ok(model);
+    if let Some(model) = shared.as_ref() {
+        return Ok(Arc::clone(model));
     }
     let model = Arc::new(LoadedModel::builtin()?);
-    *shared = Arc::downgrade(&model);
+    *shared = Some(Arc::clone(&model));
     Ok(model)
 }
 
@@ -79,23 +80,15 @@ impl Continuer for LstmContinuer {
         Ok(())
     }
 
-    fn next_symbol(&mut self, temperature: f32, constraints: &Constraints) -> Result<Symbol, EngineError> {
+    fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Symbol, EngineError> {
         let step_idx = self.num_steps;
         let continuation = self
             .continuation
             .as_mut()
             .ok_or(EngineError::Step { step_idx, reason: "no continuation was begun".into() })?;
-        let settings = SamplingSettings {
-            temperature,
-            pitch_classes: constraints.key.map_or(PitchClassSet::ALL, PitchClassSet::of_key),
-            lowest_pitch: constraints.lowest_pitch,
-            highest_pitch: constraints.highest_pitch,
-            may_end: constraints.may_end,
-            ..SamplingSettings::default()
-        };
         self.num_steps += 1;
         let symbol = continuation
-            .next_symbol(&settings)
+            .next_symbol(settings)
             .map_err(|err| EngineError::Step { step_idx, reason: err.to_string() })?;
         Ok(symbol.unwrap_or(Symbol::Delimiter))
     }
@@ -105,23 +98,35 @@ impl Continuer for LstmContinuer {
 mod tests {
     use super::*;
     use music::encode::parse_symbols;
-    use music::{Key, Mode};
+    use music::{Key, Mode, PitchRules};
 
     fn builtin() -> Box<dyn Continuer> {
-        LstmFactory.load(&ModelChoice::Builtin).expect("the built-in model loads")
+        LstmFactory.load(&ModelSource::Builtin).expect("the built-in model loads")
     }
 
-    fn constraints(key: Option<Key>) -> Constraints {
-        Constraints { lowest_pitch: 55, highest_pitch: 79, key, may_end: false }
+    fn constraints(key: Option<Key>) -> SamplingSettings {
+        SamplingSettings {
+            pitches: PitchRules::new(55, 79, key),
+            may_end: false,
+            ..SamplingSettings::default()
+        }
     }
 
-    fn run(continuer: &mut dyn Continuer, seed: u64, temperatures: &[f32], c: &Constraints) -> Vec<Symbol> {
+    fn run(
+        continuer: &mut dyn Continuer,
+        seed: u64,
+        temperatures: &[f32],
+        c: &SamplingSettings,
+    ) -> Vec<Symbol> {
         // A G major phrase: the model moves it to its key convention and back.
         let primer =
             parse_symbols("67 _ _ _ 71 _ 74 _ 72 _ 71 _ 69 _ _ _ 67 _ 69 _ 71 _ 72 _ 74 _ _ _ r _ _ _")
                 .unwrap();
         continuer.begin(&primer, None, seed).unwrap();
-        temperatures.iter().map(|&t| continuer.next_symbol(t, c).unwrap()).collect()
+        temperatures
+            .iter()
+            .map(|&temperature| continuer.next_symbol(&SamplingSettings { temperature, ..*c }).unwrap())
+            .collect()
     }
 
     #[test]
@@ -148,13 +153,13 @@ mod tests {
         let pitches: Vec<u8> =
             symbols.iter().filter_map(|s| if let Symbol::Pitch(p) = s { Some(*p) } else { None }).collect();
         assert!(pitches.len() > 8, "{symbols:?}");
-        assert!(pitches.iter().all(|&p| c.allows(p)), "{pitches:?}");
+        assert!(pitches.iter().all(|&p| c.pitches.allows(p)), "{pitches:?}");
         // No end while it may not end.
         assert!(!symbols.contains(&Symbol::Delimiter));
     }
 
     #[test]
-    fn instances_share_one_built_in_model_while_any_holds_it() {
+    fn instances_share_one_built_in_model() {
         let first = shared_builtin().unwrap();
         let second = shared_builtin().unwrap();
         assert!(Arc::ptr_eq(&first, &second), "the second instance loaded its own copy");
@@ -162,7 +167,7 @@ mod tests {
 
     #[test]
     fn a_missing_directory_fails_with_its_path() {
-        let choice = ModelChoice::Directory("/no/such/antiphon/model".into());
+        let choice = ModelSource::Dir("/no/such/antiphon/model".into());
         let err = LstmFactory.load(&choice).err().expect("a missing directory loads");
         assert!(err.to_string().contains("/no/such/antiphon/model"), "{err}");
     }

@@ -19,56 +19,17 @@ use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use serde::{Deserialize, Serialize};
+pub use model::io::ModelSource;
+use model::SamplingSettings;
 
 use live::link::WorkerLink;
 use live::phrase::LiveShared;
 use music::bar::BarPhase;
 use music::encode::{Reject, StepGrid};
-use music::{Key, Symbol};
+use music::Symbol;
 
 pub use library::{LibraryModel, ModelLibrary, MAX_LIBRARY_MODELS};
-pub use worker::{constrain_pitch, NoteStream};
-
-/// Which model the plugin uses. Saved with the project.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelChoice {
-    /// The model built into the plugin.
-    #[default]
-    Builtin,
-    /// A trained model directory (`model.safetensors`, `config.json`, `train.json`).
-    Directory(String),
-}
-
-impl ModelChoice {
-    /// Checks the choice can be what a user picked: a directory path must be non-empty, without
-    /// NUL bytes and of a sane length. Whether it loads is found out by the worker.
-    pub fn validate(&self) -> Result<(), EngineError> {
-        match self {
-            ModelChoice::Builtin => Ok(()),
-            ModelChoice::Directory(path) if path.trim().is_empty() => {
-                Err(EngineError::BadChoice { choice: self.to_string(), reason: "the path is empty".into() })
-            }
-            ModelChoice::Directory(path) if path.contains('\0') || path.len() > 4096 => {
-                Err(EngineError::BadChoice {
-                    choice: self.to_string(),
-                    reason: "the path is not a usable path".into(),
-                })
-            }
-            ModelChoice::Directory(_) => Ok(()),
-        }
-    }
-}
-
-impl std::fmt::Display for ModelChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ModelChoice::Builtin => f.write_str("the built-in model"),
-            ModelChoice::Directory(path) => write!(f, "the model in {path}"),
-        }
-    }
-}
+pub use worker::NoteStream;
 
 /// The model choice shared by the parameters (which save and restore it), the main thread (which
 /// may change it) and the worker (which loads it).
@@ -79,7 +40,7 @@ impl std::fmt::Display for ModelChoice {
 /// atomic store, through the parameter's callback); everything else here is for other threads.
 #[derive(Debug, Default)]
 pub struct ModelSlot {
-    choice: Mutex<ModelChoice>,
+    choice: Mutex<ModelSource>,
     /// Bumped on every change of `choice`, so the worker notices without taking the lock.
     epoch: AtomicU32,
     /// The Model parameter's value.
@@ -88,27 +49,30 @@ pub struct ModelSlot {
     library_folder: Option<PathBuf>,
     /// The folder's models, read the first time they are needed.
     library: OnceLock<ModelLibrary>,
+    /// The models-folder model a restored project picked by name, when the folder no longer
+    /// holds it: the worker says so and the built-in model answers.
+    missing_pick: Mutex<Option<String>>,
 }
 
 impl ModelSlot {
     /// A slot holding `choice`, with the user's models folder.
-    pub fn new(choice: ModelChoice) -> Self {
+    pub fn new(choice: ModelSource) -> Self {
         Self { choice: Mutex::new(choice), ..Default::default() }
     }
 
     /// A slot holding `choice`, listing the models of `folder` instead of the user's.
-    pub fn with_library_folder(choice: ModelChoice, folder: PathBuf) -> Self {
+    pub fn with_library_folder(choice: ModelSource, folder: PathBuf) -> Self {
         Self { choice: Mutex::new(choice), library_folder: Some(folder), ..Default::default() }
     }
 
     /// The saved choice, which the Model parameter's value 0 stands for.
-    pub fn get(&self) -> ModelChoice {
+    pub fn get(&self) -> ModelSource {
         self.choice.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Changes the saved choice; a running worker loads it soon after if the Model parameter
     /// defers to it. Setting the same choice again changes nothing.
-    pub fn set(&self, choice: ModelChoice) {
+    pub fn set(&self, choice: ModelSource) {
         let mut current = self.choice.lock().unwrap_or_else(|e| e.into_inner());
         if *current != choice {
             *current = choice;
@@ -144,16 +108,50 @@ impl ModelSlot {
         })
     }
 
+    /// The name of the models-folder model the Model parameter picks now; `None` at 0 (the
+    /// saved choice) or past the folder's models. Saved with the project, so a project reopens
+    /// the model it used however the folder's list has changed since.
+    pub fn picked_name(&self) -> Option<String> {
+        self.library().get(self.library_slot()).map(|model| model.name.clone())
+    }
+
+    /// Takes the model name a project saved: when the folder no longer holds it, the worker
+    /// says so (and the built-in model answers) until another model is picked. Main thread,
+    /// while a state loads (the parameter itself was set from the name in `params::filter_state`).
+    pub fn restore_pick(&self, name: Option<String>) {
+        let missing = name.filter(|name| self.library().slot_of(name).is_none());
+        let mut pick = self.missing_pick.lock().unwrap_or_else(|e| e.into_inner());
+        if *pick != missing {
+            *pick = missing;
+            self.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     /// What the worker should load now: the parameter's model of the folder, or the saved
-    /// choice when the parameter is 0. A parameter past the folder's models is an error.
-    pub fn resolve(&self) -> Result<ModelChoice, EngineError> {
+    /// choice when the parameter is 0. A parameter past the folder's models, or a project's
+    /// model that the folder no longer holds, is an error.
+    pub fn resolve(&self) -> Result<ModelSource, EngineError> {
         let slot = self.library_slot();
+        let mut missing_pick = self.missing_pick.lock().unwrap_or_else(|e| e.into_inner());
+        if slot != 0 {
+            // Another model was picked since the project loaded.
+            *missing_pick = None;
+        } else if let Some(name) = missing_pick.as_ref() {
+            return Err(EngineError::BadChoice {
+                choice: format!("the model '{name}' this project uses"),
+                reason: match &self.library().folder {
+                    Some(folder) => format!("{} no longer holds it", folder.display()),
+                    None => "this system has no models folder".into(),
+                },
+            });
+        }
+        drop(missing_pick);
         if slot == 0 {
             return Ok(self.get());
         }
         let library = self.library();
         match library.get(slot) {
-            Some(model) => Ok(ModelChoice::Directory(model.path.to_string_lossy().into_owned())),
+            Some(model) => Ok(ModelSource::Dir(model.path.clone())),
             None => Err(EngineError::BadChoice {
                 choice: format!("model {slot} of the models folder"),
                 reason: match &library.folder {
@@ -169,11 +167,10 @@ impl ModelSlot {
     pub fn slot_name(&self, slot: usize) -> String {
         if slot == 0 {
             return match self.get() {
-                ModelChoice::Builtin => "Built-in".to_string(),
-                ModelChoice::Directory(path) => {
-                    let name =
-                        std::path::Path::new(&path).file_name().map(|n| n.to_string_lossy().into_owned());
-                    format!("Saved: {}", name.unwrap_or(path))
+                ModelSource::Builtin => "Built-in".to_string(),
+                ModelSource::Dir(path) => {
+                    let name = path.file_name().unwrap_or(path.as_os_str());
+                    format!("Saved: {}", name.to_string_lossy())
                 }
             };
         }
@@ -184,13 +181,16 @@ impl ModelSlot {
     }
 
     /// The Model parameter's value for a typed name: "built-in", a folder model's name, or a
-    /// number.
+    /// number; also every text `slot_name` shows ("Saved: ...", "3 (empty)"), so a value shown
+    /// reads back as itself.
     pub fn slot_for_name(&self, text: &str) -> Option<usize> {
         let text = text.trim();
-        if text.eq_ignore_ascii_case("built-in") || text.eq_ignore_ascii_case("builtin") {
+        let is_saved_choice = text.get(..6).is_some_and(|start| start.eq_ignore_ascii_case("saved:"));
+        if text.eq_ignore_ascii_case("built-in") || text.eq_ignore_ascii_case("builtin") || is_saved_choice {
             return Some(0);
         }
-        self.library().slot_of(text).or_else(|| text.parse().ok().filter(|&s| s <= MAX_LIBRARY_MODELS))
+        let number = text.strip_suffix("(empty)").unwrap_or(text).trim();
+        self.library().slot_of(text).or_else(|| number.parse().ok().filter(|&s| s <= MAX_LIBRARY_MODELS))
     }
 }
 
@@ -214,30 +214,6 @@ pub enum EngineError {
     Spawn(String),
 }
 
-/// Which pitches the next symbol may have. The continuer should only produce these; the worker
-/// also moves any pitch outside them to the nearest allowed one ([`constrain_pitch`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Constraints {
-    /// Lowest pitch, inclusive.
-    pub lowest_pitch: u8,
-    /// Highest pitch, inclusive.
-    pub highest_pitch: u8,
-    /// Only pitches of this key's scale, when set.
-    pub key: Option<Key>,
-    /// Whether the continuation may end here (a `Delimiter`). Off for an answer of a fixed
-    /// length, which should fill it; on in continuous mode, where the worker starts over from
-    /// the answer's own recent output.
-    pub may_end: bool,
-}
-
-impl Constraints {
-    /// Whether `pitch` is allowed.
-    pub fn allows(&self, pitch: u8) -> bool {
-        (self.lowest_pitch..=self.highest_pitch).contains(&pitch)
-            && self.key.is_none_or(|k| k.contains(pitch))
-    }
-}
-
 /// Anything that continues music symbols on a step grid, one symbol at a time: the model the
 /// worker drives. Implemented for the LSTM generator in [`lstm`].
 pub trait Continuer: Send {
@@ -253,16 +229,16 @@ pub trait Continuer: Send {
     /// the same primer, bar, seed and temperatures must give the same symbols.
     fn begin(&mut self, primer: &[Symbol], bar: Option<BarPhase>, seed: u64) -> Result<(), EngineError>;
 
-    /// The symbol of the next step, sampled at `temperature` (greedy as it nears 0, as trained
-    /// at 1, more uniform above), from the symbols `constraints` allow. The worker reads the
-    /// temperature anew before every step.
-    fn next_symbol(&mut self, temperature: f32, constraints: &Constraints) -> Result<Symbol, EngineError>;
+    /// The symbol of the next step, sampled as `settings` say: at their temperature (greedy as
+    /// it nears 0, as trained at 1, more uniform above), among the pitches they allow, ending
+    /// only where they may. The worker sets the temperature anew before every step.
+    fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Symbol, EngineError>;
 }
 
 /// Loads continuers: the built-in model or a model directory. Called on the worker thread.
 pub trait ContinuerFactory: Send + Sync {
     /// Loads the model `choice` names.
-    fn load(&self, choice: &ModelChoice) -> Result<Box<dyn Continuer>, EngineError>;
+    fn load(&self, choice: &ModelSource) -> Result<Box<dyn Continuer>, EngineError>;
 }
 
 /// What the worker is doing.
@@ -336,7 +312,7 @@ impl Engine {
         status: Arc<EngineStatus>,
     ) -> Result<(Engine, Arc<WorkerLink>), EngineError> {
         let link = Arc::new(WorkerLink::new());
-        status.set(EngineState::Loading, model.get().to_string());
+        status.set(EngineState::Loading, model.get().describe());
         // Before the thread runs, so the audio thread never asks a worker that has no model yet.
         live.is_model_ready.store(false, Ordering::Release);
         live.is_model_loading.store(true, Ordering::Release);

@@ -10,10 +10,11 @@ use live::link::WorkerLink;
 use live::phrase::{
     AnswerEvent, AnswerEventKind, AnswerRequest, GenSettings, KeyLock, Phrase, LOOKAHEAD_BEATS,
 };
+use model::SamplingSettings;
 use music::bar::BarPhase;
 use music::encode::parse_symbols;
 use music::note::Note;
-use music::{Meter, Mode};
+use music::{Meter, PitchRules};
 
 /// What the scripted continuer was asked.
 #[derive(Default)]
@@ -44,8 +45,8 @@ impl Continuer for Scripted {
         Ok(())
     }
 
-    fn next_symbol(&mut self, temperature: f32, _constraints: &Constraints) -> Result<Symbol, EngineError> {
-        self.log.lock().unwrap().temperatures.push(temperature);
+    fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Symbol, EngineError> {
+        self.log.lock().unwrap().temperatures.push(settings.temperature);
         let symbol = self.script[self.step_idx % self.script.len()];
         self.step_idx += 1;
         Ok(symbol)
@@ -60,16 +61,16 @@ struct ScriptedFactory {
 }
 
 impl ContinuerFactory for ScriptedFactory {
-    fn load(&self, choice: &ModelChoice) -> Result<Box<dyn Continuer>, EngineError> {
+    fn load(&self, choice: &ModelSource) -> Result<Box<dyn Continuer>, EngineError> {
         match choice {
-            ModelChoice::Builtin if self.is_builtin_broken => {
-                Err(EngineError::ModelLoad { choice: choice.to_string(), reason: "also broken".into() })
+            ModelSource::Builtin if self.is_builtin_broken => {
+                Err(EngineError::ModelLoad { choice: choice.describe(), reason: "also broken".into() })
             }
-            ModelChoice::Builtin => {
+            ModelSource::Builtin => {
                 Ok(Box::new(Scripted { script: self.script.clone(), step_idx: 0, log: self.log.clone() }))
             }
-            ModelChoice::Directory(_) => {
-                Err(EngineError::ModelLoad { choice: choice.to_string(), reason: "broken on purpose".into() })
+            ModelSource::Dir(_) => {
+                Err(EngineError::ModelLoad { choice: choice.describe(), reason: "broken on purpose".into() })
             }
         }
     }
@@ -84,7 +85,7 @@ struct Running {
     log: Arc<Mutex<Log>>,
 }
 
-fn start(script: &str, choice: ModelChoice) -> Running {
+fn start(script: &str, choice: ModelSource) -> Running {
     start_with(script, Arc::new(ModelSlot::new(choice)), false)
 }
 
@@ -155,7 +156,7 @@ fn off(at_beats: f64, pitch: u8) -> AnswerEvent {
 
 #[test]
 fn the_worker_streams_about_a_beat_ahead() {
-    let w = start("67 _ 69 _ r _ 71 _", ModelChoice::Builtin);
+    let w = start("67 _ 69 _ r _ 71 _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     assert_eq!(w.status.state(), EngineState::Ready);
     w.ask(request(1, Some(8.0)));
@@ -177,7 +178,7 @@ fn the_worker_streams_about_a_beat_ahead() {
 
 #[test]
 fn the_answer_ends_at_its_length() {
-    let w = start("67 _ _ _ _ _ _ _", ModelChoice::Builtin);
+    let w = start("67 _ _ _ _ _ _ _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     w.ask(request(3, Some(3.0)));
     w.live.playhead_beats.store(10.0, Ordering::Release);
@@ -191,7 +192,7 @@ fn the_answer_ends_at_its_length() {
 
 #[test]
 fn a_full_answer_ends_its_last_note_without_waiting_for_the_playhead() {
-    let w = start("67 _ _ _ _ _ _ _", ModelChoice::Builtin);
+    let w = start("67 _ _ _ _ _ _ _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     // One beat long: exactly the first lookahead, with the playhead still before the start.
     w.ask(request(4, Some(1.0)));
@@ -203,7 +204,7 @@ fn a_full_answer_ends_its_last_note_without_waiting_for_the_playhead() {
 
 #[test]
 fn the_temperature_is_read_before_every_step() {
-    let w = start("60 _ _ _", ModelChoice::Builtin);
+    let w = start("60 _ _ _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     w.live.temperature.store(0.5, Ordering::Relaxed);
     w.ask(request(1, None));
@@ -218,7 +219,7 @@ fn the_temperature_is_read_before_every_step() {
 
 #[test]
 fn a_cancelled_answer_stops_and_a_new_request_replaces_it() {
-    let w = start("60 _ 62 _", ModelChoice::Builtin);
+    let w = start("60 _ 62 _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     w.ask(request(1, None));
     w.collect(1, LOOKAHEAD_BEATS);
@@ -233,7 +234,7 @@ fn a_cancelled_answer_stops_and_a_new_request_replaces_it() {
 
 #[test]
 fn continuous_answers_start_over_after_a_delimiter() {
-    let w = start("60 _ / 62 _", ModelChoice::Builtin);
+    let w = start("60 _ / 62 _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     let mut asked = request(1, None);
     asked.phrase.meter = Some(Meter::COMMON);
@@ -258,7 +259,7 @@ fn continuous_answers_start_over_after_a_delimiter() {
 
 #[test]
 fn a_delimiter_ends_a_fixed_length_answer() {
-    let w = start("60 _ / 62 _", ModelChoice::Builtin);
+    let w = start("60 _ / 62 _", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     w.ask(request(1, Some(8.0)));
     let (events, written, finished) = w.collect(1, 100.0);
@@ -269,7 +270,7 @@ fn a_delimiter_ends_a_fixed_length_answer() {
 
 #[test]
 fn a_broken_model_is_reported_and_the_builtin_one_answers() {
-    let mut w = start("60", ModelChoice::Directory("/models/broken".into()));
+    let mut w = start("60", ModelSource::Dir("/models/broken".into()));
     wait_until("the fallback", || w.status.state() == EngineState::Fallback);
     let detail = w.status.detail();
     assert!(detail.contains("/models/broken") && detail.contains("broken on purpose"), "{detail}");
@@ -280,7 +281,7 @@ fn a_broken_model_is_reported_and_the_builtin_one_answers() {
     assert_eq!(events.first(), Some(&on(0.0, 60)));
     // Choosing the built-in model outright clears the complaint, and tells the audio thread.
     let epoch = w.live.model_epoch.load(Ordering::Acquire);
-    w.model.set(ModelChoice::Builtin);
+    w.model.set(ModelSource::Builtin);
     wait_until("the reload", || w.status.state() == EngineState::Ready);
     assert!(w.live.model_epoch.load(Ordering::Acquire) > epoch);
     w.engine.take().unwrap().shutdown();
@@ -289,7 +290,7 @@ fn a_broken_model_is_reported_and_the_builtin_one_answers() {
 
 #[test]
 fn with_no_model_at_all_the_worker_survives_and_notes_pass() {
-    let model = Arc::new(ModelSlot::new(ModelChoice::Directory("/models/broken".into())));
+    let model = Arc::new(ModelSlot::new(ModelSource::Dir("/models/broken".into())));
     let w = start_with("60", model, true);
     wait_until("the failure", || w.status.state() == EngineState::Failed);
     assert!(w.status.detail().contains("also broken"), "{}", w.status.detail());
@@ -309,7 +310,7 @@ fn the_model_parameter_picks_from_the_models_folder() {
         std::fs::write(dir.join("config.json"), "{}").unwrap();
         std::fs::write(dir.join("model.safetensors"), "").unwrap();
     }
-    let model = Arc::new(ModelSlot::with_library_folder(ModelChoice::Builtin, folder.path().to_path_buf()));
+    let model = Arc::new(ModelSlot::with_library_folder(ModelSource::Builtin, folder.path().to_path_buf()));
     assert_eq!(model.slot_name(0), "Built-in");
     assert_eq!(model.slot_name(2), "reels");
     assert_eq!(model.slot_name(3), "3 (empty)");
@@ -335,7 +336,7 @@ fn the_model_parameter_picks_from_the_models_folder() {
 
 #[test]
 fn dropping_the_engine_joins_the_worker() {
-    let w = start("60", ModelChoice::Builtin);
+    let w = start("60", ModelSource::Builtin);
     wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
     drop(w.engine);
     assert_eq!(w.status.state(), EngineState::Stopped);
@@ -345,11 +346,10 @@ fn dropping_the_engine_joins_the_worker() {
 
 #[test]
 fn note_streams_turn_symbols_into_starts_and_ends() {
-    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
     let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, Some(2.0), None);
     let mut events = Vec::new();
     for symbol in parse_symbols("60 _ 62 r _ 64 64 _").unwrap() {
-        stream.push(symbol, &free, &mut |e| events.push(e));
+        stream.push(symbol, &PitchRules::ALL, &mut |e| events.push(e));
     }
     assert!(stream.is_full());
     stream.finish(&mut |e| events.push(e));
@@ -371,59 +371,31 @@ fn note_streams_turn_symbols_into_starts_and_ends() {
 
 #[test]
 fn an_answer_that_holds_the_phrase_s_last_note_plays_it_anew() {
-    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
     let primer = parse_symbols("60 _ 62 _ _").unwrap();
     assert_eq!(NoteStream::last_sounding_pitch(&primer), Some(62));
     assert_eq!(NoteStream::last_sounding_pitch(&parse_symbols("60 _ r _").unwrap()), None);
     let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, None, Some(62));
     let mut events = Vec::new();
     for symbol in parse_symbols("_ _ 64 _").unwrap() {
-        stream.push(symbol, &free, &mut |e| events.push(e));
+        stream.push(symbol, &PitchRules::ALL, &mut |e| events.push(e));
     }
     assert_eq!(events, vec![on(0.0, 62), off(0.5, 62), on(0.5, 64)]);
     // A continuation that starts with its own note or a rest does not carry it.
     let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, None, Some(62));
     let mut events = Vec::new();
     for symbol in parse_symbols("r _ 64").unwrap() {
-        stream.push(symbol, &free, &mut |e| events.push(e));
+        stream.push(symbol, &PitchRules::ALL, &mut |e| events.push(e));
     }
     assert_eq!(events, vec![on(0.5, 64)]);
 }
 
 #[test]
-fn pitches_are_moved_into_range_and_scale() {
-    let c_major = Constraints {
-        lowest_pitch: 60,
-        highest_pitch: 72,
-        key: Some(Key::from_tonic(0, Mode::Major)),
-        may_end: false,
-    };
-    assert_eq!(constrain_pitch(61, &c_major), 60); // C# → C (the lower on a tie)
-    assert_eq!(constrain_pitch(66, &c_major), 65); // F# → F
-    assert_eq!(constrain_pitch(40, &c_major), 64); // E2 → E4 by octaves
-    assert_eq!(constrain_pitch(90, &c_major), 65); // F#6 → F#4 → F4
-    assert_eq!(constrain_pitch(127, &c_major), 67); // G9 → G4 by octaves
-    let tight = Constraints {
-        lowest_pitch: 61,
-        highest_pitch: 61,
-        key: Some(Key::from_tonic(0, Mode::Major)),
-        may_end: false,
-    };
-    assert_eq!(constrain_pitch(70, &tight), 61); // nothing in the scale fits: the range wins
-    let free = Constraints { lowest_pitch: 0, highest_pitch: 127, key: None, may_end: false };
-    for p in 0..=127 {
-        assert_eq!(constrain_pitch(p, &free), p);
-    }
-    assert!(c_major.allows(67) && !c_major.allows(68) && !c_major.allows(74));
-}
-
-#[test]
 fn model_choices_validate_and_round_trip() {
-    assert!(ModelChoice::Builtin.validate().is_ok());
-    assert!(ModelChoice::Directory("".into()).validate().is_err());
-    assert!(ModelChoice::Directory("a\0b".into()).validate().is_err());
-    let json = serde_json::to_string(&ModelChoice::Directory("/m".into())).unwrap();
+    assert!(ModelSource::Builtin.validate().is_ok());
+    assert!(ModelSource::Dir("".into()).validate().is_err());
+    assert!(ModelSource::Dir("a\0b".into()).validate().is_err());
+    let json = serde_json::to_string(&ModelSource::Dir("/m".into())).unwrap();
     assert_eq!(json, r#"{"directory":"/m"}"#);
-    assert_eq!(serde_json::to_string(&ModelChoice::Builtin).unwrap(), r#""builtin""#);
-    assert_eq!(serde_json::from_str::<ModelChoice>(&json).unwrap(), ModelChoice::Directory("/m".into()));
+    assert_eq!(serde_json::to_string(&ModelSource::Builtin).unwrap(), r#""builtin""#);
+    assert_eq!(serde_json::from_str::<ModelSource>(&json).unwrap(), ModelSource::Dir("/m".into()));
 }

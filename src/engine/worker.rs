@@ -12,14 +12,13 @@ use live::link::WorkerLink;
 use live::phrase::{
     AnswerChunk, AnswerEvent, AnswerEventKind, AnswerRequest, KeyLock, LiveShared, LOOKAHEAD_BEATS,
 };
+use model::SamplingSettings;
 use music::bar::BarPhase;
 use music::encode::{encode, EncodeConfig, StepGrid};
 use music::key::estimate_key;
-use music::Symbol;
+use music::{PitchRules, Symbol};
 
-use super::{
-    Constraints, Continuer, ContinuerFactory, EngineError, EngineState, EngineStatus, ModelChoice, ModelSlot,
-};
+use super::{Continuer, ContinuerFactory, EngineError, EngineState, EngineStatus, ModelSlot, ModelSource};
 
 /// How long the worker sleeps between looks at the playhead while an answer is ahead of it.
 const AHEAD_POLL: Duration = Duration::from_millis(1);
@@ -33,31 +32,6 @@ const IDLE_POLL: Duration = Duration::from_millis(20);
 
 /// Symbols of its own output a continuous answer keeps to start over from after a delimiter.
 const CONTINUOUS_HISTORY_STEPS: usize = 256;
-
-/// Moves `pitch` into the constraints: by whole octaves into the range, then to the nearest
-/// pitch of the scale (the lower one on a tie). Returns it unchanged when nothing in the range
-/// fits the scale.
-pub fn constrain_pitch(pitch: u8, constraints: &Constraints) -> u8 {
-    let (lowest, highest) =
-        (constraints.lowest_pitch.min(127) as i32, constraints.highest_pitch.min(127) as i32);
-    let mut p = pitch as i32;
-    while p < lowest && p + 12 <= highest {
-        p += 12;
-    }
-    while p > highest && p - 12 >= lowest {
-        p -= 12;
-    }
-    let p = p.clamp(lowest, highest);
-    let Some(key) = constraints.key else { return p as u8 };
-    for distance in 0..=6 {
-        for candidate in [p - distance, p + distance] {
-            if (lowest..=highest).contains(&candidate) && key.contains(candidate as u8) {
-                return candidate as u8;
-            }
-        }
-    }
-    p as u8
-}
 
 /// Turns the symbols of an answer, one step at a time, into note starts and ends in beats from
 /// the answer's start.
@@ -115,14 +89,11 @@ impl NoteStream {
         self.len_steps.is_some_and(|len| self.num_steps >= len)
     }
 
-    /// Takes the next step's symbol. A pitch is moved into `constraints`. A delimiter ends the
-    /// sounding note and, unless `is_continuous`, the answer. Returns whether it was a delimiter.
-    pub fn push(
-        &mut self,
-        symbol: Symbol,
-        constraints: &Constraints,
-        out: &mut impl FnMut(AnswerEvent),
-    ) -> bool {
+    /// Takes the next step's symbol. The phrase's last note, when the answer carries it on, is
+    /// moved to the nearest pitch `pitches` allow (the model's own pitches keep to them
+    /// already). A delimiter ends the sounding note and, unless `is_continuous`, the answer.
+    /// Returns whether it was a delimiter.
+    pub fn push(&mut self, symbol: Symbol, pitches: &PitchRules, out: &mut impl FnMut(AnswerEvent)) -> bool {
         if self.is_finished {
             return false;
         }
@@ -131,7 +102,7 @@ impl NoteStream {
         if let Some(pitch) = self.carried_pitch.take() {
             if symbol == Symbol::Hold {
                 // The phrase's last note goes on: the answer starts with it.
-                let pitch = constrain_pitch(pitch, constraints);
+                let pitch = pitches.nearest(pitch);
                 out(AnswerEvent { at_beats, kind: AnswerEventKind::NoteOn { pitch } });
                 self.sounding_pitch = Some(pitch);
             }
@@ -139,7 +110,6 @@ impl NoteStream {
         match symbol {
             Symbol::Pitch(pitch) => {
                 self.end_note(at_beats, out);
-                let pitch = constrain_pitch(pitch, constraints);
                 out(AnswerEvent { at_beats, kind: AnswerEventKind::NoteOn { pitch } });
                 self.sounding_pitch = Some(pitch);
             }
@@ -172,7 +142,8 @@ impl NoteStream {
 struct ActiveAnswer {
     id: u32,
     stream: NoteStream,
-    constraints: Constraints,
+    /// How the answer's symbols are sampled (the temperature is set before every step).
+    sampling: SamplingSettings,
     is_continuous: bool,
     seed: u64,
     num_restarts: u64,
@@ -269,21 +240,23 @@ impl Worker {
         self.live.is_model_loading.store(true, Ordering::Release);
         let chosen = self.model.resolve();
         let what = match &chosen {
-            Ok(choice) => choice.to_string(),
+            Ok(choice) => choice.describe(),
             Err(_) => "the chosen model".to_string(),
         };
         self.status.set(EngineState::Loading, what);
         let loaded = chosen.and_then(|choice| {
-            choice.validate()?;
+            choice
+                .validate()
+                .map_err(|reason| EngineError::BadChoice { choice: choice.describe(), reason })?;
             self.factory.load(&choice).map(|continuer| (continuer, choice))
         });
         let outcome = match loaded {
             Ok((continuer, choice)) => {
-                nice_log!("Antiphon: loaded {choice}");
-                Ok((continuer, EngineState::Ready, choice.to_string()))
+                nice_log!("Antiphon: loaded {}", choice.describe());
+                Ok((continuer, EngineState::Ready, choice.describe()))
             }
             // A model the user chose that does not load: say why, and answer with the built-in one.
-            Err(err) => match self.factory.load(&ModelChoice::Builtin) {
+            Err(err) => match self.factory.load(&ModelSource::Builtin) {
                 Ok(continuer) => {
                     nice_warn!("Antiphon: {err}; the built-in model answers instead");
                     Ok((
@@ -365,8 +338,8 @@ impl Worker {
                 answer.stream.finish(&mut push);
                 break;
             }
-            let temperature = self.live.temperature.load(Ordering::Relaxed);
-            let symbol = match continuer.next_symbol(temperature, &answer.constraints) {
+            answer.sampling.temperature = self.live.temperature.load(Ordering::Relaxed);
+            let symbol = match continuer.next_symbol(&answer.sampling) {
                 Ok(symbol) => symbol,
                 Err(err) => {
                     answer.stream.finish(&mut push);
@@ -374,7 +347,7 @@ impl Worker {
                     break;
                 }
             };
-            let is_delimiter = answer.stream.push(symbol, &answer.constraints, &mut push);
+            let is_delimiter = answer.stream.push(symbol, &answer.sampling.pitches, &mut push);
             answer.next_bar = answer.next_bar.map(|b| b.shifted(1, grid));
             if answer.is_continuous {
                 answer.history.push(symbol);
@@ -437,11 +410,10 @@ fn begin_answer(continuer: &mut dyn Continuer, request: &AnswerRequest) -> Resul
         KeyLock::Fixed(key) => Some(key),
     };
     let is_continuous = settings.len_beats.is_none();
-    let constraints = Constraints {
-        lowest_pitch: settings.lowest_pitch,
-        highest_pitch: settings.highest_pitch,
-        key,
+    let sampling = SamplingSettings {
+        pitches: PitchRules::new(settings.lowest_pitch, settings.highest_pitch, key),
         may_end: is_continuous,
+        ..SamplingSettings::default()
     };
     let bar = request.phrase.meter.map(BarPhase::downbeat);
     continuer.begin(&primer, bar, request.seed)?;
@@ -449,7 +421,7 @@ fn begin_answer(continuer: &mut dyn Continuer, request: &AnswerRequest) -> Resul
         next_bar: bar.map(|b| b.shifted(primer.len() as i64, grid)),
         id: request.answer_id,
         stream: NoteStream::new(grid, settings.len_beats, NoteStream::last_sounding_pitch(&primer)),
-        constraints,
+        sampling,
         is_continuous,
         seed: request.seed,
         num_restarts: 0,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference numbers for the golden LSTM test (tests/model.rs, `golden_lstm_steps`).
+"""Reference numbers for the golden LSTM test (crates/train/tests/model.rs, `golden_lstm_steps`).
 
 Written from the LSTM equations (PyTorch's gate order i, f, g, o), independently of candle:
     [i f g o] = W_ih x + b_ih + W_hh h + b_hh

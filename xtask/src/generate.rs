@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use model::{LoadedModel, PhraseContinuation, PitchClassSet, SamplingSettings};
+use model::{LoadedModel, PhraseContinuation, PitchClassSet, PitchRules, SamplingSettings};
 use music::encode::{decode, parse_symbols, symbols_to_string};
 use music::midi::{parse_midi, write_midi, MelodyChoice};
 use music::{abc, Key, Melody, Meter, Mode};
@@ -101,12 +101,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
-        pitch_classes: match &args.scale {
-            Some(text) => PitchClassSet::of_key(parse_key(text)?),
-            None => PitchClassSet::ALL,
+        pitches: PitchRules {
+            lowest_pitch: args.lowest,
+            highest_pitch: args.highest,
+            pitch_classes: match &args.scale {
+                Some(text) => PitchClassSet::of_key(parse_key(text)?),
+                None => PitchClassSet::ALL,
+            },
         },
-        lowest_pitch: args.lowest,
-        highest_pitch: args.highest,
         may_end: !args.no_end,
     };
 

@@ -157,16 +157,45 @@ impl LoadedModel {
     }
 }
 
-/// A model to read: a model directory, or the one built in.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A model to read: a model directory, or the one built in. Projects save the plugin's choice
+/// in this form (`"builtin"` or `{"directory": PATH}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ModelSource {
     /// The built-in model (`presets/models/default`).
+    #[default]
     Builtin,
     /// A model directory (`config.json` and `model.safetensors`).
+    #[serde(rename = "directory")]
     Dir(PathBuf),
 }
 
 impl ModelSource {
+    /// Checks the source can be what a user picked: a directory path must be non-empty, without
+    /// NUL bytes and of a sane length. Whether it loads is found out by loading it.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Self::Builtin => Ok(()),
+            Self::Dir(path) if path.as_os_str().to_string_lossy().trim().is_empty() => {
+                Err("the path is empty".into())
+            }
+            Self::Dir(path)
+                if path.as_os_str().to_string_lossy().contains('\0') || path.as_os_str().len() > 4096 =>
+            {
+                Err("the path is not a usable path".into())
+            }
+            Self::Dir(_) => Ok(()),
+        }
+    }
+
+    /// How a musician reads it: "the built-in model", or "the model in PATH".
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Builtin => "the built-in model".to_string(),
+            Self::Dir(path) => format!("the model in {}", path.display()),
+        }
+    }
+
     /// `builtin`, or else a directory path (write `./builtin` for a folder of that name).
     pub fn parse(text: &str) -> Self {
         if text == "builtin" {

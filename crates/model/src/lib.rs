@@ -53,7 +53,8 @@ pub use config::{ConfigError, InputKind, ModelConfig, Transposition};
 pub use generate::{continue_melody, Generator, PhraseContinuation};
 pub use io::LoadedModel;
 pub use lstm::{GenState, MelodyLstm};
-pub use sample::{PitchClassSet, Sampler, SamplingSettings};
+pub use music::{PitchClassSet, PitchRules};
+pub use sample::{Sampler, SamplingSettings};
 
 pub use candle_core::Device;
 

@@ -8,46 +8,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use music::{Key, Symbol, TokenId, Vocab};
+use music::{PitchRules, Symbol, TokenId, Vocab};
 
 /// Temperatures at or below this sample greedily (the most likely allowed symbol).
 pub const GREEDY_TEMPERATURE: f32 = 1e-4;
-
-/// A set of pitch classes (bit `pc` set = pitch class `pc` allowed; 0 = C … 11 = B).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct PitchClassSet(pub u16);
-
-impl PitchClassSet {
-    /// All twelve pitch classes.
-    pub const ALL: PitchClassSet = PitchClassSet(0x0fff);
-
-    /// The pitch classes of `key`'s scale.
-    pub fn of_key(key: Key) -> Self {
-        let tonic = key.tonic_pc() as u16;
-        let bits =
-            key.mode.scale_semitones().iter().fold(0u16, |acc, &s| acc | 1 << ((tonic + s as u16) % 12));
-        PitchClassSet(bits)
-    }
-
-    /// True if `pitch`'s pitch class is in the set.
-    pub fn contains(&self, pitch: u8) -> bool {
-        self.0 & (1 << (pitch % 12)) != 0
-    }
-
-    /// The set moved up by `semitones` (down when negative).
-    pub fn transposed(&self, semitones: i32) -> Self {
-        let shift = semitones.rem_euclid(12) as u32;
-        let bits = self.0 as u32 & 0x0fff;
-        PitchClassSet((((bits << shift) | (bits >> (12 - shift))) & 0x0fff) as u16)
-    }
-}
-
-impl Default for PitchClassSet {
-    fn default() -> Self {
-        PitchClassSet::ALL
-    }
-}
 
 /// How to choose each symbol. `Copy` and heap-free, so it can travel in a fixed-size message
 /// and change between any two steps.
@@ -61,12 +25,8 @@ pub struct SamplingSettings {
     /// Sample only among the most likely allowed symbols whose probabilities add up to at
     /// least `top_p` (nucleus sampling); 1.0 = no limit.
     pub top_p: f32,
-    /// Pitch classes a new note may have.
-    pub pitch_classes: PitchClassSet,
-    /// Lowest pitch a new note may have, inclusive.
-    pub lowest_pitch: u8,
-    /// Highest pitch a new note may have, inclusive.
-    pub highest_pitch: u8,
+    /// The pitches a new note may have.
+    pub pitches: PitchRules,
     /// Whether the song may end (the delimiter `/` may be chosen). Off for an answer that must
     /// fill its length.
     pub may_end: bool,
@@ -74,15 +34,7 @@ pub struct SamplingSettings {
 
 impl Default for SamplingSettings {
     fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            pitch_classes: PitchClassSet::ALL,
-            lowest_pitch: 0,
-            highest_pitch: 127,
-            may_end: true,
-        }
+        Self { temperature: 1.0, top_k: 0, top_p: 1.0, pitches: PitchRules::ALL, may_end: true }
     }
 }
 
@@ -91,9 +43,7 @@ impl SamplingSettings {
     /// so at least one symbol always is.
     pub fn allows(&self, symbol: Symbol) -> bool {
         match symbol {
-            Symbol::Pitch(p) => {
-                self.pitch_classes.contains(p) && (self.lowest_pitch..=self.highest_pitch).contains(&p)
-            }
+            Symbol::Pitch(p) => self.pitches.allows(p),
             Symbol::Delimiter => self.may_end,
             Symbol::Hold | Symbol::Rest => true,
         }
@@ -102,13 +52,7 @@ impl SamplingSettings {
     /// The same constraints for music moved up by `semitones`: pitch classes and range move
     /// with it (the range clamped to 0..=127).
     pub fn transposed(&self, semitones: i32) -> Self {
-        let move_pitch = |p: u8| (p as i32 + semitones).clamp(0, 127) as u8;
-        Self {
-            pitch_classes: self.pitch_classes.transposed(semitones),
-            lowest_pitch: move_pitch(self.lowest_pitch),
-            highest_pitch: move_pitch(self.highest_pitch),
-            ..*self
-        }
+        Self { pitches: self.pitches.transposed(semitones), ..*self }
     }
 }
 
@@ -189,7 +133,7 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use music::Mode;
+    use music::Key;
 
     fn vocab() -> Vocab {
         Vocab::for_pitch_range(60, 71)
@@ -201,17 +145,6 @@ mod tests {
     }
 
     #[test]
-    fn pitch_class_sets() {
-        let c_major = PitchClassSet::of_key(Key::C_MAJOR);
-        assert_eq!(c_major.0, 0b1010_1011_0101);
-        assert!(c_major.contains(60) && c_major.contains(71) && !c_major.contains(61));
-        let g_major = PitchClassSet::of_key(Key::from_tonic(7, Mode::Major));
-        assert_eq!(c_major.transposed(7), g_major);
-        assert_eq!(g_major.transposed(-7), c_major);
-        assert_eq!(PitchClassSet::ALL.transposed(5), PitchClassSet::ALL);
-    }
-
-    #[test]
     fn greedy_takes_the_best_allowed_symbol() {
         let v = vocab();
         let logits = logits_favouring(&v, &[Symbol::Pitch(61)], 5.0);
@@ -219,7 +152,7 @@ mod tests {
         let greedy = SamplingSettings { temperature: 0.0, ..Default::default() };
         assert_eq!(v.symbol(s.sample(&logits, &v, &greedy)), Symbol::Pitch(61));
         // C♯ is outside C major: the best allowed symbol wins instead (ties go to the lowest id).
-        let in_c = SamplingSettings { pitch_classes: PitchClassSet::of_key(Key::C_MAJOR), ..greedy };
+        let in_c = SamplingSettings { pitches: PitchRules::new(0, 127, Some(Key::C_MAJOR)), ..greedy };
         assert_eq!(v.symbol(s.sample(&logits, &v, &in_c)), Symbol::Pitch(60));
     }
 
@@ -229,9 +162,7 @@ mod tests {
         let logits = logits_favouring(&v, &[Symbol::Pitch(61), Symbol::Pitch(70), Symbol::Delimiter], 3.0);
         let settings = SamplingSettings {
             temperature: 5.0,
-            pitch_classes: PitchClassSet::of_key(Key::C_MAJOR),
-            lowest_pitch: 62,
-            highest_pitch: 67,
+            pitches: PitchRules::new(62, 67, Some(Key::C_MAJOR)),
             may_end: false,
             ..Default::default()
         };

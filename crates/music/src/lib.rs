@@ -11,9 +11,11 @@ pub mod encode;
 pub mod key;
 pub mod midi;
 pub mod note;
+pub mod pitches;
 pub mod vocab;
 
 pub use encode::{StepGrid, Symbol};
 pub use key::{Key, Mode};
 pub use note::{Melody, Meter, Note, Source};
+pub use pitches::{PitchClassSet, PitchRules};
 pub use vocab::{TokenId, Vocab};

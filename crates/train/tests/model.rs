@@ -18,7 +18,7 @@ use model::io::{read_model_config, save_model, ModelSource, CONFIG_FILE, TRAIN_F
 use model::memory::{fit_weights, MemoryConfig, TuneMemory, MEMORY_CONFIG_FILE, MEMORY_FILE};
 use model::{
     continue_melody, Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, ModelError,
-    PhraseContinuation, PitchClassSet, SamplingSettings,
+    PhraseContinuation, PitchRules, SamplingSettings,
 };
 use music::bar::{self, BarClock};
 use music::corpus::Collection;
@@ -993,9 +993,7 @@ fn generation_obeys_scale_and_range_in_the_players_key() {
     primer.key = Some(Key::from_tonic(4, Mode::Major));
     let settings = SamplingSettings {
         temperature: 2.0,
-        pitch_classes: PitchClassSet::of_key(Key::from_tonic(4, Mode::Major)),
-        lowest_pitch: 64,
-        highest_pitch: 76,
+        pitches: PitchRules::new(64, 76, Some(Key::from_tonic(4, Mode::Major))),
         may_end: false,
         ..Default::default()
     };
@@ -1062,7 +1060,7 @@ fn a_phrase_continuation_hands_back_the_players_key() {
     assert_eq!(phrase.shift_semitones(), 5);
     assert_eq!(phrase.step_beats(), 0.25);
     let g_major = SamplingSettings {
-        pitch_classes: PitchClassSet::of_key(Key::from_tonic(7, Mode::Major)),
+        pitches: PitchRules::new(0, 127, Some(Key::from_tonic(7, Mode::Major))),
         may_end: false,
         ..Default::default()
     };
