@@ -21,8 +21,12 @@ use clap_sys::ext::audio_ports_config::{
     clap_audio_ports_config, clap_plugin_audio_ports_config, CLAP_EXT_AUDIO_PORTS_CONFIG,
 };
 use clap_sys::ext::params::{clap_param_info, clap_plugin_params, CLAP_EXT_PARAMS};
+use clap_sys::ext::remote_controls::{
+    clap_plugin_remote_controls, clap_remote_controls_page, CLAP_EXT_REMOTE_CONTROLS,
+};
 use clap_sys::ext::render::{clap_plugin_render, CLAP_EXT_RENDER, CLAP_RENDER_OFFLINE, CLAP_RENDER_REALTIME};
 use clap_sys::ext::state::{clap_plugin_state, CLAP_EXT_STATE};
+use clap_sys::id::CLAP_INVALID_ID;
 use clap_sys::plugin::clap_plugin;
 
 /// The plugin's CLAP id.
@@ -170,6 +174,25 @@ impl Plugin {
         self.params
             .get(name)
             .unwrap_or_else(|| panic!("no parameter {name:?}; there are {:?}", self.params.keys()))
+    }
+
+    /// The remote-control pages the plugin declares: each page's name and parameter ids.
+    pub fn remote_control_pages(&self) -> Vec<(String, Vec<u32>)> {
+        let ext: clap_plugin_remote_controls = self.extension(CLAP_EXT_REMOTE_CONTROLS);
+        // SAFETY: plain calls of the remote-controls extension on the main thread, with a page
+        // struct that outlives each call.
+        unsafe {
+            let count = (ext.count.unwrap())(self.raw());
+            (0..count)
+                .map(|idx| {
+                    let mut page: clap_remote_controls_page = std::mem::zeroed();
+                    assert!((ext.get.unwrap())(self.raw(), idx, &mut page));
+                    let name = CStr::from_ptr(page.page_name.as_ptr()).to_string_lossy().into_owned();
+                    let ids = page.param_ids.iter().copied().filter(|&id| id != CLAP_INVALID_ID).collect();
+                    (name, ids)
+                })
+                .collect()
+        }
     }
 
     /// Names of every parameter.
@@ -666,6 +689,8 @@ pub struct Take {
     pub end_beats: f64,
     /// Pace blocks at real time (for real-time mode runs).
     pub is_paced: bool,
+    /// Pace by spinning rather than sleeping, for a thread that may make no system call.
+    pub is_spin_paced: bool,
 }
 
 /// A note the plugin sent during a take, placed on the take's time.
@@ -687,6 +712,7 @@ impl Take {
             params: Vec::new(),
             end_beats,
             is_paced: false,
+            is_spin_paced: false,
         }
     }
 
@@ -773,7 +799,11 @@ impl Take {
             sample += len;
             if self.is_paced {
                 let due = Duration::from_secs_f64((sample - first_sample) as f64 / sample_rate_hz);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                if self.is_spin_paced {
+                    while started.elapsed() < due {
+                        std::hint::spin_loop();
+                    }
+                } else if let Some(wait) = due.checked_sub(started.elapsed()) {
                     std::thread::sleep(wait);
                 }
             }
