@@ -730,9 +730,8 @@ impl MelodyLstm {
         state: Option<&LstmState>,
         dropout: Option<&mut Dropout>,
     ) -> Result<(Tensor, LstmState)> {
-        let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
-        let (logits, next) =
-            self.graph_forward_time_major(&tokens.t()?.contiguous()?, bars.as_ref(), state, dropout)?;
+        let (tokens, bars) = time_major(tokens, bars)?;
+        let (logits, next) = self.graph_forward_time_major(&tokens, bars.as_ref(), state, dropout)?;
         Ok((logits.transpose(0, 1)?.contiguous()?, next))
     }
 
@@ -740,8 +739,7 @@ impl MelodyLstm {
     /// recipe's evaluation. tokens: `[batch, seq]` u32, bars: `[batch, seq(, inputs)]` →
     /// `[batch, vocab]`
     pub fn graph_forward_last(&self, tokens: &Tensor, bars: Option<&Tensor>) -> Result<Tensor> {
-        let tokens = tokens.t()?.contiguous()?;
-        let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
+        let (tokens, bars) = time_major(tokens, bars)?;
         let (ys, _) = self.lstm_outputs(&tokens, bars.as_ref(), None, None)?;
         self.head(ys.last().expect("at least one step"))
     }
@@ -843,8 +841,7 @@ impl MelodyLstm {
         tokens: &Tensor,
         bars: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let tokens = tokens.t()?.contiguous()?;
-        let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
+        let (tokens, bars) = time_major(tokens, bars)?;
         let (seq_len, batch) = tokens.dims2()?;
         let hidden = self.hidden_size;
         let side_sums = self.side_sums(&tokens, bars.as_ref(), &Tensor::detach)?;
@@ -885,6 +882,13 @@ impl MelodyLstm {
         let top = below.expect("a config has at least one layer").get(seq_len - 1)?;
         top.matmul(&weights.head_w_t)?.broadcast_add(&weights.head_b)
     }
+}
+
+/// A batch-major batch made time-major, as the whole-sequence passes run it. tokens:
+/// `[batch, seq]`, bars: `[batch, seq(, inputs)]` → (`[seq, batch]`, `[seq, batch(, inputs)]`)
+pub fn time_major(tokens: &Tensor, bars: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
+    Ok((tokens.t()?.contiguous()?, bars))
 }
 
 /// The weights of one sequence's step, arranged once per loaded model (`MelodyLstm::step_weights`).

@@ -4,7 +4,7 @@
 //! Runs on: offline threads (training, evaluation, xtask).
 
 use candle_core::{Result, Tensor};
-use model::lstm::{Dropout, LstmState, MelodyLstm, StepWeights};
+use model::lstm::{time_major, Dropout, LstmState, MelodyLstm, StepWeights};
 
 use crate::fused;
 
@@ -82,9 +82,8 @@ impl SequenceForward for MelodyLstm {
         state: Option<&LstmState>,
         dropout: Option<&mut Dropout>,
     ) -> Result<(Tensor, LstmState)> {
-        let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
-        let (logits, next) =
-            self.forward_time_major(&tokens.t()?.contiguous()?, bars.as_ref(), state, dropout)?;
+        let (tokens, bars) = time_major(tokens, bars)?;
+        let (logits, next) = self.forward_time_major(&tokens, bars.as_ref(), state, dropout)?;
         Ok((logits.transpose(0, 1)?.contiguous()?, next))
     }
 
@@ -92,8 +91,7 @@ impl SequenceForward for MelodyLstm {
         if !fused::applies_to(self) {
             return self.graph_forward_last(tokens, bars);
         }
-        let tokens = tokens.t()?.contiguous()?;
-        let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
+        let (tokens, bars) = time_major(tokens, bars)?;
         let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, false)?;
         self.head(&ys.get(ys.dim(0)? - 1)?)
     }
@@ -107,8 +105,7 @@ impl SequenceForward for MelodyLstm {
         if !fused::applies_to(self) {
             return self.graph_forward_last_with(weights, tokens, bars);
         }
-        let tokens = tokens.t()?.contiguous()?;
-        let bars = bars.map(|b| b.transpose(0, 1)?.contiguous()).transpose()?;
+        let (tokens, bars) = time_major(tokens, bars)?;
         let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, true)?;
         let (head_w_t, head_b) = weights.head();
         ys.get(ys.dim(0)? - 1)?.matmul(head_w_t)?.broadcast_add(head_b)
