@@ -162,6 +162,9 @@ pub(super) struct Worker {
     continuer: Option<Box<dyn Continuer>>,
     /// `ModelSlot::version` of the model loaded (or tried).
     loaded_version: Option<u64>,
+    /// Whether the continuer is the built-in model (chosen, or standing in for a model that
+    /// could not be used).
+    is_builtin_loaded: bool,
     answer: Option<ActiveAnswer>,
     /// A chunk the audio thread's queue had no room for yet.
     outgoing: Option<AnswerChunk>,
@@ -183,6 +186,7 @@ impl Worker {
             link,
             continuer: None,
             loaded_version: None,
+            is_builtin_loaded: false,
             answer: None,
             outgoing: None,
         }
@@ -215,6 +219,27 @@ impl Worker {
         }
     }
 
+    /// Whether the built-in model answers now and would answer after the change too (the new
+    /// choice is the built-in model, or one that cannot be used, for which it stands in): then
+    /// nothing is reloaded and the answer in progress goes on; only the status says what changed.
+    fn keeps_builtin(&mut self) -> bool {
+        if !self.is_builtin_loaded || self.continuer.is_none() {
+            return false;
+        }
+        match self.model.resolve() {
+            Ok(ModelSource::Builtin) => {
+                self.status.set(EngineState::Ready, ModelSource::Builtin.describe());
+                true
+            }
+            Ok(ModelSource::Dir(_)) => false,
+            Err(err) => {
+                nice_warn!("Antiphon: {err}; the built-in model answers instead");
+                self.status.set(EngineState::Fallback, format!("{err}; the built-in model answers instead"));
+                true
+            }
+        }
+    }
+
     /// Whether there is answer to write or a chunk to deliver now.
     fn has_work_due(&self) -> bool {
         if self.outgoing.is_some() {
@@ -234,6 +259,10 @@ impl Worker {
     fn load_model(&mut self) {
         let version = self.model.version();
         let is_reload = self.loaded_version.is_some();
+        if self.keeps_builtin() {
+            self.loaded_version = Some(version);
+            return;
+        }
         self.answer = None;
         self.continuer = None;
         self.live.is_model_ready.store(false, Ordering::Release);
@@ -253,12 +282,14 @@ impl Worker {
         let outcome = match loaded {
             Ok((continuer, choice)) => {
                 nice_log!("Antiphon: loaded {}", choice.describe());
+                self.is_builtin_loaded = choice == ModelSource::Builtin;
                 Ok((continuer, EngineState::Ready, choice.describe()))
             }
             // A model the user chose that does not load: say why, and answer with the built-in one.
             Err(err) => match self.factory.load(&ModelSource::Builtin) {
                 Ok(continuer) => {
                     nice_warn!("Antiphon: {err}; the built-in model answers instead");
+                    self.is_builtin_loaded = true;
                     Ok((
                         continuer,
                         EngineState::Fallback,
@@ -275,6 +306,7 @@ impl Worker {
                 self.status.set(state, detail);
             }
             Err(detail) => {
+                self.is_builtin_loaded = false;
                 nice_warn!("Antiphon: {detail}; notes pass through unanswered");
                 self.status.set(EngineState::Failed, detail);
             }

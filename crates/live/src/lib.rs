@@ -174,6 +174,9 @@ struct Answer {
     /// Beats from the answer's start up to which the worker has written.
     written_until_beats: f64,
     is_finished: bool,
+    /// Offline only: the worker once failed to keep up within `MAX_OFFLINE_WAIT`, so the render
+    /// no longer waits for this answer (it takes what arrives, as a live take would).
+    is_worker_stalled: bool,
 }
 
 /// A timed action inside a block, in the order actions at the same sample happen.
@@ -599,6 +602,7 @@ impl Scheduler {
             phrase_velocity: phrase.mean_velocity().unwrap_or(settings.velocity),
             written_until_beats: 0.0,
             is_finished: false,
+            is_worker_stalled: false,
         };
         let (lowest_pitch, highest_pitch) = if settings.lowest_pitch <= settings.highest_pitch {
             (settings.lowest_pitch, settings.highest_pitch)
@@ -691,7 +695,7 @@ impl Scheduler {
         if let Some(end) = answer.end_beats {
             needed_beats = needed_beats.min(end - answer.start_beats);
         }
-        if answer.is_finished || answer.written_until_beats >= needed_beats {
+        if answer.is_finished || answer.is_worker_stalled || answer.written_until_beats >= needed_beats {
             return;
         }
         self.live.playhead_beats.fetch_max(until_answer_beats, Ordering::AcqRel);
@@ -703,7 +707,14 @@ impl Scheduler {
                 Some(a) if !a.is_finished && a.written_until_beats < needed_beats => {}
                 _ => return,
             }
+            if self.live.model_epoch.load(Ordering::Acquire) != self.model_epoch_seen {
+                // The model changed: the answer ends at the next block, nothing more comes.
+                return;
+            }
             std::thread::sleep(Duration::from_micros(20));
+        }
+        if let Some(answer) = &mut self.answer {
+            answer.is_worker_stalled = true;
         }
     }
 }
