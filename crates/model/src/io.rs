@@ -419,7 +419,13 @@ fn check_length(bytes: &[u8], path: &str) -> Result<(), ModelError> {
         .filter_map(|(_, info)| info.get("data_offsets")?.get(1)?.as_u64())
         .max()
         .unwrap_or(0);
-    let expected = 8 + header_len + data_end;
+    // `data_end` is whatever the file claims; `8 + header_len` is bounded above.
+    let Some(expected) = (8 + header_len).checked_add(data_end) else {
+        return Err(ModelError::CorruptWeights {
+            path: path.to_string(),
+            reason: format!("data offset {data_end} is implausible"),
+        });
+    };
     if (bytes.len() as u64) < expected {
         return Err(truncated(expected));
     }
@@ -457,5 +463,33 @@ fn shape_error(
         name: name.to_string(),
         expected: expected.to_vec(),
         got: got.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A weights file of `header` (its length in front, as the format has it) and `data`.
+    fn weights_file(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    #[test]
+    fn a_header_that_claims_more_data_than_exists_is_refused_by_name() {
+        // An offset near u64::MAX once overflowed the length check (found by the
+        // `safetensors_header` fuzz target).
+        let huge = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551615]}}"#;
+        let err = check_length(&weights_file(huge, &[0; 4]), "m/model.safetensors").unwrap_err();
+        assert!(matches!(err, ModelError::CorruptWeights { .. }), "{err}");
+        assert!(err.to_string().contains("m/model.safetensors"), "{err}");
+        // A plainly short file is truncated; a whole one passes.
+        let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        let short = check_length(&weights_file(header, &[0; 4]), "m/model.safetensors").unwrap_err();
+        assert!(matches!(short, ModelError::Truncated { .. }), "{short}");
+        assert!(check_length(&weights_file(header, &[0; 8]), "m/model.safetensors").is_ok());
     }
 }

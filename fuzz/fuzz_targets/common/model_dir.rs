@@ -10,23 +10,23 @@ use antiphon_model::LoadedModel;
 /// The model directory's files, as shipped.
 const FILES: [&str; 4] = ["config.json", "model.safetensors", "memory.json", "memory.bin"];
 
+/// The built-in model's directory, as shipped.
+pub fn shipped_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets/models/default")
+}
+
 /// A temporary copy of the built-in model, made once per fuzzing process.
 fn model_copy() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets/models/default");
+        let shipped = shipped_dir();
         for file in FILES {
             std::fs::copy(shipped.join(file), dir.path().join(file)).expect("the built-in model's files");
         }
         dir
     })
     .path()
-}
-
-/// The shipped bytes of `file` of the built-in model.
-pub fn shipped(file: &str) -> Vec<u8> {
-    std::fs::read(model_copy().join(file)).expect("the copy's files")
 }
 
 /// Loads the model with `file` holding `bytes` (the other files as shipped) and checks that a
