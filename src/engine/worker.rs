@@ -219,27 +219,6 @@ impl Worker {
         }
     }
 
-    /// Whether the built-in model answers now and would answer after the change too (the new
-    /// choice is the built-in model, or one that cannot be used, for which it stands in): then
-    /// nothing is reloaded and the answer in progress goes on; only the status says what changed.
-    fn keeps_builtin(&mut self) -> bool {
-        if !self.is_builtin_loaded || self.continuer.is_none() {
-            return false;
-        }
-        match self.model.resolve() {
-            Ok(ModelSource::Builtin) => {
-                self.status.set(EngineState::Ready, ModelSource::Builtin.describe());
-                true
-            }
-            Ok(ModelSource::Dir(_)) => false,
-            Err(err) => {
-                nice_warn!("Antiphon: {err}; the built-in model answers instead");
-                self.status.set(EngineState::Fallback, format!("{err}; the built-in model answers instead"));
-                true
-            }
-        }
-    }
-
     /// Whether there is answer to write or a chunk to deliver now.
     fn has_work_due(&self) -> bool {
         if self.outgoing.is_some() {
@@ -259,26 +238,33 @@ impl Worker {
     fn load_model(&mut self) {
         let version = self.model.version();
         let is_reload = self.loaded_version.is_some();
-        if self.keeps_builtin() {
-            self.loaded_version = Some(version);
+        self.loaded_version = Some(version);
+        let chosen = self.model.resolve().and_then(|choice| {
+            choice
+                .validate()
+                .map_err(|reason| EngineError::BadChoice { choice: choice.describe(), reason })?;
+            Ok(choice)
+        });
+        // The built-in model answers now and would after the change too (it is chosen, or stands
+        // in for a choice that cannot be used): nothing is reloaded and the answer goes on.
+        if self.is_builtin_loaded && self.continuer.is_some() && !matches!(chosen, Ok(ModelSource::Dir(_))) {
+            match chosen {
+                Ok(choice) => self.status.set(EngineState::Ready, choice.describe()),
+                Err(err) => self.status.set(EngineState::Fallback, builtin_stands_in(&err)),
+            }
             return;
         }
         self.answer = None;
         self.continuer = None;
         self.live.is_model_ready.store(false, Ordering::Release);
         self.live.is_model_loading.store(true, Ordering::Release);
-        let chosen = self.model.resolve();
         let what = match &chosen {
             Ok(choice) => choice.describe(),
             Err(_) => "the chosen model".to_string(),
         };
         self.status.set(EngineState::Loading, what);
-        let loaded = chosen.and_then(|choice| {
-            choice
-                .validate()
-                .map_err(|reason| EngineError::BadChoice { choice: choice.describe(), reason })?;
-            self.factory.load(&choice).map(|continuer| (continuer, choice))
-        });
+        let loaded =
+            chosen.and_then(|choice| self.factory.load(&choice).map(|continuer| (continuer, choice)));
         let outcome = match loaded {
             Ok((continuer, choice)) => {
                 nice_log!("Antiphon: loaded {}", choice.describe());
@@ -288,13 +274,8 @@ impl Worker {
             // A model the user chose that does not load: say why, and answer with the built-in one.
             Err(err) => match self.factory.load(&ModelSource::Builtin) {
                 Ok(continuer) => {
-                    nice_warn!("Antiphon: {err}; the built-in model answers instead");
                     self.is_builtin_loaded = true;
-                    Ok((
-                        continuer,
-                        EngineState::Fallback,
-                        format!("{err}; the built-in model answers instead"),
-                    ))
+                    Ok((continuer, EngineState::Fallback, builtin_stands_in(&err)))
                 }
                 Err(builtin_err) => Err(format!("{err}; the built-in model failed too: {builtin_err}")),
             },
@@ -311,7 +292,6 @@ impl Worker {
                 self.status.set(EngineState::Failed, detail);
             }
         }
-        self.loaded_version = Some(version);
         self.live.is_model_loading.store(false, Ordering::Release);
         if is_reload {
             // Whatever the audio thread plays from the previous model ends now.
@@ -416,13 +396,17 @@ impl Worker {
         {
             return;
         }
-        self.outgoing = Some(chunk);
-        if let Some(chunk) = self.outgoing.take() {
-            if let Err(chunk) = self.link.push_chunk(chunk) {
-                self.outgoing = Some(chunk);
-            }
+        if let Err(chunk) = self.link.push_chunk(chunk) {
+            self.outgoing = Some(chunk);
         }
     }
+}
+
+/// The status (and the log's warning) when the built-in model answers for a choice that could
+/// not be used.
+fn builtin_stands_in(err: &EngineError) -> String {
+    nice_warn!("Antiphon: {err}; the built-in model answers instead");
+    format!("{err}; the built-in model answers instead")
 }
 
 fn empty_chunk(answer_id: u32) -> AnswerChunk {
