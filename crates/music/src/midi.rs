@@ -230,6 +230,36 @@ pub fn parse_midi(bytes: &[u8], path: &str, choice: MelodyChoice) -> Result<Vec<
     Ok(chosen.into_iter().enumerate().map(|(idx, group)| file.melody(group, path, idx)).collect())
 }
 
+/// Every non-drum note of a Standard MIDI File, all tracks and channels together, as played:
+/// polyphonic music for the chord model. Sorted by onset, then pitch; notes may overlap. Errors
+/// as [`parse_midi`]'s.
+pub fn parse_midi_notes(bytes: &[u8], path: &str) -> Result<Vec<Note>, MidiError> {
+    let file = read_file(bytes, path)?;
+    let tpq = file.ticks_per_quarter as f64;
+    let mut notes: Vec<Note> = file
+        .tracks
+        .iter()
+        .flat_map(|track| track.notes_by_channel.values().flatten())
+        .filter_map(|n| {
+            let start_beats = n.start_ticks as f64 / tpq;
+            let len_beats = fit_len_beats(start_beats, n.end_ticks as f64 / tpq)?;
+            Some(Note { pitch: n.pitch, velocity: n.velocity, start_beats, len_beats })
+        })
+        .collect();
+    if notes.is_empty() {
+        return Err(MidiError::NoNotes { path: path.to_string() });
+    }
+    notes.sort_by(|a, b| a.start_beats.total_cmp(&b.start_beats).then(a.pitch.cmp(&b.pitch)));
+    Ok(notes)
+}
+
+/// Reads the file at `path` and parses it with [`parse_midi_notes`].
+pub fn read_midi_notes(path: &Path) -> Result<Vec<Note>, MidiError> {
+    let path_text = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| MidiError::Read { path: path_text.clone(), source })?;
+    parse_midi_notes(&bytes, &path_text)
+}
+
 /// Reads the file at `path` and parses it with [`parse_midi`].
 pub fn read_midi_file(path: &Path, choice: MelodyChoice) -> Result<Vec<Melody>, MidiError> {
     let path_text = path.display().to_string();
@@ -237,7 +267,8 @@ pub fn read_midi_file(path: &Path, choice: MelodyChoice) -> Result<Vec<Melody>, 
     parse_midi(&bytes, &path_text, choice)
 }
 
-/// Writes `melody` as a format-0 Standard MIDI File at `tempo_qpm` (quarter notes per minute;
+/// Writes `melody` as a format-0 Standard MIDI File at `tempo_qpm`. Overlapping notes (a chord
+/// answer's) are written as they are (quarter notes per minute;
 /// not positive or not finite means [`DEFAULT_TEMPO_QPM`]).
 ///
 /// One track at [`WRITE_TICKS_PER_QUARTER`]: the source title as track name, the tempo, the
