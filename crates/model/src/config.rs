@@ -174,6 +174,12 @@ pub enum ConfigError {
     /// More bar numbers than `MAX_BAR_NUMBERS`, or bar numbers without bar meters to count by.
     #[error("{bars} bar numbers need bar meters and are at most {max}")]
     BadBarNumbers { bars: usize, max: usize },
+    /// A chord model's voice limit of 0 or beyond what its step reads.
+    #[error("{max_voices} voices is outside 1..={max}")]
+    BadMaxVoices { max_voices: usize, max: usize },
+    /// A model kind this build does not know.
+    #[error("model kind '{kind}' is not one this build knows (melody, chords)")]
+    UnknownKind { kind: String },
     /// A bar meter listed twice, or one whose bar is not a whole number of steps.
     #[error("bar meter {numerator}/{denominator} is listed twice or is not whole steps of the grid")]
     BadBarMeter { numerator: u8, denominator: u8 },

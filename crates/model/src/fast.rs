@@ -52,6 +52,60 @@ pub enum WeightFormat {
     I8,
 }
 
+/// A network `FastLstm` can pack: stacked LSTM layers whose first reads a token (one-hot or
+/// embedded) plus rows of a side table, under an output layer. The melody and chord networks
+/// are both such.
+pub trait PackSource {
+    /// Where its tensors live; only the CPU is packed.
+    fn device(&self) -> &Device;
+    /// Width of each layer's state.
+    fn hidden_size(&self) -> usize;
+    /// Number of stacked layers.
+    fn num_layers(&self) -> usize;
+    /// Number of tokens (rows of the output layer).
+    fn vocab_len(&self) -> usize;
+    /// How a token reaches layer 0 (a one-hot token reads column `token` of `weight_ih_l0`).
+    fn input(&self) -> InputKind;
+    /// Every tensor by its saved name: `lstm.weight_ih_l{k}` and the rest, `head.weight`,
+    /// `head.bias`, and `embedding.weight` for embedded tokens.
+    fn named_tensors(&self) -> Vec<(String, Tensor)>;
+    /// Rows added to layer 0's gates beside the token, `[rows, 4 hidden]`; `None` for none.
+    fn side_table(&self) -> Result<Option<Tensor>>;
+    /// Which side rows `step_at`'s bar inputs read (empty for a network that names its rows
+    /// itself through `step_rows`).
+    fn side_layout(&self) -> SideLayout;
+}
+
+impl PackSource for MelodyLstm {
+    fn device(&self) -> &Device {
+        MelodyLstm::device(self)
+    }
+    fn hidden_size(&self) -> usize {
+        MelodyLstm::hidden_size(self)
+    }
+    fn num_layers(&self) -> usize {
+        MelodyLstm::num_layers(self)
+    }
+    fn vocab_len(&self) -> usize {
+        MelodyLstm::vocab_len(self)
+    }
+    fn input(&self) -> InputKind {
+        MelodyLstm::input(self)
+    }
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        MelodyLstm::named_tensors(self)
+    }
+    fn side_table(&self) -> Result<Option<Tensor>> {
+        MelodyLstm::side_table(self, &Tensor::clone)
+    }
+    fn side_layout(&self) -> SideLayout {
+        MelodyLstm::side_layout(self)
+    }
+}
+
+/// Most side rows `step_rows` adds in one step.
+pub const MAX_STEP_ROWS: usize = 64;
+
 /// A layer's matrix in one of the `WeightFormat`s.
 enum LayerWeights {
     F32(Vec<f32>),
@@ -123,7 +177,7 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 impl FastLstm {
     /// Packs `lstm`'s current weights when it lives on the CPU and its hidden size is at most
     /// `MAX_FAST_HIDDEN` (`None` otherwise). A copy: pack again after the weights change.
-    pub fn for_model(lstm: &MelodyLstm) -> Result<Option<Self>> {
+    pub fn for_model(lstm: &impl PackSource) -> Result<Option<Self>> {
         if !lstm.device().is_cpu() || lstm.hidden_size() > MAX_FAST_HIDDEN {
             return Ok(None);
         }
@@ -138,14 +192,14 @@ impl FastLstm {
 
     /// Packs `lstm`'s current weights as f32 for kernels of `isa` (which the CPU must run; see
     /// `Isa::detect`). Works for any hidden size up to `MAX_FAST_HIDDEN`.
-    pub fn pack(lstm: &MelodyLstm, isa: Isa) -> Result<Self> {
+    pub fn pack(lstm: &impl PackSource, isa: Isa) -> Result<Self> {
         Self::pack_as(lstm, isa, WeightFormat::F32)
     }
 
     /// Packs `lstm`'s current weights in `format` for kernels of `isa`. `WeightFormat::I8` errors
     /// unless `isa` is AVX-512, the CPU has VNNI and every row of the layers' matrices (but layer
     /// 0's input matrix, which becomes the token table) lies on its int8 grid.
-    pub fn pack_as(lstm: &MelodyLstm, isa: Isa, format: WeightFormat) -> Result<Self> {
+    pub fn pack_as(lstm: &impl PackSource, isa: Isa, format: WeightFormat) -> Result<Self> {
         if format == WeightFormat::I8 && !(isa == Isa::Avx512 && int8::cpu_has_vnni()) {
             return Err(Error::Msg("fast step: int8 weights need AVX-512 VNNI".into()));
         }
@@ -249,7 +303,7 @@ impl FastLstm {
         }
 
         let mut side_gates = Vec::new();
-        if let Some(table) = lstm.side_table(&Tensor::clone)? {
+        if let Some(table) = lstm.side_table()? {
             let (num_rows, _) = table.dims2()?;
             let table = values(&table)?;
             side_gates = vec![0.0f32; num_rows * packed_rows];
@@ -360,19 +414,8 @@ impl FastLstm {
         logits: &mut [f32],
     ) -> Result<()> {
         let token = token.0 as usize;
-        let hidden = self.hidden_size;
+        self.check_step(token, state, logits)?;
         let packed_rows = self.num_blocks * BLOCK_ROWS;
-        let is_shaped = state.h.len() == self.layers.len()
-            && state.c.len() == self.layers.len()
-            && state.h.iter().chain(&state.c).all(|v| v.len() == hidden);
-        if token >= self.vocab_len || !is_shaped || logits.len() != self.vocab_len {
-            return Err(Error::Msg(format!(
-                "fast step: token {token} of {}, {} layers of {hidden} in the state, {} logits",
-                self.vocab_len,
-                state.h.len(),
-                logits.len()
-            )));
-        }
         // The bar inputs' rows, added to layer 0's gates.
         let mut side_rows: [&[f32]; MAX_SIDE_INPUTS] = [&[]; MAX_SIDE_INPUTS];
         let inputs_per_step = self.side_layout.inputs_per_step();
@@ -385,7 +428,55 @@ impl FastLstm {
                 as usize;
             *side = &self.side_gates[row * packed_rows..][..packed_rows];
         }
-        let bar_rows = &side_rows[..inputs_per_step];
+        self.run_step(token, &side_rows[..inputs_per_step], state, logits);
+        Ok(())
+    }
+
+    /// `step_at` for a network that names its side rows itself (the chord model): `rows` index
+    /// the side table (`PackSource::side_table`), at most `MAX_STEP_ROWS` of them. Errors leave
+    /// `state` untouched.
+    pub fn step_rows(
+        &self,
+        token: TokenId,
+        rows: &[u32],
+        state: &mut GenState,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let token = token.0 as usize;
+        self.check_step(token, state, logits)?;
+        let packed_rows = self.num_blocks * BLOCK_ROWS;
+        let num_rows = self.side_gates.len() / packed_rows.max(1);
+        if rows.len() > MAX_STEP_ROWS || rows.iter().any(|&r| r as usize >= num_rows) {
+            return Err(Error::Msg(format!("fast step: side rows {rows:?} outside the model's {num_rows}")));
+        }
+        let mut side_rows: [&[f32]; MAX_STEP_ROWS] = [&[]; MAX_STEP_ROWS];
+        for (slot, &row) in side_rows.iter_mut().zip(rows) {
+            *slot = &self.side_gates[row as usize * packed_rows..][..packed_rows];
+        }
+        self.run_step(token, &side_rows[..rows.len()], state, logits);
+        Ok(())
+    }
+
+    /// Refuses a token outside the vocabulary, a state of another shape or a logits buffer of
+    /// another length.
+    fn check_step(&self, token: usize, state: &GenState, logits: &[f32]) -> Result<()> {
+        let hidden = self.hidden_size;
+        let is_shaped = state.h.len() == self.layers.len()
+            && state.c.len() == self.layers.len()
+            && state.h.iter().chain(&state.c).all(|v| v.len() == hidden);
+        if token >= self.vocab_len || !is_shaped || logits.len() != self.vocab_len {
+            return Err(Error::Msg(format!(
+                "fast step: token {token} of {}, {} layers of {hidden} in the state, {} logits",
+                self.vocab_len,
+                state.h.len(),
+                logits.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The step with the kernels of this CPU; shapes were checked.
+    fn run_step(&self, token: usize, bar_rows: &[&[f32]], state: &mut GenState, logits: &mut [f32]) {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA;
@@ -402,7 +493,6 @@ impl FastLstm {
             Isa::Avx2Fma => unsafe { self.step_avx2(token, bar_rows, state, logits) },
             _ => self.step_body::<false, false>(token, bar_rows, state, logits),
         }
-        Ok(())
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -329,7 +329,7 @@ pub fn save_config(path: &Path, config: &ModelConfig) -> Result<(), ModelError> 
 }
 
 /// Reads a whole file; a missing file is `MissingFile`.
-fn read_file(path: &Path) -> Result<Vec<u8>, ModelError> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, ModelError> {
     std::fs::read(path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => ModelError::MissingFile { path: path.display().to_string() },
         _ => ModelError::Io { path: path.display().to_string(), source },
@@ -353,16 +353,29 @@ pub fn read_weights(
     config: &ModelConfig,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>, ModelError> {
+    read_expected_tensors(bytes, path, MelodyLstm::tensor_shapes(config), device, |name, shape, got| {
+        shape_error(path, name, shape, got, config)
+    })
+}
+
+/// `read_weights` for any network: `expected` lists every tensor's name and shape, and
+/// `mismatch` words a tensor whose shape differs (name, expected, found).
+pub fn read_expected_tensors(
+    bytes: &[u8],
+    path: &str,
+    expected: Vec<(String, Vec<usize>)>,
+    device: &Device,
+    mismatch: impl Fn(&str, &[usize], &[usize]) -> ModelError,
+) -> Result<HashMap<String, Tensor>, ModelError> {
     check_length(bytes, path)?;
     let file = SafeTensors::deserialize(bytes)
         .map_err(|e| ModelError::CorruptWeights { path: path.to_string(), reason: e.to_string() })?;
-    let expected = MelodyLstm::tensor_shapes(config);
     for (name, shape) in &expected {
         let view = file
             .tensor(name)
             .map_err(|_| ModelError::MissingTensor { path: path.to_string(), name: name.clone() })?;
         if view.shape() != shape.as_slice() {
-            return Err(shape_error(path, name, shape, view.shape(), config));
+            return Err(mismatch(name, shape, view.shape()));
         }
     }
     if let Some(extra) = file.names().into_iter().find(|n| !expected.iter().any(|(name, _)| name == *n)) {

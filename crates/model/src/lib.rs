@@ -37,6 +37,7 @@
 //! # Ok::<(), antiphon_model::ModelError>(())
 //! ```
 
+pub mod chords;
 pub mod config;
 pub mod fast;
 pub mod generate;
@@ -49,6 +50,7 @@ pub mod metrics;
 pub mod sample;
 pub mod side;
 
+pub use chords::{ChordConfig, ChordGenerator, ChordLstm, ChordModel};
 pub use config::{ConfigError, InputKind, ModelConfig, Transposition};
 pub use generate::{continue_melody, Generator, PhraseContinuation};
 pub use io::LoadedModel;

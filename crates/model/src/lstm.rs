@@ -47,7 +47,7 @@ use music::bar::{NO_BAR_NUMBER, NO_BAR_POSITION};
 use music::TokenId;
 
 /// Prefix of the LSTM layers' tensors.
-const LSTM_PREFIX: &str = "lstm";
+pub(crate) const LSTM_PREFIX: &str = "lstm";
 /// Name of the bar-position table.
 pub const BAR_TABLE: &str = "bar_position.weight";
 /// Name of the lookback table.
@@ -71,7 +71,12 @@ pub struct LstmLayer {
 }
 
 impl LstmLayer {
-    fn new(layer_idx: usize, input_width: usize, hidden_size: usize, vb: &VarBuilder) -> Result<Self> {
+    pub(crate) fn new(
+        layer_idx: usize,
+        input_width: usize,
+        hidden_size: usize,
+        vb: &VarBuilder,
+    ) -> Result<Self> {
         let bound = 1.0 / (hidden_size as f64).sqrt();
         let uniform = Init::Uniform { lo: -bound, up: bound };
         let vb = vb.pp(LSTM_PREFIX);

@@ -79,24 +79,41 @@ impl Sampler {
     /// NaN logits count as impossible; when nothing is possible the result is `_`, or the
     /// first allowed symbol when `vocab` has no `_`.
     pub fn sample(&mut self, logits: &[f32], vocab: &Vocab, settings: &SamplingSettings) -> TokenId {
+        let symbols = vocab.symbols();
+        let chosen =
+            self.choose(logits, |idx| symbols.get(idx).is_some_and(|&s| settings.allows(s)), settings);
+        chosen.map(|idx| TokenId(idx as u16)).unwrap_or_else(|| {
+            vocab
+                .id(Symbol::Hold)
+                .or_else(|| symbols.iter().position(|&s| settings.allows(s)).map(|i| TokenId(i as u16)))
+                .unwrap_or(TokenId(0))
+        })
+    }
+
+    /// Chooses an index of `logits` among those `allowed` accepts, with the temperature, top-k
+    /// and top-p of `settings` (its pitch rules are the caller's to apply through `allowed`).
+    /// NaN and minus-infinite logits count as impossible; `None` when nothing is possible.
+    pub fn choose(
+        &mut self,
+        logits: &[f32],
+        allowed: impl Fn(usize) -> bool,
+        settings: &SamplingSettings,
+    ) -> Option<usize> {
         self.scratch.clear();
         let mut max_logit = f32::NEG_INFINITY;
-        for (idx, (&logit, &symbol)) in logits.iter().zip(vocab.symbols()).enumerate() {
-            if settings.allows(symbol) && !logit.is_nan() && logit > f32::NEG_INFINITY {
+        for (idx, &logit) in logits.iter().enumerate() {
+            if allowed(idx) && !logit.is_nan() && logit > f32::NEG_INFINITY {
                 self.scratch.push((logit, idx as u16));
                 max_logit = max_logit.max(logit);
             }
         }
         if self.scratch.is_empty() {
-            let fallback = vocab.id(Symbol::Hold).or_else(|| {
-                vocab.symbols().iter().position(|&s| settings.allows(s)).map(|i| TokenId(i as u16))
-            });
-            return fallback.unwrap_or(TokenId(0));
+            return None;
         }
         // Most likely first; ties keep id order, so the choice is deterministic.
         self.scratch.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         if settings.temperature <= GREEDY_TEMPERATURE || settings.temperature.is_nan() {
-            return TokenId(self.scratch[0].1);
+            return Some(self.scratch[0].1 as usize);
         }
         let mut total = 0.0f32;
         for entry in &mut self.scratch {
@@ -121,12 +138,12 @@ impl Sampler {
         let mut target = self.rng.random::<f32>() * kept_total;
         for entry in &self.scratch[..keep] {
             if target < entry.0 {
-                return TokenId(entry.1);
+                return Some(entry.1 as usize);
             }
             target -= entry.0;
         }
         // Rounding left a sliver past the last weight: it belongs to the last kept symbol.
-        TokenId(self.scratch[keep - 1].1)
+        Some(self.scratch[keep - 1].1 as usize)
     }
 }
 
