@@ -42,6 +42,11 @@ pub struct EvalArgs {
     /// Model directory (default: the model built into the plugin).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Score a chord model on a polyphonic benchmark split (a `.frames` file): negative
+    /// log-likelihood in nats per frame and frame accuracy. The model defaults to the built-in
+    /// chord model.
+    #[arg(long)]
+    frames: Option<PathBuf>,
     /// Leave the model's tune memory out: the network alone.
     #[arg(long)]
     no_memory: bool,
@@ -134,6 +139,9 @@ fn parse_side(text: &str, flag: &str) -> Result<SplitSide> {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
+    if let Some(frames) = &args.frames {
+        return crate::chords::eval_frames(args.model.as_deref(), frames, args.json.as_deref());
+    }
     let started = Instant::now();
     let side = parse_side(&args.split, "--split")?;
     let train_side = parse_side(&args.train_split, "--train-split")?;

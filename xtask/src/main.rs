@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use model::LoadedModel;
 
 mod bench;
+mod chords;
 mod corpus;
 mod eval;
 mod generate;
@@ -38,7 +39,7 @@ enum Command {
     CorpusCheck(corpus::CheckArgs),
     /// Report tunes read, kept, dropped by reason, symbols and the vocabulary of folders of songs.
     CorpusStats(corpus::StatsArgs),
-    /// Train a melody model on folders of .abc and .mid files.
+    /// Train a melody model on folders of .abc and .mid files, or a chord model (--kind chords).
     Train(Box<train::TrainArgs>),
     /// Continue a primer melody with a model and write MIDI.
     Generate(generate::GenerateArgs),

@@ -39,14 +39,14 @@ pub struct TrainArgs {
     /// Training data as `[NAME=]PATH[,PATH...]`; repeat for several sets. Each set is split on
     /// its own and validated on its own.
     #[arg(long = "data", value_name = "[NAME=]PATHS")]
-    data: Vec<String>,
+    pub(crate) data: Vec<String>,
     /// The model directory to write.
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Continue the run in `--out` from its last epoch (same data and settings), with the
     /// optimiser as it was.
     #[arg(long)]
-    resume: bool,
+    pub(crate) resume: bool,
     /// Start from a trained model's weights rather than random ones, to fine-tune it on this
     /// data: a model directory, or `builtin`. The run keeps its sizes, pitch range and key
     /// convention.
@@ -75,19 +75,19 @@ pub struct TrainArgs {
     no_memory: bool,
     /// Seed of the weights, window order and dropout.
     #[arg(long)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Most epochs.
     #[arg(long)]
-    epochs: Option<usize>,
+    pub(crate) epochs: Option<usize>,
     /// Epochs without a better validation loss before stopping (0: never).
     #[arg(long)]
-    patience: Option<usize>,
+    pub(crate) patience: Option<usize>,
     /// Windows per batch.
     #[arg(long)]
-    batch_size: Option<usize>,
+    pub(crate) batch_size: Option<usize>,
     /// Symbols per training window (every position is a target, unless `--min-context`).
     #[arg(long)]
-    window: Option<usize>,
+    pub(crate) window: Option<usize>,
     /// Distance between window starts.
     #[arg(long)]
     stride: Option<usize>,
@@ -97,7 +97,7 @@ pub struct TrainArgs {
     min_context: Option<usize>,
     /// Peak learning rate.
     #[arg(long)]
-    lr: Option<f64>,
+    pub(crate) lr: Option<f64>,
     /// Linear warmup steps.
     #[arg(long)]
     warmup_steps: Option<usize>,
@@ -109,10 +109,10 @@ pub struct TrainArgs {
     min_lr_ratio: Option<f64>,
     /// AdamW weight decay.
     #[arg(long)]
-    weight_decay: Option<f64>,
+    pub(crate) weight_decay: Option<f64>,
     /// Largest global gradient norm (0: no clipping).
     #[arg(long)]
-    grad_clip: Option<f64>,
+    pub(crate) grad_clip: Option<f64>,
     /// Validate and keep an exponential moving average of the weights with this decay per step
     /// (e.g. 0.999; 0: off). Helps most with small batches. It starts at the weights of
     /// --init-from or a resumed run; from random weights, it holds only what the run trained.
@@ -120,16 +120,16 @@ pub struct TrainArgs {
     weight_average: Option<f64>,
     /// LSTM width.
     #[arg(long)]
-    hidden: Option<usize>,
+    pub(crate) hidden: Option<usize>,
     /// LSTM layers.
     #[arg(long)]
-    layers: Option<usize>,
+    pub(crate) layers: Option<usize>,
     /// Embedding width; 0 for the recipe's one-hot input.
     #[arg(long)]
     embedding: Option<usize>,
     /// Dropout between layers and before the output layer.
     #[arg(long)]
-    dropout: Option<f32>,
+    pub(crate) dropout: Option<f32>,
     /// Draw the dropout mask once per window and layer, the same at every step.
     #[arg(long)]
     locked_dropout: bool,
@@ -200,13 +200,36 @@ pub struct TrainArgs {
     select_on: Option<String>,
     /// Cut each epoch to this many batches (quick trials).
     #[arg(long)]
-    max_batches: Option<usize>,
+    pub(crate) max_batches: Option<usize>,
+    /// What to train: `melody` (one line, folders of .abc and .mid) or `chords` (polyphonic:
+    /// benchmark .frames files, or .mid files read with every voice).
+    #[arg(long, default_value = "melody")]
+    pub(crate) kind: String,
+    /// Chords: validation data, `.frames` files or .mid files and folders, comma-separated
+    /// (default: every tenth piece of --data).
+    #[arg(long, value_name = "PATHS")]
+    pub(crate) valid: Option<String>,
+    /// Chords: most voices in a frame (default 12; at most 16).
+    #[arg(long)]
+    pub(crate) max_voices: Option<usize>,
+    /// Chords: frames per quarter note (the benchmarks: 1 for JSB chorales, 2 for the others;
+    /// default 2, eighth notes).
+    #[arg(long)]
+    pub(crate) frames_per_quarter: Option<u32>,
+    /// Chords: move each training window by up to this many semitones either way (default 0).
+    #[arg(long)]
+    pub(crate) transpose: Option<i32>,
 }
 
 /// File name of the loss plot in the model directory.
 const PLOT_FILE: &str = "loss.png";
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    match args.kind.as_str() {
+        "melody" => {}
+        "chords" => return crate::chords::train(&args),
+        other => bail!("--kind {other}: the kinds are melody and chords"),
+    }
     let cfg = settings(&args)?;
     if cfg.sets.is_empty() {
         bail!("no training data: give --data PATH (or \"sets\" in --config)");
@@ -591,8 +614,6 @@ fn validation_line(validation: &[(String, EvalMetrics)]) -> String {
 /// Draws training and validation loss per epoch. Text is drawn with a small built-in pixel
 /// font, so the plot needs no system fonts.
 fn plot_losses(path: &Path, summary: &TrainSummary) -> Result<()> {
-    const WIDTH: u32 = 800;
-    const HEIGHT: u32 = 480;
     let train: Vec<(f64, f64)> = summary.epochs.iter().map(|e| (e.epoch as f64, e.train_loss)).collect();
     // A fine-tuning run's validation starts at epoch 0, the model it started from.
     let base = summary.base_validation.first().map(|(_, m)| (0.0, m.all.loss));
@@ -605,15 +626,28 @@ fn plot_losses(path: &Path, summary: &TrainSummary) -> Result<()> {
                 .filter_map(|e| e.validation.first().map(|(_, m)| (e.epoch as f64, m.all.loss))),
         )
         .collect();
-    let x_lo = if base.is_some() { 0.0 } else { 1.0 };
-    let values = train.iter().chain(&validation).map(|p| p.1).filter(|v| v.is_finite());
+    plot_curves(path, "loss", &train, &validation)
+}
+
+/// Draws a training and a validation curve per epoch (from epoch 0 when a curve has it), with
+/// `label` on the y axis.
+pub(crate) fn plot_curves(
+    path: &Path,
+    label: &str,
+    train: &[(f64, f64)],
+    validation: &[(f64, f64)],
+) -> Result<()> {
+    const WIDTH: u32 = 800;
+    const HEIGHT: u32 = 480;
+    let x_lo = if train.iter().chain(validation).any(|p| p.0 == 0.0) { 0.0 } else { 1.0 };
+    let values = train.iter().chain(validation).map(|p| p.1).filter(|v| v.is_finite());
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
     if !lo.is_finite() {
         return Ok(());
     }
     let pad = ((hi - lo) * 0.1).max(0.01);
     let (y_lo, y_hi) = ((lo - pad).max(0.0), hi + pad);
-    let x_hi = (summary.epochs.len().max(2)) as f64;
+    let x_hi = train.iter().chain(validation).map(|p| p.0).fold(2.0, f64::max);
 
     let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -642,11 +676,11 @@ fn plot_losses(path: &Path, summary: &TrainSummary) -> Result<()> {
     }
     let blue = RGBColor(40, 90, 200);
     let red = RGBColor(210, 50, 40);
-    chart.draw_series(LineSeries::new(train.clone(), blue.stroke_width(2)))?;
+    chart.draw_series(LineSeries::new(train.to_vec(), blue.stroke_width(2)))?;
     chart.draw_series(train.iter().map(|&p| Circle::new(p, 3, blue.filled())))?;
-    chart.draw_series(LineSeries::new(validation.clone(), red.stroke_width(2)))?;
+    chart.draw_series(LineSeries::new(validation.to_vec(), red.stroke_width(2)))?;
     chart.draw_series(validation.iter().map(|&p| Circle::new(p, 3, red.filled())))?;
-    draw_text(&root, "loss", 10, 14, &BLACK)?;
+    draw_text(&root, label, 10, 14, &BLACK)?;
     draw_text(&root, "epoch", WIDTH as i32 / 2 - 15, HEIGHT as i32 - 22, &BLACK)?;
     draw_text(&root, "train", WIDTH as i32 - 190, 14, &blue)?;
     draw_text(&root, "val", WIDTH as i32 - 100, 14, &red)?;

@@ -118,6 +118,17 @@ impl ChordConfig {
         self.vocab_len() + 2 * self.codec().num_pitches()
     }
 
+    /// `frame` as this model reads it: pitches inside its range, at most `max_voices` of them
+    /// (the highest).
+    pub fn fit_frame(&self, frame: Frame) -> Frame {
+        let mut sounding = self.codec().clip(frame.sounding);
+        while sounding.len() > self.max_voices {
+            let lowest = sounding.lowest().expect("a set above the limit holds pitches");
+            sounding = PitchSet(sounding.0 & !(1u128 << lowest));
+        }
+        Frame { sounding, struck: frame.struck.intersection(sounding) }
+    }
+
     /// Checks every field; the reason names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.format_version > CHORD_FORMAT_VERSION {
@@ -382,17 +393,6 @@ impl ChordModel {
         Ok(self.fast.step_rows(TokenId(token as u16), &rows, state, logits)?)
     }
 
-    /// `frame` as this model reads it: pitches inside its range, at most `max_voices` of them
-    /// (the highest).
-    pub fn fit_frame(&self, frame: Frame) -> Frame {
-        let mut sounding = self.config.codec().clip(frame.sounding);
-        while sounding.len() > self.config.max_voices {
-            let lowest = sounding.lowest().expect("a set above the limit holds pitches");
-            sounding = PitchSet(sounding.0 & !(1u128 << lowest));
-        }
-        Frame { sounding, struck: frame.struck.intersection(sounding) }
-    }
-
     /// Writes `config.json` and `model.safetensors` of `lstm` into `dir` (created if needed).
     pub fn save(dir: &Path, lstm: &ChordLstm) -> Result<(), ModelError> {
         std::fs::create_dir_all(dir)
@@ -507,7 +507,7 @@ pub fn score_roll(
     let mut tokens = Vec::new();
     let mut previous = PitchSet::EMPTY;
     for (t, &frame) in roll.frames.iter().enumerate() {
-        if model.fit_frame(frame) != frame {
+        if model.config.fit_frame(frame) != frame {
             return Err(ModelError::Data(format!(
                 "frame {t} ({:?}) has pitches outside {}..={} or more than {max_voices} voices",
                 frame.sounding, codec.lowest, codec.highest
@@ -596,7 +596,7 @@ impl ChordGenerator {
 
     /// Feeds a frame the player played (fitted to the model's range and voices).
     pub fn feed_frame(&mut self, frame: Frame) -> Result<(), ModelError> {
-        let frame = self.model.fit_frame(frame);
+        let frame = self.model.config.fit_frame(frame);
         let mut tokens = ArrayVec::<u32, { MAX_VOICES + 1 }>::new();
         let codec = self.model.config.codec();
         for pitch in frame.sounding.iter() {

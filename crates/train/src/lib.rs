@@ -1,9 +1,10 @@
 //! Offline only: everything that makes and judges a model, linked by `cargo xtask` and never by
-//! the plugin. Training windows and data sets (`data`), the training loop (`trainer`) with its
+//! the plugin. Chord models' training (`chords`), training windows and data sets (`data`), the training loop (`trainer`) with its
 //! fused CPU op (`fused`, `forward`), the optimiser (`optim`), distillation (`distill`), and
 //! evaluation against held-out songs (`eval`).
 //! Runs on: offline threads (xtask, tests).
 
+pub mod chords;
 pub mod data;
 pub mod distill;
 pub mod eval;

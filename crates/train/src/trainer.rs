@@ -1114,7 +1114,7 @@ pub(super) fn batch_tensors(
 }
 
 /// Scales all gradients down together when their global L2 norm exceeds `max_norm`.
-fn clip_gradients(
+pub(crate) fn clip_gradients(
     grads: &mut candle_core::backprop::GradStore,
     vars: &[Var],
     max_norm: f64,
