@@ -9,7 +9,7 @@ use nice_plug::params::persist::PersistentField;
 use nice_plug::prelude::*;
 
 use crate::engine::{ModelLibrary, ModelSlot, ModelSource, MAX_LIBRARY_MODELS};
-use live::phrase::KeyLock;
+use live::phrase::{KeyLock, Texture, MAX_ANSWER_VOICES};
 use live::{AnswerStart, Settings, TriggerMode, VelocityMode};
 use music::{Key, Mode};
 
@@ -53,6 +53,23 @@ pub enum AnswerStartParam {
     #[id = "beat"]
     #[name = "Next Beat"]
     NextBeat,
+}
+
+/// One line or chords, as the host shows it.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextureParam {
+    /// Chords to a phrase played with chords, one line to a melody.
+    #[id = "auto"]
+    #[name = "Auto"]
+    Auto,
+    /// Always one line (the top voice of chords is heard).
+    #[id = "melody"]
+    #[name = "Melody"]
+    Melody,
+    /// Always chords.
+    #[id = "chords"]
+    #[name = "Chords"]
+    Chords,
 }
 
 /// The scale constraint, as the host shows it.
@@ -224,6 +241,12 @@ pub struct AntiphonParams {
     /// The answer extends itself until stopped, instead of ending after its length.
     #[id = "contin"]
     pub is_continuous: BoolParam,
+    /// One line or chords.
+    #[id = "texture"]
+    pub texture: EnumParam<TextureParam>,
+    /// Most notes a chord answer sounds at once.
+    #[id = "voices"]
+    pub max_voices: IntParam,
     /// Scale constraint of the answer.
     #[id = "keylock"]
     pub key_lock: EnumParam<KeyLockParam>,
@@ -337,6 +360,12 @@ impl Default for AntiphonParams {
             answer_bars: bars("Answer Length", 2),
             should_yield: BoolParam::new("Yield", true),
             is_continuous: BoolParam::new("Continuous", false),
+            texture: EnumParam::new("Texture", TextureParam::Auto),
+            max_voices: IntParam::new(
+                "Max Voices",
+                6,
+                IntRange::Linear { min: 1, max: MAX_ANSWER_VOICES as i32 },
+            ),
             key_lock: EnumParam::new("Key Lock", KeyLockParam::Off),
             key_root: EnumParam::new("Key", KeyRootParam::C),
             scale: EnumParam::new("Scale", ScaleParam::Major),
@@ -407,6 +436,12 @@ impl AntiphonParams {
             answer_bars: self.answer_bars.value().max(1) as u32,
             should_yield: self.should_yield.value(),
             is_continuous: self.is_continuous.value(),
+            texture: match self.texture.value() {
+                TextureParam::Auto => Texture::Auto,
+                TextureParam::Melody => Texture::Melody,
+                TextureParam::Chords => Texture::Chords,
+            },
+            max_voices: self.max_voices.value().clamp(1, MAX_ANSWER_VOICES as i32) as u8,
             key_lock,
             lowest_pitch: self.lowest_note.value().clamp(0, 127) as u8,
             highest_pitch: self.highest_note.value().clamp(0, 127) as u8,

@@ -1,36 +1,57 @@
-//! The LSTM generator of `model` as the worker's [`Continuer`]: the built-in model or a trained
-//! model directory, continued one symbol at a time with the temperature and constraints of
-//! every step.
+//! The melody LSTM of `model` as the worker's [`Continuer`]: the built-in model or a trained
+//! model directory, continued one step at a time with the temperature and constraints of every
+//! step. A phrase played with chords is heard by its top voice (`Phrase::quantized`).
 //! Runs on: worker.
 
 use std::sync::{Arc, Mutex};
 
+use live::phrase::Phrase;
+use model::chords::is_chord_config;
 use model::generate::PhraseContinuation;
-use model::io::LoadedModel;
+use model::io::{LoadedModel, CONFIG_FILE};
 use model::sample::SamplingSettings;
 use music::bar::BarPhase;
-use music::encode::{decode, StepGrid};
-use music::Symbol;
+use music::encode::StepGrid;
+use music::{Frame, PitchSet, Symbol};
 
-use super::{Continuer, ContinuerFactory, EngineError, ModelSource};
+use super::chords::ChordContinuer;
+use super::{Continuer, ContinuerFactory, EngineError, ModelSource, Voicing};
 
 /// Steps one continuation runs before the generator says it is done; a continuous answer then
 /// starts over from its own output (the worker treats the end like a delimiter). 4096 steps are
 /// 64 bars of sixteenths.
 const MAX_CONTINUATION_STEPS: usize = 4096;
 
-/// Loads the built-in model or a model directory.
+/// Loads the built-in models or a model directory (of either kind).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LstmFactory;
 
 impl ContinuerFactory for LstmFactory {
     fn load(&self, choice: &ModelSource) -> Result<Box<dyn Continuer>, EngineError> {
+        let failed = |err: model::ModelError| EngineError::ModelLoad {
+            choice: choice.describe(),
+            reason: err.to_string(),
+        };
         let loaded = match choice {
             ModelSource::Builtin => shared_builtin(),
-            ModelSource::Dir(path) => LoadedModel::load_dir(path).map(Arc::new),
+            ModelSource::Dir(path) => {
+                let is_chords =
+                    std::fs::read(path.join(CONFIG_FILE)).is_ok_and(|bytes| is_chord_config(&bytes));
+                if is_chords {
+                    return ChordContinuer::load_dir(path).map_err(failed);
+                }
+                LoadedModel::load_dir(path).map(Arc::new)
+            }
         }
-        .map_err(|err| EngineError::ModelLoad { choice: choice.describe(), reason: err.to_string() })?;
-        Ok(Box::new(LstmContinuer { model: loaded, continuation: None, num_steps: 0 }))
+        .map_err(failed)?;
+        Ok(Box::new(LstmContinuer { model: loaded, continuation: None, num_steps: 0, sounding: None }))
+    }
+
+    fn load_builtin_chords(&self) -> Result<Box<dyn Continuer>, EngineError> {
+        ChordContinuer::builtin().map_err(|err| EngineError::ModelLoad {
+            choice: "the built-in chord model".into(),
+            reason: err.to_string(),
+        })
     }
 }
 
@@ -51,11 +72,13 @@ pub fn shared_builtin() -> Result<Arc<LoadedModel>, model::ModelError> {
     Ok(model)
 }
 
-/// A loaded model and the continuation it writes.
+/// A loaded melody model and the continuation it writes.
 pub struct LstmContinuer {
     model: Arc<LoadedModel>,
     continuation: Option<PhraseContinuation>,
     num_steps: u64,
+    /// The pitch sounding after the last step: the phrase's last note while it is held on.
+    sounding: Option<u8>,
 }
 
 impl Continuer for LstmContinuer {
@@ -63,12 +86,19 @@ impl Continuer for LstmContinuer {
         self.model.config.grid
     }
 
-    fn begin(&mut self, primer: &[Symbol], bar: Option<BarPhase>, seed: u64) -> Result<(), EngineError> {
-        let mut melody = decode(primer, self.grid());
+    fn voicing(&self) -> Voicing {
+        Voicing::Melody
+    }
+
+    fn begin(&mut self, phrase: &Phrase, bar: Option<BarPhase>, seed: u64) -> Result<(), EngineError> {
+        let mut melody = phrase.quantized(self.grid()).to_melody();
         if let Some(bar) = bar {
             melody.meter = Some(bar.meter);
             melody.pickup_beats = bar.pickup_beats(self.grid());
         }
+        // The last note goes on into the answer if the answer starts by holding it.
+        self.sounding =
+            melody.notes.last().filter(|n| n.end_beats() >= melody.end_beats - 1e-9).map(|n| n.pitch);
         let continuation =
             PhraseContinuation::start(Arc::clone(&self.model), &melody, MAX_CONTINUATION_STEPS, seed)
                 .map_err(|err| EngineError::ModelLoad {
@@ -80,7 +110,11 @@ impl Continuer for LstmContinuer {
         Ok(())
     }
 
-    fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Symbol, EngineError> {
+    fn next_step(
+        &mut self,
+        settings: &SamplingSettings,
+        _max_voices: usize,
+    ) -> Result<Option<Frame>, EngineError> {
         let step_idx = self.num_steps;
         let continuation = self
             .continuation
@@ -90,14 +124,39 @@ impl Continuer for LstmContinuer {
         let symbol = continuation
             .next_symbol(settings)
             .map_err(|err| EngineError::Step { step_idx, reason: err.to_string() })?;
-        Ok(symbol.unwrap_or(Symbol::Delimiter))
+        let frame = match symbol.unwrap_or(Symbol::Delimiter) {
+            Symbol::Pitch(pitch) => {
+                self.sounding = Some(pitch);
+                Frame { sounding: PitchSet::EMPTY.with(pitch), struck: PitchSet::EMPTY.with(pitch) }
+            }
+            Symbol::Hold => {
+                // The phrase's last note, held into the answer, moves to the nearest pitch the
+                // settings allow (the model's own pitches keep to them already).
+                let held = if step_idx == 0 {
+                    self.sounding.map(|p| settings.pitches.nearest(p))
+                } else {
+                    self.sounding
+                };
+                self.sounding = held;
+                let sounding = held.map_or(PitchSet::EMPTY, |p| PitchSet::EMPTY.with(p));
+                Frame { sounding, struck: PitchSet::EMPTY }
+            }
+            Symbol::Rest => {
+                self.sounding = None;
+                Frame::default()
+            }
+            Symbol::Delimiter => {
+                self.sounding = None;
+                return Ok(None);
+            }
+        };
+        Ok(Some(frame))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use music::encode::parse_symbols;
     use music::{Key, Mode, PitchRules};
 
     fn builtin() -> Box<dyn Continuer> {
@@ -112,20 +171,26 @@ mod tests {
         }
     }
 
+    /// The pitch struck at each step (`None` where none is).
     fn run(
         continuer: &mut dyn Continuer,
         seed: u64,
         temperatures: &[f32],
         c: &SamplingSettings,
-    ) -> Vec<Symbol> {
+    ) -> Vec<Option<u8>> {
         // A G major phrase: the model moves it to its key convention and back.
-        let primer =
-            parse_symbols("67 _ _ _ 71 _ 74 _ 72 _ 71 _ 69 _ _ _ 67 _ 69 _ 71 _ 72 _ 74 _ _ _ r _ _ _")
-                .unwrap();
-        continuer.begin(&primer, None, seed).unwrap();
+        let mut phrase = Phrase::empty(4.0);
+        for (i, &pitch) in [67u8, 71, 74, 72, 71, 69, 67, 69, 71, 72, 74].iter().enumerate() {
+            phrase.notes.push(music::Note::new(pitch, i as f64 * 0.5, 0.5));
+        }
+        phrase.len_beats = 8.0;
+        continuer.begin(&phrase, None, seed).unwrap();
         temperatures
             .iter()
-            .map(|&temperature| continuer.next_symbol(&SamplingSettings { temperature, ..*c }).unwrap())
+            .map(|&temperature| {
+                let frame = continuer.next_step(&SamplingSettings { temperature, ..*c }, 1).unwrap();
+                frame.expect("no end while it may not end").struck.lowest()
+            })
             .collect()
     }
 
@@ -149,13 +214,34 @@ mod tests {
         let mut continuer = builtin();
         let g_major = Key::from_tonic(7, Mode::Major);
         let c = constraints(Some(g_major));
-        let symbols = run(continuer.as_mut(), 9, &[1.5; 256], &c);
-        let pitches: Vec<u8> =
-            symbols.iter().filter_map(|s| if let Symbol::Pitch(p) = s { Some(*p) } else { None }).collect();
-        assert!(pitches.len() > 8, "{symbols:?}");
+        let pitches: Vec<u8> = run(continuer.as_mut(), 9, &[1.5; 256], &c).into_iter().flatten().collect();
+        assert!(pitches.len() > 8, "{pitches:?}");
         assert!(pitches.iter().all(|&p| c.pitches.allows(p)), "{pitches:?}");
-        // No end while it may not end.
-        assert!(!symbols.contains(&Symbol::Delimiter));
+    }
+
+    #[test]
+    fn a_phrase_in_chords_is_heard_by_its_top_voice() {
+        let mut continuer = builtin();
+        let mut phrase = Phrase::empty(4.0);
+        // A melody over held left-hand chords.
+        for (i, &pitch) in [72u8, 74, 76, 77, 79, 77, 76, 74].iter().enumerate() {
+            phrase.notes.push(music::Note::new(pitch, i as f64 * 0.5, 0.5));
+            if i % 4 == 0 {
+                for low in [48u8, 52, 55] {
+                    phrase.notes.push(music::Note::new(low, i as f64 * 0.5, 2.0));
+                }
+            }
+        }
+        phrase.notes.sort_by(|a, b| a.start_beats.total_cmp(&b.start_beats));
+        phrase.len_beats = 4.0;
+        continuer.begin(&phrase, None, 1).unwrap();
+        let c = constraints(None);
+        let frames: Vec<Frame> = (0..32).map(|_| continuer.next_step(&c, 1).unwrap().unwrap()).collect();
+        assert!(frames.iter().all(|f| f.sounding.len() <= 1));
+        // The answer continues the melody's register, not the chords'.
+        let pitches: Vec<u8> = frames.iter().filter_map(|f| f.struck.lowest()).collect();
+        let mean = pitches.iter().map(|&p| p as f64).sum::<f64>() / pitches.len().max(1) as f64;
+        assert!(mean > 62.0, "{pitches:?}");
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! `EngineStatus` readers run on the main thread. Never on the audio thread: it allocates, logs
 //! and loads files.
 //!
-//! The worker drives a [`Continuer`], anything that continues a sequence of music symbols on a
-//! step grid one symbol at a time. It turns the symbols into note starts and ends in beats (the
-//! `music::encode` grid: a `Pitch` starts a note and ends the one before, `Hold` continues, `Rest`
-//! ends it, `Delimiter` ends the answer) and sends them in fixed-capacity chunks.
+//! The worker drives a [`Continuer`]: it hands it the captured phrase as notes and takes back
+//! the answer one grid step at a time, as the pitches that sound and are struck at that step
+//! (a `music::Frame`; one pitch at most for a melody model, several for a chord model).
+//! Encoding the notes for the network is the continuer's business. The worker turns the steps
+//! into note starts and ends in beats and sends them in fixed-capacity chunks.
 
+pub mod chords;
 pub mod library;
 pub mod lstm;
 pub mod timing;
@@ -23,10 +25,10 @@ pub use model::io::ModelSource;
 use model::SamplingSettings;
 
 use live::link::WorkerLink;
-use live::phrase::LiveShared;
+use live::phrase::{LiveShared, Phrase};
 use music::bar::BarPhase;
 use music::encode::{Reject, StepGrid};
-use music::Symbol;
+use music::Frame;
 
 pub use library::{LibraryModel, ModelLibrary, MAX_LIBRARY_MODELS};
 pub use worker::NoteStream;
@@ -214,31 +216,49 @@ pub enum EngineError {
     Spawn(String),
 }
 
-/// Anything that continues music symbols on a step grid, one symbol at a time: the model the
-/// worker drives. Implemented for the LSTM generator in [`lstm`].
-pub trait Continuer: Send {
-    /// The step grid the continuer writes on (steps per quarter note). The primer comes on it.
-    fn grid(&self) -> StepGrid;
-
-    /// Starts a new continuation of `primer`, forgetting any earlier one. The primer is a phrase
-    /// encoded with `music::encode` on [`Continuer::grid`], in the phrase's own key (moving it to
-    /// the model's key convention and back is the continuer's business), ending on the grid
-    /// point where the continuation starts. It may be empty. `bar` says where in which bar its
-    /// first step lies, when the host's time signature and bar lines are known (a phrase starts
-    /// on a bar line; a continuous answer's later primers anywhere). `seed` seeds the sampler:
-    /// the same primer, bar, seed and temperatures must give the same symbols.
-    fn begin(&mut self, primer: &[Symbol], bar: Option<BarPhase>, seed: u64) -> Result<(), EngineError>;
-
-    /// The symbol of the next step, sampled as `settings` say: at their temperature (greedy as
-    /// it nears 0, as trained at 1, more uniform above), among the pitches they allow, ending
-    /// only where they may. The worker sets the temperature anew before every step.
-    fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Symbol, EngineError>;
+/// Whether a continuer writes one line or chords.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Voicing {
+    /// At most one note at a step.
+    Melody,
+    /// Several notes at a step.
+    Chords,
 }
 
-/// Loads continuers: the built-in model or a model directory. Called on the worker thread.
+/// Anything that continues music on a step grid, one step at a time: the model the worker
+/// drives. Implemented for the melody LSTM in [`lstm`] and the chord LSTM in [`chords`].
+pub trait Continuer: Send {
+    /// The step grid the continuer writes on (steps per quarter note).
+    fn grid(&self) -> StepGrid;
+
+    /// One line or chords.
+    fn voicing(&self) -> Voicing;
+
+    /// Starts a new continuation of `phrase`, forgetting any earlier one. The phrase holds the
+    /// notes as played (every voice, exact times in beats from its origin) and ends where the
+    /// continuation starts; it may have no notes. `bar` says where in which bar the phrase's
+    /// origin lies, when the host's time signature and bar lines are known. `seed` seeds the
+    /// sampler: the same phrase, bar, seed and settings must give the same steps.
+    fn begin(&mut self, phrase: &Phrase, bar: Option<BarPhase>, seed: u64) -> Result<(), EngineError>;
+
+    /// The next step: the pitches sounding in it and which of them are struck there, sampled
+    /// as `settings` say (temperature, pitches; the worker sets the temperature anew before
+    /// every step), with at most `max_voices` pitches. `None` when the model ends the piece
+    /// (only where `settings.may_end`).
+    fn next_step(
+        &mut self,
+        settings: &SamplingSettings,
+        max_voices: usize,
+    ) -> Result<Option<Frame>, EngineError>;
+}
+
+/// Loads continuers: the built-in models or a model directory. Called on the worker thread.
 pub trait ContinuerFactory: Send + Sync {
-    /// Loads the model `choice` names.
+    /// Loads the model `choice` names (a directory may hold a melody or a chord model).
     fn load(&self, choice: &ModelSource) -> Result<Box<dyn Continuer>, EngineError>;
+
+    /// Loads the built-in chord model.
+    fn load_builtin_chords(&self) -> Result<Box<dyn Continuer>, EngineError>;
 }
 
 /// What the worker is doing.

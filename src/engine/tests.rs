@@ -8,27 +8,29 @@ use super::timing::pop_chunk_within;
 use super::*;
 use live::link::WorkerLink;
 use live::phrase::{
-    AnswerEvent, AnswerEventKind, AnswerRequest, GenSettings, KeyLock, Phrase, LOOKAHEAD_BEATS,
+    AnswerEvent, AnswerEventKind, AnswerRequest, GenSettings, KeyLock, Phrase, Texture, LOOKAHEAD_BEATS,
 };
 use model::SamplingSettings;
 use music::bar::BarPhase;
-use music::encode::parse_symbols;
+use music::encode::{encode, parse_symbols, EncodeConfig};
 use music::note::Note;
-use music::{Meter, PitchRules};
+use music::{Frame, Meter, PitchSet, Symbol};
 
 /// What the scripted continuer was asked.
 #[derive(Default)]
 struct Log {
+    /// Each begin's phrase as the melody encoding hears it, and its seed.
     begins: Vec<(Vec<Symbol>, u64)>,
-    /// The bar phase of each begin's primer.
+    /// The bar phase of each begin's phrase.
     bars: Vec<Option<BarPhase>>,
     temperatures: Vec<f32>,
 }
 
-/// Plays a fixed script of symbols, over and over, and logs its calls.
+/// Plays a fixed script of melody symbols, over and over, and logs its calls.
 struct Scripted {
     script: Vec<Symbol>,
     step_idx: usize,
+    sounding: PitchSet,
     log: Arc<Mutex<Log>>,
 }
 
@@ -37,19 +39,73 @@ impl Continuer for Scripted {
         StepGrid::SIXTEENTHS
     }
 
-    fn begin(&mut self, primer: &[Symbol], bar: Option<BarPhase>, seed: u64) -> Result<(), EngineError> {
+    fn voicing(&self) -> Voicing {
+        Voicing::Melody
+    }
+
+    fn begin(&mut self, phrase: &Phrase, bar: Option<BarPhase>, seed: u64) -> Result<(), EngineError> {
         self.step_idx = 0;
+        self.sounding = PitchSet::EMPTY;
+        let melody = phrase.quantized(self.grid()).to_melody();
+        let heard = encode(&melody, &EncodeConfig::any_on(self.grid()))?;
         let mut log = self.log.lock().unwrap();
-        log.begins.push((primer.to_vec(), seed));
+        log.begins.push((heard, seed));
         log.bars.push(bar);
         Ok(())
     }
 
-    fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Symbol, EngineError> {
+    fn next_step(
+        &mut self,
+        settings: &SamplingSettings,
+        _max_voices: usize,
+    ) -> Result<Option<Frame>, EngineError> {
         self.log.lock().unwrap().temperatures.push(settings.temperature);
         let symbol = self.script[self.step_idx % self.script.len()];
         self.step_idx += 1;
-        Ok(symbol)
+        let frame = match symbol {
+            Symbol::Pitch(p) => Frame { sounding: PitchSet::of(&[p]), struck: PitchSet::of(&[p]) },
+            Symbol::Hold => Frame { sounding: self.sounding, struck: PitchSet::EMPTY },
+            Symbol::Rest => Frame::default(),
+            Symbol::Delimiter => return Ok(None),
+        };
+        self.sounding = frame.sounding;
+        Ok(Some(frame))
+    }
+}
+
+/// Plays fixed chords, a frame per eighth, and logs the phrases it hears.
+struct ScriptedChords {
+    chords: Vec<Frame>,
+    step_idx: usize,
+    heard: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Continuer for ScriptedChords {
+    fn grid(&self) -> StepGrid {
+        StepGrid { steps_per_quarter: 2 }
+    }
+
+    fn voicing(&self) -> Voicing {
+        Voicing::Chords
+    }
+
+    fn begin(&mut self, phrase: &Phrase, _bar: Option<BarPhase>, _seed: u64) -> Result<(), EngineError> {
+        self.step_idx = 0;
+        self.heard.lock().unwrap().push(phrase.notes.len());
+        Ok(())
+    }
+
+    fn next_step(
+        &mut self,
+        settings: &SamplingSettings,
+        max_voices: usize,
+    ) -> Result<Option<Frame>, EngineError> {
+        let frame = self.chords[self.step_idx % self.chords.len()];
+        self.step_idx += 1;
+        // As a model does: the highest voices that the settings allow, at most `max_voices`.
+        let allowed: Vec<u8> = frame.sounding.iter().filter(|&p| settings.pitches.allows(p)).collect();
+        let kept = PitchSet::of(&allowed[allowed.len().saturating_sub(max_voices)..]);
+        Ok(Some(Frame { sounding: kept, struck: frame.struck.intersection(kept) }))
     }
 }
 
@@ -58,6 +114,9 @@ struct ScriptedFactory {
     log: Arc<Mutex<Log>>,
     /// Whether the built-in model fails to load as well.
     is_builtin_broken: bool,
+    /// The built-in chord model's frames; `None` for a factory without one.
+    chords: Option<Vec<Frame>>,
+    heard_by_chords: Arc<Mutex<Vec<usize>>>,
 }
 
 impl ContinuerFactory for ScriptedFactory {
@@ -66,11 +125,27 @@ impl ContinuerFactory for ScriptedFactory {
             ModelSource::Builtin if self.is_builtin_broken => {
                 Err(EngineError::ModelLoad { choice: choice.describe(), reason: "also broken".into() })
             }
-            ModelSource::Builtin => {
-                Ok(Box::new(Scripted { script: self.script.clone(), step_idx: 0, log: self.log.clone() }))
-            }
+            ModelSource::Builtin => Ok(Box::new(Scripted {
+                script: self.script.clone(),
+                step_idx: 0,
+                sounding: PitchSet::EMPTY,
+                log: self.log.clone(),
+            })),
             ModelSource::Dir(_) => {
                 Err(EngineError::ModelLoad { choice: choice.describe(), reason: "broken on purpose".into() })
+            }
+        }
+    }
+
+    fn load_builtin_chords(&self) -> Result<Box<dyn Continuer>, EngineError> {
+        match &self.chords {
+            Some(chords) => Ok(Box::new(ScriptedChords {
+                chords: chords.clone(),
+                step_idx: 0,
+                heard: self.heard_by_chords.clone(),
+            })),
+            None => {
+                Err(EngineError::ModelLoad { choice: "chords".into(), reason: "none in this test".into() })
             }
         }
     }
@@ -83,6 +158,7 @@ struct Running {
     status: Arc<EngineStatus>,
     model: Arc<ModelSlot>,
     log: Arc<Mutex<Log>>,
+    heard_by_chords: Arc<Mutex<Vec<usize>>>,
 }
 
 fn start(script: &str, choice: ModelSource) -> Running {
@@ -90,13 +166,29 @@ fn start(script: &str, choice: ModelSource) -> Running {
 }
 
 fn start_with(script: &str, model: Arc<ModelSlot>, is_builtin_broken: bool) -> Running {
+    start_full(script, model, is_builtin_broken, None)
+}
+
+fn start_full(
+    script: &str,
+    model: Arc<ModelSlot>,
+    is_builtin_broken: bool,
+    chords: Option<Vec<Frame>>,
+) -> Running {
     let log = Arc::new(Mutex::new(Log::default()));
+    let heard_by_chords = Arc::new(Mutex::new(Vec::new()));
     let script = parse_symbols(script).unwrap();
-    let factory = Arc::new(ScriptedFactory { script, log: log.clone(), is_builtin_broken });
+    let factory = Arc::new(ScriptedFactory {
+        script,
+        log: log.clone(),
+        is_builtin_broken,
+        chords,
+        heard_by_chords: heard_by_chords.clone(),
+    });
     let live = Arc::new(LiveShared::new());
     let status = Arc::new(EngineStatus::default());
     let (engine, link) = Engine::spawn(factory, model.clone(), live.clone(), status.clone()).unwrap();
-    Running { engine: Some(engine), link, live, status, model, log }
+    Running { engine: Some(engine), link, live, status, model, log, heard_by_chords }
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
@@ -115,7 +207,14 @@ fn request(answer_id: u32, len_beats: Option<f64>) -> AnswerRequest {
     AnswerRequest {
         answer_id,
         phrase,
-        settings: GenSettings { len_beats, key_lock: KeyLock::Off, lowest_pitch: 0, highest_pitch: 127 },
+        settings: GenSettings {
+            texture: Texture::Auto,
+            max_voices: 6,
+            len_beats,
+            key_lock: KeyLock::Off,
+            lowest_pitch: 0,
+            highest_pitch: 127,
+        },
         seed: 99,
     }
 }
@@ -347,48 +446,89 @@ fn dropping_the_engine_joins_the_worker() {
 }
 
 #[test]
-fn note_streams_turn_symbols_into_starts_and_ends() {
-    let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, Some(2.0), None);
+fn note_streams_turn_steps_into_starts_and_ends() {
+    let frame = |sounding: &[u8], struck: &[u8]| {
+        Some(Frame { sounding: PitchSet::of(sounding), struck: PitchSet::of(struck) })
+    };
+    let mut stream = NoteStream::new(StepGrid { steps_per_quarter: 2 }, Some(3.0));
     let mut events = Vec::new();
-    for symbol in parse_symbols("60 _ 62 r _ 64 64 _").unwrap() {
-        stream.push(symbol, &PitchRules::ALL, &mut |e| events.push(e));
+    // A held note that starts the answer, a chord, one voice held and one struck again, a rest.
+    let steps = [
+        frame(&[62], &[]),
+        frame(&[60, 64, 67], &[60, 64, 67]),
+        frame(&[60, 64], &[64]),
+        frame(&[], &[]),
+        None,
+        frame(&[72], &[72]),
+    ];
+    for step in steps {
+        stream.push(step, &mut |e| events.push(e));
     }
     assert!(stream.is_full());
     stream.finish(&mut |e| events.push(e));
     assert_eq!(
         events,
         vec![
-            on(0.0, 60),
-            off(0.5, 60),
-            on(0.5, 62),
-            off(0.75, 62),
-            on(1.25, 64),
+            on(0.0, 62),
+            off(0.5, 62),
+            on(0.5, 60),
+            on(0.5, 64),
+            on(0.5, 67),
+            off(1.0, 64),
+            off(1.0, 67),
+            on(1.0, 64),
+            off(1.5, 60),
             off(1.5, 64),
-            on(1.5, 64),
-            off(2.0, 64)
+            on(2.5, 72),
+            off(3.0, 72)
         ]
     );
     assert!(stream.is_finished());
 }
 
 #[test]
-fn an_answer_that_holds_the_phrase_s_last_note_plays_it_anew() {
-    let primer = parse_symbols("60 _ 62 _ _").unwrap();
-    assert_eq!(NoteStream::last_sounding_pitch(&primer), Some(62));
-    assert_eq!(NoteStream::last_sounding_pitch(&parse_symbols("60 _ r _").unwrap()), None);
-    let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, None, Some(62));
-    let mut events = Vec::new();
-    for symbol in parse_symbols("_ _ 64 _").unwrap() {
-        stream.push(symbol, &PitchRules::ALL, &mut |e| events.push(e));
+fn a_phrase_with_chords_gets_chords_and_a_melody_a_melody() {
+    let c_major =
+        Frame { sounding: PitchSet::of(&[48, 60, 64, 67, 72]), struck: PitchSet::of(&[48, 60, 64, 67, 72]) };
+    let held = Frame { sounding: c_major.sounding, struck: PitchSet::EMPTY };
+    let w = start_full(
+        "67 _ _ _",
+        Arc::new(ModelSlot::new(ModelSource::Builtin)),
+        false,
+        Some(vec![c_major, held]),
+    );
+    wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
+    let mut chords = request(1, Some(2.0));
+    for pitch in [48, 52, 55] {
+        chords.phrase.notes.push(Note { pitch, velocity: 90, start_beats: 0.0, len_beats: 2.0 });
     }
-    assert_eq!(events, vec![on(0.0, 62), off(0.5, 62), on(0.5, 64)]);
-    // A continuation that starts with its own note or a rest does not carry it.
-    let mut stream = NoteStream::new(StepGrid::SIXTEENTHS, None, Some(62));
-    let mut events = Vec::new();
-    for symbol in parse_symbols("r _ 64").unwrap() {
-        stream.push(symbol, &PitchRules::ALL, &mut |e| events.push(e));
-    }
-    assert_eq!(events, vec![on(0.5, 64)]);
+    chords.phrase.notes.sort_by(|a, b| a.start_beats.total_cmp(&b.start_beats));
+    chords.settings.max_voices = 3;
+    chords.settings.highest_pitch = 70;
+    w.ask(chords);
+    w.live.playhead_beats.store(10.0, Ordering::Release);
+    let (events, _, finished) = w.collect(1, 100.0);
+    assert!(finished);
+    // The three highest allowed voices, struck together, held, and all let go at the end.
+    assert_eq!(events[..3], [on(0.0, 60), on(0.0, 64), on(0.0, 67)]);
+    let ons = events.iter().filter(|e| matches!(e.kind, AnswerEventKind::NoteOn { .. })).count();
+    let offs = events.iter().filter(|e| matches!(e.kind, AnswerEventKind::NoteOff { .. })).count();
+    assert_eq!((ons, offs), (6, 6), "{events:?}");
+    assert_eq!(*w.heard_by_chords.lock().unwrap(), vec![5], "the chord model hears every note");
+    // A melody gets the melody model.
+    w.live.playhead_beats.store(-2.0, Ordering::Release);
+    w.ask(request(2, Some(1.0)));
+    w.live.playhead_beats.store(10.0, Ordering::Release);
+    let (events, _, _) = w.collect(2, 100.0);
+    assert_eq!(events, vec![on(0.0, 67), off(1.0, 67)]);
+    // Texture Melody answers chords with a line.
+    let mut forced = request(3, Some(1.0));
+    forced.phrase.notes.push(Note { pitch: 48, velocity: 90, start_beats: 0.0, len_beats: 2.0 });
+    forced.settings.texture = Texture::Melody;
+    w.ask(forced);
+    w.live.playhead_beats.store(10.0, Ordering::Release);
+    let (events, _, _) = w.collect(3, 100.0);
+    assert_eq!(events, vec![on(0.0, 67), off(1.0, 67)]);
 }
 
 #[test]

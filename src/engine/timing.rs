@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::{ContinuerFactory, Engine, EngineError, EngineStatus, ModelSlot};
 use live::link::WorkerLink;
 use live::phrase::AnswerChunk;
-use live::phrase::{AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Phrase};
+use live::phrase::{AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Phrase, Texture};
 use music::note::Note;
 
 /// Two bars of eighths and quarters in D major, as the audio thread hands a phrase over.
@@ -54,6 +54,8 @@ pub fn first_note_latencies(
             answer_id: trial,
             phrase: sample_phrase(),
             settings: GenSettings {
+                texture: Texture::Melody,
+                max_voices: 1,
                 len_beats: Some(8.0),
                 key_lock: KeyLock::FollowPhrase,
                 lowest_pitch: 48,

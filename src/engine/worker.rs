@@ -10,15 +10,18 @@ use nice_plug::prelude::{nice_log, nice_warn};
 
 use live::link::WorkerLink;
 use live::phrase::{
-    AnswerChunk, AnswerEvent, AnswerEventKind, AnswerRequest, KeyLock, LiveShared, LOOKAHEAD_BEATS,
+    AnswerChunk, AnswerEvent, AnswerEventKind, AnswerRequest, KeyLock, LiveShared, Phrase, Texture,
+    LOOKAHEAD_BEATS, MAX_PHRASE_NOTES,
 };
 use model::SamplingSettings;
 use music::bar::BarPhase;
-use music::encode::{encode, EncodeConfig, StepGrid};
+use music::encode::StepGrid;
 use music::key::estimate_key;
-use music::{PitchRules, Symbol};
+use music::{Frame, PianoRoll, PitchRules, PitchSet};
 
-use super::{Continuer, ContinuerFactory, EngineError, EngineState, EngineStatus, ModelSlot, ModelSource};
+use super::{
+    Continuer, ContinuerFactory, EngineError, EngineState, EngineStatus, ModelSlot, ModelSource, Voicing,
+};
 
 /// How long the worker sleeps between looks at the playhead while an answer is ahead of it.
 const AHEAD_POLL: Duration = Duration::from_millis(1);
@@ -30,42 +33,31 @@ const PHRASE_POLL: Duration = Duration::from_millis(1);
 /// How long the worker sleeps when idle before it looks at the queue and the model choice again.
 const IDLE_POLL: Duration = Duration::from_millis(20);
 
-/// Symbols of its own output a continuous answer keeps to start over from after a delimiter.
+/// Steps of its own output a continuous answer keeps to start over from after the model ends
+/// a piece.
 const CONTINUOUS_HISTORY_STEPS: usize = 256;
 
-/// Turns the symbols of an answer, one step at a time, into note starts and ends in beats from
-/// the answer's start.
+/// Turns the steps of an answer, one at a time, into note starts and ends in beats from the
+/// answer's start: a pitch struck, or sounding where it did not, starts a note; a pitch that
+/// stops sounding, or is struck again, ends its note.
 #[derive(Clone, Debug)]
 pub struct NoteStream {
     step_beats: f64,
     len_steps: Option<u64>,
     num_steps: u64,
-    sounding_pitch: Option<u8>,
-    /// The primer's last note, when it sounds up to the primer's end: a continuation that
-    /// starts by holding it plays it anew at the answer's start.
-    carried_pitch: Option<u8>,
+    sounding: PitchSet,
     is_finished: bool,
 }
 
 impl NoteStream {
-    /// A stream on `grid` that ends after `len_beats` (never, for `None`). `carried_pitch` is
-    /// the note the primer ends on, if it sounds up to the primer's end.
-    pub fn new(grid: StepGrid, len_beats: Option<f64>, carried_pitch: Option<u8>) -> Self {
+    /// A stream on `grid` that ends after `len_beats` (never, for `None`).
+    pub fn new(grid: StepGrid, len_beats: Option<f64>) -> Self {
         Self {
             step_beats: grid.step_beats(),
             len_steps: len_beats.map(|len| grid.nearest_steps(len) as u64),
             num_steps: 0,
-            sounding_pitch: None,
-            carried_pitch,
+            sounding: PitchSet::EMPTY,
             is_finished: false,
-        }
-    }
-
-    /// The note a primer's symbols end on, if it sounds up to their end (no rest after it).
-    pub fn last_sounding_pitch(primer: &[Symbol]) -> Option<u8> {
-        match primer.iter().rev().find(|s| **s != Symbol::Hold) {
-            Some(Symbol::Pitch(pitch)) => Some(*pitch),
-            _ => None,
         }
     }
 
@@ -89,66 +81,60 @@ impl NoteStream {
         self.len_steps.is_some_and(|len| self.num_steps >= len)
     }
 
-    /// Takes the next step's symbol. The phrase's last note, when the answer carries it on, is
-    /// moved to the nearest pitch `pitches` allow (the model's own pitches keep to them
-    /// already). A delimiter ends the sounding note and, unless `is_continuous`, the answer.
-    /// Returns whether it was a delimiter.
-    pub fn push(&mut self, symbol: Symbol, pitches: &PitchRules, out: &mut impl FnMut(AnswerEvent)) -> bool {
+    /// Takes the next step; `None` (the model ended the piece) ends every sounding note, and
+    /// takes its step as a rest. Ends come before starts, and pitches ascend within each.
+    pub fn push(&mut self, step: Option<Frame>, out: &mut impl FnMut(AnswerEvent)) {
         if self.is_finished {
-            return false;
+            return;
         }
         let at_beats = self.written_until_beats();
-        let mut is_delimiter = false;
-        if let Some(pitch) = self.carried_pitch.take() {
-            if symbol == Symbol::Hold {
-                // The phrase's last note goes on: the answer starts with it.
-                let pitch = pitches.nearest(pitch);
-                out(AnswerEvent { at_beats, kind: AnswerEventKind::NoteOn { pitch } });
-                self.sounding_pitch = Some(pitch);
-            }
+        let Some(frame) = step else {
+            self.end_all(at_beats, out);
+            self.num_steps += 1;
+            return;
+        };
+        let ends = self.sounding.difference(frame.sounding).union(self.sounding.intersection(frame.struck));
+        for pitch in ends.iter() {
+            out(AnswerEvent { at_beats, kind: AnswerEventKind::NoteOff { pitch } });
         }
-        match symbol {
-            Symbol::Pitch(pitch) => {
-                self.end_note(at_beats, out);
-                out(AnswerEvent { at_beats, kind: AnswerEventKind::NoteOn { pitch } });
-                self.sounding_pitch = Some(pitch);
-            }
-            Symbol::Hold => {}
-            Symbol::Rest => self.end_note(at_beats, out),
-            Symbol::Delimiter => {
-                self.end_note(at_beats, out);
-                is_delimiter = true;
-            }
+        let starts =
+            frame.struck.union(frame.sounding.difference(self.sounding)).intersection(frame.sounding);
+        for pitch in starts.iter() {
+            out(AnswerEvent { at_beats, kind: AnswerEventKind::NoteOn { pitch } });
         }
+        self.sounding = frame.sounding;
         self.num_steps += 1;
-        is_delimiter
     }
 
     /// Ends the answer where it stands (its length is reached, the model said so, or it failed).
     pub fn finish(&mut self, out: &mut impl FnMut(AnswerEvent)) {
         let at_beats = self.written_until_beats();
-        self.end_note(at_beats, out);
+        self.end_all(at_beats, out);
         self.is_finished = true;
     }
 
-    fn end_note(&mut self, at_beats: f64, out: &mut impl FnMut(AnswerEvent)) {
-        if let Some(pitch) = self.sounding_pitch.take() {
+    fn end_all(&mut self, at_beats: f64, out: &mut impl FnMut(AnswerEvent)) {
+        for pitch in self.sounding.iter() {
             out(AnswerEvent { at_beats, kind: AnswerEventKind::NoteOff { pitch } });
         }
+        self.sounding = PitchSet::EMPTY;
     }
 }
 
 /// The answer being written.
 struct ActiveAnswer {
     id: u32,
+    /// Which of the worker's continuers writes it.
+    voicing: Voicing,
     stream: NoteStream,
-    /// How the answer's symbols are sampled (the temperature is set before every step).
+    /// How the answer's steps are sampled (the temperature is set before every step).
     sampling: SamplingSettings,
+    max_voices: usize,
     is_continuous: bool,
     seed: u64,
     num_restarts: u64,
-    /// The primer and what was written since, for a continuous answer to start over from.
-    history: Vec<Symbol>,
+    /// The steps written, for a continuous answer to start over from.
+    history: Vec<Frame>,
     /// Where in the host's bar the next step to write lies, when the host gives its meter.
     next_bar: Option<BarPhase>,
 }
@@ -159,7 +145,10 @@ pub(super) struct Worker {
     live: Arc<LiveShared>,
     status: Arc<EngineStatus>,
     link: Arc<WorkerLink>,
+    /// The chosen model (or the built-in one standing in for it).
     continuer: Option<Box<dyn Continuer>>,
+    /// The built-in model of the other voicing, for a Texture the chosen model does not write.
+    companion: Option<Box<dyn Continuer>>,
     /// `ModelSlot::version` of the model loaded (or tried).
     loaded_version: Option<u64>,
     /// Whether the continuer is the built-in model (chosen, or standing in for a model that
@@ -185,6 +174,7 @@ impl Worker {
             status,
             link,
             continuer: None,
+            companion: None,
             loaded_version: None,
             is_builtin_loaded: false,
             answer: None,
@@ -282,6 +272,7 @@ impl Worker {
         };
         match outcome {
             Ok((continuer, state, detail)) => {
+                self.load_companion(continuer.voicing());
                 self.continuer = Some(continuer);
                 self.live.is_model_ready.store(true, Ordering::Release);
                 self.status.set(state, detail);
@@ -299,13 +290,42 @@ impl Worker {
         }
     }
 
+    /// Loads the built-in model of the voicing the chosen model lacks (kept when it is loaded
+    /// already). Without it, every answer comes from the chosen model.
+    fn load_companion(&mut self, chosen: Voicing) {
+        let wanted = match chosen {
+            Voicing::Melody => Voicing::Chords,
+            Voicing::Chords => Voicing::Melody,
+        };
+        if self.companion.as_ref().is_some_and(|c| c.voicing() == wanted) {
+            return;
+        }
+        let loaded = match wanted {
+            Voicing::Chords => self.factory.load_builtin_chords(),
+            Voicing::Melody => self.factory.load(&ModelSource::Builtin),
+        };
+        self.companion = match loaded {
+            Ok(companion) => Some(companion),
+            Err(err) => {
+                nice_warn!("Antiphon: {err}; the chosen model answers every phrase");
+                None
+            }
+        };
+    }
+
     fn start_answer(&mut self, request: AnswerRequest) {
         self.answer = None;
         if self.live.active_answer_id.load(Ordering::Acquire) != request.answer_id {
             return; // Already cancelled or replaced.
         }
-        let Some(continuer) = self.continuer.as_mut() else { return };
-        match begin_answer(continuer.as_mut(), &request) {
+        let wanted = match request.settings.texture {
+            Texture::Melody => Voicing::Melody,
+            Texture::Chords => Voicing::Chords,
+            Texture::Auto if request.phrase.has_chords() => Voicing::Chords,
+            Texture::Auto => Voicing::Melody,
+        };
+        let Some(continuer) = pick(&mut self.continuer, &mut self.companion, wanted) else { return };
+        match begin_answer(continuer, &request) {
             Ok(answer) => self.answer = Some(answer),
             Err(err) => {
                 nice_warn!("Antiphon: no answer: {err}");
@@ -327,7 +347,8 @@ impl Worker {
         }
         let target_beats = self.target_beats();
         let active_id = self.live.active_answer_id.load(Ordering::Acquire);
-        let (Some(answer), Some(continuer)) = (self.answer.as_mut(), self.continuer.as_mut()) else { return };
+        let Some(answer) = self.answer.as_mut() else { return };
+        let Some(continuer) = pick(&mut self.continuer, &mut self.companion, answer.voicing) else { return };
         if answer.id != active_id {
             self.answer = None;
             return;
@@ -339,10 +360,11 @@ impl Worker {
         let mut failure = None;
         let grid = continuer.grid();
         let written_before_beats = answer.stream.written_until_beats();
-        // Room for the two events one step can make (an end and a start).
-        // A full answer is finished at once, target or not, so its last note's end is known
-        // before the answer's end is reached.
-        while chunk.events.remaining_capacity() >= 2
+        // Room for the events one step can make (an end and a start per voice). A full answer
+        // is finished at once, target or not, so its last notes' ends are known before the
+        // answer's end is reached.
+        let room = 2 * answer.max_voices.max(1);
+        while chunk.events.remaining_capacity() >= room
             && (answer.stream.is_full() || answer.stream.written_until_beats() < target_beats)
         {
             let mut push = |event| chunk.events.push(event);
@@ -351,39 +373,39 @@ impl Worker {
                 break;
             }
             answer.sampling.temperature = self.live.temperature.load(Ordering::Relaxed);
-            let symbol = match continuer.next_symbol(&answer.sampling) {
-                Ok(symbol) => symbol,
+            let step = match continuer.next_step(&answer.sampling, answer.max_voices) {
+                Ok(step) => step,
                 Err(err) => {
                     answer.stream.finish(&mut push);
                     failure = Some(err);
                     break;
                 }
             };
-            let is_delimiter = answer.stream.push(symbol, &answer.sampling.pitches, &mut push);
+            answer.stream.push(step, &mut push);
             answer.next_bar = answer.next_bar.map(|b| b.shifted(1, grid));
-            if answer.is_continuous {
-                answer.history.push(symbol);
-                if answer.history.len() > 2 * CONTINUOUS_HISTORY_STEPS {
-                    answer.history.drain(..answer.history.len() - CONTINUOUS_HISTORY_STEPS);
-                }
-            }
-            if is_delimiter {
+            let Some(frame) = step else {
                 if !answer.is_continuous {
                     answer.stream.finish(&mut push);
                     break;
                 }
                 // Continuous: start over from its own recent output, with a seed of its own.
                 answer.num_restarts += 1;
-                let tail_idx = answer.history.len().saturating_sub(CONTINUOUS_HISTORY_STEPS);
-                let primer: Vec<Symbol> =
-                    answer.history[tail_idx..].iter().copied().filter(|s| *s != Symbol::Delimiter).collect();
+                let tail = &answer.history[answer.history.len().saturating_sub(CONTINUOUS_HISTORY_STEPS)..];
+                let primer = phrase_of(tail, grid);
                 // The new primer is played as if it ended where the next step starts.
-                let bar = answer.next_bar.map(|b| b.shifted(-(primer.len() as i64), grid));
+                let bar = answer.next_bar.map(|b| b.shifted(-(tail.len() as i64), grid));
                 if let Err(err) = continuer.begin(&primer, bar, answer.seed.wrapping_add(answer.num_restarts))
                 {
                     answer.stream.finish(&mut push);
                     failure = Some(err);
                     break;
+                }
+                continue;
+            };
+            if answer.is_continuous {
+                answer.history.push(frame);
+                if answer.history.len() > 2 * CONTINUOUS_HISTORY_STEPS {
+                    answer.history.drain(..answer.history.len() - CONTINUOUS_HISTORY_STEPS);
                 }
             }
         }
@@ -413,16 +435,40 @@ fn empty_chunk(answer_id: u32) -> AnswerChunk {
     AnswerChunk { answer_id, events: Default::default(), written_until_beats: 0.0, is_finished: false }
 }
 
-/// Encodes the request's phrase on the continuer's grid and starts the continuer on it.
+/// The continuer of `voicing`: the chosen model's, else its companion's, else the chosen one.
+fn pick<'a>(
+    continuer: &'a mut Option<Box<dyn Continuer>>,
+    companion: &'a mut Option<Box<dyn Continuer>>,
+    voicing: Voicing,
+) -> Option<&'a mut (dyn Continuer + 'static)> {
+    let chosen_fits = continuer.as_ref().is_some_and(|c| c.voicing() == voicing);
+    let companion_fits = companion.as_ref().is_some_and(|c| c.voicing() == voicing);
+    if !chosen_fits && companion_fits {
+        return companion.as_mut().map(|c| c.as_mut());
+    }
+    match continuer {
+        Some(c) => Some(c.as_mut()),
+        None => companion.as_mut().map(|c| c.as_mut()),
+    }
+}
+
+/// The steps of `frames` on `grid` as a phrase ending after the last of them (its latest notes,
+/// when they are more than a phrase holds).
+fn phrase_of(frames: &[Frame], grid: StepGrid) -> Phrase {
+    let notes = PianoRoll { frames: frames.to_vec() }.to_notes(grid, music::note::DEFAULT_VELOCITY);
+    let mut phrase = Phrase::empty(4.0);
+    phrase.len_beats = frames.len() as f64 * grid.step_beats();
+    phrase.notes.extend(notes[notes.len().saturating_sub(MAX_PHRASE_NOTES)..].iter().copied());
+    phrase
+}
+
+/// Starts the continuer on the request's phrase and sets up the answer's stream.
 fn begin_answer(continuer: &mut dyn Continuer, request: &AnswerRequest) -> Result<ActiveAnswer, EngineError> {
     let grid = continuer.grid();
-    let melody = request.phrase.quantized(grid).to_melody();
-    let cfg = EncodeConfig::any_on(grid);
-    let primer = encode(&melody, &cfg)?;
     let settings = &request.settings;
     let key = match settings.key_lock {
         KeyLock::Off => None,
-        KeyLock::FollowPhrase => estimate_key(&melody.notes),
+        KeyLock::FollowPhrase => estimate_key(&request.phrase.notes),
         KeyLock::Fixed(key) => Some(key),
     };
     let is_continuous = settings.len_beats.is_none();
@@ -432,15 +478,37 @@ fn begin_answer(continuer: &mut dyn Continuer, request: &AnswerRequest) -> Resul
         ..SamplingSettings::default()
     };
     let bar = request.phrase.meter.map(BarPhase::downbeat);
-    continuer.begin(&primer, bar, request.seed)?;
+    continuer.begin(&request.phrase, bar, request.seed)?;
+    let len_steps = grid.nearest_steps(request.phrase.len_beats) as i64;
+    let max_voices = match continuer.voicing() {
+        Voicing::Melody => 1,
+        Voicing::Chords => settings.max_voices.max(1) as usize,
+    };
     Ok(ActiveAnswer {
-        next_bar: bar.map(|b| b.shifted(primer.len() as i64, grid)),
+        next_bar: bar.map(|b| b.shifted(len_steps, grid)),
         id: request.answer_id,
-        stream: NoteStream::new(grid, settings.len_beats, NoteStream::last_sounding_pitch(&primer)),
+        voicing: continuer.voicing(),
+        stream: NoteStream::new(grid, settings.len_beats),
         sampling,
+        max_voices,
         is_continuous,
         seed: request.seed,
         num_restarts: 0,
-        history: if is_continuous { primer } else { Vec::new() },
+        history: if is_continuous {
+            heard_frames(&request.phrase, continuer.voicing(), grid)
+        } else {
+            Vec::new()
+        },
     })
+}
+
+/// The phrase as the continuer hears it, a frame per step: every voice for chords, the top
+/// voice for a melody.
+fn heard_frames(phrase: &Phrase, voicing: Voicing, grid: StepGrid) -> Vec<Frame> {
+    let len_steps = grid.nearest_steps(phrase.len_beats) as usize;
+    let heard = match voicing {
+        Voicing::Melody => phrase.quantized(grid),
+        Voicing::Chords => phrase.clone(),
+    };
+    PianoRoll::from_notes(&heard.notes, grid, Some(len_steps)).frames
 }

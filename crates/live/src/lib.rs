@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use crate::keys::{HeldKeys, Holder, KeyChange, SoundingNotes};
 use crate::link::WorkerLink;
-use crate::phrase::{AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, LOOKAHEAD_BEATS};
+use crate::phrase::{
+    AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Texture, LOOKAHEAD_BEATS,
+};
 
 pub use capture::{Capture, TriggerMode};
 pub use clock::{BlockTime, Clock, ClockChange, HostTransport};
@@ -84,6 +86,10 @@ pub struct Settings {
     pub should_yield: bool,
     /// The answer goes on, extending itself, until it is stopped.
     pub is_continuous: bool,
+    /// One line or chords.
+    pub texture: Texture,
+    /// Most notes a chord answer sounds at once.
+    pub max_voices: u8,
     /// Scale constraint of the answer.
     pub key_lock: KeyLock,
     /// Lowest answer pitch, inclusive.
@@ -120,6 +126,8 @@ impl Default for Settings {
             answer_bars: 2,
             should_yield: true,
             is_continuous: false,
+            texture: Texture::Auto,
+            max_voices: 6,
             key_lock: KeyLock::Off,
             lowest_pitch: 48,
             highest_pitch: 84,
@@ -612,7 +620,14 @@ impl Scheduler {
         let request = AnswerRequest {
             answer_id: answer.id,
             phrase,
-            settings: GenSettings { len_beats, key_lock: settings.key_lock, lowest_pitch, highest_pitch },
+            settings: GenSettings {
+                texture: settings.texture,
+                max_voices: settings.max_voices,
+                len_beats,
+                key_lock: settings.key_lock,
+                lowest_pitch,
+                highest_pitch,
+            },
             seed: answer_seed(settings.seed, settings.is_fresh_seed, self.num_requests),
         };
         self.answer = Some(answer);

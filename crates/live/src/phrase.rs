@@ -17,10 +17,10 @@ use music::note::{Melody, Meter, Note};
 
 /// Most notes one captured phrase keeps; older notes are dropped first when a player goes on
 /// longer than this without a pause.
-pub const MAX_PHRASE_NOTES: usize = 128;
+pub const MAX_PHRASE_NOTES: usize = 256;
 
 /// Most answer events one chunk from the worker carries.
-pub const MAX_CHUNK_EVENTS: usize = 32;
+pub const MAX_CHUNK_EVENTS: usize = 64;
 
 /// How far ahead of the playhead the worker writes the answer, in beats. Notes closer to the
 /// playhead than this are already fixed; a temperature change reaches the notes after it.
@@ -52,10 +52,13 @@ impl Phrase {
         Self { notes: ArrayVec::new(), len_beats: 0.0, bar_beats, meter: None }
     }
 
-    /// The phrase with every onset and end moved to the nearest point of `grid`, made monophonic
-    /// the way the encoding needs it: of notes starting on the same step the highest pitch stays,
-    /// and a note ends where the next one starts. Notes keep at least one step; notes that start
-    /// at or after `len_beats` are dropped. Allocation-free.
+    /// The phrase with every onset and end moved to the nearest point of `grid`, reduced to its
+    /// top voice the way the melody encoding needs it (the skyline): of notes starting on the
+    /// same step the highest stays; a note that starts under a higher note still sounding is
+    /// accompaniment and is left out, unless the higher note ends within a step of it (legato
+    /// playing, where the next note goes down before the last is let go); a note ends where the
+    /// next kept one starts. Notes keep at least one step; notes that start at or after
+    /// `len_beats` are dropped. Allocation-free.
     pub fn quantized(&self, grid: StepGrid) -> Phrase {
         let step_beats = grid.step_beats();
         let len_steps = grid.nearest_steps(self.len_beats);
@@ -66,7 +69,7 @@ impl Phrase {
             meter: self.meter,
         };
         // (start_steps, end_steps, note) of the note being built; it is pushed once the next
-        // onset fixes where it must end.
+        // kept onset fixes where it must end.
         let mut open: Option<(u32, u32, Note)> = None;
         for note in &self.notes {
             let start_steps = grid.nearest_steps(note.start_beats);
@@ -82,6 +85,10 @@ impl Phrase {
                     }
                     continue;
                 }
+                let is_under = note.pitch < open_note.pitch && open_end > start_steps + 1;
+                if is_under {
+                    continue;
+                }
                 push_steps(&mut out, open_start, open_end.min(start_steps), open_note, step_beats);
             }
             open = Some((start_steps, end_steps, *note));
@@ -90,6 +97,23 @@ impl Phrase {
             push_steps(&mut out, open_start, open_end, open_note, step_beats);
         }
         out
+    }
+
+    /// Whether the phrase was played with chords or two hands rather than as one line: at least
+    /// two notes, and a quarter of them, sound together with another note for at least an
+    /// eighth of a beat and half the shorter note (a legato overlap is shorter).
+    pub fn has_chords(&self) -> bool {
+        let notes = &self.notes;
+        let overlaps = |a: &Note, b: &Note| {
+            let shared = a.end_beats().min(b.end_beats()) - a.start_beats.max(b.start_beats);
+            shared >= 0.125 && shared >= 0.5 * a.len_beats.min(b.len_beats)
+        };
+        let in_chords = notes
+            .iter()
+            .enumerate()
+            .filter(|&(i, a)| notes.iter().enumerate().any(|(j, b)| i != j && overlaps(a, b)))
+            .count();
+        in_chords >= 2 && 4 * in_chords >= notes.len()
     }
 
     /// The phrase as a [`Melody`] from its origin to `len_beats`, in the given meter. Allocates:
@@ -149,9 +173,28 @@ pub enum KeyLock {
     Fixed(Key),
 }
 
+/// Whether an answer is one line or chords.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Texture {
+    /// Chords to a phrase played with chords, one line to a melody.
+    #[default]
+    Auto,
+    /// One line, whatever was played (a phrase with chords is heard by its top voice).
+    Melody,
+    /// Chords, whatever was played.
+    Chords,
+}
+
+/// Most voices an answer may sound at once (the Max Voices parameter's top).
+pub const MAX_ANSWER_VOICES: u8 = 12;
+
 /// What the worker needs to know to write an answer, fixed when the phrase ends.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GenSettings {
+    /// One line or chords.
+    pub texture: Texture,
+    /// Most notes a chord answer sounds at once, 1..=`MAX_ANSWER_VOICES`.
+    pub max_voices: u8,
     /// Length of the answer in beats; `None` in continuous mode, where the answer goes on until
     /// the audio thread ends it.
     pub len_beats: Option<f64>,
@@ -316,6 +359,25 @@ mod tests {
         assert_eq!(triples(&q), vec![(67, 0.0, 1.0), (64, 1.0, 1.0), (65, 2.5, 0.25)]);
         // The encoding accepts it.
         assert!(music::encode::encode(&q.to_melody(), &Default::default()).is_ok());
+    }
+
+    #[test]
+    fn the_top_voice_is_kept_and_the_hand_below_left_out() {
+        // A held melody note with a left-hand note struck under it, then a legato step down
+        // whose overlap is under a step.
+        let p = phrase(&[(72, 0.0, 2.0), (48, 0.5, 1.0), (71, 2.0, 1.04), (69, 3.0, 1.0)], 4.0);
+        let q = p.quantized(StepGrid::SIXTEENTHS);
+        assert_eq!(triples(&q), vec![(72, 0.0, 2.0), (71, 2.0, 1.0), (69, 3.0, 1.0)]);
+    }
+
+    #[test]
+    fn chords_are_told_from_a_line() {
+        let line = phrase(&[(60, 0.0, 1.02), (62, 1.0, 1.0), (64, 2.0, 1.0)], 4.0);
+        assert!(!line.has_chords(), "a legato line");
+        let chords = phrase(&[(60, 0.0, 2.0), (64, 0.0, 2.0), (67, 0.01, 2.0), (62, 2.0, 2.0)], 4.0);
+        assert!(chords.has_chords());
+        let two_hands = phrase(&[(48, 0.0, 4.0), (72, 0.0, 1.0), (74, 1.0, 1.0), (76, 2.0, 2.0)], 4.0);
+        assert!(two_hands.has_chords(), "a held bass under a melody");
     }
 
     #[test]
