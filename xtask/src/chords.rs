@@ -16,13 +16,33 @@ use train::chords::{
 
 use crate::train::{plot_curves, TrainArgs};
 
-/// Reads `.frames` files and MIDI files or folders (comma-separated) into one set.
+/// Reads `.frames` files and MIDI files or folders (comma-separated) into one set, on `grid`.
+/// A `.frames` file is taken to be on `grid` unless its path ends in `@K`: K frames a quarter
+/// note, stretched to the grid (`jsb-chorales/train.frames@1` on a grid of 2).
 fn read_rolls(paths: &str, grid: StepGrid) -> Result<RollSet> {
     let mut set = RollSet::default();
     let mut skipped = Vec::new();
-    for path in paths.split(',').filter(|p| !p.is_empty()).map(PathBuf::from) {
+    for spec in paths.split(',').filter(|p| !p.is_empty()) {
+        let (path, frames_per_quarter) = match spec.rsplit_once('@') {
+            Some((path, k)) => {
+                (path, k.parse::<u32>().with_context(|| format!("{spec}: @K needs a whole number"))?)
+            }
+            None => (spec, grid.steps_per_quarter),
+        };
+        let path = PathBuf::from(path);
         if path.extension().is_some_and(|e| e == "frames") {
+            if frames_per_quarter == 0 || grid.steps_per_quarter % frames_per_quarter != 0 {
+                bail!(
+                    "{spec}: {frames_per_quarter} frames a quarter do not divide the grid's {}",
+                    grid.steps_per_quarter
+                );
+            }
+            let first = set.rolls.len();
             set.add_frames_file(&path)?;
+            let factor = (grid.steps_per_quarter / frames_per_quarter) as usize;
+            for roll in &mut set.rolls[first..] {
+                *roll = roll.stretched(factor);
+            }
         } else {
             set.add_midi(&path, grid, &mut |reason| skipped.push(reason))?;
         }
@@ -68,7 +88,11 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         train_set.sources.extend(part.sources);
     }
     // Data read from `.frames` files records no onsets.
-    cfg.restrikes = !args.data.iter().all(|d| d.ends_with(".frames"));
+    cfg.restrikes = !args
+        .data
+        .iter()
+        .flat_map(|d| d.split(','))
+        .all(|p| p.split('@').next().is_some_and(|p| p.ends_with(".frames")));
     let valid_set = match &args.valid {
         Some(paths) => read_rolls(paths, grid)?,
         None => {

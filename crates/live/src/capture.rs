@@ -371,7 +371,7 @@ mod tests {
             c.note_on(at, 0, 60 + (i % 12) as u8, 100, Some(0.0), 4.0);
             c.note_off(at + 0.25, 0, 60 + (i % 12) as u8);
         }
-        let (p, origin) = c.phrase_until(100.0, 4.0, 4.0);
+        let (p, origin) = c.phrase_until(200.0, 4.0, 4.0);
         assert_eq!(p.notes.len(), MAX_PHRASE_NOTES);
         // The oldest kept note starts at 4.0 (note 8), so the origin is the bar at 4.
         assert_eq!(origin, 4.0);

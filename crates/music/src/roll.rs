@@ -231,6 +231,22 @@ impl PianoRoll {
         Some(PianoRoll { frames })
     }
 
+    /// The roll on a grid `factor` times finer: each frame becomes `factor` frames, its notes
+    /// struck on the first.
+    pub fn stretched(&self, factor: usize) -> Self {
+        let frames = self
+            .frames
+            .iter()
+            .flat_map(|&f| {
+                std::iter::once(f).chain(std::iter::repeat_n(
+                    Frame { sounding: f.sounding, struck: PitchSet::EMPTY },
+                    factor.max(1) - 1,
+                ))
+            })
+            .collect();
+        PianoRoll { frames }
+    }
+
     /// Most pitches sounding in one frame.
     pub fn max_voices(&self) -> usize {
         self.frames.iter().map(|f| f.sounding.len()).max().unwrap_or(0)
@@ -532,6 +548,15 @@ mod tests {
             let notes = roll.to_notes(grid, 80);
             assert_eq!(PianoRoll::from_notes(&notes, grid, Some(roll.frames.len())), roll);
         }
+    }
+
+    #[test]
+    fn a_stretched_roll_holds_its_notes() {
+        let roll = PianoRoll::from_chords(&[PitchSet::of(&[60, 64]), PitchSet::of(&[64])]);
+        let grid = StepGrid { steps_per_quarter: 1 };
+        let fine = StepGrid { steps_per_quarter: 2 };
+        assert_eq!(roll.stretched(2).to_notes(fine, 80), roll.to_notes(grid, 80));
+        assert_eq!(roll.stretched(2).frames.len(), 4);
     }
 
     #[test]

@@ -210,6 +210,8 @@ pub trait ChordObserver {
     fn on_epoch_end(&mut self, _record: &ChordEpoch, _summary: &ChordTrainSummary) {}
 }
 
+impl ChordObserver for crate::trainer::Quiet {}
+
 /// Files of the checkpoint `--resume` continues from.
 const LAST_WEIGHTS: &str = "last.safetensors";
 const LAST_OPTIMIZER: &str = "optimizer.safetensors";
@@ -429,13 +431,16 @@ pub fn train_chords(
     let lstm = ChordLstm::new(&model_config, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
     let initial = if resume {
         let previous: ChordTrainSummary = read_json(&out.join(TRAIN_FILE))?;
-        if previous.config != *cfg || previous.model != model_config {
+        // A resumed run may go on for more epochs, or wait longer for a better one.
+        let same_run =
+            ChordTrainConfig { epochs: cfg.epochs, patience: cfg.patience, ..previous.config.clone() };
+        if same_run != *cfg || previous.model != model_config {
             return Err(ModelError::StaleCheckpoint {
                 path: out.join(TRAIN_FILE).display().to_string(),
                 problem: "the run to resume had other settings".into(),
             });
         }
-        summary = previous;
+        summary = ChordTrainSummary { config: cfg.clone(), ..previous };
         summary.stop_reason.clear();
         read_tensors(&out.join(LAST_WEIGHTS), &device)?
     } else {
