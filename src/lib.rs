@@ -271,15 +271,18 @@ impl ClapPlugin for Antiphon {
                 page.add_param(&params.gate_percent);
                 page.add_param(&params.channel);
             });
-            section.add_page("Key, Texture and Model", |page| {
-                page.add_param(&params.key_root);
-                page.add_param(&params.scale);
+            section.add_page("Texture, Key and Model", |page| {
                 page.add_param(&params.texture);
                 page.add_param(&params.max_voices);
+                page.add_param(&params.key_root);
+                page.add_param(&params.scale);
                 page.add_param(&params.model_select);
                 page.add_param(&params.seed);
                 page.add_param(&params.is_fresh_seed);
                 page.add_param(&params.answer_now);
+            });
+            section.add_page("Clock", |page| {
+                page.add_param(&params.free_tempo_bpm);
             });
         });
     }
