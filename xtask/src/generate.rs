@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use model::chords::{is_chord_config, ChordGenerator, ChordModel};
+use model::io::CONFIG_FILE;
 use model::{LoadedModel, PhraseContinuation, PitchClassSet, PitchRules, SamplingSettings};
 use music::encode::{decode, parse_symbols, symbols_to_string};
-use music::midi::{parse_midi, write_midi, MelodyChoice};
-use music::{abc, Key, Melody, Meter, Mode};
+use music::midi::{parse_midi, read_midi_notes, write_midi, MelodyChoice};
+use music::{abc, Key, Melody, Meter, Mode, PianoRoll};
 
-/// Continue a primer melody with a model and write MIDI.
+/// Continue a primer melody (or, with --chords, a polyphonic MIDI file) with a model and write
+/// MIDI.
 ///
 /// The same model, primer, settings and seed always give the same notes, as in the plugin.
 /// Example: cargo xtask generate --primer "60 _ 62 _ 64 _ _ _" --bars 4 --seed 7 --out answer.mid
@@ -75,9 +78,41 @@ pub struct GenerateArgs {
     /// Tempo of the MIDI file in quarter notes per minute, when the primer gives none.
     #[arg(long, default_value_t = 100.0)]
     tempo: f64,
+    /// Continue with chords: the built-in chord model, or the chord model of --model (a chord
+    /// model directory is recognised by itself). The primer is a .mid file, every voice heard.
+    #[arg(long)]
+    chords: bool,
+    /// With chords: most notes sounding at once.
+    #[arg(long, default_value_t = 6)]
+    max_voices: usize,
+}
+
+/// The sampling settings the flags describe.
+fn sampling(args: &GenerateArgs) -> Result<SamplingSettings> {
+    Ok(SamplingSettings {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        pitches: PitchRules {
+            lowest_pitch: args.lowest,
+            highest_pitch: args.highest,
+            pitch_classes: match &args.scale {
+                Some(text) => PitchClassSet::of_key(parse_key(text)?),
+                None => PitchClassSet::ALL,
+            },
+        },
+        may_end: !args.no_end,
+    })
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    let is_chord_dir = args
+        .model
+        .as_ref()
+        .is_some_and(|dir| std::fs::read(dir.join(CONFIG_FILE)).is_ok_and(|bytes| is_chord_config(&bytes)));
+    if args.chords || is_chord_dir {
+        return run_chords(&args);
+    }
     let model = Arc::new(crate::load_model(args.model.as_deref(), !args.no_memory)?);
     let mut primer = read_primer(&args.primer, args.tune, &model)?;
     if let Some(text) = &args.meter {
@@ -97,20 +132,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             grid.nearest_steps(bar_beats * bars.unwrap_or(4) as f64) as usize
         }
     };
-    let settings = SamplingSettings {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        pitches: PitchRules {
-            lowest_pitch: args.lowest,
-            highest_pitch: args.highest,
-            pitch_classes: match &args.scale {
-                Some(text) => PitchClassSet::of_key(parse_key(text)?),
-                None => PitchClassSet::ALL,
-            },
-        },
-        may_end: !args.no_end,
-    };
+    let settings = sampling(&args)?;
 
     let mut phrase = PhraseContinuation::start(Arc::clone(&model), &primer, num_steps, args.seed)?;
     while phrase.next_symbol(&settings)?.is_some() {}
@@ -141,6 +163,69 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             primer.notes.len(),
             continuation.notes.len()
         );
+    }
+    Ok(())
+}
+
+/// `generate` with a chord model: the primer's every voice, continued a frame at a time.
+fn run_chords(args: &GenerateArgs) -> Result<()> {
+    let model = Arc::new(match &args.model {
+        Some(dir) => ChordModel::load_dir(dir),
+        None => ChordModel::builtin(),
+    }?);
+    let grid = model.config.grid;
+    let (notes, meter, tempo) = if args.primer.is_empty() {
+        (Vec::new(), None, None)
+    } else {
+        let path = Path::new(&args.primer);
+        let notes = read_midi_notes(path)
+            .with_context(|| format!("reading {} (a chord primer is a .mid file)", args.primer))?;
+        let first =
+            parse_midi(&std::fs::read(path)?, &args.primer, MelodyChoice::MainTrack)?.into_iter().next();
+        (notes, first.as_ref().and_then(|m| m.meter), first.and_then(|m| m.tempo_qpm))
+    };
+    let meter = match &args.meter {
+        Some(text) => parse_meter(text)?,
+        None => meter.unwrap_or(Meter::COMMON),
+    };
+    // The primer runs to the bar line at or after its last note's end.
+    let end_beats = notes.iter().map(|n| n.end_beats()).fold(0.0, f64::max);
+    let primer_bars = (end_beats / meter.bar_beats() - 1e-9).ceil().max(0.0);
+    let primer_steps = grid.nearest_steps(primer_bars * meter.bar_beats()) as usize;
+    let num_steps = match (args.steps, args.bars) {
+        (Some(steps), _) => steps,
+        (None, bars) => grid.nearest_steps(meter.bar_beats() * bars.unwrap_or(4) as f64) as usize,
+    };
+    let settings = sampling(args)?;
+    let mut generator = ChordGenerator::new(Arc::clone(&model), args.seed)?;
+    for &frame in &PianoRoll::from_notes(&notes, grid, Some(primer_steps)).frames {
+        generator.feed_frame(frame)?;
+    }
+    let frames = (0..num_steps)
+        .map(|_| generator.next_frame(&settings, args.max_voices))
+        .collect::<Result<Vec<_>, _>>()?;
+    let continuation = PianoRoll { frames }.to_notes(grid, music::note::DEFAULT_VELOCITY);
+    let start_beats = primer_steps as f64 * grid.step_beats();
+    println!("model: {}", model.origin);
+    println!(
+        "{} primer notes over {} bars, then {} notes in {} frames of {} a quarter",
+        notes.len(),
+        primer_bars,
+        continuation.len(),
+        num_steps,
+        grid.steps_per_quarter
+    );
+    if let Some(out) = &args.out {
+        let mut song = Melody::from_notes(Vec::new());
+        song.notes = notes;
+        song.notes.extend(
+            continuation.iter().map(|n| music::Note { start_beats: n.start_beats + start_beats, ..*n }),
+        );
+        song.end_beats = start_beats + num_steps as f64 * grid.step_beats();
+        song.meter = Some(meter);
+        std::fs::write(out, write_midi(&song, tempo.unwrap_or(args.tempo)))
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!("wrote {}", out.display());
     }
     Ok(())
 }
