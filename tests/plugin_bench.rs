@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use antiphon::engine::lstm::LstmFactory;
 use antiphon::engine::timing::first_note_latencies;
+use live::phrase::Texture;
 use plugin_host::{Plugin, Take};
 
 fn percentile(sorted: &[Duration], fraction: f64) -> Duration {
@@ -35,7 +36,7 @@ fn describe(times: &mut [Duration]) -> String {
 #[test]
 #[ignore]
 fn time_from_phrase_end_to_first_note() {
-    let mut times = first_note_latencies(Arc::new(LstmFactory), 200).unwrap();
+    let mut times = first_note_latencies(Arc::new(LstmFactory), Texture::Melody, 200).unwrap();
     println!("phrase end → first answer note ready (built-in LSTM): {}", describe(&mut times));
 }
 

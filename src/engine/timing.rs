@@ -25,13 +25,29 @@ pub fn sample_phrase() -> Phrase {
     phrase
 }
 
-/// Starts a worker with `factory`'s built-in model and times, `trials` times, from handing it
+/// `sample_phrase`'s melody over a left hand holding a triad a bar: a phrase the chord model
+/// answers.
+pub fn sample_chord_phrase() -> Phrase {
+    let mut phrase = sample_phrase();
+    for (bar, triad) in [[50u8, 54, 57], [55, 59, 62]].iter().enumerate() {
+        for &pitch in triad {
+            phrase.notes.push(Note { pitch, velocity: 80, start_beats: bar as f64 * 4.0, len_beats: 3.9 });
+        }
+    }
+    phrase.notes.sort_by(|a, b| a.start_beats.total_cmp(&b.start_beats));
+    phrase
+}
+
+/// Starts a worker with `factory`'s built-in models and times, `trials` times, from handing it
 /// a phrase (as the audio thread does at the phrase's end) until a chunk with the answer's first
 /// note-on arrives. An answer that opens with a long rest is not waited for in musical time:
 /// the playhead jumps to what was written, so the figure is the worker's work alone. Between trials the answer is cancelled and the worker left to go idle, as
 /// between phrases.
+/// The answer is written with `texture`, to `sample_chord_phrase` for chords and
+/// `sample_phrase` otherwise.
 pub fn first_note_latencies(
     factory: Arc<dyn ContinuerFactory>,
+    texture: Texture,
     trials: u32,
 ) -> Result<Vec<Duration>, EngineError> {
     let live = Arc::new(LiveShared::new());
@@ -52,10 +68,10 @@ pub fn first_note_latencies(
     for trial in 1..=trials {
         let request = AnswerRequest {
             answer_id: trial,
-            phrase: sample_phrase(),
+            phrase: if texture == Texture::Chords { sample_chord_phrase() } else { sample_phrase() },
             settings: GenSettings {
-                texture: Texture::Melody,
-                max_voices: 1,
+                texture,
+                max_voices: 6,
                 len_beats: Some(8.0),
                 key_lock: KeyLock::FollowPhrase,
                 lowest_pitch: 48,

@@ -16,11 +16,13 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::rnn::{LSTMConfig, LSTMState, RNN};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
+use live::phrase::Texture;
+use model::chords::{ChordGenerator, ChordModel};
 use model::fast::{FastLstm, WeightFormat};
 use model::int8;
 use model::lstm::nll_and_argmax;
 use model::{Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, Sampler, SamplingSettings};
-use music::{Symbol, TokenId, Vocab};
+use music::{Frame, PitchSet, Symbol, TokenId, Vocab};
 use train::SequenceForward;
 
 /// Time generation and training: ours against candle-nn's stock LSTM, same weights and sizes.
@@ -344,24 +346,66 @@ fn generation(args: &BenchArgs) -> Result<()> {
 }
 
 /// The time from a phrase's end until the worker has the answer's first note, with the
-/// built-in model, against the recipe's time for one symbol and a beat's length.
+/// built-in melody model and the built-in chord model, against the recipe's time for one symbol
+/// and a beat's length.
 fn latency(args: &BenchArgs) -> Result<()> {
-    let mut times: Vec<f64> = first_note_latencies(Arc::new(LstmFactory), args.latency_trials)?
-        .into_iter()
-        .map(|t| t.as_secs_f64() * 1e3)
-        .collect();
-    let median_ms = median(&mut times);
-    let p95_ms = times[((times.len() - 1) as f64 * 0.95).round() as usize];
     // The measurement of the recipe: one `predict` on a 64-symbol window per symbol.
     const RECIPE_SYMBOL_MS: f64 = 42.0;
+    for (texture, what) in [
+        (Texture::Melody, "melody model, a 2-bar phrase"),
+        (Texture::Chords, "chord model, the phrase over left-hand triads"),
+    ] {
+        let mut times: Vec<f64> = first_note_latencies(Arc::new(LstmFactory), texture, args.latency_trials)?
+            .into_iter()
+            .map(|t| t.as_secs_f64() * 1e3)
+            .collect();
+        let median_ms = median(&mut times);
+        let p95_ms = times[((times.len() - 1) as f64 * 0.95).round() as usize];
+        println!("\nPhrase end → first answer note ready, through the plugin's worker (built-in {what}, {} trials)", times.len());
+        println!(
+            "  median {median_ms:.2} ms, p95 {p95_ms:.2} ms, max {:.2} ms; {:.0}× under one beat at 120 BPM (500 ms); the recipe needs {RECIPE_SYMBOL_MS} ms for each single symbol",
+            times.last().copied().unwrap_or(f64::NAN),
+            500.0 / median_ms
+        );
+    }
+    Ok(())
+}
+
+/// µs per token and per frame of the built-in chord model's generation (the plugin's path:
+/// `ChordGenerator::next_frame`, up to 6 voices), medians over trials, each continuing a fresh
+/// start primed with a C major triad.
+fn chord_generation(args: &BenchArgs) -> Result<()> {
+    let model = Arc::new(ChordModel::builtin()?);
+    let settings = bench_settings();
+    let frames_per_trial = (args.gen_symbols / 4).max(1);
+    let (mut per_token, mut per_frame) = (Vec::new(), Vec::new());
+    let triad = Frame::after(PitchSet::EMPTY, PitchSet::of(&[48, 52, 55, 60]));
+    for trial in 0..=args.gen_trials {
+        let mut generator = ChordGenerator::new(Arc::clone(&model), trial as u64)?;
+        generator.feed_frame(triad)?;
+        let t = Instant::now();
+        let mut tokens = 0usize;
+        for _ in 0..frames_per_trial {
+            tokens += generator.next_frame(&settings, 6)?.sounding.len() + 1;
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if trial > 0 {
+            per_token.push(us / tokens as f64);
+            per_frame.push(us / frames_per_trial as f64);
+        }
+    }
+    let c = &model.config;
     println!(
-        "\nPhrase end → first answer note ready, through the plugin's worker (built-in model, a 2-bar phrase, {} trials)",
-        times.len()
+        "\nChord generation, one sequence, one thread (built-in chord model, {}×{}, {} tokens, f32 weights)",
+        c.num_layers,
+        c.hidden_size,
+        c.vocab_len()
     );
     println!(
-        "  median {median_ms:.2} ms, p95 {p95_ms:.2} ms, max {:.2} ms; {:.0}× under one beat at 120 BPM (500 ms); the recipe needs {RECIPE_SYMBOL_MS} ms for each single symbol",
-        times.last().copied().unwrap_or(f64::NAN),
-        500.0 / median_ms
+        "  {:.2} µs per token (LSTM step with its frame-context rows + output layer + sampling), {:.2} µs per frame of {} a quarter",
+        median(&mut per_token),
+        median(&mut per_frame),
+        c.grid.steps_per_quarter
     );
     Ok(())
 }
@@ -575,6 +619,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     if !args.no_generation {
         generation(&args)?;
+        chord_generation(&args)?;
     }
     if !args.no_training {
         training(&args)?;
