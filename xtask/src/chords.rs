@@ -8,18 +8,23 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::Arc;
+
 use model::chords::ChordModel;
+use model::SamplingSettings;
 use music::StepGrid;
 use train::chords::{
     score_rolls, train_chords, ChordEpoch, ChordObserver, ChordTrainConfig, ChordTrainSummary, RollSet,
 };
+use train::eval::poly::{continue_pieces, PolyContinuations};
+use train::eval::stats as model_similarity;
 
 use crate::train::{plot_curves, TrainArgs};
 
 /// Reads `.frames` files and MIDI files or folders (comma-separated) into one set, on `grid`.
 /// A `.frames` file is taken to be on `grid` unless its path ends in `@K`: K frames a quarter
 /// note, stretched to the grid (`jsb-chorales/train.frames@1` on a grid of 2).
-fn read_rolls(paths: &str, grid: StepGrid) -> Result<RollSet> {
+pub(crate) fn read_rolls(paths: &str, grid: StepGrid) -> Result<RollSet> {
     let mut set = RollSet::default();
     let mut skipped = Vec::new();
     for spec in paths.split(',').filter(|p| !p.is_empty()) {
@@ -181,47 +186,120 @@ impl ChordObserver for Progress {
     }
 }
 
+/// What `eval --frames` continues, and where it looks for copies.
+pub struct Continuations<'a> {
+    /// Training data as `[NAME=]PATHS`, to look for copies in.
+    pub training: &'a [String],
+    pub temperatures: &'a [f32],
+    pub seed: u64,
+    pub top_k: usize,
+    pub top_p: f32,
+    /// Bars of 4/4 that prime, and that are generated.
+    pub primer_bars: usize,
+    pub bars: usize,
+}
+
 /// `cargo xtask eval --frames FILE`: the exact likelihood and frame accuracy of a chord model on
-/// a benchmark split.
-pub fn eval_frames(model_dir: Option<&Path>, frames: &Path, json: Option<&Path>) -> Result<()> {
+/// a benchmark split, and its continuations judged as music.
+pub fn eval_frames(
+    model_dir: Option<&Path>,
+    frames: &Path,
+    json: Option<&Path>,
+    c: &Continuations,
+) -> Result<()> {
     let started = Instant::now();
     let model = match model_dir {
         Some(dir) => ChordModel::load_dir(dir),
         None => ChordModel::builtin(),
     }
     .context("loading the chord model")?;
-    let mut set = RollSet::default();
-    set.add_frames_file(frames)?;
+    let grid = model.config.grid;
+    let set = read_rolls(&frames.display().to_string(), grid)?;
     let clipped =
         set.rolls.iter().flat_map(|r| &r.frames).filter(|&&f| model.config.fit_frame(f) != f).count();
     let score = score_rolls(&model, &set.rolls, false, true)?;
     let frames_after_first = score.frames - set.rolls.len();
+    let nll = score.nll / score.frames.max(1) as f64;
+    let nll_after_first = score.nll_after_first / frames_after_first.max(1) as f64;
+    println!(
+        "{}: {} sequences, {} frames\n  NLL {nll:.4} nats per frame (every frame); {nll_after_first:.4} (first frame of each sequence left out)\n  frame accuracy {:.4}",
+        frames.display(),
+        set.rolls.len(),
+        score.frames,
+        score.accuracy()
+    );
+    if clipped > 0 {
+        println!("  note: {clipped} frames had pitches or voices beyond the model's and were cut to fit: not the benchmark's figure");
+    }
+    let mut training = RollSet::default();
+    for spec in c.training {
+        let paths = spec.split_once('=').map_or(spec.as_str(), |(_, p)| p);
+        training.rolls.extend(read_rolls(paths, grid)?.rolls);
+    }
+    let steps_per_bar = 4 * grid.steps_per_quarter as usize;
+    let model = Arc::new(model);
+    let mut reports = Vec::new();
+    for &temperature in c.temperatures {
+        let settings = SamplingSettings { temperature, top_k: c.top_k, top_p: c.top_p, ..Default::default() };
+        let report = continue_pieces(
+            &model,
+            &set.rolls,
+            &training.rolls,
+            c.primer_bars * steps_per_bar,
+            c.bars * steps_per_bar,
+            &settings,
+            c.seed,
+        )?;
+        print_continuations(&report);
+        reports.push(report);
+    }
     let report = serde_json::json!({
         "model": model.origin,
         "data": frames.display().to_string(),
         "sequences": set.rolls.len(),
         "frames": score.frames,
-        "nll_per_frame": score.nll / score.frames.max(1) as f64,
-        "nll_per_frame_after_first": score.nll_after_first / frames_after_first.max(1) as f64,
+        "nll_per_frame": nll,
+        "nll_per_frame_after_first": nll_after_first,
         "frame_accuracy": score.accuracy(),
         "frames_cut_to_the_model": clipped,
+        "continuations": reports,
         "seconds": started.elapsed().as_secs_f64(),
     });
-    println!(
-        "{}: {} sequences, {} frames\n  NLL {:.4} nats per frame (every frame); {:.4} (first frame of each sequence left out)\n  frame accuracy {:.4}",
-        frames.display(),
-        set.rolls.len(),
-        score.frames,
-        report["nll_per_frame"].as_f64().unwrap_or(f64::NAN),
-        report["nll_per_frame_after_first"].as_f64().unwrap_or(f64::NAN),
-        score.accuracy()
-    );
-    if clipped > 0 {
-        println!("  note: {clipped} frames had pitches or voices beyond the model's and were cut to fit");
-    }
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+fn print_continuations(r: &PolyContinuations) {
+    println!(
+        "\nContinuations at T={}: {} pieces, {} frames of primer, {} generated and compared with the piece's own",
+        r.temperature, r.num_pieces, r.primer_frames, r.continuation_frames
+    );
+    println!("  overlap/KL of the MGEval distance distributions (1/0 is a perfect match); real halves: the best to expect");
+    println!(
+        "  {:<15} {:>13} {:>13} {:>13} {:>13}",
+        "feature", "real", "real halves", "generated", "vs real"
+    );
+    let cell = |s: &Option<model_similarity::Similarity>| {
+        s.map_or("-".to_string(), |s| format!("{:.2}/{:.2}", s.overlap, s.kl))
+    };
+    for row in &r.rows {
+        println!(
+            "  {:<15} {:>13} {:>13} {:>13} {:>13}",
+            row.feature,
+            format!("{:.2}±{:.2}", row.real.0, row.real.1),
+            cell(&row.ceiling),
+            format!("{:.2}±{:.2}", row.generated.0, row.generated.1),
+            cell(&row.vs_real)
+        );
+    }
+    if let (Some(real), Some(generated)) = (r.real_copying, r.generated_copying) {
+        println!("  copying: longest run of frames found in a training piece (any key), median / p95 / max");
+        println!(
+            "    real continuations {:.0} / {:.0} / {:.0}; generated {:.0} / {:.0} / {:.0}",
+            real.0, real.1, real.2, generated.0, generated.1, generated.2
+        );
+    }
 }

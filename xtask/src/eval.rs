@@ -42,9 +42,11 @@ pub struct EvalArgs {
     /// Model directory (default: the model built into the plugin).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Score a chord model on a polyphonic benchmark split (a `.frames` file): negative
-    /// log-likelihood in nats per frame and frame accuracy. The model defaults to the built-in
-    /// chord model.
+    /// Score a chord model on a polyphonic benchmark split (a `.frames` file; `FILE@K` for K
+    /// frames a quarter note other than the model's): negative log-likelihood in nats per frame
+    /// and frame accuracy, then continuations of every piece of --primer-bars + --bars (4/4) at
+    /// each --temperature compared with the real ones, and, with --train-data (.frames or MIDI),
+    /// the longest stretch of chords each copies. The model defaults to the built-in chord model.
     #[arg(long)]
     frames: Option<PathBuf>,
     /// Leave the model's tune memory out: the network alone.
@@ -140,7 +142,22 @@ fn parse_side(text: &str, flag: &str) -> Result<SplitSide> {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     if let Some(frames) = &args.frames {
-        return crate::chords::eval_frames(args.model.as_deref(), frames, args.json.as_deref());
+        let temperatures = if args.temperatures.is_empty() { vec![1.0] } else { args.temperatures.clone() };
+        let continuations = crate::chords::Continuations {
+            training: &args.train_data,
+            temperatures: &temperatures,
+            seed: args.seed,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            primer_bars: args.primer_bars,
+            bars: args.bars,
+        };
+        return crate::chords::eval_frames(
+            args.model.as_deref(),
+            frames,
+            args.json.as_deref(),
+            &continuations,
+        );
     }
     let started = Instant::now();
     let side = parse_side(&args.split, "--split")?;

@@ -10,6 +10,7 @@
 pub mod copying;
 pub mod features;
 pub mod likelihood;
+pub mod poly;
 pub mod report;
 pub mod select;
 pub mod stats;
