@@ -395,8 +395,12 @@ fn chord_generation(args: &BenchArgs) -> Result<()> {
         }
     }
     let c = &model.config;
+    let format = match model.weight_format() {
+        WeightFormat::F32 => "f32",
+        WeightFormat::I8 => "int8",
+    };
     println!(
-        "\nChord generation, one sequence, one thread (built-in chord model, {}×{}, {} tokens, f32 weights)",
+        "\nChord generation, one sequence, one thread (built-in chord model, {}×{}, {} tokens, {format} weights)",
         c.num_layers,
         c.hidden_size,
         c.vocab_len()

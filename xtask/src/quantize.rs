@@ -5,13 +5,15 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use model::fast::{FastLstm, WeightFormat};
+use model::chords::{is_chord_config, ChordModel};
+use model::fast::{FastLstm, PackSource, WeightFormat};
 use model::int8;
-use model::io::{save_model, TRAIN_FILE};
+use model::io::{save_model, CONFIG_FILE, TRAIN_FILE};
 use model::memory::{MEMORY_CONFIG_FILE, MEMORY_FILE};
 use model::LoadedModel;
 
-/// Put a model's LSTM weights on int8 grids, for a generation step four times lighter.
+/// Put a model's LSTM weights on int8 grids, for a generation step four times lighter (a
+/// melody or a chord model).
 ///
 /// Every row of the recurrent matrices, and of the input matrices above the first layer,
 /// becomes integers from -127 to 127 times a power of two. The result is still an ordinary
@@ -33,10 +35,21 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     if args.out == args.model {
         bail!("--out must differ from --model: the original is kept for comparison");
     }
-    let model =
-        LoadedModel::load_dir(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
-    let (lstm, largest_change) = int8::quantize_model(&model.lstm, &model.config)?;
-    save_model(&args.out, &model.config, &lstm).with_context(|| format!("writing {}", args.out.display()))?;
+    let is_chords = std::fs::read(args.model.join(CONFIG_FILE)).is_ok_and(|bytes| is_chord_config(&bytes));
+    let (named, largest_change, fast) = if is_chords {
+        let model =
+            ChordModel::load_dir(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+        let (lstm, largest_change) = model.lstm.quantized()?;
+        ChordModel::save(&args.out, &lstm).with_context(|| format!("writing {}", args.out.display()))?;
+        (PackSource::named_tensors(&lstm), largest_change, FastLstm::for_model(&lstm)?)
+    } else {
+        let model = LoadedModel::load_dir(&args.model)
+            .with_context(|| format!("loading {}", args.model.display()))?;
+        let (lstm, largest_change) = int8::quantize_model(&model.lstm, &model.config)?;
+        save_model(&args.out, &model.config, &lstm)
+            .with_context(|| format!("writing {}", args.out.display()))?;
+        (lstm.named_tensors(), largest_change, FastLstm::for_model(&lstm)?)
+    };
     for extra in [TRAIN_FILE, "loss.png", MEMORY_FILE, MEMORY_CONFIG_FILE] {
         let from = args.model.join(extra);
         if from.exists() {
@@ -44,18 +57,14 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
                 .with_context(|| format!("copying {} to {}", from.display(), args.out.display()))?;
         }
     }
-    let grid_weights: usize = lstm
-        .named_tensors()
-        .iter()
-        .filter(|(name, _)| int8::is_grid_tensor(name))
-        .map(|(_, t)| t.elem_count())
-        .sum();
+    let grid_weights: usize =
+        named.iter().filter(|(name, _)| int8::is_grid_tensor(name)).map(|(_, t)| t.elem_count()).sum();
     println!(
         "{} → {}: {grid_weights} LSTM weights on int8 grids, each moved by at most {largest_change:.3e}",
         args.model.display(),
         args.out.display()
     );
-    match FastLstm::for_model(&lstm)? {
+    match fast {
         Some(fast) if fast.format() == WeightFormat::I8 => {
             println!("On this CPU the generation step runs it on int8 weights.")
         }

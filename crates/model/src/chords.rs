@@ -266,6 +266,17 @@ impl ChordLstm {
         Tensor::cat(&[&tokens, &context, &zeros], 0)
     }
 
+    /// A copy with the rows of its recurrent matrices (and the input matrices above layer 0) on
+    /// int8 grids (`int8`), which the fast step then streams as integers where the CPU has
+    /// AVX-512 VNNI; and the largest change to any weight.
+    pub fn quantized(&self) -> CandleResult<(ChordLstm, f32)> {
+        let (tensors, largest_change) = crate::int8::quantize_tensors(PackSource::named_tensors(self))?;
+        Ok((
+            ChordLstm::new(&self.config, VarBuilder::from_tensors(tensors, DType::F32, &self.device))?,
+            largest_change,
+        ))
+    }
+
     /// The row of `input_table` that pads a step's rows.
     pub fn padding_row(&self) -> u32 {
         self.config.input_width() as u32
@@ -368,6 +379,12 @@ impl ChordModel {
         })?;
         let lstm = ChordLstm::new(&config, VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu))?;
         Self::new(lstm, origin)
+    }
+
+    /// How the generation step holds the weights (int8 for a model on int8 grids where the CPU
+    /// has AVX-512 VNNI).
+    pub fn weight_format(&self) -> crate::fast::WeightFormat {
+        self.fast.format()
     }
 
     /// A zero state for one sequence.

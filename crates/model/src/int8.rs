@@ -89,9 +89,17 @@ pub fn is_grid_tensor(name: &str) -> bool {
 /// A copy of `lstm` with the rows of its grid tensors (`is_grid_tensor`) put on their int8
 /// grids, and the largest change that made to any weight.
 pub fn quantize_model(lstm: &MelodyLstm, cfg: &ModelConfig) -> Result<(MelodyLstm, f32)> {
+    let (tensors, largest_change) = quantize_tensors(lstm.named_tensors())?;
+    let device = lstm.device().clone();
+    Ok((MelodyLstm::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &device))?, largest_change))
+}
+
+/// Named tensors of any LSTM network (as `PackSource::named_tensors` lists them) with the rows
+/// of the grid tensors put on their int8 grids, as f32, and the largest change to any weight.
+pub fn quantize_tensors(named: Vec<(String, Tensor)>) -> Result<(HashMap<String, Tensor>, f32)> {
     let mut largest_change = 0.0f32;
     let mut tensors = HashMap::new();
-    for (name, tensor) in lstm.named_tensors() {
+    for (name, tensor) in named {
         let tensor = tensor.to_dtype(DType::F32)?;
         let tensor = if is_grid_tensor(&name) {
             let (rows, cols) = tensor.dims2()?;
@@ -106,8 +114,7 @@ pub fn quantize_model(lstm: &MelodyLstm, cfg: &ModelConfig) -> Result<(MelodyLst
         };
         tensors.insert(name, tensor);
     }
-    let device = lstm.device().clone();
-    Ok((MelodyLstm::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &device))?, largest_change))
+    Ok((tensors, largest_change))
 }
 
 /// The CPU runs the integer kernel: AVX-512 with VNNI (and BW, for the byte work around it).
