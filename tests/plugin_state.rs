@@ -35,6 +35,8 @@ const CHANGES: &[(&str, &str)] = &[
     ("Answer Length", "8"),
     ("Yield", "Off"),
     ("Continuous", "On"),
+    ("Texture", "Chords"),
+    ("Max Voices", "9"),
     ("Key Lock", "Fixed"),
     ("Key", "A"),
     ("Scale", "Dorian"),
@@ -54,7 +56,7 @@ const CHANGES: &[(&str, &str)] = &[
 fn every_parameter_has_a_readable_value() {
     let plugin = Plugin::load();
     let names = plugin.param_names();
-    assert_eq!(names.len(), 24, "{names:?}");
+    assert_eq!(names.len(), 26, "{names:?}");
     assert_eq!(plugin.text("Model"), "Built-in");
     assert_eq!(plugin.text("Temperature"), "1.00");
     assert_eq!(plugin.text("Silence"), "1.00 beats");
@@ -63,6 +65,8 @@ fn every_parameter_has_a_readable_value() {
     assert_eq!(plugin.text("Gate"), "100 %");
     assert_eq!(plugin.text("Free Tempo"), "120.0 BPM");
     assert_eq!(plugin.text("Trigger"), "Silence");
+    assert_eq!(plugin.text("Texture"), "Auto");
+    assert_eq!(plugin.text("Max Voices"), "6");
 }
 
 #[test]

@@ -74,3 +74,29 @@ fn a_tiny_chord_model_learns_resumes_and_keeps_to_its_limits() {
     assert!(frames.iter().all(|f| f.sounding.len() <= 2));
     assert!(generate(5, 4).iter().any(|f| f.sounding.len() > 2), "several voices are used");
 }
+
+#[test]
+fn a_folder_of_midi_is_read_with_every_voice_and_its_onsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let chorales =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpus/midi/bach-chorales-music21");
+    for name in ["bwv1.6.mid", "bwv10.7.mid", "bwv101.7.mid"] {
+        std::fs::copy(chorales.join(name), dir.path().join(name)).unwrap();
+    }
+    std::fs::write(dir.path().join("broken.mid"), b"MThd\0\0\0\x06junk").unwrap();
+    let mut set = RollSet::default();
+    let mut skipped = Vec::new();
+    set.add_midi(dir.path(), StepGrid { steps_per_quarter: 2 }, &mut |reason| skipped.push(reason)).unwrap();
+    assert_eq!(set.rolls.len(), 3);
+    assert!(skipped.len() == 1 && skipped[0].contains("broken.mid"), "{skipped:?}");
+    for roll in &set.rolls {
+        assert!(roll.max_voices() >= 4, "four voices of a chorale: {}", roll.max_voices());
+    }
+    // Real onsets: some pitch is struck again while it sounded in the step before.
+    let restruck = set
+        .rolls
+        .iter()
+        .flat_map(|r| r.frames.windows(2))
+        .any(|w| !w[1].struck.intersection(w[0].sounding).is_empty());
+    assert!(restruck, "no repeated note was read as struck again");
+}

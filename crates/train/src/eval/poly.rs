@@ -136,17 +136,16 @@ pub fn continue_pieces(
         .map(|(k, name)| {
             let values = |set: &[Vec<Vec<f64>>]| set.iter().map(|f| f[k].clone()).collect::<Vec<_>>();
             let (real_k, generated_k) = (values(&real), values(&generated));
-            let half = real_k.len() / 2;
+            // Even and odd pieces, so an ordered set (major pieces first) does not split by kind.
+            let even: Vec<Vec<f64>> = real_k.iter().step_by(2).cloned().collect();
+            let odd: Vec<Vec<f64>> = real_k.iter().skip(1).step_by(2).cloned().collect();
             let first = |set: &[Vec<f64>]| {
                 mean_std(&set.iter().map(|v| v[0]).collect::<Vec<_>>()).unwrap_or((f64::NAN, f64::NAN))
             };
             PolyFeatureRow {
                 feature: name.to_string(),
                 real: first(&real_k),
-                ceiling: similarity(
-                    &intra_set_distances(&real_k[..half]),
-                    &inter_set_distances(&real_k[..half], &real_k[half..]),
-                ),
+                ceiling: similarity(&intra_set_distances(&even), &inter_set_distances(&even, &odd)),
                 generated: first(&generated_k),
                 vs_real: similarity(
                     &intra_set_distances(&real_k),
