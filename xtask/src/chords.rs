@@ -36,7 +36,7 @@ pub(crate) fn read_rolls(paths: &str, grid: StepGrid) -> Result<RollSet> {
         };
         let path = PathBuf::from(path);
         if path.extension().is_some_and(|e| e == "frames") {
-            if frames_per_quarter == 0 || grid.steps_per_quarter % frames_per_quarter != 0 {
+            if frames_per_quarter == 0 || !grid.steps_per_quarter.is_multiple_of(frames_per_quarter) {
                 bail!(
                     "{spec}: {frames_per_quarter} frames a quarter do not divide the grid's {}",
                     grid.steps_per_quarter

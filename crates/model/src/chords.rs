@@ -252,9 +252,10 @@ impl ChordLstm {
         (weight(&self.head_w), weight(&self.head_b))
     }
 
-    /// Layer 0's input as one table of rows, each passed through `weight`, `[vocab + 2 pitches
-    /// + 1, 4 hidden]`: every token's row with both biases, the context rows (`FrameCursor::
-    /// context_rows`, from `vocab` on), and a last row of zeros that pads a step's list of rows.
+    /// Layer 0's input as one table of rows, each passed through `weight`, `[vocab + 2 pitches +
+    /// 1, 4 hidden]`: every token's row with both biases, the context rows
+    /// (`FrameCursor::context_rows`, from `vocab` on), and a last row of zeros that pads a
+    /// step's list of rows.
     pub fn input_table(&self, weight: &dyn Fn(&Tensor) -> Tensor) -> CandleResult<Tensor> {
         let layer = &self.layers[0];
         let vocab = self.config.vocab_len();
