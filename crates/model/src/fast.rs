@@ -27,7 +27,7 @@ use candle_core::{DType, Device, Error, Result, Tensor};
 
 use super::config::{InputKind, MAX_SIDE_INPUTS};
 use super::int8::{self, Int8Part, Limbs};
-use super::kernels::{madd, sigmoid, tanh_approx, Isa};
+use super::kernels::{madd, sigmoid, tanh_approx, Isa, Kernel};
 use super::lstm::{GenState, MelodyLstm, SideLayout};
 use music::TokenId;
 
@@ -380,23 +380,15 @@ impl FastLstm {
                 LayerWeights::F32(w) => parts.push(w),
                 LayerWeights::I8(parts) => {
                     for part in parts {
-                        total += xor_fold(self.isa, &part.weights) as f32
-                            + xor_fold(self.isa, &part.sums) as f32
+                        total += self.isa.run(false, XorFold(&part.weights)) as f32
+                            + self.isa.run(false, XorFold(&part.sums)) as f32
                             + part.scales.iter().sum::<f32>();
                     }
                 }
             }
         }
         for part in parts {
-            total += match self.isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA.
-                Isa::Avx512 => unsafe { sum_avx512(part) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
-                Isa::Avx2Fma => unsafe { sum_avx2(part) },
-                _ => sum_body(part),
-            };
+            total += self.isa.run(false, Sum(part));
         }
         total
     }
@@ -477,53 +469,8 @@ impl FastLstm {
 
     /// The step with the kernels of this CPU; shapes were checked.
     fn run_step(&self, token: usize, bar_rows: &[&[f32]], state: &mut GenState, logits: &mut [f32]) {
-        match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA;
-            // int8 weights are only packed where it also reports AVX-512BW and VNNI.
-            Isa::Avx512 => unsafe {
-                if self.format == WeightFormat::I8 {
-                    self.step_avx512_vnni(token, bar_rows, state, logits)
-                } else {
-                    self.step_avx512(token, bar_rows, state, logits)
-                }
-            },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
-            Isa::Avx2Fma => unsafe { self.step_avx2(token, bar_rows, state, logits) },
-            _ => self.step_body::<false, false>(token, bar_rows, state, logits),
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn step_avx512(
-        &self,
-        token: usize,
-        bar_rows: &[&[f32]],
-        state: &mut GenState,
-        logits: &mut [f32],
-    ) {
-        self.step_body::<true, false>(token, bar_rows, state, logits)
-    }
-
-    /// The AVX-512 step for int8 weights, which are only packed where VNNI runs.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    unsafe fn step_avx512_vnni(
-        &self,
-        token: usize,
-        bar_rows: &[&[f32]],
-        state: &mut GenState,
-        logits: &mut [f32],
-    ) {
-        self.step_body::<true, true>(token, bar_rows, state, logits)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn step_avx2(&self, token: usize, bar_rows: &[&[f32]], state: &mut GenState, logits: &mut [f32]) {
-        self.step_body::<true, false>(token, bar_rows, state, logits)
+        let vnni = self.format == WeightFormat::I8;
+        self.isa.run(vnni, Step { lstm: self, token, bar_rows, state, logits });
     }
 
     /// The step itself; shapes were checked by `step`.
@@ -583,7 +530,7 @@ impl FastLstm {
                     LayerWeights::I8(parts) => {
                         #[cfg(target_arch = "x86_64")]
                         if VNNI {
-                            // SAFETY: the `VNNI` instance is `step_avx512_vnni`, only run where
+                            // SAFETY: the `VNNI` instance runs only from `Isa::run` with `vnni`, where
                             // `pack_as` saw AVX-512 VNNI; the limbs cover each part's quads.
                             unsafe {
                                 if layer.input_width > 0 {
@@ -640,13 +587,33 @@ fn cell_update(gates: &[f32; BLOCK_ROWS], c: &mut [f32], h: &mut [f32]) {
     h.copy_from_slice(&h_buf[..n]);
 }
 
-/// All of `xs` folded with exclusive-or, in the vector width of `isa`: reads the bytes a kernel
-/// over packed integers reads, at the speed memory delivers them.
-fn xor_fold<T: Copy + Default + BitXor<Output = T>>(isa: Isa, xs: &[T]) -> T {
+/// One step of `FastLstm` as a `Kernel`.
+struct Step<'a> {
+    lstm: &'a FastLstm,
+    token: usize,
+    bar_rows: &'a [&'a [f32]],
+    state: &'a mut GenState,
+    logits: &'a mut [f32],
+}
+
+impl Kernel for Step<'_> {
+    type Output = ();
     #[inline(always)]
-    fn body<T: Copy + Default + BitXor<Output = T>>(xs: &[T]) -> T {
+    fn run<const FMA: bool, const VNNI: bool>(self) {
+        self.lstm.step_body::<FMA, VNNI>(self.token, self.bar_rows, self.state, self.logits)
+    }
+}
+
+/// All of the slice folded with exclusive-or, in the vector width of the `Isa` it runs with:
+/// reads the bytes a kernel over packed integers reads, at the speed memory delivers them.
+struct XorFold<'a, T>(&'a [T]);
+
+impl<T: Copy + Default + BitXor<Output = T>> Kernel for XorFold<'_, T> {
+    type Output = T;
+    #[inline(always)]
+    fn run<const FMA: bool, const VNNI: bool>(self) -> T {
         let mut acc = [T::default(); 2 * BLOCK_ROWS];
-        let mut chunks = xs.chunks_exact(acc.len());
+        let mut chunks = self.0.chunks_exact(acc.len());
         for chunk in &mut chunks {
             for (a, &x) in acc.iter_mut().zip(chunk) {
                 *a = *a ^ x;
@@ -654,50 +621,24 @@ fn xor_fold<T: Copy + Default + BitXor<Output = T>>(isa: Isa, xs: &[T]) -> T {
         }
         acc.iter().chain(chunks.remainder()).fold(T::default(), |s, &a| s ^ a)
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2")]
-    unsafe fn body_avx512<T: Copy + Default + BitXor<Output = T>>(xs: &[T]) -> T {
-        body(xs)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn body_avx2<T: Copy + Default + BitXor<Output = T>>(xs: &[T]) -> T {
-        body(xs)
-    }
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F and AVX2.
-        Isa::Avx512 => unsafe { body_avx512(xs) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2.
-        Isa::Avx2Fma => unsafe { body_avx2(xs) },
-        _ => body(xs),
-    }
 }
 
-/// Sum of `xs` with many accumulators, so it runs at the speed memory delivers.
-#[inline(always)]
-fn sum_body(xs: &[f32]) -> f32 {
-    let mut acc = [0.0f32; BLOCK_ROWS];
-    let mut chunks = xs.chunks_exact(BLOCK_ROWS);
-    for chunk in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            *a += x;
+/// Sum of the slice with many accumulators, so it runs at the speed memory delivers.
+struct Sum<'a>(&'a [f32]);
+
+impl Kernel for Sum<'_> {
+    type Output = f32;
+    #[inline(always)]
+    fn run<const FMA: bool, const VNNI: bool>(self) -> f32 {
+        let mut acc = [0.0f32; BLOCK_ROWS];
+        let mut chunks = self.0.chunks_exact(BLOCK_ROWS);
+        for chunk in &mut chunks {
+            for (a, &x) in acc.iter_mut().zip(chunk) {
+                *a += x;
+            }
         }
+        acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
     }
-    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn sum_avx512(xs: &[f32]) -> f32 {
-    sum_body(xs)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn sum_avx2(xs: &[f32]) -> f32 {
-    sum_body(xs)
 }
 
 #[cfg(test)]

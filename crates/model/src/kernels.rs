@@ -5,8 +5,10 @@
 //! allocates or locks.
 //!
 //! The crate is built for baseline x86-64, so every kernel is written once as an
-//! `#[inline(always)]` generic body and instantiated inside `#[target_feature]` functions for
-//! AVX-512 and AVX2 + FMA; `Isa::detect` picks one at run time. The portable instance (SSE2, or
+//! `#[inline(always)]` generic body (a `Kernel`) and `Isa::run` instantiates it inside
+//! `#[target_feature]` functions for AVX-512 (with or without VNNI) and AVX2 + FMA; `Isa::detect`
+//! picks one at run time. Hand-written intrinsics (the packed matrix product here, the int8
+//! product in `int8`) are `#[target_feature]` functions of their own. The portable instance (SSE2, or
 //! any other architecture) computes the same function without fused multiply-adds.
 
 /// The vector instruction sets a kernel can be instantiated for, best first.
@@ -44,6 +46,61 @@ impl Isa {
             Isa::Portable => "portable",
         }
     }
+}
+
+/// A kernel written once as a generic body, which `Isa::run` compiles for each instruction set:
+/// the body is `#[inline(always)]`, so it is inlined into a `#[target_feature]` function and the
+/// compiler vectorises it with that set's instructions. The one way this crate dispatches on
+/// the CPU: a new kernel implements this trait and calls `isa.run(...)`.
+pub trait Kernel {
+    /// What the kernel returns.
+    type Output;
+    /// The body. `FMA`: fused multiply-adds are available (`madd`); `VNNI`: AVX-512 VNNI's int8
+    /// products are (`int8`).
+    fn run<const FMA: bool, const VNNI: bool>(self) -> Self::Output;
+}
+
+impl Isa {
+    /// Runs `kernel` compiled for this set; with `vnni`, for AVX-512 with VNNI (only where the
+    /// CPU has it: `int8::cpu_has_vnni`, for an `Isa::Avx512`).
+    #[inline]
+    pub fn run<K: Kernel>(self, vnni: bool, kernel: K) -> K::Output {
+        debug_assert!(
+            !vnni || (self == Isa::Avx512 && crate::int8::cpu_has_vnni()),
+            "VNNI asked of a CPU without it"
+        );
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA;
+            // callers ask for `vnni` only where it also reports AVX-512BW and VNNI.
+            Isa::Avx512 if vnni => unsafe { on_avx512_vnni(kernel) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, without VNNI.
+            Isa::Avx512 => unsafe { on_avx512(kernel) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
+            Isa::Avx2Fma => unsafe { on_avx2(kernel) },
+            _ => kernel.run::<false, false>(),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+unsafe fn on_avx512_vnni<K: Kernel>(kernel: K) -> K::Output {
+    kernel.run::<true, true>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn on_avx512<K: Kernel>(kernel: K) -> K::Output {
+    kernel.run::<true, false>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn on_avx2<K: Kernel>(kernel: K) -> K::Output {
+    kernel.run::<true, false>()
 }
 
 /// `a · b + c`, fused (one rounding) when `FMA`; `FMA` is only true inside functions compiled

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Error, IndexOp, Layout, Result, Shape, Storage, Tensor};
 
-use model::kernels::{gemm, sigmoid, tanh_approx, Isa, MatRef, PackedB};
+use model::kernels::{gemm, sigmoid, tanh_approx, Isa, Kernel, MatRef, PackedB};
 use model::lstm::{Dropout, LstmState, MelodyLstm};
 
 /// True if `lstm_outputs` can run `model`: its weights are f32 on the CPU.
@@ -530,29 +530,43 @@ struct ForwardShare<'a> {
     ys: Vec<&'a mut [f32]>,
 }
 
+/// A share of the batch run through every step, as a `Kernel`: the forward or the backward pass.
+trait ShareBody {
+    fn run_body(&mut self, isa: Isa, w: &PackedB);
+}
+
+impl ShareBody for ForwardShare<'_> {
+    #[inline(always)]
+    fn run_body(&mut self, isa: Isa, w: &PackedB) {
+        ForwardShare::run_body(self, isa, w)
+    }
+}
+
+impl ShareBody for BackwardShare<'_> {
+    #[inline(always)]
+    fn run_body(&mut self, isa: Isa, w: &PackedB) {
+        BackwardShare::run_body(self, isa, w)
+    }
+}
+
+/// `ShareBody::run_body` compiled for the instruction set it runs with.
+struct Run<'a, S> {
+    share: &'a mut S,
+    isa: Isa,
+    w: &'a PackedB,
+}
+
+impl<S: ShareBody> Kernel for Run<'_, S> {
+    type Output = ();
+    #[inline(always)]
+    fn run<const FMA: bool, const VNNI: bool>(self) {
+        self.share.run_body(self.isa, self.w)
+    }
+}
+
 impl ForwardShare<'_> {
     fn run(&mut self, isa: Isa, w_hh_t: &PackedB) {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA.
-            Isa::Avx512 => unsafe { self.run_avx512(isa, w_hh_t) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
-            Isa::Avx2Fma => unsafe { self.run_avx2(isa, w_hh_t) },
-            _ => self.run_body(isa, w_hh_t),
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn run_avx512(&mut self, isa: Isa, w_hh_t: &PackedB) {
-        self.run_body(isa, w_hh_t)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(&mut self, isa: Isa, w_hh_t: &PackedB) {
-        self.run_body(isa, w_hh_t)
+        isa.run(false, Run { share: self, isa, w: w_hh_t });
     }
 
     #[inline(always)]
@@ -751,27 +765,7 @@ struct BackwardShare<'a> {
 
 impl BackwardShare<'_> {
     fn run(&mut self, isa: Isa, w_hh: &PackedB) {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA.
-            Isa::Avx512 => unsafe { self.run_avx512(isa, w_hh) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
-            Isa::Avx2Fma => unsafe { self.run_avx2(isa, w_hh) },
-            _ => self.run_body(isa, w_hh),
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn run_avx512(&mut self, isa: Isa, w_hh: &PackedB) {
-        self.run_body(isa, w_hh)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(&mut self, isa: Isa, w_hh: &PackedB) {
-        self.run_body(isa, w_hh)
+        isa.run(false, Run { share: self, isa, w: w_hh });
     }
 
     #[inline(always)]
