@@ -252,6 +252,26 @@ mod tests {
     }
 
     #[test]
+    fn a_chord_model_folder_loads_as_chords() {
+        // A copy of the built-in chord model, as a user's models folder holds one.
+        let dir = tempfile::tempdir().unwrap();
+        let builtin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/models/chords");
+        for file in ["config.json", "model.safetensors"] {
+            std::fs::copy(builtin.join(file), dir.path().join(file)).unwrap();
+        }
+        let mut continuer = LstmFactory.load(&ModelSource::Dir(dir.path().to_path_buf())).unwrap();
+        assert_eq!(continuer.voicing(), Voicing::Chords);
+        assert_eq!(continuer.grid(), StepGrid { steps_per_quarter: 2 });
+        let mut phrase = Phrase::empty(4.0);
+        phrase.notes.push(music::Note::new(60, 0.0, 1.0));
+        phrase.notes.push(music::Note::new(64, 0.0, 1.0));
+        phrase.len_beats = 4.0;
+        continuer.begin(&phrase, None, 3).unwrap();
+        let frame = continuer.next_step(&constraints(None), 2).unwrap().unwrap();
+        assert!(frame.sounding.len() <= 2);
+    }
+
+    #[test]
     fn a_missing_directory_fails_with_its_path() {
         let choice = ModelSource::Dir("/no/such/antiphon/model".into());
         let err = LstmFactory.load(&choice).err().expect("a missing directory loads");
