@@ -303,10 +303,7 @@ impl PackSource for ChordLstm {
     fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for (k, layer) in self.layers.iter().enumerate() {
-            out.push((format!("{LSTM_PREFIX}.weight_ih_l{k}"), layer.w_ih.clone()));
-            out.push((format!("{LSTM_PREFIX}.weight_hh_l{k}"), layer.w_hh.clone()));
-            out.push((format!("{LSTM_PREFIX}.bias_ih_l{k}"), layer.b_ih.clone()));
-            out.push((format!("{LSTM_PREFIX}.bias_hh_l{k}"), layer.b_hh.clone()));
+            out.extend(layer.named_tensors(k));
         }
         out.push(("head.weight".to_string(), self.head_w.clone()));
         out.push(("head.bias".to_string(), self.head_b.clone()));

@@ -96,6 +96,16 @@ impl LstmLayer {
         })
     }
 
+    /// This layer's tensors by their saved names, as layer `k` of a network.
+    pub fn named_tensors(&self, k: usize) -> [(String, Tensor); 4] {
+        [
+            (format!("{LSTM_PREFIX}.weight_ih_l{k}"), self.w_ih.clone()),
+            (format!("{LSTM_PREFIX}.weight_hh_l{k}"), self.w_hh.clone()),
+            (format!("{LSTM_PREFIX}.bias_ih_l{k}"), self.b_ih.clone()),
+            (format!("{LSTM_PREFIX}.bias_hh_l{k}"), self.b_hh.clone()),
+        ]
+    }
+
     /// Hidden width of this layer.
     pub fn hidden_size(&self) -> usize {
         self.w_hh.dim(1).unwrap_or(0)
@@ -475,10 +485,7 @@ impl MelodyLstm {
             out.push(("embedding.weight".to_string(), table.clone()));
         }
         for (k, layer) in self.layers.iter().enumerate() {
-            out.push((format!("{LSTM_PREFIX}.weight_ih_l{k}"), layer.w_ih.clone()));
-            out.push((format!("{LSTM_PREFIX}.weight_hh_l{k}"), layer.w_hh.clone()));
-            out.push((format!("{LSTM_PREFIX}.bias_ih_l{k}"), layer.b_ih.clone()));
-            out.push((format!("{LSTM_PREFIX}.bias_hh_l{k}"), layer.b_hh.clone()));
+            out.extend(layer.named_tensors(k));
         }
         out.push(("head.weight".to_string(), self.head_w.clone()));
         out.push(("head.bias".to_string(), self.head_b.clone()));
