@@ -3,9 +3,12 @@
 //! the `live` crate does the audio thread's work and `engine` the worker's.
 //! Runs on: audio thread (`process`, `reset`), main thread (everything else).
 
+pub mod editor;
 pub mod engine;
+pub mod keep;
 pub mod log;
 pub mod params;
+pub mod presets;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -33,6 +36,8 @@ pub struct Antiphon {
     engine: Option<Engine>,
     /// Loads the model the worker drives: the built-in LSTM or a model directory.
     factory: Arc<dyn ContinuerFactory>,
+    /// The editor's size; the editor itself exists only while the host shows it.
+    editor_state: Arc<nice_plug_egui::EguiEditorState>,
 }
 
 impl Default for Antiphon {
@@ -45,6 +50,7 @@ impl Default for Antiphon {
             status: Arc::new(EngineStatus::default()),
             engine: None,
             factory: Arc::new(LstmFactory),
+            editor_state: editor::default_state(),
         }
     }
 }
@@ -124,7 +130,7 @@ impl Plugin for Antiphon {
     const MIDI_OUTPUT: MidiConfig = MidiConfig::MidiCCs;
     const SAMPLE_ACCURATE_AUTOMATION: bool = true;
 
-    type Editor = ();
+    type Editor = nice_plug_egui::EguiEditor<editor::EditorApp>;
     type SysExMessage = ();
     type BackgroundTask = ();
 
@@ -134,6 +140,11 @@ impl Plugin for Antiphon {
 
     fn params(&self) -> Arc<dyn Params> {
         self.params.clone()
+    }
+
+    fn editor(&mut self, _executor: AsyncExecutor<Self>) -> Option<Self::Editor> {
+        let (params, live, status) = (self.params.clone(), self.live.clone(), self.status.clone());
+        editor::create(self.editor_state.clone(), params, live, status)
     }
 
     fn filter_state(state: &mut PluginState) {

@@ -14,6 +14,7 @@ pub mod chords;
 pub mod library;
 pub mod lstm;
 pub mod timing;
+pub mod view;
 mod worker;
 
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ use music::encode::{Reject, StepGrid};
 use music::Frame;
 
 pub use library::{LibraryModel, ModelLibrary, MAX_LIBRARY_MODELS};
+pub use view::{AnswerView, Shown};
 pub use worker::NoteStream;
 
 /// The model choice shared by the parameters (which save and restore it), the main thread (which
@@ -284,11 +286,17 @@ pub enum EngineState {
 pub struct EngineStatus {
     state: AtomicU8,
     detail: Mutex<String>,
+    /// The phrase answered last and the answers to it, for the editor.
+    shown: view::ShownSlot,
 }
 
 impl Default for EngineStatus {
     fn default() -> Self {
-        Self { state: AtomicU8::new(EngineState::Stopped as u8), detail: Mutex::new(String::new()) }
+        Self {
+            state: AtomicU8::new(EngineState::Stopped as u8),
+            detail: Mutex::new(String::new()),
+            shown: Default::default(),
+        }
     }
 }
 
@@ -307,6 +315,11 @@ impl EngineStatus {
     /// What the state is about: the model loaded, or why loading failed.
     pub fn detail(&self) -> String {
         self.detail.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The phrase answered last and the answers to it.
+    pub fn shown(&self) -> Arc<Shown> {
+        self.shown.get()
     }
 
     fn set(&self, state: EngineState, detail: String) {

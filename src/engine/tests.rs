@@ -216,6 +216,7 @@ fn request(answer_id: u32, len_beats: Option<f64>) -> AnswerRequest {
             highest_pitch: 127,
         },
         seed: 99,
+        replay_of: 0,
     }
 }
 

@@ -78,6 +78,7 @@ pub fn first_note_latencies(
                 highest_pitch: 84,
             },
             seed: u64::from(trial),
+            replay_of: 0,
         };
         live.active_answer_id.store(trial, Ordering::Release);
         live.playhead_beats.store(-3.0, Ordering::Release);

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nice_plug::prelude::{nice_log, nice_warn};
 
@@ -16,9 +16,10 @@ use live::phrase::{
 use model::SamplingSettings;
 use music::bar::BarPhase;
 use music::encode::StepGrid;
-use music::key::estimate_key;
+use music::key::{estimate_key, Key};
 use music::{Frame, PianoRoll, PitchRules, PitchSet};
 
+use super::view::{AnswerView, Variations};
 use super::{
     Continuer, ContinuerFactory, EngineError, EngineState, EngineStatus, ModelSlot, ModelSource, Voicing,
 };
@@ -137,6 +138,29 @@ struct ActiveAnswer {
     history: Vec<Frame>,
     /// Where in the host's bar the next step to write lies, when the host gives its meter.
     next_bar: Option<BarPhase>,
+    /// An earlier answer played again in place of the model's steps.
+    replay: Option<Replay>,
+    /// When the worker took the request, until the first note is written.
+    asked_at: Option<Instant>,
+}
+
+/// The events of an earlier answer, sent again as the playhead nears them.
+struct Replay {
+    events: Vec<AnswerEvent>,
+    next_idx: usize,
+    /// Where the earlier answer's writing stood: the replay is finished there.
+    end_beats: f64,
+    written_until_beats: f64,
+}
+
+impl ActiveAnswer {
+    /// How far the answer is written, in beats from its start.
+    fn written_until_beats(&self) -> f64 {
+        match &self.replay {
+            Some(replay) => replay.written_until_beats,
+            None => self.stream.written_until_beats(),
+        }
+    }
 }
 
 pub(super) struct Worker {
@@ -157,6 +181,8 @@ pub(super) struct Worker {
     answer: Option<ActiveAnswer>,
     /// A chunk the audio thread's queue had no room for yet.
     outgoing: Option<AnswerChunk>,
+    /// The answers to the last phrase, to show and to play again.
+    variations: Variations,
 }
 
 impl Worker {
@@ -179,6 +205,7 @@ impl Worker {
             is_builtin_loaded: false,
             answer: None,
             outgoing: None,
+            variations: Variations::default(),
         }
     }
 
@@ -216,7 +243,7 @@ impl Worker {
         }
         let Some(answer) = &self.answer else { return false };
         !answer.stream.is_finished()
-            && (answer.stream.is_full() || answer.stream.written_until_beats() < self.target_beats())
+            && (answer.stream.is_full() || answer.written_until_beats() < self.target_beats())
     }
 
     /// How far the answer should be written: a lookahead past the playhead, and the first
@@ -324,9 +351,45 @@ impl Worker {
             Texture::Auto if request.phrase.has_chords() => Voicing::Chords,
             Texture::Auto => Voicing::Melody,
         };
+        let is_builtin = self.is_builtin_loaded;
+        let chosen_voicing = self.continuer.as_ref().map(|c| c.voicing());
         let Some(continuer) = pick(&mut self.continuer, &mut self.companion, wanted) else { return };
         match begin_answer(continuer, &request) {
-            Ok(answer) => self.answer = Some(answer),
+            Ok((mut answer, key)) => {
+                let voicing = answer.voicing;
+                let model = match (voicing, chosen_voicing == Some(voicing) && !is_builtin) {
+                    (_, true) => self.status.detail(),
+                    (Voicing::Melody, false) => "the built-in melody model".to_string(),
+                    (Voicing::Chords, false) => "the built-in chord model".to_string(),
+                };
+                let replayed = (request.replay_of != 0)
+                    .then(|| self.variations.replay(&request.phrase, request.replay_of))
+                    .flatten();
+                match replayed {
+                    Some(events) => {
+                        let end_beats =
+                            self.variations.shown().playing().map_or(0.0, |v| v.written_until_beats);
+                        answer.replay =
+                            Some(Replay { events, next_idx: 0, end_beats, written_until_beats: 0.0 });
+                    }
+                    None => {
+                        let view = AnswerView {
+                            answer_id: request.answer_id,
+                            notes: Vec::new(),
+                            written_until_beats: 0.0,
+                            is_finished: false,
+                            voicing,
+                            model,
+                            key,
+                            seed: request.seed,
+                            first_note_ms: None,
+                        };
+                        self.variations.begin(&request.phrase, view);
+                    }
+                }
+                self.status.shown.set(self.variations.shown());
+                self.answer = Some(answer);
+            }
             Err(err) => {
                 nice_warn!("Antiphon: no answer: {err}");
                 // Tell the audio thread there is nothing to wait for.
@@ -357,9 +420,61 @@ impl Worker {
             return;
         }
         let mut chunk = empty_chunk(answer.id);
+        let written_before_beats = answer.written_until_beats();
+        if let Some(replay) = &mut answer.replay {
+            while let Some(event) = replay.events.get(replay.next_idx) {
+                if event.at_beats >= target_beats || chunk.events.is_full() {
+                    break;
+                }
+                chunk.events.push(*event);
+                replay.next_idx += 1;
+            }
+            let is_done = replay.next_idx == replay.events.len();
+            replay.written_until_beats = match replay.events.get(replay.next_idx) {
+                Some(next) => next.at_beats.min(target_beats),
+                None => replay.end_beats,
+            };
+            if is_done && replay.end_beats <= target_beats {
+                answer.stream.finish(&mut |_| {});
+            }
+            chunk.written_until_beats = replay.written_until_beats;
+            chunk.is_finished = answer.stream.is_finished();
+        } else {
+            let failure = write_steps(answer, continuer, &self.live, &mut chunk, target_beats);
+            if let Some(err) = failure {
+                nice_warn!("Antiphon: answer cut short: {err}");
+            }
+            self.variations.record(&chunk.events, chunk.written_until_beats, chunk.is_finished);
+            let has_note = chunk.events.iter().any(|e| matches!(e.kind, AnswerEventKind::NoteOn { .. }));
+            if let Some(asked_at) = answer.asked_at.filter(|_| has_note) {
+                answer.asked_at = None;
+                self.variations.set_first_note_ms(asked_at.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        if chunk.events.is_empty() && !chunk.is_finished && chunk.written_until_beats == written_before_beats
+        {
+            return;
+        }
+        self.status.shown.set(self.variations.shown());
+        if let Err(chunk) = self.link.push_chunk(chunk) {
+            self.outgoing = Some(chunk);
+        }
+    }
+}
+
+/// Writes the model's steps of `answer` into `chunk` up to `target_beats` (or as far as the
+/// chunk has room), and sets how far it is written. Returns the model's failure, which ends
+/// the answer.
+fn write_steps(
+    answer: &mut ActiveAnswer,
+    continuer: &mut dyn Continuer,
+    live: &LiveShared,
+    chunk: &mut AnswerChunk,
+    target_beats: f64,
+) -> Option<EngineError> {
+    {
         let mut failure = None;
         let grid = continuer.grid();
-        let written_before_beats = answer.stream.written_until_beats();
         // Room for the events one step can make (an end and a start per voice). A full answer
         // is finished at once, target or not, so its last notes' ends are known before the
         // answer's end is reached.
@@ -372,7 +487,7 @@ impl Worker {
                 answer.stream.finish(&mut push);
                 break;
             }
-            answer.sampling.temperature = self.live.temperature.load(Ordering::Relaxed);
+            answer.sampling.temperature = live.temperature.load(Ordering::Relaxed);
             let step = match continuer.next_step(&answer.sampling, answer.max_voices) {
                 Ok(step) => step,
                 Err(err) => {
@@ -411,16 +526,7 @@ impl Worker {
         }
         chunk.written_until_beats = answer.stream.written_until_beats();
         chunk.is_finished = answer.stream.is_finished();
-        if let Some(err) = failure {
-            nice_warn!("Antiphon: answer cut short: {err}");
-        }
-        if chunk.events.is_empty() && !chunk.is_finished && chunk.written_until_beats == written_before_beats
-        {
-            return;
-        }
-        if let Err(chunk) = self.link.push_chunk(chunk) {
-            self.outgoing = Some(chunk);
-        }
+        failure
     }
 }
 
@@ -462,8 +568,12 @@ fn phrase_of(frames: &[Frame], grid: StepGrid) -> Phrase {
     phrase
 }
 
-/// Starts the continuer on the request's phrase and sets up the answer's stream.
-fn begin_answer(continuer: &mut dyn Continuer, request: &AnswerRequest) -> Result<ActiveAnswer, EngineError> {
+/// Starts the continuer on the request's phrase and sets up the answer's stream; also gives
+/// the key the answer keeps to.
+fn begin_answer(
+    continuer: &mut dyn Continuer,
+    request: &AnswerRequest,
+) -> Result<(ActiveAnswer, Option<Key>), EngineError> {
     let grid = continuer.grid();
     let settings = &request.settings;
     let key = match settings.key_lock {
@@ -484,7 +594,7 @@ fn begin_answer(continuer: &mut dyn Continuer, request: &AnswerRequest) -> Resul
         Voicing::Melody => 1,
         Voicing::Chords => settings.max_voices.max(1) as usize,
     };
-    Ok(ActiveAnswer {
+    let answer = ActiveAnswer {
         next_bar: bar.map(|b| b.shifted(len_steps, grid)),
         id: request.answer_id,
         voicing: continuer.voicing(),
@@ -499,7 +609,10 @@ fn begin_answer(continuer: &mut dyn Continuer, request: &AnswerRequest) -> Resul
         } else {
             Vec::new()
         },
-    })
+        replay: None,
+        asked_at: Some(Instant::now()),
+    };
+    Ok((answer, key))
 }
 
 /// The phrase as the continuer hears it, a frame per step: every voice for chords, the top

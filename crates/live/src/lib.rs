@@ -16,6 +16,7 @@ pub mod keys;
 pub mod link;
 pub mod phrase;
 pub mod playback;
+pub mod steer;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,8 +25,9 @@ use std::time::{Duration, Instant};
 use crate::keys::{HeldKeys, Holder, KeyChange, SoundingNotes};
 use crate::link::WorkerLink;
 use crate::phrase::{
-    AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Texture, LOOKAHEAD_BEATS,
+    AnswerEventKind, AnswerRequest, GenSettings, KeyLock, LiveShared, Phrase, Texture, LOOKAHEAD_BEATS,
 };
+use crate::steer::{Stage, Steer};
 
 pub use capture::{Capture, TriggerMode};
 pub use clock::{BlockTime, Clock, ClockChange, HostTransport};
@@ -187,6 +189,14 @@ struct Answer {
     is_worker_stalled: bool,
 }
 
+/// The last phrase sent to the worker and where its answer was placed, so that the same phrase
+/// can be answered again (the editor's Try Again and Variations).
+#[derive(Clone, Debug)]
+struct LastAsked {
+    request: AnswerRequest,
+    answer: Answer,
+}
+
 /// A timed action inside a block, in the order actions at the same sample happen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Action {
@@ -224,6 +234,10 @@ pub struct Scheduler {
     num_requests: u64,
     last_answer_id: u32,
     is_offline: bool,
+    /// Kept from the last phrase end; a copy, so it never allocates.
+    last_asked: Option<LastAsked>,
+    /// The player played into the answer since the last phrase ended (the editor says so).
+    has_yielded: bool,
 }
 
 impl Scheduler {
@@ -259,6 +273,8 @@ impl Scheduler {
             num_requests: 0,
             last_answer_id: 0,
             is_offline: false,
+            last_asked: None,
+            has_yielded: false,
         }
     }
 
@@ -289,6 +305,7 @@ impl Scheduler {
         self.capture.clear_all();
         self.held_keys.clear();
         self.clock.reset();
+        self.last_asked = None;
         self.live.active_answer_id.store(0, Ordering::Release);
     }
 
@@ -335,6 +352,7 @@ impl Scheduler {
             // The answer was promised on the old timeline; a new take starts listening afresh.
             self.cancel_answer(0, emit);
             self.capture.clear();
+            self.last_asked = None;
         }
         let model_epoch = self.live.model_epoch.load(Ordering::Acquire);
         if model_epoch != self.model_epoch_seen {
@@ -360,6 +378,14 @@ impl Scheduler {
             self.end_phrase(self.block.start_beats, settings);
         }
         self.was_answer_now = settings.is_answer_now;
+        match self.live.steer.take() {
+            Some(Steer::AnswerNow) if self.answer.is_none() => {
+                self.end_phrase(self.block.start_beats, settings)
+            }
+            Some(Steer::TryAgain) => self.ask_again(0, settings, emit),
+            Some(Steer::Replay { answer_id }) => self.ask_again(answer_id, settings, emit),
+            _ => {}
+        }
 
         if let Some(answer) = &mut self.answer {
             if answer.end_beats.is_none() && !settings.is_continuous {
@@ -413,6 +439,7 @@ impl Scheduler {
             if settings.should_yield {
                 let is_pending = at_beats < answer.start_beats;
                 self.cancel_answer(timing, emit);
+                self.has_yielded = true;
                 if is_pending && settings.trigger != TriggerMode::Bars {
                     // The player went on before the answer began: the phrase goes on too.
                     self.capture.unseal();
@@ -469,6 +496,24 @@ impl Scheduler {
         let is_phrase_open =
             self.capture.is_any_key_down() || self.capture.has_notes() || self.answer.is_some();
         self.live.is_phrase_open.store(is_phrase_open, Ordering::Relaxed);
+        self.live.steer.set_stage(self.stage(settings));
+        self.live.steer.set_tempo_bpm(self.block.tempo_bpm);
+    }
+
+    /// What the scheduler is doing, as the editor shows it.
+    fn stage(&self, settings: &Settings) -> Stage {
+        match &self.answer {
+            Some(answer) if answer.written_until_beats > 0.0 || answer.is_finished => Stage::Answering,
+            Some(_) => Stage::Thinking,
+            None if self.capture.has_notes()
+                && !self.capture.is_any_key_down()
+                && settings.trigger != TriggerMode::Manual =>
+            {
+                Stage::PhraseEnding
+            }
+            None if self.has_yielded => Stage::Yielded,
+            None => Stage::Listening,
+        }
     }
 
     /// Handles every timed action before `limit_samples`, in time order.
@@ -597,17 +642,59 @@ impl Scheduler {
             self.block.host_bar_origin_beats.unwrap_or(at_beats)
         };
         let start_beats = clock::next_grid_point(grid_origin_beats, unit_beats, at_beats);
-        let len_beats = (!settings.is_continuous).then(|| settings.answer_bars.max(1) as f64 * bar_beats);
-
-        self.last_answer_id = self.last_answer_id.wrapping_add(1).max(1);
+        let phrase_velocity = phrase.mean_velocity().unwrap_or(settings.velocity);
         self.num_requests += 1;
+        let seed = answer_seed(settings.seed, settings.is_fresh_seed, self.num_requests);
+        self.ask(phrase, start_beats, grid_origin_beats, bar_beats, phrase_velocity, seed, 0, settings);
+    }
+
+    /// Answers the last phrase again in place of the answer playing or waiting: anew from a
+    /// fresh seed, or, with `replay_of`, as the earlier answer with that id went. The new answer
+    /// starts at the first point at or after now that lies whole bars from where the last one
+    /// started, so it keeps its place in the bar. Nothing happens while the player is in a new
+    /// phrase, or before any phrase was answered.
+    fn ask_again(&mut self, replay_of: u32, settings: &Settings, emit: &mut impl FnMut(NoteMsg)) {
+        let Some(last) = &self.last_asked else { return };
+        if self.capture.has_notes() && !self.capture.is_sealed() {
+            return;
+        }
+        let place = last.answer;
+        let phrase = last.request.phrase.clone();
+        self.cancel_answer(0, emit);
+        let start_beats = clock::next_grid_point(place.start_beats, place.bar_beats, self.block.start_beats);
+        self.num_requests += 1;
+        let seed = answer_seed(settings.seed, true, self.num_requests);
+        let (origin, bar_beats, velocity) = (place.grid_origin_beats, place.bar_beats, place.phrase_velocity);
+        self.ask(phrase, start_beats, origin, bar_beats, velocity, seed, replay_of, settings);
+    }
+
+    /// Sends `phrase` to the worker for an answer that starts at `start_beats` on the timeline
+    /// and waits for it.
+    #[allow(clippy::too_many_arguments)]
+    fn ask(
+        &mut self,
+        phrase: Phrase,
+        start_beats: f64,
+        grid_origin_beats: f64,
+        bar_beats: f64,
+        phrase_velocity: u8,
+        seed: u64,
+        replay_of: u32,
+        settings: &Settings,
+    ) {
+        if self.link.is_none() || !self.live.is_model_ready.load(Ordering::Acquire) {
+            self.capture.clear();
+            return;
+        }
+        let len_beats = (!settings.is_continuous).then(|| settings.answer_bars.max(1) as f64 * bar_beats);
+        self.last_answer_id = self.last_answer_id.wrapping_add(1).max(1);
         let answer = Answer {
             id: self.last_answer_id,
             start_beats,
             end_beats: len_beats.map(|len| start_beats + len),
             grid_origin_beats,
             bar_beats,
-            phrase_velocity: phrase.mean_velocity().unwrap_or(settings.velocity),
+            phrase_velocity,
             written_until_beats: 0.0,
             is_finished: false,
             is_worker_stalled: false,
@@ -628,8 +715,18 @@ impl Scheduler {
                 lowest_pitch,
                 highest_pitch,
             },
-            seed: answer_seed(settings.seed, settings.is_fresh_seed, self.num_requests),
+            seed,
+            replay_of,
         };
+        match &mut self.last_asked {
+            // In place: the phrase is already there, and a fresh copy would cost a page of stack.
+            Some(last) if last.request.phrase == request.phrase => {
+                last.answer = answer;
+                last.request.answer_id = request.answer_id;
+            }
+            last => *last = Some(LastAsked { request: request.clone(), answer }),
+        }
+        self.has_yielded = false;
         self.answer = Some(answer);
         self.capture.seal();
         self.live.active_answer_id.store(answer.id, Ordering::Release);

@@ -15,6 +15,8 @@ use music::encode::StepGrid;
 use music::key::Key;
 use music::note::{Melody, Meter, Note};
 
+use crate::steer::SteerBox;
+
 /// Most notes one captured phrase keeps; older notes are dropped first when a player goes on
 /// longer than this without a pause.
 pub const MAX_PHRASE_NOTES: usize = 256;
@@ -218,6 +220,10 @@ pub struct AnswerRequest {
     pub settings: GenSettings,
     /// Seed of the sampler: the same phrase, settings, seed and temperatures give the same notes.
     pub seed: u64,
+    /// Non-zero to play again, note for note, the earlier answer with this id to the same
+    /// phrase (the editor's Variations); the worker writes a new answer from `seed` when it no
+    /// longer keeps that one.
+    pub replay_of: u32,
 }
 
 /// What happens at an answer event.
@@ -286,6 +292,8 @@ pub struct LiveShared {
     /// Written by the audio thread every block; the worker then looks for requests every
     /// millisecond rather than every few, since nothing wakes it.
     pub is_phrase_open: AtomicBool,
+    /// The editor's requests to the audio thread, and the stage it reports back.
+    pub steer: SteerBox,
 }
 
 impl LiveShared {
@@ -302,6 +310,7 @@ impl LiveShared {
             num_late_notes: AtomicU32::new(0),
             num_lost_events: AtomicU32::new(0),
             is_phrase_open: AtomicBool::new(false),
+            steer: SteerBox::default(),
         }
     }
 
