@@ -29,7 +29,7 @@ use crate::params::AntiphonParams;
 use crate::presets::{self, Listed, Preset, PresetOrigin};
 
 /// The editor's size in logical pixels.
-pub const EDITOR_SIZE: (u32, u32) = (960, 640);
+pub const EDITOR_SIZE: (u32, u32) = (1120, 620);
 
 /// How often the editor redraws while it is open: the playhead moves.
 const REDRAW_EVERY: Duration = Duration::from_millis(33);
@@ -138,7 +138,7 @@ impl EditorApp {
         ui.horizontal(|ui| {
             ui.heading("Antiphon");
             ui.add_space(12.0);
-            ui.label(egui::RichText::new(format!("● {}", stage.label())).color(stage_color).strong());
+            ui.label(egui::RichText::new(stage.label()).color(stage_color).strong());
             ui.add_space(12.0);
             let state = self.status.state();
             let model = match state {
@@ -167,7 +167,7 @@ impl EditorApp {
                 };
                 ui.label(key);
                 if let Some(ms) = answer.first_note_ms {
-                    ui.label(format!("phrase end → first note written: {ms:.1} ms"));
+                    ui.label(format!("first note written {ms:.1} ms after the phrase ended"));
                 }
             } else {
                 ui.label("Play a phrase: Antiphon answers when you pause.");
@@ -492,6 +492,6 @@ trait ParamRow {
 impl<P: Param> ParamRow for P {
     fn row(&self, ui: &mut Ui, setter: &ParamSetter) {
         ui.label(self.name());
-        ui.add(ParamSlider::for_param(self, setter).with_width(90.0));
+        ui.add(ParamSlider::for_param(self, setter).with_width(64.0));
     }
 }

@@ -542,3 +542,52 @@ fn model_choices_validate_and_round_trip() {
     assert_eq!(serde_json::to_string(&ModelSource::Builtin).unwrap(), r#""builtin""#);
     assert_eq!(serde_json::from_str::<ModelSource>(&json).unwrap(), ModelSource::Dir("/m".into()));
 }
+
+#[test]
+fn a_variation_replays_its_events_without_the_model_and_the_editor_sees_every_answer() {
+    let w = start("67 _ 69 _ r _ 71 _", ModelSource::Builtin);
+    wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
+    w.ask(request(1, Some(4.0)));
+    w.live.playhead_beats.store(10.0, Ordering::Release);
+    let (first, _, finished) = w.collect(1, 100.0);
+    assert!(finished);
+    let mut second_request = request(2, Some(4.0));
+    second_request.seed = 100;
+    w.ask(second_request);
+    w.live.playhead_beats.store(10.0, Ordering::Release);
+    w.collect(2, 100.0);
+    let shown = w.status.shown();
+    assert_eq!(shown.variations.iter().map(|v| v.answer_id).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(shown.playing, Some(2));
+    assert_eq!(shown.variations[1].seed, 100);
+    // The editor's notes of the first answer are its events as notes.
+    let view = &shown.variations[0];
+    assert!(view.is_finished);
+    let notes: Vec<(u8, f64, f64)> = view.notes.iter().map(|n| (n.pitch, n.start_beats, n.len_beats)).collect();
+    assert_eq!(notes, vec![(67, 0.0, 0.5), (69, 0.5, 0.5), (71, 1.5, 0.5), (67, 2.0, 0.5), (69, 2.5, 0.5), (71, 3.5, 0.5)]);
+    assert!(view.first_note_ms.is_some_and(|ms| ms >= 0.0));
+
+    let steps_before = w.log.lock().unwrap().temperatures.len();
+    let mut replay = request(3, Some(4.0));
+    replay.seed = 7;
+    replay.replay_of = 1;
+    w.ask(replay);
+    w.live.playhead_beats.store(10.0, Ordering::Release);
+    let (again, _, finished) = w.collect(3, 100.0);
+    assert!(finished);
+    assert_eq!(again, first, "note for note");
+    assert_eq!(w.log.lock().unwrap().temperatures.len(), steps_before, "the model wrote nothing");
+    let shown = w.status.shown();
+    assert_eq!(shown.playing, Some(1));
+    assert_eq!(shown.variations.len(), 2, "a replay is not a new variation");
+
+    // Another phrase forgets the answers to the old one.
+    let mut other = request(4, Some(4.0));
+    other.phrase.notes[0].pitch = 62;
+    w.ask(other);
+    w.live.playhead_beats.store(10.0, Ordering::Release);
+    w.collect(4, 100.0);
+    let shown = w.status.shown();
+    assert_eq!(shown.variations.iter().map(|v| v.answer_id).collect::<Vec<_>>(), vec![4]);
+    assert_eq!(shown.phrase.as_ref().unwrap().notes[0].pitch, 62);
+}

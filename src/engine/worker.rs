@@ -220,7 +220,7 @@ impl Worker {
                 newest = Some(request);
             }
             if let Some(request) = newest {
-                self.start_answer(request);
+                self.start_answer(request, Instant::now());
             }
             self.write_ahead();
             if !self.has_work_due() {
@@ -340,7 +340,8 @@ impl Worker {
         };
     }
 
-    fn start_answer(&mut self, request: AnswerRequest) {
+    /// Starts answering `request`, taken from the queue at `taken_at`.
+    fn start_answer(&mut self, request: AnswerRequest, taken_at: Instant) {
         self.answer = None;
         if self.live.active_answer_id.load(Ordering::Acquire) != request.answer_id {
             return; // Already cancelled or replaced.
@@ -388,6 +389,7 @@ impl Worker {
                     }
                 }
                 self.status.shown.set(self.variations.shown());
+                answer.asked_at = Some(taken_at);
                 self.answer = Some(answer);
             }
             Err(err) => {
@@ -610,7 +612,7 @@ fn begin_answer(
             Vec::new()
         },
         replay: None,
-        asked_at: Some(Instant::now()),
+        asked_at: None,
     };
     Ok((answer, key))
 }

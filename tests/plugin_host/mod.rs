@@ -15,8 +15,10 @@ use clack_host::events::event_types::{
     MidiEvent, NoteChokeEvent, NoteOffEvent, NoteOnEvent, ParamValueEvent, TransportEvent, TransportFlags,
 };
 use clack_host::events::{EventFlags, EventHeader, UnknownEvent};
+use clack_extensions::gui::{GuiSize, HostGui, HostGuiImpl};
 use clack_host::prelude::*;
 use clack_host::utils::BeatTime;
+use clap_sys::ext::gui::{clap_plugin_gui, clap_window, clap_window_handle, CLAP_EXT_GUI, CLAP_WINDOW_API_X11};
 use clap_sys::ext::audio_ports_config::{
     clap_audio_ports_config, clap_plugin_audio_ports_config, CLAP_EXT_AUDIO_PORTS_CONFIG,
 };
@@ -40,15 +42,35 @@ impl SharedHandler<'_> for TestShared {
     fn request_callback(&self) {}
 }
 
+/// The host's side of the gui extension: a fixed-size window that refuses to change.
+impl HostGuiImpl for TestShared {
+    fn resize_hints_changed(&self) {}
+    fn request_resize(&self, _new_size: GuiSize) -> Result<(), HostError> {
+        Err(HostError::Message("the test window keeps its size"))
+    }
+    fn request_show(&self) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn request_hide(&self) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn closed(&self, _was_destroyed: bool) {}
+}
+
 struct TestHost;
 
 impl HostHandlers for TestHost {
     type Shared<'a> = TestShared;
     type MainThread<'a> = ();
     type AudioProcessor<'a> = ();
+
+    fn declare_extensions(builder: &mut HostExtensions<Self>, _shared: &Self::Shared<'_>) {
+        builder.register::<HostGui>();
+    }
 }
 
-/// Where the built plugin is: `$ANTIPHON_CLAP`, or `bundled/antiphon.clap` in the target folder.
+/// Where the built plugin is: `$ANTIPHON_CLAP`, or the debug bundle in `bundled-debug/` of the
+/// target folder (where `cargo xtask bundle antiphon` puts it: the allocation checks are on).
 /// Fails with a message that says how to build it when it is missing or older than the sources.
 pub fn bundle_path() -> PathBuf {
     if let Ok(path) = std::env::var("ANTIPHON_CLAP") {
@@ -57,7 +79,7 @@ pub fn bundle_path() -> PathBuf {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let target_dir =
         std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| manifest_dir.join("target"));
-    let candidates = [target_dir.join("bundled/antiphon.clap"), target_dir.join("bundled/Antiphon.clap")];
+    let candidates = [target_dir.join("bundled-debug/antiphon.clap")];
     let Some(path) = candidates.iter().find(|p| p.exists()) else {
         panic!(
             "the plugin bundle is missing ({}): build it first with `cargo xtask bundle antiphon` \
@@ -248,6 +270,35 @@ impl Plugin {
         let (input, mut output) = (events.as_input(), out.as_output());
         // SAFETY: as above; the event lists live across the call.
         unsafe { (ext.flush.unwrap())(self.raw(), input.as_raw(), output.as_raw()) };
+    }
+
+    /// Creates the editor and shows it embedded in the X11 window that `make_parent` creates
+    /// for its size in pixels (and returns), as a host opens a plugin window.
+    pub fn open_editor(&self, make_parent: impl FnOnce(u32, u32) -> u64) {
+        let gui: clap_plugin_gui = self.extension(CLAP_EXT_GUI);
+        let (mut width, mut height) = (0u32, 0u32);
+        // SAFETY: the gui extension's calls, in the order CLAP prescribes, on the main thread,
+        // with pointers that outlive each call.
+        unsafe {
+            assert!((gui.is_api_supported.unwrap())(self.raw(), CLAP_WINDOW_API_X11.as_ptr(), false));
+            assert!((gui.create.unwrap())(self.raw(), CLAP_WINDOW_API_X11.as_ptr(), false), "gui.create");
+            assert!((gui.get_size.unwrap())(self.raw(), &mut width, &mut height));
+            let parent = make_parent(width, height);
+            let window =
+                clap_window { api: CLAP_WINDOW_API_X11.as_ptr(), specific: clap_window_handle { x11: parent } };
+            assert!((gui.set_parent.unwrap())(self.raw(), &window), "gui.set_parent");
+            assert!((gui.show.unwrap())(self.raw()), "gui.show");
+        }
+    }
+
+    /// Hides and destroys the editor.
+    pub fn close_editor(&self) {
+        let gui: clap_plugin_gui = self.extension(CLAP_EXT_GUI);
+        // SAFETY: as in `open_editor`, after it.
+        unsafe {
+            (gui.hide.unwrap())(self.raw());
+            (gui.destroy.unwrap())(self.raw());
+        }
     }
 
     /// Tells the plugin whether the host renders offline. Before `activate`.

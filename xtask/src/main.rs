@@ -1,7 +1,7 @@
 //! `cargo xtask`: bundling the plugin, and the offline tools that share its code.
 //! Runs on: offline (a terminal).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -28,7 +28,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Build and bundle the plugin: `cargo xtask bundle antiphon --release` writes
-    /// target/bundled/antiphon.clap and antiphon.vst3.
+    /// target/bundled/antiphon.clap and antiphon.vst3, the bundles to install. Without
+    /// --release the bundles go to target/bundled-debug/ instead: debug bundles abort the host
+    /// on an allocation on the audio thread and are for the tests only.
     #[command(disable_help_flag = true)]
     Bundle {
         /// Passed on to the bundler (package name, --release, cargo flags).
@@ -56,10 +58,7 @@ enum Command {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Bundle { args } => {
-            let args = std::iter::once("bundle".to_string()).chain(args);
-            nice_plug_xtask::main_with_args("cargo xtask", args)
-        }
+        Command::Bundle { args } => bundle(args),
         Command::CorpusCheck(args) => corpus::check(args),
         Command::CorpusStats(args) => corpus::stats(args),
         Command::Train(args) => train::run(*args),
@@ -69,6 +68,49 @@ fn main() -> Result<()> {
         Command::Quantize(args) => quantize::run(args),
         Command::Memory(args) => memory::run(args),
     }
+}
+
+/// Bundles built without --release, kept apart from the bundles to install.
+const DEBUG_BUNDLES: &str = "bundled-debug";
+
+/// Bundles the plugin; a debug build's bundles are moved from `bundled/` to `bundled-debug/`,
+/// and release bundles already in `bundled/` are left as they were.
+fn bundle(args: Vec<String>) -> Result<()> {
+    let is_release = args.iter().any(|a| a == "--release" || a.starts_with("--profile"));
+    let bundler_args = std::iter::once("bundle".to_string()).chain(args);
+    if is_release {
+        return nice_plug_xtask::main_with_args("cargo xtask", bundler_args);
+    }
+    nice_plug_xtask::chdir_workspace_root()?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    let (release_dir, debug_dir) = (target.join("bundled"), target.join(DEBUG_BUNDLES));
+    let names = ["antiphon.clap", "antiphon.vst3"];
+    // The bundler writes into `bundled/`: the release bundles wait beside it meanwhile.
+    let parked = target.join("bundled-release-parked");
+    let _ = std::fs::remove_dir_all(&parked);
+    std::fs::create_dir_all(&parked)?;
+    for name in names {
+        if release_dir.join(name).exists() {
+            std::fs::rename(release_dir.join(name), parked.join(name))?;
+        }
+    }
+    let bundled = nice_plug_xtask::main_with_args("cargo xtask", bundler_args);
+    std::fs::create_dir_all(&debug_dir)?;
+    for name in names {
+        let (built, debug) = (release_dir.join(name), debug_dir.join(name));
+        if built.exists() {
+            let _ = std::fs::remove_dir_all(&debug);
+            let _ = std::fs::remove_file(&debug);
+            std::fs::rename(&built, &debug)?;
+        }
+        if parked.join(name).exists() {
+            std::fs::rename(parked.join(name), release_dir.join(name))?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&parked);
+    bundled?;
+    eprintln!("Debug bundles (for the tests, not for a DAW) are in '{}'", debug_dir.display());
+    Ok(())
 }
 
 /// The model in `dir`, or the built-in one; without its tune memory unless `with_memory`.

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::phrase::{AnswerChunk, AnswerEvent, MAX_CHUNK_EVENTS};
+use crate::steer::{Stage, Steer};
 
 /// A scheduler wired to channels the test holds, a host transport in 4/4 and a record of
 /// everything sent out, at absolute sample positions.
@@ -544,4 +545,87 @@ fn seeds() {
     assert_eq!(answer_seed(5, false, 9), 5);
     assert_ne!(answer_seed(5, true, 1), answer_seed(5, true, 2));
     assert_eq!(answer_seed(5, true, 1), answer_seed(5, true, 1));
+}
+
+#[test]
+fn try_again_answers_the_same_phrase_anew_from_the_next_bar_and_ends_what_plays() {
+    let mut rig = Rig::new();
+    let s = settings();
+    rig.run(9.01, 256, &s, &two_bars());
+    assert_eq!(rig.live.steer.stage(), Stage::Thinking);
+    let first = rig.take_request();
+    rig.send(first.answer_id, &[(0.0, true, 70), (3.0, false, 70)], 4.0, false);
+    rig.run(13.0, 256, &s, &[]);
+    assert_eq!(rig.live.steer.stage(), Stage::Answering);
+    // Beat 13: the answer's first note sounds. Try Again ends it now and asks again.
+    rig.live.steer.send(Steer::TryAgain);
+    rig.run(13.1, 256, &s, &[]);
+    let again = rig.take_request();
+    assert_ne!(again.answer_id, first.answer_id);
+    assert_eq!(again.phrase, first.phrase);
+    assert_ne!(again.seed, first.seed, "a new seed even with Fresh Seed off");
+    assert_eq!(again.replay_of, 0);
+    let bps = rig.beats_per_sample();
+    let at = |beats: f64| (beats / bps).round() as u64;
+    let off = rig.answer_out(1).into_iter().find(|(_, is_on, key)| !is_on && *key == 70).unwrap();
+    assert!(off.0 >= at(13.0) && off.0 < at(13.1), "the playing note ends at once: {off:?}");
+    // The new answer starts on the next bar line, whole bars from the first answer's start.
+    rig.send(again.answer_id, &[(0.0, true, 74), (1.0, false, 74)], 2.0, true);
+    rig.run(19.0, 256, &s, &[]);
+    assert!(rig.answer_out(1).contains(&(at(16.0), true, 74)), "{:?}", rig.answer_out(1));
+
+    // A variation is asked for by the id it was written under.
+    rig.live.steer.send(Steer::Replay { answer_id: first.answer_id });
+    rig.run(19.1, 256, &s, &[]);
+    let replay = rig.take_request();
+    assert_eq!(replay.replay_of, first.answer_id);
+    assert_eq!(replay.phrase, first.phrase);
+    rig.run(30.0, 256, &s, &[]);
+    rig.assert_balanced();
+}
+
+#[test]
+fn try_again_waits_for_a_phrase_and_leaves_a_new_one_alone() {
+    let mut rig = Rig::new();
+    let s = settings();
+    rig.live.steer.send(Steer::TryAgain);
+    rig.run(1.0, 256, &s, &[]);
+    assert!(rig.link.has_no_requests(), "nothing was answered yet");
+    rig.run(9.01, 256, &s, &two_bars());
+    let first = rig.take_request();
+    rig.send(first.answer_id, &[], 8.0, true);
+    rig.run(21.0, 256, &s, &[]);
+    // The player starts a new phrase: Try Again does not cut in.
+    let new_phrase = [(60, 21.0, 2.0)];
+    rig.run(22.0, 256, &s, &new_phrase);
+    assert_eq!(rig.live.steer.stage(), Stage::Listening);
+    rig.live.steer.send(Steer::TryAgain);
+    rig.run(22.5, 256, &s, &new_phrase);
+    assert!(rig.link.has_no_requests());
+    rig.run(30.0, 256, &s, &new_phrase);
+    assert_eq!(rig.take_request().phrase.notes.len(), 1, "the new phrase is answered");
+    rig.assert_balanced();
+}
+
+#[test]
+fn the_stage_follows_the_phrase_the_answer_and_a_yield() {
+    let mut rig = Rig::new();
+    let s = settings();
+    rig.run(0.5, 256, &s, &[(60, 0.25, 0.5)]);
+    assert_eq!(rig.live.steer.stage(), Stage::Listening, "a key is down");
+    rig.run(1.0, 256, &s, &[(60, 0.25, 0.5)]);
+    assert_eq!(rig.live.steer.stage(), Stage::PhraseEnding);
+    rig.run(1.9, 256, &s, &[]);
+    let request = rig.take_request();
+    assert_eq!(rig.live.steer.stage(), Stage::Thinking);
+    rig.send(request.answer_id, &[(0.0, true, 70), (2.0, false, 70)], 2.0, false);
+    rig.run(4.5, 256, &s, &[]);
+    assert_eq!(rig.live.steer.stage(), Stage::Answering);
+    rig.run(5.0, 256, &s, &[(62, 4.6, 2.0)]);
+    assert_eq!(rig.live.steer.stage(), Stage::Yielded, "the answer stopped for the player");
+    rig.run(6.7, 256, &s, &[(62, 4.6, 2.0)]);
+    assert_eq!(rig.live.steer.stage(), Stage::PhraseEnding);
+    assert_eq!(rig.live.steer.tempo_bpm(), 120.0);
+    rig.run(12.0, 256, &s, &[]);
+    rig.assert_balanced();
 }
