@@ -94,7 +94,8 @@ impl HostWindow {
     /// What the screen shows of the window, as RGB rows.
     fn pixels(&self) -> Vec<[u8; 3]> {
         let (w, h) = self.size;
-        let image = self.conn.get_image(ImageFormat::Z_PIXMAP, self.root, 0, 0, w, h, !0).unwrap().reply().unwrap();
+        let image =
+            self.conn.get_image(ImageFormat::Z_PIXMAP, self.root, 0, 0, w, h, !0).unwrap().reply().unwrap();
         assert_eq!(image.depth, 24, "a 24-bit display");
         // 32 bits a pixel, blue first.
         image.data.chunks_exact(4).map(|px| [px[2], px[1], px[0]]).collect()
@@ -221,7 +222,7 @@ fn the_editor_draws_phrase_and_answer_and_changes_nothing_in_the_output() {
     });
     std::thread::sleep(Duration::from_millis(300));
     let chord_pixels = host.pixels();
-    host.save_png(&chord_pixels, "editor-chords.png");
+    host.save_png(&chord_pixels, "editor.png");
     let notes = assert_balanced(&chords);
     let answer_notes: Vec<_> = notes.iter().filter(|n| n.1 == 0 && n.2 >= 12.0).collect();
     let most_at_once = answer_notes

@@ -345,6 +345,11 @@ impl Engine {
         status: Arc<EngineStatus>,
     ) -> Result<(Engine, Arc<WorkerLink>), EngineError> {
         let link = Arc::new(WorkerLink::new());
+        // Candle computes on rayon's global pool. Built here, its threads are named as the
+        // model's and not, as they would be when the worker first used it, after the worker.
+        // Once per process: later calls find it built and change nothing.
+        let _ =
+            rayon::ThreadPoolBuilder::new().thread_name(|idx| format!("antiphon-pool{idx}")).build_global();
         status.set(EngineState::Loading, model.get().describe());
         // Before the thread runs, so the audio thread never asks a worker that has no model yet.
         live.is_model_ready.store(false, Ordering::Release);

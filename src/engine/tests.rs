@@ -563,8 +563,12 @@ fn a_variation_replays_its_events_without_the_model_and_the_editor_sees_every_an
     // The editor's notes of the first answer are its events as notes.
     let view = &shown.variations[0];
     assert!(view.is_finished);
-    let notes: Vec<(u8, f64, f64)> = view.notes.iter().map(|n| (n.pitch, n.start_beats, n.len_beats)).collect();
-    assert_eq!(notes, vec![(67, 0.0, 0.5), (69, 0.5, 0.5), (71, 1.5, 0.5), (67, 2.0, 0.5), (69, 2.5, 0.5), (71, 3.5, 0.5)]);
+    let notes: Vec<(u8, f64, f64)> =
+        view.notes.iter().map(|n| (n.pitch, n.start_beats, n.len_beats)).collect();
+    assert_eq!(
+        notes,
+        vec![(67, 0.0, 0.5), (69, 0.5, 0.5), (71, 1.5, 0.5), (67, 2.0, 0.5), (69, 2.5, 0.5), (71, 3.5, 0.5)]
+    );
     assert!(view.first_note_ms.is_some_and(|ms| ms >= 0.0));
 
     let steps_before = w.log.lock().unwrap().temperatures.len();

@@ -11,16 +11,18 @@ use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use clack_extensions::gui::{GuiSize, HostGui, HostGuiImpl};
 use clack_host::events::event_types::{
     MidiEvent, NoteChokeEvent, NoteOffEvent, NoteOnEvent, ParamValueEvent, TransportEvent, TransportFlags,
 };
 use clack_host::events::{EventFlags, EventHeader, UnknownEvent};
-use clack_extensions::gui::{GuiSize, HostGui, HostGuiImpl};
 use clack_host::prelude::*;
 use clack_host::utils::BeatTime;
-use clap_sys::ext::gui::{clap_plugin_gui, clap_window, clap_window_handle, CLAP_EXT_GUI, CLAP_WINDOW_API_X11};
 use clap_sys::ext::audio_ports_config::{
     clap_audio_ports_config, clap_plugin_audio_ports_config, CLAP_EXT_AUDIO_PORTS_CONFIG,
+};
+use clap_sys::ext::gui::{
+    clap_plugin_gui, clap_window, clap_window_handle, CLAP_EXT_GUI, CLAP_WINDOW_API_X11,
 };
 use clap_sys::ext::params::{clap_param_info, clap_plugin_params, CLAP_EXT_PARAMS};
 use clap_sys::ext::remote_controls::{
@@ -284,8 +286,10 @@ impl Plugin {
             assert!((gui.create.unwrap())(self.raw(), CLAP_WINDOW_API_X11.as_ptr(), false), "gui.create");
             assert!((gui.get_size.unwrap())(self.raw(), &mut width, &mut height));
             let parent = make_parent(width, height);
-            let window =
-                clap_window { api: CLAP_WINDOW_API_X11.as_ptr(), specific: clap_window_handle { x11: parent } };
+            let window = clap_window {
+                api: CLAP_WINDOW_API_X11.as_ptr(),
+                specific: clap_window_handle { x11: parent },
+            };
             assert!((gui.set_parent.unwrap())(self.raw(), &window), "gui.set_parent");
             assert!((gui.show.unwrap())(self.raw()), "gui.show");
         }
