@@ -16,9 +16,10 @@ use model::LoadedModel;
 /// melody or a chord model).
 ///
 /// Every row of the recurrent matrices, and of the input matrices above the first layer,
-/// becomes integers from -127 to 127 times a power of two. The result is still an ordinary
-/// model (f32 values in the same files), so training, eval and every device read it as before;
-/// on CPUs with AVX-512 VNNI the plugin's step recognises the grid and runs 2-3× faster.
+/// becomes integers from -127 to 127 times a power of two. The file stores those rows as int8
+/// with each row's exponent (a quarter of the bytes); every reader turns them back into the
+/// same f32 values, so training, eval and every device read the model as before. On CPUs with
+/// AVX-512 VNNI the plugin's step recognises the grid and runs 2-3× faster.
 /// Measure what the rounding costs with `cargo xtask eval` on both models.
 #[derive(clap::Args)]
 pub struct QuantizeArgs {

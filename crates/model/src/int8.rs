@@ -66,6 +66,43 @@ pub fn round_row(row: &mut [f32]) {
     }
 }
 
+/// An f32 matrix whose every row lies on its int8 grid, as its integers (row-major) and each
+/// row's grid exponent; `None` for any other tensor. What a model file stores such a matrix as.
+pub fn grid_integers(tensor: &Tensor) -> Result<Option<(Vec<i8>, Vec<i8>)>> {
+    if tensor.dtype() != DType::F32 || tensor.rank() != 2 || tensor.elem_count() == 0 {
+        return Ok(None);
+    }
+    let rows = tensor.to_vec2::<f32>()?;
+    let mut integers = Vec::with_capacity(tensor.elem_count());
+    let mut exponents = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let Some(e) = row_exponent(row) else { return Ok(None) };
+        let Ok(e8) = i8::try_from(e) else { return Ok(None) };
+        exponents.push(e8);
+        integers.extend(row.iter().map(|&w| (w / pow2(e)) as i8));
+    }
+    Ok(Some((integers, exponents)))
+}
+
+/// The f32 values of a matrix stored as int8 integers (row-major, `cols` a row) and its rows'
+/// grid exponents: each `q · 2^e`, exact. An error says what does not fit.
+pub fn from_grid(integers: &[i8], exponents: &[i8], cols: usize) -> std::result::Result<Vec<f32>, String> {
+    if integers.len() != exponents.len() * cols {
+        return Err(format!("{} int8 weights are not {} rows of {cols}", integers.len(), exponents.len()));
+    }
+    if let Some(&e) = exponents.iter().find(|&&e| e < -126) {
+        return Err(format!("grid exponent {e} is outside f32's normal range"));
+    }
+    if integers.contains(&i8::MIN) {
+        return Err("an int8 weight of -128 lies off the grid (which ends at ±127)".into());
+    }
+    Ok(integers
+        .chunks_exact(cols.max(1))
+        .zip(exponents)
+        .flat_map(|(row, &e)| row.iter().map(move |&q| f32::from(q) * pow2(i32::from(e))))
+        .collect())
+}
+
 /// The grid exponent of a row whose weights already lie on its int8 grid, `None` for any other
 /// row.
 pub fn row_exponent(row: &[f32]) -> Option<i32> {

@@ -299,26 +299,121 @@ pub fn save_weights(path: &Path, lstm: &MelodyLstm) -> Result<(), ModelError> {
     save_tensors(path, tensors)
 }
 
-/// Writes `tensors` as safetensors, moved to the CPU, as they are typed.
+/// Name suffix of the tensor that holds, for a weight matrix stored as int8, each row's grid
+/// exponent (int8, one per row): the matrix is `q · 2^e` row by row (see `int8`).
+pub const GRID_EXPONENTS_SUFFIX: &str = ".grid_exponents";
+
+/// Writes `tensors` as safetensors, moved to the CPU, as they are typed; except that an f32
+/// matrix whose every row lies on its int8 grid (a quantized model's LSTM weights) is stored as
+/// its int8 integers and the rows' exponents, a quarter of the bytes for the same values.
 pub fn save_tensors(path: &Path, tensors: HashMap<String, Tensor>) -> Result<(), ModelError> {
-    let tensors = tensors
-        .into_iter()
-        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?)))
-        .collect::<Result<HashMap<_, _>, candle_core::Error>>()?;
-    candle_core::safetensors::save(&tensors, path).map_err(|e| ModelError::Io {
+    let mut stored: Vec<(String, StoredTensor)> = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let tensor = tensor.to_device(&Device::Cpu)?;
+        match crate::int8::grid_integers(&tensor)? {
+            Some((integers, exponents)) => {
+                let rows = exponents.len();
+                stored.push((
+                    format!("{name}{GRID_EXPONENTS_SUFFIX}"),
+                    StoredTensor::int8(vec![rows], exponents),
+                ));
+                stored.push((name, StoredTensor::int8(tensor.dims().to_vec(), integers)));
+            }
+            None => stored.push((name, StoredTensor::Tensor(tensor))),
+        }
+    }
+    safetensors::serialize_to_file(stored, None, path).map_err(|e| ModelError::Io {
         path: path.display().to_string(),
         source: std::io::Error::other(e.to_string()),
     })
 }
 
-/// Every tensor of the safetensors file at `path`, on `device`, as stored; a truncated or
-/// otherwise unreadable file is told apart in the error.
+/// A tensor to write: candle's, or int8 bytes of a matrix on its grid.
+enum StoredTensor {
+    Tensor(Tensor),
+    Int8 { shape: Vec<usize>, bytes: Vec<u8> },
+}
+
+impl StoredTensor {
+    fn int8(shape: Vec<usize>, values: Vec<i8>) -> Self {
+        StoredTensor::Int8 { shape, bytes: values.into_iter().map(|v| v as u8).collect() }
+    }
+}
+
+impl safetensors::View for StoredTensor {
+    fn dtype(&self) -> Dtype {
+        match self {
+            StoredTensor::Tensor(t) => safetensors::View::dtype(t),
+            StoredTensor::Int8 { .. } => Dtype::I8,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            StoredTensor::Tensor(t) => t.dims(),
+            StoredTensor::Int8 { shape, .. } => shape,
+        }
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self {
+            StoredTensor::Tensor(t) => safetensors::View::data(t),
+            StoredTensor::Int8 { bytes, .. } => Cow::Borrowed(bytes),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match self {
+            StoredTensor::Tensor(t) => safetensors::View::data_len(t),
+            StoredTensor::Int8 { bytes, .. } => bytes.len(),
+        }
+    }
+}
+
+/// The tensor `name` of `file` as f32 on the CPU: as stored, or, stored as int8, its integers
+/// times their rows' grid scales (exactly the values that were saved).
+fn load_tensor(file: &SafeTensors, name: &str, path: &str) -> Result<Tensor, ModelError> {
+    let view = file
+        .tensor(name)
+        .map_err(|_| ModelError::MissingTensor { path: path.to_string(), name: name.into() })?;
+    if view.dtype() != Dtype::I8 {
+        return Ok(candle_core::safetensors::Load::load(&view, &Device::Cpu)?);
+    }
+    let corrupt = |reason: String| ModelError::CorruptWeights { path: path.to_string(), reason };
+    let exponents_name = format!("{name}{GRID_EXPONENTS_SUFFIX}");
+    let exponents = file
+        .tensor(&exponents_name)
+        .map_err(|_| corrupt(format!("{name} is stored as int8 without its {exponents_name}")))?;
+    let (rows, cols) = match view.shape() {
+        [rows, cols] => (*rows, *cols),
+        shape => return Err(corrupt(format!("{name} is stored as int8 but has the shape {shape:?}"))),
+    };
+    if exponents.dtype() != Dtype::I8 || exponents.shape() != [rows] {
+        return Err(corrupt(format!("{exponents_name} is not one int8 exponent for each of {rows} rows")));
+    }
+    let integers: Vec<i8> = view.data().iter().map(|&b| b as i8).collect();
+    let exponents: Vec<i8> = exponents.data().iter().map(|&b| b as i8).collect();
+    let values = crate::int8::from_grid(&integers, &exponents, cols).map_err(corrupt)?;
+    Ok(Tensor::from_vec(values, (rows, cols), &Device::Cpu)?)
+}
+
+/// Every tensor of the safetensors file at `path`, on `device`, as stored (a matrix stored as
+/// int8 comes back as its f32 values); a truncated or otherwise unreadable file is told apart
+/// in the error.
 pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, ModelError> {
     let shown = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: shown.clone(), source })?;
     check_length(&bytes, &shown)?;
-    candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| ModelError::CorruptWeights { path: shown, reason: e.to_string() })
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| ModelError::CorruptWeights { path: shown.clone(), reason: e.to_string() })?;
+    let mut out = HashMap::new();
+    for name in file.names() {
+        if name.ends_with(GRID_EXPONENTS_SUFFIX) {
+            continue;
+        }
+        out.insert(name.to_string(), load_tensor(&file, name, &shown)?.to_device(device)?);
+    }
+    Ok(out)
 }
 
 /// Writes `config` as pretty JSON.
@@ -378,20 +473,24 @@ pub fn read_expected_tensors(
             return Err(mismatch(name, shape, view.shape()));
         }
     }
-    if let Some(extra) = file.names().into_iter().find(|n| !expected.iter().any(|(name, _)| name == *n)) {
+    let is_expected = |stored: &str| {
+        let base = stored.strip_suffix(GRID_EXPONENTS_SUFFIX).unwrap_or(stored);
+        expected.iter().any(|(name, _)| name == base)
+    };
+    if let Some(extra) = file.names().into_iter().find(|n| !is_expected(n)) {
         return Err(ModelError::UnexpectedTensor { path: path.to_string(), name: extra.to_string() });
     }
     let mut out = HashMap::with_capacity(expected.len());
     for (name, _) in expected {
         let view = file.tensor(&name).expect("checked above");
-        if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+        if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::I8) {
             return Err(ModelError::UnsupportedDtype {
                 path: path.to_string(),
                 name,
                 dtype: format!("{:?}", view.dtype()),
             });
         }
-        let tensor = candle_core::safetensors::Load::load(&view, &Device::Cpu)?.to_dtype(DType::F32)?;
+        let tensor = load_tensor(&file, &name, path)?.to_dtype(DType::F32)?;
         let num_bad = tensor.flatten_all()?.to_vec1::<f32>()?.iter().filter(|x| !x.is_finite()).count();
         if num_bad > 0 {
             return Err(ModelError::NonFinite { path: path.to_string(), name, num_bad });
@@ -489,6 +588,50 @@ mod tests {
         bytes.extend_from_slice(header.as_bytes());
         bytes.extend_from_slice(data);
         bytes
+    }
+
+    #[test]
+    fn a_matrix_on_its_int8_grid_is_stored_as_int8_and_reads_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut on_grid: Vec<f32> = (0..64 * 32).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        for row in on_grid.chunks_mut(32) {
+            crate::int8::round_row(row);
+        }
+        let off_grid: Vec<f32> = (0..64 * 32).map(|i| (i as f32 * 0.37).sin()).collect();
+        let tensors = HashMap::from([
+            ("on".to_string(), Tensor::from_vec(on_grid.clone(), (64, 32), &Device::Cpu).unwrap()),
+            ("off".to_string(), Tensor::from_vec(off_grid.clone(), (64, 32), &Device::Cpu).unwrap()),
+        ]);
+        let path = dir.path().join("w.safetensors");
+        save_tensors(&path, tensors).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(file.tensor("on").unwrap().dtype(), Dtype::I8);
+        assert_eq!(file.tensor("off").unwrap().dtype(), Dtype::F32);
+        // 64 rows of 32 int8 weights and 64 exponents, against 8 KiB of f32.
+        assert!(bytes.len() < 64 * 32 * 4 + 64 * 32 + 64 + 400, "{} bytes", bytes.len());
+        let back = read_tensors(&path, &Device::Cpu).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back["on"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), on_grid);
+        assert_eq!(back["off"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), off_grid);
+        let expected = vec![("on".to_string(), vec![64, 32]), ("off".to_string(), vec![64, 32])];
+        let read = read_expected_tensors(&bytes, "w.safetensors", expected, &Device::Cpu, |name, _, _| {
+            ModelError::MissingTensor { path: String::new(), name: name.into() }
+        })
+        .unwrap();
+        assert_eq!(read["on"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), on_grid);
+
+        // The integers without their exponents are refused by name.
+        let header = r#"{"on":{"dtype":"I8","shape":[1,2],"data_offsets":[0,2]}}"#;
+        let err = read_expected_tensors(
+            &weights_file(header, &[1, 2]),
+            "w.safetensors",
+            vec![("on".to_string(), vec![1, 2])],
+            &Device::Cpu,
+            |name, _, _| ModelError::MissingTensor { path: String::new(), name: name.into() },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("on is stored as int8 without its on.grid_exponents"), "{err}");
     }
 
     #[test]
