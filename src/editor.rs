@@ -29,7 +29,7 @@ use crate::params::AntiphonParams;
 use crate::presets::{self, Listed, Preset, PresetOrigin};
 
 /// The editor's size in logical pixels.
-pub const EDITOR_SIZE: (u32, u32) = (1120, 620);
+pub const EDITOR_SIZE: (u32, u32) = (1120, 700);
 
 /// How often the editor redraws while it is open: the playhead moves.
 const REDRAW_EVERY: Duration = Duration::from_millis(33);
@@ -104,7 +104,7 @@ impl NiceEguiApp for EditorApp {
             self.status_bar(ui, &shown);
             ui.add_space(4.0);
             let playhead = self.playhead_beats(&shown);
-            piano_roll(ui, &shown, playhead, self.params.answer_bars.value() as f64);
+            piano_roll(ui, &shown, playhead, self.params.answer.answer_bars.value() as f64);
             ui.add_space(4.0);
             self.steering(ui, &shown);
             ui.separator();
@@ -249,15 +249,15 @@ impl EditorApp {
         ui.horizontal(|ui| {
             ui.label("Model:");
             let library = self.params.model.library();
-            let current = self.params.model_select.value().max(0) as usize;
+            let current = self.params.model_choice.model_select.value().max(0) as usize;
             let name = self.params.model.slot_name(current);
             egui::ComboBox::from_id_salt("model").selected_text(name).width(200.0).show_ui(ui, |ui| {
                 for slot in 0..=library.models.len() {
                     let label = self.params.model.slot_name(slot);
                     if ui.selectable_label(slot == current, label).clicked() {
-                        setter.begin_set_parameter(&self.params.model_select);
-                        setter.set_parameter(&self.params.model_select, slot as i32);
-                        setter.end_set_parameter(&self.params.model_select);
+                        setter.begin_set_parameter(&self.params.model_choice.model_select);
+                        setter.set_parameter(&self.params.model_choice.model_select, slot as i32);
+                        setter.end_set_parameter(&self.params.model_choice.model_select);
                     }
                 }
             });
@@ -321,9 +321,9 @@ impl EditorApp {
         }
         self.params.model.set(choice);
         // The Model parameter's 0 defers to the saved choice, which is now this folder.
-        setter.begin_set_parameter(&self.params.model_select);
-        setter.set_parameter(&self.params.model_select, 0);
-        setter.end_set_parameter(&self.params.model_select);
+        setter.begin_set_parameter(&self.params.model_choice.model_select);
+        setter.set_parameter(&self.params.model_choice.model_select, 0);
+        setter.end_set_parameter(&self.params.model_choice.model_select);
         format!("Loading {} (the status line says when it answers)", path.display())
     }
 }
@@ -439,37 +439,49 @@ fn piano_roll(ui: &mut Ui, shown: &Shown, playhead_beats: Option<f64>, answer_ba
     }
 }
 
-/// Every parameter in four named groups, with the values the host shows.
+/// Every parameter in the four groups the host sees too (`params::AntiphonParams`), with the
+/// values the host shows.
 fn parameter_groups(ui: &mut Ui, params: &AntiphonParams, setter: &ParamSetter) {
-    let p = params;
+    let (listen, answer, sound, choice) =
+        (&params.listen, &params.answer, &params.sound, &params.model_choice);
     let groups: [(&str, Vec<&dyn ParamRow>); 4] = [
         (
             "Listen",
             vec![
-                &p.trigger,
-                &p.silence_beats,
-                &p.phrase_bars,
-                &p.answer_start,
-                &p.pass_through,
-                &p.free_tempo_bpm,
+                &listen.trigger,
+                &listen.silence_beats,
+                &listen.phrase_bars,
+                &listen.pass_through,
+                &listen.free_tempo_bpm,
             ],
         ),
         (
             "Answer",
             vec![
-                &p.temperature,
-                &p.answer_bars,
-                &p.is_continuous,
-                &p.should_yield,
-                &p.texture,
-                &p.max_voices,
+                &answer.temperature,
+                &answer.answer_start,
+                &answer.answer_bars,
+                &answer.should_yield,
+                &answer.is_continuous,
+                &answer.texture,
+                &answer.max_voices,
             ],
         ),
         (
             "Sound",
-            vec![&p.velocity_mode, &p.velocity, &p.gate_percent, &p.channel, &p.lowest_note, &p.highest_note],
+            vec![
+                &sound.key_lock,
+                &sound.key_root,
+                &sound.scale,
+                &sound.lowest_note,
+                &sound.highest_note,
+                &sound.velocity_mode,
+                &sound.velocity,
+                &sound.gate_percent,
+                &sound.channel,
+            ],
         ),
-        ("Model", vec![&p.key_lock, &p.key_root, &p.scale, &p.seed, &p.is_fresh_seed, &p.model_select]),
+        ("Model", vec![&choice.model_select, &choice.seed, &choice.is_fresh_seed]),
     ];
     ui.columns(groups.len(), |columns| {
         for (column, (title, rows)) in columns.iter_mut().zip(groups) {

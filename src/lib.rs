@@ -263,37 +263,37 @@ impl ClapPlugin for Antiphon {
         let params = &self.params;
         context.add_section("Antiphon", |section| {
             section.add_page("Play", |page| {
-                page.add_param(&params.temperature);
-                page.add_param(&params.answer_bars);
-                page.add_param(&params.trigger);
-                page.add_param(&params.silence_beats);
-                page.add_param(&params.should_yield);
-                page.add_param(&params.is_continuous);
-                page.add_param(&params.key_lock);
-                page.add_param(&params.pass_through);
+                page.add_param(&params.answer.temperature);
+                page.add_param(&params.answer.answer_bars);
+                page.add_param(&params.listen.trigger);
+                page.add_param(&params.listen.silence_beats);
+                page.add_param(&params.answer.should_yield);
+                page.add_param(&params.answer.is_continuous);
+                page.add_param(&params.sound.key_lock);
+                page.add_param(&params.listen.pass_through);
             });
             section.add_page("Answer", |page| {
-                page.add_param(&params.answer_start);
-                page.add_param(&params.phrase_bars);
-                page.add_param(&params.lowest_note);
-                page.add_param(&params.highest_note);
-                page.add_param(&params.velocity_mode);
-                page.add_param(&params.velocity);
-                page.add_param(&params.gate_percent);
-                page.add_param(&params.channel);
+                page.add_param(&params.answer.answer_start);
+                page.add_param(&params.listen.phrase_bars);
+                page.add_param(&params.sound.lowest_note);
+                page.add_param(&params.sound.highest_note);
+                page.add_param(&params.sound.velocity_mode);
+                page.add_param(&params.sound.velocity);
+                page.add_param(&params.sound.gate_percent);
+                page.add_param(&params.sound.channel);
             });
             section.add_page("Texture, Key and Model", |page| {
-                page.add_param(&params.texture);
-                page.add_param(&params.max_voices);
-                page.add_param(&params.key_root);
-                page.add_param(&params.scale);
-                page.add_param(&params.model_select);
-                page.add_param(&params.seed);
-                page.add_param(&params.is_fresh_seed);
+                page.add_param(&params.answer.texture);
+                page.add_param(&params.answer.max_voices);
+                page.add_param(&params.sound.key_root);
+                page.add_param(&params.sound.scale);
+                page.add_param(&params.model_choice.model_select);
+                page.add_param(&params.model_choice.seed);
+                page.add_param(&params.model_choice.is_fresh_seed);
                 page.add_param(&params.answer_now);
             });
             section.add_page("Clock", |page| {
-                page.add_param(&params.free_tempo_bpm);
+                page.add_param(&params.listen.free_tempo_bpm);
             });
         });
     }

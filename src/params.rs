@@ -205,17 +205,44 @@ pub enum VelocityModeParam {
 /// Every host-visible parameter of Antiphon. IDs are short and never change.
 #[derive(Params)]
 pub struct AntiphonParams {
+    /// The host's bypass: notes pass through untouched; the answer stops with note-offs.
+    #[id = "bypass"]
+    pub bypass: BoolParam,
+    /// Turning this on ends the phrase now and answers it (any trigger mode). Turn it off
+    /// again to re-arm; a momentary button does both.
+    #[id = "now"]
+    pub answer_now: BoolParam,
+    /// How a phrase is heard and when it ends.
+    #[nested(group = "Listen")]
+    pub listen: ListenParams,
+    /// When and how long the answer plays, and how free it is.
+    #[nested(group = "Answer")]
+    pub answer: AnswerParams,
+    /// Which notes the answer may use and how they sound.
+    #[nested(group = "Sound")]
+    pub sound: SoundParams,
+    /// Which model answers, and its seed.
+    #[nested(group = "Model")]
+    pub model_choice: ModelParams,
+    /// The model choice the worker loads from: the Model parameter's pick and the saved choice.
+    pub model: Arc<ModelSlot>,
+    /// The saved model choice (built in, or a trained model directory) of `model`, saved with
+    /// the project.
+    #[persist = "model"]
+    pub saved_model: SavedModel,
+    /// The name of the models-folder model the Model parameter picks, saved with the project so
+    /// it reopens by name (`filter_state` turns it back into the parameter's position).
+    #[persist = "model-pick"]
+    pub model_pick: ModelPick,
+}
+
+/// The parameters of the Listen group: how a phrase is heard and when it ends.
+#[derive(Params)]
+pub struct ListenParams {
     /// Whether the notes played into the plugin are also sent out unchanged. Most hosts route a
     /// MIDI effect's input only through the plugin, so this defaults to on.
     #[id = "thru"]
     pub pass_through: BoolParam,
-    /// The host's bypass: notes pass through untouched; the answer stops with note-offs.
-    #[id = "bypass"]
-    pub bypass: BoolParam,
-    /// Softmax temperature for sampling. 1.0 = model as trained. Reaches notes about a beat
-    /// ahead of the playhead.
-    #[id = "temp"]
-    pub temperature: FloatParam,
     /// How a phrase ends.
     #[id = "trigger"]
     pub trigger: EnumParam<TriggerParam>,
@@ -225,10 +252,18 @@ pub struct AntiphonParams {
     /// Bars that make a phrase, in trigger mode Bars.
     #[id = "phrbars"]
     pub phrase_bars: IntParam,
-    /// Turning this on ends the phrase now and answers it (any trigger mode). Turn it off
-    /// again to re-arm; a momentary button does both.
-    #[id = "now"]
-    pub answer_now: BoolParam,
+    /// Tempo of the free-running clock when the host gives none, in quarter notes per minute.
+    #[id = "tempo"]
+    pub free_tempo_bpm: FloatParam,
+}
+
+/// The parameters of the Answer group: when and how long the answer plays, and how free it is.
+#[derive(Params)]
+pub struct AnswerParams {
+    /// Softmax temperature for sampling. 1.0 = model as trained. Reaches notes about a beat
+    /// ahead of the playhead.
+    #[id = "temp"]
+    pub temperature: FloatParam,
     /// Where the answer starts.
     #[id = "start"]
     pub answer_start: EnumParam<AnswerStartParam>,
@@ -247,6 +282,11 @@ pub struct AntiphonParams {
     /// Most notes a chord answer sounds at once.
     #[id = "voices"]
     pub max_voices: IntParam,
+}
+
+/// The parameters of the Sound group: which notes the answer may use and how they sound.
+#[derive(Params)]
+pub struct SoundParams {
     /// Scale constraint of the answer.
     #[id = "keylock"]
     pub key_lock: EnumParam<KeyLockParam>,
@@ -274,30 +314,22 @@ pub struct AntiphonParams {
     /// MIDI channel of the answer, 1..=16.
     #[id = "chan"]
     pub channel: IntParam,
+}
+
+/// The parameters of the Model group: which model answers, and its seed.
+#[derive(Params)]
+pub struct ModelParams {
     /// Seed of the sampler: the same phrase and seed give the same answer.
     #[id = "seed"]
     pub seed: IntParam,
     /// Derive a new seed for every answer (from Seed, so a session stays reproducible).
     #[id = "fresh"]
     pub is_fresh_seed: BoolParam,
-    /// Tempo of the free-running clock when the host gives none, in quarter notes per minute.
-    #[id = "tempo"]
-    pub free_tempo_bpm: FloatParam,
     /// Which model answers: 0 is the saved choice below (the built-in model unless the project
     /// names a directory); 1 and up are the models of the user's models folder, by name
     /// (`engine::library`). The worker loads it.
     #[id = "modelsel"]
     pub model_select: IntParam,
-    /// The model choice the worker loads from: the Model parameter's pick and the saved choice.
-    pub model: Arc<ModelSlot>,
-    /// The saved model choice (built in, or a trained model directory) of `model`, saved with
-    /// the project.
-    #[persist = "model"]
-    pub saved_model: SavedModel,
-    /// The name of the models-folder model the Model parameter picks, saved with the project so
-    /// it reopens by name (`filter_state` turns it back into the parameter's position).
-    #[persist = "model-pick"]
-    pub model_pick: ModelPick,
 }
 
 /// The saved model choice of a model slot, as the project keeps it.
@@ -332,63 +364,71 @@ impl Default for AntiphonParams {
         };
         let model = Arc::new(ModelSlot::new(ModelSource::Builtin));
         Self {
-            pass_through: BoolParam::new("MIDI Thru", true),
             bypass: BoolParam::new("Bypass", false).make_bypass(),
-            temperature: FloatParam::new(
-                "Temperature",
-                1.0,
-                FloatRange::Skewed {
-                    min: TEMPERATURE_RANGE.0,
-                    max: TEMPERATURE_RANGE.1,
-                    factor: FloatRange::skew_factor(-1.0),
-                },
-            )
-            .with_step_size(0.01)
-            .with_value_to_string(formatters::v2s_f32_rounded(2)),
-            trigger: EnumParam::new("Trigger", TriggerParam::Silence),
-            silence_beats: FloatParam::new(
-                "Silence",
-                1.0,
-                FloatRange::Linear { min: SILENCE_BEATS_RANGE.0, max: SILENCE_BEATS_RANGE.1 },
-            )
-            .with_step_size(0.25)
-            .with_unit(" beats")
-            .with_value_to_string(formatters::v2s_f32_rounded(2)),
-            phrase_bars: bars("Phrase Length", 2),
             answer_now: BoolParam::new("Answer Now", false),
-            answer_start: EnumParam::new("Answer Start", AnswerStartParam::NextBar),
-            answer_bars: bars("Answer Length", 2),
-            should_yield: BoolParam::new("Yield", true),
-            is_continuous: BoolParam::new("Continuous", false),
-            texture: EnumParam::new("Texture", TextureParam::Auto),
-            max_voices: IntParam::new(
-                "Max Voices",
-                6,
-                IntRange::Linear { min: 1, max: MAX_ANSWER_VOICES as i32 },
-            ),
-            key_lock: EnumParam::new("Key Lock", KeyLockParam::Off),
-            key_root: EnumParam::new("Key", KeyRootParam::C),
-            scale: EnumParam::new("Scale", ScaleParam::Major),
-            lowest_note: note("Lowest Note", 48),
-            highest_note: note("Highest Note", 84),
-            velocity_mode: EnumParam::new("Velocity Mode", VelocityModeParam::FromPhrase),
-            velocity: IntParam::new("Velocity", 100, IntRange::Linear { min: 1, max: 127 }),
-            gate_percent: FloatParam::new("Gate", 100.0, FloatRange::Linear { min: 10.0, max: 100.0 })
-                .with_step_size(1.0)
-                .with_unit(" %")
-                .with_value_to_string(formatters::v2s_f32_rounded(0)),
-            channel: IntParam::new("Output Channel", 1, IntRange::Linear { min: 1, max: 16 }),
-            seed: IntParam::new("Seed", 1, IntRange::Linear { min: 0, max: 9999 }),
-            is_fresh_seed: BoolParam::new("Fresh Seed", true),
-            free_tempo_bpm: FloatParam::new(
-                "Free Tempo",
-                120.0,
-                FloatRange::Linear { min: FREE_TEMPO_RANGE_BPM.0, max: FREE_TEMPO_RANGE_BPM.1 },
-            )
-            .with_step_size(0.1)
-            .with_unit(" BPM")
-            .with_value_to_string(formatters::v2s_f32_rounded(1)),
-            model_select: model_select_param(&model),
+            listen: ListenParams {
+                pass_through: BoolParam::new("MIDI Thru", true),
+                trigger: EnumParam::new("Trigger", TriggerParam::Silence),
+                silence_beats: FloatParam::new(
+                    "Silence",
+                    1.0,
+                    FloatRange::Linear { min: SILENCE_BEATS_RANGE.0, max: SILENCE_BEATS_RANGE.1 },
+                )
+                .with_step_size(0.25)
+                .with_unit(" beats")
+                .with_value_to_string(formatters::v2s_f32_rounded(2)),
+                phrase_bars: bars("Phrase Length", 2),
+                free_tempo_bpm: FloatParam::new(
+                    "Free Tempo",
+                    120.0,
+                    FloatRange::Linear { min: FREE_TEMPO_RANGE_BPM.0, max: FREE_TEMPO_RANGE_BPM.1 },
+                )
+                .with_step_size(0.1)
+                .with_unit(" BPM")
+                .with_value_to_string(formatters::v2s_f32_rounded(1)),
+            },
+            answer: AnswerParams {
+                temperature: FloatParam::new(
+                    "Temperature",
+                    1.0,
+                    FloatRange::Skewed {
+                        min: TEMPERATURE_RANGE.0,
+                        max: TEMPERATURE_RANGE.1,
+                        factor: FloatRange::skew_factor(-1.0),
+                    },
+                )
+                .with_step_size(0.01)
+                .with_value_to_string(formatters::v2s_f32_rounded(2)),
+                answer_start: EnumParam::new("Answer Start", AnswerStartParam::NextBar),
+                answer_bars: bars("Answer Length", 2),
+                should_yield: BoolParam::new("Yield", true),
+                is_continuous: BoolParam::new("Continuous", false),
+                texture: EnumParam::new("Texture", TextureParam::Auto),
+                max_voices: IntParam::new(
+                    "Max Voices",
+                    6,
+                    IntRange::Linear { min: 1, max: MAX_ANSWER_VOICES as i32 },
+                ),
+            },
+            sound: SoundParams {
+                key_lock: EnumParam::new("Key Lock", KeyLockParam::Off),
+                key_root: EnumParam::new("Key", KeyRootParam::C),
+                scale: EnumParam::new("Scale", ScaleParam::Major),
+                lowest_note: note("Lowest Note", 48),
+                highest_note: note("Highest Note", 84),
+                velocity_mode: EnumParam::new("Velocity Mode", VelocityModeParam::FromPhrase),
+                velocity: IntParam::new("Velocity", 100, IntRange::Linear { min: 1, max: 127 }),
+                gate_percent: FloatParam::new("Gate", 100.0, FloatRange::Linear { min: 10.0, max: 100.0 })
+                    .with_step_size(1.0)
+                    .with_unit(" %")
+                    .with_value_to_string(formatters::v2s_f32_rounded(0)),
+                channel: IntParam::new("Output Channel", 1, IntRange::Linear { min: 1, max: 16 }),
+            },
+            model_choice: ModelParams {
+                model_select: model_select_param(&model),
+                seed: IntParam::new("Seed", 1, IntRange::Linear { min: 0, max: 9999 }),
+                is_fresh_seed: BoolParam::new("Fresh Seed", true),
+            },
             saved_model: SavedModel(model.clone()),
             model_pick: ModelPick(model.clone()),
             model,
@@ -409,52 +449,52 @@ fn model_select_param(slot: &Arc<ModelSlot>) -> IntParam {
 impl AntiphonParams {
     /// The parameters as the scheduler reads them for one block. Audio thread: no allocation.
     pub fn settings(&self) -> Settings {
-        let key_lock = match self.key_lock.value() {
+        let key_lock = match self.sound.key_lock.value() {
             KeyLockParam::Off => KeyLock::Off,
             KeyLockParam::FollowPhrase => KeyLock::FollowPhrase,
             KeyLockParam::Fixed => KeyLock::Fixed(Key::from_tonic(
-                self.key_root.value().to_index() as u8,
-                self.scale.value().mode(),
+                self.sound.key_root.value().to_index() as u8,
+                self.sound.scale.value().mode(),
             )),
         };
         Settings {
             is_bypassed: self.bypass.value(),
-            is_thru: self.pass_through.value(),
-            temperature: self.temperature.value(),
-            trigger: match self.trigger.value() {
+            is_thru: self.listen.pass_through.value(),
+            temperature: self.answer.temperature.value(),
+            trigger: match self.listen.trigger.value() {
                 TriggerParam::Silence => TriggerMode::Silence,
                 TriggerParam::Bars => TriggerMode::Bars,
                 TriggerParam::Manual => TriggerMode::Manual,
             },
-            silence_beats: self.silence_beats.value() as f64,
-            phrase_bars: self.phrase_bars.value().max(1) as u32,
+            silence_beats: self.listen.silence_beats.value() as f64,
+            phrase_bars: self.listen.phrase_bars.value().max(1) as u32,
             is_answer_now: self.answer_now.value(),
-            answer_start: match self.answer_start.value() {
+            answer_start: match self.answer.answer_start.value() {
                 AnswerStartParam::NextBar => AnswerStart::NextBar,
                 AnswerStartParam::NextBeat => AnswerStart::NextBeat,
             },
-            answer_bars: self.answer_bars.value().max(1) as u32,
-            should_yield: self.should_yield.value(),
-            is_continuous: self.is_continuous.value(),
-            texture: match self.texture.value() {
+            answer_bars: self.answer.answer_bars.value().max(1) as u32,
+            should_yield: self.answer.should_yield.value(),
+            is_continuous: self.answer.is_continuous.value(),
+            texture: match self.answer.texture.value() {
                 TextureParam::Auto => Texture::Auto,
                 TextureParam::Melody => Texture::Melody,
                 TextureParam::Chords => Texture::Chords,
             },
-            max_voices: self.max_voices.value().clamp(1, MAX_ANSWER_VOICES as i32) as u8,
+            max_voices: self.answer.max_voices.value().clamp(1, MAX_ANSWER_VOICES as i32) as u8,
             key_lock,
-            lowest_pitch: self.lowest_note.value().clamp(0, 127) as u8,
-            highest_pitch: self.highest_note.value().clamp(0, 127) as u8,
-            velocity_mode: match self.velocity_mode.value() {
+            lowest_pitch: self.sound.lowest_note.value().clamp(0, 127) as u8,
+            highest_pitch: self.sound.highest_note.value().clamp(0, 127) as u8,
+            velocity_mode: match self.sound.velocity_mode.value() {
                 VelocityModeParam::FromPhrase => VelocityMode::FromPhrase,
                 VelocityModeParam::Fixed => VelocityMode::Fixed,
             },
-            velocity: self.velocity.value().clamp(1, 127) as u8,
-            gate: (self.gate_percent.value() as f64 / 100.0).clamp(0.1, 1.0),
-            channel: (self.channel.value().clamp(1, 16) - 1) as u8,
-            seed: self.seed.value().max(0) as u32,
-            is_fresh_seed: self.is_fresh_seed.value(),
-            free_tempo_bpm: self.free_tempo_bpm.value() as f64,
+            velocity: self.sound.velocity.value().clamp(1, 127) as u8,
+            gate: (self.sound.gate_percent.value() as f64 / 100.0).clamp(0.1, 1.0),
+            channel: (self.sound.channel.value().clamp(1, 16) - 1) as u8,
+            seed: self.model_choice.seed.value().max(0) as u32,
+            is_fresh_seed: self.model_choice.is_fresh_seed.value(),
+            free_tempo_bpm: self.listen.free_tempo_bpm.value() as f64,
         }
     }
 }

@@ -41,3 +41,25 @@ fn remote_control_pages_name_existing_parameters() {
         plugin.param_names().into_iter().filter(|name| !seen.contains(&id_of(name))).collect();
     assert_eq!(missing, ["Bypass"]);
 }
+
+#[test]
+fn every_parameter_but_bypass_and_answer_now_is_in_a_named_group() {
+    let plugin = Plugin::load();
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for name in plugin.param_names() {
+        let module = plugin.param(&name).module.clone();
+        match groups.iter_mut().find(|(group, _)| *group == module) {
+            Some((_, names)) => names.push(name),
+            None => groups.push((module, vec![name])),
+        }
+    }
+    groups.sort();
+    let ungrouped = groups.iter().find(|(group, _)| group.is_empty()).map(|(_, names)| names.clone());
+    let mut ungrouped = ungrouped.unwrap_or_default();
+    ungrouped.sort();
+    assert_eq!(ungrouped, vec!["Answer Now", "Bypass"]);
+    let names: Vec<&str> = groups.iter().map(|(group, _)| group.as_str()).filter(|g| !g.is_empty()).collect();
+    assert_eq!(names, vec!["Answer", "Listen", "Model", "Sound"]);
+    let temperature_group = &plugin.param("Temperature").module;
+    assert_eq!(temperature_group, "Answer");
+}

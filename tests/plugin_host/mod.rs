@@ -125,6 +125,8 @@ fn newest_source(dir: &Path) -> Option<(PathBuf, SystemTime)> {
 pub struct ParamInfo {
     pub id: u32,
     pub name: String,
+    /// The group the host lists it under (CLAP's module path); empty for none.
+    pub module: String,
     /// Highest CLAP value: 1 for continuous parameters, the step count for stepped ones.
     pub max_value: f64,
 }
@@ -188,7 +190,9 @@ impl Plugin {
                 let mut info: clap_param_info = std::mem::zeroed();
                 assert!((ext.get_info.unwrap())(self.raw(), idx, &mut info));
                 let name = CStr::from_ptr(info.name.as_ptr()).to_string_lossy().into_owned();
-                self.params.insert(name.clone(), ParamInfo { id: info.id, name, max_value: info.max_value });
+                let module = CStr::from_ptr(info.module.as_ptr()).to_string_lossy().into_owned();
+                self.params
+                    .insert(name.clone(), ParamInfo { id: info.id, name, module, max_value: info.max_value });
             }
         }
     }
