@@ -161,9 +161,11 @@ impl EditorApp {
                     Voicing::Chords => "chords",
                 };
                 ui.label(format!("Last answer: {voicing} by {}", answer.model));
+                let heard =
+                    answer.heard_key.map_or("no key heard".to_string(), |key| format!("heard in {key}"));
                 let key = match answer.key {
-                    Some(key) => format!("key {key} (locked)"),
-                    None => "no key lock".into(),
+                    Some(key) => format!("{heard}, locked to {key}"),
+                    None => format!("{heard}, no key lock"),
                 };
                 ui.label(key);
                 if let Some(ms) = answer.first_note_ms {

@@ -115,6 +115,7 @@ mod tests {
             voicing: Voicing::Chords,
             model: "test".into(),
             key: None,
+            heard_key: None,
             seed: 1,
             first_note_ms: Some(1.0),
         };

@@ -595,3 +595,41 @@ fn a_variation_replays_its_events_without_the_model_and_the_editor_sees_every_an
     assert_eq!(shown.variations.iter().map(|v| v.answer_id).collect::<Vec<_>>(), vec![4]);
     assert_eq!(shown.phrase.as_ref().unwrap().notes[0].pitch, 62);
 }
+
+#[test]
+fn with_the_real_model_try_again_differs_and_a_variation_comes_back_note_for_note() {
+    let live = Arc::new(LiveShared::new());
+    let status = Arc::new(EngineStatus::default());
+    let model = Arc::new(ModelSlot::new(ModelSource::Builtin));
+    let factory = Arc::new(super::lstm::LstmFactory);
+    let (engine, link) = Engine::spawn(factory, model, live.clone(), status.clone()).unwrap();
+    let w = Running {
+        engine: Some(engine),
+        link,
+        live,
+        status,
+        model: Arc::new(ModelSlot::new(ModelSource::Builtin)),
+        log: Default::default(),
+        heard_by_chords: Default::default(),
+    };
+    wait_until("the model", || w.live.is_model_ready.load(Ordering::Acquire));
+    let answer = |request: AnswerRequest| {
+        let id = request.answer_id;
+        w.ask(request);
+        w.live.playhead_beats.store(100.0, Ordering::Release);
+        let (events, _, finished) = w.collect(id, 1000.0);
+        assert!(finished);
+        events
+    };
+    let first = answer(request(1, Some(8.0)));
+    // Try Again: the same phrase from the seed the audio thread derives anew.
+    let mut again = request(2, Some(8.0));
+    again.seed = live::answer_seed(99, true, 2);
+    let second = answer(again);
+    assert!(first.iter().any(|e| matches!(e.kind, AnswerEventKind::NoteOn { .. })));
+    assert_ne!(first, second, "a new seed writes another answer");
+    let mut replay = request(3, Some(8.0));
+    replay.replay_of = 1;
+    replay.seed = 12345;
+    assert_eq!(answer(replay), first, "the first answer again, note for note");
+}

@@ -37,6 +37,8 @@ pub struct AnswerView {
     pub model: String,
     /// The key the answer keeps to (Key Lock), if any.
     pub key: Option<Key>,
+    /// The key the phrase sounds in, as estimated from its notes (whatever Key Lock says).
+    pub heard_key: Option<Key>,
     /// The sampler's seed.
     pub seed: u64,
     /// Milliseconds from the worker taking the phrase to the answer's first note written.

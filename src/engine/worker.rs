@@ -382,6 +382,7 @@ impl Worker {
                             voicing,
                             model,
                             key,
+                            heard_key: estimate_key(&request.phrase.notes),
                             seed: request.seed,
                             first_note_ms: None,
                         };
