@@ -226,8 +226,8 @@ mod tests {
         let values = back.as_ref().unwrap().resolve(&params, "mine").unwrap();
         for (ptr, normalized) in values {
             // SAFETY: `ptr` points into `params`, alive for the test.
-            let now = unsafe { ptr.unmodulated_normalized_value() };
-            assert!((now - normalized).abs() < 1e-4, "{:?}", unsafe { ptr.name() });
+            let (now, name) = unsafe { (ptr.unmodulated_normalized_value(), ptr.name()) };
+            assert!((now - normalized).abs() < 1e-4, "{name}");
         }
     }
 
