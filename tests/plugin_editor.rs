@@ -87,7 +87,9 @@ impl HostWindow {
         )
         .unwrap();
         conn.map_window(window).unwrap();
-        conn.flush().unwrap();
+        // A round trip: the server has made the window before the editor's own connection asks
+        // to embed itself in it.
+        conn.get_input_focus().unwrap().reply().unwrap();
         HostWindow { conn, root, window, size }
     }
 

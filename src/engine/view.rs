@@ -114,14 +114,15 @@ impl Variations {
         self.kept.push(Kept { events: Vec::new(), view: Arc::new(view), open: [None; 128] });
     }
 
-    /// The events of the kept answer `answer_id` to `phrase`, to play it again; marks it playing.
-    pub(super) fn replay(&mut self, phrase: &Phrase, answer_id: u32) -> Option<Vec<AnswerEvent>> {
+    /// The events of the kept answer `answer_id` to `phrase`, to play it again, and how far it
+    /// was written (in beats from its start); marks it playing.
+    pub(super) fn replay(&mut self, phrase: &Phrase, answer_id: u32) -> Option<(Vec<AnswerEvent>, f64)> {
         if self.phrase.as_ref() != Some(phrase) {
             return None;
         }
         let kept = self.kept.iter().find(|k| k.view.answer_id == answer_id)?;
         self.playing = Some(answer_id);
-        Some(kept.events.clone())
+        Some((kept.events.clone(), kept.view.written_until_beats))
     }
 
     /// Adds written events to the answer playing, and how far it is written.

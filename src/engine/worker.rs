@@ -367,9 +367,7 @@ impl Worker {
                     .then(|| self.variations.replay(&request.phrase, request.replay_of))
                     .flatten();
                 match replayed {
-                    Some(events) => {
-                        let end_beats =
-                            self.variations.shown().playing().map_or(0.0, |v| v.written_until_beats);
+                    Some((events, end_beats)) => {
                         answer.replay =
                             Some(Replay { events, next_idx: 0, end_beats, written_until_beats: 0.0 });
                     }
@@ -475,62 +473,59 @@ fn write_steps(
     chunk: &mut AnswerChunk,
     target_beats: f64,
 ) -> Option<EngineError> {
+    let mut failure = None;
+    let grid = continuer.grid();
+    // Room for the events one step can make (an end and a start per voice). A full answer
+    // is finished at once, target or not, so its last notes' ends are known before the
+    // answer's end is reached.
+    let room = 2 * answer.max_voices.max(1);
+    while chunk.events.remaining_capacity() >= room
+        && (answer.stream.is_full() || answer.stream.written_until_beats() < target_beats)
     {
-        let mut failure = None;
-        let grid = continuer.grid();
-        // Room for the events one step can make (an end and a start per voice). A full answer
-        // is finished at once, target or not, so its last notes' ends are known before the
-        // answer's end is reached.
-        let room = 2 * answer.max_voices.max(1);
-        while chunk.events.remaining_capacity() >= room
-            && (answer.stream.is_full() || answer.stream.written_until_beats() < target_beats)
-        {
-            let mut push = |event| chunk.events.push(event);
-            if answer.stream.is_full() {
+        let mut push = |event| chunk.events.push(event);
+        if answer.stream.is_full() {
+            answer.stream.finish(&mut push);
+            break;
+        }
+        answer.sampling.temperature = live.temperature.load(Ordering::Relaxed);
+        let step = match continuer.next_step(&answer.sampling, answer.max_voices) {
+            Ok(step) => step,
+            Err(err) => {
+                answer.stream.finish(&mut push);
+                failure = Some(err);
+                break;
+            }
+        };
+        answer.stream.push(step, &mut push);
+        answer.next_bar = answer.next_bar.map(|b| b.shifted(1, grid));
+        let Some(frame) = step else {
+            if !answer.is_continuous {
                 answer.stream.finish(&mut push);
                 break;
             }
-            answer.sampling.temperature = live.temperature.load(Ordering::Relaxed);
-            let step = match continuer.next_step(&answer.sampling, answer.max_voices) {
-                Ok(step) => step,
-                Err(err) => {
-                    answer.stream.finish(&mut push);
-                    failure = Some(err);
-                    break;
-                }
-            };
-            answer.stream.push(step, &mut push);
-            answer.next_bar = answer.next_bar.map(|b| b.shifted(1, grid));
-            let Some(frame) = step else {
-                if !answer.is_continuous {
-                    answer.stream.finish(&mut push);
-                    break;
-                }
-                // Continuous: start over from its own recent output, with a seed of its own.
-                answer.num_restarts += 1;
-                let tail = &answer.history[answer.history.len().saturating_sub(CONTINUOUS_HISTORY_STEPS)..];
-                let primer = phrase_of(tail, grid);
-                // The new primer is played as if it ended where the next step starts.
-                let bar = answer.next_bar.map(|b| b.shifted(-(tail.len() as i64), grid));
-                if let Err(err) = continuer.begin(&primer, bar, answer.seed.wrapping_add(answer.num_restarts))
-                {
-                    answer.stream.finish(&mut push);
-                    failure = Some(err);
-                    break;
-                }
-                continue;
-            };
-            if answer.is_continuous {
-                answer.history.push(frame);
-                if answer.history.len() > 2 * CONTINUOUS_HISTORY_STEPS {
-                    answer.history.drain(..answer.history.len() - CONTINUOUS_HISTORY_STEPS);
-                }
+            // Continuous: start over from its own recent output, with a seed of its own.
+            answer.num_restarts += 1;
+            let tail = &answer.history[answer.history.len().saturating_sub(CONTINUOUS_HISTORY_STEPS)..];
+            let primer = phrase_of(tail, grid);
+            // The new primer is played as if it ended where the next step starts.
+            let bar = answer.next_bar.map(|b| b.shifted(-(tail.len() as i64), grid));
+            if let Err(err) = continuer.begin(&primer, bar, answer.seed.wrapping_add(answer.num_restarts)) {
+                answer.stream.finish(&mut push);
+                failure = Some(err);
+                break;
+            }
+            continue;
+        };
+        if answer.is_continuous {
+            answer.history.push(frame);
+            if answer.history.len() > 2 * CONTINUOUS_HISTORY_STEPS {
+                answer.history.drain(..answer.history.len() - CONTINUOUS_HISTORY_STEPS);
             }
         }
-        chunk.written_until_beats = answer.stream.written_until_beats();
-        chunk.is_finished = answer.stream.is_finished();
-        failure
     }
+    chunk.written_until_beats = answer.stream.written_until_beats();
+    chunk.is_finished = answer.stream.is_finished();
+    failure
 }
 
 /// The status (and the log's warning) when the built-in model answers for a choice that could

@@ -616,10 +616,13 @@ impl Drop for TfStep {
 
 /// Runs `cargo xtask bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("cargo xtask bench on {} ({cores} logical cores)", cpu_model());
     println!(
-        "cargo xtask bench: {} CPU threads for candle and the fused LSTM, kernels for {}",
+        "{} CPU threads for candle and the fused LSTM; kernels for {}, int8 dot products (AVX-512 VNNI): {}",
         candle_core::utils::barrier_pool().n_workers() + 1,
-        model::kernels::Isa::detect().name()
+        model::kernels::Isa::detect().name(),
+        if model::int8::cpu_has_vnni() { "yes" } else { "no" },
     );
     if !args.no_generation {
         generation(&args)?;
@@ -632,4 +635,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         latency(&args)?;
     }
     Ok(())
+}
+
+/// The CPU's model name as the system gives it (`/proc/cpuinfo` on Linux).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| format!("an unnamed {} CPU", std::env::consts::ARCH))
 }
