@@ -140,7 +140,8 @@ struct ActiveAnswer {
     next_bar: Option<BarPhase>,
     /// An earlier answer played again in place of the model's steps.
     replay: Option<Replay>,
-    /// When the worker took the request, until the first note is written.
+    /// When the worker took the request, until the first note is written (a replay is not
+    /// timed).
     asked_at: Option<Instant>,
 }
 
@@ -385,10 +386,10 @@ impl Worker {
                             first_note_ms: None,
                         };
                         self.variations.begin(&request.phrase, view);
+                        answer.asked_at = Some(taken_at);
                     }
                 }
                 self.status.shown.set(self.variations.shown());
-                answer.asked_at = Some(taken_at);
                 self.answer = Some(answer);
             }
             Err(err) => {

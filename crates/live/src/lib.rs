@@ -193,7 +193,7 @@ struct Answer {
 /// can be answered again (the editor's Try Again and Variations).
 #[derive(Clone, Debug)]
 struct LastAsked {
-    request: AnswerRequest,
+    phrase: Phrase,
     answer: Answer,
 }
 
@@ -659,7 +659,7 @@ impl Scheduler {
             return;
         }
         let place = last.answer;
-        let phrase = last.request.phrase.clone();
+        let phrase = last.phrase.clone();
         self.cancel_answer(0, emit);
         let start_beats = clock::next_grid_point(place.start_beats, place.bar_beats, self.block.start_beats);
         self.num_requests += 1;
@@ -718,14 +718,7 @@ impl Scheduler {
             seed,
             replay_of,
         };
-        match &mut self.last_asked {
-            // In place: the phrase is already there, and a fresh copy would cost a page of stack.
-            Some(last) if last.request.phrase == request.phrase => {
-                last.answer = answer;
-                last.request.answer_id = request.answer_id;
-            }
-            last => *last = Some(LastAsked { request: request.clone(), answer }),
-        }
+        self.last_asked = Some(LastAsked { phrase: request.phrase.clone(), answer });
         self.has_yielded = false;
         self.answer = Some(answer);
         self.capture.seal();
