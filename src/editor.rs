@@ -483,7 +483,7 @@ fn parameter_groups(ui: &mut Ui, params: &AntiphonParams, setter: &ParamSetter) 
                 &sound.channel,
             ],
         ),
-        ("Model", vec![&choice.model_select, &choice.seed, &choice.is_fresh_seed]),
+        ("Model", vec![&choice.model_select, &choice.device, &choice.seed, &choice.is_fresh_seed]),
     ];
     ui.columns(groups.len(), |columns| {
         for (column, (title, rows)) in columns.iter_mut().zip(groups) {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use nice_plug::params::persist::PersistentField;
 use nice_plug::prelude::*;
 
-use crate::engine::{ModelLibrary, ModelSlot, ModelSource, MAX_LIBRARY_MODELS};
+use crate::engine::{DeviceChoice, ModelLibrary, ModelSlot, ModelSource, MAX_LIBRARY_MODELS};
 use live::phrase::{KeyLock, Texture, MAX_ANSWER_VOICES};
 use live::{AnswerStart, Settings, TriggerMode, VelocityMode};
 use music::{Key, Mode};
@@ -202,6 +202,34 @@ pub enum VelocityModeParam {
     Fixed,
 }
 
+/// Where the model runs, as the host shows it.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceParam {
+    /// The faster of the CPU and the GPU for the model loaded, timed when it loads.
+    #[id = "auto"]
+    #[name = "Auto"]
+    Auto,
+    /// The CPU.
+    #[id = "cpu"]
+    #[name = "CPU"]
+    Cpu,
+    /// The GPU (in a build with GPU support), else the CPU with the reason shown.
+    #[id = "gpu"]
+    #[name = "GPU"]
+    Gpu,
+}
+
+impl DeviceParam {
+    /// The device choice it stands for.
+    pub fn choice(self) -> DeviceChoice {
+        match self {
+            Self::Auto => DeviceChoice::Auto,
+            Self::Cpu => DeviceChoice::Cpu,
+            Self::Gpu => DeviceChoice::Gpu,
+        }
+    }
+}
+
 /// Every host-visible parameter of Antiphon. IDs are short and never change.
 #[derive(Params)]
 pub struct AntiphonParams {
@@ -330,6 +358,11 @@ pub struct ModelParams {
     /// (`engine::library`). The worker loads it.
     #[id = "modelsel"]
     pub model_select: IntParam,
+    /// Where the model runs: Auto, CPU or GPU. The worker loads the model there (chord models
+    /// always run on the CPU); a GPU that is missing or fails leaves it on the CPU, and the
+    /// status line says why.
+    #[id = "device"]
+    pub device: EnumParam<DeviceParam>,
 }
 
 /// The saved model choice of a model slot, as the project keeps it.
@@ -428,6 +461,7 @@ impl Default for AntiphonParams {
                 model_select: model_select_param(&model),
                 seed: IntParam::new("Seed", 1, IntRange::Linear { min: 0, max: 9999 }),
                 is_fresh_seed: BoolParam::new("Fresh Seed", true),
+                device: device_param(&model),
             },
             saved_model: SavedModel(model.clone()),
             model_pick: ModelPick(model.clone()),
@@ -444,6 +478,13 @@ fn model_select_param(slot: &Arc<ModelSlot>) -> IntParam {
         .with_value_to_string(Arc::new(move |value| shows.slot_name(value.max(0) as usize)))
         .with_string_to_value(Arc::new(move |text| parses.slot_for_name(text).map(|s| s as i32)))
         .with_callback(Arc::new(move |value| hears.set_library_slot(value)))
+}
+
+/// The Device parameter: hands its value to `slot` (an atomic store).
+fn device_param(slot: &Arc<ModelSlot>) -> EnumParam<DeviceParam> {
+    let hears = slot.clone();
+    EnumParam::new("Device", DeviceParam::Auto)
+        .with_callback(Arc::new(move |value: DeviceParam| hears.set_device(value.choice())))
 }
 
 impl AntiphonParams {

@@ -4,15 +4,18 @@
 //! Runs on: worker.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use live::phrase::Phrase;
 use model::chords::is_chord_config;
+use model::compute::{self, DeviceChoice};
 use model::generate::PhraseContinuation;
 use model::io::{LoadedModel, CONFIG_FILE};
 use model::sample::SamplingSettings;
+use model::Device;
 use music::bar::BarPhase;
 use music::encode::StepGrid;
-use music::{Frame, PitchSet, Symbol};
+use music::{Frame, PitchSet, Symbol, TokenId};
 
 use super::chords::ChordContinuer;
 use super::{Continuer, ContinuerFactory, EngineError, ModelSource, Voicing};
@@ -27,24 +30,31 @@ const MAX_CONTINUATION_STEPS: usize = 4096;
 pub struct LstmFactory;
 
 impl ContinuerFactory for LstmFactory {
-    fn load(&self, choice: &ModelSource) -> Result<Box<dyn Continuer>, EngineError> {
+    fn load(&self, choice: &ModelSource, device: DeviceChoice) -> Result<Box<dyn Continuer>, EngineError> {
         let failed = |err: model::ModelError| EngineError::ModelLoad {
             choice: choice.describe(),
             reason: err.to_string(),
         };
-        let loaded = match choice {
-            ModelSource::Builtin => shared_builtin(),
-            ModelSource::Dir(path) => {
-                let is_chords =
-                    std::fs::read(path.join(CONFIG_FILE)).is_ok_and(|bytes| is_chord_config(&bytes));
-                if is_chords {
-                    return ChordContinuer::load_dir(path).map_err(failed);
-                }
-                LoadedModel::load_dir(path).map(Arc::new)
+        if let ModelSource::Dir(path) = choice {
+            let is_chords = std::fs::read(path.join(CONFIG_FILE)).is_ok_and(|bytes| is_chord_config(&bytes));
+            if is_chords {
+                // Chord models run on the CPU only: their step is the CPU's int8 kernel.
+                return ChordContinuer::load_dir(path).map_err(failed);
             }
         }
-        .map_err(failed)?;
-        Ok(Box::new(LstmContinuer { model: loaded, continuation: None, num_steps: 0, sounding: None }))
+        let load = |on: &Device| match (choice, on.is_cpu()) {
+            (ModelSource::Builtin, true) => shared_builtin(),
+            _ => LoadedModel::load_on(choice, on).map(Arc::new),
+        };
+        let placed = compute::place(device, load, |model| time_step(model)).map_err(failed)?;
+        Ok(Box::new(LstmContinuer {
+            model: placed.model,
+            placement: placed.placement,
+            cpu_standby: placed.cpu_standby,
+            continuation: None,
+            num_steps: 0,
+            sounding: None,
+        }))
     }
 
     fn load_builtin_chords(&self) -> Result<Box<dyn Continuer>, EngineError> {
@@ -53,6 +63,14 @@ impl ContinuerFactory for LstmFactory {
             reason: err.to_string(),
         })
     }
+}
+
+/// The time of one generation step of `model` from a fresh state, for Auto to compare devices.
+fn time_step(model: &LoadedModel) -> Result<Duration, model::ModelError> {
+    let mut state = model.new_state();
+    let mut logits = vec![0.0; model.config.vocab.len()];
+    let token = TokenId(0);
+    compute::time_per_step(|| model.step(token, &mut state, &mut logits))
 }
 
 /// The built-in model, loaded once per process and shared by every instance: loading builds
@@ -75,13 +93,34 @@ pub fn shared_builtin() -> Result<Arc<LoadedModel>, model::ModelError> {
 /// A loaded melody model and the continuation it writes.
 pub struct LstmContinuer {
     model: Arc<LoadedModel>,
+    /// Where the model runs and why (`compute::Placed::placement`).
+    placement: String,
+    /// The CPU's copy of the model, kept while the model runs on a GPU, to take over when a
+    /// GPU step fails.
+    cpu_standby: Option<Arc<LoadedModel>>,
     continuation: Option<PhraseContinuation>,
     num_steps: u64,
     /// The pitch sounding after the last step: the phrase's last note while it is held on.
     sounding: Option<u8>,
 }
 
+impl LstmContinuer {
+    /// Moves to the CPU's copy of the model after the GPU failed (`why`), for good.
+    fn hand_to_cpu(&mut self, why: &str) {
+        let Some(cpu) = self.cpu_standby.take() else { return };
+        let gpu = compute::device_name(self.model.lstm.device());
+        nice_plug::prelude::nice_warn!("Antiphon: the {gpu} failed ({why}); the CPU answers from now on");
+        self.placement = format!("CPU (the {gpu} {why})");
+        self.model = cpu;
+        self.continuation = None;
+    }
+}
+
 impl Continuer for LstmContinuer {
+    fn placement(&self) -> String {
+        self.placement.clone()
+    }
+
     fn grid(&self) -> StepGrid {
         self.model.config.grid
     }
@@ -99,12 +138,21 @@ impl Continuer for LstmContinuer {
         // The last note goes on into the answer if the answer starts by holding it.
         self.sounding =
             melody.notes.last().filter(|n| n.end_beats() >= melody.end_beats - 1e-9).map(|n| n.pitch);
-        let continuation =
-            PhraseContinuation::start(Arc::clone(&self.model), &melody, MAX_CONTINUATION_STEPS, seed)
-                .map_err(|err| EngineError::ModelLoad {
-                    choice: self.model.origin.clone(),
-                    reason: err.to_string(),
-                })?;
+        let start = |model: &Arc<LoadedModel>| {
+            PhraseContinuation::start(Arc::clone(model), &melody, MAX_CONTINUATION_STEPS, seed)
+        };
+        let continuation = match start(&self.model) {
+            Ok(continuation) => Ok(continuation),
+            Err(err) if self.cpu_standby.is_some() => {
+                self.hand_to_cpu(&format!("it failed to read a phrase: {err}"));
+                start(&self.model)
+            }
+            Err(err) => Err(err),
+        }
+        .map_err(|err| EngineError::ModelLoad {
+            choice: self.model.origin.clone(),
+            reason: err.to_string(),
+        })?;
         self.continuation = Some(continuation);
         self.num_steps = 0;
         Ok(())
@@ -121,9 +169,16 @@ impl Continuer for LstmContinuer {
             .as_mut()
             .ok_or(EngineError::Step { step_idx, reason: "no continuation was begun".into() })?;
         self.num_steps += 1;
-        let symbol = continuation
-            .next_symbol(settings)
-            .map_err(|err| EngineError::Step { step_idx, reason: err.to_string() })?;
+        let symbol = match continuation.next_symbol(settings) {
+            Ok(symbol) => symbol,
+            Err(err) => {
+                // This answer ends; the next is written on the CPU.
+                if self.cpu_standby.is_some() {
+                    self.hand_to_cpu(&format!("it failed at step {step_idx}: {err}"));
+                }
+                return Err(EngineError::Step { step_idx, reason: err.to_string() });
+            }
+        };
         let frame = match symbol.unwrap_or(Symbol::Delimiter) {
             Symbol::Pitch(pitch) => {
                 self.sounding = Some(pitch);
@@ -160,7 +215,7 @@ mod tests {
     use music::{Key, Mode, PitchRules};
 
     fn builtin() -> Box<dyn Continuer> {
-        LstmFactory.load(&ModelSource::Builtin).expect("the built-in model loads")
+        LstmFactory.load(&ModelSource::Builtin, DeviceChoice::Auto).expect("the built-in model loads")
     }
 
     fn constraints(key: Option<Key>) -> SamplingSettings {
@@ -259,7 +314,8 @@ mod tests {
         for file in ["config.json", "model.safetensors"] {
             std::fs::copy(builtin.join(file), dir.path().join(file)).unwrap();
         }
-        let mut continuer = LstmFactory.load(&ModelSource::Dir(dir.path().to_path_buf())).unwrap();
+        let mut continuer =
+            LstmFactory.load(&ModelSource::Dir(dir.path().to_path_buf()), DeviceChoice::Auto).unwrap();
         assert_eq!(continuer.voicing(), Voicing::Chords);
         assert_eq!(continuer.grid(), StepGrid { steps_per_quarter: 2 });
         let mut phrase = Phrase::empty(4.0);
@@ -274,7 +330,7 @@ mod tests {
     #[test]
     fn a_missing_directory_fails_with_its_path() {
         let choice = ModelSource::Dir("/no/such/antiphon/model".into());
-        let err = LstmFactory.load(&choice).err().expect("a missing directory loads");
+        let err = LstmFactory.load(&choice, DeviceChoice::Auto).err().expect("a missing directory loads");
         assert!(err.to_string().contains("/no/such/antiphon/model"), "{err}");
     }
 }

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
+pub use model::compute::DeviceChoice;
 pub use model::io::ModelSource;
 use model::SamplingSettings;
 
@@ -49,6 +50,8 @@ pub struct ModelSlot {
     epoch: AtomicU32,
     /// The Model parameter's value.
     library_slot: AtomicU32,
+    /// The Device parameter's value, as [`DeviceChoice`] 0 Auto, 1 CPU, 2 GPU.
+    device: AtomicU8,
     /// The models folder to list; `None` for the user's ([`library::user_models_folder`]).
     library_folder: Option<PathBuf>,
     /// The folder's models, read the first time they are needed.
@@ -91,7 +94,7 @@ impl ModelSlot {
 
     /// Takes the Model parameter's value. Real-time safe: one atomic store.
     pub fn set_library_slot(&self, slot: i32) {
-        self.library_slot.store(slot.max(0) as u32, Ordering::Release);
+        self.library_slot.store(slot.clamp(0, u16::MAX.into()) as u32, Ordering::Release);
     }
 
     /// The Model parameter's value as last stored.
@@ -99,9 +102,32 @@ impl ModelSlot {
         self.library_slot.load(Ordering::Acquire) as usize
     }
 
-    /// Changes whenever the model to load may have: the saved choice or the parameter.
+    /// Takes the Device parameter's value. Real-time safe: one atomic store.
+    pub fn set_device(&self, choice: DeviceChoice) {
+        let value = match choice {
+            DeviceChoice::Auto => 0,
+            DeviceChoice::Cpu => 1,
+            DeviceChoice::Gpu => 2,
+        };
+        self.device.store(value, Ordering::Release);
+    }
+
+    /// The Device parameter's value as last stored.
+    pub fn device(&self) -> DeviceChoice {
+        match self.device.load(Ordering::Acquire) {
+            1 => DeviceChoice::Cpu,
+            2 => DeviceChoice::Gpu,
+            _ => DeviceChoice::Auto,
+        }
+    }
+
+    /// Changes whenever the model to load, or where it runs, may have: the saved choice or
+    /// the Model or Device parameter.
     pub fn version(&self) -> u64 {
-        (u64::from(self.epoch()) << 32) | self.library_slot.load(Ordering::Acquire) as u64
+        let device = u64::from(self.device.load(Ordering::Acquire));
+        (u64::from(self.epoch()) << 32)
+            | (device << 16)
+            | u64::from(self.library_slot.load(Ordering::Acquire))
     }
 
     /// The models the Model parameter chooses among. Reads the folder on the first call.
@@ -252,12 +278,19 @@ pub trait Continuer: Send {
         settings: &SamplingSettings,
         max_voices: usize,
     ) -> Result<Option<Frame>, EngineError>;
+
+    /// Where the model runs and, where it is not the CPU or not the device chosen, why: "CPU",
+    /// "CUDA GPU (Auto: ...)", "CPU (no GPU: ...)". Shown in the status line.
+    fn placement(&self) -> String {
+        "CPU".to_string()
+    }
 }
 
 /// Loads continuers: the built-in models or a model directory. Called on the worker thread.
 pub trait ContinuerFactory: Send + Sync {
-    /// Loads the model `choice` names (a directory may hold a melody or a chord model).
-    fn load(&self, choice: &ModelSource) -> Result<Box<dyn Continuer>, EngineError>;
+    /// Loads the model `choice` names (a directory may hold a melody or a chord model) on the
+    /// device `device` asks for, or on the CPU where that device is missing or fails.
+    fn load(&self, choice: &ModelSource, device: DeviceChoice) -> Result<Box<dyn Continuer>, EngineError>;
 
     /// Loads the built-in chord model.
     fn load_builtin_chords(&self) -> Result<Box<dyn Continuer>, EngineError>;

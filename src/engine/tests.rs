@@ -24,6 +24,8 @@ struct Log {
     /// The bar phase of each begin's phrase.
     bars: Vec<Option<BarPhase>>,
     temperatures: Vec<f32>,
+    /// The device each load of the built-in model asked for.
+    devices: Vec<DeviceChoice>,
 }
 
 /// Plays a fixed script of melody symbols, over and over, and logs its calls.
@@ -32,11 +34,17 @@ struct Scripted {
     step_idx: usize,
     sounding: PitchSet,
     log: Arc<Mutex<Log>>,
+    /// Where it says it runs.
+    placement: String,
 }
 
 impl Continuer for Scripted {
     fn grid(&self) -> StepGrid {
         StepGrid::SIXTEENTHS
+    }
+
+    fn placement(&self) -> String {
+        self.placement.clone()
     }
 
     fn voicing(&self) -> Voicing {
@@ -120,7 +128,10 @@ struct ScriptedFactory {
 }
 
 impl ContinuerFactory for ScriptedFactory {
-    fn load(&self, choice: &ModelSource) -> Result<Box<dyn Continuer>, EngineError> {
+    fn load(&self, choice: &ModelSource, device: DeviceChoice) -> Result<Box<dyn Continuer>, EngineError> {
+        if *choice == ModelSource::Builtin {
+            self.log.lock().unwrap().devices.push(device);
+        }
         match choice {
             ModelSource::Builtin if self.is_builtin_broken => {
                 Err(EngineError::ModelLoad { choice: choice.describe(), reason: "also broken".into() })
@@ -130,6 +141,12 @@ impl ContinuerFactory for ScriptedFactory {
                 step_idx: 0,
                 sounding: PitchSet::EMPTY,
                 log: self.log.clone(),
+                // As a build without GPU support places it.
+                placement: match device {
+                    DeviceChoice::Auto => "CPU".into(),
+                    DeviceChoice::Cpu => "CPU (chosen)".into(),
+                    DeviceChoice::Gpu => "CPU (no GPU: none in this test)".into(),
+                },
             })),
             ModelSource::Dir(_) => {
                 Err(EngineError::ModelLoad { choice: choice.describe(), reason: "broken on purpose".into() })
@@ -388,6 +405,24 @@ fn a_broken_model_is_reported_and_the_builtin_one_answers() {
     assert_eq!(w.log.lock().unwrap().begins.len(), 1, "the answer was started again");
     w.engine.take().unwrap().shutdown();
     assert_eq!(w.status.state(), EngineState::Stopped);
+}
+
+#[test]
+fn the_device_parameter_reloads_the_model_and_the_status_says_where_it_runs() {
+    let w = start("60", ModelSource::Builtin);
+    wait_until("the model", || w.status.state() == EngineState::Ready);
+    assert_eq!(w.status.detail(), "the built-in model, on the CPU");
+    let epoch = w.live.model_epoch.load(Ordering::Acquire);
+    w.model.set_device(DeviceChoice::Gpu);
+    wait_until("the reload", || w.status.detail().contains("no GPU"));
+    assert_eq!(w.status.detail(), "the built-in model, on the CPU (no GPU: none in this test)");
+    assert_eq!(w.status.state(), EngineState::Ready);
+    assert!(w.live.model_epoch.load(Ordering::Acquire) > epoch, "what played from the old load ends");
+    // The same device again loads nothing.
+    w.model.set_device(DeviceChoice::Gpu);
+    std::thread::sleep(Duration::from_millis(50));
+    let devices = w.log.lock().unwrap().devices.clone();
+    assert_eq!(devices, [DeviceChoice::Auto, DeviceChoice::Gpu]);
 }
 
 #[test]

@@ -21,7 +21,8 @@ use music::{Frame, PianoRoll, PitchRules, PitchSet};
 
 use super::view::{AnswerView, Variations};
 use super::{
-    Continuer, ContinuerFactory, EngineError, EngineState, EngineStatus, ModelSlot, ModelSource, Voicing,
+    Continuer, ContinuerFactory, DeviceChoice, EngineError, EngineState, EngineStatus, ModelSlot,
+    ModelSource, Voicing,
 };
 
 /// How long the worker sleeps between looks at the playhead while an answer is ahead of it.
@@ -179,6 +180,10 @@ pub(super) struct Worker {
     /// Whether the continuer is the built-in model (chosen, or standing in for a model that
     /// could not be used).
     is_builtin_loaded: bool,
+    /// The device asked for when the continuer was loaded.
+    loaded_device: DeviceChoice,
+    /// The model loaded, as the status line names it ("the built-in model").
+    loaded_label: String,
     answer: Option<ActiveAnswer>,
     /// A chunk the audio thread's queue had no room for yet.
     outgoing: Option<AnswerChunk>,
@@ -204,6 +209,8 @@ impl Worker {
             companion: None,
             loaded_version: None,
             is_builtin_loaded: false,
+            loaded_device: DeviceChoice::Auto,
+            loaded_label: String::new(),
             answer: None,
             outgoing: None,
             variations: Variations::default(),
@@ -255,6 +262,7 @@ impl Worker {
 
     fn load_model(&mut self) {
         let version = self.model.version();
+        let device = self.model.device();
         let is_reload = self.loaded_version.is_some();
         self.loaded_version = Some(version);
         let chosen = self.model.resolve().and_then(|choice| {
@@ -265,13 +273,20 @@ impl Worker {
         });
         // The built-in model answers now and would after the change too (it is chosen, or stands
         // in for a choice that cannot be used): nothing is reloaded and the answer goes on.
-        if self.is_builtin_loaded && self.continuer.is_some() && !matches!(chosen, Ok(ModelSource::Dir(_))) {
+        let is_builtin_kept = self.is_builtin_loaded
+            && self.loaded_device == device
+            && !matches!(chosen, Ok(ModelSource::Dir(_)));
+        if let (true, Some(continuer)) = (is_builtin_kept, &self.continuer) {
+            let placement = continuer.placement();
             match chosen {
-                Ok(choice) => self.status.set(EngineState::Ready, choice.describe()),
-                Err(err) => self.status.set(EngineState::Fallback, builtin_stands_in(&err)),
+                Ok(choice) => self.status.set(EngineState::Ready, placed(&choice.describe(), &placement)),
+                Err(err) => {
+                    self.status.set(EngineState::Fallback, placed(&builtin_stands_in(&err), &placement))
+                }
             }
             return;
         }
+        self.loaded_device = device;
         self.answer = None;
         self.continuer = None;
         self.live.is_model_ready.store(false, Ordering::Release);
@@ -282,15 +297,14 @@ impl Worker {
         };
         self.status.set(EngineState::Loading, what);
         let loaded =
-            chosen.and_then(|choice| self.factory.load(&choice).map(|continuer| (continuer, choice)));
+            chosen.and_then(|choice| self.factory.load(&choice, device).map(|continuer| (continuer, choice)));
         let outcome = match loaded {
             Ok((continuer, choice)) => {
-                nice_log!("Antiphon: loaded {}", choice.describe());
                 self.is_builtin_loaded = choice == ModelSource::Builtin;
                 Ok((continuer, EngineState::Ready, choice.describe()))
             }
             // A model the user chose that does not load: say why, and answer with the built-in one.
-            Err(err) => match self.factory.load(&ModelSource::Builtin) {
+            Err(err) => match self.factory.load(&ModelSource::Builtin, device) {
                 Ok(continuer) => {
                     self.is_builtin_loaded = true;
                     Ok((continuer, EngineState::Fallback, builtin_stands_in(&err)))
@@ -299,8 +313,11 @@ impl Worker {
             },
         };
         match outcome {
-            Ok((continuer, state, detail)) => {
-                self.load_companion(continuer.voicing());
+            Ok((continuer, state, label)) => {
+                let detail = placed(&label, &continuer.placement());
+                nice_log!("Antiphon: {detail}");
+                self.loaded_label = label;
+                self.load_companion(continuer.voicing(), device);
                 self.continuer = Some(continuer);
                 self.live.is_model_ready.store(true, Ordering::Release);
                 self.status.set(state, detail);
@@ -320,7 +337,7 @@ impl Worker {
 
     /// Loads the built-in model of the voicing the chosen model lacks (kept when it is loaded
     /// already). Without it, every answer comes from the chosen model.
-    fn load_companion(&mut self, chosen: Voicing) {
+    fn load_companion(&mut self, chosen: Voicing, device: DeviceChoice) {
         let wanted = match chosen {
             Voicing::Melody => Voicing::Chords,
             Voicing::Chords => Voicing::Melody,
@@ -330,7 +347,7 @@ impl Worker {
         }
         let loaded = match wanted {
             Voicing::Chords => self.factory.load_builtin_chords(),
-            Voicing::Melody => self.factory.load(&ModelSource::Builtin),
+            Voicing::Melody => self.factory.load(&ModelSource::Builtin, device),
         };
         self.companion = match loaded {
             Ok(companion) => Some(companion),
@@ -445,6 +462,11 @@ impl Worker {
             let failure = write_steps(answer, continuer, &self.live, &mut chunk, target_beats);
             if let Some(err) = failure {
                 nice_warn!("Antiphon: answer cut short: {err}");
+                // A GPU that failed hands the model to the CPU: the status line says so.
+                let detail = placed(&self.loaded_label, &continuer.placement());
+                if self.status.detail() != detail && !self.loaded_label.is_empty() {
+                    self.status.set(self.status.state(), detail);
+                }
             }
             self.variations.record(&chunk.events, chunk.written_until_beats, chunk.is_finished);
             let has_note = chunk.events.iter().any(|e| matches!(e.kind, AnswerEventKind::NoteOn { .. }));
@@ -531,6 +553,11 @@ fn write_steps(
 
 /// The status (and the log's warning) when the built-in model answers for a choice that could
 /// not be used.
+/// The status line's detail: the model and where it runs.
+fn placed(label: &str, placement: &str) -> String {
+    format!("{label}, on the {placement}")
+}
+
 fn builtin_stands_in(err: &EngineError) -> String {
     nice_warn!("Antiphon: {err}; the built-in model answers instead");
     format!("{err}; the built-in model answers instead")

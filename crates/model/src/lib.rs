@@ -38,6 +38,7 @@
 //! ```
 
 pub mod chords;
+pub mod compute;
 pub mod config;
 pub mod fast;
 pub mod generate;
