@@ -25,6 +25,8 @@ use model::{Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, Sampler,
 use music::{Frame, PitchSet, Symbol, TokenId, Vocab};
 use train::SequenceForward;
 
+mod device;
+
 /// Time generation and training: ours against candle-nn's stock LSTM, same weights and sizes.
 ///
 /// Prints µs per generated symbol (LSTM step, output layer and sampling) beside the time it
@@ -71,6 +73,11 @@ pub struct BenchArgs {
     /// Phrases timed through the worker.
     #[arg(long, default_value_t = 100)]
     latency_trials: u32,
+    /// Compare this GPU (cuda or metal; needs the build feature of that name) with the CPU:
+    /// generation at batch 1 and 8, training, and the device the plugin's Auto keeps. Runs
+    /// only that comparison.
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Time only our training step (for profiling it).
     #[arg(long)]
     ours_only: bool,
@@ -624,6 +631,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         model::kernels::Isa::detect().name(),
         if model::int8::cpu_has_vnni() { "yes" } else { "no" },
     );
+    if args.device != "cpu" {
+        let device = model::select_device(&args.device)?;
+        return device::run(&args, &device);
+    }
     if !args.no_generation {
         generation(&args)?;
         chord_generation(&args)?;

@@ -39,6 +39,10 @@ const BUILTIN_TRAIN_JSON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../preset
 ///   cargo xtask eval --model my-model --split validation --train-data erk=../shared/corpus/essen/erk5.abc,../shared/corpus/essen/erk10.abc,../shared/corpus/essen/erk20.abc,../shared/corpus/essen/erk30.abc --train-split training --json eval.json
 #[derive(clap::Args)]
 pub struct EvalArgs {
+    /// Where the network runs: cpu, cuda or metal (the last two need the build feature of that
+    /// name).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Model directory (default: the model built into the plugin).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -165,7 +169,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if train_side == SplitSide::Validation {
         bail!("--train-split validation: copies are looked for in training songs (all or training)");
     }
-    let model = Arc::new(crate::load_model(args.model.as_deref(), !args.no_memory)?);
+    let model = Arc::new(crate::load_model(args.model.as_deref(), !args.no_memory, &args.device)?);
     let train_json = match &args.model {
         Some(dir) => dir.join(TRAIN_FILE),
         None => PathBuf::from(BUILTIN_TRAIN_JSON),

@@ -20,6 +20,10 @@ use music::{abc, Key, Melody, Meter, Mode, PianoRoll};
 /// Example: cargo xtask generate --primer "60 _ 62 _ 64 _ _ _" --bars 4 --seed 7 --out answer.mid
 #[derive(clap::Args)]
 pub struct GenerateArgs {
+    /// Where the network runs: cpu, cuda or metal (the last two need the build feature of that
+    /// name).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Model directory (default: the model built into the plugin).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -113,7 +117,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.chords || is_chord_dir {
         return run_chords(&args);
     }
-    let model = Arc::new(crate::load_model(args.model.as_deref(), !args.no_memory)?);
+    let model = Arc::new(crate::load_model(args.model.as_deref(), !args.no_memory, &args.device)?);
     let mut primer = read_primer(&args.primer, args.tune, &model)?;
     if let Some(text) = &args.meter {
         primer.meter = Some(parse_meter(text)?);
@@ -169,6 +173,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
 /// `generate` with a chord model: the primer's every voice, continued a frame at a time.
 fn run_chords(args: &GenerateArgs) -> Result<()> {
+    if args.device != "cpu" {
+        bail!("chord models run on the CPU only (their step is the CPU's int8 kernel); leave out --device");
+    }
     let model = Arc::new(match &args.model {
         Some(dir) => ChordModel::load_dir(dir),
         None => ChordModel::builtin(),

@@ -113,13 +113,15 @@ fn bundle(args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-/// The model in `dir`, or the built-in one; without its tune memory unless `with_memory`.
-pub(crate) fn load_model(dir: Option<&Path>, with_memory: bool) -> Result<LoadedModel> {
+/// The model in `dir`, or the built-in one, on the device named `device` (`cpu`, `cuda`,
+/// `metal`); without its tune memory unless `with_memory`.
+pub(crate) fn load_model(dir: Option<&Path>, with_memory: bool, device: &str) -> Result<LoadedModel> {
+    let device = model::select_device(device)?;
     let model = match dir {
-        Some(dir) => {
-            LoadedModel::load_dir(dir).with_context(|| format!("loading the model in {}", dir.display()))?
-        }
-        None => LoadedModel::builtin().context("loading the built-in model")?,
+        Some(dir) => LoadedModel::load_dir_on(dir, &device)
+            .with_context(|| format!("loading the model in {}", dir.display()))?,
+        None => LoadedModel::load_on(&model::io::ModelSource::Builtin, &device)
+            .context("loading the built-in model")?,
     };
     Ok(if with_memory { model } else { model.with_memory(None) })
 }

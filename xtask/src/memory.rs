@@ -9,7 +9,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use model::io::{CONFIG_FILE, TRAIN_FILE, WEIGHTS_FILE};
 use model::memory::{fit_weights, FitSample, MemoryConfig, MemoryScore, TuneMemory, MAX_VOCAB};
-use model::LoadedModel;
 use train::data::{build_dataset, read_set, ValidationStream};
 use train::trainer::{
     nll_of, read_train_config, score_predictions, window_predictions, EvalConfig, EvalMetrics, TrainConfig,
@@ -29,6 +28,10 @@ use train::trainer::{
 ///   cargo xtask memory --model presets/models/default --fit-on essen
 #[derive(clap::Args)]
 pub struct MemoryArgs {
+    /// Where the network runs: cpu, cuda or metal (the last two need the build feature of that
+    /// name).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// The model directory.
     #[arg(long)]
     model: PathBuf,
@@ -59,16 +62,21 @@ pub fn run(args: MemoryArgs) -> Result<()> {
             }
         }
     }
-    remember(&args.model, &cfg, args.fit_on.as_deref(), out)
+    remember(&args.model, &cfg, args.fit_on.as_deref(), out, &args.device)
 }
 
 /// Builds the tune memory of the model in `model_dir` from the training songs of `cfg`'s data,
 /// fits its weights on the held-out songs of the sets `fit_on` names (`fit_sets`),
 /// scores every held-out set with and without it, and writes it into `out`.
-pub fn remember(model_dir: &Path, cfg: &TrainConfig, fit_on: Option<&str>, out: &Path) -> Result<()> {
+pub fn remember(
+    model_dir: &Path,
+    cfg: &TrainConfig,
+    fit_on: Option<&str>,
+    out: &Path,
+    device: &str,
+) -> Result<()> {
     let started = Instant::now();
-    let model =
-        LoadedModel::load_dir(model_dir).with_context(|| format!("loading {}", model_dir.display()))?;
+    let model = crate::load_model(Some(model_dir), true, device)?;
     let mut data_cfg = cfg.data.clone();
     // The songs as the network saw them, each once, in its pitch range (which an unset range
     // in the settings derived from the same songs).

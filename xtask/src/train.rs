@@ -318,7 +318,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if !args.no_memory {
         println!("\ntune memory:");
         let fit_on = args.memory_fit_on.as_deref().or(cfg.eval.select_on.as_deref());
-        if let Err(err) = crate::memory::remember(&args.out, &cfg, fit_on, &args.out) {
+        if let Err(err) = crate::memory::remember(&args.out, &cfg, fit_on, &args.out, &args.device) {
             println!("no tune memory: {err:#} (the network is saved; `cargo xtask memory` can try again)");
         }
     }

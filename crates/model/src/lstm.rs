@@ -844,6 +844,48 @@ impl MelodyLstm {
 }
 
 impl MelodyLstm {
+    /// Feeds one token to each of `batch` sequences at once, their bar inputs all missing, with
+    /// the state kept as tensors on the model's device: on a GPU nothing crosses to the CPU
+    /// but the logits. weights: from `step_weights`; tokens: `[batch]` u32; state: per layer
+    /// `[batch, hidden]` (`zero_state`), updated → logits `[batch, vocab]`
+    pub fn step_batch(
+        &self,
+        weights: &StepWeights,
+        tokens: &Tensor,
+        state: &mut LstmState,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_size;
+        let mut x: Option<Tensor> = None;
+        for (k, layer) in weights.layers.iter().enumerate() {
+            let from_input = match (&layer.input, &x) {
+                (StepInput::Table { tokens: table, bars: side }, _) => {
+                    let mut from_input = table.index_select(tokens, 0)?;
+                    if let Some(side) = side {
+                        for j in 0..self.bar_reader.per_step() {
+                            let row = self.side_row(j, self.side_layout.missing(j))? as usize;
+                            from_input = from_input.broadcast_add(&side.narrow(0, row, 1)?)?;
+                        }
+                    }
+                    from_input
+                }
+                (StepInput::Weights { w_ih_t, bias }, Some(x)) => x.matmul(w_ih_t)?.broadcast_add(bias)?,
+                (StepInput::Weights { .. }, None) => candle_core::bail!("layer {k} has no input"),
+            };
+            let gates = (from_input + state.h[k].matmul(&layer.w_hh_t)?)?;
+            let in_gate = candle_nn::ops::sigmoid(&gates.narrow(1, 0, hidden)?)?;
+            let forget_gate = candle_nn::ops::sigmoid(&gates.narrow(1, hidden, hidden)?)?;
+            let cell_gate = gates.narrow(1, 2 * hidden, hidden)?.tanh()?;
+            let out_gate = candle_nn::ops::sigmoid(&gates.narrow(1, 3 * hidden, hidden)?)?;
+            let c = ((forget_gate * &state.c[k])? + (in_gate * cell_gate)?)?;
+            let h = (out_gate * c.tanh()?)?;
+            state.c[k] = c;
+            state.h[k] = h.clone();
+            x = Some(h);
+        }
+        let top = x.expect("a config has at least one layer");
+        top.matmul(&weights.head_w_t)?.broadcast_add(&weights.head_b)
+    }
+
     /// Logits of the symbol after each window, each window from the zero state, with weights
     /// arranged by `step_weights` and no gradient bookkeeping: evaluation's fast path.
     /// tokens: `[batch, seq]` u32, bars: `[batch, seq(, inputs)]` → `[batch, vocab]`
@@ -1119,6 +1161,30 @@ mod tests {
         assert_eq!(rows, positions + 2 * (vocab + 1) + cfg.num_bar_number_rows());
         assert_eq!(layout.row(3, 5), Some(rows as u32 - 1));
         assert_eq!(SideLayout::for_model(&small_config()).inputs_per_step(), 0);
+    }
+
+    #[test]
+    fn a_batched_step_matches_each_sequence_stepped_alone() {
+        let cfg = ModelConfig { bar_meters: music::bar::COMMON_METERS.to_vec(), ..small_config() };
+        let m = model_with_bars(&cfg, 3);
+        let weights = m.step_weights().unwrap();
+        let sequences: [&[u32]; 3] = [&[1, 2, 3, 4], &[5, 5, 0, 2], &[7, 1, 1, 6]];
+        let mut batched_state = m.zero_state(sequences.len()).unwrap();
+        let mut alone: Vec<GenState> = sequences.iter().map(|_| GenState::zeros(2, 16)).collect();
+        let mut logits = vec![0.0f32; cfg.vocab_len()];
+        for t in 0..4 {
+            let ids: Vec<u32> = sequences.iter().map(|seq| seq[t]).collect();
+            let tokens = Tensor::from_vec(ids.clone(), ids.len(), &Device::Cpu).unwrap();
+            let batched =
+                m.step_batch(&weights, &tokens, &mut batched_state).unwrap().to_vec2::<f32>().unwrap();
+            for (b, state) in alone.iter_mut().enumerate() {
+                // No bar inputs: every one reads as missing, as in the batched step.
+                m.step(&weights, TokenId(ids[b] as u16), &[], state, &mut logits).unwrap();
+                for (x, y) in batched[b].iter().zip(&logits) {
+                    assert!((x - y).abs() < 1e-4, "sequence {b}, step {t}: {x} against {y}");
+                }
+            }
+        }
     }
 
     #[test]

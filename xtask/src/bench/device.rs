@@ -1,0 +1,222 @@
+//! `cargo xtask bench --device cuda` (or `metal`): the GPU against the CPU in one run, for the
+//! built-in model's size and a model with 4× its weights: generation per symbol at batch 1 (the
+//! plugin's case) and batch 8, training steps per second, and the device Auto would pick.
+//! Runs on: offline (a terminal).
+//!
+//! GPU work is queued, so every timed piece ends by waiting for the device
+//! (`Device::synchronize`), and every figure is a median over trials after an untimed one.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+use model::compute::{device_name, gpu_is_faster};
+use model::io::ModelSource;
+use model::lstm::LstmState;
+use model::{LoadedModel, MelodyLstm, ModelConfig};
+use music::TokenId;
+use train::SequenceForward;
+
+use super::{median, train_step, BenchArgs};
+
+/// Sequences stepped at once in the batched generation figure (Try Again and variations could
+/// write this many answers together).
+const GEN_BATCH: usize = 8;
+
+/// One model size: its config, and how the table names it.
+struct Size {
+    name: String,
+    config: ModelConfig,
+}
+
+/// The built-in model's size, and the same with twice its hidden width (4× the recurrent
+/// weights).
+fn sizes() -> Result<Vec<Size>> {
+    let builtin = model::io::read_model_config(&ModelSource::Builtin)?;
+    let wide = ModelConfig::new(
+        builtin.vocab.clone(),
+        builtin.input,
+        2 * builtin.hidden_size,
+        builtin.num_layers,
+        0.0,
+    );
+    let name = |c: &ModelConfig| format!("LSTM {}×{}", c.hidden_size, c.num_layers);
+    Ok(vec![
+        Size { name: format!("built-in size, {}", name(&builtin)), config: builtin.clone() },
+        Size { name: format!("4× weights, {}", name(&wide)), config: wide },
+    ])
+}
+
+/// A model of `config` with seeded weights on `device`, fixed (for generation).
+fn fixed_model(config: &ModelConfig, device: &Device) -> Result<LoadedModel> {
+    let tensors = MelodyLstm::initial_tensors(config, 7, device)?;
+    let lstm = MelodyLstm::new(config, VarBuilder::from_tensors(tensors, DType::F32, device))?;
+    Ok(LoadedModel::new(config.clone(), lstm, "bench")?)
+}
+
+/// µs a symbol of the model's own generation step (`LoadedModel::step`, what the plugin's
+/// worker runs: the int8 or f32 kernels on the CPU, candle's ops elsewhere), batch 1.
+fn step_micros(model: &LoadedModel, symbols: usize, trials: usize) -> Result<f64> {
+    let mut logits = vec![0.0f32; model.config.vocab.len()];
+    let mut per_trial = Vec::with_capacity(trials);
+    for trial in 0..=trials {
+        let mut state = model.new_state();
+        let start = Instant::now();
+        for idx in 0..symbols {
+            let token = TokenId((idx % model.config.vocab.len()) as u16);
+            model.step(token, &mut state, &mut logits)?;
+        }
+        if trial > 0 {
+            per_trial.push(start.elapsed().as_secs_f64() * 1e6 / symbols as f64);
+        }
+    }
+    Ok(median(&mut per_trial))
+}
+
+/// µs a symbol of the batched generation step (`MelodyLstm::step_batch`: the state stays on
+/// the device, only the logits come back for sampling) over `batch` sequences at once.
+fn batched_micros(model: &LoadedModel, batch: usize, symbols: usize, trials: usize) -> Result<f64> {
+    let device = model.lstm.device().clone();
+    let weights = model.lstm.step_weights()?;
+    let vocab_len = model.config.vocab.len();
+    let mut per_trial = Vec::with_capacity(trials);
+    for trial in 0..=trials {
+        let mut state: LstmState = model.lstm.zero_state(batch)?;
+        let start = Instant::now();
+        for idx in 0..symbols {
+            let ids: Vec<u32> = (0..batch).map(|b| ((idx + b) % vocab_len) as u32).collect();
+            let tokens = Tensor::from_vec(ids, batch, &device)?;
+            let logits = model.lstm.step_batch(&weights, &tokens, &mut state)?;
+            // The sampler reads the logits on the CPU.
+            logits.to_device(&Device::Cpu)?;
+        }
+        device.synchronize()?;
+        if trial > 0 {
+            per_trial.push(start.elapsed().as_secs_f64() * 1e6 / (symbols * batch) as f64);
+        }
+    }
+    Ok(median(&mut per_trial))
+}
+
+/// Median ms of a training batch (forward over every position, cross-entropy, backward,
+/// AdamW) of a model of `config` on `device`.
+fn training_ms(config: &ModelConfig, device: &Device, args: &BenchArgs) -> Result<f64> {
+    let (batch, window) = (args.train_batch, args.train_window);
+    let vars = VarMap::new();
+    let lstm = MelodyLstm::new(config, VarBuilder::from_varmap(&vars, DType::F32, device))?;
+    let params = candle_nn::ParamsAdamW { lr: 1e-3, ..Default::default() };
+    let mut opt = candle_nn::AdamW::new(vars.all_vars(), params)?;
+    let vocab_len = config.vocab.len() as u64;
+    let mut seed = 12345u64;
+    let mut ms = Vec::with_capacity(args.train_batches);
+    for idx in 0..=args.train_batches {
+        let ids: Vec<u32> = (0..batch * (window + 1))
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 33) % vocab_len) as u32
+            })
+            .collect();
+        let all = Tensor::from_vec(ids, (window + 1, batch), device)?;
+        let (inputs, targets) = (all.narrow(0, 0, window)?, all.narrow(0, 1, window)?);
+        let start = Instant::now();
+        let (logits, _) = lstm.forward_time_major(&inputs.contiguous()?, None, None, None)?;
+        train_step(
+            &logits.reshape(((), config.vocab.len()))?,
+            &targets.contiguous()?.flatten_all()?,
+            &mut opt,
+        )?;
+        device.synchronize()?;
+        if idx > 0 {
+            ms.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(median(&mut ms))
+}
+
+/// Runs the comparison on `device` (a GPU) against the CPU.
+pub fn run(args: &BenchArgs, device: &Device) -> Result<()> {
+    let gpu = device_name(device);
+    let (symbols, trials) = (args.gen_symbols, args.gen_trials);
+    println!("\n{gpu} against the CPU, one run; medians of {trials} trials of {symbols} symbols");
+    println!(
+        "{:<30} {:>12} {:>12} {:>12} {:>12} {:>8}",
+        "generation, µs a symbol", "GPU batch 1", "CPU batch 1", "GPU batch 8", "CPU batch 8", "Auto"
+    );
+    let sizes = sizes()?;
+    for size in &sizes {
+        let on_gpu =
+            fixed_model(&size.config, device).with_context(|| format!("{} on the {gpu}", size.name))?;
+        let on_cpu = fixed_model(&size.config, &Device::Cpu)?;
+        let (gpu_1, cpu_1) = (step_micros(&on_gpu, symbols, trials)?, step_micros(&on_cpu, symbols, trials)?);
+        let gpu_8 = batched_micros(&on_gpu, GEN_BATCH, symbols / GEN_BATCH + 1, trials)?;
+        let cpu_8 = batched_micros(&on_cpu, GEN_BATCH, symbols / GEN_BATCH + 1, trials)?;
+        let faster = |gpu_us: f64, cpu_us: f64| {
+            let as_duration = |us: f64| std::time::Duration::from_secs_f64(us * 1e-6);
+            if gpu_is_faster(as_duration(cpu_us), as_duration(gpu_us)) {
+                "GPU"
+            } else {
+                "CPU"
+            }
+        };
+        println!(
+            "{:<30} {gpu_1:>12.1} {cpu_1:>12.1} {gpu_8:>12.1} {cpu_8:>12.1} {:>8}",
+            size.name,
+            faster(gpu_1, cpu_1)
+        );
+    }
+    println!("  batch 1: the model's own step, as the plugin runs it (on the CPU its int8 or f32 kernels); batch 8:");
+    println!("  the batched step over 8 sequences (candle's ops), per symbol. Auto: the device the plugin's Auto keeps.");
+
+    let (batch, window) = (args.train_batch, args.train_window);
+    println!("\ntraining, batch {batch} × {window} steps, medians of {} batches", args.train_batches);
+    println!("{:<30} {:>14} {:>14} {:>10}", "LSTM steps/s", "GPU", "CPU", "GPU/CPU");
+    for size in &sizes {
+        let gpu_ms = training_ms(&size.config, device, args)?;
+        let cpu_ms = training_ms(&size.config, &Device::Cpu, args)?;
+        let per_s = |ms: f64| (batch * window) as f64 / ms * 1e3;
+        println!(
+            "{:<30} {:>14.0} {:>14.0} {:>9.2}×",
+            size.name,
+            per_s(gpu_ms),
+            per_s(cpu_ms),
+            cpu_ms / gpu_ms
+        );
+    }
+    println!("  the CPU trains with the fused LSTM op; the GPU with candle's ops, the input projection batched over the sequence");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    #[test]
+    fn the_comparison_runs_through_with_the_cpu_standing_in_for_the_gpu() {
+        let cli = Cli::parse_from([
+            "bench",
+            "--gen-symbols",
+            "16",
+            "--gen-trials",
+            "1",
+            "--train-batches",
+            "1",
+            "--train-batch",
+            "2",
+            "--train-window",
+            "4",
+        ]);
+        run(&cli.bench, &Device::Cpu).unwrap();
+        let on_cpu = fixed_model(&sizes().unwrap()[0].config, &Device::Cpu).unwrap();
+        assert!(step_micros(&on_cpu, 8, 1).unwrap() > 0.0);
+        assert!(batched_micros(&on_cpu, GEN_BATCH, 2, 1).unwrap() > 0.0);
+    }
+}
