@@ -294,4 +294,40 @@ mod tests {
         let err = time_per_step(|| Err(ModelError::Device { name: "gpu".into(), reason: "lost".into() }));
         assert!(err.unwrap_err().to_string().contains("lost"));
     }
+
+    /// On a GPU (feature `cuda`; run by `scripts/gpu-check.sh` on a machine with one): the
+    /// built-in model's step on the GPU writes the logits the CPU's f32 step writes, and a
+    /// chosen GPU is kept.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn the_built_in_model_steps_alike_on_the_gpu_and_the_cpu() {
+        use crate::io::{LoadedModel, ModelSource};
+        use music::TokenId;
+        let gpu = first_gpu().expect("this test needs a GPU");
+        let on_gpu = LoadedModel::load_on(&ModelSource::Builtin, &gpu).unwrap();
+        let on_cpu = LoadedModel::load_on(&ModelSource::Builtin, &Device::Cpu).unwrap();
+        let weights = on_cpu.lstm.step_weights().unwrap().without_fast_step();
+        let vocab = on_cpu.config.vocab.len();
+        let (mut gpu_state, mut cpu_state) = (on_gpu.new_state(), on_cpu.new_state());
+        let (mut gpu_logits, mut cpu_logits) = (vec![0.0f32; vocab], vec![0.0f32; vocab]);
+        for idx in 0..32u16 {
+            let token = TokenId(idx % vocab as u16);
+            on_gpu.step(token, &mut gpu_state, &mut gpu_logits).unwrap();
+            on_cpu.lstm.step(&weights, token, &[], &mut cpu_state, &mut cpu_logits).unwrap();
+            let worst = gpu_logits.iter().zip(&cpu_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-3, "step {idx}: logits differ by {worst}");
+        }
+        let placed = place(
+            DeviceChoice::Gpu,
+            |device| LoadedModel::load_on(&ModelSource::Builtin, device),
+            |model| {
+                let mut state = model.new_state();
+                let mut logits = vec![0.0f32; vocab];
+                time_per_step(|| model.step(TokenId(0), &mut state, &mut logits))
+            },
+        )
+        .unwrap();
+        assert!(!placed.model.lstm.device().is_cpu(), "{}", placed.placement);
+        println!("GPU chosen: {}", placed.placement);
+    }
 }

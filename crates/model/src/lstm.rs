@@ -958,6 +958,13 @@ pub struct StepWeights {
 }
 
 impl StepWeights {
+    /// The same weights without the CPU's packed step: `MelodyLstm::step` then runs candle's
+    /// f32 ops, as it does on a GPU (to compare the two).
+    pub fn without_fast_step(mut self) -> Self {
+        self.fast = None;
+        self
+    }
+
     /// The output layer as arranged here: `[hidden, vocab]` and `[1, vocab]`.
     pub fn head(&self) -> (&Tensor, &Tensor) {
         (&self.head_w_t, &self.head_b)

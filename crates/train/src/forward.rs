@@ -150,4 +150,53 @@ mod tests {
         let predicted = m.predict_time_major(&time_major, None).unwrap();
         assert!(max_diff(&predicted.transpose(0, 1).unwrap(), &graph_all) < 1e-5);
     }
+
+    /// On a GPU (feature `cuda`; run by `scripts/gpu-check.sh` on a machine with one): the
+    /// network's loss and every gradient match the CPU's fused op within float tolerance.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn a_training_step_on_the_gpu_matches_the_cpu() {
+        let gpu = model::compute::first_gpu().expect("this test needs a GPU");
+        let cfg =
+            ModelConfig::new(Vocab::for_pitch_range(60, 72), InputKind::Embedding { dim: 8 }, 32, 2, 0.0);
+        let v = cfg.vocab_len() as u32;
+        let ids: Vec<u32> = (0..48).map(|i| (i * 7 + i / 5) % v).collect();
+        let loss_and_grads = |device: &Device| {
+            let tensors = MelodyLstm::initial_tensors(&cfg, 4, device).unwrap();
+            let vars: Vec<(String, candle_core::Var)> = tensors
+                .into_iter()
+                .map(|(name, t)| (name, candle_core::Var::from_tensor(&t).unwrap()))
+                .collect();
+            let as_tensors = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            let m = MelodyLstm::new(&cfg, VarBuilder::from_tensors(as_tensors, DType::F32, device)).unwrap();
+            let all = Tensor::from_vec(ids.clone(), (4, 12), device).unwrap();
+            let (inputs, targets) = (all.narrow(1, 0, 11).unwrap(), all.narrow(1, 1, 11).unwrap());
+            let (logits, _) = m.forward(&inputs.contiguous().unwrap(), None, None, None).unwrap();
+            let loss = candle_nn::loss::cross_entropy(
+                &logits.reshape(((), cfg.vocab_len())).unwrap(),
+                &targets.contiguous().unwrap().flatten_all().unwrap(),
+            )
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            let mut out: Vec<(String, Vec<f32>)> = vars
+                .iter()
+                .map(|(name, var)| {
+                    let grad = grads.get(var.as_tensor()).expect("every weight has a gradient");
+                    (
+                        name.clone(),
+                        grad.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+                    )
+                })
+                .collect();
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            (loss.to_device(&Device::Cpu).unwrap().to_scalar::<f32>().unwrap(), out)
+        };
+        let (cpu_loss, cpu_grads) = loss_and_grads(&Device::Cpu);
+        let (gpu_loss, gpu_grads) = loss_and_grads(&gpu);
+        assert!((cpu_loss - gpu_loss).abs() < 1e-4, "loss {cpu_loss} on the CPU, {gpu_loss} on the GPU");
+        for ((name, cpu), (_, on_gpu)) in cpu_grads.iter().zip(&gpu_grads) {
+            let worst = cpu.iter().zip(on_gpu).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "{name}: gradients differ by {worst}");
+        }
+    }
 }
