@@ -205,6 +205,8 @@ struct GenFigures {
     ours_us: f64,
     format: WeightFormat,
     f32_us: f64,
+    /// The same weights packed in half precision, where it holds them exactly.
+    f16_us: Option<f64>,
     stock_us: f64,
     floor_us: f64,
     f32_floor_us: f64,
@@ -214,6 +216,7 @@ struct GenFigures {
 fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
     let fast = FastLstm::for_model(&model.lstm)?.context("the model did not pack for the fast step")?;
     let exact = FastLstm::pack(&model.lstm, fast.isa())?;
+    let half = FastLstm::pack_as(&model.lstm, fast.isa(), WeightFormat::F16).ok();
     let stock = StockModel::same_weights(&model.lstm)?;
     let vocab = model.config.vocab.clone();
     let settings = bench_settings();
@@ -226,10 +229,11 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
     let mut states: Vec<LSTMState> =
         (0..model.config.num_layers).map(|_| LSTMState::new(zero.clone(), zero.clone())).collect();
     let mut exact_state = exact.new_state();
+    let mut half_state = exact.new_state();
     let start = vocab.id(Symbol::Delimiter).unwrap_or(TokenId(0));
-    let (mut token, mut exact_token) = (start, start);
+    let (mut token, mut exact_token, mut half_token) = (start, start, start);
     let n = args.gen_symbols;
-    let mut times: [Vec<f64>; 5] = Default::default();
+    let mut times: [Vec<f64>; 6] = Default::default();
     let mut sink = 0.0f32;
     let per_symbol_us = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / n as f64;
     // One untimed round warms caches and the allocator.
@@ -249,6 +253,16 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         }
         let f32_us = per_symbol_us(t);
 
+        half_state.reset();
+        let t = Instant::now();
+        if let Some(half) = &half {
+            for _ in 0..n {
+                half.step_at(half_token, &[], &mut half_state, &mut logits)?;
+                half_token = sampler.sample(&logits, &vocab, &settings);
+            }
+        }
+        let f16_us = per_symbol_us(t);
+
         let t = Instant::now();
         for _ in 0..n {
             stock.step(token, &mut states, &mut logits)?;
@@ -267,17 +281,20 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         }
         let f32_floor_us = per_symbol_us(t);
         if trial > 0 {
-            for (list, us) in times.iter_mut().zip([ours_us, f32_us, stock_us, floor_us, f32_floor_us]) {
+            for (list, us) in
+                times.iter_mut().zip([ours_us, f32_us, stock_us, floor_us, f32_floor_us, f16_us])
+            {
                 list.push(us);
             }
         }
     }
     std::hint::black_box(sink);
-    let [ours, f32_t, stock_t, floor, f32_floor] = &mut times;
+    let [ours, f32_t, stock_t, floor, f32_floor, f16_t] = &mut times;
     Ok(GenFigures {
         ours_us: median(ours),
         format: fast.format(),
         f32_us: median(f32_t),
+        f16_us: half.is_some().then(|| median(f16_t)),
         stock_us: median(stock_t),
         floor_us: median(floor),
         f32_floor_us: median(f32_floor),
@@ -321,18 +338,29 @@ fn generation(args: &BenchArgs) -> Result<()> {
     models.push(("recipe size int8".to_string(), recipe_int8));
     println!("\nGeneration, one sequence, one thread: µs per symbol (LSTM step + output layer + sampling)");
     println!(
-        "{:<16} {:<28} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9}",
-        "model", "sizes", "packed", "ours", "floor", "weights", "as f32", "floor", "stock", "stock/us"
+        "{:<16} {:<28} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "model",
+        "sizes",
+        "packed",
+        "ours",
+        "floor",
+        "weights",
+        "as f32",
+        "floor",
+        "as f16",
+        "stock",
+        "stock/us"
     );
     for (name, model) in models {
         let sizes = describe_model(&model);
         let g = time_generation(model, args)?;
         let format = match g.format {
             WeightFormat::F32 => "f32",
+            WeightFormat::F16 => "f16",
             WeightFormat::I8 => "int8",
         };
         println!(
-            "{:<16} {:<28} {:>6} {:>8.2} {:>8.2} {:>5.0} KiB {:>8.2} {:>8.2} {:>9.1} {:>8.1}×",
+            "{:<16} {:<28} {:>6} {:>8.2} {:>8.2} {:>5.0} KiB {:>8.2} {:>8.2} {:>8} {:>9.1} {:>8.1}×",
             name,
             sizes,
             format,
@@ -341,12 +369,13 @@ fn generation(args: &BenchArgs) -> Result<()> {
             g.weight_kib,
             g.f32_us,
             g.f32_floor_us,
+            g.f16_us.map_or("-".to_string(), |us| format!("{us:.2}")),
             g.stock_us,
             g.stock_us / g.ours_us,
         );
     }
     println!(
-        "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) where the CPU has AVX-512 VNNI, else f32; either way within 1e-5 of candle on the same weights.\n  floor: one pass reading the packed weights a step reads. as f32: the same weights packed as f32, same step and sampler.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler. +mem: with the tune memory mixed in (ours only).",
+        "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) where the CPU has AVX-512 VNNI, else f16 where that holds the weights exactly, else f32;\n  every way within 1e-5 of candle on the same weights. floor: one pass reading the packed weights a step reads.\n  as f32, as f16: the same weights packed as f32 or half precision (the packing of CPUs without VNNI), same step and sampler.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler. +mem: with the tune memory mixed in (ours only).",
         model::kernels::Isa::detect().name()
     );
     Ok(())
@@ -404,6 +433,7 @@ fn chord_generation(args: &BenchArgs) -> Result<()> {
     let c = &model.config;
     let format = match model.weight_format() {
         WeightFormat::F32 => "f32",
+        WeightFormat::F16 => "f16",
         WeightFormat::I8 => "int8",
     };
     println!(
