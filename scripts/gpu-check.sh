@@ -2,8 +2,9 @@
 # The GPU check, in two halves, for a machine with an NVIDIA GPU that cannot build Rust.
 #
 #   scripts/gpu-check.sh build   here, with the CUDA toolkit (or its Python wheels, see README
-#                                "GPU"): builds the CUDA xtask and the GPU tests into
-#                                target/gpu-check/ (carry that folder to the GPU machine)
+#                                "GPU"): builds the CUDA xtask and the GPU tests and packs
+#                                them into target/gpu-check/binaries.tar.gz (25 MB; carry
+#                                target/gpu-check to the GPU machine)
 #   scripts/gpu-check.sh run     on the GPU machine, from the repository root: runs the GPU
 #                                tests, the GPU-against-CPU bench, generation and a short
 #                                training run on both devices; writes everything to
@@ -36,7 +37,7 @@ build() {
     fi
     # The toolkit's libraries under the unversioned names the linker asks for.
     if [ -n "${CUDA_ROOT:-}" ]; then
-        for lib in cublas cublasLt curand nvrtc; do
+        for lib in cudart cublas cublasLt curand nvrtc; do
             local found
             found=$(ls "$CUDA_ROOT"/lib/lib$lib.so.* 2>/dev/null | head -1 || true)
             if [ -n "$found" ] && [ ! -e "$CUDA_ROOT/lib/lib$lib.so" ]; then
@@ -45,37 +46,61 @@ build() {
         done
         export LIBRARY_PATH="$stubs:$CUDA_ROOT/lib:${LIBRARY_PATH:-}"
     fi
-    rm -rf "$CARRY" && mkdir -p "$CARRY"
+    # Everything the GPU machine runs, packed small enough to travel (the binaries compress
+    # to about a third): the CUDA xtask, the two crates' test binaries, and the Essen tunes
+    # for the training comparison.
+    local staging="$CARRY/staging"
+    rm -rf "$CARRY" && mkdir -p "$staging"
     cargo build --release -p xtask --features cuda
-    cp target/release/xtask "$CARRY/xtask"
-    # The GPU tests (and every other test of the two crates) as binaries.
+    cp target/release/xtask "$staging/xtask"
     for package in antiphon-model antiphon-train; do
         cargo test --release -p "$package" --features cuda --lib --no-run --message-format=json |
             grep -o '"executable":"[^"]*"' | cut -d'"' -f4 |
-            while read -r binary; do cp "$binary" "$CARRY/tests-$package"; done
+            while read -r binary; do cp "$binary" "$staging/tests-$package"; done
     done
-    strip "$CARRY"/* 2>/dev/null || true
-    du -sh "$CARRY"
+    strip "$staging"/*
+    local essen="${SHARED:-../shared}/corpus/essen"
+    [ -d "$essen" ] && cp -r "$essen" "$staging/essen"
+    tar czf "$CARRY/binaries.tar.gz" -C "$staging" .
+    rm -rf "$staging"
+    du -sh "$CARRY/binaries.tar.gz"
 }
 
 run() {
     local out="${OUT:-$CARRY/out}"
     mkdir -p "$out"
+    # The carried binaries, unpacked where there is room.
+    local bin
+    bin=$(mktemp -d)
+    tar xzf "$CARRY/binaries.tar.gz" -C "$bin"
+    # cuBLAS and cuRAND come with the toolkit (or its wheels); the driver brings libcuda.
+    local dirs="${CUDA_HOME:-/usr/local/cuda}/lib64:${CUDA_ROOT:-/usr/local/cuda}/lib64"
+    for lib in libcublas.so.13 libcurand.so.10; do
+        local found
+        found=$(find / -name "$lib" -not -path "/proc/*" 2>/dev/null | head -1 || true)
+        [ -n "$found" ] && dirs="$dirs:$(dirname "$found")"
+    done
+    export LD_LIBRARY_PATH="$dirs:${LD_LIBRARY_PATH:-}"
     {
+        # Every part runs even when one before it fails; the log says which failed.
+        set +e
         nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || true
+        ldd "$bin/xtask" | grep -E "cuda|cublas|curand" || true
         echo "== GPU tests"
-        "$CARRY/tests-antiphon-model" --test-threads 1 gpu
-        "$CARRY/tests-antiphon-train" --test-threads 1 gpu
+        "$bin/tests-antiphon-model" --test-threads 1 gpu
+        "$bin/tests-antiphon-train" --test-threads 1 gpu
         echo "== bench: GPU against CPU"
-        "$CARRY/xtask" bench --device cuda --gen-trials 5 --train-batches 10
+        "$bin/xtask" bench --device cuda --gen-trials 5 --train-batches 10
         echo "== generation from the built-in model, seed 3, on each device"
-        "$CARRY/xtask" generate --device cuda --seed 3 --out "$out/generated-cuda.mid"
-        "$CARRY/xtask" generate --device cpu --seed 3 --out "$out/generated-cpu.mid"
-        echo "== training: the same short run on each device (time and validation loss per epoch)"
+        "$bin/xtask" generate --device cuda --seed 3 --out "$out/generated-cuda.mid"
+        "$bin/xtask" generate --device cpu --seed 3 --out "$out/generated-cpu.mid"
+        echo "== training: the same run on each device (time and validation loss per epoch)"
+        local data=tests/data/abc
+        [ -d "$bin/essen" ] && data="essen=$bin/essen"
         for device in cuda cpu; do
             local started=$SECONDS
-            "$CARRY/xtask" train --device "$device" --data tests/data/abc \
-                --out "$out/trained-$device" --epochs 4 --seed 1 --no-memory
+            "$bin/xtask" train --device "$device" --data "$data" \
+                --out "$out/trained-$device" --epochs 3 --seed 1 --no-memory
             echo "training on $device took $((SECONDS - started)) s"
         done
     } 2>&1 | tee "$out/gpu-check.log"

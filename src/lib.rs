@@ -292,8 +292,9 @@ impl ClapPlugin for Antiphon {
                 page.add_param(&params.model_choice.is_fresh_seed);
                 page.add_param(&params.answer_now);
             });
-            section.add_page("Clock", |page| {
+            section.add_page("Clock and Device", |page| {
                 page.add_param(&params.listen.free_tempo_bpm);
+                page.add_param(&params.model_choice.device);
             });
         });
     }

@@ -14,7 +14,7 @@ fn remote_control_pages_name_existing_parameters() {
     let plugin = Plugin::load();
     let pages = plugin.remote_control_pages();
     let names: Vec<&str> = pages.iter().map(|(name, _)| name.as_str()).collect();
-    assert_eq!(names, ["Play", "Answer", "Texture, Key and Model", "Clock"]);
+    assert_eq!(names, ["Play", "Answer", "Texture, Key and Model", "Clock and Device"]);
     let id_of = |name: &str| plugin.param(name).id;
     let play = [
         "Temperature",

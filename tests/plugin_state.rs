@@ -48,6 +48,7 @@ const CHANGES: &[(&str, &str)] = &[
     ("Output Channel", "5"),
     ("Seed", "1234"),
     ("Fresh Seed", "Off"),
+    ("Device", "CPU"),
     ("Free Tempo", "97.5"),
     ("MIDI Thru", "Off"),
 ];
@@ -56,7 +57,7 @@ const CHANGES: &[(&str, &str)] = &[
 fn every_parameter_has_a_readable_value() {
     let plugin = Plugin::load();
     let names = plugin.param_names();
-    assert_eq!(names.len(), 26, "{names:?}");
+    assert_eq!(names.len(), 27, "{names:?}");
     assert_eq!(plugin.text("Model"), "Built-in");
     assert_eq!(plugin.text("Temperature"), "1.00");
     assert_eq!(plugin.text("Silence"), "1.00 beats");
@@ -67,6 +68,7 @@ fn every_parameter_has_a_readable_value() {
     assert_eq!(plugin.text("Trigger"), "Silence");
     assert_eq!(plugin.text("Texture"), "Auto");
     assert_eq!(plugin.text("Max Voices"), "6");
+    assert_eq!(plugin.text("Device"), "Auto");
 }
 
 #[test]
