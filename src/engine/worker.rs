@@ -277,13 +277,12 @@ impl Worker {
             && self.loaded_device == device
             && !matches!(chosen, Ok(ModelSource::Dir(_)));
         if let (true, Some(continuer)) = (is_builtin_kept, &self.continuer) {
-            let placement = continuer.placement();
-            match chosen {
-                Ok(choice) => self.status.set(EngineState::Ready, placed(&choice.describe(), &placement)),
-                Err(err) => {
-                    self.status.set(EngineState::Fallback, placed(&builtin_stands_in(&err), &placement))
-                }
-            }
+            let (state, label) = match chosen {
+                Ok(choice) => (EngineState::Ready, choice.describe()),
+                Err(err) => (EngineState::Fallback, builtin_stands_in(&err)),
+            };
+            self.status.set(state, placed(&label, &continuer.placement()));
+            self.loaded_label = label;
             return;
         }
         self.loaded_device = device;
@@ -332,6 +331,16 @@ impl Worker {
         if is_reload {
             // Whatever the audio thread plays from the previous model ends now.
             self.live.model_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Says in the status line where the chosen model runs now: a GPU that failed a step
+    /// hands its model to the CPU.
+    fn show_placement(&self) {
+        let Some(continuer) = &self.continuer else { return };
+        let detail = placed(&self.loaded_label, &continuer.placement());
+        if self.status.detail() != detail {
+            self.status.set(self.status.state(), detail);
         }
     }
 
@@ -440,6 +449,7 @@ impl Worker {
         }
         let mut chunk = empty_chunk(answer.id);
         let written_before_beats = answer.written_until_beats();
+        let mut is_cut_short = false;
         if let Some(replay) = &mut answer.replay {
             while let Some(event) = replay.events.get(replay.next_idx) {
                 if event.at_beats >= target_beats || chunk.events.is_full() {
@@ -460,13 +470,9 @@ impl Worker {
             chunk.is_finished = answer.stream.is_finished();
         } else {
             let failure = write_steps(answer, continuer, &self.live, &mut chunk, target_beats);
-            if let Some(err) = failure {
+            if let Some(err) = &failure {
                 nice_warn!("Antiphon: answer cut short: {err}");
-                // A GPU that failed hands the model to the CPU: the status line says so.
-                let detail = placed(&self.loaded_label, &continuer.placement());
-                if self.status.detail() != detail && !self.loaded_label.is_empty() {
-                    self.status.set(self.status.state(), detail);
-                }
+                is_cut_short = true;
             }
             self.variations.record(&chunk.events, chunk.written_until_beats, chunk.is_finished);
             let has_note = chunk.events.iter().any(|e| matches!(e.kind, AnswerEventKind::NoteOn { .. }));
@@ -474,6 +480,9 @@ impl Worker {
                 answer.asked_at = None;
                 self.variations.set_first_note_ms(asked_at.elapsed().as_secs_f64() * 1e3);
             }
+        }
+        if is_cut_short {
+            self.show_placement();
         }
         if chunk.events.is_empty() && !chunk.is_finished && chunk.written_until_beats == written_before_beats
         {
@@ -551,12 +560,13 @@ fn write_steps(
     failure
 }
 
-/// The status (and the log's warning) when the built-in model answers for a choice that could
-/// not be used.
 /// The status line's detail: the model and where it runs.
 fn placed(label: &str, placement: &str) -> String {
     format!("{label}, on the {placement}")
 }
+
+/// The status (and the log's warning) when the built-in model answers for a choice that could
+/// not be used.
 
 fn builtin_stands_in(err: &EngineError) -> String {
     nice_warn!("Antiphon: {err}; the built-in model answers instead");
