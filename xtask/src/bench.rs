@@ -205,8 +205,8 @@ struct GenFigures {
     ours_us: f64,
     format: WeightFormat,
     f32_us: f64,
-    /// The same weights packed as bfloat16, where it holds them exactly.
-    bf16_us: Option<f64>,
+    /// The same weights packed in half precision, where it holds them exactly.
+    f16_us: Option<f64>,
     stock_us: f64,
     floor_us: f64,
     f32_floor_us: f64,
@@ -216,7 +216,7 @@ struct GenFigures {
 fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
     let fast = FastLstm::for_model(&model.lstm)?.context("the model did not pack for the fast step")?;
     let exact = FastLstm::pack(&model.lstm, fast.isa())?;
-    let half = FastLstm::pack_as(&model.lstm, fast.isa(), WeightFormat::Bf16).ok();
+    let half = FastLstm::pack_as(&model.lstm, fast.isa(), WeightFormat::F16).ok();
     let stock = StockModel::same_weights(&model.lstm)?;
     let vocab = model.config.vocab.clone();
     let settings = bench_settings();
@@ -261,7 +261,7 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
                 half_token = sampler.sample(&logits, &vocab, &settings);
             }
         }
-        let bf16_us = per_symbol_us(t);
+        let f16_us = per_symbol_us(t);
 
         let t = Instant::now();
         for _ in 0..n {
@@ -282,19 +282,19 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         let f32_floor_us = per_symbol_us(t);
         if trial > 0 {
             for (list, us) in
-                times.iter_mut().zip([ours_us, f32_us, stock_us, floor_us, f32_floor_us, bf16_us])
+                times.iter_mut().zip([ours_us, f32_us, stock_us, floor_us, f32_floor_us, f16_us])
             {
                 list.push(us);
             }
         }
     }
     std::hint::black_box(sink);
-    let [ours, f32_t, stock_t, floor, f32_floor, bf16_t] = &mut times;
+    let [ours, f32_t, stock_t, floor, f32_floor, f16_t] = &mut times;
     Ok(GenFigures {
         ours_us: median(ours),
         format: fast.format(),
         f32_us: median(f32_t),
-        bf16_us: half.is_some().then(|| median(bf16_t)),
+        f16_us: half.is_some().then(|| median(f16_t)),
         stock_us: median(stock_t),
         floor_us: median(floor),
         f32_floor_us: median(f32_floor),
@@ -347,7 +347,7 @@ fn generation(args: &BenchArgs) -> Result<()> {
         "weights",
         "as f32",
         "floor",
-        "as bf16",
+        "as f16",
         "stock",
         "stock/us"
     );
@@ -356,7 +356,7 @@ fn generation(args: &BenchArgs) -> Result<()> {
         let g = time_generation(model, args)?;
         let format = match g.format {
             WeightFormat::F32 => "f32",
-            WeightFormat::Bf16 => "bf16",
+            WeightFormat::F16 => "f16",
             WeightFormat::I8 => "int8",
         };
         println!(
@@ -369,13 +369,13 @@ fn generation(args: &BenchArgs) -> Result<()> {
             g.weight_kib,
             g.f32_us,
             g.f32_floor_us,
-            g.bf16_us.map_or("-".to_string(), |us| format!("{us:.2}")),
+            g.f16_us.map_or("-".to_string(), |us| format!("{us:.2}")),
             g.stock_us,
             g.stock_us / g.ours_us,
         );
     }
     println!(
-        "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) where the CPU has AVX-512 VNNI, else bfloat16 where that holds the weights exactly, else f32;\n  every way within 1e-5 of candle on the same weights. floor: one pass reading the packed weights a step reads.\n  as f32, as bf16: the same weights packed as f32 or bfloat16 (the packing of CPUs without VNNI), same step and sampler.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler. +mem: with the tune memory mixed in (ours only).",
+        "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) where the CPU has AVX-512 VNNI, else f16 where that holds the weights exactly, else f32;\n  every way within 1e-5 of candle on the same weights. floor: one pass reading the packed weights a step reads.\n  as f32, as f16: the same weights packed as f32 or half precision (the packing of CPUs without VNNI), same step and sampler.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler. +mem: with the tune memory mixed in (ours only).",
         model::kernels::Isa::detect().name()
     );
     Ok(())
@@ -433,7 +433,7 @@ fn chord_generation(args: &BenchArgs) -> Result<()> {
     let c = &model.config;
     let format = match model.weight_format() {
         WeightFormat::F32 => "f32",
-        WeightFormat::Bf16 => "bf16",
+        WeightFormat::F16 => "f16",
         WeightFormat::I8 => "int8",
     };
     println!(

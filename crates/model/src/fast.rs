@@ -19,9 +19,9 @@
 //!
 //! A model whose LSTM rows lie on int8 grids (`int8`, `cargo xtask quantize`) is packed as
 //! those integers where the CPU has AVX-512 VNNI: a quarter of the bytes, the same function.
-//! Elsewhere its layer matrices are packed as bfloat16, which holds every int8-grid weight
-//! exactly: half the bytes (the built-in model's layers then fit a core's L2 cache), still the
-//! same function.
+//! Elsewhere its layer matrices are packed in half precision, which holds every int8-grid
+//! weight exactly: half the bytes (the built-in model's layers then fit a core's L2 cache),
+//! still the same function.
 
 use std::fmt;
 use std::ops::BitXor;
@@ -53,11 +53,10 @@ pub enum WeightFormat {
     /// `cargo xtask quantize`): a quarter of the bytes, and still candle's function within 1e-5.
     /// Needs AVX-512 VNNI; `for_model` picks it by itself where both hold.
     I8,
-    /// bfloat16 layer matrices, for weights that bfloat16 holds exactly (every int8-grid
-    /// weight does: at most 8 significant bits): half the bytes of f32, widened to f32 with a
-    /// shift, the same products, so the same function as `F32` to the bit. `for_model` picks it
-    /// where `I8` cannot run.
-    Bf16,
+    /// Half-precision layer matrices, for weights that half precision holds exactly (every
+    /// int8-grid weight does): half the bytes of f32, the same products, so the same function
+    /// as `F32` to the bit. `for_model` picks it where `I8` cannot run.
+    F16,
 }
 
 /// A network `FastLstm` can pack: stacked LSTM layers whose first reads a token (one-hot or
@@ -119,16 +118,15 @@ enum LayerWeights {
     F32(Vec<f32>),
     /// Per block, the input part then the hidden part.
     I8(Vec<Int8Part>),
-    /// The `F32` layout, each weight as the high half of its f32 bits (bfloat16), the rows of
-    /// each column placed for the kernel (`bf16_place`).
-    Bf16(Vec<u16>),
+    /// The `F32` layout, each weight as the bits of a half-precision number.
+    F16(Vec<u16>),
 }
 
 impl LayerWeights {
     fn num_bytes(&self) -> usize {
         match self {
             LayerWeights::F32(w) => 4 * w.len(),
-            LayerWeights::Bf16(w) => 2 * w.len(),
+            LayerWeights::F16(w) => 2 * w.len(),
             LayerWeights::I8(parts) => parts.iter().map(|p| p.weights.len() + 8 * BLOCK_ROWS).sum(),
         }
     }
@@ -199,7 +197,7 @@ impl FastLstm {
                 return Ok(Some(fast));
             }
         }
-        if let Ok(fast) = Self::pack_as(lstm, isa, WeightFormat::Bf16) {
+        if let Ok(fast) = Self::pack_as(lstm, isa, WeightFormat::F16) {
             return Ok(Some(fast));
         }
         Self::pack(lstm, isa).map(Some)
@@ -214,7 +212,7 @@ impl FastLstm {
     /// Packs `lstm`'s current weights in `format` for kernels of `isa`. `WeightFormat::I8` errors
     /// unless `isa` is AVX-512, the CPU has VNNI and every row of the layers' matrices (but layer
     /// 0's input matrix, which becomes the token table) lies on its int8 grid;
-    /// `WeightFormat::Bf16` unless bfloat16 holds each of those weights exactly.
+    /// `WeightFormat::F16` unless half precision holds each of those weights exactly.
     pub fn pack_as(lstm: &impl PackSource, isa: Isa, format: WeightFormat) -> Result<Self> {
         if format == WeightFormat::I8 && !(isa == Isa::Avx512 && int8::cpu_has_vnni()) {
             return Err(Error::Msg("fast step: int8 weights need AVX-512 VNNI".into()));
@@ -313,23 +311,18 @@ impl FastLstm {
                     }
                     LayerWeights::I8(parts)
                 }
-                WeightFormat::Bf16 => {
-                    // bfloat16 is an f32 with the low 16 bits dropped: exact where they are zero.
-                    let mut halves = vec![0u16; weights.len()];
-                    for (column, out) in
-                        weights.chunks_exact(BLOCK_ROWS).zip(halves.chunks_exact_mut(BLOCK_ROWS))
-                    {
-                        for (row, &w) in column.iter().enumerate() {
-                            if w.to_bits() & 0xFFFF != 0 {
-                                return Err(Error::Msg(format!(
-                                    "fast step: layer {k} has weights bfloat16 cannot hold"
-                                )));
-                            }
-                            out[bf16_place(isa, row)] = (w.to_bits() >> 16) as u16;
-                        }
-                    }
-                    LayerWeights::Bf16(halves)
-                }
+                WeightFormat::F16 => LayerWeights::F16(
+                    weights
+                        .iter()
+                        .map(|&w| {
+                            let half = half::f16::from_f32(w);
+                            (half.to_f32() == w).then_some(half.to_bits())
+                        })
+                        .collect::<Option<Vec<u16>>>()
+                        .ok_or_else(|| {
+                            Error::Msg(format!("fast step: layer {k} has weights half precision cannot hold"))
+                        })?,
+                ),
                 WeightFormat::F32 => LayerWeights::F32(weights),
             };
             layers.push(PackedLayer { input_width, weights, bias: packed_bias });
@@ -411,7 +404,7 @@ impl FastLstm {
             parts.push(&layer.bias);
             match &layer.weights {
                 LayerWeights::F32(w) => parts.push(w),
-                LayerWeights::Bf16(w) => total += self.isa.run(false, XorFold(w)) as f32,
+                LayerWeights::F16(w) => total += self.isa.run(false, XorFold(w)) as f32,
                 LayerWeights::I8(parts) => {
                     for part in parts {
                         total += self.isa.run(false, XorFold(&part.weights)) as f32
@@ -561,10 +554,10 @@ impl FastLstm {
                         accumulate::<FMA>(&mut acc, w_input, input);
                         accumulate::<FMA>(&mut acc, w_hidden, h_prev);
                     }
-                    LayerWeights::Bf16(w) => {
+                    LayerWeights::F16(w) => {
                         let (w_input, w_hidden) = w[block_range].split_at(split);
-                        accumulate_bf16(self.isa, &mut acc, w_input, input);
-                        accumulate_bf16(self.isa, &mut acc, w_hidden, h_prev);
+                        accumulate_f16(self.isa, &mut acc, w_input, input);
+                        accumulate_f16(self.isa, &mut acc, w_hidden, h_prev);
                     }
                     LayerWeights::I8(parts) => {
                         #[cfg(target_arch = "x86_64")]
@@ -605,71 +598,51 @@ fn accumulate<const FMA: bool>(acc: &mut [f32; BLOCK_ROWS], w: &[f32], x: &[f32]
     }
 }
 
-/// Where row `row` (of `BLOCK_ROWS`) of a packed column sits among its bfloat16 weights for
-/// kernels of `isa`: widening a vector of bfloat16 pairs gives two f32 vectors, the even
-/// halves shifted up and the odd halves masked, so each vector's worth of rows is split
-/// between the even and the odd places of one load (16 rows each for AVX-512, 8 elsewhere).
-fn bf16_place(isa: Isa, row: usize) -> usize {
-    let lanes = if isa == Isa::Avx512 { 16 } else { 8 };
-    let (load, within) = (row / (2 * lanes), row % (2 * lanes));
-    let (half, lane) = (within / lanes, within % lanes);
-    load * 2 * lanes + 2 * lane + half
-}
-
-/// `acc += W x` for one packed block of bfloat16 weights (`w`: `[x.len()][BLOCK_ROWS]` as
-/// bits, rows placed by `bf16_place`), with the same products and sums in the same order as
-/// `accumulate`, so an exact weight gives the same bits. `isa` is the one the model was
-/// packed for (the CPU runs it).
+/// `acc += W x` for one packed block of half-precision weights (`w`: `[x.len()][BLOCK_ROWS]`
+/// as bits), with the same products and sums in the same order as `accumulate`, so an exact
+/// weight gives the same bits. `isa` is the one the model was packed for (the CPU runs it).
 #[inline(always)]
-fn accumulate_bf16(isa: Isa, acc: &mut [f32; BLOCK_ROWS], w: &[u16], x: &[f32]) {
+fn accumulate_f16(isa: Isa, acc: &mut [f32; BLOCK_ROWS], w: &[u16], x: &[f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx512` is only detected where the CPU has AVX-512F and FMA.
-        Isa::Avx512 => unsafe { bf16_x86::accumulate_avx512(acc, w, x) },
+        // SAFETY: `Isa::Avx512` is only detected where the CPU has AVX-512F and F16C.
+        Isa::Avx512 => unsafe { f16_x86::accumulate_avx512(acc, w, x) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2Fma` is only detected where the CPU has AVX2 and FMA.
-        Isa::Avx2Fma => unsafe { bf16_x86::accumulate_avx2(acc, w, x) },
+        // SAFETY: `Isa::Avx2Fma` is only detected where the CPU has AVX2, FMA and F16C.
+        Isa::Avx2Fma => unsafe { f16_x86::accumulate_avx2(acc, w, x) },
         _ => {
             for (column, &xk) in w.chunks_exact(BLOCK_ROWS).zip(x) {
-                for (row, a) in acc.iter_mut().enumerate() {
-                    let wk = f32::from_bits(u32::from(column[bf16_place(isa, row)]) << 16);
-                    *a = madd::<false>(wk, xk, *a);
+                for (a, &wk) in acc.iter_mut().zip(column) {
+                    *a = madd::<false>(half::f16::from_bits(wk).to_f32(), xk, *a);
                 }
             }
         }
     }
 }
 
-/// The bfloat16 block product with x86 vector instructions: a load of bfloat16 pairs widens
-/// to two f32 vectors with a shift and a mask (no conversion instruction), each multiplied
-/// into its accumulators with one fused multiply-add, as `accumulate::<true>` does with f32.
+/// The half-precision block product with x86 vector instructions: each column's weights are
+/// widened to f32 (`vcvtph2ps`) and multiplied into the accumulators with one fused
+/// multiply-add each, as `accumulate::<true>` does with f32 weights.
 #[cfg(target_arch = "x86_64")]
-mod bf16_x86 {
+mod f16_x86 {
     use std::arch::x86_64::*;
 
     use super::BLOCK_ROWS;
 
-    /// The high halves of 32-bit lanes.
-    const HIGH: i32 = 0xFFFF_0000_u32 as i32;
-
-    /// AVX-512: two loads of 32 weights a column into four registers of 16 accumulators.
-    #[target_feature(enable = "avx512f,fma")]
+    /// AVX-512: four registers of 16 accumulators.
+    #[target_feature(enable = "avx512f,f16c,fma")]
     pub unsafe fn accumulate_avx512(acc: &mut [f32; BLOCK_ROWS], w: &[u16], x: &[f32]) {
         let mut sums = [_mm512_setzero_ps(); BLOCK_ROWS / 16];
         for (i, sum) in sums.iter_mut().enumerate() {
             // SAFETY: `acc` holds BLOCK_ROWS floats; lane group `i` reads 16 of them.
             *sum = unsafe { _mm512_loadu_ps(acc.as_ptr().add(16 * i)) };
         }
-        let high = _mm512_set1_epi32(HIGH);
         for (column, &xk) in w.chunks_exact(BLOCK_ROWS).zip(x) {
             let xv = _mm512_set1_ps(xk);
-            for load in 0..BLOCK_ROWS / 32 {
-                // SAFETY: `column` holds BLOCK_ROWS weights; load `load` reads 32 of them.
-                let pairs = unsafe { _mm512_loadu_si512(column.as_ptr().add(32 * load).cast()) };
-                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(pairs));
-                let odd = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
-                sums[2 * load] = _mm512_fmadd_ps(even, xv, sums[2 * load]);
-                sums[2 * load + 1] = _mm512_fmadd_ps(odd, xv, sums[2 * load + 1]);
+            for (i, sum) in sums.iter_mut().enumerate() {
+                // SAFETY: `column` holds BLOCK_ROWS halves; lane group `i` reads 16 of them.
+                let halves = unsafe { _mm256_loadu_si256(column.as_ptr().add(16 * i).cast()) };
+                *sum = _mm512_fmadd_ps(_mm512_cvtph_ps(halves), xv, *sum);
             }
         }
         for (i, sum) in sums.iter().enumerate() {
@@ -678,24 +651,20 @@ mod bf16_x86 {
         }
     }
 
-    /// AVX2: four loads of 16 weights a column into eight registers of 8 accumulators.
-    #[target_feature(enable = "avx2,fma")]
+    /// AVX2: eight registers of 8 accumulators.
+    #[target_feature(enable = "avx2,f16c,fma")]
     pub unsafe fn accumulate_avx2(acc: &mut [f32; BLOCK_ROWS], w: &[u16], x: &[f32]) {
         let mut sums = [_mm256_setzero_ps(); BLOCK_ROWS / 8];
         for (i, sum) in sums.iter_mut().enumerate() {
             // SAFETY: `acc` holds BLOCK_ROWS floats; lane group `i` reads 8 of them.
             *sum = unsafe { _mm256_loadu_ps(acc.as_ptr().add(8 * i)) };
         }
-        let high = _mm256_set1_epi32(HIGH);
         for (column, &xk) in w.chunks_exact(BLOCK_ROWS).zip(x) {
             let xv = _mm256_set1_ps(xk);
-            for load in 0..BLOCK_ROWS / 16 {
-                // SAFETY: `column` holds BLOCK_ROWS weights; load `load` reads 16 of them.
-                let pairs = unsafe { _mm256_loadu_si256(column.as_ptr().add(16 * load).cast()) };
-                let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(pairs));
-                let odd = _mm256_castsi256_ps(_mm256_and_si256(pairs, high));
-                sums[2 * load] = _mm256_fmadd_ps(even, xv, sums[2 * load]);
-                sums[2 * load + 1] = _mm256_fmadd_ps(odd, xv, sums[2 * load + 1]);
+            for (i, sum) in sums.iter_mut().enumerate() {
+                // SAFETY: `column` holds BLOCK_ROWS halves; lane group `i` reads 8 of them.
+                let halves = unsafe { _mm_loadu_si128(column.as_ptr().add(8 * i).cast()) };
+                *sum = _mm256_fmadd_ps(_mm256_cvtph_ps(halves), xv, *sum);
             }
         }
         for (i, sum) in sums.iter().enumerate() {
@@ -873,11 +842,11 @@ mod tests {
         }
     }
 
-    /// Int8-grid weights packed as bfloat16 give the f32 packing's logits and state to
-    /// the bit, on every instruction set this CPU runs, padded blocks included; weights
-    /// bfloat16 cannot hold are refused that format (and `for_model` then packs f32).
+    /// Int8-grid weights packed in half precision give the f32 packing's logits and state to
+    /// the bit, on every instruction set this CPU runs, padded blocks included; weights half
+    /// precision cannot hold are refused that format (and `for_model` then packs f32).
     #[test]
-    fn bfloat16_weights_give_the_f32_bits_for_int8_grid_weights() {
+    fn half_precision_weights_give_the_f32_bits_for_int8_grid_weights() {
         let vocab = Vocab::for_pitch_range(48, 88);
         let mut isas = vec![Isa::Portable];
         if Isa::detect() != Isa::Portable {
@@ -893,13 +862,13 @@ mod tests {
         {
             let cfg = ModelConfig::new(vocab.clone(), input, hidden, layers, 0.0);
             let off_grid = random_lstm(&cfg, seed as u64, 2.0 / (hidden as f32).sqrt());
-            let refused = FastLstm::pack_as(&off_grid, Isa::Portable, WeightFormat::Bf16).unwrap_err();
-            assert!(refused.to_string().contains("bfloat16 cannot hold"), "{refused}");
+            let refused = FastLstm::pack_as(&off_grid, Isa::Portable, WeightFormat::F16).unwrap_err();
+            assert!(refused.to_string().contains("half precision cannot hold"), "{refused}");
             let (lstm, _) = int8::quantize_model(&off_grid, &cfg).unwrap();
             let mut rng = ChaCha8Rng::seed_from_u64(11);
             let tokens: Vec<u32> = (0..48).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
             for &isa in &isas {
-                let half = FastLstm::pack_as(&lstm, isa, WeightFormat::Bf16).unwrap();
+                let half = FastLstm::pack_as(&lstm, isa, WeightFormat::F16).unwrap();
                 let full = FastLstm::pack(&lstm, isa).unwrap();
                 assert_eq!(2 * half.layers[0].weights.num_bytes(), full.layers[0].weights.num_bytes());
                 let (mut half_state, mut full_state) = (half.new_state(), full.new_state());
@@ -915,7 +884,7 @@ mod tests {
             let expected = if int8::cpu_has_vnni() && Isa::detect() == Isa::Avx512 {
                 WeightFormat::I8
             } else {
-                WeightFormat::Bf16
+                WeightFormat::F16
             };
             assert_eq!(picked, expected);
         }

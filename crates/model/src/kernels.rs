@@ -14,9 +14,9 @@
 /// The vector instruction sets a kernel can be instantiated for, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
-    /// AVX-512F (with AVX2 and FMA): 16 floats per register.
+    /// AVX-512F (with AVX2, FMA and F16C): 16 floats per register.
     Avx512,
-    /// AVX2 with FMA: 8 floats per register.
+    /// AVX2 with FMA and F16C: 8 floats per register.
     Avx2Fma,
     /// Whatever the build's baseline has (SSE2 on x86-64), without fused multiply-adds.
     Portable,
@@ -27,7 +27,10 @@ impl Isa {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            let has_avx2_fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            // F16C converts half-precision weights (`fast`); every CPU with AVX2 and FMA has it.
+            let has_avx2_fma = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
             if has_avx2_fma && is_x86_feature_detected!("avx512f") {
                 return Isa::Avx512;
             }
