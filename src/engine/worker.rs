@@ -567,7 +567,6 @@ fn placed(label: &str, placement: &str) -> String {
 
 /// The status (and the log's warning) when the built-in model answers for a choice that could
 /// not be used.
-
 fn builtin_stands_in(err: &EngineError) -> String {
     nice_warn!("Antiphon: {err}; the built-in model answers instead");
     format!("{err}; the built-in model answers instead")
