@@ -14,13 +14,15 @@ use music::bar::BarPhase;
 use music::encode::StepGrid;
 use music::{Frame, PianoRoll};
 
-use super::{Continuer, EngineError, Voicing};
+use super::{Continuer, DeviceChoice, EngineError, Voicing};
 
 /// A chord model and the answer it writes.
 pub struct ChordContinuer {
     model: Arc<ChordModel>,
     generator: Option<ChordGenerator>,
     num_steps: u64,
+    /// Where it runs (always the CPU) and, where a GPU was asked for, why.
+    placement: &'static str,
 }
 
 impl ChordContinuer {
@@ -32,13 +34,17 @@ impl ChordContinuer {
             Some(model) => Arc::clone(model),
             None => Arc::clone(shared.insert(Arc::new(ChordModel::builtin()?))),
         };
-        Ok(Box::new(ChordContinuer { model, generator: None, num_steps: 0 }))
+        Ok(Box::new(ChordContinuer { model, generator: None, num_steps: 0, placement: "CPU" }))
     }
 
-    /// A chord model directory.
-    pub fn load_dir(dir: &Path) -> Result<Box<dyn Continuer>, ModelError> {
+    /// A chord model directory; `device` is where the Device parameter asks it to run.
+    pub fn load_dir(dir: &Path, device: DeviceChoice) -> Result<Box<dyn Continuer>, ModelError> {
         let model = Arc::new(ChordModel::load_dir(dir)?);
-        Ok(Box::new(ChordContinuer { model, generator: None, num_steps: 0 }))
+        let placement = match device {
+            DeviceChoice::Gpu => "CPU (chord models run on the CPU only)",
+            DeviceChoice::Auto | DeviceChoice::Cpu => "CPU",
+        };
+        Ok(Box::new(ChordContinuer { model, generator: None, num_steps: 0, placement }))
     }
 }
 
@@ -49,6 +55,10 @@ impl Continuer for ChordContinuer {
 
     fn voicing(&self) -> Voicing {
         Voicing::Chords
+    }
+
+    fn placement(&self) -> String {
+        self.placement.to_string()
     }
 
     fn begin(&mut self, phrase: &Phrase, _bar: Option<BarPhase>, seed: u64) -> Result<(), EngineError> {

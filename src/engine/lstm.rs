@@ -39,7 +39,7 @@ impl ContinuerFactory for LstmFactory {
             let is_chords = std::fs::read(path.join(CONFIG_FILE)).is_ok_and(|bytes| is_chord_config(&bytes));
             if is_chords {
                 // Chord models run on the CPU only: their step is the CPU's int8 kernel.
-                return ChordContinuer::load_dir(path).map_err(failed);
+                return ChordContinuer::load_dir(path, device).map_err(failed);
             }
         }
         let load = |on: &Device| match (choice, on.is_cpu()) {
@@ -325,6 +325,21 @@ mod tests {
         continuer.begin(&phrase, None, 3).unwrap();
         let frame = continuer.next_step(&constraints(None), 2).unwrap().unwrap();
         assert!(frame.sounding.len() <= 2);
+        assert_eq!(continuer.placement(), "CPU");
+        // Asked for a GPU, a chord model stays on the CPU and says why.
+        let on_gpu =
+            LstmFactory.load(&ModelSource::Dir(dir.path().to_path_buf()), DeviceChoice::Gpu).unwrap();
+        assert_eq!(on_gpu.placement(), "CPU (chord models run on the CPU only)");
+    }
+
+    #[test]
+    fn the_built_in_model_runs_where_the_device_choice_and_the_build_allow() {
+        let placement = |device| LstmFactory.load(&ModelSource::Builtin, device).unwrap().placement();
+        assert_eq!(placement(DeviceChoice::Cpu), "CPU (chosen)");
+        if !model::compute::HAS_GPU_SUPPORT {
+            assert_eq!(placement(DeviceChoice::Auto), "CPU");
+            assert!(placement(DeviceChoice::Gpu).starts_with("CPU (no GPU: this build has no GPU support"));
+        }
     }
 
     #[test]
