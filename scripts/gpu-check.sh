@@ -77,7 +77,7 @@ run() {
     local dirs="${CUDA_HOME:-/usr/local/cuda}/lib64:${CUDA_ROOT:-/usr/local/cuda}/lib64"
     for lib in libcublas.so.13 libcurand.so.10; do
         local found
-        found=$(find / -name "$lib" -not -path "/proc/*" 2>/dev/null | head -1 || true)
+        found=$(find /usr /opt /lib /lib64 /root /home -name "$lib" 2>/dev/null | head -1 || true)
         [ -n "$found" ] && dirs="$dirs:$(dirname "$found")"
     done
     export LD_LIBRARY_PATH="$dirs:${LD_LIBRARY_PATH:-}"
@@ -90,17 +90,18 @@ run() {
         "$bin/tests-antiphon-model" --test-threads 1 gpu
         "$bin/tests-antiphon-train" --test-threads 1 gpu
         echo "== bench: GPU against CPU"
-        "$bin/xtask" bench --device cuda --gen-trials 5 --train-batches 10
+        timeout 180 "$bin/xtask" bench --device cuda --gen-trials 5 --train-batches 10
         echo "== generation from the built-in model, seed 3, on each device"
         "$bin/xtask" generate --device cuda --seed 3 --out "$out/generated-cuda.mid"
         "$bin/xtask" generate --device cpu --seed 3 --out "$out/generated-cpu.mid"
+        # Each part has a time limit, so one slow part leaves the rest their turn.
         echo "== training: the same run on each device (time and validation loss per epoch)"
         local data=tests/data/abc
         [ -d "$bin/essen" ] && data="essen=$bin/essen"
         for device in cuda cpu; do
             local started=$SECONDS
-            "$bin/xtask" train --device "$device" --data "$data" \
-                --out "$out/trained-$device" --epochs 3 --seed 1 --no-memory
+            timeout 120 "$bin/xtask" train --device "$device" --data "$data" \
+                --out "$out/trained-$device" --epochs 2 --seed 1 --no-memory
             echo "training on $device took $((SECONDS - started)) s"
         done
     } 2>&1 | tee "$out/gpu-check.log"
