@@ -83,8 +83,8 @@ pub fn gpu_is_faster(cpu: Duration, gpu: Duration) -> bool {
 pub struct Placed<M> {
     /// The model.
     pub model: M,
-    /// Where it runs and why, e.g. "CPU (no GPU: ...)" or "CUDA GPU (41 µs a step against
-    /// the CPU's 180 µs)".
+    /// Where it runs and why, e.g. "CPU (no GPU: ...)" or "CUDA GPU (Auto: 41 µs a step
+    /// against the CPU's 180 µs)".
     pub placement: String,
     /// The model loaded on the CPU as well, when `model` runs on a GPU: it takes over if the
     /// GPU fails later.
