@@ -73,11 +73,6 @@ pub fn time_per_step(mut step: impl FnMut() -> Result<(), ModelError>) -> Result
     Ok(start.elapsed() / TIMED_STEPS as u32)
 }
 
-/// Auto's decision between two measured step times: the GPU only when it is faster.
-pub fn gpu_is_faster(cpu: Duration, gpu: Duration) -> bool {
-    gpu < cpu
-}
-
 /// A model placed on a device, and why there, for the status line and the log.
 #[derive(Debug)]
 pub struct Placed<M> {
@@ -104,7 +99,7 @@ pub fn place<M>(
 }
 
 /// [`place`] with the GPU opened by `open_gpu` (tests pass one that fails or stands in).
-pub fn place_with_gpu<M>(
+fn place_with_gpu<M>(
     choice: DeviceChoice,
     open_gpu: impl FnOnce() -> Result<Device, String>,
     load: impl Fn(&Device) -> Result<M, ModelError>,
@@ -142,7 +137,8 @@ pub fn place_with_gpu<M>(
     // A CPU step that fails is the model's own failure, met again when it answers.
     let cpu_time = time_step(&cpu).unwrap_or(Duration::MAX);
     let times = format!("{} a step against the CPU's {}", micros(gpu_time), micros(cpu_time));
-    if gpu_is_faster(cpu_time, gpu_time) {
+    // Auto keeps the GPU only where its step is faster.
+    if gpu_time < cpu_time {
         Ok(Placed { model: gpu, placement: format!("{name} (Auto: {times})"), cpu_standby: Some(cpu) })
     } else {
         on_cpu(cpu, format!("Auto: the {name} takes {times}"))

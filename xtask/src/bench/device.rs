@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
-use model::compute::{device_name, gpu_is_faster};
+use model::compute::device_name;
 use model::io::ModelSource;
 use model::lstm::LstmState;
 use model::{LoadedModel, MelodyLstm, ModelConfig};
@@ -151,19 +151,9 @@ pub fn run(args: &BenchArgs, device: &Device) -> Result<()> {
         let (gpu_1, cpu_1) = (step_micros(&on_gpu, symbols, trials)?, step_micros(&on_cpu, symbols, trials)?);
         let gpu_8 = batched_micros(&on_gpu, GEN_BATCH, symbols / GEN_BATCH + 1, trials)?;
         let cpu_8 = batched_micros(&on_cpu, GEN_BATCH, symbols / GEN_BATCH + 1, trials)?;
-        let faster = |gpu_us: f64, cpu_us: f64| {
-            let as_duration = |us: f64| std::time::Duration::from_secs_f64(us * 1e-6);
-            if gpu_is_faster(as_duration(cpu_us), as_duration(gpu_us)) {
-                "GPU"
-            } else {
-                "CPU"
-            }
-        };
-        println!(
-            "{:<30} {gpu_1:>12.1} {cpu_1:>12.1} {gpu_8:>12.1} {cpu_8:>12.1} {:>8}",
-            size.name,
-            faster(gpu_1, cpu_1)
-        );
+        // Auto's rule (`compute::place`): the GPU only where its step is faster.
+        let auto = if gpu_1 < cpu_1 { "GPU" } else { "CPU" };
+        println!("{:<30} {gpu_1:>12.1} {cpu_1:>12.1} {gpu_8:>12.1} {cpu_8:>12.1} {auto:>8}", size.name);
     }
     println!("  batch 1: the model's own step, as the plugin runs it (on the CPU its int8 or f32 kernels); batch 8:");
     println!("  the batched step over 8 sequences (candle's ops), per symbol. Auto: the device the plugin's Auto keeps.");
