@@ -160,8 +160,13 @@ pub fn tanh_approx(x: f32) -> f32 {
 
 /// Columns per packed panel of a matrix product's right-hand side.
 pub const PANEL_COLS: usize = 16;
-/// Most rows of the left-hand side one micro-kernel call covers.
-const MAX_TILE_ROWS: usize = 6;
+/// Most rows of the left-hand side one micro-kernel call covers, by the floats per register of
+/// the instruction set (`LANES`, 1 for the portable body): a row of a panel is two AVX2
+/// registers or one AVX-512 register, and each row of the tile keeps that many accumulators, so
+/// AVX-512's 32 registers hold twice the rows of AVX2's 16.
+const fn max_tile_rows(lanes: usize) -> usize {
+    if lanes == 16 { 12 } else { 6 }
+}
 /// Depth of one pass over a panel: `KC · PANEL_COLS` floats (16 KiB) stay in the L1 cache.
 const KC: usize = 256;
 
@@ -265,23 +270,34 @@ pub fn gemm(isa: Isa, m: usize, a: MatRef, b: &PackedB, c: &mut [f32], ldc: usiz
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx512` and `Isa::Avx2Fma` are only chosen when the CPU reports AVX2 and
-        // FMA; the asserts above keep every access inside `a` and `c`.
-        Isa::Avx512 | Isa::Avx2Fma => unsafe { gemm_avx2(m, a, b, c, ldc, accumulate) },
-        _ => gemm_tiles::<false>(m, a, b, c, ldc, accumulate),
+        // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA; the
+        // asserts above keep every access inside `a` and `c`.
+        Isa::Avx512 => unsafe { gemm_avx512(m, a, b, c, ldc, accumulate) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA; as above.
+        Isa::Avx2Fma => unsafe { gemm_avx2(m, a, b, c, ldc, accumulate) },
+        _ => gemm_tiles::<1>(m, a, b, c, ldc, accumulate),
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn gemm_avx512(m: usize, a: MatRef, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
+    gemm_tiles::<16>(m, a, b, c, ldc, accumulate)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gemm_avx2(m: usize, a: MatRef, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
-    gemm_tiles::<true>(m, a, b, c, ldc, accumulate)
+    gemm_tiles::<8>(m, a, b, c, ldc, accumulate)
 }
 
 /// The blocking shared by every instruction set: depth blocks of `KC`, then panels, then row
-/// tiles of near-equal height (so no tile is left with one or two rows).
+/// tiles of near-equal height (so no tile is left with one or two rows). `LANES`: floats per
+/// register of the tile kernel (16 AVX-512, 8 AVX2, 1 portable). Every element of `C` sums its
+/// products in the same order, fused, whichever the kernel, so the SIMD kernels agree to the bit.
 #[inline(always)]
-fn gemm_tiles<const SIMD: bool>(
+fn gemm_tiles<const LANES: usize>(
     m: usize,
     a: MatRef,
     b: &PackedB,
@@ -290,7 +306,8 @@ fn gemm_tiles<const SIMD: bool>(
     accumulate: bool,
 ) {
     let (k, n) = (b.k, b.n);
-    let num_tiles = m.div_ceil(MAX_TILE_ROWS);
+    let max_rows = max_tile_rows(LANES);
+    let num_tiles = m.div_ceil(max_rows);
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
         let load_c = accumulate || k0 > 0;
@@ -305,14 +322,14 @@ fn gemm_tiles<const SIMD: bool>(
                 let tile_a = MatRef { data: a_tile, ..a };
                 let c_tile = &mut c[row0 * ldc + col0..];
                 if cols == PANEL_COLS {
-                    tile_dispatch::<SIMD>(rows, kc, tile_a, panel, c_tile, ldc, load_c);
+                    tile_dispatch::<LANES>(rows, kc, tile_a, panel, c_tile, ldc, load_c);
                 } else {
                     // A partial last panel goes through a full-width scratch tile.
-                    let mut scratch = [0.0f32; MAX_TILE_ROWS * PANEL_COLS];
+                    let mut scratch = [0.0f32; max_tile_rows(16) * PANEL_COLS];
                     for r in 0..rows {
                         scratch[r * PANEL_COLS..][..cols].copy_from_slice(&c_tile[r * ldc..][..cols]);
                     }
-                    tile_dispatch::<SIMD>(rows, kc, tile_a, panel, &mut scratch, PANEL_COLS, load_c);
+                    tile_dispatch::<LANES>(rows, kc, tile_a, panel, &mut scratch, PANEL_COLS, load_c);
                     for r in 0..rows {
                         c_tile[r * ldc..][..cols].copy_from_slice(&scratch[r * PANEL_COLS..][..cols]);
                     }
@@ -323,8 +340,9 @@ fn gemm_tiles<const SIMD: bool>(
     }
 }
 
+/// A tile of `rows` rows (at most `max_tile_rows(LANES)`) with the kernel compiled for it.
 #[inline(always)]
-fn tile_dispatch<const SIMD: bool>(
+fn tile_dispatch<const LANES: usize>(
     rows: usize,
     kc: usize,
     a: MatRef,
@@ -333,20 +351,28 @@ fn tile_dispatch<const SIMD: bool>(
     ldc: usize,
     load_c: bool,
 ) {
+    debug_assert!(rows <= max_tile_rows(LANES));
     match rows {
-        1 => tile::<SIMD, 1>(kc, a, panel, c, ldc, load_c),
-        2 => tile::<SIMD, 2>(kc, a, panel, c, ldc, load_c),
-        3 => tile::<SIMD, 3>(kc, a, panel, c, ldc, load_c),
-        4 => tile::<SIMD, 4>(kc, a, panel, c, ldc, load_c),
-        5 => tile::<SIMD, 5>(kc, a, panel, c, ldc, load_c),
-        _ => tile::<SIMD, 6>(kc, a, panel, c, ldc, load_c),
+        1 => tile::<LANES, 1>(kc, a, panel, c, ldc, load_c),
+        2 => tile::<LANES, 2>(kc, a, panel, c, ldc, load_c),
+        3 => tile::<LANES, 3>(kc, a, panel, c, ldc, load_c),
+        4 => tile::<LANES, 4>(kc, a, panel, c, ldc, load_c),
+        5 => tile::<LANES, 5>(kc, a, panel, c, ldc, load_c),
+        // Taller tiles only for AVX-512; elsewhere `max_tile_rows` stops at 6.
+        7 if LANES == 16 => tile::<LANES, 7>(kc, a, panel, c, ldc, load_c),
+        8 if LANES == 16 => tile::<LANES, 8>(kc, a, panel, c, ldc, load_c),
+        9 if LANES == 16 => tile::<LANES, 9>(kc, a, panel, c, ldc, load_c),
+        10 if LANES == 16 => tile::<LANES, 10>(kc, a, panel, c, ldc, load_c),
+        11 if LANES == 16 => tile::<LANES, 11>(kc, a, panel, c, ldc, load_c),
+        12 if LANES == 16 => tile::<LANES, 12>(kc, a, panel, c, ldc, load_c),
+        _ => tile::<LANES, 6>(kc, a, panel, c, ldc, load_c),
     }
 }
 
 /// One `MR × PANEL_COLS` tile of `C` over depth `kc`. The bounds of `a`, `panel` and `c` were
-/// checked by `gemm` (and the slices carry them), so the AVX2 body indexes through pointers.
+/// checked by `gemm` (and the slices carry them), so the SIMD bodies index through pointers.
 #[inline(always)]
-fn tile<const SIMD: bool, const MR: usize>(
+fn tile<const LANES: usize, const MR: usize>(
     kc: usize,
     a: MatRef,
     panel: &[f32],
@@ -357,9 +383,15 @@ fn tile<const SIMD: bool, const MR: usize>(
     debug_assert!(panel.len() >= kc * PANEL_COLS && c.len() >= (MR - 1) * ldc + PANEL_COLS);
     debug_assert!(a.data.len() > (MR - 1) * a.row_stride + (kc - 1) * a.col_stride);
     #[cfg(target_arch = "x86_64")]
-    if SIMD {
-        // SAFETY: `SIMD` is only true inside `gemm_avx2`, compiled for AVX2 and FMA; the
-        // indices stay within the bounds asserted by `gemm` and restated above.
+    if LANES == 16 {
+        // SAFETY: `LANES` is 16 only inside `gemm_avx512`, compiled for AVX-512F; the indices
+        // stay within the bounds asserted by `gemm` and restated above.
+        unsafe { tile_avx512::<MR>(kc, a, panel, c, ldc, load_c) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if LANES == 8 {
+        // SAFETY: `LANES` is 8 only inside `gemm_avx2`, compiled for AVX2 and FMA; as above.
         unsafe { tile_avx2::<MR>(kc, a, panel, c, ldc, load_c) };
         return;
     }
@@ -418,6 +450,42 @@ unsafe fn tile_avx2<const MR: usize>(
         for r in 0..MR {
             _mm256_storeu_ps(c_ptr.add(r * ldc), lo[r]);
             _mm256_storeu_ps(c_ptr.add(r * ldc + 8), hi[r]);
+        }
+    }
+}
+
+/// `tile` for AVX-512: one register per row of the tile.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile_avx512<const MR: usize>(
+    kc: usize,
+    a: MatRef,
+    panel: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    load_c: bool,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: offsets stay below the bounds the caller checked (rows < MR, depth < kc, columns
+    // < PANEL_COLS) in the whole body.
+    unsafe {
+        let (a_ptr, b_ptr, c_ptr) = (a.data.as_ptr(), panel.as_ptr(), c.as_mut_ptr());
+        let mut acc = [_mm512_setzero_ps(); MR];
+        if load_c {
+            for (r, sum) in acc.iter_mut().enumerate() {
+                *sum = _mm512_loadu_ps(c_ptr.add(r * ldc));
+            }
+        }
+        for kk in 0..kc {
+            let b_row = _mm512_loadu_ps(b_ptr.add(kk * PANEL_COLS));
+            let a_col = a_ptr.add(kk * a.col_stride);
+            for (r, sum) in acc.iter_mut().enumerate() {
+                let a_val = _mm512_set1_ps(*a_col.add(r * a.row_stride));
+                *sum = _mm512_fmadd_ps(a_val, b_row, *sum);
+            }
+        }
+        for (r, sum) in acc.iter().enumerate() {
+            _mm512_storeu_ps(c_ptr.add(r * ldc), *sum);
         }
     }
 }
@@ -481,9 +549,14 @@ mod tests {
 
     #[test]
     fn matrix_product_matches_the_definition() {
-        let isas: Vec<Isa> = [Isa::Portable, Isa::detect()].into_iter().collect();
-        // Sizes around every tile, panel and depth-block edge.
-        for &(m, k, n) in &[(1, 1, 1), (5, 7, 16), (7, 300, 33), (13, 256, 48), (32, 513, 20), (6, 1, 17)] {
+        // Every set this CPU runs: the portable body, AVX2 under an AVX-512 CPU too.
+        let isas: Vec<Isa> = [Isa::Portable, Isa::Avx2Fma, Isa::Avx512]
+            .into_iter()
+            .filter(|&isa| isa == Isa::Portable || isa == Isa::detect() || Isa::detect() == Isa::Avx512)
+            .collect();
+        // Sizes around every tile (6 and 12 rows), panel and depth-block edge.
+        let sizes = [(1, 1, 1), (5, 7, 16), (7, 300, 33), (13, 256, 48), (32, 513, 20), (6, 1, 17), (25, 40, 64)];
+        for &(m, k, n) in &sizes {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
             let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 89) as f32 - 44.0) / 32.0).collect();
             let c0: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32).collect();
@@ -496,6 +569,7 @@ mod tests {
                 }
             }
             let packed = PackedB::new(k, n, &b, n, 1);
+            let mut simd_results: Vec<Vec<f32>> = Vec::new();
             for &isa in &isas {
                 for (a_ref, label) in [
                     (MatRef { data: &a, row_stride: k, col_stride: 1 }, "row-major A"),
@@ -516,7 +590,14 @@ mod tests {
                             "{isa:?} {label} {m}x{k}x{n} [{i}] fresh"
                         );
                     }
+                    if isa != Isa::Portable {
+                        simd_results.push(c);
+                    }
                 }
+            }
+            // Same sums in the same order, fused: AVX2 and AVX-512 agree to the bit.
+            if let Some(first) = simd_results.first() {
+                assert!(simd_results.iter().all(|c| c == first), "{m}x{k}x{n}: SIMD kernels differ");
             }
         }
     }
