@@ -165,7 +165,11 @@ pub const PANEL_COLS: usize = 16;
 /// registers or one AVX-512 register, and each row of the tile keeps that many accumulators, so
 /// AVX-512's 32 registers hold twice the rows of AVX2's 16.
 const fn max_tile_rows(lanes: usize) -> usize {
-    if lanes == 16 { 12 } else { 6 }
+    if lanes == 16 {
+        12
+    } else {
+        6
+    }
 }
 /// Depth of one pass over a panel: `KC · PANEL_COLS` floats (16 KiB) stay in the L1 cache.
 const KC: usize = 256;
@@ -308,18 +312,32 @@ fn gemm_tiles<const LANES: usize>(
     let (k, n) = (b.k, b.n);
     let max_rows = max_tile_rows(LANES);
     let num_tiles = m.div_ceil(max_rows);
+    // One tile's block of `A`, copied depth-major (`[kc][rows]`) so the kernel reads it in
+    // order from the L1 cache for every panel, whatever `A`'s strides: read in place, a
+    // transposed `A` (`Σ xᵀ y`, rows a few KiB apart) made every read a new cache line, all
+    // in one L1 set.
+    let mut a_block = [0.0f32; KC * max_tile_rows(16)];
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
         let load_c = accumulate || k0 > 0;
-        for (p, panel) in b.data.chunks_exact(k * PANEL_COLS).enumerate() {
-            let panel = &panel[k0 * PANEL_COLS..(k0 + kc) * PANEL_COLS];
-            let col0 = p * PANEL_COLS;
-            let cols = (n - col0).min(PANEL_COLS);
-            let mut row0 = 0;
-            for tile in 0..num_tiles {
-                let rows = (m - row0) / (num_tiles - tile);
-                let a_tile = &a.data[row0 * a.row_stride + k0 * a.col_stride..];
-                let tile_a = MatRef { data: a_tile, ..a };
+        let mut row0 = 0;
+        for tile in 0..num_tiles {
+            let rows = (m - row0) / (num_tiles - tile);
+            let at = |r: usize, kk: usize| a.data[(row0 + r) * a.row_stride + (k0 + kk) * a.col_stride];
+            if a.col_stride == 1 {
+                for r in 0..rows {
+                    (0..kc).for_each(|kk| a_block[kk * rows + r] = at(r, kk));
+                }
+            } else {
+                for kk in 0..kc {
+                    (0..rows).for_each(|r| a_block[kk * rows + r] = at(r, kk));
+                }
+            }
+            let tile_a = MatRef { data: &a_block[..kc * rows], row_stride: 1, col_stride: rows };
+            for (p, panel) in b.data.chunks_exact(k * PANEL_COLS).enumerate() {
+                let panel = &panel[k0 * PANEL_COLS..(k0 + kc) * PANEL_COLS];
+                let col0 = p * PANEL_COLS;
+                let cols = (n - col0).min(PANEL_COLS);
                 let c_tile = &mut c[row0 * ldc + col0..];
                 if cols == PANEL_COLS {
                     tile_dispatch::<LANES>(rows, kc, tile_a, panel, c_tile, ldc, load_c);
@@ -334,8 +352,8 @@ fn gemm_tiles<const LANES: usize>(
                         c_tile[r * ldc..][..cols].copy_from_slice(&scratch[r * PANEL_COLS..][..cols]);
                     }
                 }
-                row0 += rows;
             }
+            row0 += rows;
         }
     }
 }
@@ -555,7 +573,8 @@ mod tests {
             .filter(|&isa| isa == Isa::Portable || isa == Isa::detect() || Isa::detect() == Isa::Avx512)
             .collect();
         // Sizes around every tile (6 and 12 rows), panel and depth-block edge.
-        let sizes = [(1, 1, 1), (5, 7, 16), (7, 300, 33), (13, 256, 48), (32, 513, 20), (6, 1, 17), (25, 40, 64)];
+        let sizes =
+            [(1, 1, 1), (5, 7, 16), (7, 300, 33), (13, 256, 48), (32, 513, 20), (6, 1, 17), (25, 40, 64)];
         for &(m, k, n) in &sizes {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
             let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 89) as f32 - 44.0) / 32.0).collect();

@@ -509,6 +509,11 @@ impl MelodyLstm {
         self.input
     }
 
+    /// The output layer: weight `[vocab, hidden]` and bias `[vocab]`.
+    pub fn output_layer(&self) -> (&Tensor, &Tensor) {
+        (&self.head_w, &self.head_b)
+    }
+
     /// The token table `[vocab, dim]`, for embedding input.
     pub fn embedding(&self) -> Option<&Tensor> {
         self.embedding.as_ref()
