@@ -451,9 +451,18 @@ fn chord_generation(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One training batch of `tokens` → loss, through a gradient step of AdamW.
-fn train_step(logits: &Tensor, targets: &Tensor, opt: &mut candle_nn::AdamW) -> Result<f32> {
-    let (nll, _) = nll_and_argmax(logits, targets)?;
+/// One training batch of `tokens` → loss, through a gradient step of AdamW. `fused_loss`: the
+/// loss as training computes it (`train::loss`), else candle's own ops.
+fn train_step(
+    logits: &Tensor,
+    targets: &Tensor,
+    opt: &mut candle_nn::AdamW,
+    fused_loss: bool,
+) -> Result<f32> {
+    let nll = match fused_loss {
+        true => train::loss::nll(logits, targets)?,
+        false => nll_and_argmax(logits, targets)?.0,
+    };
     let loss = nll.mean_all()?;
     let grads = loss.backward()?;
     opt.step(&grads)?;
@@ -507,14 +516,14 @@ fn training(args: &BenchArgs) -> Result<()> {
         let t = Instant::now();
         let (logits, _) = ours.forward_time_major(&inputs.t()?.contiguous()?, None, None, None)?;
         let tm_targets = targets.t()?.contiguous()?.flatten_all()?;
-        train_step(&logits.reshape(((), vocab.len()))?, &tm_targets, &mut ours_opt)?;
+        train_step(&logits.reshape(((), vocab.len()))?, &tm_targets, &mut ours_opt, true)?;
         sides[0].record(keep, t.elapsed().as_secs_f64() * 1e3, cpu, process_cpu_s(None));
 
         if !args.ours_only {
             let cpu = process_cpu_s(None);
             let t = Instant::now();
             let logits = stock.forward(&inputs)?;
-            train_step(&logits, &targets.flatten_all()?, &mut stock_opt)?;
+            train_step(&logits, &targets.flatten_all()?, &mut stock_opt, false)?;
             sides[1].record(keep, t.elapsed().as_secs_f64() * 1e3, cpu, process_cpu_s(None));
         }
         for (tf, side) in tf_sides.iter_mut().zip(&mut sides[2..]) {

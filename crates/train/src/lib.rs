@@ -1,6 +1,6 @@
 //! Offline only: everything that makes and judges a model, linked by `cargo xtask` and never by
 //! the plugin. Chord models' training (`chords`), training windows and data sets (`data`), the training loop (`trainer`) with its
-//! fused CPU op (`fused`, `forward`), the optimiser (`optim`), distillation (`distill`), and
+//! fused CPU ops (`fused`, `forward`, `loss`), the optimiser (`optim`), distillation (`distill`), and
 //! evaluation against held-out songs (`eval`).
 //! Runs on: offline threads (xtask, tests).
 
@@ -10,6 +10,7 @@ pub mod distill;
 pub mod eval;
 pub mod forward;
 pub mod fused;
+pub mod loss;
 pub mod optim;
 pub mod trainer;
 

@@ -22,6 +22,7 @@ use crate::data::ValidationStream;
 pub use crate::data::{build_dataset, read_set, DataConfig, DataSet, Dataset, SetCounts, Split};
 use crate::distill::Teachers;
 use crate::forward::SequenceForward;
+use crate::loss;
 use crate::optim::{saved_tensor, AdamW};
 use model::config::is_zero;
 use model::io::{
@@ -716,7 +717,8 @@ pub fn train(
             } else {
                 (logits, targets, soft)
             };
-            let (nll, argmax) = nll_and_argmax(&logits, &targets)?;
+            let nll = loss::nll(&logits, &targets)?;
+            let argmax = logits.argmax(D::Minus1)?;
             // The reported loss is always the data's, comparable with validation.
             let data_loss = nll.mean_all()?;
             let loss_value = data_loss.to_scalar::<f32>()? as f64;

@@ -125,6 +125,7 @@ fn training_ms(config: &ModelConfig, device: &Device, args: &BenchArgs) -> Resul
             &logits.reshape(((), config.vocab.len()))?,
             &targets.contiguous()?.flatten_all()?,
             &mut opt,
+            true,
         )?;
         device.synchronize()?;
         if idx > 0 {
