@@ -81,8 +81,13 @@ pub struct BenchArgs {
     /// Time only our training step (for profiling it).
     #[arg(long)]
     ours_only: bool,
+    /// Multiply our training step's recurrences in f32 even where the CPU has AMX (as `train
+    /// --f32-products`).
+    #[arg(long)]
+    f32_products: bool,
     /// A Python with TensorFlow (e.g. a venv's bin/python): also time the recipe's Keras
-    /// training step, batch by batch between ours.
+    /// training step at the same sizes (`--train-layers`, `--train-embedding` stack more LSTMs
+    /// or read an Embedding, as ours), batch by batch between ours.
     #[arg(long)]
     tensorflow: Option<PathBuf>,
 }
@@ -499,9 +504,7 @@ fn training(args: &BenchArgs) -> Result<()> {
         Ok((all.narrow(1, 0, window)?.contiguous()?, all.narrow(1, 1, window)?.contiguous()?))
     };
     let mut tf_sides = Vec::new();
-    // The Keras script is the recipe's model: one layer, one-hot input.
-    let is_recipe_model = args.train_layers == 1 && input == InputKind::OneHot;
-    if let (Some(python), true) = (&args.tensorflow, is_recipe_model) {
+    if let Some(python) = &args.tensorflow {
         for every_position in [false, true] {
             tf_sides.push(TfStep::spawn(python, every_position, args, vocab.len())?);
         }
@@ -558,7 +561,7 @@ fn training(args: &BenchArgs) -> Result<()> {
             ms / ours_ms
         );
     }
-    println!("  ours and stock: every position a target; recipe TensorFlow: each window's last symbol only (as the recipe trains)");
+    println!("  ours and stock: every position a target; TensorFlow \"last symbol\": each window's last symbol only (as the recipe trains)");
     Ok(())
 }
 
@@ -619,6 +622,12 @@ impl TfStep {
         cmd.arg("-c").arg(include_str!("bench_tf.py"));
         cmd.args(["--vocab", &vocab_len.to_string(), "--hidden", &args.train_hidden.to_string()]);
         cmd.args(["--batch", &args.train_batch.to_string(), "--window", &args.train_window.to_string()]);
+        cmd.args([
+            "--layers",
+            &args.train_layers.to_string(),
+            "--embedding",
+            &args.train_embedding.to_string(),
+        ]);
         if every_position {
             cmd.arg("--every-position");
         }
@@ -635,9 +644,13 @@ impl TfStep {
         let version = line.strip_prefix("ready ").map(str::trim).with_context(|| {
             format!("TensorFlow did not start (its messages are in {})", log_path.display())
         })?;
-        let name = match every_position {
-            false => format!("TensorFlow {version}, recipe (last symbol)"),
-            true => format!("TensorFlow {version}, every position"),
+        // The recipe's own model is one layer on one-hot input; other sizes are its recipe
+        // scaled up.
+        let is_recipe_model = args.train_layers == 1 && args.train_embedding == 0;
+        let name = match (every_position, is_recipe_model) {
+            (false, true) => format!("TensorFlow {version}, recipe (last symbol)"),
+            (false, false) => format!("TensorFlow {version}, last symbol"),
+            (true, _) => format!("TensorFlow {version}, every position"),
         };
         Ok(Self { name, child, stdin, stdout })
     }
@@ -670,6 +683,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         model::kernels::Isa::detect().name(),
         if model::int8::cpu_has_vnni() { "yes" } else { "no" },
     );
+    let products = crate::train::choose_products(args.f32_products);
+    println!("training's recurrent products: {}", products.describe());
     if args.device != "cpu" {
         let device = model::select_device(&args.device)?;
         return device::run(&args, &device);

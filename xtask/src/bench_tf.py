@@ -4,7 +4,9 @@ The model of ../shared/reference/keras-recipe/train.py: Input(None, vocab) -> LS
 Dropout(0.2) -> Dense(vocab, softmax), sparse categorical cross-entropy, Adam(1e-3). With
 --every-position the LSTM returns every step and the Dense layer predicts every position (our
 training's targets); otherwise only each window's last symbol is a target, as in the recipe.
-Inputs are random one-hot windows of the given sizes (speed does not depend on the values).
+--layers stacks more LSTMs and --embedding reads tokens through an Embedding of that width
+instead of one-hot vectors (the built-in model's sizes: --layers 2 --embedding 64).
+Inputs are random windows of the given sizes (speed does not depend on the values).
 
 Protocol: prints "ready" once built and traced; then for each line "N" read from stdin runs N
 training batches and prints one line with the milliseconds of each; exits at end of input.
@@ -22,6 +24,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--embedding", type=int, default=0)
     ap.add_argument("--every-position", action="store_true")
     args = ap.parse_args()
 
@@ -29,8 +33,15 @@ def main():
     import tensorflow as tf
 
     keras.utils.set_random_seed(1)
-    inp = keras.layers.Input(shape=(None, args.vocab))
-    x = keras.layers.LSTM(args.hidden, return_sequences=args.every_position)(inp)
+    if args.embedding:
+        inp = keras.layers.Input(shape=(None,), dtype="int32")
+        x = keras.layers.Embedding(args.vocab, args.embedding)(inp)
+    else:
+        inp = keras.layers.Input(shape=(None, args.vocab))
+        x = inp
+    for layer in range(args.layers):
+        last = layer == args.layers - 1
+        x = keras.layers.LSTM(args.hidden, return_sequences=args.every_position or not last)(x)
     x = keras.layers.Dropout(0.2)(x)
     out = keras.layers.Dense(args.vocab, activation="softmax")(x)
     model = keras.Model(inp, out)
@@ -40,7 +51,10 @@ def main():
 
     def batch():
         ids = rng.integers(0, args.vocab, size=(args.batch, args.window + 1))
-        xs = tf.one_hot(ids[:, :-1], args.vocab, dtype=tf.float32)
+        if args.embedding:
+            xs = ids[:, :-1].astype(np.int32)
+        else:
+            xs = tf.one_hot(ids[:, :-1], args.vocab, dtype=tf.float32)
         ys = ids[:, 1:] if args.every_position else ids[:, -1]
         return xs, ys
 

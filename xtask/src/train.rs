@@ -13,6 +13,7 @@ use music::encode::DurationFilter;
 use music::key::KeySource;
 use plotters::prelude::*;
 use train::data::read_set;
+use train::fused::{set_training_products, Products};
 use train::trainer::{
     build_dataset, read_train_config, train, BatchProgress, DataSet, EpochRecord, EvalMetrics, LrSchedule,
     Split, TrainConfig, TrainObserver, TrainSummary,
@@ -65,6 +66,11 @@ pub struct TrainArgs {
     /// Where to train: cpu, cuda or metal (the last two need the build feature of that name).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Multiply the recurrences in f32 even where the CPU has AMX. By default, where it has,
+    /// training multiplies them in bfloat16 on AMX tiles and sums in f32, several times faster
+    /// (see README, Speed); validation and every score are f32 either way.
+    #[arg(long)]
+    f32_products: bool,
     /// The data sets whose held-out songs fit the tune memory built after training, pooled:
     /// `NAME[,NAME...]` (default: the one that picks the best epoch, else the first with
     /// held-out songs). Name others than the one you judge the model on to keep it unseen.
@@ -224,7 +230,17 @@ pub struct TrainArgs {
 /// File name of the loss plot in the model directory.
 const PLOT_FILE: &str = "loss.png";
 
+/// Sets how this process's training passes multiply (`train::fused::set_training_products`):
+/// bfloat16 where AMX is ready unless `f32_only`; returns the choice in effect.
+pub fn choose_products(f32_only: bool) -> Products {
+    set_training_products(if f32_only { Products::F32 } else { Products::Bf16 })
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
+    let products = choose_products(args.f32_products);
+    if args.device == "cpu" {
+        println!("recurrent products: {}", products.describe());
+    }
     match args.kind.as_str() {
         "melody" => {}
         "chords" => return crate::chords::train(&args),

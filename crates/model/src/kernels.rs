@@ -1,14 +1,17 @@
 //! CPU building blocks of the fast generation step (`fast`) and the fused training cell
 //! (`fused`): which vector instructions this CPU has, activation functions written so the
-//! compiler vectorises them, and a small packed matrix product.
-//! Runs on: the worker thread (generation) and offline threads (training). Nothing here
-//! allocates or locks.
+//! compiler vectorises them, and a small packed matrix product (f32, or bfloat16 on AMX tiles
+//! for training).
+//! Runs on: the worker thread (generation) and offline threads (training). Nothing the worker
+//! calls allocates or locks; the bfloat16 product, which only training calls, keeps a buffer
+//! per thread for its packed left-hand side.
 //!
 //! The crate is built for baseline x86-64, so every kernel is written once as an
 //! `#[inline(always)]` generic body (a `Kernel`) and `Isa::run` instantiates it inside
 //! `#[target_feature]` functions for AVX-512 (with or without VNNI) and AVX2 + FMA; `Isa::detect`
 //! picks one at run time. Hand-written intrinsics (the packed matrix product here, the int8
-//! product in `int8`) are `#[target_feature]` functions of their own. The portable instance (SSE2, or
+//! product in `int8`) are `#[target_feature]` functions of their own; AMX's tile instructions,
+//! whose intrinsics are not stable, are `asm!`. The portable instance (SSE2, or
 //! any other architecture) computes the same function without fused multiply-adds.
 
 /// The vector instruction sets a kernel can be instantiated for, best first.
@@ -176,11 +179,16 @@ const KC: usize = 256;
 
 /// The right-hand side `B` (`[k, n]`) of a matrix product, packed once and reused by every
 /// product with it: `[n / PANEL_COLS][k][PANEL_COLS]`, the last panel padded with zero columns.
+/// After `round_to_bf16`, `[n / PANEL_COLS][pairs][PANEL_COLS]` 32-bit words instead, each the
+/// bfloat16 values of rows `2q` (low half) and `2q + 1` (high half) of one column, `pairs` being
+/// `k / 2` rounded up to a whole AMX tile (`AMX_PAIRS`, zeros after `k`): the layout of an
+/// AMX tile of `B`.
 #[derive(Clone, Debug, Default)]
 pub struct PackedB {
     k: usize,
     n: usize,
     data: Vec<f32>,
+    bf16: bool,
 }
 
 impl PackedB {
@@ -190,6 +198,7 @@ impl PackedB {
         let num_panels = n.div_ceil(PANEL_COLS);
         self.k = k;
         self.n = n;
+        self.bf16 = false;
         self.data.clear();
         self.data.resize(num_panels * k * PANEL_COLS, 0.0);
         for (p, panel) in self.data.chunks_exact_mut(k * PANEL_COLS).enumerate() {
@@ -214,6 +223,7 @@ impl PackedB {
         let num_panels = n.div_ceil(PANEL_COLS);
         self.k = k;
         self.n = n;
+        self.bf16 = false;
         self.data.clear();
         self.data.resize(num_panels * k * PANEL_COLS, 0.0);
         let rows = pieces.iter().flat_map(|p| p.chunks_exact(n));
@@ -224,6 +234,31 @@ impl PackedB {
         }
     }
 
+    /// Rounds the packed matrix to bfloat16 (to nearest, ties to even) in pairs of rows:
+    /// products with it then run on AMX tiles, multiplying bfloat16 and summing in f32. Only
+    /// where `amx_bf16_ready` holds.
+    pub fn round_to_bf16(&mut self) {
+        if self.bf16 {
+            return;
+        }
+        let (k, pairs) = (self.k, amx_pairs(self.k));
+        let num_panels = self.n.div_ceil(PANEL_COLS);
+        let mut words = vec![0.0f32; num_panels * pairs * PANEL_COLS];
+        for (panel, out) in
+            self.data.chunks_exact(k * PANEL_COLS).zip(words.chunks_exact_mut(pairs * PANEL_COLS))
+        {
+            for (q, out_row) in out.chunks_exact_mut(PANEL_COLS).take(k.div_ceil(2)).enumerate() {
+                let low = &panel[2 * q * PANEL_COLS..][..PANEL_COLS];
+                let high = panel.get((2 * q + 1) * PANEL_COLS..(2 * q + 2) * PANEL_COLS);
+                for j in 0..PANEL_COLS {
+                    out_row[j] = bf16_pair(low[j], high.map_or(0.0, |h| h[j]));
+                }
+            }
+        }
+        self.data = words;
+        self.bf16 = true;
+    }
+
     /// Columns of the packed matrix.
     pub fn n(&self) -> usize {
         self.n
@@ -231,7 +266,7 @@ impl PackedB {
 
     /// An empty packing that will pack into `buffer`'s memory.
     pub fn with_buffer(buffer: Vec<f32>) -> Self {
-        Self { k: 0, n: 0, data: buffer }
+        Self { k: 0, n: 0, data: buffer, bf16: false }
     }
 
     /// The memory of the packing, for reuse.
@@ -270,6 +305,12 @@ pub fn gemm(isa: Isa, m: usize, a: MatRef, b: &PackedB, c: &mut [f32], ldc: usiz
         if !accumulate {
             c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
         }
+        return;
+    }
+    if b.bf16 {
+        assert!(amx_bf16_ready(), "gemm: a bfloat16 packing without AMX");
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        amx::gemm(m, a, b, c, ldc, accumulate);
         return;
     }
     match isa {
@@ -312,6 +353,8 @@ fn gemm_tiles<const LANES: usize>(
     let (k, n) = (b.k, b.n);
     let max_rows = max_tile_rows(LANES);
     let num_tiles = m.div_ceil(max_rows);
+    let tile_rows = |tile: usize, row0: usize| (m - row0) / (num_tiles - tile);
+    let num_panels = n.div_ceil(PANEL_COLS);
     // One tile's block of `A`, copied depth-major (`[kc][rows]`) so the kernel reads it in
     // order from the L1 cache for every panel, whatever `A`'s strides: read in place, a
     // transposed `A` (`Σ xᵀ y`, rows a few KiB apart) made every read a new cache line, all
@@ -319,10 +362,23 @@ fn gemm_tiles<const LANES: usize>(
     let mut a_block = [0.0f32; KC * max_tile_rows(16)];
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
-        let load_c = accumulate || k0 > 0;
+        if LANES != 16 && a.col_stride == 1 {
+            // AVX2's 6-row tiles read a row-major `A` in place, one panel at a time across
+            // every tile: measured faster for them than tile by tile.
+            for p in 0..num_panels {
+                let mut row0 = 0;
+                for tile in 0..num_tiles {
+                    let rows = tile_rows(tile, row0);
+                    let tile_a = MatRef { data: &a.data[row0 * a.row_stride + k0..], ..a };
+                    panel_tile::<LANES>(c, ldc, row0, rows, tile_a, b, p, k0, kc, accumulate);
+                    row0 += rows;
+                }
+            }
+            continue;
+        }
         let mut row0 = 0;
         for tile in 0..num_tiles {
-            let rows = (m - row0) / (num_tiles - tile);
+            let rows = tile_rows(tile, row0);
             let at = |r: usize, kk: usize| a.data[(row0 + r) * a.row_stride + (k0 + kk) * a.col_stride];
             if a.col_stride == 1 {
                 for r in 0..rows {
@@ -334,26 +390,47 @@ fn gemm_tiles<const LANES: usize>(
                 }
             }
             let tile_a = MatRef { data: &a_block[..kc * rows], row_stride: 1, col_stride: rows };
-            for (p, panel) in b.data.chunks_exact(k * PANEL_COLS).enumerate() {
-                let panel = &panel[k0 * PANEL_COLS..(k0 + kc) * PANEL_COLS];
-                let col0 = p * PANEL_COLS;
-                let cols = (n - col0).min(PANEL_COLS);
-                let c_tile = &mut c[row0 * ldc + col0..];
-                if cols == PANEL_COLS {
-                    tile_dispatch::<LANES>(rows, kc, tile_a, panel, c_tile, ldc, load_c);
-                } else {
-                    // A partial last panel goes through a full-width scratch tile.
-                    let mut scratch = [0.0f32; max_tile_rows(16) * PANEL_COLS];
-                    for r in 0..rows {
-                        scratch[r * PANEL_COLS..][..cols].copy_from_slice(&c_tile[r * ldc..][..cols]);
-                    }
-                    tile_dispatch::<LANES>(rows, kc, tile_a, panel, &mut scratch, PANEL_COLS, load_c);
-                    for r in 0..rows {
-                        c_tile[r * ldc..][..cols].copy_from_slice(&scratch[r * PANEL_COLS..][..cols]);
-                    }
-                }
+            for p in 0..num_panels {
+                panel_tile::<LANES>(c, ldc, row0, rows, tile_a, b, p, k0, kc, accumulate);
             }
             row0 += rows;
+        }
+    }
+}
+
+/// One tile of `gemm_tiles`: rows `row0..row0 + rows` of `C` against panel `p` of `b`, depth
+/// `k0..k0 + kc`, `tile_a` the tile's rows of `A` from depth `k0`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn panel_tile<const LANES: usize>(
+    c: &mut [f32],
+    ldc: usize,
+    row0: usize,
+    rows: usize,
+    tile_a: MatRef,
+    b: &PackedB,
+    p: usize,
+    k0: usize,
+    kc: usize,
+    accumulate: bool,
+) {
+    let (k, n) = (b.k, b.n);
+    let panel = &b.data[p * k * PANEL_COLS..][k0 * PANEL_COLS..(k0 + kc) * PANEL_COLS];
+    let load_c = accumulate || k0 > 0;
+    let col0 = p * PANEL_COLS;
+    let cols = (n - col0).min(PANEL_COLS);
+    let c_tile = &mut c[row0 * ldc + col0..];
+    if cols == PANEL_COLS {
+        tile_dispatch::<LANES>(rows, kc, tile_a, panel, c_tile, ldc, load_c);
+    } else {
+        // A partial last panel goes through a full-width scratch tile.
+        let mut scratch = [0.0f32; max_tile_rows(16) * PANEL_COLS];
+        for r in 0..rows {
+            scratch[r * PANEL_COLS..][..cols].copy_from_slice(&c_tile[r * ldc..][..cols]);
+        }
+        tile_dispatch::<LANES>(rows, kc, tile_a, panel, &mut scratch, PANEL_COLS, load_c);
+        for r in 0..rows {
+            c_tile[r * ldc..][..cols].copy_from_slice(&scratch[r * PANEL_COLS..][..cols]);
         }
     }
 }
@@ -508,6 +585,272 @@ unsafe fn tile_avx512<const MR: usize>(
     }
 }
 
+/// Depth pairs (bfloat16 words) per row of an AMX tile: 64 bytes.
+const AMX_PAIRS: usize = 16;
+
+/// Depth pairs of a bfloat16 packing of depth `k`: whole tiles, zeros after `k`.
+fn amx_pairs(k: usize) -> usize {
+    k.div_ceil(2 * AMX_PAIRS) * AMX_PAIRS
+}
+
+/// `x` rounded to bfloat16, to nearest with ties to even (NaN stays NaN).
+fn to_bf16(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let bits = x.to_bits();
+    (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// Two values as one word of bfloat16 pairs (`low` in the low half), stored in an f32's bits.
+fn bf16_pair(low: f32, high: f32) -> f32 {
+    f32::from_bits(u32::from(to_bf16(low)) | (u32::from(to_bf16(high)) << 16))
+}
+
+/// True if products can run in bfloat16 on AMX tiles here: the CPU has AMX-TILE and AMX-BF16,
+/// and the kernel lets this process use the tile registers (asked once, on first call).
+pub fn amx_bf16_ready() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *READY.get_or_init(amx::request)
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
+
+/// The bfloat16 matrix product on AMX tiles (Sapphire Rapids and later): `C` in 16 × 16 f32
+/// tiles, each summed over 32 depth values per tile instruction. The tile instructions are
+/// written in `asm!`, as their intrinsics are not yet stable.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx {
+    use std::arch::asm;
+    use std::cell::RefCell;
+
+    use super::{amx_pairs, bf16_pair, MatRef, PackedB, AMX_PAIRS, PANEL_COLS};
+
+    /// Rows of a tile of `C` and `A`.
+    const TILE_ROWS: usize = 16;
+    /// Depth pairs per block: 16 panels of `B` (256 columns) take 256 KiB.
+    const BLOCK_PAIRS: usize = 256;
+
+    /// Asks the kernel for the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+    /// XFEATURE_XTILEDATA)`) once the CPU reports AMX-TILE and AMX-BF16; true if granted.
+    pub(super) fn request() -> bool {
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // CPUID leaf 7 reports zeros where a feature is missing.
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+        if !(amx_bf16 && amx_tile) {
+            return false;
+        }
+        // SAFETY: a system call with integer arguments only; it changes this process's
+        // permitted extended state and nothing else.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+
+    /// The tile configuration `ldtilecfg` reads: palette 1, every tile 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        bytes_per_row: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    thread_local! {
+        /// `A` in bfloat16 pairs, `[rows][pairs]`, kept per thread.
+        static A_ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// `A` (`[m, k]`) as bfloat16 pairs into `out` (`[m rounded up to TILE_ROWS][pitch]`
+    /// words), zeros after `m` and `k`, in one pass in `A`'s own order. Rounded by AVX-512
+    /// BF16's conversion: to nearest even, as `to_bf16`, with subnormals flushed to zero.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn pack_a(a: MatRef, m: usize, k: usize, pitch: usize, out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let pairs = pitch;
+        out.fill(0.0);
+        if a.col_stride == 1 {
+            // Rows in place: 32 depth values of a row become 16 words.
+            for r in 0..m {
+                let src = &a.data[r * a.row_stride..][..k];
+                let dst = &mut out[r * pairs..][..k.div_ceil(2)];
+                let mut chunks = src.chunks_exact(2 * AMX_PAIRS);
+                for (chunk, words) in chunks.by_ref().zip(dst.chunks_exact_mut(AMX_PAIRS)) {
+                    // SAFETY: 32 floats read from `chunk`, 16 words written to `words`.
+                    unsafe {
+                        let low = _mm512_loadu_ps(chunk.as_ptr());
+                        let high = _mm512_loadu_ps(chunk.as_ptr().add(16));
+                        let bf: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
+                        _mm512_storeu_si512(words.as_mut_ptr().cast(), bf);
+                    }
+                }
+                let done = (k / (2 * AMX_PAIRS)) * AMX_PAIRS;
+                let rest = chunks.remainder();
+                for (q, word) in dst[done..].iter_mut().enumerate().take(rest.len().div_ceil(2)) {
+                    *word = bf16_pair(rest[2 * q], rest.get(2 * q + 1).copied().unwrap_or(0.0));
+                }
+            }
+            return;
+        }
+        // Columns in place (a transposed `A`): two depth values of 16 rows become one word per
+        // row, the two columns interleaved.
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+            18, 2, 17, 1, 16, 0,
+        );
+        let column = |row0: usize, kk: usize| {
+            let mut col = [0.0f32; TILE_ROWS];
+            if kk < k {
+                let rows = (m - row0).min(TILE_ROWS);
+                for (r, x) in col.iter_mut().enumerate().take(rows) {
+                    *x = a.data[(row0 + r) * a.row_stride + kk * a.col_stride];
+                }
+            }
+            col
+        };
+        for q in 0..k.div_ceil(2) {
+            for row0 in (0..m).step_by(TILE_ROWS) {
+                let (even, odd) = (column(row0, 2 * q), column(row0, 2 * q + 1));
+                let mut words = [0u32; TILE_ROWS];
+                // SAFETY: 16 floats read from each column, 16 words written to `words`.
+                unsafe {
+                    let bf: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(
+                        _mm512_loadu_ps(odd.as_ptr()),
+                        _mm512_loadu_ps(even.as_ptr()),
+                    ));
+                    _mm512_storeu_si512(words.as_mut_ptr().cast(), _mm512_permutexvar_epi16(interleave, bf));
+                }
+                for (r, &word) in words.iter().enumerate() {
+                    out[(row0 + r) * pairs + q] = f32::from_bits(word);
+                }
+            }
+        }
+    }
+
+    /// `gemm` for a bfloat16 packing; `amx_bf16_ready` holds.
+    pub(super) fn gemm(m: usize, a: MatRef, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
+        let (k, n) = (b.k, b.n);
+        let pairs = amx_pairs(k);
+        let mut config =
+            TileConfig { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
+        for tile in 0..8 {
+            config.bytes_per_row[tile] = 64;
+            config.rows[tile] = TILE_ROWS as u8;
+        }
+        // Rows of the packed `A` one tile row longer than their pairs: rows a power of two
+        // apart would all fall in one set of the L1 cache, as the transposed `A` of `Σ xᵀ y` is
+        // written down a column.
+        let pitch = pairs + AMX_PAIRS;
+        A_ROWS.with_borrow_mut(|a_rows| {
+            a_rows.clear();
+            // Whole pairs of row blocks, zeros after `m`.
+            a_rows.resize(m.next_multiple_of(2 * TILE_ROWS) * pitch, 0.0);
+            // SAFETY: `amx_bf16_ready` means an AMX CPU, and every AMX CPU has AVX-512F, BW and
+            // BF16; `A`'s rows lie inside `a` (checked by `gemm`).
+            unsafe { pack_a(a, m, k, pitch, a_rows) };
+            // SAFETY: `config` is a valid palette-1 configuration (8 tiles of 16 × 64 bytes);
+            // `amx_bf16_ready` (asserted by `gemm`) means the CPU has AMX and the process may
+            // use it. `tilerelease` below returns the tiles to their initial state.
+            unsafe { asm!("ldtilecfg [{0}]", in(reg) &config, options(nostack, readonly)) };
+            // Depth blocks whose panels of `B` stay in the L2 cache while every row block
+            // passes over them; in each, 32 × 32 blocks of `C` as four tiles (two row blocks by
+            // two panels), so four independent sums share each tile of `A` and of `B`.
+            let num_panels = n.div_ceil(PANEL_COLS);
+            for block0 in (0..pairs).step_by(BLOCK_PAIRS) {
+                let chunks = BLOCK_PAIRS.min(pairs - block0) / AMX_PAIRS;
+                let load_c = accumulate || block0 > 0;
+                for row0 in (0..m).step_by(2 * TILE_ROWS) {
+                    for p0 in (0..num_panels).step_by(2) {
+                        // Tile `2 i + j` (row block `i`, panel `j`) is summed in `sums[2 i + j]`
+                        // and then added into `C` (or written, for a first block without
+                        // `accumulate`): stored down `C` itself, 16 rows `ldc` apart would often
+                        // share one set of the L1 cache.
+                        let mut sums = [[0.0f32; TILE_ROWS * PANEL_COLS]; 4];
+                        let extent = |t: usize| {
+                            let (i, j) = (t / 2, t % 2);
+                            let rows = m.saturating_sub(row0 + i * TILE_ROWS).min(TILE_ROWS);
+                            let cols = n.saturating_sub((p0 + j) * PANEL_COLS).min(PANEL_COLS);
+                            (rows, cols, (row0 + i * TILE_ROWS) * ldc + (p0 + j) * PANEL_COLS)
+                        };
+                        let a_tiles =
+                            [0, 1].map(|i| a_rows[(row0 + i * TILE_ROWS) * pitch + block0..].as_ptr());
+                        // A missing second panel repeats the first; its sums go to scratch.
+                        let b_tiles = [0, 1].map(|j| {
+                            let p = (p0 + j).min(num_panels - 1);
+                            b.data[(p * pairs + block0) * PANEL_COLS..].as_ptr()
+                        });
+                        // SAFETY: each of `sums` holds a tile of 16 rows of 16 floats; each tile
+                        // of `A` 16 rows of `pitch` words (`a_rows` has whole pairs of row
+                        // blocks), and each panel of `B` `chunks` tiles of 16 rows of 16 words.
+                        unsafe {
+                            asm!(
+                                "tilezero tmm0",
+                                "tilezero tmm1",
+                                "tilezero tmm2",
+                                "tilezero tmm3",
+                                options(nostack, nomem)
+                            );
+                            for chunk in 0..chunks {
+                                asm!(
+                                    "tileloadd tmm4, [{a0} + {a_stride}*1]",
+                                    "tileloadd tmm6, [{b0} + {b_stride}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tileloadd tmm7, [{b1} + {b_stride}*1]",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    "tileloadd tmm5, [{a1} + {a_stride}*1]",
+                                    "tdpbf16ps tmm2, tmm5, tmm6",
+                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    a0 = in(reg) a_tiles[0].add(chunk * AMX_PAIRS),
+                                    a1 = in(reg) a_tiles[1].add(chunk * AMX_PAIRS),
+                                    a_stride = in(reg) pitch * 4,
+                                    b0 = in(reg) b_tiles[0].add(chunk * AMX_PAIRS * PANEL_COLS),
+                                    b1 = in(reg) b_tiles[1].add(chunk * AMX_PAIRS * PANEL_COLS),
+                                    b_stride = in(reg) PANEL_COLS * 4,
+                                    options(nostack, readonly),
+                                );
+                            }
+                            let tile_stride = PANEL_COLS * 4;
+                            asm!(
+                                "tilestored [{c0} + {stride}*1], tmm0",
+                                "tilestored [{c1} + {stride}*1], tmm1",
+                                "tilestored [{c2} + {stride}*1], tmm2",
+                                "tilestored [{c3} + {stride}*1], tmm3",
+                                c0 = in(reg) sums[0].as_mut_ptr(),
+                                c1 = in(reg) sums[1].as_mut_ptr(),
+                                c2 = in(reg) sums[2].as_mut_ptr(),
+                                c3 = in(reg) sums[3].as_mut_ptr(),
+                                stride = in(reg) tile_stride,
+                                options(nostack),
+                            );
+                        }
+                        for (t, sum) in sums.iter().enumerate() {
+                            let (rows, cols, at) = extent(t);
+                            if cols == 0 {
+                                continue;
+                            }
+                            for (r, sum_row) in sum.chunks_exact(PANEL_COLS).take(rows).enumerate() {
+                                let c_row = &mut c[at + r * ldc..][..cols];
+                                match load_c {
+                                    true => c_row.iter_mut().zip(sum_row).for_each(|(c, s)| *c += s),
+                                    false => c_row.copy_from_slice(&sum_row[..cols]),
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // SAFETY: releases the tiles configured above.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,6 +962,71 @@ mod tests {
                 assert!(simd_results.iter().all(|c| c == first), "{m}x{k}x{n}: SIMD kernels differ");
             }
         }
+    }
+
+    #[test]
+    fn bfloat16_product_is_the_product_of_the_rounded_matrices() {
+        if !amx_bf16_ready() {
+            eprintln!("skipped: no AMX-BF16 here");
+            return;
+        }
+        let rounded = |x: f32| f32::from_bits(u32::from(to_bf16(x)) << 16);
+        // Odd depths leave half a pair and part of a tile; 17 and 33 rows part of a row
+        // block; 33 and 20 columns part of a panel.
+        for &(m, k, n) in &[(1, 1, 1), (5, 7, 16), (17, 513, 33), (32, 256, 20), (33, 40, 64)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 89) as f32 - 44.0) / 29.0).collect();
+            let a_r: Vec<f32> = a.iter().map(|&x| rounded(x)).collect();
+            let b_r: Vec<f32> = b.iter().map(|&x| rounded(x)).collect();
+            let want = reference_product(m, k, n, &a_r, k, 1, &b_r);
+            let exact = reference_product(m, k, n, &a, k, 1, &b);
+            let mut packed = PackedB::new(k, n, &b, n, 1);
+            packed.round_to_bf16();
+            let mut a_t = vec![0.0f32; m * k];
+            for i in 0..m {
+                for kk in 0..k {
+                    a_t[kk * m + i] = a[i * k + kk];
+                }
+            }
+            for a_ref in [
+                MatRef { data: &a, row_stride: k, col_stride: 1 },
+                MatRef { data: &a_t, row_stride: 1, col_stride: m },
+            ] {
+                let c0: Vec<f32> = (0..m * n).map(|i| (i % 5) as f32).collect();
+                let mut added = c0.clone();
+                gemm(Isa::detect(), m, a_ref, &packed, &mut added, n, true);
+                let mut fresh = vec![9.0f32; m * n];
+                gemm(Isa::detect(), m, a_ref, &packed, &mut fresh, n, false);
+                let scale = (k as f64).sqrt() * 2.0;
+                for i in 0..m * n {
+                    let got = added[i] as f64 - c0[i] as f64;
+                    // Sums in f32 of bfloat16 products: close to the rounded matrices' product,
+                    // and within bfloat16's precision of the exact one.
+                    assert!(
+                        (got - want[i]).abs() < 1e-5 * scale,
+                        "{m}x{k}x{n} [{i}]: {got} against {}",
+                        want[i]
+                    );
+                    assert!(
+                        (got - exact[i]).abs() < 1e-2 * scale,
+                        "{m}x{k}x{n} [{i}]: {got}, exact {}",
+                        exact[i]
+                    );
+                    assert!((fresh[i] as f64 - want[i]).abs() < 1e-5 * scale, "{m}x{k}x{n} [{i}] fresh");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bfloat16_rounds_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even 1.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(to_bf16(1.0 + 3.0 / 512.0), 0x3f81);
+        assert_eq!(to_bf16(-2.0), 0xc000);
+        assert_eq!(to_bf16(f32::INFINITY), 0x7f80);
+        assert!(f32::from_bits(u32::from(to_bf16(f32::NAN)) << 16).is_nan());
     }
 
     #[test]

@@ -353,14 +353,15 @@ pub fn chord_logits(
     for layer in lstm.layers() {
         let (out, _, _) = match &ys {
             None => {
-                fused::recur_table_rows(&lstm.input_table(&Tensor::clone)?, ids, &layer.w_hh, &zeros, &zeros)?
+                let table = lstm.input_table(&Tensor::clone)?;
+                fused::recur_table_rows(&table, ids, &layer.w_hh, &zeros, &zeros, fused::training_products())?
             }
             Some(below) => {
                 let bias = (&layer.b_ih + &layer.b_hh)?;
                 let flat = below.reshape((seq_len * batch, hidden))?;
-                let xs_proj =
-                    fused::linear(&flat, &layer.w_ih, &bias)?.reshape((seq_len, batch, 4 * hidden))?;
-                fused::recur(&xs_proj, &layer.w_hh, &zeros, &zeros)?
+                let xs_proj = fused::linear(&flat, &layer.w_ih, &bias, fused::training_products())?
+                    .reshape((seq_len, batch, 4 * hidden))?;
+                fused::recur(&xs_proj, &layer.w_hh, &zeros, &zeros, fused::training_products())?
             }
         };
         ys = Some(match dropout.as_deref_mut() {

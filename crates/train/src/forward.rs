@@ -6,7 +6,7 @@
 use candle_core::{Result, Tensor};
 use model::lstm::{time_major, Dropout, LstmState, MelodyLstm, StepWeights};
 
-use crate::fused;
+use crate::fused::{self, Products};
 
 /// Whole-sequence passes of a `MelodyLstm`, taking the fused op where it applies.
 pub trait SequenceForward {
@@ -58,7 +58,8 @@ pub trait SequenceForward {
 fn fused_head(model: &MelodyLstm, ys: &Tensor) -> Result<Tensor> {
     let (seq_len, batch, hidden) = ys.dims3()?;
     let (weight, bias) = model.output_layer();
-    let logits = fused::linear(&ys.reshape((seq_len * batch, hidden))?, weight, bias)?;
+    // f32 even in training: the logits are the loss's input, and this product is small.
+    let logits = fused::linear(&ys.reshape((seq_len * batch, hidden))?, weight, bias, Products::F32)?;
     logits.reshape((seq_len, batch, weight.dim(0)?))
 }
 
@@ -73,7 +74,8 @@ impl SequenceForward for MelodyLstm {
         if !fused::applies_to(self) {
             return self.graph_forward_time_major(tokens, bars, state, dropout);
         }
-        let (ys, next) = fused::lstm_outputs(self, tokens, bars, state, dropout, false)?;
+        let (ys, next) =
+            fused::lstm_outputs(self, tokens, bars, state, dropout, false, fused::training_products())?;
         Ok((fused_head(self, &ys)?, next))
     }
 
@@ -81,7 +83,7 @@ impl SequenceForward for MelodyLstm {
         if !fused::applies_to(self) {
             return self.graph_predict_time_major(tokens, bars);
         }
-        let (ys, _) = fused::lstm_outputs(self, tokens, bars, None, None, true)?;
+        let (ys, _) = fused::lstm_outputs(self, tokens, bars, None, None, true, Products::F32)?;
         Ok(fused_head(self, &ys)?.detach())
     }
 
@@ -102,7 +104,7 @@ impl SequenceForward for MelodyLstm {
             return self.graph_forward_last(tokens, bars);
         }
         let (tokens, bars) = time_major(tokens, bars)?;
-        let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, false)?;
+        let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, false, Products::F32)?;
         self.head(&ys.get(ys.dim(0)? - 1)?)
     }
 
@@ -116,7 +118,7 @@ impl SequenceForward for MelodyLstm {
             return self.graph_forward_last_with(weights, tokens, bars);
         }
         let (tokens, bars) = time_major(tokens, bars)?;
-        let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, true)?;
+        let (ys, _) = fused::lstm_outputs(self, &tokens, bars.as_ref(), None, None, true, Products::F32)?;
         let (head_w_t, head_b) = weights.head();
         ys.get(ys.dim(0)? - 1)?.matmul(head_w_t)?.broadcast_add(head_b)
     }

@@ -2,6 +2,8 @@
 //! op, with its backward pass (backpropagation through time) written by hand. It replaces the
 //! dozen small tensors candle's graph builds per time step, and candle's autograd still works
 //! around it: the input projection, the output layer and the loss stay ordinary candle ops.
+//! Training passes may multiply in bfloat16 on AMX tiles (`Products`, `set_training_products`);
+//! evaluation always multiplies in f32.
 //! Runs on: offline threads (training, evaluation). Splits the batch across candle's own CPU
 //! worker threads (`candle_core::utils::barrier_pool`), the calling thread among them; spawns
 //! none and sets no environment variables.
@@ -21,12 +23,56 @@
 //! independent, so each thread runs its share of the batch through all steps without waiting
 //! for the others; the products are the packed kernels of `kernels`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Error, IndexOp, Layout, Result, Shape, Storage, Tensor};
 
-use model::kernels::{gemm, sigmoid, tanh_approx, Isa, Kernel, MatRef, PackedB};
+use model::kernels::{amx_bf16_ready, gemm, sigmoid, tanh_approx, Isa, Kernel, MatRef, PackedB};
 use model::lstm::{Dropout, LstmState, MelodyLstm};
+
+/// How the recurrent matrix products of a pass multiply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Products {
+    /// In f32: the same function as the per-step graph, to float rounding.
+    F32,
+    /// The recurrent weights and what they multiply rounded to bfloat16, the products summed
+    /// in f32, on AMX tiles (`kernels::amx_bf16_ready`): four to five times the f32 rate on
+    /// this product's shapes. Only for training passes, where the rounding is within the noise
+    /// of the gradient (`docs/experiments/speed.md` compares the loss curves).
+    Bf16,
+}
+
+impl Products {
+    /// How the choice is named in the tools' output.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Products::F32 => "f32",
+            Products::Bf16 => "bfloat16 on AMX tiles, summed in f32",
+        }
+    }
+}
+
+/// Whether this process's training passes multiply in bfloat16 (`set_training_products`).
+static TRAINING_BF16: AtomicBool = AtomicBool::new(false);
+
+/// Chooses how the training passes (gradients tracked) of this process multiply, and returns
+/// the choice in effect: bfloat16 only where AMX is ready, else f32. Evaluation and
+/// predictions multiply in f32 whatever the choice, so scores never depend on it. Until
+/// called, training multiplies in f32.
+pub fn set_training_products(wanted: Products) -> Products {
+    let bf16 = wanted == Products::Bf16 && amx_bf16_ready();
+    TRAINING_BF16.store(bf16, Ordering::Relaxed);
+    training_products()
+}
+
+/// How training passes multiply in this process (`set_training_products`).
+pub fn training_products() -> Products {
+    match TRAINING_BF16.load(Ordering::Relaxed) {
+        true => Products::Bf16,
+        false => Products::F32,
+    }
+}
 
 /// True if `lstm_outputs` can run `model`: its weights are f32 on the CPU.
 pub fn applies_to(model: &MelodyLstm) -> bool {
@@ -39,7 +85,7 @@ pub fn applies_to(model: &MelodyLstm) -> bool {
 /// `W_ih x + b_ih + b_hh`, gathered, plus the side-table rows of each step's bar inputs for a
 /// model with them), and `dropout` (training only) applies to each layer's recurrent weights
 /// and outputs as the per-step graph applies it, drawing its masks in the same order. With
-/// `detach`, no gradient is tracked (evaluation).
+/// `detach`, no gradient is tracked (evaluation). `products`: how the recurrences multiply.
 /// tokens: `[seq, batch]` u32, bars: `[seq, batch(, inputs)]` (`MelodyLstm::side_rows`), state:
 /// per layer `[batch, hidden]` (zeros when `None`) → (ys `[seq, batch, hidden]`, state after the
 /// last step)
@@ -50,6 +96,7 @@ pub fn lstm_outputs(
     state: Option<&LstmState>,
     mut dropout: Option<&mut Dropout>,
     detach: bool,
+    products: Products,
 ) -> Result<(Tensor, LstmState)> {
     let (seq_len, batch) = tokens.dims2()?;
     let hidden = model.hidden_size();
@@ -87,16 +134,19 @@ pub fn lstm_outputs(
                         let vocab_len = table.dim(0)? as f64;
                         let table = Tensor::cat(&[&table, &side_table], 0)?;
                         let ids = Tensor::cat(&[&tokens.unsqueeze(2)?, &(side_rows + vocab_len)?], 2)?;
-                        recur_table_rows(&table, &ids, &w_hh, &state.h[k], &state.c[k])?
+                        recur_table_rows(&table, &ids, &w_hh, &state.h[k], &state.c[k], products)?
                     }
-                    _ => recur_tokens(&table, tokens, &w_hh, &state.h[k], &state.c[k])?,
+                    _ => recur_tokens(&table, tokens, &w_hh, &state.h[k], &state.c[k], products)?,
                 }
             }
             Some(below) => {
                 let flat = below.reshape((seq_len * batch, hidden))?;
-                let xs_proj =
-                    linear(&flat, &weight(&layer.w_ih), &bias)?.reshape((seq_len, batch, 4 * hidden))?;
-                recur(&xs_proj, &w_hh, &state.h[k], &state.c[k])?
+                let xs_proj = linear(&flat, &weight(&layer.w_ih), &bias, products)?.reshape((
+                    seq_len,
+                    batch,
+                    4 * hidden,
+                ))?;
+                recur(&xs_proj, &w_hh, &state.h[k], &state.c[k], products)?
             }
         };
         next.h.push(h);
@@ -111,8 +161,9 @@ pub fn lstm_outputs(
 
 /// `xs Wᵀ + b` with the packed kernels on candle's threads, forward and backward: the input
 /// projection of the layers above the first, where candle's own matrix product is the slower.
+/// `products`: how its three products multiply.
 /// xs: `[n, input]`, w: `[output, input]`, b: `[output]` → `[n, output]` (all f32 on the CPU).
-pub fn linear(xs: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub fn linear(xs: &Tensor, w: &Tensor, b: &Tensor, products: Products) -> Result<Tensor> {
     let (_, input) = xs.dims2()?;
     let (output, w_input) = w.dims2()?;
     if w_input != input || b.dims() != [output] {
@@ -123,12 +174,23 @@ pub fn linear(xs: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
             b.dims()
         )));
     }
-    xs.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Linear { isa: Isa::detect() })
+    let op = Linear { isa: Isa::detect(), products };
+    xs.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
 
 /// The custom op behind `linear`. Inputs: xs `[n, input]`, w `[output, input]`, b `[output]`.
 struct Linear {
     isa: Isa,
+    products: Products,
+}
+
+impl Products {
+    /// Rounds `packed` as these products multiply (a no-op for f32).
+    fn prepare(self, packed: &mut PackedB) {
+        if self == Products::Bf16 {
+            packed.round_to_bf16();
+        }
+    }
 }
 
 /// Rows `0..n` split into near-equal shares, one per candle thread (`on_candle_threads`).
@@ -175,6 +237,7 @@ impl CustomOp3 for Linear {
         // Wᵀ (`[input, output]`) is the right-hand side.
         let mut w_t = PackedB::with_buffer(take_buffer(0));
         w_t.pack(input, output, w, 1, input);
+        self.products.prepare(&mut w_t);
         let mut out = vec![0.0f32; n * output];
         for row in out.chunks_exact_mut(output) {
             row.copy_from_slice(b);
@@ -208,6 +271,7 @@ impl CustomOp3 for Linear {
             let grad_xs = if xs.track_op() {
                 let mut w_packed = PackedB::with_buffer(take_buffer(0));
                 with_data(w, |w| w_packed.pack(output, input, w, input, 1))?;
+                self.products.prepare(&mut w_packed);
                 let mut dxs = vec![0.0f32; n * input];
                 let a = MatRef { data: grad, row_stride: output, col_stride: 1 };
                 parallel_gemm(isa, n, a, &w_packed, &mut dxs, false);
@@ -220,6 +284,7 @@ impl CustomOp3 for Linear {
             let grad_w = if w.track_op() {
                 let mut xs_packed = PackedB::with_buffer(take_buffer(0));
                 with_data(xs, |xs| xs_packed.pack(n, input, xs, input, 1))?;
+                self.products.prepare(&mut xs_packed);
                 let mut dw = vec![0.0f32; output * input];
                 let a = MatRef { data: grad, row_stride: 1, col_stride: output };
                 parallel_gemm(isa, output, a, &xs_packed, &mut dw, false);
@@ -257,9 +322,15 @@ pub fn applies(xs_proj: &Tensor, w_hh: &Tensor) -> bool {
 /// h0 and c0: `[batch, hidden]` → (ys `[seq, batch, hidden]`, h `[batch, hidden]`, c
 /// `[batch, hidden]` after the last step). Gradients flow to `xs_proj`, `w_hh`, `h0` and `c0`
 /// through `ys` (and `h`, its last step); the returned `c` carries none.
-pub fn recur(xs_proj: &Tensor, w_hh: &Tensor, h0: &Tensor, c0: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn recur(
+    xs_proj: &Tensor,
+    w_hh: &Tensor,
+    h0: &Tensor,
+    c0: &Tensor,
+    products: Products,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (seq_len, batch, _) = xs_proj.dims3()?;
-    recur_on(xs_proj, w_hh, h0, c0, Recurrence::new(), seq_len, batch)
+    recur_on(xs_proj, w_hh, h0, c0, Recurrence { products, ..Recurrence::new() }, seq_len, batch)
 }
 
 /// `recur` for a first layer whose input projection is a row of a table per token: the rows
@@ -273,8 +344,9 @@ pub fn recur_tokens(
     w_hh: &Tensor,
     h0: &Tensor,
     c0: &Tensor,
+    products: Products,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    recur_table_rows(table, &tokens.unsqueeze(2)?, w_hh, h0, c0)
+    recur_table_rows(table, &tokens.unsqueeze(2)?, w_hh, h0, c0, products)
 }
 
 /// `recur_tokens` where each step's input projection is the sum of several rows of the table:
@@ -285,6 +357,7 @@ pub fn recur_table_rows(
     w_hh: &Tensor,
     h0: &Tensor,
     c0: &Tensor,
+    products: Products,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (seq_len, batch, rows_per_step) = ids.dims3()?;
     let num_rows = table.dim(0)?;
@@ -292,7 +365,7 @@ pub fn recur_table_rows(
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= num_rows) {
         return Err(Error::Msg(format!("fused LSTM: row {bad} outside a table of {num_rows}")));
     }
-    let op = Recurrence { token_ids: Some(ids), rows_per_step, ..Recurrence::new() };
+    let op = Recurrence { token_ids: Some(ids), rows_per_step, products, ..Recurrence::new() };
     recur_on(table, w_hh, h0, c0, op, seq_len, batch)
 }
 
@@ -402,6 +475,7 @@ struct Recurrence {
     rows_per_step: usize,
     /// `(seq, batch)`.
     steps: (usize, usize),
+    products: Products,
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
@@ -413,6 +487,7 @@ impl Recurrence {
             token_ids: None,
             rows_per_step: 1,
             steps: (0, 0),
+            products: Products::F32,
             saved: Arc::new(Mutex::new(None)),
         }
     }
@@ -860,6 +935,7 @@ impl CustomOp3 for Recurrence {
         // W_hhᵀ (`[hidden, 4 hidden]`) is the right-hand side of every step's product.
         let mut w_hh_t = PackedB::with_buffer(take_buffer(0));
         w_hh_t.pack(hidden, gate_width, w_hh, 1, hidden);
+        self.products.prepare(&mut w_hh_t);
         let (h0, c0) = hc0.split_at(batch * hidden);
         let mut gates = take_buffer(seq_len * batch * gate_width);
         let mut cells = take_buffer(seq_len * batch * hidden);
@@ -924,6 +1000,7 @@ impl CustomOp3 for Recurrence {
         let device = input.device();
         let mut w_hh_packed = PackedB::with_buffer(take_buffer(0));
         with_data(w_hh, |w| w_hh_packed.pack(gate_width, hidden, w, hidden, 1))?;
+        self.products.prepare(&mut w_hh_packed);
         // With a token table the gradient for xs_proj stays inside (it is summed into the
         // table's), so it can live in a pooled buffer.
         let mut grad_xs = match self.token_ids {
@@ -1003,6 +1080,7 @@ impl CustomOp3 for Recurrence {
                     h_prev.pack_row_pieces(hidden, &[h0, earlier])
                 })
             })??;
+            self.products.prepare(&mut h_prev);
             let mut grad_w = vec![0.0f32; gate_width * hidden];
             let row_bounds = self.shares(gate_width);
             let mut rest: &mut [f32] = &mut grad_w;
@@ -1064,8 +1142,25 @@ mod tests {
 
     /// One layer, random weights, inputs and starting state: candle-nn's stock `LSTM` against
     /// the fused recurrence (threads: `num_threads`), forward values and every gradient of the
-    /// loss `Σ ys ⊙ R` (R random): weights, biases, inputs, h0 and c0.
+    /// loss `Σ ys ⊙ R` (R random): weights, biases, inputs, h0 and c0. In f32 they agree to
+    /// float rounding; in bfloat16 within its precision, and not exactly (so it ran).
     fn compare(seq_len: usize, batch: usize, input: usize, hidden: usize, num_threads: usize, seed: u64) {
+        compare_products(seq_len, batch, input, hidden, num_threads, seed, Products::F32);
+    }
+
+    fn compare_products(
+        seq_len: usize,
+        batch: usize,
+        input: usize,
+        hidden: usize,
+        num_threads: usize,
+        seed: u64,
+        products: Products,
+    ) {
+        let (value_tolerance, gradient_tolerance) = match products {
+            Products::F32 => (1e-5, 1e-4),
+            Products::Bf16 => (1e-2, 2e-2),
+        };
         let dev = Device::Cpu;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let map = VarMap::new();
@@ -1094,16 +1189,20 @@ mod tests {
         let bias = (b_ih.as_tensor() + b_hh.as_tensor()).unwrap();
         let xs_proj = flat.matmul(&w_ih.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
         let xs_proj = xs_proj.reshape((seq_len, batch, 4 * hidden)).unwrap();
-        let op = Recurrence { num_threads, ..Recurrence::new() };
+        let op = Recurrence { num_threads, products, ..Recurrence::new() };
         let (ys, h, c) = recur_on(&xs_proj, &w_hh, &h0, &c0, op, seq_len, batch).unwrap();
         let ys = ys.transpose(0, 1).unwrap();
         let grads = (&ys * &weights).unwrap().sum_all().unwrap().backward().unwrap();
 
-        let label =
-            format!("seq {seq_len} batch {batch} input {input} hidden {hidden} threads {num_threads}");
-        assert!(rel_diff(&ys, &stock_ys) < 1e-5, "{label}: ys");
-        assert!(rel_diff(&h, &states.last().unwrap().h) < 1e-5, "{label}: h");
-        assert!(rel_diff(&c, &stock_c) < 1e-5, "{label}: c");
+        let label = format!(
+            "seq {seq_len} batch {batch} input {input} hidden {hidden} threads {num_threads} {products:?}"
+        );
+        assert!(rel_diff(&ys, &stock_ys) < value_tolerance, "{label}: ys");
+        assert!(rel_diff(&h, &states.last().unwrap().h) < value_tolerance, "{label}: h");
+        assert!(rel_diff(&c, &stock_c) < value_tolerance, "{label}: c");
+        if products == Products::Bf16 {
+            assert!(rel_diff(&ys, &stock_ys) > 1e-6, "{label}: no bfloat16 rounding to be seen");
+        }
         for (name, var) in [
             ("w_ih", &w_ih),
             ("w_hh", &w_hh),
@@ -1116,8 +1215,18 @@ mod tests {
             let ours = grads.get(var).unwrap_or_else(|| panic!("{label}: no gradient for {name}"));
             let theirs = stock_grads.get(var).unwrap();
             let d = rel_diff(ours, theirs);
-            assert!(d < 1e-4, "{label}: gradient of {name} off by {d} (relative)");
+            assert!(d < gradient_tolerance, "{label}: gradient of {name} off by {d} (relative)");
         }
+    }
+
+    #[test]
+    fn gradients_in_bfloat16_stay_close_to_candle_nn_stock_lstm() {
+        if !amx_bf16_ready() {
+            eprintln!("skipped: no AMX-BF16 here");
+            return;
+        }
+        compare_products(9, 5, 6, 20, 2, 1, Products::Bf16);
+        compare_products(12, 7, 44, 64, 2, 3, Products::Bf16);
     }
 
     #[test]
@@ -1260,7 +1369,8 @@ mod tests {
             nll_and_argmax(&logits, &targets).unwrap().0.mean_all().unwrap()
         };
         for given in [Some(&bars), Some(&positions_only), None] {
-            let (fused_ys, _) = lstm_outputs(&model, &inputs, given, None, None, false).unwrap();
+            let (fused_ys, _) =
+                lstm_outputs(&model, &inputs, given, None, None, false, Products::F32).unwrap();
             let (graph_ys, _) = model.lstm_outputs(&inputs, given, None, None).unwrap();
             let graph_ys = Tensor::stack(&graph_ys, 0).unwrap();
             assert!(rel_diff(&fused_ys, &graph_ys) < 1e-5, "bars {}: outputs", given.is_some());
@@ -1272,9 +1382,10 @@ mod tests {
             }
         }
         // The bar inputs matter: leaving the lookback out, or everything, gives other outputs.
-        let (all, _) = lstm_outputs(&model, &inputs, Some(&bars), None, None, false).unwrap();
-        let (positions, _) = lstm_outputs(&model, &inputs, Some(&positions_only), None, None, false).unwrap();
-        let (nothing, _) = lstm_outputs(&model, &inputs, None, None, None, false).unwrap();
+        let (all, _) = lstm_outputs(&model, &inputs, Some(&bars), None, None, false, Products::F32).unwrap();
+        let (positions, _) =
+            lstm_outputs(&model, &inputs, Some(&positions_only), None, None, false, Products::F32).unwrap();
+        let (nothing, _) = lstm_outputs(&model, &inputs, None, None, None, false, Products::F32).unwrap();
         assert!(rel_diff(&all, &positions) > 1e-3 && rel_diff(&positions, &nothing) > 1e-3);
     }
 
@@ -1305,13 +1416,14 @@ mod tests {
             let logits = model.head(ys).unwrap().reshape(((), vocab)).unwrap();
             nll_and_argmax(&logits, &targets).unwrap().0.mean_all().unwrap()
         };
-        let (plain, _) = lstm_outputs(&model, &inputs, None, None, None, false).unwrap();
+        let (plain, _) = lstm_outputs(&model, &inputs, None, None, None, false, Products::F32).unwrap();
         let kinds = [(false, 0.0), (true, 0.0), (false, 0.4), (true, 0.4)];
         let mut seen: Vec<Tensor> = Vec::new();
         for (locked, weight_drop) in kinds {
             let dropout = || Dropout::new(0.3, 17).locked(locked).weight_drop(weight_drop);
             let (fused_ys, _) =
-                lstm_outputs(&model, &inputs, None, None, Some(&mut dropout()), false).unwrap();
+                lstm_outputs(&model, &inputs, None, None, Some(&mut dropout()), false, Products::F32)
+                    .unwrap();
             let (graph_ys, _) = model.lstm_outputs(&inputs, None, None, Some(&mut dropout())).unwrap();
             let graph_ys = Tensor::stack(&graph_ys, 0).unwrap();
             let what = format!("locked {locked}, weight drop {weight_drop}");
@@ -1340,29 +1452,37 @@ mod tests {
     }
 
     /// `linear` against candle's `matmul` + `broadcast_add`: values and the gradients of all
-    /// three inputs, at sizes off the kernels' panel and tile widths.
+    /// three inputs, at sizes off the kernels' panel and tile widths; in bfloat16 too where AMX
+    /// is ready, within its precision.
     #[test]
     fn linear_matches_candle() {
         let mut rng = ChaCha8Rng::seed_from_u64(21);
-        for &(n, input, output) in &[(37, 20, 52), (5, 256, 1024), (1, 3, 1)] {
+        let mut runs = vec![Products::F32];
+        if amx_bf16_ready() {
+            runs.push(Products::Bf16);
+        }
+        let sizes = [(37, 20, 52), (5, 256, 1024), (1, 3, 1)];
+        for (products, &(n, input, output)) in runs.iter().flat_map(|&p| sizes.iter().map(move |s| (p, s))) {
+            let tolerance = if products == Products::F32 { 1e-5 } else { 2e-2 };
             let xs = Var::from_tensor(&random(&mut rng, &[n, input], 1.0)).unwrap();
             let w = Var::from_tensor(&random(&mut rng, &[output, input], 0.3)).unwrap();
             let b = Var::from_tensor(&random(&mut rng, &[output], 0.3)).unwrap();
             let r = random(&mut rng, &[n, output], 1.0);
             let want = xs.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
             let want_grads = (&want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let got = linear(&xs, &w, &b).unwrap();
+            let got = linear(&xs, &w, &b, products).unwrap();
             let grads = (&got * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            assert!(rel_diff(&got, &want) < 1e-5, "{n}x{input}x{output}: values");
+            assert!(rel_diff(&got, &want) < tolerance, "{n}x{input}x{output} {products:?}: values");
             for (name, var) in [("xs", &xs), ("w", &w), ("b", &b)] {
                 let d = rel_diff(grads.get(var).unwrap(), want_grads.get(var).unwrap());
-                assert!(d < 1e-5, "{n}x{input}x{output}: gradient of {name} off by {d}");
+                assert!(d < tolerance, "{n}x{input}x{output} {products:?}: gradient of {name} off by {d}");
             }
         }
         let bad = linear(
             &random(&mut rng, &[2, 3], 1.0),
             &random(&mut rng, &[4, 5], 1.0),
             &random(&mut rng, &[4], 1.0),
+            Products::F32,
         );
         assert!(bad.is_err());
     }
@@ -1374,9 +1494,9 @@ mod tests {
         let w = Tensor::zeros((8, 2), DType::F32, &dev).unwrap();
         let h = Tensor::zeros((2, 2), DType::F32, &dev).unwrap();
         let ok = Tensor::from_slice(&[0u32, 2, 1, 1], (2, 2), &dev).unwrap();
-        assert!(recur_tokens(&table, &ok, &w, &h, &h).is_ok());
+        assert!(recur_tokens(&table, &ok, &w, &h, &h, Products::F32).is_ok());
         let bad = Tensor::from_slice(&[0u32, 3, 1, 1], (2, 2), &dev).unwrap();
-        assert!(recur_tokens(&table, &bad, &w, &h, &h).is_err());
+        assert!(recur_tokens(&table, &bad, &w, &h, &h, Products::F32).is_err());
     }
 
     #[test]
@@ -1394,6 +1514,6 @@ mod tests {
         let xs = Tensor::zeros((3, 2, 8), DType::F32, &dev).unwrap();
         let w = Tensor::zeros((8, 3), DType::F32, &dev).unwrap();
         let h = Tensor::zeros((2, 2), DType::F32, &dev).unwrap();
-        assert!(recur(&xs, &w, &h, &h).is_err());
+        assert!(recur(&xs, &w, &h, &h, Products::F32).is_err());
     }
 }
