@@ -37,9 +37,10 @@ pub enum Products {
     /// In f32: the same function as the per-step graph, to float rounding.
     F32,
     /// The recurrent weights and what they multiply rounded to bfloat16, the products summed
-    /// in f32, on AMX tiles (`kernels::amx_bf16_ready`): four to five times the f32 rate on
-    /// this product's shapes. Only for training passes, where the rounding is within the noise
-    /// of the gradient (`docs/experiments/speed.md` compares the loss curves).
+    /// in f32, on AMX tiles (`kernels::amx_bf16_ready`): three to five times the f32 rate on
+    /// the recurrence's step products, 1.5 times on `dW_hh`. Only for training passes, where
+    /// the rounding stays within the noise between runs (`docs/experiments/speed.md` compares
+    /// the loss curves).
     Bf16,
 }
 
