@@ -637,14 +637,18 @@ mod amx {
     const BLOCK_PAIRS: usize = 256;
 
     /// Asks the kernel for the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
-    /// XFEATURE_XTILEDATA)`) once the CPU reports AMX-TILE and AMX-BF16; true if granted.
+    /// XFEATURE_XTILEDATA)`) once the CPU reports AMX-TILE and AMX-BF16, and the AVX-512 BF16
+    /// conversion `pack_a` rounds with; true if granted.
     pub(super) fn request() -> bool {
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
         const XFEATURE_XTILEDATA: libc::c_long = 18;
         // CPUID leaf 7 reports zeros where a feature is missing.
         let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
         let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
-        if !(amx_bf16 && amx_tile) {
+        let converts = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16");
+        if !(amx_bf16 && amx_tile && converts) {
             return false;
         }
         // SAFETY: a system call with integer arguments only; it changes this process's
@@ -673,13 +677,12 @@ mod amx {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn pack_a(a: MatRef, m: usize, k: usize, pitch: usize, out: &mut [f32]) {
         use std::arch::x86_64::*;
-        let pairs = pitch;
         out.fill(0.0);
         if a.col_stride == 1 {
             // Rows in place: 32 depth values of a row become 16 words.
             for r in 0..m {
                 let src = &a.data[r * a.row_stride..][..k];
-                let dst = &mut out[r * pairs..][..k.div_ceil(2)];
+                let dst = &mut out[r * pitch..][..k.div_ceil(2)];
                 let mut chunks = src.chunks_exact(2 * AMX_PAIRS);
                 for (chunk, words) in chunks.by_ref().zip(dst.chunks_exact_mut(AMX_PAIRS)) {
                     // SAFETY: 32 floats read from `chunk`, 16 words written to `words`.
@@ -727,7 +730,7 @@ mod amx {
                     _mm512_storeu_si512(words.as_mut_ptr().cast(), _mm512_permutexvar_epi16(interleave, bf));
                 }
                 for (r, &word) in words.iter().enumerate() {
-                    out[(row0 + r) * pairs + q] = f32::from_bits(word);
+                    out[(row0 + r) * pitch + q] = f32::from_bits(word);
                 }
             }
         }
@@ -751,8 +754,8 @@ mod amx {
             a_rows.clear();
             // Whole pairs of row blocks, zeros after `m`.
             a_rows.resize(m.next_multiple_of(2 * TILE_ROWS) * pitch, 0.0);
-            // SAFETY: `amx_bf16_ready` means an AMX CPU, and every AMX CPU has AVX-512F, BW and
-            // BF16; `A`'s rows lie inside `a` (checked by `gemm`).
+            // SAFETY: `amx_bf16_ready` (asserted by `gemm`) checked AVX-512F, BW and BF16;
+            // `A`'s rows lie inside `a` (checked by `gemm`).
             unsafe { pack_a(a, m, k, pitch, a_rows) };
             // SAFETY: `config` is a valid palette-1 configuration (8 tiles of 16 × 64 bytes);
             // `amx_bf16_ready` (asserted by `gemm`) means the CPU has AMX and the process may
@@ -780,7 +783,8 @@ mod amx {
                         };
                         let a_tiles =
                             [0, 1].map(|i| a_rows[(row0 + i * TILE_ROWS) * pitch + block0..].as_ptr());
-                        // A missing second panel repeats the first; its sums go to scratch.
+                        // A missing second panel repeats the first; its sums (no columns of
+                        // `C`) are dropped below.
                         let b_tiles = [0, 1].map(|j| {
                             let p = (p0 + j).min(num_panels - 1);
                             b.data[(p * pairs + block0) * PANEL_COLS..].as_ptr()

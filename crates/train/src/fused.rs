@@ -52,6 +52,13 @@ impl Products {
             Products::Bf16 => "bfloat16 on AMX tiles, summed in f32",
         }
     }
+
+    /// Rounds `packed` as these products multiply (a no-op for f32).
+    fn prepare(self, packed: &mut PackedB) {
+        if self == Products::Bf16 {
+            packed.round_to_bf16();
+        }
+    }
 }
 
 /// Whether this process's training passes multiply in bfloat16 (`set_training_products`).
@@ -183,15 +190,6 @@ pub fn linear(xs: &Tensor, w: &Tensor, b: &Tensor, products: Products) -> Result
 struct Linear {
     isa: Isa,
     products: Products,
-}
-
-impl Products {
-    /// Rounds `packed` as these products multiply (a no-op for f32).
-    fn prepare(self, packed: &mut PackedB) {
-        if self == Products::Bf16 {
-            packed.round_to_bf16();
-        }
-    }
 }
 
 /// Rows `0..n` split into near-equal shares, one per candle thread (`on_candle_threads`).
