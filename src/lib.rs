@@ -40,8 +40,33 @@ pub struct Antiphon {
     editor_state: Arc<nice_plug_egui::EguiEditorState>,
 }
 
+/// Keeps this library mapped until the process exits, from the first instance on. The code an
+/// instance runs on a host's thread leaves per-thread destructors behind (thread-local data of
+/// the libraries it links), and a host that unloads the plugin while that thread lives would
+/// call into unmapped memory when the thread ends: the tests' host crashed that way at thread
+/// exit, one run in ten. The cost is the mapping a host that unloads the plugin would have freed.
+fn keep_library_loaded() {
+    #[cfg(unix)]
+    {
+        static PINNED: std::sync::Once = std::sync::Once::new();
+        PINNED.call_once(|| {
+            // SAFETY: `dladdr` fills `info` for an address inside this library and keeps
+            // `dli_fname` valid while it is loaded; `dlopen` with RTLD_NOLOAD loads nothing,
+            // only marks the copy already loaded RTLD_NODELETE, and its handle is never closed.
+            unsafe {
+                let mut info: libc::Dl_info = std::mem::zeroed();
+                let here = keep_library_loaded as *const libc::c_void;
+                if libc::dladdr(here, &mut info) != 0 && !info.dli_fname.is_null() {
+                    libc::dlopen(info.dli_fname, libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_NODELETE);
+                }
+            }
+        });
+    }
+}
+
 impl Default for Antiphon {
     fn default() -> Self {
+        keep_library_loaded();
         let live = Arc::new(LiveShared::new());
         Self {
             params: Arc::new(AntiphonParams::default()),
