@@ -890,6 +890,22 @@ mod tests {
         }
     }
 
+    /// The built-in model through the VNNI kernel, over a passage of its own training songs,
+    /// against candle on the same weights: trained weights, not only random ones.
+    #[test]
+    fn builtin_model_int8_step_matches_candle_within_1e_5() {
+        if !(Isa::detect() == Isa::Avx512 && int8::cpu_has_vnni()) {
+            return;
+        }
+        let model = crate::io::LoadedModel::builtin().unwrap();
+        let fast = FastLstm::for_model(&model.lstm).unwrap().unwrap();
+        assert_eq!(fast.format(), WeightFormat::I8);
+        let stream = model.memory.as_ref().expect("the built-in model has a tune memory").to_bytes();
+        let tokens: Vec<u32> = stream[stream.len() / 2..][..200].iter().map(|&t| t as u32).collect();
+        let (want, want_c) = candle_steps(&model.lstm, &tokens);
+        assert_steps_match(&fast, &tokens, (&want, &want_c), "built-in int8");
+    }
+
     /// Int8-grid weights (`int8::quantize_model`) through the VNNI kernel, against candle on the
     /// same weights; and a model off the grid is refused that format.
     #[test]

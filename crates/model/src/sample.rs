@@ -110,8 +110,9 @@ impl Sampler {
         if self.scratch.is_empty() {
             return None;
         }
-        // Most likely first; ties keep id order, so the choice is deterministic.
-        self.scratch.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        // Most likely first; ties keep id order, so the choice is deterministic (and, no two
+        // entries comparing equal, an unstable sort gives the order a stable one would).
+        self.scratch.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         if settings.temperature <= GREEDY_TEMPERATURE || settings.temperature.is_nan() {
             return Some(self.scratch[0].1 as usize);
         }
