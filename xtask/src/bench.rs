@@ -21,7 +21,6 @@ use model::chords::{ChordGenerator, ChordModel};
 use model::fast::{FastLstm, WeightFormat};
 use model::int8;
 use model::lstm::nll_and_argmax;
-use model::memory::RecallCursor;
 use model::{Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, Sampler, SamplingSettings};
 use music::{Frame, PitchSet, Symbol, TokenId, Vocab};
 use train::SequenceForward;
@@ -387,77 +386,6 @@ fn generation(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The built-in model's tune memory over the symbols its generator writes: µs a lookup adds to
-/// a step when it searches the index every step, against extending the last step's match (what
-/// the generator does), in one run. Each lookup follows a pass over the weights a step reads,
-/// as in the generator, and every trial reads a phrase of its own, so that neither way finds
-/// the index warm from the other.
-fn memory_lookup(args: &BenchArgs) -> Result<()> {
-    let model = Arc::new(LoadedModel::builtin()?);
-    let memory = model.memory.as_ref().context("the built-in model has no tune memory")?;
-    let fast = FastLstm::for_model(&model.lstm)?.context("the model did not pack for the fast step")?;
-    let vocab = &model.config.vocab;
-    let mut generator = Generator::new(model.clone(), 2);
-    let settings = bench_settings();
-    let mut phrases: Vec<Vec<u32>> = Vec::new();
-    for _ in 0..4 * (args.gen_trials + 1) {
-        generator.reset();
-        let mut tokens: Vec<u32> = vocab.id(Symbol::Delimiter).map(|t| t.0 as u32).into_iter().collect();
-        while let Some(symbol) = generator.next_symbol(&settings)? {
-            tokens.extend(vocab.id(symbol).map(|t| t.0 as u32));
-            if generator.num_generated() >= args.gen_symbols {
-                break;
-            }
-        }
-        phrases.push(tokens);
-    }
-    let reach = memory.config().max_context;
-    let mut counts = vec![0u32; vocab.len()];
-    let mut sink = 0.0f32;
-    let mut logits = vec![0.0f32; vocab.len()];
-    // µs a symbol: the weights pass alone, then with a search, with the cursor, and with the
-    // cursor and the mixing.
-    let mut times: [Vec<f64>; 4] = Default::default();
-    let (mut num_lookups, mut num_recalled) = (0, 0);
-    for (trial, phrases) in phrases.chunks(4).enumerate() {
-        for (way, times) in times.iter_mut().enumerate() {
-            // The ways take turns at the phrases.
-            let tokens = &phrases[(way + trial) % 4];
-            let mut cursor = RecallCursor::default();
-            let t = Instant::now();
-            for end in 1..=tokens.len() {
-                sink += fast.read_weights_once(TokenId(tokens[end - 1] as u16));
-                let history = &tokens[end.saturating_sub(reach)..end];
-                counts.fill(0);
-                let recalled = match way {
-                    0 => continue,
-                    1 => memory.recall(history, &mut counts),
-                    2 => memory.recall_from(&mut cursor, history, &mut counts),
-                    _ => {
-                        logits.iter_mut().enumerate().for_each(|(i, l)| *l = (i % 7) as f32 * 0.5);
-                        memory.mix_from(&mut cursor, history, &mut logits)
-                    }
-                };
-                num_lookups += 1;
-                num_recalled += recalled.is_some() as usize;
-            }
-            times.push(t.elapsed().as_secs_f64() * 1e6 / tokens.len() as f64);
-        }
-    }
-    let [weights, search, extend, mix] = times.map(|mut t| median(&mut t));
-    println!(
-        "\nTune memory lookup, built-in model, {} generated phrases of {} symbols ({:.0}% of lookups recalled something), each\n  lookup after a pass over the step's weights: {:.2} µs a symbol searching the index each step, {:.2} µs extending the last match (the generator's way),\n  {:.2} µs with the mixing into the logits as well",
-        phrases.len(),
-        args.gen_symbols,
-        100.0 * num_recalled as f64 / num_lookups as f64,
-        search - weights,
-        extend - weights,
-        mix - weights,
-    );
-    std::hint::black_box(sink);
-    Ok(())
-}
-
 /// The time from a phrase's end until the worker has the answer's first note, with the
 /// built-in melody model and the built-in chord model, against the recipe's time for one symbol
 /// and a beat's length.
@@ -763,7 +691,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if !args.no_generation {
         generation(&args)?;
-        memory_lookup(&args)?;
         chord_generation(&args)?;
     }
     if !args.no_training {

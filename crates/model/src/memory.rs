@@ -20,21 +20,9 @@
 //! finds the longest match, and the lengths common to neighbours (`lcp`) give the run of
 //! positions sharing it without reading the stream again. A table of the first two symbols of
 //! every context narrows the search before it starts.
-//!
-//! A generator asks again one symbol later, and the answer follows from the last one without
-//! a search. A context matches the new history for `k + 1` symbols exactly when its newest
-//! symbol is the new one and the context one position older matches the last history for `k`:
-//! one whose `next` is the new symbol. So the new longest match is one more than the largest
-//! `k` whose run of the index (the contexts sharing `k` symbols with the last history, which
-//! widens around the last match as `k` falls) holds an entry followed by the new symbol, and
-//! `rank` says where that entry's newer context lies. Walking outward from the last match
-//! reads `lcp` and `next` in sequence; a binary search reads scattered entries, each a cache
-//! miss. A `RecallCursor` carries the last match from step to step; where the run would grow
-//! past `MAX_EXTEND_SCAN` entries, the search runs instead.
 
 use std::path::Path;
 
-use arrayvec::ArrayVec;
 use serde::{Deserialize, Serialize};
 
 use super::ModelError;
@@ -52,8 +40,6 @@ const MAGIC: &[u8; 8] = b"APMEMv1\n";
 const HEADER_BYTES: usize = 16;
 /// Symbols are stored one byte each.
 pub const MAX_VOCAB: usize = 256;
-/// Longest `max_context` a memory takes (its common lengths are stored in bytes).
-const MAX_CONTEXT: usize = u8::MAX as usize;
 
 /// How the memory is consulted and how much it is trusted. Saved as `memory.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -109,7 +95,7 @@ impl Default for MemoryConfig {
 impl MemoryConfig {
     /// Checks the classes and weights fit together; the problem named otherwise.
     pub fn validate(&self) -> Result<(), String> {
-        if self.max_context == 0 || self.max_context > MAX_CONTEXT {
+        if self.max_context == 0 || self.max_context > u8::MAX as usize {
             return Err(format!("max_context {} is not within 1..=255", self.max_context));
         }
         if self.max_count == 0 {
@@ -157,41 +143,6 @@ pub struct Recall {
     pub count: u32,
 }
 
-/// Where the last recall found its match, for a history one symbol longer to extend
-/// (`TuneMemory::recall_from`). Belongs to one memory; `Default` is a cursor with nothing to
-/// extend.
-#[derive(Clone, Debug, Default)]
-pub struct RecallCursor {
-    /// The query the match was found for, newest symbol first; empty when there is no match to
-    /// extend.
-    query: ArrayVec<u8, MAX_CONTEXT>,
-    /// An entry of `order` sharing `len` symbols with `query`, the most any entry shares.
-    seed: usize,
-    len: usize,
-}
-
-impl RecallCursor {
-    /// Forgets the last match: the next recall searches the index.
-    pub fn clear(&mut self) {
-        self.query.clear();
-    }
-}
-
-/// Most entries of the index a cursor's extension reads before it leaves the step to a binary
-/// search: a few kilobytes of `lcp` and `next` in sequence cost about what a search's scattered
-/// reads do.
-const MAX_EXTEND_SCAN: usize = 4096;
-
-/// What a search of the index finds for a query.
-enum Found {
-    /// No context shares even the newest symbol.
-    Nothing,
-    /// The longest match, `len` symbols, is shared by the entry `seed` and the run
-    /// `first..end` of `order` around it; `end - first` is past `max_count` when `too_common`
-    /// (the run then stops there).
-    Match { seed: usize, len: usize, first: usize, end: usize, too_common: bool },
-}
-
 /// The training stream, indexed for the longest match of a history's suffix.
 #[derive(Clone, Debug)]
 pub struct TuneMemory {
@@ -208,8 +159,6 @@ pub struct TuneMemory {
     lcp: Vec<u8>,
     /// The symbol that followed each context of `order`.
     next: Vec<u8>,
-    /// Where each context lies in `order`: `order[rank[start]] == start` (`rank[0]` unused).
-    rank: Vec<u32>,
     /// For the two-symbol start `a, b` (`a * vocab_len + b`), the first entry of `order` whose
     /// context starts with it or after it; one entry more than there are starts.
     starts: Vec<u32>,
@@ -242,10 +191,6 @@ impl TuneMemory {
             lcp[j] = common_len(context(order[j - 1]), context(order[j])) as u8;
         }
         let next: Vec<u8> = order.iter().map(|&start| reversed[start as usize - 1]).collect();
-        let mut rank = vec![0u32; n];
-        for (j, &start) in order.iter().enumerate() {
-            rank[start as usize] = j as u32;
-        }
         let num_starts = vocab_len * vocab_len;
         let mut starts = vec![order.len() as u32; num_starts + 1];
         // Walk the sorted contexts once; each two-symbol start points at its first context, and
@@ -260,7 +205,7 @@ impl TuneMemory {
                 next_start += 1;
             }
         }
-        Ok(Self { config, vocab_len, reversed, order, lcp, next, rank, starts })
+        Ok(Self { config, vocab_len, reversed, order, lcp, next, starts })
     }
 
     /// Reads `memory.bin` bytes (`path` names the file in errors) and indexes them.
@@ -357,85 +302,15 @@ impl TuneMemory {
     /// often each symbol followed it. `None` for an empty history, a last symbol never seen,
     /// or a suffix too common. Neither allocates nor locks.
     pub fn recall(&self, history: &[u32], counts: &mut [u32]) -> Option<Recall> {
-        self.recall_from(&mut RecallCursor::default(), history, counts)
-    }
-
-    /// `recall`, extending the match `cursor` holds where `history` is the history it was
-    /// found for plus one symbol (the module's notes), and searching the index otherwise; the
-    /// same answer either way. Leaves this recall's match in `cursor`. Neither allocates nor
-    /// locks.
-    pub fn recall_from(
-        &self,
-        cursor: &mut RecallCursor,
-        history: &[u32],
-        counts: &mut [u32],
-    ) -> Option<Recall> {
         let query_len = history.len().min(self.config.max_context);
+        if query_len == 0 || self.order.is_empty() {
+            return None;
+        }
         // The query, newest symbol first, as the sorted contexts read.
         let query = |k: usize| history[history.len() - 1 - k];
-        let found = if query_len == 0 || self.order.is_empty() || query(0) as usize >= self.vocab_len {
-            Found::Nothing
-        } else {
-            self.extend(cursor, history).unwrap_or_else(|| self.search(history))
-        };
-        cursor.query.clear();
-        let Found::Match { seed, len, first, end, too_common } = found else { return None };
-        cursor.query.extend((0..query_len).map(|k| query(k) as u8));
-        (cursor.seed, cursor.len) = (seed, len);
-        if too_common {
+        if query(0) as usize >= self.vocab_len {
             return None;
         }
-        for &symbol in &self.next[first..end] {
-            counts[symbol as usize] += 1;
-        }
-        Some(Recall { len, count: (end - first) as u32 })
-    }
-
-    /// The match for `history` from the one `cursor` holds, when `history` is that match's
-    /// history plus a symbol (the module's notes); `None` when it is not, or when finding it
-    /// would read more than `MAX_EXTEND_SCAN` entries.
-    fn extend(&self, cursor: &RecallCursor, history: &[u32]) -> Option<Found> {
-        let previous = &cursor.query;
-        let is_one_on = !previous.is_empty()
-            && history.len() > previous.len()
-            && cursor.seed < self.order.len()
-            && previous.iter().enumerate().all(|(k, &s)| history[history.len() - 2 - k] == s as u32);
-        if !is_one_on {
-            return None;
-        }
-        let symbol = *history.last()? as u8;
-        // An entry followed by the new symbol whose context has one before it (the newer
-        // context, one position on, is an entry of the index too).
-        let leads_on = |j: usize| self.next[j] == symbol && self.order[j] >= 2;
-        // Symbols shared with the last history, at most `max_context - 1` so that one more fits.
-        let mut level = cursor.len.min(self.config.max_context - 1);
-        let (mut first, mut end) = (cursor.seed, cursor.seed + 1);
-        let mut found = leads_on(cursor.seed).then_some(cursor.seed);
-        while found.is_none() {
-            while first > 0 && self.lcp[first] as usize >= level && found.is_none() {
-                first -= 1;
-                found = leads_on(first).then_some(first);
-            }
-            while end < self.order.len() && self.lcp[end] as usize >= level && found.is_none() {
-                found = leads_on(end).then_some(end);
-                end += 1;
-            }
-            if found.is_none() {
-                if level == 0 || end - first > MAX_EXTEND_SCAN {
-                    return None;
-                }
-                level -= 1;
-            }
-        }
-        let newer = self.rank[self.order[found?] as usize - 1] as usize;
-        Some(self.widen(newer, level + 1))
-    }
-
-    /// The match for `history` by binary search of the index; `history` is not empty and its
-    /// last symbol is in the vocabulary.
-    fn search(&self, history: &[u32]) -> Found {
-        let query_len = history.len().min(self.config.max_context);
-        let query = |k: usize| history[history.len() - 1 - k];
         let context = |j: usize| {
             let start = self.order[j] as usize;
             &self.reversed[start..self.reversed.len().min(start + self.config.max_context)]
@@ -476,26 +351,29 @@ impl TuneMemory {
         let (before, after) = (shared_at(lo.checked_sub(1)), shared_at(Some(lo)));
         let len = before.max(after);
         if len == 0 {
-            return Found::Nothing;
+            return None;
         }
-        self.widen(if after >= before { lo } else { lo - 1 }, len)
-    }
-
-    /// The run of contexts around `seed` sharing `len` symbols with it, giving up once there
-    /// are more than `max_count`.
-    fn widen(&self, seed: usize, len: usize) -> Found {
+        // Widen from the better neighbour over every context sharing `len` symbols, giving up
+        // once there are more than `max_count`.
         let max_count = self.config.max_count as usize;
+        let seed = if after >= before { lo } else { lo - 1 };
         let (mut first, mut end) = (seed, seed + 1);
-        let mut too_common = false;
-        while first > 0 && self.lcp[first] as usize >= len && !too_common {
+        while first > 0 && self.lcp[first] as usize >= len {
             first -= 1;
-            too_common = end - first > max_count;
+            if end - first > max_count {
+                return None;
+            }
         }
-        while end < self.order.len() && self.lcp[end] as usize >= len && !too_common {
+        while end < self.order.len() && self.lcp[end] as usize >= len {
             end += 1;
-            too_common = end - first > max_count;
+            if end - first > max_count {
+                return None;
+            }
         }
-        Found::Match { seed, len, first, end, too_common }
+        for &symbol in &self.next[first..end] {
+            counts[symbol as usize] += 1;
+        }
+        Some(Recall { len, count: (end - first) as u32 })
     }
 
     /// What fitting the weights needs of one held-out target: the network's probability of it
@@ -515,13 +393,8 @@ impl TuneMemory {
     /// `history`, or are left as they are when it finds nothing or `λ` is 0. Neither allocates
     /// nor locks. Returns what was recalled and mixed in.
     pub fn mix(&self, history: &[u32], logits: &mut [f32]) -> Option<Recall> {
-        self.mix_from(&mut RecallCursor::default(), history, logits)
-    }
-
-    /// `mix`, recalling with `recall_from` and `cursor`: what a generator calls at each step.
-    pub fn mix_from(&self, cursor: &mut RecallCursor, history: &[u32], logits: &mut [f32]) -> Option<Recall> {
         let mut counts = [0u32; MAX_VOCAB];
-        let recall = self.recall_from(cursor, history, &mut counts[..self.vocab_len])?;
+        let recall = self.recall(history, &mut counts[..self.vocab_len])?;
         let weight = self.config.weight(recall.len, recall.count);
         if weight <= 0.0 {
             return None;
@@ -652,57 +525,6 @@ mod tests {
             num_long += (len >= 12) as usize;
         }
         assert!(num_long > 100, "only {num_long} long matches: the test should exercise them");
-    }
-
-    /// A generator's histories, one symbol longer each step: mostly the stream's own next
-    /// symbol (so the last match extends), sometimes another, sometimes a fresh start. The
-    /// cursor's answers are the full search's, and most steps extend.
-    #[test]
-    fn recall_from_a_cursor_answers_as_a_fresh_search_does() {
-        let mut rng = ChaCha8Rng::seed_from_u64(6);
-        let mut stream: Vec<u8> = (0..600).map(|_| rng.random_range(0..5)).collect();
-        let passage = stream[200..300].to_vec();
-        stream.extend_from_slice(&passage);
-        stream.extend_from_slice(&passage[..50]);
-        for max_context in [8, 24] {
-            let memory = TuneMemory::build(&stream, 6, config(max_context, 4)).unwrap();
-            let mut cursor = RecallCursor::default();
-            let mut history: Vec<u32> = Vec::new();
-            let (mut num_extended, mut num_found) = (0, 0);
-            for step in 0..3000 {
-                let follow = rng.random_range(0..10);
-                if step % 400 == 0 {
-                    history.clear();
-                    cursor.clear();
-                }
-                let symbol = match history.len() {
-                    // Follow the stream from one of the latest match's places, as a memory-led
-                    // generation does.
-                    _ if follow < 8 => {
-                        let at = rng.random_range(1..stream.len());
-                        let mut counts = vec![0u32; 6];
-                        match memory.recall(&history, &mut counts) {
-                            Some(_) => {
-                                let choices: Vec<u32> = (0..6).filter(|&s| counts[s as usize] > 0).collect();
-                                choices[rng.random_range(0..choices.len())]
-                            }
-                            None => stream[at] as u32,
-                        }
-                    }
-                    _ if follow < 9 => rng.random_range(0..6),
-                    _ => 5, // never in the stream
-                };
-                history.push(symbol);
-                num_extended += memory.extend(&cursor, &history).is_some() as usize;
-                let (mut with_cursor, mut fresh) = (vec![0u32; 6], vec![0u32; 6]);
-                let got = memory.recall_from(&mut cursor, &history, &mut with_cursor);
-                assert_eq!(got, memory.recall(&history, &mut fresh), "step {step}, history {history:?}");
-                assert_eq!(with_cursor, fresh, "step {step}");
-                num_found += got.is_some() as usize;
-            }
-            assert!(num_found > 1000, "max_context {max_context}: only {num_found} matches");
-            assert!(num_extended > num_found / 2, "max_context {max_context}: {num_extended} of {num_found}");
-        }
     }
 
     #[test]
