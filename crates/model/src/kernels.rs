@@ -751,8 +751,7 @@ mod amx {
         // written down a column.
         let pitch = pairs + AMX_PAIRS;
         A_ROWS.with_borrow_mut(|a_rows| {
-            a_rows.clear();
-            // Whole pairs of row blocks, zeros after `m`.
+            // Whole pairs of row blocks; `pack_a` writes every word, zeros after `m` and `k`.
             a_rows.resize(m.next_multiple_of(2 * TILE_ROWS) * pitch, 0.0);
             // SAFETY: `amx_bf16_ready` (asserted by `gemm`) checked AVX-512F, BW and BF16;
             // `A`'s rows lie inside `a` (checked by `gemm`).
