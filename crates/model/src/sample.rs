@@ -62,12 +62,20 @@ pub struct Sampler {
     rng: ChaCha8Rng,
     /// `(probability, token index)` of the allowed symbols, reused between calls.
     scratch: Vec<(f32, u16)>,
+    /// The allowed symbols' sort keys and their order, reused between calls (`sort_by_rank`).
+    keys: Vec<i32>,
+    ranked: Vec<(f32, u16)>,
 }
 
 impl Sampler {
     /// A sampler whose draws depend only on `seed` and the logits it is given.
     pub fn new(seed: u64) -> Self {
-        Self { rng: ChaCha8Rng::seed_from_u64(seed), scratch: Vec::new() }
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            scratch: Vec::new(),
+            keys: Vec::new(),
+            ranked: Vec::new(),
+        }
     }
 
     /// Restarts the random sequence from `seed`.
@@ -110,9 +118,7 @@ impl Sampler {
         if self.scratch.is_empty() {
             return None;
         }
-        // Most likely first; ties keep id order, so the choice is deterministic (and, no two
-        // entries comparing equal, an unstable sort gives the order a stable one would).
-        self.scratch.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        self.sort_by_rank();
         if settings.temperature <= GREEDY_TEMPERATURE || settings.temperature.is_nan() {
             return Some(self.scratch[0].1 as usize);
         }
@@ -145,6 +151,31 @@ impl Sampler {
         }
         // Rounding left a sliver past the last weight: it belongs to the last kept symbol.
         Some(self.scratch[keep - 1].1 as usize)
+    }
+
+    /// Puts `scratch` in order, most likely first and ties in id order, so the choice is
+    /// deterministic. Each entry's place is the number of entries that go before it: those
+    /// more likely, and those as likely that come earlier in `scratch` (id order). For a few
+    /// dozen symbols these branch-free counts, which the compiler vectorises, take a fraction
+    /// of a comparison sort's time, whose branches a sampler's logits keep mispredicting.
+    fn sort_by_rank(&mut self) {
+        // A key that orders like the logit descending: its bits made to compare as
+        // `total_cmp` does, then inverted.
+        let key = |&(logit, _): &(f32, u16)| {
+            let bits = logit.to_bits() as i32;
+            !(bits ^ ((((bits >> 31) as u32) >> 1) as i32))
+        };
+        self.keys.clear();
+        self.keys.extend(self.scratch.iter().map(key));
+        self.ranked.clear();
+        self.ranked.resize(self.scratch.len(), (0.0, 0));
+        for (i, (&key, &entry)) in self.keys.iter().zip(&self.scratch).enumerate() {
+            let (earlier, later) = (&self.keys[..i], &self.keys[i + 1..]);
+            let rank = earlier.iter().map(|&other| u32::from(other <= key)).sum::<u32>()
+                + later.iter().map(|&other| u32::from(other < key)).sum::<u32>();
+            self.ranked[rank as usize] = entry;
+        }
+        std::mem::swap(&mut self.scratch, &mut self.ranked);
     }
 }
 
@@ -223,6 +254,33 @@ mod tests {
         let distinct = |d: Vec<u16>| d.into_iter().collect::<std::collections::BTreeSet<_>>().len();
         assert_eq!(distinct(draw(4, 0.0)), 1);
         assert!(distinct(draw(4, 10.0)) > 10);
+    }
+
+    #[test]
+    fn ranking_orders_as_a_sort_by_logit_then_id() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut s = Sampler::new(0);
+        for len in [1, 2, 45, 177] {
+            for _ in 0..50 {
+                // Few distinct values, so ties are common; signs, zeros of both signs and
+                // infinities mixed in.
+                let special = [0.0, -0.0, f32::INFINITY, 1e-30, -1e-30];
+                s.scratch = (0..len)
+                    .map(|i| {
+                        let logit = match rng.random_range(0..4) {
+                            0 => special[rng.random_range(0..special.len())],
+                            _ => rng.random_range(-4i32..4) as f32 * 0.5,
+                        };
+                        (logit, i as u16)
+                    })
+                    .collect();
+                let mut expected = s.scratch.clone();
+                expected.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                s.sort_by_rank();
+                let bits = |v: &[(f32, u16)]| v.iter().map(|e| (e.0.to_bits(), e.1)).collect::<Vec<_>>();
+                assert_eq!(bits(&s.scratch), bits(&expected), "{len} logits");
+            }
+        }
     }
 
     #[test]
