@@ -20,8 +20,11 @@ use live::phrase::Texture;
 use model::chords::{ChordGenerator, ChordModel};
 use model::fast::{FastLstm, WeightFormat};
 use model::int8;
+use model::kernels::Isa;
 use model::lstm::nll_and_argmax;
-use model::{Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, Sampler, SamplingSettings};
+use model::{
+    GenState, Generator, InputKind, LoadedModel, MelodyLstm, ModelConfig, Sampler, SamplingSettings,
+};
 use music::{Frame, PitchSet, Symbol, TokenId, Vocab};
 use train::SequenceForward;
 
@@ -204,26 +207,62 @@ fn bench_settings() -> SamplingSettings {
 }
 
 /// µs per symbol, medians over alternating trials: ours (the `Generator`, i.e. the plugin's
-/// path, with the weights packed as the plugin packs them), the same weights packed as f32 (the
-/// same step and sampler), candle-nn stock, and the floors (reading the packed weights once).
+/// path, with the weights packed as the plugin packs them), the same weights packed as f32 and
+/// in half precision (the same step and sampler), the packings of CPUs without AVX-512 (where
+/// this one has AVX-512 and so runs them too), candle-nn stock, and the floors (reading the
+/// packed weights once).
 struct GenFigures {
     ours_us: f64,
     format: WeightFormat,
     f32_us: f64,
     /// The same weights packed in half precision, where it holds them exactly.
     f16_us: Option<f64>,
+    /// The AVX2 kernels: int8 with AVX-VNNI (where the CPU has it and the weights lie on int8
+    /// grids) and half precision (where it holds them exactly).
+    avx2_int8_us: Option<f64>,
+    avx2_f16_us: Option<f64>,
     stock_us: f64,
     floor_us: f64,
     f32_floor_us: f64,
     weight_kib: f64,
 }
 
+/// A packing timed the way the generator runs it: one step and one draw per symbol.
+struct PackedRun {
+    fast: FastLstm,
+    state: GenState,
+    token: TokenId,
+}
+
+impl PackedRun {
+    fn new(fast: FastLstm, start: TokenId) -> Self {
+        Self { state: fast.new_state(), fast, token: start }
+    }
+
+    /// µs per symbol over `n` symbols from the zero state.
+    fn time(&mut self, n: usize, sampler: &mut Sampler, logits: &mut [f32], vocab: &Vocab) -> Result<f64> {
+        self.state.reset();
+        let t = Instant::now();
+        for _ in 0..n {
+            self.fast.step_at(self.token, &[], &mut self.state, logits)?;
+            self.token = sampler.sample(logits, vocab, &bench_settings());
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e6 / n as f64)
+    }
+}
+
 fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
     let fast = FastLstm::for_model(&model.lstm)?.context("the model did not pack for the fast step")?;
-    let exact = FastLstm::pack(&model.lstm, fast.isa())?;
-    let half = FastLstm::pack_as(&model.lstm, fast.isa(), WeightFormat::F16).ok();
-    let stock = StockModel::same_weights(&model.lstm)?;
     let vocab = model.config.vocab.clone();
+    let start = vocab.id(Symbol::Delimiter).unwrap_or(TokenId(0));
+    let packed =
+        |isa, format| FastLstm::pack_as(&model.lstm, isa, format).ok().map(|f| PackedRun::new(f, start));
+    let mut exact_run = PackedRun::new(FastLstm::pack(&model.lstm, fast.isa())?, start);
+    let mut half = packed(fast.isa(), WeightFormat::F16);
+    let has_avx512 = fast.isa() == Isa::Avx512;
+    let mut avx2_int8 = packed(Isa::Avx2Fma, WeightFormat::I8).filter(|_| has_avx512);
+    let mut avx2_f16 = packed(Isa::Avx2Fma, WeightFormat::F16).filter(|_| has_avx512);
+    let stock = StockModel::same_weights(&model.lstm)?;
     let settings = bench_settings();
     let model = Arc::new(model);
     let mut generator = Generator::new(model.clone(), 1);
@@ -233,12 +272,9 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
     let zero = Tensor::zeros((1, hidden), DType::F32, &Device::Cpu)?;
     let mut states: Vec<LSTMState> =
         (0..model.config.num_layers).map(|_| LSTMState::new(zero.clone(), zero.clone())).collect();
-    let mut exact_state = exact.new_state();
-    let mut half_state = exact.new_state();
-    let start = vocab.id(Symbol::Delimiter).unwrap_or(TokenId(0));
-    let (mut token, mut exact_token, mut half_token) = (start, start, start);
+    let mut token = start;
     let n = args.gen_symbols;
-    let mut times: [Vec<f64>; 6] = Default::default();
+    let mut times: [Vec<f64>; 8] = Default::default();
     let mut sink = 0.0f32;
     let per_symbol_us = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / n as f64;
     // One untimed round warms caches and the allocator.
@@ -249,24 +285,14 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
             sink += generator.next_symbol(&settings)?.is_some() as u8 as f32;
         }
         let ours_us = per_symbol_us(t);
-
-        exact_state.reset();
-        let t = Instant::now();
-        for _ in 0..n {
-            exact.step_at(exact_token, &[], &mut exact_state, &mut logits)?;
-            exact_token = sampler.sample(&logits, &vocab, &settings);
-        }
-        let f32_us = per_symbol_us(t);
-
-        half_state.reset();
-        let t = Instant::now();
-        if let Some(half) = &half {
-            for _ in 0..n {
-                half.step_at(half_token, &[], &mut half_state, &mut logits)?;
-                half_token = sampler.sample(&logits, &vocab, &settings);
-            }
-        }
-        let f16_us = per_symbol_us(t);
+        let f32_us = exact_run.time(n, &mut sampler, &mut logits, &vocab)?;
+        let mut time_optional = |run: &mut Option<PackedRun>| match run {
+            Some(run) => run.time(n, &mut sampler, &mut logits, &vocab),
+            None => Ok(f64::NAN),
+        };
+        let f16_us = time_optional(&mut half)?;
+        let avx2_int8_us = time_optional(&mut avx2_int8)?;
+        let avx2_f16_us = time_optional(&mut avx2_f16)?;
 
         let t = Instant::now();
         for _ in 0..n {
@@ -282,24 +308,26 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         let floor_us = per_symbol_us(t);
         let t = Instant::now();
         for i in 0..n {
-            sink += exact.read_weights_once(TokenId((i % vocab.len()) as u16));
+            sink += exact_run.fast.read_weights_once(TokenId((i % vocab.len()) as u16));
         }
         let f32_floor_us = per_symbol_us(t);
         if trial > 0 {
-            for (list, us) in
-                times.iter_mut().zip([ours_us, f32_us, stock_us, floor_us, f32_floor_us, f16_us])
-            {
+            let figures =
+                [ours_us, f32_us, stock_us, floor_us, f32_floor_us, f16_us, avx2_int8_us, avx2_f16_us];
+            for (list, us) in times.iter_mut().zip(figures) {
                 list.push(us);
             }
         }
     }
     std::hint::black_box(sink);
-    let [ours, f32_t, stock_t, floor, f32_floor, f16_t] = &mut times;
+    let [ours, f32_t, stock_t, floor, f32_floor, f16_t, avx2_int8_t, avx2_f16_t] = &mut times;
     Ok(GenFigures {
         ours_us: median(ours),
         format: fast.format(),
         f32_us: median(f32_t),
         f16_us: half.is_some().then(|| median(f16_t)),
+        avx2_int8_us: avx2_int8.is_some().then(|| median(avx2_int8_t)),
+        avx2_f16_us: avx2_f16.is_some().then(|| median(avx2_f16_t)),
         stock_us: median(stock_t),
         floor_us: median(floor),
         f32_floor_us: median(f32_floor),
@@ -343,7 +371,7 @@ fn generation(args: &BenchArgs) -> Result<()> {
     models.push(("recipe size int8".to_string(), recipe_int8));
     println!("\nGeneration, one sequence, one thread: µs per symbol (LSTM step + output layer + sampling)");
     println!(
-        "{:<16} {:<28} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "{:<16} {:<28} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}",
         "model",
         "sizes",
         "packed",
@@ -353,6 +381,8 @@ fn generation(args: &BenchArgs) -> Result<()> {
         "as f32",
         "floor",
         "as f16",
+        "avx2 int8",
+        "avx2 f16",
         "stock",
         "stock/us"
     );
@@ -364,8 +394,9 @@ fn generation(args: &BenchArgs) -> Result<()> {
             WeightFormat::F16 => "f16",
             WeightFormat::I8 => "int8",
         };
+        let optional = |us: Option<f64>| us.map_or("-".to_string(), |us| format!("{us:.2}"));
         println!(
-            "{:<16} {:<28} {:>6} {:>8.2} {:>8.2} {:>5.0} KiB {:>8.2} {:>8.2} {:>8} {:>9.1} {:>8.1}×",
+            "{:<16} {:<28} {:>6} {:>8.2} {:>8.2} {:>5.0} KiB {:>8.2} {:>8.2} {:>8} {:>9} {:>9} {:>9.1} {:>8.1}×",
             name,
             sizes,
             format,
@@ -374,13 +405,15 @@ fn generation(args: &BenchArgs) -> Result<()> {
             g.weight_kib,
             g.f32_us,
             g.f32_floor_us,
-            g.f16_us.map_or("-".to_string(), |us| format!("{us:.2}")),
+            optional(g.f16_us),
+            optional(g.avx2_int8_us),
+            optional(g.avx2_f16_us),
             g.stock_us,
             g.stock_us / g.ours_us,
         );
     }
     println!(
-        "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) where the CPU has AVX-512 VNNI, else f16 where that holds the weights exactly, else f32;\n  every way within 1e-5 of candle on the same weights. floor: one pass reading the packed weights a step reads.\n  as f32, as f16: the same weights packed as f32 or half precision (the packing of CPUs without VNNI), same step and sampler.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler. +mem: with the tune memory mixed in (ours only).",
+        "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) where the CPU has VNNI (AVX-512 VNNI, or AVX-VNNI), else f16 where that holds the weights exactly,\n  else f32; every way within 1e-5 of candle on the same weights. floor: one pass reading the packed weights a step reads.\n  as f32, as f16: the same weights packed as f32 or half precision (the packing of CPUs without VNNI), same step and sampler.\n  avx2 int8, avx2 f16: the AVX2 kernels of CPUs without AVX-512 (int8 where they have AVX-VNNI, as Intel's since Alder Lake), run here.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler. +mem: with the tune memory mixed in (ours only).",
         model::kernels::Isa::detect().name()
     );
     Ok(())

@@ -18,8 +18,8 @@
 //! units are computed and thrown away.
 //!
 //! A model whose LSTM rows lie on int8 grids (`int8`, `cargo xtask quantize`) is packed as
-//! those integers where the CPU has AVX-512 VNNI: a quarter of the bytes, the same function.
-//! Elsewhere its layer matrices are packed in half precision, which holds every int8-grid
+//! those integers where the CPU has AVX-512 VNNI or AVX-VNNI: a quarter of the bytes, the same
+//! function. Elsewhere its layer matrices are packed in half precision, which holds every int8-grid
 //! weight exactly: half the bytes (the built-in model's layers then fit a core's L2 cache),
 //! still the same function.
 
@@ -51,7 +51,8 @@ pub enum WeightFormat {
     F32,
     /// The integers of weights that lie on their rows' int8 grids (`int8`; a model saved by
     /// `cargo xtask quantize`): a quarter of the bytes, and still candle's function within 1e-5.
-    /// Needs AVX-512 VNNI; `for_model` picks it by itself where both hold.
+    /// Needs AVX-512 VNNI or AVX-VNNI (`int8::runs_on`); `for_model` picks it by itself where
+    /// both hold.
     I8,
     /// Half-precision layer matrices, for weights that half precision holds exactly (every
     /// int8-grid weight does): half the bytes of f32, the same products, so the same function
@@ -192,7 +193,7 @@ impl FastLstm {
             return Ok(None);
         }
         let isa = Isa::detect();
-        if isa == Isa::Avx512 && int8::cpu_has_vnni() {
+        if int8::runs_on(isa) {
             if let Ok(fast) = Self::pack_as(lstm, isa, WeightFormat::I8) {
                 return Ok(Some(fast));
             }
@@ -210,12 +211,15 @@ impl FastLstm {
     }
 
     /// Packs `lstm`'s current weights in `format` for kernels of `isa`. `WeightFormat::I8` errors
-    /// unless `isa` is AVX-512, the CPU has VNNI and every row of the layers' matrices (but layer
+    /// unless the CPU has `isa`'s VNNI (`int8::runs_on`) and every row of the layers' matrices (but layer
     /// 0's input matrix, which becomes the token table) lies on its int8 grid;
     /// `WeightFormat::F16` unless half precision holds each of those weights exactly.
     pub fn pack_as(lstm: &impl PackSource, isa: Isa, format: WeightFormat) -> Result<Self> {
-        if format == WeightFormat::I8 && !(isa == Isa::Avx512 && int8::cpu_has_vnni()) {
-            return Err(Error::Msg("fast step: int8 weights need AVX-512 VNNI".into()));
+        if format == WeightFormat::I8 && !int8::runs_on(isa) {
+            return Err(Error::Msg(format!(
+                "fast step: int8 weights need VNNI, which {} lacks here",
+                isa.name()
+            )));
         }
         let hidden = lstm.hidden_size();
         let vocab_len = lstm.vocab_len();
@@ -563,12 +567,13 @@ impl FastLstm {
                         #[cfg(target_arch = "x86_64")]
                         if VNNI {
                             // SAFETY: the `VNNI` instance runs only from `Isa::run` with `vnni`, where
-                            // `pack_as` saw AVX-512 VNNI; the limbs cover each part's quads.
+                            // `pack_as` saw `int8::runs_on(self.isa)`; the limbs cover each part's
+                            // quads.
                             unsafe {
                                 if layer.input_width > 0 {
-                                    int8::accumulate(&mut acc, &parts[2 * b], input_limbs);
+                                    int8::accumulate_on(self.isa, &mut acc, &parts[2 * b], input_limbs);
                                 }
-                                int8::accumulate(&mut acc, &parts[2 * b + 1], h_limbs);
+                                int8::accumulate_on(self.isa, &mut acc, &parts[2 * b + 1], h_limbs);
                             }
                         }
                         debug_assert!(VNNI, "int8 weights are only packed where VNNI runs");
@@ -881,36 +886,52 @@ mod tests {
                 assert_eq!(half_state.c, full_state.c);
             }
             let picked = FastLstm::for_model(&lstm).unwrap().unwrap().format();
-            let expected = if int8::cpu_has_vnni() && Isa::detect() == Isa::Avx512 {
-                WeightFormat::I8
-            } else {
-                WeightFormat::F16
-            };
+            let expected = if int8::runs_on(Isa::detect()) { WeightFormat::I8 } else { WeightFormat::F16 };
             assert_eq!(picked, expected);
         }
     }
 
-    /// The built-in model through the VNNI kernel, over a passage of its own training songs,
-    /// against candle on the same weights: trained weights, not only random ones.
-    #[test]
-    fn builtin_model_int8_step_matches_candle_within_1e_5() {
-        if !(Isa::detect() == Isa::Avx512 && int8::cpu_has_vnni()) {
-            return;
-        }
-        let model = crate::io::LoadedModel::builtin().unwrap();
-        let fast = FastLstm::for_model(&model.lstm).unwrap().unwrap();
-        assert_eq!(fast.format(), WeightFormat::I8);
-        let stream = model.memory.as_ref().expect("the built-in model has a tune memory").to_bytes();
-        let tokens: Vec<u32> = stream[stream.len() / 2..][..200].iter().map(|&t| t as u32).collect();
-        let (want, want_c) = candle_steps(&model.lstm, &tokens);
-        assert_steps_match(&fast, &tokens, (&want, &want_c), "built-in int8");
+    /// The instruction sets this CPU runs the int8 kernel with: AVX-512 and, where the CPU also
+    /// has AVX-VNNI, the AVX2 kernels that CPUs without AVX-512 run.
+    fn int8_isas() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2Fma]
+            .into_iter()
+            .filter(|&isa| (isa == Isa::detect() || Isa::detect() == Isa::Avx512) && int8::runs_on(isa))
+            .collect()
     }
 
-    /// Int8-grid weights (`int8::quantize_model`) through the VNNI kernel, against candle on the
+    /// The built-in model through each VNNI kernel, over a passage of its own training songs,
+    /// against candle on the same weights: trained weights, not only random ones. The 256-bit
+    /// kernel gives the 512-bit one's logits to the bit.
+    #[test]
+    fn builtin_model_int8_step_matches_candle_within_1e_5() {
+        let model = crate::io::LoadedModel::builtin().unwrap();
+        let stream = model.memory.as_ref().expect("the built-in model has a tune memory").to_bytes();
+        let tokens: Vec<u32> = stream[stream.len() / 2..][..200].iter().map(|&t| t as u32).collect();
+        let picked = FastLstm::for_model(&model.lstm).unwrap().unwrap().format();
+        assert_eq!(picked == WeightFormat::I8, int8::runs_on(Isa::detect()));
+        let (want, want_c) = candle_steps(&model.lstm, &tokens);
+        let mut logits_by_isa = Vec::new();
+        for isa in int8_isas() {
+            let fast = FastLstm::pack_as(&model.lstm, isa, WeightFormat::I8).unwrap();
+            assert_steps_match(&fast, &tokens, (&want, &want_c), &format!("built-in int8 {isa:?}"));
+            let mut state = fast.new_state();
+            let mut logits = vec![0.0; fast.vocab_len];
+            for &token in &tokens {
+                fast.step_at(TokenId(token as u16), &[], &mut state, &mut logits).unwrap();
+            }
+            logits_by_isa.push(logits);
+        }
+        if let [wide, narrow] = &logits_by_isa[..] {
+            assert_eq!(wide, narrow);
+        }
+    }
+
+    /// Int8-grid weights (`int8::quantize_model`) through each VNNI kernel, against candle on the
     /// same weights; and a model off the grid is refused that format.
     #[test]
     fn int8_weights_match_candle_within_1e_5() {
-        if !(Isa::detect() == Isa::Avx512 && int8::cpu_has_vnni()) {
+        if !int8::runs_on(Isa::detect()) {
             return;
         }
         let vocab = Vocab::for_pitch_range(48, 88);
@@ -924,7 +945,7 @@ mod tests {
         {
             let cfg = ModelConfig::new(vocab.clone(), input, hidden, layers, 0.0);
             let lstm = random_lstm(&cfg, seed as u64, 2.0 / (hidden as f32).sqrt());
-            assert!(FastLstm::pack_as(&lstm, Isa::Avx512, WeightFormat::I8).is_err());
+            assert!(FastLstm::pack_as(&lstm, Isa::detect(), WeightFormat::I8).is_err());
             assert_eq!(FastLstm::for_model(&lstm).unwrap().unwrap().format(), WeightFormat::F32);
             let (lstm, change) = int8::quantize_model(&lstm, &cfg).unwrap();
             assert!(change > 0.0);
@@ -933,12 +954,11 @@ mod tests {
             let mut rng = ChaCha8Rng::seed_from_u64(9);
             let tokens: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
             let (want, want_c) = candle_steps(&lstm, &tokens);
-            assert_steps_match(
-                &fast,
-                &tokens,
-                (&want, &want_c),
-                &format!("int8 {input:?} {hidden}x{layers}"),
-            );
+            for isa in int8_isas() {
+                let fast = FastLstm::pack_as(&lstm, isa, WeightFormat::I8).unwrap();
+                let what = format!("int8 {isa:?} {input:?} {hidden}x{layers}");
+                assert_steps_match(&fast, &tokens, (&want, &want_c), &what);
+            }
         }
     }
 

@@ -13,8 +13,9 @@
 //! it and packs the integers, computing the same function.
 //!
 //! The kernel multiplies those integers by the layer's input in 24-bit fixed point, with the
-//! AVX-512 VNNI instruction `vpdpbusd` (unsigned bytes times signed bytes, four products summed
-//! into each 32-bit lane). An input `x` in `[-1, 1]` (LSTM hidden states always are) becomes
+//! VNNI instruction `vpdpbusd` (unsigned bytes times signed bytes, four products summed into each
+//! 32-bit lane): on 512-bit registers where the CPU has AVX-512 VNNI, and on 256-bit ones where it
+//! has AVX-VNNI without AVX-512 (Intel's Alder Lake and later desktop and laptop chips). An input `x` in `[-1, 1]` (LSTM hidden states always are) becomes
 //! `U = round(x · 2^23) + 2^23`, split into three bytes `U = 2^16 u2 + 2^8 u1 + u0`; with
 //! `S_l = Σ q·u_l` and `Q = Σ q` over a row, `Σ q·x = 2^-7 (S_2 - 128 Q) + 2^-15 S_1 + 2^-23 S_0`.
 //! The integer sums are exact; the fixed point's error is at most `2^-24` per input, so the
@@ -26,6 +27,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
+use super::kernels::Isa;
 use super::lstm::MelodyLstm;
 
 /// Largest integer of the grid.
@@ -154,7 +156,29 @@ pub fn quantize_tensors(named: Vec<(String, Tensor)>) -> Result<(HashMap<String,
     Ok((tensors, largest_change))
 }
 
-/// The CPU runs the integer kernel: AVX-512 with VNNI (and BW, for the byte work around it).
+/// True where the integer kernel runs with `isa`'s instructions: AVX-512 with VNNI (and BW, for
+/// the byte work around it), or AVX2 with AVX-VNNI.
+pub fn runs_on(isa: Isa) -> bool {
+    match isa {
+        Isa::Avx512 => cpu_has_vnni(),
+        Isa::Avx2Fma => cpu_has_avx_vnni(),
+        Isa::Portable => false,
+    }
+}
+
+/// The CPU has AVX-VNNI, the 256-bit `vpdpbusd` (with AVX2).
+pub fn cpu_has_avx_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The CPU runs the 512-bit integer kernel: AVX-512 with VNNI (and BW).
 pub fn cpu_has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -278,6 +302,72 @@ pub unsafe fn accumulate(acc: &mut [f32; BLOCK_ROWS], part: &Int8Part, x: &[Limb
     }
 }
 
+/// `acc += W x` for one packed block part with the kernel of `isa`, `x` split by `split_limbs`
+/// (as many quads as the part has).
+///
+/// # Safety
+/// `runs_on(isa)` must hold.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn accumulate_on(isa: Isa, acc: &mut [f32; BLOCK_ROWS], part: &Int8Part, x: &[Limbs]) {
+    // SAFETY: the caller saw `runs_on(isa)`: AVX-512 VNNI for `Avx512`, AVX-VNNI otherwise.
+    unsafe {
+        match isa {
+            Isa::Avx512 => accumulate(acc, part, x),
+            _ => accumulate_avx(acc, part, x),
+        }
+    }
+}
+
+/// `accumulate` on 256-bit registers, for CPUs with AVX-VNNI but not AVX-512: the same integer
+/// sums and the same f32 arithmetic on them, so the same result to the bit. Twelve 256-bit sums
+/// (three limbs of 32 rows) and the three broadcast limbs fill the sixteen registers, so the
+/// block's 64 rows are summed as two halves of 32, each reading its half of every quad.
+///
+/// # Safety
+/// The CPU must have AVX2 and AVX-VNNI (`cpu_has_avx_vnni`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avxvnni")]
+#[inline]
+pub unsafe fn accumulate_avx(acc: &mut [f32; BLOCK_ROWS], part: &Int8Part, x: &[Limbs]) {
+    use std::arch::x86_64::*;
+    const HALF_ROWS: usize = BLOCK_ROWS / 2;
+    const REGS: usize = HALF_ROWS / 8;
+    assert!(part.weights.len() >= x.len() * QUAD_BYTES);
+    let w = part.weights.as_ptr();
+    for half in 0..2 {
+        let mut sums = [[_mm256_setzero_si256(); REGS]; 3];
+        for (p, limbs) in x.iter().enumerate() {
+            // SAFETY: quad `p` of the part holds `QUAD_BYTES`; this half reads its second or
+            // first `4 · HALF_ROWS` of them (asserted above).
+            let quad = unsafe { w.add(p * QUAD_BYTES + half * 4 * HALF_ROWS) };
+            let inputs = limbs.map(|limb| _mm256_set1_epi32(limb as i32));
+            for i in 0..REGS {
+                // SAFETY: as above, 32 bytes of the half quad.
+                let weights = unsafe { _mm256_loadu_si256(quad.add(32 * i) as *const _) };
+                for (sums, &input) in sums.iter_mut().zip(&inputs) {
+                    sums[i] = _mm256_dpbusd_avx_epi32(sums[i], input, weights);
+                }
+            }
+        }
+        let [s0, s1, s2] = sums;
+        for i in 0..REGS {
+            let row = half * HALF_ROWS + 8 * i;
+            // SAFETY: `row + 8 ≤ BLOCK_ROWS` for the sums, scales and `acc`.
+            unsafe {
+                let q_sums = _mm256_loadu_si256(part.sums.as_ptr().add(row) as *const _);
+                let top = _mm256_sub_epi32(s2[i], _mm256_slli_epi32::<7>(q_sums));
+                let mut total = _mm256_mul_ps(_mm256_cvtepi32_ps(top), _mm256_set1_ps(1.0 / 128.0));
+                total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[i]), _mm256_set1_ps(pow2(-15)), total);
+                total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0[i]), _mm256_set1_ps(pow2(-23)), total);
+                let scales = _mm256_loadu_ps(part.scales.as_ptr().add(row));
+                let out = acc.as_mut_ptr().add(row);
+                _mm256_storeu_ps(out, _mm256_fmadd_ps(total, scales, _mm256_loadu_ps(out)));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::{Rng, SeedableRng};
@@ -359,6 +449,12 @@ mod tests {
             let mut acc = [0.5f32; BLOCK_ROWS];
             // SAFETY: VNNI was detected above.
             unsafe { accumulate(&mut acc, &part, &limbs) };
+            if cpu_has_avx_vnni() {
+                let mut narrow = [0.5f32; BLOCK_ROWS];
+                // SAFETY: AVX-VNNI was detected.
+                unsafe { accumulate_avx(&mut narrow, &part, &limbs) };
+                assert_eq!(narrow, acc, "the 256-bit kernel gives the 512-bit one's bits");
+            }
             for (r, row) in rows.iter().enumerate() {
                 let want = 0.5 + row.iter().zip(&x).map(|(&w, &x)| w as f64 * x as f64).sum::<f64>();
                 assert!((acc[r] as f64 - want).abs() < 1e-6, "row {r} of {columns}: {} vs {want}", acc[r]);

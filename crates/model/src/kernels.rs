@@ -8,7 +8,7 @@
 //!
 //! The crate is built for baseline x86-64, so every kernel is written once as an
 //! `#[inline(always)]` generic body (a `Kernel`) and `Isa::run` instantiates it inside
-//! `#[target_feature]` functions for AVX-512 (with or without VNNI) and AVX2 + FMA; `Isa::detect`
+//! `#[target_feature]` functions for AVX-512 and AVX2 + FMA (each with or without VNNI); `Isa::detect`
 //! picks one at run time. Hand-written intrinsics (the packed matrix product here, the int8
 //! product in `int8`) are `#[target_feature]` functions of their own; AMX's tile instructions,
 //! whose intrinsics are not stable, are `asm!`. The portable instance (SSE2, or
@@ -61,20 +61,17 @@ impl Isa {
 pub trait Kernel {
     /// What the kernel returns.
     type Output;
-    /// The body. `FMA`: fused multiply-adds are available (`madd`); `VNNI`: AVX-512 VNNI's int8
+    /// The body. `FMA`: fused multiply-adds are available (`madd`); `VNNI`: the int8
     /// products are (`int8`).
     fn run<const FMA: bool, const VNNI: bool>(self) -> Self::Output;
 }
 
 impl Isa {
-    /// Runs `kernel` compiled for this set; with `vnni`, for AVX-512 with VNNI (only where the
-    /// CPU has it: `int8::cpu_has_vnni`, for an `Isa::Avx512`).
+    /// Runs `kernel` compiled for this set; with `vnni`, with the set's int8 products too
+    /// (AVX-512 VNNI, or AVX-VNNI beside AVX2: only where the CPU has them, `int8::runs_on`).
     #[inline]
     pub fn run<K: Kernel>(self, vnni: bool, kernel: K) -> K::Output {
-        debug_assert!(
-            !vnni || (self == Isa::Avx512 && crate::int8::cpu_has_vnni()),
-            "VNNI asked of a CPU without it"
-        );
+        debug_assert!(!vnni || crate::int8::runs_on(self), "VNNI asked of a CPU without it");
         match self {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA;
@@ -83,6 +80,10 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above, without VNNI.
             Isa::Avx512 => unsafe { on_avx512(kernel) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA; callers
+            // ask for `vnni` only where it also reports AVX-VNNI.
+            Isa::Avx2Fma if vnni => unsafe { on_avx2_vnni(kernel) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
             Isa::Avx2Fma => unsafe { on_avx2(kernel) },
@@ -101,6 +102,12 @@ unsafe fn on_avx512_vnni<K: Kernel>(kernel: K) -> K::Output {
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn on_avx512<K: Kernel>(kernel: K) -> K::Output {
     kernel.run::<true, false>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avxvnni")]
+unsafe fn on_avx2_vnni<K: Kernel>(kernel: K) -> K::Output {
+    kernel.run::<true, true>()
 }
 
 #[cfg(target_arch = "x86_64")]
