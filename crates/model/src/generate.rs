@@ -12,6 +12,7 @@ use arrayvec::ArrayVec;
 
 use super::config::MAX_SIDE_INPUTS;
 use super::io::LoadedModel;
+use super::memory::RecallCursor;
 use super::sample::{Sampler, SamplingSettings};
 use super::{GenState, ModelError, Transposition};
 use music::bar::{self, BarClock, NO_BAR_POSITION};
@@ -37,6 +38,8 @@ pub struct Generator {
     /// tune memory reach (`history_len`).
     history: VecDeque<u32>,
     history_len: usize,
+    /// Where the tune memory's last search ended, for the next, one symbol longer.
+    recall_cursor: RecallCursor,
 }
 
 impl Generator {
@@ -57,6 +60,7 @@ impl Generator {
             bar_clock: None,
             history: VecDeque::with_capacity(history_len),
             history_len,
+            recall_cursor: RecallCursor::default(),
         }
     }
 
@@ -93,6 +97,7 @@ impl Generator {
     pub fn reset(&mut self) {
         self.state.reset();
         self.history.clear();
+        self.recall_cursor.reset();
         self.has_logits = false;
         self.num_generated = 0;
         self.is_finished = false;
@@ -154,7 +159,7 @@ impl Generator {
             reader.inputs(bar, earlier).iter().map(|&input| input as u16).collect();
         self.model.step_at(token, &inputs, &mut self.state, &mut self.logits)?;
         let recent = &history[history.len().saturating_sub(self.model.memory_context())..];
-        self.model.mix_memory(recent, &mut self.logits);
+        self.model.mix_memory(recent, &mut self.recall_cursor, &mut self.logits);
         if let (Some(clock), true) = (&mut self.bar_clock, is_song_symbol) {
             clock.advance();
         }

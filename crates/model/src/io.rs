@@ -14,7 +14,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::config::{InputKind, ModelConfig};
 use super::lstm::{GenState, MelodyLstm, StepWeights};
-use super::memory::{MemoryConfig, Recall, TuneMemory, MEMORY_CONFIG_FILE, MEMORY_FILE};
+use super::memory::{MemoryConfig, Recall, RecallCursor, TuneMemory, MEMORY_CONFIG_FILE, MEMORY_FILE};
 use super::ModelError;
 use music::TokenId;
 
@@ -126,9 +126,16 @@ impl LoadedModel {
 
     /// Mixes the tune memory, if the model has one, into the next symbol's `logits` (`[vocab]`,
     /// as `step` wrote them) for the tokens fed so far (`history`, newest last): they become
-    /// log-probabilities. Neither allocates nor locks. Returns what the memory recalled.
-    pub fn mix_memory(&self, history: &[u32], logits: &mut [f32]) -> Option<Recall> {
-        self.memory.as_ref()?.mix(history, logits)
+    /// log-probabilities. `cursor` is where the last call's search ended, for a history one
+    /// symbol shorter (`RecallCursor`). Neither allocates nor locks. Returns what the memory
+    /// recalled.
+    pub fn mix_memory(
+        &self,
+        history: &[u32],
+        cursor: &mut RecallCursor,
+        logits: &mut [f32],
+    ) -> Option<Recall> {
+        self.memory.as_ref()?.mix_near(history, cursor, logits)
     }
 
     /// A zero recurrent state sized for this model.

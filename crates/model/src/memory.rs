@@ -20,6 +20,16 @@
 //! finds the longest match, and the lengths common to neighbours (`lcp`) give the run of
 //! positions sharing it without reading the stream again. A table of the first two symbols of
 //! every context narrows the search before it starts.
+//!
+//! A generator asks once a step, each history its last plus one symbol, and most of a search's
+//! time goes to cache misses (a step's lookup touches the index cold). A `RecallCursor` keeps
+//! where the last search ended; the next query is the last one with the new symbol in front, so
+//! its place in the order is about where the contexts starting with that symbol begin, plus how
+//! many contexts before the last place were followed by it (the last-to-first mapping of a
+//! suffix array). Counts of each following symbol every `RANK_STRIDE` entries give that number
+//! from one table row and a short scan, and the search gallops out from the guess: a handful
+//! of reads where a binary search over the whole run of contexts makes thirty. A wrong guess
+//! costs time, never a different answer.
 
 use std::path::Path;
 
@@ -40,6 +50,8 @@ const MAGIC: &[u8; 8] = b"APMEMv1\n";
 const HEADER_BYTES: usize = 16;
 /// Symbols are stored one byte each.
 pub const MAX_VOCAB: usize = 256;
+/// Entries of the index between two rows of `TuneMemory::followers_before`.
+const RANK_STRIDE: usize = 128;
 
 /// How the memory is consulted and how much it is trusted. Saved as `memory.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -162,6 +174,25 @@ pub struct TuneMemory {
     /// For the two-symbol start `a, b` (`a * vocab_len + b`), the first entry of `order` whose
     /// context starts with it or after it; one entry more than there are starts.
     starts: Vec<u32>,
+    /// Row `k` (`[vocab_len]`): how many of the entries before `k · RANK_STRIDE` each symbol
+    /// followed (counts in `next`), for `RecallCursor`'s guesses.
+    followers_before: Vec<u32>,
+}
+
+/// Where a generator's last recall ended, so that the next, whose history is one symbol longer,
+/// searches from near there (see the module's notes). A fresh cursor, or one that follows
+/// another history, only makes the search slower: every answer is `TuneMemory::recall`'s.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecallCursor {
+    /// The entry of the index where the last query would sort.
+    place: Option<u32>,
+}
+
+impl RecallCursor {
+    /// Forgets the last search: for a history that does not continue the last one.
+    pub fn reset(&mut self) {
+        self.place = None;
+    }
 }
 
 impl TuneMemory {
@@ -205,7 +236,14 @@ impl TuneMemory {
                 next_start += 1;
             }
         }
-        Ok(Self { config, vocab_len, reversed, order, lcp, next, starts })
+        let mut followers_before = Vec::with_capacity((next.len() / RANK_STRIDE + 1) * vocab_len);
+        let mut counts = vec![0u32; vocab_len];
+        for chunk in next.chunks(RANK_STRIDE) {
+            followers_before.extend_from_slice(&counts);
+            chunk.iter().for_each(|&symbol| counts[symbol as usize] += 1);
+        }
+        followers_before.extend_from_slice(&counts);
+        Ok(Self { config, vocab_len, reversed, order, lcp, next, starts, followers_before })
     }
 
     /// Reads `memory.bin` bytes (`path` names the file in errors) and indexes them.
@@ -302,6 +340,18 @@ impl TuneMemory {
     /// often each symbol followed it. `None` for an empty history, a last symbol never seen,
     /// or a suffix too common. Neither allocates nor locks.
     pub fn recall(&self, history: &[u32], counts: &mut [u32]) -> Option<Recall> {
+        self.recall_near(history, &mut RecallCursor::default(), counts)
+    }
+
+    /// `recall`, searching from where `cursor` says the last search ended (its history was
+    /// this one without the newest symbol), and moving the cursor to where this one ends.
+    pub fn recall_near(
+        &self,
+        history: &[u32],
+        cursor: &mut RecallCursor,
+        counts: &mut [u32],
+    ) -> Option<Recall> {
+        let guess = cursor.place.take();
         let query_len = history.len().min(self.config.max_context);
         if query_len == 0 || self.order.is_empty() {
             return None;
@@ -339,6 +389,26 @@ impl TuneMemory {
             }
         }
         // The first context not before the query; the longest match is at it or just before.
+        // From a guess, gallop outward until the place is bracketed, then halve the bracket.
+        if let Some(guess) = guess.map(|place| self.guess_after(place as usize, query(0) as usize)) {
+            let guess = guess.clamp(lo, hi);
+            let mut step = 1;
+            if guess < hi && compare(guess).1 {
+                lo = guess + 1;
+                while lo + step <= hi && compare(lo + step - 1).1 {
+                    lo += step;
+                    step *= 2;
+                }
+                hi = hi.min(lo + step - 1);
+            } else {
+                hi = guess;
+                while hi >= lo + step && !compare(hi - step).1 {
+                    hi -= step;
+                    step *= 2;
+                }
+                lo = lo.max((hi + 1).saturating_sub(step));
+            }
+        }
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             if compare(mid).1 {
@@ -347,6 +417,7 @@ impl TuneMemory {
                 hi = mid;
             }
         }
+        cursor.place = Some(lo as u32);
         let shared_at = |j: Option<usize>| j.filter(|&j| j < self.order.len()).map_or(0, |j| compare(j).0);
         let (before, after) = (shared_at(lo.checked_sub(1)), shared_at(Some(lo)));
         let len = before.max(after);
@@ -376,6 +447,22 @@ impl TuneMemory {
         Some(Recall { len, count: (end - first) as u32 })
     }
 
+    /// Where a query would sort that is the one at `place` with `symbol` in front: where the
+    /// contexts starting with `symbol` begin, plus the entries before `place` that `symbol`
+    /// followed. Exact but for the contexts cut short by `max_context` or the stream's start;
+    /// the search corrects it.
+    fn guess_after(&self, place: usize, symbol: usize) -> usize {
+        if symbol >= self.vocab_len {
+            return 0;
+        }
+        let place = place.min(self.next.len());
+        let row = place / RANK_STRIDE;
+        let scanned = &self.next[row * RANK_STRIDE..place];
+        let before = self.followers_before[row * self.vocab_len + symbol] as usize
+            + scanned.iter().filter(|&&s| s as usize == symbol).count();
+        self.starts[symbol * self.vocab_len] as usize + before
+    }
+
     /// What fitting the weights needs of one held-out target: the network's probability of it
     /// (`p_model`), and the class of what `recall` finds for `history` and the memory's
     /// probability of `target`.
@@ -393,8 +480,13 @@ impl TuneMemory {
     /// `history`, or are left as they are when it finds nothing or `λ` is 0. Neither allocates
     /// nor locks. Returns what was recalled and mixed in.
     pub fn mix(&self, history: &[u32], logits: &mut [f32]) -> Option<Recall> {
+        self.mix_near(history, &mut RecallCursor::default(), logits)
+    }
+
+    /// `mix`, its search started from `cursor` (`recall_near`).
+    pub fn mix_near(&self, history: &[u32], cursor: &mut RecallCursor, logits: &mut [f32]) -> Option<Recall> {
         let mut counts = [0u32; MAX_VOCAB];
-        let recall = self.recall(history, &mut counts[..self.vocab_len])?;
+        let recall = self.recall_near(history, cursor, &mut counts[..self.vocab_len])?;
         let weight = self.config.weight(recall.len, recall.count);
         if weight <= 0.0 {
             return None;
@@ -525,6 +617,56 @@ mod tests {
             num_long += (len >= 12) as usize;
         }
         assert!(num_long > 100, "only {num_long} long matches: the test should exercise them");
+    }
+
+    /// A cursor following histories one symbol at a time (passages of the stream, stretches
+    /// of noise, a wrong symbol now and then, and the cut at `max_context`), and one left from
+    /// another history: the answers are the plain search's every time.
+    #[test]
+    fn searching_from_a_cursor_answers_as_a_fresh_search() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let mut stream: Vec<u8> = (0..3000).map(|_| rng.random_range(0..6)).collect();
+        for _ in 0..20 {
+            let start = rng.random_range(0..2900);
+            let passage = stream[start..start + rng.random_range(5..100)].to_vec();
+            stream.extend_from_slice(&passage);
+        }
+        // A stride's worth of entries and more, so the rank rows and the scans are both read.
+        assert!(stream.len() > 4 * RANK_STRIDE);
+        let memory = TuneMemory::build(&stream, 6, config(32, 1000)).unwrap();
+        let mut cursor = RecallCursor::default();
+        let mut history: Vec<u32> = Vec::new();
+        let mut at = 0;
+        let (mut num_long, mut num_stale) = (0, 0);
+        for step in 0..6000 {
+            let symbol = match step % 500 {
+                // Noise for a while, then back to following the stream.
+                0..=20 => rng.random_range(0..6),
+                _ if rng.random_range(0..30) == 0 => rng.random_range(0..6),
+                _ => {
+                    at = (at + 1) % stream.len();
+                    stream[at] as u32
+                }
+            };
+            if step % 700 == 0 {
+                at = rng.random_range(0..stream.len());
+            }
+            history.push(symbol);
+            if step % 97 == 0 {
+                // A cursor left from an unrelated history.
+                let mut stale = RecallCursor { place: Some(rng.random_range(0..memory.order.len() as u32)) };
+                let (mut a, mut b) = (vec![0u32; 6], vec![0u32; 6]);
+                assert_eq!(memory.recall_near(&history, &mut stale, &mut a), memory.recall(&history, &mut b));
+                assert_eq!(a, b);
+                num_stale += 1;
+            }
+            let (mut near, mut fresh) = (vec![0u32; 6], vec![0u32; 6]);
+            let found = memory.recall_near(&history, &mut cursor, &mut near);
+            assert_eq!(found, memory.recall(&history, &mut fresh), "step {step}");
+            assert_eq!(near, fresh, "step {step}");
+            num_long += found.is_some_and(|r| r.len >= 16) as usize;
+        }
+        assert!(num_long > 1000 && num_stale > 50, "{num_long} long matches, {num_stale} stale cursors");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub use crate::trainer::{MetricSums, ScoreSum};
 
 use crate::trainer::{evaluate_with_memory, nll_of, EvalConfig, EvalMetrics};
 use model::lstm::GenState;
+use model::memory::RecallCursor;
 use model::{LoadedModel, ModelError};
 use music::bar::NO_BAR_POSITION;
 use music::encode::{join_runs, join_songs};
@@ -83,6 +84,7 @@ pub fn streaming_likelihood(
     let mut logits = vec![0.0f32; vocab.len()];
     let reader = model.lstm.bar_reader();
     let mut fed: Vec<u32> = Vec::with_capacity(lead_tokens.len() + target_tokens.len());
+    let mut recall_cursor = RecallCursor::default();
     // Every step, the delimiters' too, reads what the generator reads: its bar inputs off what
     // was fed so far.
     let mut feed = |token: TokenId, bar: u32, state: &mut GenState, logits: &mut [f32]| {
@@ -90,7 +92,8 @@ pub fn streaming_likelihood(
         let earlier = |back: usize| fed.len().checked_sub(back + 1).map(|i| fed[i]);
         let inputs: Vec<u16> = reader.inputs(bar, earlier).iter().map(|&x| x as u16).collect();
         model.step_at(token, &inputs, state, logits)?;
-        model.mix_memory(&fed[fed.len().saturating_sub(model.memory_context())..], logits);
+        let recent = &fed[fed.len().saturating_sub(model.memory_context())..];
+        model.mix_memory(recent, &mut recall_cursor, logits);
         Ok::<(), ModelError>(())
     };
     for &token in &lead_tokens {
