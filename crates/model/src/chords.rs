@@ -269,7 +269,7 @@ impl ChordLstm {
 
     /// A copy with the rows of its recurrent matrices (and the input matrices above layer 0) on
     /// int8 grids (`int8`), which the fast step then streams as integers where the CPU has
-    /// AVX-512 VNNI; and the largest change to any weight.
+    /// VNNI (`int8::runs_on`); and the largest change to any weight.
     pub fn quantized(&self) -> CandleResult<(ChordLstm, f32)> {
         let (tensors, largest_change) = crate::int8::quantize_tensors(PackSource::named_tensors(self))?;
         Ok((
@@ -380,7 +380,7 @@ impl ChordModel {
     }
 
     /// How the generation step holds the weights (int8 for a model on int8 grids where the CPU
-    /// has AVX-512 VNNI).
+    /// has VNNI: `int8::runs_on`).
     pub fn weight_format(&self) -> crate::fast::WeightFormat {
         self.fast.format()
     }
