@@ -414,7 +414,7 @@ fn generation(args: &BenchArgs) -> Result<()> {
     }
     println!(
         "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) where the CPU has VNNI (AVX-512 VNNI, or AVX-VNNI), else f16 where that holds the weights exactly,\n  else f32; every way within 1e-5 of candle on the same weights. floor: one pass reading the packed weights a step reads.\n  as f32, as f16: the same weights packed as f32 or half precision (the packing of CPUs without VNNI), same step and sampler.\n  avx2 int8, avx2 f16: the AVX2 kernels of CPUs without AVX-512 (int8 where they have AVX-VNNI, as Intel's since Alder Lake), run here.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler. +mem: with the tune memory mixed in (ours only).",
-        model::kernels::Isa::detect().name()
+        Isa::detect().name()
     );
     Ok(())
 }
@@ -711,10 +711,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("cargo xtask bench on {} ({cores} logical cores)", cpu_model());
     println!(
-        "{} CPU threads for candle and the fused LSTM; kernels for {}, int8 dot products (AVX-512 VNNI): {}",
+        "{} CPU threads for candle and the fused LSTM; kernels for {}, int8 dot products: {}",
         candle_core::utils::barrier_pool().n_workers() + 1,
-        model::kernels::Isa::detect().name(),
-        if model::int8::cpu_has_vnni() { "yes" } else { "no" },
+        Isa::detect().name(),
+        match (int8::cpu_has_vnni(), int8::cpu_has_avx_vnni()) {
+            (true, true) => "AVX-512 VNNI and AVX-VNNI",
+            (true, false) => "AVX-512 VNNI",
+            (false, true) => "AVX-VNNI",
+            (false, false) => "none",
+        },
     );
     let products = crate::train::choose_products(args.f32_products);
     println!("training's recurrent products: {}", products.describe());
