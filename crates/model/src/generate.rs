@@ -157,6 +157,7 @@ impl Generator {
         let earlier = |back: usize| seen.len().checked_sub(back + 1).map(|idx| seen[idx]);
         let inputs: ArrayVec<u16, MAX_SIDE_INPUTS> =
             reader.inputs(bar, earlier).iter().map(|&input| input as u16).collect();
+        self.model.prefetch_memory(token, &mut self.recall_cursor);
         self.model.step_at(token, &inputs, &mut self.state, &mut self.logits)?;
         let recent = &history[history.len().saturating_sub(self.model.memory_context())..];
         self.model.mix_memory(recent, &mut self.recall_cursor, &mut self.logits);

@@ -124,6 +124,14 @@ impl LoadedModel {
         self.memory.as_ref().map_or(0, |m| m.config().max_context)
     }
 
+    /// Readies the tune memory's next search (`TuneMemory::prefetch`), for a history that will
+    /// end with `token`: called before `step_at`, its cache misses overlap the step.
+    pub fn prefetch_memory(&self, token: TokenId, cursor: &mut RecallCursor) {
+        if let Some(memory) = &self.memory {
+            memory.prefetch(cursor, token.0 as u32);
+        }
+    }
+
     /// Mixes the tune memory, if the model has one, into the next symbol's `logits` (`[vocab]`,
     /// as `step` wrote them) for the tokens fed so far (`history`, newest last): they become
     /// log-probabilities. `cursor` is where the last call's search ended, for a history one

@@ -186,12 +186,14 @@ pub struct TuneMemory {
 pub struct RecallCursor {
     /// The entry of the index where the last query would sort.
     place: Option<u32>,
+    /// The next query's newest symbol and the guess for its place, when `prefetch` made it.
+    guessed: Option<(u32, u32)>,
 }
 
 impl RecallCursor {
     /// Forgets the last search: for a history that does not continue the last one.
     pub fn reset(&mut self) {
-        self.place = None;
+        *self = Self::default();
     }
 }
 
@@ -351,7 +353,7 @@ impl TuneMemory {
         cursor: &mut RecallCursor,
         counts: &mut [u32],
     ) -> Option<Recall> {
-        let guess = cursor.place.take();
+        let (place, guessed) = (cursor.place.take(), cursor.guessed.take());
         let query_len = history.len().min(self.config.max_context);
         if query_len == 0 || self.order.is_empty() {
             return None;
@@ -390,7 +392,11 @@ impl TuneMemory {
         }
         // The first context not before the query; the longest match is at it or just before.
         // From a guess, gallop outward until the place is bracketed, then halve the bracket.
-        if let Some(guess) = guess.map(|place| self.guess_after(place as usize, query(0) as usize)) {
+        let guess = match guessed {
+            Some((symbol, guess)) if symbol == query(0) => Some(guess as usize),
+            _ => place.map(|place| self.guess_after(place as usize, query(0) as usize)),
+        };
+        if let Some(guess) = guess {
             let guess = guess.clamp(lo, hi);
             let mut step = 1;
             if guess < hi && compare(guess).1 {
@@ -418,6 +424,16 @@ impl TuneMemory {
             }
         }
         cursor.place = Some(lo as u32);
+        // The next guess reads this place's row of counts and the stretch of `next` before it;
+        // start fetching them now, while the sampler and the network's next step run.
+        let row = lo.min(self.next.len()) / RANK_STRIDE;
+        let counts_row: &[u32] = &self.followers_before[row * self.vocab_len..][..self.vocab_len];
+        for line in counts_row.chunks(16) {
+            prefetch_line(line);
+        }
+        for line in self.next[row * RANK_STRIDE..lo.min(self.next.len())].chunks(64) {
+            prefetch_line(line);
+        }
         let shared_at = |j: Option<usize>| j.filter(|&j| j < self.order.len()).map_or(0, |j| compare(j).0);
         let (before, after) = (shared_at(lo.checked_sub(1)), shared_at(Some(lo)));
         let len = before.max(after);
@@ -445,6 +461,25 @@ impl TuneMemory {
             counts[symbol as usize] += 1;
         }
         Some(Recall { len, count: (end - first) as u32 })
+    }
+
+    /// Gets ready the next `recall_near` from `cursor`, whose history will end with `symbol`:
+    /// makes the search's guess now (from lines the last search started fetching) and starts
+    /// fetching the entries of the index around it, so that those cache misses overlap the
+    /// network's step, which does not need them. Only the time of the search changes.
+    pub fn prefetch(&self, cursor: &mut RecallCursor, symbol: u32) {
+        let Some(place) = cursor.place else { return };
+        if self.order.is_empty() {
+            return;
+        }
+        let guess = self.guess_after(place as usize, symbol as usize).min(self.order.len() - 1);
+        cursor.guessed = Some((symbol, guess as u32));
+        // The entries only: reading them to fetch the contexts they point to would stall here.
+        let first = guess.saturating_sub(1);
+        prefetch_line(&self.order[first..]);
+        prefetch_line(&self.order[guess..]);
+        prefetch_line(&self.lcp[first..]);
+        prefetch_line(&self.next[first..]);
     }
 
     /// Where a query would sort that is the one at `place` with `symbol` in front: where the
@@ -505,6 +540,22 @@ impl TuneMemory {
         }
         Some(recall)
     }
+}
+
+/// Asks the CPU to start loading the cache line holding `items`' first element (nothing for
+/// an empty slice); changes nothing else.
+#[inline(always)]
+fn prefetch_line<T>(items: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    if !items.is_empty() {
+        // SAFETY: a prefetch is a hint that neither reads into the program nor faults; SSE is
+        // part of every x86-64 CPU.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(items.as_ptr().cast())
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = items;
 }
 
 /// Symbols two slices share from their starts.
@@ -620,8 +671,9 @@ mod tests {
     }
 
     /// A cursor following histories one symbol at a time (passages of the stream, stretches
-    /// of noise, a wrong symbol now and then, and the cut at `max_context`), and one left from
-    /// another history: the answers are the plain search's every time.
+    /// of noise, a wrong symbol now and then, and the cut at `max_context`), readied by
+    /// `prefetch` for the right symbol, the wrong one or none, and one left from another
+    /// history: the answers are the plain search's every time.
     #[test]
     fn searching_from_a_cursor_answers_as_a_fresh_search() {
         let mut rng = ChaCha8Rng::seed_from_u64(8);
@@ -652,9 +704,16 @@ mod tests {
                 at = rng.random_range(0..stream.len());
             }
             history.push(symbol);
+            // Readied for this symbol most steps, for another now and then, or not at all.
+            match step % 5 {
+                0 => {}
+                1 => memory.prefetch(&mut cursor, (symbol + 1) % 6),
+                _ => memory.prefetch(&mut cursor, symbol),
+            }
             if step % 97 == 0 {
                 // A cursor left from an unrelated history.
-                let mut stale = RecallCursor { place: Some(rng.random_range(0..memory.order.len() as u32)) };
+                let place = Some(rng.random_range(0..memory.order.len() as u32));
+                let mut stale = RecallCursor { place, guessed: None };
                 let (mut a, mut b) = (vec![0u32; 6], vec![0u32; 6]);
                 assert_eq!(memory.recall_near(&history, &mut stale, &mut a), memory.recall(&history, &mut b));
                 assert_eq!(a, b);
