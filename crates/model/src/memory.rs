@@ -29,7 +29,10 @@
 //! suffix array). Counts of each following symbol every `RANK_STRIDE` entries give that number
 //! from one table row and a short scan, and the search gallops out from the guess: a handful
 //! of reads where a binary search over the whole run of contexts makes thirty. A wrong guess
-//! costs time, never a different answer.
+//! costs time, never a different answer. Those few reads still miss the cache, so they are
+//! started early: each search begins fetching what the next guess reads, and `prefetch`,
+//! called before the network's step with the symbol being fed, makes the guess and begins
+//! fetching the entries around it while the step runs.
 
 use std::path::Path;
 
