@@ -2,8 +2,8 @@
 //! symbols just played continue a passage of a song the model learned from, the prediction
 //! leans toward what followed there. Folk songs travel in variants; a network of 1.5 M weights
 //! cannot hold 1.4 M symbols of them verbatim, and an index of them can.
-//! Runs on: the worker thread (`recall` and `mix`, through the generator; neither allocates)
-//! and offline threads (building, fitting, eval).
+//! Runs on: the worker thread (`recall`, `mix` and `prefetch`, through the generator; none
+//! allocates) and offline threads (building, fitting, eval).
 //!
 //! At each step the memory finds the longest suffix of the history, up to `max_context`
 //! symbols, that occurs somewhere in the training stream followed by a symbol. Where that
