@@ -28,15 +28,13 @@ pub const TRAIN_FILE: &str = "train.json";
 /// The built-in model's config, embedded at compile time.
 const BUILTIN_CONFIG: &[u8] =
     include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../presets/models/default/config.json"));
-/// The built-in model's weights, embedded at compile time.
-const BUILTIN_WEIGHTS: &[u8] =
-    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../presets/models/default/model.safetensors"));
+/// The built-in model's weights, deflated by `build.rs` and embedded at compile time.
+const BUILTIN_WEIGHTS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/default-model.safetensors.deflate"));
 /// The built-in model's tune memory settings, embedded at compile time.
 const BUILTIN_MEMORY_CONFIG: &[u8] =
     include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../presets/models/default/memory.json"));
-/// The built-in model's tune memory, embedded at compile time.
-const BUILTIN_MEMORY: &[u8] =
-    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../presets/models/default/memory.bin"));
+/// The built-in model's tune memory, deflated by `build.rs` and embedded at compile time.
+const BUILTIN_MEMORY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/default-memory.bin.deflate"));
 /// Where the built-in model came from, for error messages.
 const BUILTIN_ORIGIN: &str = "built-in model (presets/models/default)";
 
@@ -230,6 +228,12 @@ impl std::fmt::Display for ModelSource {
     }
 }
 
+/// The bytes of a built-in model's file that `build.rs` deflated; the problem named otherwise.
+pub(crate) fn inflate_builtin(deflated: &[u8]) -> Result<Vec<u8>, String> {
+    miniz_oxide::inflate::decompress_to_vec(deflated)
+        .map_err(|err| format!("cannot inflate the embedded copy: {err}"))
+}
+
 /// Reads and validates a model's config.
 pub fn read_model_config(source: &ModelSource) -> Result<ModelConfig, ModelError> {
     match source {
@@ -249,7 +253,10 @@ pub fn read_model_parts(
     let config = read_model_config(source)?;
     let tensors = match source {
         ModelSource::Builtin => {
-            read_weights(BUILTIN_WEIGHTS, &format!("{BUILTIN_ORIGIN}/{WEIGHTS_FILE}"), &config, device)?
+            let path = format!("{BUILTIN_ORIGIN}/{WEIGHTS_FILE}");
+            let bytes = inflate_builtin(BUILTIN_WEIGHTS)
+                .map_err(|reason| ModelError::CorruptWeights { path: path.clone(), reason })?;
+            read_weights(&bytes, &path, &config, device)?
         }
         ModelSource::Dir(dir) => {
             let path = dir.join(WEIGHTS_FILE);
@@ -263,12 +270,17 @@ pub fn read_model_parts(
 /// without `memory.json`.
 pub fn read_memory(source: &ModelSource, vocab_len: usize) -> Result<Option<TuneMemory>, ModelError> {
     let (config_bytes, config_path, bytes, path) = match source {
-        ModelSource::Builtin => (
-            Cow::Borrowed(BUILTIN_MEMORY_CONFIG),
-            format!("{BUILTIN_ORIGIN}/{MEMORY_CONFIG_FILE}"),
-            Cow::Borrowed(BUILTIN_MEMORY),
-            format!("{BUILTIN_ORIGIN}/{MEMORY_FILE}"),
-        ),
+        ModelSource::Builtin => {
+            let path = format!("{BUILTIN_ORIGIN}/{MEMORY_FILE}");
+            let bytes = inflate_builtin(BUILTIN_MEMORY)
+                .map_err(|problem| ModelError::CorruptMemory { path: path.clone(), problem })?;
+            (
+                Cow::Borrowed(BUILTIN_MEMORY_CONFIG),
+                format!("{BUILTIN_ORIGIN}/{MEMORY_CONFIG_FILE}"),
+                Cow::Owned(bytes),
+                path,
+            )
+        }
         ModelSource::Dir(dir) => {
             let (config_path, path) = (dir.join(MEMORY_CONFIG_FILE), dir.join(MEMORY_FILE));
             if !config_path.exists() {
