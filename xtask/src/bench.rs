@@ -259,9 +259,10 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         |isa, format| FastLstm::pack_as(&model.lstm, isa, format).ok().map(|f| PackedRun::new(f, start));
     let mut exact_run = PackedRun::new(FastLstm::pack(&model.lstm, fast.isa())?, start);
     let mut half = packed(fast.isa(), WeightFormat::F16);
+    // Only a CPU with AVX-512 runs the AVX2 kernels beside its own; elsewhere they are its own.
     let has_avx512 = fast.isa() == Isa::Avx512;
-    let mut avx2_int8 = packed(Isa::Avx2Fma, WeightFormat::I8).filter(|_| has_avx512);
-    let mut avx2_f16 = packed(Isa::Avx2Fma, WeightFormat::F16).filter(|_| has_avx512);
+    let mut avx2_int8 = has_avx512.then(|| packed(Isa::Avx2Fma, WeightFormat::I8)).flatten();
+    let mut avx2_f16 = has_avx512.then(|| packed(Isa::Avx2Fma, WeightFormat::F16)).flatten();
     let stock = StockModel::same_weights(&model.lstm)?;
     let settings = bench_settings();
     let model = Arc::new(model);

@@ -429,14 +429,9 @@ impl TuneMemory {
         cursor.place = Some(lo as u32);
         // The next guess reads this place's row of counts and the stretch of `next` before it;
         // start fetching them now, while the sampler and the network's next step run.
-        let row = lo.min(self.next.len()) / RANK_STRIDE;
-        let counts_row: &[u32] = &self.followers_before[row * self.vocab_len..][..self.vocab_len];
-        for line in counts_row.chunks(16) {
-            prefetch_line(line);
-        }
-        for line in self.next[row * RANK_STRIDE..lo.min(self.next.len())].chunks(64) {
-            prefetch_line(line);
-        }
+        let (counts_row, scanned) = self.followers_up_to(lo);
+        counts_row.chunks(16).for_each(prefetch_line);
+        scanned.chunks(64).for_each(prefetch_line);
         let shared_at = |j: Option<usize>| j.filter(|&j| j < self.order.len()).map_or(0, |j| compare(j).0);
         let (before, after) = (shared_at(lo.checked_sub(1)), shared_at(Some(lo)));
         let len = before.max(after);
@@ -493,12 +488,21 @@ impl TuneMemory {
         if symbol >= self.vocab_len {
             return 0;
         }
+        let (counts_row, scanned) = self.followers_up_to(place);
+        let before = counts_row[symbol] as usize + scanned.iter().filter(|&&s| s as usize == symbol).count();
+        self.starts[symbol * self.vocab_len] as usize + before
+    }
+
+    /// What counts the symbols that followed the entries before `place`: the row of
+    /// `followers_before` at or below it (`[vocab_len]`), and the entries of `next` from that
+    /// row up to `place`.
+    fn followers_up_to(&self, place: usize) -> (&[u32], &[u8]) {
         let place = place.min(self.next.len());
         let row = place / RANK_STRIDE;
-        let scanned = &self.next[row * RANK_STRIDE..place];
-        let before = self.followers_before[row * self.vocab_len + symbol] as usize
-            + scanned.iter().filter(|&&s| s as usize == symbol).count();
-        self.starts[symbol * self.vocab_len] as usize + before
+        (
+            &self.followers_before[row * self.vocab_len..][..self.vocab_len],
+            &self.next[row * RANK_STRIDE..place],
+        )
     }
 
     /// What fitting the weights needs of one held-out target: the network's probability of it
