@@ -29,6 +29,7 @@ use std::ops::BitXor;
 use candle_core::{DType, Device, Error, Result, Tensor};
 
 use super::config::{InputKind, MAX_SIDE_INPUTS};
+use super::huge_pages::HugePageArray;
 use super::int8::{self, Int8Part, Limbs};
 use super::kernels::{madd, sigmoid, tanh_approx, Isa, Kernel};
 use super::lstm::{GenState, MelodyLstm, SideLayout};
@@ -157,7 +158,7 @@ pub struct FastLstm {
     /// `[side rows][num_blocks · BLOCK_ROWS]`: layer 0's input per row of the side table
     /// (`MelodyLstm::side_table`: bar positions, lookback and repeat tokens, bar numbers),
     /// packed; empty for a model without bar inputs.
-    side_gates: Vec<f32>,
+    side_gates: HugePageArray<f32>,
     /// Which rows of `side_gates` each bar input reads.
     side_layout: SideLayout,
     layers: Vec<PackedLayer>,
@@ -366,7 +367,7 @@ impl FastLstm {
             vocab_len,
             num_blocks,
             token_gates,
-            side_gates,
+            side_gates: side_gates.into(),
             side_layout,
             layers,
             head_w,

@@ -42,6 +42,7 @@ pub mod compute;
 pub mod config;
 pub mod fast;
 pub mod generate;
+pub mod huge_pages;
 pub mod int8;
 pub mod io;
 pub mod kernels;

@@ -32,13 +32,16 @@
 //! costs time, never a different answer. Those few reads still miss the cache, so they are
 //! started early: each search begins fetching what the next guess reads, and `prefetch`,
 //! called before the network's step with the symbol being fed, makes the guess and begins
-//! fetching the entries around it while the step runs.
+//! fetching the entries around it while the step runs. The index's arrays are kept on huge
+//! pages where the system offers them (`huge_pages`), so those reads rarely also walk the page
+//! tables.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::ModelError;
+use crate::huge_pages::HugePageArray;
 use crate::metrics::EvalMetrics;
 
 /// File of a model directory holding the memory's training stream.
@@ -165,21 +168,21 @@ pub struct TuneMemory {
     vocab_len: usize,
     /// The stream backwards (`to_bytes` turns it round again): the context before position `p` of the stream, read backwards,
     /// is `reversed[n - p..]`, with `n` the stream's length.
-    reversed: Vec<u8>,
+    reversed: HugePageArray<u8>,
     /// Start in `reversed` of every context (`n - p` for positions `p` in `1..n`), sorted by
     /// the first `max_context` symbols from there.
-    order: Vec<u32>,
+    order: HugePageArray<u32>,
     /// `lcp[j]`: symbols (at most `max_context`) that the contexts at `order[j - 1]` and
     /// `order[j]` share; `lcp[0] = 0`.
-    lcp: Vec<u8>,
+    lcp: HugePageArray<u8>,
     /// The symbol that followed each context of `order`.
-    next: Vec<u8>,
+    next: HugePageArray<u8>,
     /// For the two-symbol start `a, b` (`a * vocab_len + b`), the first entry of `order` whose
     /// context starts with it or after it; one entry more than there are starts.
     starts: Vec<u32>,
     /// Row `k` (`[vocab_len]`): how many of the entries before `k · RANK_STRIDE` each symbol
     /// followed (counts in `next`), for `RecallCursor`'s guesses.
-    followers_before: Vec<u32>,
+    followers_before: HugePageArray<u32>,
 }
 
 /// Where a generator's last recall ended, so that the next, whose history is one symbol longer,
@@ -248,7 +251,16 @@ impl TuneMemory {
             chunk.iter().for_each(|&symbol| counts[symbol as usize] += 1);
         }
         followers_before.extend_from_slice(&counts);
-        Ok(Self { config, vocab_len, reversed, order, lcp, next, starts, followers_before })
+        Ok(Self {
+            config,
+            vocab_len,
+            reversed: reversed.into(),
+            order: order.into(),
+            lcp: lcp.into(),
+            next: next.into(),
+            starts,
+            followers_before: followers_before.into(),
+        })
     }
 
     /// Reads `memory.bin` bytes (`path` names the file in errors) and indexes them.
@@ -430,8 +442,8 @@ impl TuneMemory {
         // The next guess reads this place's row of counts and the stretch of `next` before it;
         // start fetching them now, while the sampler and the network's next step run.
         let (counts_row, scanned) = self.followers_up_to(lo);
-        counts_row.chunks(16).for_each(prefetch_line);
-        scanned.chunks(64).for_each(prefetch_line);
+        prefetch_lines(counts_row);
+        prefetch_lines(scanned);
         let shared_at = |j: Option<usize>| j.filter(|&j| j < self.order.len()).map_or(0, |j| compare(j).0);
         let (before, after) = (shared_at(lo.checked_sub(1)), shared_at(Some(lo)));
         let len = before.max(after);
@@ -553,16 +565,33 @@ impl TuneMemory {
 /// an empty slice); changes nothing else.
 #[inline(always)]
 fn prefetch_line<T>(items: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    if !items.is_empty() {
-        // SAFETY: a prefetch is a hint that neither reads into the program nor faults; SSE is
-        // part of every x86-64 CPU.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(items.as_ptr().cast())
-        };
+    prefetch_lines(items.get(..1).unwrap_or_default());
+}
+
+/// Asks the CPU to start loading every cache line that `items` touches; changes nothing else.
+#[inline(always)]
+fn prefetch_lines<T>(items: &[T]) {
+    const LINE: usize = 64;
+    let bytes = std::mem::size_of_val(items);
+    if bytes == 0 {
+        return;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = items;
+    let start = items.as_ptr().cast::<u8>();
+    // From the line holding the first byte to the one holding the last.
+    let first_line = start as usize / LINE;
+    let last_line = (start as usize + bytes - 1) / LINE;
+    for line in first_line..=last_line {
+        // The line's first byte, or the slice's own first byte on its first line.
+        let at = start.wrapping_add((line * LINE).saturating_sub(start as usize));
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is a hint that neither reads into the program nor faults (and `at`
+        // lies within `items`); SSE is part of every x86-64 CPU.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = at;
+    }
 }
 
 /// Symbols two slices share from their starts.
