@@ -200,4 +200,38 @@ mod tests {
         let empty: HugePageArray<u64> = HugePageArray::from(Vec::new());
         assert!(empty.is_empty() && !empty.is_on_huge_pages());
     }
+
+    /// The `VmFlags` line of the mapping of this process that holds `address`.
+    #[cfg(target_os = "linux")]
+    fn mapping_flags(address: usize) -> Option<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split_whitespace().next().and_then(|first| first.split_once('-'));
+            let bounds = range.and_then(|(start, end)| {
+                Some((usize::from_str_radix(start, 16).ok()?, usize::from_str_radix(end, 16).ok()?))
+            });
+            if let Some((start, end)) = bounds {
+                inside = (start..end).contains(&address);
+            } else if inside && line.starts_with("VmFlags:") {
+                return Some(line.to_string());
+            }
+        }
+        None
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_large_array_is_advised_for_huge_pages_where_the_kernel_has_them() {
+        let array = HugePageArray::from(vec![1u32; HUGE_PAGE_BYTES / 4 + 1]);
+        let flags =
+            mapping_flags(array.as_ptr() as usize).expect("the array's mapping is in /proc/self/smaps");
+        // `hg`: the mapping was advised with MADV_HUGEPAGE (a kernel without transparent huge
+        // pages refuses the advice, and has no such directory).
+        if std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            assert!(flags.split_whitespace().any(|flag| flag == "hg"), "{flags}");
+        }
+        let small = HugePageArray::from(vec![1u32; 1000]);
+        assert!(!small.is_on_huge_pages());
+    }
 }
