@@ -4,18 +4,19 @@
 //! once built they are read-only slices, shared by any thread.
 //!
 //! Why: the tune memory's index is about 12 MB of arrays that each step reads in a few random
-//! places. On 4 KiB pages each of those reads needs its own TLB entry, and a page-table walk
-//! when it has none, which under a hypervisor's nested paging can cost as much as the read
-//! itself. On 2 MiB pages the whole index needs six entries.
+//! places, and the fast step reads a few random rows of its side tables (2.3 MB for the
+//! built-in model). On 4 KiB pages each of those reads needs its own TLB entry, and a
+//! page-table walk when it has none, which under a hypervisor's nested paging can cost more
+//! than the read itself. On 2 MiB pages the whole index needs seven entries.
 //!
 //! How: on Linux an array of at least `MIN_HUGE_BYTES` gets fresh pages of its own from `mmap`,
 //! on a 2 MiB boundary and rounded up to whole 2 MiB pages, and `madvise(MADV_HUGEPAGE)` asks
 //! for transparent huge pages before the first write faults them in. (Memory from the
-//! allocator would not do: pages it has used before keep the 4 KiB pages they were given.) The kernel grants them where transparent huge
-//! pages are `always` or `madvise` (most distributions' default) and a free 2 MiB page can be
-//! found, and uses 4 KiB pages otherwise; either way the array is the same. The rounding costs
-//! at most 2 MiB of memory an array. Smaller arrays, and other systems, get an ordinary
-//! allocation.
+//! allocator would not do: pages it has used before keep the 4 KiB pages they were given.)
+//! The kernel grants them where transparent huge pages are `always` or `madvise` (most
+//! distributions' default) and a free 2 MiB page can be found, and uses 4 KiB pages otherwise;
+//! either way the array is the same. The rounding costs at most 2 MiB of memory an array.
+//! Smaller arrays, and other systems, get an ordinary allocation.
 
 use std::alloc::{self, Layout};
 use std::fmt;
