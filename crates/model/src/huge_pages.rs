@@ -60,22 +60,22 @@ impl<T: Copy> HugePageArray<T> {
     /// A copy of `items`.
     pub fn from_slice(items: &[T]) -> Self {
         let bytes = std::mem::size_of_val(items);
-        let (raw, memory) = if bytes == 0 {
-            (NonNull::dangling(), Memory::None)
-        } else if let Some((raw, mapped)) = map_huge_pages(bytes) {
-            (raw.cast::<T>(), mapped)
-        } else {
-            let layout = Layout::array::<T>(items.len()).expect("a slice's own layout is valid");
-            // SAFETY: the layout's size, `bytes`, is not zero.
-            let raw = unsafe { alloc::alloc(layout) };
-            let Some(raw) = NonNull::new(raw.cast::<T>()) else { alloc::handle_alloc_error(layout) };
-            (raw, Memory::Heap(layout))
-        };
-        if bytes > 0 {
-            // SAFETY: the new memory holds `bytes` bytes aligned for `T` (a page boundary, or
-            // `T`'s own layout) and cannot overlap `items`.
-            unsafe { std::ptr::copy_nonoverlapping(items.as_ptr(), raw.as_ptr(), items.len()) };
+        if bytes == 0 {
+            return Self { ptr: NonNull::dangling(), len: items.len(), memory: Memory::None };
         }
+        let (raw, memory) = match map_huge_pages(bytes) {
+            Some((raw, mapped)) => (raw.cast::<T>(), mapped),
+            None => {
+                let layout = Layout::array::<T>(items.len()).expect("a slice's own layout is valid");
+                // SAFETY: the layout's size, `bytes`, is not zero.
+                let raw = unsafe { alloc::alloc(layout) };
+                let Some(raw) = NonNull::new(raw.cast::<T>()) else { alloc::handle_alloc_error(layout) };
+                (raw, Memory::Heap(layout))
+            }
+        };
+        // SAFETY: the new memory holds `bytes` bytes aligned for `T` (a page boundary, or `T`'s
+        // own layout) and cannot overlap `items`.
+        unsafe { std::ptr::copy_nonoverlapping(items.as_ptr(), raw.as_ptr(), items.len()) };
         Self { ptr: raw, len: items.len(), memory }
     }
 
