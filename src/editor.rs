@@ -67,6 +67,21 @@ pub fn create(
     create_egui_editor(state, RepaintNotifier::new(), settings, app)
 }
 
+/// The editor's one typeface, Ubuntu Light, for both of egui's families: its text is Latin, and
+/// egui draws its widgets' marks (ticks, arrows) itself. A character the font lacks is drawn as
+/// a box.
+fn fonts() -> egui::FontDefinitions {
+    const NAME: &str = "Ubuntu-Light";
+    let mut fonts = egui::FontDefinitions::empty();
+    fonts
+        .font_data
+        .insert(NAME.into(), Arc::new(egui::FontData::from_static(epaint_default_fonts::UBUNTU_LIGHT)));
+    for family in [egui::FontFamily::Proportional, egui::FontFamily::Monospace] {
+        fonts.families.insert(family, vec![NAME.into()]);
+    }
+    fonts
+}
+
 /// The editor's own state; the host's window runs it.
 pub struct EditorApp {
     params: Arc<AntiphonParams>,
@@ -86,10 +101,11 @@ pub struct EditorApp {
 impl NiceEguiApp for EditorApp {
     fn build(
         &mut self,
-        _egui_ctx: egui::Context,
+        egui_ctx: egui::Context,
         context: GuiContext,
         _frame: &mut nice_plug_egui::Frame,
     ) -> Result<(), nice_plug_egui::baseview::HandlerError> {
+        egui_ctx.set_fonts(fonts());
         self.context = Some(context);
         self.presets = presets::list(presets::user_presets_folder().as_deref());
         Ok(())
@@ -334,7 +350,7 @@ fn preset_label(listed: &Listed) -> String {
     match listed {
         (PresetOrigin::Factory, Ok(preset)) => preset.name.clone(),
         (PresetOrigin::User(_), Ok(preset)) => format!("{} (yours)", preset.name),
-        (_, Err(err)) => format!("⚠ {err}"),
+        (_, Err(err)) => format!("Unusable: {err}"),
     }
 }
 
@@ -507,5 +523,43 @@ impl<P: Param> ParamRow for P {
     fn row(&self, ui: &mut Ui, setter: &ParamSetter) {
         ui.label(self.name());
         ui.add(ParamSlider::for_param(self, setter).with_width(64.0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every character the editor's code writes (its labels, and the messages of the presets
+    /// and the worker it shows) has a glyph in the one font it installs, so none is drawn as a
+    /// box. Comments are left out; what a user types or names is not checked.
+    #[test]
+    fn the_editors_font_draws_every_character_its_code_writes() {
+        let sources = [
+            ("src/editor.rs", include_str!("editor.rs")),
+            ("src/presets.rs", include_str!("presets.rs")),
+            ("src/engine/view.rs", include_str!("engine/view.rs")),
+            ("src/engine/worker.rs", include_str!("engine/worker.rs")),
+        ];
+        let mut fonts = egui::epaint::Fonts::new(egui::epaint::TextOptions::default(), fonts());
+        let mut view = fonts.with_pixels_per_point(1.0);
+        for family in [egui::FontFamily::Proportional, egui::FontFamily::Monospace] {
+            let font = FontId::new(14.0, family);
+            for (path, source) in sources {
+                for (number, line) in source.lines().enumerate() {
+                    let code = line.trim_start();
+                    if code.starts_with("//") {
+                        continue;
+                    }
+                    let missing: String =
+                        code.chars().filter(|&c| !c.is_control() && !view.has_glyph(&font, c)).collect();
+                    assert!(
+                        missing.is_empty(),
+                        "{path}:{}: no glyph for {missing:?} in {font:?}",
+                        number + 1
+                    );
+                }
+            }
+        }
     }
 }
