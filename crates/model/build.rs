@@ -1,9 +1,13 @@
 //! Deflates the built-in models' weights and tune memory into `OUT_DIR`, where
-//! `include_bytes!` embeds them: the bundles carry about 1.8 MB less, and the worker inflates
-//! each once per process when it first loads the model (`io::inflate_builtin`).
+//! `include_bytes!` embeds them: the bundles carry about 2.1 MB less, and the worker inflates
+//! each once per process when it first loads the model (`io::inflate_builtin`). The weights'
+//! f32 tensors are deflated in byte planes (`src/byte_planes.rs`), which saves 0.3 MB more.
 //! Runs on: the build.
 
 use std::path::{Path, PathBuf};
+
+#[path = "src/byte_planes.rs"]
+mod byte_planes;
 
 /// The files deflated, under `presets/models`: each becomes `OUT_DIR/<dir>-<file>.deflate`.
 const FILES: [(&str, &str); 3] =
@@ -15,8 +19,16 @@ fn main() {
     for (dir, file) in FILES {
         let source = presets.join(dir).join(file);
         println!("cargo:rerun-if-changed={}", source.display());
-        let bytes =
+        let mut bytes =
             std::fs::read(&source).unwrap_or_else(|err| panic!("reading {}: {err}", source.display()));
+        if file.ends_with(".safetensors") {
+            byte_planes::rearrange(
+                &mut bytes,
+                byte_planes::F32Bytes::Interleaved,
+                byte_planes::F32Bytes::Planes,
+            )
+            .unwrap_or_else(|err| panic!("{}: {err}", source.display()));
+        }
         let deflated = miniz_oxide::deflate::compress_to_vec(&bytes, 9);
         let target = out.join(format!("{dir}-{file}.deflate"));
         std::fs::write(&target, deflated).unwrap_or_else(|err| panic!("writing {}: {err}", target.display()));

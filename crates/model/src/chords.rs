@@ -322,8 +322,10 @@ impl PackSource for ChordLstm {
 /// The built-in chord model's config, embedded at compile time.
 const BUILTIN_CONFIG: &[u8] =
     include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../presets/models/chords/config.json"));
-/// The built-in chord model's weights, deflated by `build.rs` and embedded at compile time.
-const BUILTIN_WEIGHTS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chords-model.safetensors.deflate"));
+/// The built-in chord model's weights, deflated by `build.rs` (f32 tensors in byte planes) and
+/// embedded at compile time.
+pub(crate) const BUILTIN_WEIGHTS: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/chords-model.safetensors.deflate"));
 /// Where the built-in chord model came from, for messages.
 pub const BUILTIN_ORIGIN: &str = "built-in chord model (presets/models/chords)";
 
@@ -358,7 +360,7 @@ impl ChordModel {
 
     /// The chord model built into the plugin.
     pub fn builtin() -> Result<Self, ModelError> {
-        let weights = crate::io::inflate_builtin(BUILTIN_WEIGHTS).map_err(|reason| {
+        let weights = crate::io::inflate_builtin_weights(BUILTIN_WEIGHTS).map_err(|reason| {
             ModelError::CorruptWeights { path: format!("{BUILTIN_ORIGIN}/model.safetensors"), reason }
         })?;
         Self::from_bytes(BUILTIN_CONFIG, &weights, BUILTIN_ORIGIN)

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use safetensors::{Dtype, SafeTensors};
 
+use super::byte_planes::{self, F32Bytes};
 use super::config::{InputKind, ModelConfig};
 use super::lstm::{GenState, MelodyLstm, StepWeights};
 use super::memory::{MemoryConfig, Recall, RecallCursor, TuneMemory, MEMORY_CONFIG_FILE, MEMORY_FILE};
@@ -28,7 +29,8 @@ pub const TRAIN_FILE: &str = "train.json";
 /// The built-in model's config, embedded at compile time.
 const BUILTIN_CONFIG: &[u8] =
     include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../presets/models/default/config.json"));
-/// The built-in model's weights, deflated by `build.rs` and embedded at compile time.
+/// The built-in model's weights, deflated by `build.rs` (f32 tensors in byte planes) and
+/// embedded at compile time.
 const BUILTIN_WEIGHTS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/default-model.safetensors.deflate"));
 /// The built-in model's tune memory settings, embedded at compile time.
 const BUILTIN_MEMORY_CONFIG: &[u8] =
@@ -234,6 +236,14 @@ pub(crate) fn inflate_builtin(deflated: &[u8]) -> Result<Vec<u8>, String> {
         .map_err(|err| format!("cannot inflate the embedded copy: {err}"))
 }
 
+/// A built-in model's `model.safetensors`, which `build.rs` deflated with its f32 tensors in
+/// byte planes (`byte_planes`), as the file was; the problem named otherwise.
+pub(crate) fn inflate_builtin_weights(deflated: &[u8]) -> Result<Vec<u8>, String> {
+    let mut file = inflate_builtin(deflated)?;
+    byte_planes::rearrange(&mut file, F32Bytes::Planes, F32Bytes::Interleaved)?;
+    Ok(file)
+}
+
 /// Reads and validates a model's config.
 pub fn read_model_config(source: &ModelSource) -> Result<ModelConfig, ModelError> {
     match source {
@@ -254,7 +264,7 @@ pub fn read_model_parts(
     let tensors = match source {
         ModelSource::Builtin => {
             let path = format!("{BUILTIN_ORIGIN}/{WEIGHTS_FILE}");
-            let bytes = inflate_builtin(BUILTIN_WEIGHTS)
+            let bytes = inflate_builtin_weights(BUILTIN_WEIGHTS)
                 .map_err(|reason| ModelError::CorruptWeights { path: path.clone(), reason })?;
             read_weights(&bytes, &path, &config, device)?
         }
@@ -615,6 +625,22 @@ mod tests {
         bytes.extend_from_slice(header.as_bytes());
         bytes.extend_from_slice(data);
         bytes
+    }
+
+    /// The embedded copies, deflated with their f32 tensors in byte planes, inflate to the
+    /// files in `presets/models` byte for byte.
+    #[test]
+    fn the_builtin_models_inflate_to_their_files() {
+        let presets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../presets/models");
+        let builtins = [
+            ("default/model.safetensors", inflate_builtin_weights(BUILTIN_WEIGHTS)),
+            ("default/memory.bin", inflate_builtin(BUILTIN_MEMORY)),
+            ("chords/model.safetensors", inflate_builtin_weights(crate::chords::BUILTIN_WEIGHTS)),
+        ];
+        for (file, inflated) in builtins {
+            let on_disk = std::fs::read(presets.join(file)).unwrap();
+            assert!(inflated.unwrap() == on_disk, "{file} differs from its embedded copy");
+        }
     }
 
     #[test]

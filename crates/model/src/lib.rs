@@ -37,6 +37,7 @@
 //! # Ok::<(), antiphon_model::ModelError>(())
 //! ```
 
+mod byte_planes;
 pub mod chords;
 pub mod compute;
 pub mod config;
