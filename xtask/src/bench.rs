@@ -19,7 +19,7 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use live::phrase::Texture;
 use model::chords::{ChordGenerator, ChordModel};
 use model::fast::{FastLstm, WeightFormat};
-use model::int8;
+use model::int8::{self, Int8Kernel};
 use model::kernels::Isa;
 use model::lstm::nll_and_argmax;
 use model::{
@@ -221,6 +221,9 @@ struct GenFigures {
     /// grids) and half precision (where it holds them exactly).
     avx2_int8_us: Option<f64>,
     avx2_f16_us: Option<f64>,
+    /// Int8 with plain AVX2's kernel (16-bit inputs), the packing of AVX2 CPUs without either
+    /// VNNI, where this CPU does not pick it itself.
+    avx2_wide_us: Option<f64>,
     stock_us: f64,
     floor_us: f64,
     f32_floor_us: f64,
@@ -263,6 +266,11 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
     let has_avx512 = fast.isa() == Isa::Avx512;
     let mut avx2_int8 = has_avx512.then(|| packed(Isa::Avx2Fma, WeightFormat::I8)).flatten();
     let mut avx2_f16 = has_avx512.then(|| packed(Isa::Avx2Fma, WeightFormat::F16)).flatten();
+    let mut avx2_wide = (fast.int8_kernel() != Some(Int8Kernel::Avx2Wide))
+        .then(|| FastLstm::pack_as(&model.lstm, Isa::Avx2Fma, WeightFormat::I8).ok())
+        .flatten()
+        .and_then(|f| f.with_int8_kernel(Int8Kernel::Avx2Wide).ok())
+        .map(|f| PackedRun::new(f, start));
     let stock = StockModel::same_weights(&model.lstm)?;
     let settings = bench_settings();
     let model = Arc::new(model);
@@ -275,7 +283,7 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         (0..model.config.num_layers).map(|_| LSTMState::new(zero.clone(), zero.clone())).collect();
     let mut token = start;
     let n = args.gen_symbols;
-    let mut times: [Vec<f64>; 8] = Default::default();
+    let mut times: [Vec<f64>; 9] = Default::default();
     let mut sink = 0.0f32;
     let per_symbol_us = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / n as f64;
     // One untimed round warms caches and the allocator.
@@ -294,6 +302,7 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         let f16_us = time_optional(&mut half)?;
         let avx2_int8_us = time_optional(&mut avx2_int8)?;
         let avx2_f16_us = time_optional(&mut avx2_f16)?;
+        let avx2_wide_us = time_optional(&mut avx2_wide)?;
 
         let t = Instant::now();
         for _ in 0..n {
@@ -313,15 +322,24 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         }
         let f32_floor_us = per_symbol_us(t);
         if trial > 0 {
-            let figures =
-                [ours_us, f32_us, stock_us, floor_us, f32_floor_us, f16_us, avx2_int8_us, avx2_f16_us];
+            let figures = [
+                ours_us,
+                f32_us,
+                stock_us,
+                floor_us,
+                f32_floor_us,
+                f16_us,
+                avx2_int8_us,
+                avx2_f16_us,
+                avx2_wide_us,
+            ];
             for (list, us) in times.iter_mut().zip(figures) {
                 list.push(us);
             }
         }
     }
     std::hint::black_box(sink);
-    let [ours, f32_t, stock_t, floor, f32_floor, f16_t, avx2_int8_t, avx2_f16_t] = &mut times;
+    let [ours, f32_t, stock_t, floor, f32_floor, f16_t, avx2_int8_t, avx2_f16_t, avx2_wide_t] = &mut times;
     Ok(GenFigures {
         ours_us: median(ours),
         format: fast.format(),
@@ -329,6 +347,7 @@ fn time_generation(model: LoadedModel, args: &BenchArgs) -> Result<GenFigures> {
         f16_us: half.is_some().then(|| median(f16_t)),
         avx2_int8_us: avx2_int8.is_some().then(|| median(avx2_int8_t)),
         avx2_f16_us: avx2_f16.is_some().then(|| median(avx2_f16_t)),
+        avx2_wide_us: avx2_wide.is_some().then(|| median(avx2_wide_t)),
         stock_us: median(stock_t),
         floor_us: median(floor),
         f32_floor_us: median(f32_floor),
@@ -372,7 +391,7 @@ fn generation(args: &BenchArgs) -> Result<()> {
     models.push(("recipe size int8".to_string(), recipe_int8));
     println!("\nGeneration, one sequence, one thread: µs per symbol (LSTM step + output layer + sampling)");
     println!(
-        "{:<16} {:<28} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "{:<16} {:<28} {:>6} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "model",
         "sizes",
         "packed",
@@ -384,6 +403,7 @@ fn generation(args: &BenchArgs) -> Result<()> {
         "as f16",
         "avx2 int8",
         "avx2 f16",
+        "avx2 wide",
         "stock",
         "stock/us"
     );
@@ -397,7 +417,7 @@ fn generation(args: &BenchArgs) -> Result<()> {
         };
         let optional = |us: Option<f64>| us.map_or("-".to_string(), |us| format!("{us:.2}"));
         println!(
-            "{:<16} {:<28} {:>6} {:>8.2} {:>8.2} {:>5.0} KiB {:>8.2} {:>8.2} {:>8} {:>9} {:>9} {:>9.1} {:>8.1}×",
+            "{:<16} {:<28} {:>6} {:>8.2} {:>8.2} {:>5.0} KiB {:>8.2} {:>8.2} {:>8} {:>9} {:>9} {:>9} {:>9.1} {:>8.1}×",
             name,
             sizes,
             format,
@@ -409,12 +429,13 @@ fn generation(args: &BenchArgs) -> Result<()> {
             optional(g.f16_us),
             optional(g.avx2_int8_us),
             optional(g.avx2_f16_us),
+            optional(g.avx2_wide_us),
             g.stock_us,
             g.stock_us / g.ours_us,
         );
     }
     println!(
-        "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) where the CPU has VNNI (AVX-512 VNNI, or AVX-VNNI), else f16 where that holds the weights exactly,\n  else f32; every way within 1e-5 of candle on the same weights. floor: one pass reading the packed weights a step reads.\n  as f32, as f16: the same weights packed as f32 or half precision (the packing of CPUs without VNNI), same step and sampler.\n  avx2 int8, avx2 f16: the AVX2 kernels of CPUs without AVX-512 (int8 where they have AVX-VNNI, as Intel's since Alder Lake), run here.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler. +mem: with the tune memory mixed in (ours only).",
+        "  ours: Generator::next_symbol, the plugin's path ({} kernels), weights packed as the plugin packs them: int8 for a model on\n  int8 grids (cargo xtask quantize) on x86 with AVX2 (VNNI's kernels where the CPU has AVX-512 VNNI or AVX-VNNI), else f16 where that\n  holds the weights exactly, else f32; every way within 1e-5 of candle on the same weights (2e-4 with plain AVX2's int8 kernel).\n  floor: one pass reading the packed weights a step reads.\n  as f32, as f16: the same weights packed as f32 or half precision (the packing of CPUs without AVX2), same step and sampler.\n  avx2 int8, avx2 f16: the AVX2 kernels of CPUs without AVX-512 (int8 where they have AVX-VNNI, as Intel's since Alder Lake), run here.\n  avx2 wide: int8 with plain AVX2's kernel (weights widened to 16 bits, 16-bit inputs), for AVX2 CPUs without either VNNI, run here.\n  stock: candle-nn LSTM::step per layer + Linear, same sampler. +mem: with the tune memory mixed in (ours only).",
         Isa::detect().name()
     );
     Ok(())
@@ -719,7 +740,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             (true, true) => "AVX-512 VNNI and AVX-VNNI",
             (true, false) => "AVX-512 VNNI",
             (false, true) => "AVX-VNNI",
-            (false, false) => "none",
+            (false, false) => Int8Kernel::best_for(Isa::detect()).map_or("none", Int8Kernel::name),
         },
     );
     let products = crate::train::choose_products(args.f32_products);

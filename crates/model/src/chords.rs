@@ -268,8 +268,8 @@ impl ChordLstm {
     }
 
     /// A copy with the rows of its recurrent matrices (and the input matrices above layer 0) on
-    /// int8 grids (`int8`), which the fast step then streams as integers where the CPU has
-    /// VNNI (`int8::runs_on`); and the largest change to any weight.
+    /// int8 grids (`int8`), which the fast step then streams as integers where an integer
+    /// kernel runs (`int8::runs_on`: x86 with AVX2); and the largest change to any weight.
     pub fn quantized(&self) -> CandleResult<(ChordLstm, f32)> {
         let (tensors, largest_change) = crate::int8::quantize_tensors(PackSource::named_tensors(self))?;
         Ok((
@@ -383,8 +383,8 @@ impl ChordModel {
         Self::new(lstm, origin)
     }
 
-    /// How the generation step holds the weights (int8 for a model on int8 grids where the CPU
-    /// has VNNI: `int8::runs_on`).
+    /// How the generation step holds the weights (int8 for a model on int8 grids where an
+    /// integer kernel runs: `int8::runs_on`).
     pub fn weight_format(&self) -> crate::fast::WeightFormat {
         self.fast.format()
     }

@@ -18,10 +18,11 @@
 //! units are computed and thrown away.
 //!
 //! A model whose LSTM rows lie on int8 grids (`int8`, `cargo xtask quantize`) is packed as
-//! those integers where the CPU has AVX-512 VNNI or AVX-VNNI: a quarter of the bytes, the same
-//! function. Elsewhere its layer matrices are packed in half precision, which holds every int8-grid
-//! weight exactly: half the bytes (the built-in model's layers then fit a core's L2 cache),
-//! still the same function.
+//! those integers on x86 CPUs with AVX2: a quarter of the bytes. With AVX-512 VNNI or AVX-VNNI
+//! the step computes the same function; with plain AVX2 (`int8::Int8Kernel::Avx2Wide`) its
+//! inputs are rounded to 16 bits, within about 2e-4 of it. Elsewhere the layer matrices are
+//! packed in half precision, which holds every int8-grid weight exactly: half the bytes, the
+//! same function.
 
 use std::fmt;
 use std::ops::BitXor;
@@ -30,7 +31,7 @@ use candle_core::{DType, Device, Error, Result, Tensor};
 
 use super::config::{InputKind, MAX_SIDE_INPUTS};
 use super::huge_pages::HugePageArray;
-use super::int8::{self, Int8Part, Limbs};
+use super::int8::{self, Int8Kernel, Int8Part, Limbs};
 use super::kernels::{madd, sigmoid, tanh_approx, Isa, Kernel};
 use super::lstm::{GenState, MelodyLstm, SideLayout};
 use music::TokenId;
@@ -51,9 +52,9 @@ pub enum WeightFormat {
     /// As trained: the step computes candle's function within 1e-5.
     F32,
     /// The integers of weights that lie on their rows' int8 grids (`int8`; a model saved by
-    /// `cargo xtask quantize`): a quarter of the bytes, and still candle's function within 1e-5.
-    /// Needs AVX-512 VNNI or AVX-VNNI (`int8::runs_on`); `for_model` picks it by itself where
-    /// both hold.
+    /// `cargo xtask quantize`): a quarter of the bytes, and candle's function within 1e-5 (2e-4
+    /// with plain AVX2's kernel). Needs an integer kernel (`int8::runs_on`: x86 with AVX2);
+    /// `for_model` picks it by itself where both hold.
     I8,
     /// Half-precision layer matrices, for weights that half precision holds exactly (every
     /// int8-grid weight does): half the bytes of f32, the same products, so the same function
@@ -150,6 +151,8 @@ struct PackedLayer {
 pub struct FastLstm {
     isa: Isa,
     format: WeightFormat,
+    /// The integer kernel of `WeightFormat::I8` layers (`None` for the other formats).
+    int8: Option<Int8Kernel>,
     hidden_size: usize,
     vocab_len: usize,
     num_blocks: usize,
@@ -212,16 +215,17 @@ impl FastLstm {
     }
 
     /// Packs `lstm`'s current weights in `format` for kernels of `isa`. `WeightFormat::I8` errors
-    /// unless the CPU has `isa`'s VNNI (`int8::runs_on`) and every row of the layers' matrices (but layer
-    /// 0's input matrix, which becomes the token table) lies on its int8 grid;
-    /// `WeightFormat::F16` unless half precision holds each of those weights exactly.
+    /// unless an integer kernel runs beside `isa` (`int8::runs_on`; the step uses the best,
+    /// `Int8Kernel::best_for`) and every row of the layers' matrices (but layer 0's input
+    /// matrix, which becomes the token table) lies on its int8 grid; `WeightFormat::F16` unless
+    /// half precision holds each of those weights exactly.
     pub fn pack_as(lstm: &impl PackSource, isa: Isa, format: WeightFormat) -> Result<Self> {
-        if format == WeightFormat::I8 && !int8::runs_on(isa) {
-            return Err(Error::Msg(format!(
-                "fast step: int8 weights need VNNI, which {} lacks here",
-                isa.name()
-            )));
-        }
+        let int8 = match format {
+            WeightFormat::I8 => Some(Int8Kernel::best_for(isa).ok_or_else(|| {
+                Error::Msg(format!("fast step: int8 weights need AVX2, which {} lacks here", isa.name()))
+            })?),
+            WeightFormat::F32 | WeightFormat::F16 => None,
+        };
         let hidden = lstm.hidden_size();
         let vocab_len = lstm.vocab_len();
         if hidden == 0 || hidden > MAX_FAST_HIDDEN {
@@ -363,6 +367,7 @@ impl FastLstm {
         Ok(Self {
             isa,
             format,
+            int8,
             hidden_size: hidden,
             vocab_len,
             num_blocks,
@@ -390,6 +395,21 @@ impl FastLstm {
         self.format
     }
 
+    /// The integer kernel its `WeightFormat::I8` layers run with.
+    pub fn int8_kernel(&self) -> Option<Int8Kernel> {
+        self.int8
+    }
+
+    /// The same packing run with another integer kernel (to time or test one the CPU would not
+    /// pick); errors for a packing without int8 layers, or a kernel this CPU cannot run.
+    pub fn with_int8_kernel(mut self, kernel: Int8Kernel) -> Result<Self> {
+        if self.int8.is_none() || !kernel.runs_here() {
+            return Err(Error::Msg(format!("fast step: cannot run {} here on these weights", kernel.name())));
+        }
+        self.int8 = Some(kernel);
+        Ok(self)
+    }
+
     /// Bytes of weights one step reads: every layer, one row of the token table, the output
     /// layer.
     pub fn weight_bytes_per_step(&self) -> usize {
@@ -409,18 +429,18 @@ impl FastLstm {
             parts.push(&layer.bias);
             match &layer.weights {
                 LayerWeights::F32(w) => parts.push(w),
-                LayerWeights::F16(w) => total += self.isa.run(false, XorFold(w)) as f32,
+                LayerWeights::F16(w) => total += self.isa.run(None, XorFold(w)) as f32,
                 LayerWeights::I8(parts) => {
                     for part in parts {
-                        total += self.isa.run(false, XorFold(&part.weights)) as f32
-                            + self.isa.run(false, XorFold(&part.sums)) as f32
+                        total += self.isa.run(None, XorFold(&part.weights)) as f32
+                            + self.isa.run(None, XorFold(&part.sums)) as f32
                             + part.scales.iter().sum::<f32>();
                     }
                 }
             }
         }
         for part in parts {
-            total += self.isa.run(false, Sum(part));
+            total += self.isa.run(None, Sum(part));
         }
         total
     }
@@ -501,13 +521,12 @@ impl FastLstm {
 
     /// The step with the kernels of this CPU; shapes were checked.
     fn run_step(&self, token: usize, bar_rows: &[&[f32]], state: &mut GenState, logits: &mut [f32]) {
-        let vnni = self.format == WeightFormat::I8;
-        self.isa.run(vnni, Step { lstm: self, token, bar_rows, state, logits });
+        self.isa.run(self.int8, Step { lstm: self, token, bar_rows, state, logits });
     }
 
     /// The step itself; shapes were checked by `step`.
     #[inline(always)]
-    fn step_body<const FMA: bool, const VNNI: bool>(
+    fn step_body<const FMA: bool, const INT8: bool>(
         &self,
         token: usize,
         bar_rows: &[&[f32]],
@@ -532,9 +551,9 @@ impl FastLstm {
             };
             let input_limbs: &mut [Limbs] = &mut input_limbs_buf[..int8::num_quads(input.len())];
             let h_limbs: &mut [Limbs] = &mut h_limbs_buf[..int8::num_quads(hidden)];
-            if VNNI {
-                int8::split_limbs(input, input_limbs);
-                int8::split_limbs(h_prev, h_limbs);
+            if let (true, Some(kernel)) = (INT8, self.int8) {
+                int8::split_for(kernel, input, input_limbs);
+                int8::split_for(kernel, h_prev, h_limbs);
             }
             let h_out = &mut this_and_above[0];
             let c = &mut state.c[k];
@@ -566,18 +585,19 @@ impl FastLstm {
                     }
                     LayerWeights::I8(parts) => {
                         #[cfg(target_arch = "x86_64")]
-                        if VNNI {
-                            // SAFETY: the `VNNI` instance runs only from `Isa::run` with `vnni`, where
-                            // `pack_as` saw `int8::runs_on(self.isa)`; the limbs cover each part's
-                            // quads.
+                        if let (true, Some(kernel)) = (INT8, self.int8) {
+                            // SAFETY: the `INT8` instance runs only from `Isa::run` given
+                            // `self.int8`, which `pack_as` (`Int8Kernel::best_for`) or
+                            // `with_int8_kernel` saw runs here; the limbs, split for it, cover
+                            // each part's quads.
                             unsafe {
                                 if layer.input_width > 0 {
-                                    int8::accumulate_on(self.isa, &mut acc, &parts[2 * b], input_limbs);
+                                    int8::accumulate_with(kernel, &mut acc, &parts[2 * b], input_limbs);
                                 }
-                                int8::accumulate_on(self.isa, &mut acc, &parts[2 * b + 1], h_limbs);
+                                int8::accumulate_with(kernel, &mut acc, &parts[2 * b + 1], h_limbs);
                             }
                         }
-                        debug_assert!(VNNI, "int8 weights are only packed where VNNI runs");
+                        debug_assert!(INT8, "int8 weights run only with an integer kernel");
                     }
                 }
                 let units = b * BLOCK_UNITS..((b + 1) * BLOCK_UNITS).min(hidden);
@@ -713,8 +733,8 @@ struct Step<'a> {
 impl Kernel for Step<'_> {
     type Output = ();
     #[inline(always)]
-    fn run<const FMA: bool, const VNNI: bool>(self) {
-        self.lstm.step_body::<FMA, VNNI>(self.token, self.bar_rows, self.state, self.logits)
+    fn run<const FMA: bool, const INT8: bool>(self) {
+        self.lstm.step_body::<FMA, INT8>(self.token, self.bar_rows, self.state, self.logits)
     }
 }
 
@@ -725,7 +745,7 @@ struct XorFold<'a, T>(&'a [T]);
 impl<T: Copy + Default + BitXor<Output = T>> Kernel for XorFold<'_, T> {
     type Output = T;
     #[inline(always)]
-    fn run<const FMA: bool, const VNNI: bool>(self) -> T {
+    fn run<const FMA: bool, const INT8: bool>(self) -> T {
         let mut acc = [T::default(); 2 * BLOCK_ROWS];
         let mut chunks = self.0.chunks_exact(acc.len());
         for chunk in &mut chunks {
@@ -743,7 +763,7 @@ struct Sum<'a>(&'a [f32]);
 impl Kernel for Sum<'_> {
     type Output = f32;
     #[inline(always)]
-    fn run<const FMA: bool, const VNNI: bool>(self) -> f32 {
+    fn run<const FMA: bool, const INT8: bool>(self) -> f32 {
         let mut acc = [0.0f32; BLOCK_ROWS];
         let mut chunks = self.0.chunks_exact(BLOCK_ROWS);
         for chunk in &mut chunks {
@@ -801,15 +821,17 @@ mod tests {
         (want, want_c): (&[Vec<f32>], &[Vec<f32>]),
         what: &str,
     ) -> Vec<f32> {
+        // Plain AVX2's integer kernel rounds its inputs to 16 bits (`int8::Int8Kernel`).
+        let tolerance = if fast.int8 == Some(Int8Kernel::Avx2Wide) { WIDE_TOLERANCE } else { 1e-5 };
         let mut state = fast.new_state();
         let mut logits = vec![0.0; fast.vocab_len];
         for (t, &token) in tokens.iter().enumerate() {
             fast.step_at(TokenId(token as u16), &[], &mut state, &mut logits).unwrap();
             let d = max_diff(&logits, &want[t]);
-            assert!(d < 1e-5, "{what} step {t}: off by {d}");
+            assert!(d < tolerance, "{what} step {t}: off by {d}");
         }
         let d = max_diff(state.c.last().unwrap(), &want_c[0]);
-        assert!(d < 1e-5, "{what} final cell state off by {d}");
+        assert!(d < tolerance, "{what} final cell state off by {d}");
         logits
     }
 
@@ -893,18 +915,34 @@ mod tests {
         }
     }
 
-    /// The instruction sets this CPU runs the int8 kernel with: AVX-512 and, where the CPU also
-    /// has AVX-VNNI, the AVX2 kernels that CPUs without AVX-512 run.
-    fn int8_isas() -> Vec<Isa> {
-        [Isa::Avx512, Isa::Avx2Fma]
-            .into_iter()
-            .filter(|&isa| (isa == Isa::detect() || Isa::detect() == Isa::Avx512) && int8::runs_on(isa))
-            .collect()
+    /// How far plain AVX2's integer kernel may be from candle: its inputs are rounded to `2^-15`.
+    const WIDE_TOLERANCE: f32 = 5e-4;
+
+    /// `lstm` packed as int8 for every integer kernel this CPU runs, each beside every float
+    /// instruction set it runs with, named.
+    fn int8_packings(lstm: &MelodyLstm) -> Vec<(String, FastLstm)> {
+        let kernels = [Int8Kernel::Avx512Vnni, Int8Kernel::AvxVnni, Int8Kernel::Avx2Wide];
+        let mut packings = Vec::new();
+        for isa in [Isa::Avx512, Isa::Avx2Fma] {
+            if !(isa == Isa::detect() || Isa::detect() == Isa::Avx512) || !int8::runs_on(isa) {
+                continue;
+            }
+            let best = FastLstm::pack_as(lstm, isa, WeightFormat::I8).unwrap();
+            let others: Vec<Int8Kernel> =
+                kernels.into_iter().filter(|&k| k.runs_here() && Some(k) != best.int8_kernel()).collect();
+            for kernel in others {
+                let other =
+                    FastLstm::pack_as(lstm, isa, WeightFormat::I8).unwrap().with_int8_kernel(kernel).unwrap();
+                packings.push((format!("{isa:?} {kernel:?}"), other));
+            }
+            packings.push((format!("{isa:?} {:?}", best.int8_kernel()), best));
+        }
+        packings
     }
 
-    /// The built-in model through each VNNI kernel, over a passage of its own training songs,
-    /// against candle on the same weights: trained weights, not only random ones. The 256-bit
-    /// kernel gives the 512-bit one's last logits to the bit.
+    /// The built-in model through each integer kernel, over a passage of its own training songs,
+    /// against candle on the same weights: trained weights, not only random ones. The VNNI
+    /// kernels give the same last logits to the bit.
     #[test]
     fn builtin_model_int8_step_matches_candle_within_1e_5() {
         let model = crate::io::LoadedModel::builtin().unwrap();
@@ -913,18 +951,18 @@ mod tests {
         let picked = FastLstm::for_model(&model.lstm).unwrap().unwrap().format();
         assert_eq!(picked == WeightFormat::I8, int8::runs_on(Isa::detect()));
         let (want, want_c) = candle_steps(&model.lstm, &tokens);
-        let mut logits_by_isa = Vec::new();
-        for isa in int8_isas() {
-            let fast = FastLstm::pack_as(&model.lstm, isa, WeightFormat::I8).unwrap();
-            let what = format!("built-in int8 {isa:?}");
-            logits_by_isa.push(assert_steps_match(&fast, &tokens, (&want, &want_c), &what));
+        let mut vnni_logits = Vec::new();
+        for (what, fast) in int8_packings(&model.lstm) {
+            let logits =
+                assert_steps_match(&fast, &tokens, (&want, &want_c), &format!("built-in int8 {what}"));
+            if fast.int8_kernel() != Some(Int8Kernel::Avx2Wide) {
+                vnni_logits.push(logits);
+            }
         }
-        if let [wide, narrow] = &logits_by_isa[..] {
-            assert_eq!(wide, narrow);
-        }
+        assert!(vnni_logits.windows(2).all(|pair| pair[0] == pair[1]), "the VNNI kernels differ");
     }
 
-    /// Int8-grid weights (`int8::quantize_model`) through each VNNI kernel, against candle on the
+    /// Int8-grid weights (`int8::quantize_model`) through each integer kernel, against candle on the
     /// same weights; and a model off the grid is refused that format.
     #[test]
     fn int8_weights_match_candle_within_1e_5() {
@@ -951,10 +989,13 @@ mod tests {
             let mut rng = ChaCha8Rng::seed_from_u64(9);
             let tokens: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
             let (want, want_c) = candle_steps(&lstm, &tokens);
-            for isa in int8_isas() {
-                let fast = FastLstm::pack_as(&lstm, isa, WeightFormat::I8).unwrap();
-                let what = format!("int8 {isa:?} {input:?} {hidden}x{layers}");
-                assert_steps_match(&fast, &tokens, (&want, &want_c), &what);
+            for (what, fast) in int8_packings(&lstm) {
+                assert_steps_match(
+                    &fast,
+                    &tokens,
+                    (&want, &want_c),
+                    &format!("int8 {what} {input:?} {hidden}x{layers}"),
+                );
             }
         }
     }

@@ -8,11 +8,14 @@
 //!
 //! The crate is built for baseline x86-64, so every kernel is written once as an
 //! `#[inline(always)]` generic body (a `Kernel`) and `Isa::run` instantiates it inside
-//! `#[target_feature]` functions for AVX-512 and AVX2 + FMA (each with or without VNNI); `Isa::detect`
+//! `#[target_feature]` functions for AVX-512 and AVX2 + FMA (each with or without an integer
+//! kernel's instructions); `Isa::detect`
 //! picks one at run time. Hand-written intrinsics (the packed matrix product here, the int8
 //! product in `int8`) are `#[target_feature]` functions of their own; AMX's tile instructions,
 //! whose intrinsics are not stable, are `asm!`. The portable instance (SSE2, or
 //! any other architecture) computes the same function without fused multiply-adds.
+
+use crate::int8::Int8Kernel;
 
 /// The vector instruction sets a kernel can be instantiated for, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,32 +64,34 @@ impl Isa {
 pub trait Kernel {
     /// What the kernel returns.
     type Output;
-    /// The body. `FMA`: fused multiply-adds are available (`madd`); `VNNI`: the int8
-    /// products are (`int8`).
-    fn run<const FMA: bool, const VNNI: bool>(self) -> Self::Output;
+    /// The body. `FMA`: fused multiply-adds are available (`madd`); `INT8`: an integer kernel
+    /// is (`int8::Int8Kernel`, the one `Isa::run` was given).
+    fn run<const FMA: bool, const INT8: bool>(self) -> Self::Output;
 }
 
 impl Isa {
-    /// Runs `kernel` compiled for this set; with `vnni`, with the set's int8 products too
-    /// (AVX-512 VNNI, or AVX-VNNI beside AVX2: only where the CPU has them, `int8::runs_on`).
+    /// Runs `kernel` compiled for this set; with `int8`, compiled for that integer kernel's
+    /// instructions too (which the CPU must have: `Int8Kernel::runs_here`).
     #[inline]
-    pub fn run<K: Kernel>(self, vnni: bool, kernel: K) -> K::Output {
-        debug_assert!(!vnni || crate::int8::runs_on(self), "VNNI asked of a CPU without it");
-        match self {
+    pub fn run<K: Kernel>(self, int8: Option<Int8Kernel>, kernel: K) -> K::Output {
+        debug_assert!(int8.is_none_or(Int8Kernel::runs_here), "{int8:?} asked of a CPU without it");
+        match (self, int8) {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx512` is only chosen when the CPU reports AVX-512F, AVX2 and FMA;
-            // callers ask for `vnni` only where it also reports AVX-512BW and VNNI.
-            Isa::Avx512 if vnni => unsafe { on_avx512_vnni(kernel) },
+            // SAFETY: `Int8Kernel::Avx512Vnni` only runs where the CPU reports AVX-512F, BW and
+            // VNNI (and so AVX2 and FMA); `Isa::Avx512` only where it reports AVX-512F, AVX2, FMA.
+            (_, Some(Int8Kernel::Avx512Vnni)) => unsafe { on_avx512_vnni(kernel) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above, without VNNI.
-            Isa::Avx512 => unsafe { on_avx512(kernel) },
+            (Isa::Avx512, None) => unsafe { on_avx512(kernel) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA; callers
-            // ask for `vnni` only where it also reports AVX-VNNI.
-            Isa::Avx2Fma if vnni => unsafe { on_avx2_vnni(kernel) },
+            // SAFETY: `Int8Kernel::AvxVnni` only runs where the CPU reports AVX2, FMA and AVX-VNNI.
+            (_, Some(Int8Kernel::AvxVnni)) => unsafe { on_avx2_vnni(kernel) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Int8Kernel::Avx2Wide` only runs where `Isa::detect` found AVX2 and FMA.
+            (_, Some(Int8Kernel::Avx2Wide)) => unsafe { on_avx2_int8(kernel) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
-            Isa::Avx2Fma => unsafe { on_avx2(kernel) },
+            (Isa::Avx2Fma, None) => unsafe { on_avx2(kernel) },
             _ => kernel.run::<false, false>(),
         }
     }
@@ -107,6 +112,12 @@ unsafe fn on_avx512<K: Kernel>(kernel: K) -> K::Output {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avxvnni")]
 unsafe fn on_avx2_vnni<K: Kernel>(kernel: K) -> K::Output {
+    kernel.run::<true, true>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn on_avx2_int8<K: Kernel>(kernel: K) -> K::Output {
     kernel.run::<true, true>()
 }
 

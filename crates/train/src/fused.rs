@@ -633,14 +633,14 @@ struct Run<'a, S> {
 impl<S: ShareBody> Kernel for Run<'_, S> {
     type Output = ();
     #[inline(always)]
-    fn run<const FMA: bool, const VNNI: bool>(self) {
+    fn run<const FMA: bool, const INT8: bool>(self) {
         self.share.run_body(self.isa, self.w)
     }
 }
 
 impl ForwardShare<'_> {
     fn run(&mut self, isa: Isa, w_hh_t: &PackedB) {
-        isa.run(false, Run { share: self, isa, w: w_hh_t });
+        isa.run(None, Run { share: self, isa, w: w_hh_t });
     }
 
     #[inline(always)]
@@ -839,7 +839,7 @@ struct BackwardShare<'a> {
 
 impl BackwardShare<'_> {
     fn run(&mut self, isa: Isa, w_hh: &PackedB) {
-        isa.run(false, Run { share: self, isa, w: w_hh });
+        isa.run(None, Run { share: self, isa, w: w_hh });
     }
 
     #[inline(always)]

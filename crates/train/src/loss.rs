@@ -50,7 +50,7 @@ impl Kernel for LogSumExp<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn run<const FMA: bool, const VNNI: bool>(self) {
+    fn run<const FMA: bool, const INT8: bool>(self) {
         for (row, lse) in self.logits.chunks_exact(self.vocab).zip(self.out.iter_mut()) {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             self.scratch.iter_mut().zip(row).for_each(|(e, &x)| *e = exp_approx(x - max));
@@ -73,7 +73,7 @@ impl Kernel for NllGradient<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn run<const FMA: bool, const VNNI: bool>(self) {
+    fn run<const FMA: bool, const INT8: bool>(self) {
         let vocab = self.logits.len() / self.targets.len().max(1);
         let rows = self.logits.chunks_exact(vocab).zip(self.out.chunks_exact_mut(vocab));
         for (i, (row, grad)) in rows.enumerate() {
@@ -88,7 +88,7 @@ impl Nll {
     fn log_sum_exps(&self, logits: &[f32], vocab: usize) -> Vec<f32> {
         let mut out = vec![0.0f32; self.targets.len()];
         let mut scratch = vec![0.0f32; vocab];
-        self.isa.run(false, LogSumExp { logits, vocab, scratch: &mut scratch, out: &mut out });
+        self.isa.run(None, LogSumExp { logits, vocab, scratch: &mut scratch, out: &mut out });
         out
     }
 }
@@ -123,7 +123,7 @@ impl CustomOp1 for Nll {
             scales: &scales,
             out: &mut out,
         };
-        self.isa.run(false, kernel);
+        self.isa.run(None, kernel);
         Ok(Some(Tensor::from_vec(out, (rows, vocab), logits.device())?))
     }
 }
