@@ -200,7 +200,7 @@ impl Int8Kernel {
         }
     }
 
-    /// How the bench and the logs name it.
+    /// How the bench and error messages name it.
     pub fn name(self) -> &'static str {
         match self {
             Self::Avx512Vnni => "AVX-512 VNNI",
