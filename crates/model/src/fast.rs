@@ -20,9 +20,9 @@
 //! A model whose LSTM rows lie on int8 grids (`int8`, `cargo xtask quantize`) is packed as
 //! those integers on x86 CPUs with AVX2: a quarter of the bytes. With AVX-512 VNNI or AVX-VNNI
 //! the step computes the same function; with plain AVX2 (`int8::Int8Kernel::Avx2Wide`) its
-//! inputs are rounded to 16 bits, within about 2e-4 of it. Elsewhere the layer matrices are
-//! packed in half precision, which holds every int8-grid weight exactly: half the bytes, the
-//! same function.
+//! inputs are rounded to 16 bits, within about 2e-4 of it. Elsewhere (ARM, x86 without AVX2)
+//! they are packed as f32: half precision holds every int8-grid weight exactly, but without
+//! F16C each weight is widened on its own, slower than reading twice the bytes.
 
 use std::fmt;
 use std::ops::BitXor;
@@ -58,7 +58,8 @@ pub enum WeightFormat {
     I8,
     /// Half-precision layer matrices, for weights that half precision holds exactly (every
     /// int8-grid weight does): half the bytes of f32, the same products, so the same function
-    /// as `F32` to the bit. `for_model` picks it where `I8` cannot run.
+    /// as `F32` to the bit. `for_model` picks it on x86 with AVX2 for such weights off the
+    /// int8 grids.
     F16,
 }
 
@@ -202,8 +203,14 @@ impl FastLstm {
                 return Ok(Some(fast));
             }
         }
-        if let Ok(fast) = Self::pack_as(lstm, isa, WeightFormat::F16) {
-            return Ok(Some(fast));
+        // Half precision only where F16C widens it in registers: elsewhere (`Portable`: ARM,
+        // x86 without AVX2) each weight is widened alone, several times slower than f32 read
+        // as it is (on Apple silicon one `fcvt` and a store per weight, against `fmul`/`fadd` on
+        // four lanes).
+        if isa != Isa::Portable {
+            if let Ok(fast) = Self::pack_as(lstm, isa, WeightFormat::F16) {
+                return Ok(Some(fast));
+            }
         }
         Self::pack(lstm, isa).map(Some)
     }
@@ -910,7 +917,9 @@ mod tests {
                 assert_eq!(half_state.c, full_state.c);
             }
             let picked = FastLstm::for_model(&lstm).unwrap().unwrap().format();
-            let expected = if int8::runs_on(Isa::detect()) { WeightFormat::I8 } else { WeightFormat::F16 };
+            // The integer kernels on x86 with AVX2; elsewhere f32, as half precision is only
+            // picked where F16C widens it (and every x86 CPU with it has an integer kernel).
+            let expected = if int8::runs_on(Isa::detect()) { WeightFormat::I8 } else { WeightFormat::F32 };
             assert_eq!(picked, expected);
         }
     }
