@@ -9,9 +9,11 @@
 mod plugin_host;
 
 /// Set in the child process that runs the guarded take.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 const CHILD_VAR: &str = "ANTIPHON_GUARDED_TAKE";
 
 /// What the child says when the system refuses it a seccomp filter (some sandboxes do).
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 const NO_SECCOMP: &str = "no seccomp filter could be installed here";
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

@@ -24,9 +24,11 @@ use std::ops::Deref;
 use std::ptr::NonNull;
 
 /// Size of a huge page on x86-64 and AArch64 Linux (with 4 KiB base pages).
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const HUGE_PAGE_BYTES: usize = 2 << 20;
 /// Arrays smaller than this keep an ordinary allocation: rounding them up to a huge page would
 /// cost more memory than they hold.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const MIN_HUGE_BYTES: usize = HUGE_PAGE_BYTES / 2;
 
 /// A fixed-length array of plain values, on huge pages where the system gives them (see the

@@ -585,6 +585,7 @@ mod tests {
     /// holds the largest sums a part of 1024 columns can: every weight at its grid's end, every
     /// input ±1 with its weight's sign.
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn kernels_match_the_f32_product() {
         let kernels: Vec<Int8Kernel> = [Int8Kernel::Avx512Vnni, Int8Kernel::AvxVnni, Int8Kernel::Avx2Wide]
             .into_iter()

@@ -13,7 +13,8 @@
 //! picks one at run time. Hand-written intrinsics (the packed matrix product here, the int8
 //! product in `int8`) are `#[target_feature]` functions of their own; AMX's tile instructions,
 //! whose intrinsics are not stable, are `asm!`. The portable instance (SSE2, or
-//! any other architecture) computes the same function without fused multiply-adds.
+//! any other architecture) computes the same function, with fused multiply-adds only where the
+//! baseline has them (aarch64).
 
 use crate::int8::Int8Kernel;
 
@@ -24,7 +25,8 @@ pub enum Isa {
     Avx512,
     /// AVX2 with FMA and F16C: 8 floats per register.
     Avx2Fma,
-    /// Whatever the build's baseline has (SSE2 on x86-64), without fused multiply-adds.
+    /// Whatever the build's baseline has: SSE2 on x86-64, without fused multiply-adds; NEON on
+    /// aarch64, with them.
     Portable,
 }
 
@@ -92,7 +94,8 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA.
             (Isa::Avx2Fma, None) => unsafe { on_avx2(kernel) },
-            _ => kernel.run::<false, false>(),
+            // aarch64's baseline fuses: `mul_add` is one `fmadd` (`fmla` on four lanes).
+            _ => kernel.run::<{ cfg!(target_arch = "aarch64") }, false>(),
         }
     }
 }
@@ -128,7 +131,8 @@ unsafe fn on_avx2<K: Kernel>(kernel: K) -> K::Output {
 }
 
 /// `a · b + c`, fused (one rounding) when `FMA`; `FMA` is only true inside functions compiled
-/// with the `fma` feature, where `mul_add` is one instruction rather than a library call.
+/// with the `fma` feature, or on aarch64, where `mul_add` is one instruction rather than a
+/// library call.
 #[inline(always)]
 pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
