@@ -927,6 +927,29 @@ mod tests {
         }
     }
 
+    /// Weights half precision holds but off the int8 grids: `for_model` packs them in half
+    /// precision where F16C widens it in registers, and as f32 elsewhere.
+    #[test]
+    fn half_precision_is_picked_only_where_f16c_widens_it() {
+        let cfg =
+            ModelConfig::new(Vocab::for_pitch_range(48, 88), InputKind::Embedding { dim: 8 }, 32, 2, 0.0);
+        let halves: HashMap<String, Tensor> = random_lstm(&cfg, 4, 0.3)
+            .named_tensors()
+            .into_iter()
+            .map(|(name, t)| {
+                let v: Vec<f32> =
+                    values(&t).unwrap().iter().map(|&w| half::f16::from_f32(w).to_f32()).collect();
+                (name, Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap())
+            })
+            .collect();
+        let lstm = MelodyLstm::new(&cfg, VarBuilder::from_tensors(halves, DType::F32, &Device::Cpu)).unwrap();
+        if int8::runs_on(Isa::detect()) {
+            assert!(FastLstm::pack_as(&lstm, Isa::detect(), WeightFormat::I8).is_err(), "off the int8 grids");
+        }
+        let expected = if Isa::detect() == Isa::Portable { WeightFormat::F32 } else { WeightFormat::F16 };
+        assert_eq!(FastLstm::for_model(&lstm).unwrap().unwrap().format(), expected);
+    }
+
     /// How far plain AVX2's integer kernel may be from candle: its inputs are rounded to `2^-15`.
     const WIDE_TOLERANCE: f32 = 5e-4;
 
