@@ -205,8 +205,8 @@ impl FastLstm {
         }
         // Half precision only where F16C widens it in registers: elsewhere (`Portable`: ARM,
         // x86 without AVX2) each weight is widened alone, several times slower than f32 read
-        // as it is (on Apple silicon one `fcvt` and a store per weight, against `fmul`/`fadd` on
-        // four lanes).
+        // as it is (on Apple silicon one `fcvt` and a store per weight, against `fmla` on
+        // four NEON lanes).
         if isa != Isa::Portable {
             if let Ok(fast) = Self::pack_as(lstm, isa, WeightFormat::F16) {
                 return Ok(Some(fast));
@@ -546,6 +546,8 @@ impl FastLstm {
         // written over it.
         let mut h_prev_buf = [0.0f32; MAX_FAST_HIDDEN];
         let h_prev = &mut h_prev_buf[..hidden];
+        // The integer kernel, only in the instance `Isa::run` compiled for its instructions.
+        let int8_kernel = if INT8 { self.int8 } else { None };
         // With int8 weights, the input and the previous state in the kernel's fixed point.
         let mut input_limbs_buf = [[0u32; 3]; MAX_FAST_HIDDEN / 4];
         let mut h_limbs_buf = [[0u32; 3]; MAX_FAST_HIDDEN / 4];
@@ -558,7 +560,7 @@ impl FastLstm {
             };
             let input_limbs: &mut [Limbs] = &mut input_limbs_buf[..int8::num_quads(input.len())];
             let h_limbs: &mut [Limbs] = &mut h_limbs_buf[..int8::num_quads(hidden)];
-            if let (true, Some(kernel)) = (INT8, self.int8) {
+            if let Some(kernel) = int8_kernel {
                 int8::split_for(kernel, input, input_limbs);
                 int8::split_for(kernel, h_prev, h_limbs);
             }
@@ -592,7 +594,7 @@ impl FastLstm {
                     }
                     LayerWeights::I8(parts) => {
                         #[cfg(target_arch = "x86_64")]
-                        if let (true, Some(kernel)) = (INT8, self.int8) {
+                        if let Some(kernel) = int8_kernel {
                             // SAFETY: the `INT8` instance runs only from `Isa::run` given
                             // `self.int8`, which `pack_as` (`Int8Kernel::best_for`) or
                             // `with_int8_kernel` saw runs here; the limbs, split for it, cover
@@ -956,15 +958,16 @@ mod tests {
     /// `lstm` packed as int8 for every integer kernel this CPU runs, each beside every float
     /// instruction set it runs with, named.
     fn int8_packings(lstm: &MelodyLstm) -> Vec<(String, FastLstm)> {
-        let kernels = [Int8Kernel::Avx512Vnni, Int8Kernel::AvxVnni, Int8Kernel::Avx2Wide];
         let mut packings = Vec::new();
         for isa in [Isa::Avx512, Isa::Avx2Fma] {
             if !(isa == Isa::detect() || Isa::detect() == Isa::Avx512) || !int8::runs_on(isa) {
                 continue;
             }
             let best = FastLstm::pack_as(lstm, isa, WeightFormat::I8).unwrap();
-            let others: Vec<Int8Kernel> =
-                kernels.into_iter().filter(|&k| k.runs_here() && Some(k) != best.int8_kernel()).collect();
+            let others: Vec<Int8Kernel> = Int8Kernel::ALL
+                .into_iter()
+                .filter(|&k| k.runs_here() && Some(k) != best.int8_kernel())
+                .collect();
             for kernel in others {
                 let other =
                     FastLstm::pack_as(lstm, isa, WeightFormat::I8).unwrap().with_int8_kernel(kernel).unwrap();

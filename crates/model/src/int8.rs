@@ -180,6 +180,9 @@ pub enum Int8Kernel {
 }
 
 impl Int8Kernel {
+    /// Every kernel, fastest first.
+    pub const ALL: [Self; 3] = [Self::Avx512Vnni, Self::AvxVnni, Self::Avx2Wide];
+
     /// The fastest kernel this CPU runs beside `isa`'s float kernels; `None` for `Portable`.
     pub fn best_for(isa: Isa) -> Option<Self> {
         match isa {
@@ -294,6 +297,18 @@ impl Int8Part {
 /// integers (`split_words`), and word 2 is unused.
 pub type Limbs = [u32; 3];
 
+/// `x` (clamped to `[-1, 1]`) as a fixed-point integer with `frac_bits` fractional bits,
+/// rounded to the nearest, in `[raise - 2^frac_bits, 2^frac_bits - 1]`; NaN gives the lowest.
+#[inline(always)]
+fn to_fixed(x: f32, frac_bits: u32, raise: i32) -> i32 {
+    let one = (1u32 << frac_bits) as f32;
+    // `max` turns NaN into the lower bound, so `bounded` is finite and within i32.
+    let bounded = (x * one).round_ties_even().max(raise as f32 - one).min(one - 1.0);
+    // SAFETY: `bounded` is a finite integer value in [raise - 2^frac_bits, 2^frac_bits), and
+    // `frac_bits` is at most 23 here.
+    unsafe { bounded.to_int_unchecked() }
+}
+
 /// Splits `xs` for `kernel`: `split_limbs` for the VNNI kernels, `split_words` for AVX2.
 #[inline(always)]
 pub fn split_for(kernel: Int8Kernel, xs: &[f32], out: &mut [Limbs]) {
@@ -308,15 +323,12 @@ pub fn split_for(kernel: Int8Kernel, xs: &[f32], out: &mut [Limbs]) {
 /// `t / 2`; missing inputs of the last quad are zero.
 #[inline(always)]
 pub fn split_words(xs: &[f32], out: &mut [Limbs]) {
-    let one = (1u32 << WIDE_FRAC_BITS) as f32;
     for (p, words) in out.iter_mut().enumerate() {
         *words = [0; 3];
         for t in 0..4 {
             let x = xs.get(4 * p + t).copied().unwrap_or(0.0);
-            // `max` turns NaN into the lower bound, so `bounded` is finite and within i32.
-            let bounded = (x * one).round_ties_even().max(1.0 - one).min(one - 1.0);
-            // SAFETY: `bounded` is a finite integer value in [-32767, 32767].
-            let fixed: i32 = unsafe { bounded.to_int_unchecked() };
+            // ±32767: the lower end is moved up one, so every value fits 16 signed bits.
+            let fixed = to_fixed(x, WIDE_FRAC_BITS, 1);
             words[t / 2] |= (fixed as u32 & 0xffff) << (16 * (t % 2));
         }
     }
@@ -326,15 +338,11 @@ pub fn split_words(xs: &[f32], out: &mut [Limbs]) {
 /// missing inputs of the last quad are zero.
 #[inline(always)]
 pub fn split_limbs(xs: &[f32], out: &mut [Limbs]) {
-    let one = (1u32 << FRAC_BITS) as f32;
     for (p, limbs) in out.iter_mut().enumerate() {
         *limbs = [0; 3];
         for t in 0..4 {
             let x = xs.get(4 * p + t).copied().unwrap_or(0.0);
-            // `max` turns NaN into the lower bound, so `bounded` is finite and within i32.
-            let bounded = (x * one).round_ties_even().max(-one).min(one - 1.0);
-            // SAFETY: `bounded` is a finite integer value in [-2^23, 2^23).
-            let fixed: i32 = unsafe { bounded.to_int_unchecked() };
+            let fixed = to_fixed(x, FRAC_BITS, 0);
             let u = (fixed + (1 << FRAC_BITS)) as u32;
             for (l, word) in limbs.iter_mut().enumerate() {
                 *word |= ((u >> (8 * l)) & 0xff) << (8 * t);
@@ -587,10 +595,7 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn kernels_match_the_f32_product() {
-        let kernels: Vec<Int8Kernel> = [Int8Kernel::Avx512Vnni, Int8Kernel::AvxVnni, Int8Kernel::Avx2Wide]
-            .into_iter()
-            .filter(|k| k.runs_here())
-            .collect();
+        let kernels: Vec<Int8Kernel> = Int8Kernel::ALL.into_iter().filter(|k| k.runs_here()).collect();
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         for columns in [4, 13, 256, 1024] {
             let mut rows: Vec<Vec<f32>> = (0..BLOCK_ROWS - 3)
