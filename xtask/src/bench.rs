@@ -385,7 +385,7 @@ fn generation(args: &BenchArgs) -> Result<()> {
         seeded_model(recipe_vocab(), InputKind::Embedding { dim: 64 }, 256, 2, "bench")?,
     ));
     let recipe = seeded_model(recipe_vocab(), InputKind::OneHot, 256, 1, "bench")?;
-    let (recipe_int8, _) = int8::quantize_model(&recipe.lstm, &recipe.config)?;
+    let (recipe_int8, _) = int8::quantize_model(&recipe.lstm, &recipe.config, int8::GridScope::StepMatrices)?;
     let recipe_int8 = LoadedModel::new(recipe.config.clone(), recipe_int8, "bench")?;
     models.push(("recipe size".to_string(), recipe));
     models.push(("recipe size int8".to_string(), recipe_int8));

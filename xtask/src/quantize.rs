@@ -18,8 +18,9 @@ use model::LoadedModel;
 /// Every row of the recurrent matrices, and of the input matrices above the first layer,
 /// becomes integers from -127 to 127 times a power of two. The file stores those rows as int8
 /// with each row's exponent (a quarter of the bytes); every reader turns them back into the
-/// same f32 values, so training, eval and every device read the model as before. On CPUs with
-/// AVX-512 VNNI the plugin's step recognises the grid and runs 2-3× faster.
+/// same f32 values, so training, eval and every device read the model as before. On x86 CPUs
+/// with AVX2 the plugin's step recognises the grid and runs 2-3× faster. `--every-matrix` puts
+/// the model's other matrices on grids too, which only makes the file smaller.
 /// Measure what the rounding costs with `cargo xtask eval` on both models.
 #[derive(clap::Args)]
 pub struct QuantizeArgs {
@@ -30,23 +31,29 @@ pub struct QuantizeArgs {
     /// loss.png and the tune memory when the model has them).
     #[arg(long)]
     out: PathBuf,
+    /// Also put every other weight matrix on an int8 grid (the token, side-input and output
+    /// tables, which the step reads as f32 rows): the same speed, a file about half as large.
+    /// The built-in models are quantised so, to keep the bundles small.
+    #[arg(long)]
+    every_matrix: bool,
 }
 
 pub fn run(args: QuantizeArgs) -> Result<()> {
     if args.out == args.model {
         bail!("--out must differ from --model: the original is kept for comparison");
     }
+    let scope = if args.every_matrix { int8::GridScope::EveryMatrix } else { int8::GridScope::StepMatrices };
     let is_chords = std::fs::read(args.model.join(CONFIG_FILE)).is_ok_and(|bytes| is_chord_config(&bytes));
     let (named, largest_change, fast) = if is_chords {
         let model =
             ChordModel::load_dir(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
-        let (lstm, largest_change) = model.lstm.quantized()?;
+        let (lstm, largest_change) = model.lstm.quantized(scope)?;
         ChordModel::save(&args.out, &lstm).with_context(|| format!("writing {}", args.out.display()))?;
         (PackSource::named_tensors(&lstm), largest_change, FastLstm::for_model(&lstm)?)
     } else {
         let model = LoadedModel::load_dir(&args.model)
             .with_context(|| format!("loading {}", args.model.display()))?;
-        let (lstm, largest_change) = int8::quantize_model(&model.lstm, &model.config)?;
+        let (lstm, largest_change) = int8::quantize_model(&model.lstm, &model.config, scope)?;
         save_model(&args.out, &model.config, &lstm)
             .with_context(|| format!("writing {}", args.out.display()))?;
         (lstm.named_tensors(), largest_change, FastLstm::for_model(&lstm)?)
@@ -58,10 +65,13 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
                 .with_context(|| format!("copying {} to {}", from.display(), args.out.display()))?;
         }
     }
-    let grid_weights: usize =
-        named.iter().filter(|(name, _)| int8::is_grid_tensor(name)).map(|(_, t)| t.elem_count()).sum();
+    let grid_weights: usize = named
+        .iter()
+        .filter(|(_, t)| int8::grid_integers(t).is_ok_and(|grid| grid.is_some()))
+        .map(|(_, t)| t.elem_count())
+        .sum();
     println!(
-        "{} → {}: {grid_weights} LSTM weights on int8 grids, each moved by at most {largest_change:.3e}",
+        "{} → {}: {grid_weights} weights on int8 grids, each moved by at most {largest_change:.3e}",
         args.model.display(),
         args.out.display()
     );
@@ -69,7 +79,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         Some(fast) if fast.format() == WeightFormat::I8 => {
             println!("On this CPU the generation step runs it on int8 weights.")
         }
-        _ => println!("This CPU has no AVX-512 VNNI: the generation step runs it in f32, as any model."),
+        _ => println!("No integer kernel runs on this CPU (they need x86 with AVX2): its step reads f32 or f16 weights."),
     }
     Ok(())
 }

@@ -267,11 +267,13 @@ impl ChordLstm {
         Tensor::cat(&[&tokens, &context, &zeros], 0)
     }
 
-    /// A copy with the rows of its recurrent matrices (and the input matrices above layer 0) on
-    /// int8 grids (`int8`), which the fast step then streams as integers where an integer
-    /// kernel runs (`int8::runs_on`: x86 with AVX2); and the largest change to any weight.
-    pub fn quantized(&self) -> CandleResult<(ChordLstm, f32)> {
-        let (tensors, largest_change) = crate::int8::quantize_tensors(PackSource::named_tensors(self))?;
+    /// A copy with the rows of the matrices `scope` names on int8 grids (`int8`): the recurrent
+    /// matrices (and the input matrices above layer 0) the fast step then streams as integers
+    /// where an integer kernel runs (`int8::runs_on`: x86 with AVX2), or every matrix; and the
+    /// largest change to any weight.
+    pub fn quantized(&self, scope: crate::int8::GridScope) -> CandleResult<(ChordLstm, f32)> {
+        let (tensors, largest_change) =
+            crate::int8::quantize_tensors(PackSource::named_tensors(self), scope)?;
         Ok((
             ChordLstm::new(&self.config, VarBuilder::from_tensors(tensors, DType::F32, &self.device))?,
             largest_change,

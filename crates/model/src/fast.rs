@@ -826,7 +826,7 @@ mod tests {
     }
 
     /// Steps `fast` through `tokens` from a zero state: every step's logits, and the final top
-    /// cell state, within 1e-5 of candle's (`candle_steps`).
+    /// cell state (relative where it passes 1), within 1e-5 of candle's (`candle_steps`).
     fn assert_steps_match(
         fast: &FastLstm,
         tokens: &[u32],
@@ -842,8 +842,11 @@ mod tests {
             let d = max_diff(&logits, &want[t]);
             assert!(d < tolerance, "{what} step {t}: off by {d}");
         }
-        let d = max_diff(state.c.last().unwrap(), &want_c[0]);
-        assert!(d < tolerance, "{what} final cell state off by {d}");
+        // A cell state grows past 1 over a long passage (f32's spacing at 16 is 2e-6): it is
+        // compared relative to its size there.
+        let relative = state.c.last().unwrap().iter().zip(&want_c[0]);
+        let d = relative.map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0.0, f32::max);
+        assert!(d < tolerance, "{what} final cell state off by {d} (relative past 1)");
         logits
     }
 
@@ -905,7 +908,7 @@ mod tests {
             let off_grid = random_lstm(&cfg, seed as u64, 2.0 / (hidden as f32).sqrt());
             let refused = FastLstm::pack_as(&off_grid, Isa::Portable, WeightFormat::F16).unwrap_err();
             assert!(refused.to_string().contains("half precision cannot hold"), "{refused}");
-            let (lstm, _) = int8::quantize_model(&off_grid, &cfg).unwrap();
+            let (lstm, _) = int8::quantize_model(&off_grid, &cfg, int8::GridScope::StepMatrices).unwrap();
             let mut rng = ChaCha8Rng::seed_from_u64(11);
             let tokens: Vec<u32> = (0..48).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
             for &isa in &isas {
@@ -1000,8 +1003,8 @@ mod tests {
         assert!(vnni_logits.windows(2).all(|pair| pair[0] == pair[1]), "the VNNI kernels differ");
     }
 
-    /// Int8-grid weights (`int8::quantize_model`) through each integer kernel, against candle on the
-    /// same weights; and a model off the grid is refused that format.
+    /// Int8-grid weights (`int8::quantize_model`, in either scope) through each integer kernel,
+    /// against candle on the same weights; and a model off the grid is refused that format.
     #[test]
     fn int8_weights_match_candle_within_1e_5() {
         if !int8::runs_on(Isa::detect()) {
@@ -1020,20 +1023,35 @@ mod tests {
             let lstm = random_lstm(&cfg, seed as u64, 2.0 / (hidden as f32).sqrt());
             assert!(FastLstm::pack_as(&lstm, Isa::detect(), WeightFormat::I8).is_err());
             assert_eq!(FastLstm::for_model(&lstm).unwrap().unwrap().format(), WeightFormat::F32);
-            let (lstm, change) = int8::quantize_model(&lstm, &cfg).unwrap();
-            assert!(change > 0.0);
-            let fast = FastLstm::for_model(&lstm).unwrap().unwrap();
-            assert_eq!(fast.format(), WeightFormat::I8, "picked by itself for weights on the grid");
-            let mut rng = ChaCha8Rng::seed_from_u64(9);
-            let tokens: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
-            let (want, want_c) = candle_steps(&lstm, &tokens);
-            for (what, fast) in int8_packings(&lstm) {
-                assert_steps_match(
-                    &fast,
-                    &tokens,
-                    (&want, &want_c),
-                    &format!("int8 {what} {input:?} {hidden}x{layers}"),
-                );
+            let original = lstm.named_tensors();
+            for scope in [int8::GridScope::StepMatrices, int8::GridScope::EveryMatrix] {
+                let (lstm, change) = int8::quantize_model(&lstm, &cfg, scope).unwrap();
+                assert!(change > 0.0);
+                for ((name, before), (_, after)) in original.iter().zip(lstm.named_tensors()) {
+                    let on_grid = int8::grid_integers(&after).unwrap().is_some();
+                    let covered = match scope {
+                        int8::GridScope::StepMatrices => int8::is_grid_tensor(name),
+                        int8::GridScope::EveryMatrix => before.rank() == 2,
+                    };
+                    assert_eq!(on_grid, covered, "{name} in {scope:?}");
+                    if !covered {
+                        let same = (before - &after).unwrap().abs().unwrap().max_all().unwrap();
+                        assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0, "{name} in {scope:?}");
+                    }
+                }
+                let fast = FastLstm::for_model(&lstm).unwrap().unwrap();
+                assert_eq!(fast.format(), WeightFormat::I8, "picked by itself for weights on the grid");
+                let mut rng = ChaCha8Rng::seed_from_u64(9);
+                let tokens: Vec<u32> = (0..64).map(|_| rng.random_range(0..vocab.len() as u32)).collect();
+                let (want, want_c) = candle_steps(&lstm, &tokens);
+                for (what, fast) in int8_packings(&lstm) {
+                    assert_steps_match(
+                        &fast,
+                        &tokens,
+                        (&want, &want_c),
+                        &format!("int8 {what} {input:?} {hidden}x{layers} {scope:?}"),
+                    );
+                }
             }
         }
     }

@@ -134,22 +134,49 @@ pub fn is_grid_tensor(name: &str) -> bool {
     suffix.starts_with("hh_l") || (suffix.starts_with("ih_l") && suffix != "ih_l0")
 }
 
-/// A copy of `lstm` with the rows of its grid tensors (`is_grid_tensor`) put on their int8
-/// grids, and the largest change that made to any weight.
-pub fn quantize_model(lstm: &MelodyLstm, cfg: &ModelConfig) -> Result<(MelodyLstm, f32)> {
-    let (tensors, largest_change) = quantize_tensors(lstm.named_tensors())?;
+/// Which of a model's matrices `quantize_tensors` puts on int8 grids.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GridScope {
+    /// The matrices the fast step multiplies as integers (`is_grid_tensor`): a step four times
+    /// lighter.
+    #[default]
+    StepMatrices,
+    /// Every weight matrix: also the token, side-input and output tables, which the step reads
+    /// as f32 rows. Only the file shrinks (each such matrix to a quarter), for the bundles that
+    /// embed the built-in models.
+    EveryMatrix,
+}
+
+impl GridScope {
+    /// Whether tensor `name` (of `rank` dimensions) goes on the grid in this scope.
+    fn covers(self, name: &str, rank: usize) -> bool {
+        match self {
+            GridScope::StepMatrices => is_grid_tensor(name),
+            GridScope::EveryMatrix => rank == 2,
+        }
+    }
+}
+
+/// A copy of `lstm` with the rows of the matrices `scope` names put on their int8 grids, and the
+/// largest change that made to any weight.
+pub fn quantize_model(lstm: &MelodyLstm, cfg: &ModelConfig, scope: GridScope) -> Result<(MelodyLstm, f32)> {
+    let (tensors, largest_change) = quantize_tensors(lstm.named_tensors(), scope)?;
     let device = lstm.device().clone();
     Ok((MelodyLstm::new(cfg, VarBuilder::from_tensors(tensors, DType::F32, &device))?, largest_change))
 }
 
 /// Named tensors of any LSTM network (as `PackSource::named_tensors` lists them) with the rows
-/// of the grid tensors put on their int8 grids, as f32, and the largest change to any weight.
-pub fn quantize_tensors(named: Vec<(String, Tensor)>) -> Result<(HashMap<String, Tensor>, f32)> {
+/// of the matrices `scope` names put on their int8 grids, as f32, and the largest change to any
+/// weight.
+pub fn quantize_tensors(
+    named: Vec<(String, Tensor)>,
+    scope: GridScope,
+) -> Result<(HashMap<String, Tensor>, f32)> {
     let mut largest_change = 0.0f32;
     let mut tensors = HashMap::new();
     for (name, tensor) in named {
         let tensor = tensor.to_dtype(DType::F32)?;
-        let tensor = if is_grid_tensor(&name) {
+        let tensor = if scope.covers(&name, tensor.rank()) {
             let (rows, cols) = tensor.dims2()?;
             let original = tensor.flatten_all()?.to_vec1::<f32>()?;
             let mut values = original.clone();
@@ -540,12 +567,16 @@ mod tests {
         assert_eq!(row_exponent(&[0.0; 4]), Some(0));
     }
 
-    /// The plugin's speed rests on the built-in model staying quantised when it is replaced.
+    /// The plugin's speed and the bundles' size rest on the built-in models staying quantised,
+    /// every matrix, when they are replaced.
     #[test]
-    fn builtin_model_lies_on_int8_grids() {
+    fn builtin_models_lie_on_int8_grids() {
         let model = crate::io::LoadedModel::builtin().unwrap();
-        let (_, change) = quantize_model(&model.lstm, &model.config).unwrap();
-        assert_eq!(change, 0.0, "run cargo xtask quantize on a new built-in model");
+        let (_, change) = quantize_model(&model.lstm, &model.config, GridScope::EveryMatrix).unwrap();
+        assert_eq!(change, 0.0, "run cargo xtask quantize --every-matrix on a new built-in model");
+        let chords = crate::chords::ChordModel::builtin().unwrap();
+        let (_, change) = chords.lstm.quantized(GridScope::EveryMatrix).unwrap();
+        assert_eq!(change, 0.0, "run cargo xtask quantize --every-matrix on a new built-in chord model");
     }
 
     #[test]
