@@ -51,10 +51,10 @@ build() {
     # for the training comparison.
     local staging="$CARRY/staging"
     rm -rf "$CARRY" && mkdir -p "$staging"
-    cargo build --release -p xtask --features cuda
-    cp target/release/xtask "$staging/xtask"
+    cargo build --profile xtask -p xtask --features cuda
+    cp target/xtask/xtask "$staging/xtask"
     for package in antiphon-model antiphon-train; do
-        cargo test --release -p "$package" --features cuda --lib --no-run --message-format=json |
+        cargo test --profile xtask -p "$package" --features cuda --lib --no-run --message-format=json |
             grep -o '"executable":"[^"]*"' | cut -d'"' -f4 |
             while read -r binary; do cp "$binary" "$staging/tests-$package"; done
     done
