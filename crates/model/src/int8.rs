@@ -107,11 +107,13 @@ pub fn from_grid(integers: &[i8], exponents: &[i8], cols: usize) -> std::result:
     if integers.contains(&i8::MIN) {
         return Err("an int8 weight of -128 lies off the grid (which ends at ±127)".into());
     }
-    Ok(integers
-        .chunks_exact(cols.max(1))
-        .zip(exponents)
-        .flat_map(|(row, &e)| row.iter().map(move |&q| f32::from(q) * pow2(i32::from(e))))
-        .collect())
+    // Allocated to size: the tensor keeps this vector, and `collect` over `flat_map` would leave
+    // it with up to twice the capacity.
+    let mut values = Vec::with_capacity(integers.len());
+    for (row, &e) in integers.chunks_exact(cols.max(1)).zip(exponents) {
+        values.extend(row.iter().map(|&q| f32::from(q) * pow2(i32::from(e))));
+    }
+    Ok(values)
 }
 
 /// The grid exponent of a row whose weights already lie on its int8 grid, `None` for any other
