@@ -1,5 +1,6 @@
 //! `cargo xtask quantize`: puts a model's LSTM weights on int8 grids, so the generation step
-//! streams a quarter of the bytes (see `model::int8`).
+//! streams a quarter of the bytes (see `model::int8`), and with `--every-matrix` its other
+//! matrices too, for a smaller file.
 //! Runs on: offline (a terminal).
 
 use std::path::PathBuf;
@@ -32,7 +33,7 @@ pub struct QuantizeArgs {
     #[arg(long)]
     out: PathBuf,
     /// Also put every other weight matrix on an int8 grid (the token, side-input and output
-    /// tables, which the step reads as f32 rows): the same speed, a file about half as large.
+    /// tables, which the step reads as f32 rows): the same speed, a file about 40 % the size.
     /// The built-in models are quantised so, to keep the bundles small.
     #[arg(long)]
     every_matrix: bool,

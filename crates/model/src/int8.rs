@@ -137,11 +137,10 @@ pub fn is_grid_tensor(name: &str) -> bool {
 }
 
 /// Which of a model's matrices `quantize_tensors` puts on int8 grids.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GridScope {
     /// The matrices the fast step multiplies as integers (`is_grid_tensor`): a step four times
     /// lighter.
-    #[default]
     StepMatrices,
     /// Every weight matrix: also the token, side-input and output tables, which the step reads
     /// as f32 rows. Only the file shrinks (each such matrix to a quarter), for the bundles that
