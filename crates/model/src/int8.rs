@@ -12,21 +12,24 @@
 //! (`cargo xtask quantize`) is still an ordinary f32 model to candle; the fast step recognises
 //! it and packs the integers, computing the same function.
 //!
-//! The VNNI kernels multiply those integers by the layer's input in 24-bit fixed point, with
-//! `vpdpbusd` (unsigned bytes times signed bytes, four products summed into each 32-bit lane): on
-//! 512-bit registers where the CPU has AVX-512 VNNI, and on 256-bit ones where it has AVX-VNNI
-//! without AVX-512 (Intel's Alder Lake and later desktop and laptop chips). An input `x` in
-//! `[-1, 1]` (LSTM hidden states always are) becomes `U = round(x · 2^23) + 2^23`, split into
-//! three bytes `U = 2^16 u2 + 2^8 u1 + u0`; with `S_l = Σ q·u_l` and `Q = Σ q` over a row,
-//! `Σ q·x = 2^-7 (S_2 - 128 Q) + 2^-15 S_1 + 2^-23 S_0`. The integer sums are exact; the fixed
-//! point's error is at most `2^-24` per input, so the result agrees with the f32 product within
-//! about 1e-6.
+//! Every kernel multiplies those integers by the layer's input rounded to 16-bit fixed point
+//! (`x` in `[-1, 1]`, as LSTM hidden states always are, to the nearest multiple of `2^-15`).
+//! The integer sums are exact, so the only error is that rounding, at most `2^-16` an input:
+//! the step stays within about 2e-4 of the f32 one on the built-in model's logits.
+//!
+//! The VNNI kernels use `vpdpbusd` (unsigned bytes times signed bytes, four products summed into
+//! each 32-bit lane): on 512-bit registers where the CPU has AVX-512 VNNI, and on 256-bit ones
+//! where it has AVX-VNNI without AVX-512 (Intel's Alder Lake and later desktop and laptop
+//! chips). An input becomes `U = round(x · 2^15) + 2^15`, split into two bytes
+//! `U = 2^8 u1 + u0`; with `S_l = Σ q·u_l` and `Q = Σ q` over a row,
+//! `Σ q·x = 2^-7 (S_1 - 128 Q) + 2^-15 S_0`. A step is bound by these products, one
+//! `vpdpbusd` per byte of input and 64 weights: a third byte (24-bit inputs, within 1e-5 of the
+//! f32 step) made the built-in model's step about 1.3 µs slower (`docs/experiments/speed.md`).
 //!
 //! AVX2 CPUs with neither VNNI get `Int8Kernel::Avx2Wide`: the same packed bytes, widened to
-//! 16 bits as they are read and multiplied by the input rounded to 16 bits (`vpmaddwd`). Three
-//! byte limbs there would cost a `vpmaddubsw`, a `vpmaddwd` and an add each, about as much as
-//! half-precision weights; one 16-bit input costs a third of that, and its rounding (at most
-//! `2^-16` an input) keeps the step within about 2e-4 of the f32 one.
+//! 16 bits as they are read and multiplied by the 16-bit inputs (`vpmaddwd`). Byte limbs there
+//! would cost a `vpmaddubsw`, a `vpmaddwd` and an add each, about as much as half-precision
+//! weights.
 
 use std::collections::HashMap;
 
@@ -39,10 +42,8 @@ use super::lstm::MelodyLstm;
 
 /// Largest integer of the grid.
 const Q_MAX: f32 = 127.0;
-/// Fractional bits of the VNNI kernels' fixed-point inputs.
-const FRAC_BITS: u32 = 23;
-/// Fractional bits of the AVX2 kernel's 16-bit inputs.
-const WIDE_FRAC_BITS: u32 = 15;
+/// Fractional bits of the kernels' 16-bit fixed-point inputs.
+const FRAC_BITS: u32 = 15;
 
 /// The grid exponent a row of weights needs: the smallest `e` with `127 · 2^e ≥ max |w|`
 /// (limited to f32's normal range; an all-zero row gets 0).
@@ -196,14 +197,13 @@ pub fn quantize_tensors(
 /// The integer kernels, one per kind of x86 CPU; `best_for` picks the one a CPU runs fastest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Kernel {
-    /// `vpdpbusd` on 512-bit registers (AVX-512 VNNI, with BW): 24-bit inputs.
+    /// `vpdpbusd` on 512-bit registers (AVX-512 VNNI, with BW), an input's two bytes apart.
     Avx512Vnni,
     /// `vpdpbusd` on 256-bit registers (AVX-VNNI beside AVX2): the same sums, so the same bits.
     AvxVnni,
     /// Plain AVX2: each weight widened to 16 bits as it is read (`vpmovsxbw`), times 16-bit
     /// inputs (`vpmaddwd`). About 1.8 times as fast as half-precision weights on the same
-    /// registers; its inputs are rounded to `2^-15`, so it agrees with the f32 product within
-    /// about 2e-4 rather than 1e-6.
+    /// registers.
     Avx2Wide,
 }
 
@@ -319,21 +319,20 @@ impl Int8Part {
     }
 }
 
-/// An input vector in a kernel's fixed point, three words per quad of inputs. For the VNNI
+/// An input vector in a kernel's fixed point, two words per quad of inputs. For the VNNI
 /// kernels word `l` holds byte `l` of each input's `U` (see the module's notes), input `4p + t`
-/// in byte `t`; for `Int8Kernel::Avx2Wide` words 0 and 1 hold the four inputs as 16-bit
-/// integers (`split_words`), and word 2 is unused.
-pub type Limbs = [u32; 3];
+/// in byte `t`; for `Int8Kernel::Avx2Wide` the words hold the four inputs as 16-bit integers
+/// (`split_words`).
+pub type Limbs = [u32; 2];
 
-/// `x` (clamped to `[-1, 1]`) as a fixed-point integer with `frac_bits` fractional bits,
-/// rounded to the nearest, in `[raise - 2^frac_bits, 2^frac_bits - 1]`; NaN gives the lowest.
+/// `x` (clamped to `[-1, 1]`) as a fixed-point integer with `FRAC_BITS` fractional bits,
+/// rounded to the nearest, in `[raise - 2^FRAC_BITS, 2^FRAC_BITS - 1]`; NaN gives the lowest.
 #[inline(always)]
-fn to_fixed(x: f32, frac_bits: u32, raise: i32) -> i32 {
-    let one = (1u32 << frac_bits) as f32;
+fn to_fixed(x: f32, raise: i32) -> i32 {
+    let one = (1u32 << FRAC_BITS) as f32;
     // `max` turns NaN into the lower bound, so `bounded` is finite and within i32.
     let bounded = (x * one).round_ties_even().max(raise as f32 - one).min(one - 1.0);
-    // SAFETY: `bounded` is a finite integer value in [raise - 2^frac_bits, 2^frac_bits), and
-    // `frac_bits` is at most 23 here.
+    // SAFETY: `bounded` is a finite integer value in [raise - 2^FRAC_BITS, 2^FRAC_BITS).
     unsafe { bounded.to_int_unchecked() }
 }
 
@@ -352,11 +351,11 @@ pub fn split_for(kernel: Int8Kernel, xs: &[f32], out: &mut [Limbs]) {
 #[inline(always)]
 pub fn split_words(xs: &[f32], out: &mut [Limbs]) {
     for (p, words) in out.iter_mut().enumerate() {
-        *words = [0; 3];
+        *words = [0; 2];
         for t in 0..4 {
             let x = xs.get(4 * p + t).copied().unwrap_or(0.0);
             // ±32767: the lower end is moved up one, so every value fits 16 signed bits.
-            let fixed = to_fixed(x, WIDE_FRAC_BITS, 1);
+            let fixed = to_fixed(x, 1);
             words[t / 2] |= (fixed as u32 & 0xffff) << (16 * (t % 2));
         }
     }
@@ -367,10 +366,10 @@ pub fn split_words(xs: &[f32], out: &mut [Limbs]) {
 #[inline(always)]
 pub fn split_limbs(xs: &[f32], out: &mut [Limbs]) {
     for (p, limbs) in out.iter_mut().enumerate() {
-        *limbs = [0; 3];
+        *limbs = [0; 2];
         for t in 0..4 {
             let x = xs.get(4 * p + t).copied().unwrap_or(0.0);
-            let fixed = to_fixed(x, FRAC_BITS, 0);
+            let fixed = to_fixed(x, 0);
             let u = (fixed + (1 << FRAC_BITS)) as u32;
             for (l, word) in limbs.iter_mut().enumerate() {
                 *word |= ((u >> (8 * l)) & 0xff) << (8 * t);
@@ -391,8 +390,8 @@ pub unsafe fn accumulate(acc: &mut [f32; BLOCK_ROWS], part: &Int8Part, x: &[Limb
     use std::arch::x86_64::*;
     const REGS: usize = BLOCK_ROWS / 16;
     assert!(part.weights.len() >= x.len() * QUAD_BYTES);
-    // Sums per limb and register: twelve independent chains.
-    let mut sums = [[_mm512_setzero_si512(); REGS]; 3];
+    // Sums per limb and register: eight independent chains.
+    let mut sums = [[_mm512_setzero_si512(); REGS]; 2];
     let w = part.weights.as_ptr();
     for (p, limbs) in x.iter().enumerate() {
         let quad = w.add(p * QUAD_BYTES);
@@ -404,13 +403,12 @@ pub unsafe fn accumulate(acc: &mut [f32; BLOCK_ROWS], part: &Int8Part, x: &[Limb
             }
         }
     }
-    let [s0, s1, s2] = sums;
+    let [s0, s1] = sums;
     for i in 0..REGS {
         let q_sums = _mm512_loadu_si512(part.sums.as_ptr().add(16 * i) as *const _);
-        let top = _mm512_sub_epi32(s2[i], _mm512_slli_epi32::<7>(q_sums));
-        let mut total = _mm512_mul_ps(_mm512_cvtepi32_ps(top), _mm512_set1_ps(1.0 / 128.0));
-        total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1[i]), _mm512_set1_ps(pow2(-15)), total);
-        total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0[i]), _mm512_set1_ps(pow2(-23)), total);
+        let top = _mm512_sub_epi32(s1[i], _mm512_slli_epi32::<7>(q_sums));
+        let total = _mm512_mul_ps(_mm512_cvtepi32_ps(top), _mm512_set1_ps(1.0 / 128.0));
+        let total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0[i]), _mm512_set1_ps(pow2(-15)), total);
         let scales = _mm512_loadu_ps(part.scales.as_ptr().add(16 * i));
         let out = acc.as_mut_ptr().add(16 * i);
         _mm512_storeu_ps(out, _mm512_fmadd_ps(total, scales, _mm512_loadu_ps(out)));
@@ -436,9 +434,10 @@ pub unsafe fn accumulate_with(kernel: Int8Kernel, acc: &mut [f32; BLOCK_ROWS], p
 }
 
 /// `accumulate` on 256-bit registers, for CPUs with AVX-VNNI but not AVX-512: the same integer
-/// sums and the same f32 arithmetic on them, so the same result to the bit. Twelve 256-bit sums
-/// (three limbs of 32 rows) and the three broadcast limbs fill the sixteen registers, so the
-/// block's 64 rows are summed as two halves of 32, each reading its half of every quad.
+/// sums and the same f32 arithmetic on them, so the same result to the bit. Sixteen 256-bit
+/// sums (two limbs of 64 rows) would leave no register for the broadcast limbs and the
+/// weights, so the block's 64 rows are summed as two halves of 32, each reading its half of
+/// every quad.
 ///
 /// # Safety
 /// The CPU must have AVX2 and AVX-VNNI (`cpu_has_avx_vnni`).
@@ -452,7 +451,7 @@ pub unsafe fn accumulate_avx(acc: &mut [f32; BLOCK_ROWS], part: &Int8Part, x: &[
     assert!(part.weights.len() >= x.len() * QUAD_BYTES);
     let w = part.weights.as_ptr();
     for half in 0..2 {
-        let mut sums = [[_mm256_setzero_si256(); REGS]; 3];
+        let mut sums = [[_mm256_setzero_si256(); REGS]; 2];
         for (p, limbs) in x.iter().enumerate() {
             // SAFETY: quad `p` of the part holds `QUAD_BYTES`; this half reads its second or
             // first `4 · HALF_ROWS` of them (asserted above).
@@ -466,16 +465,15 @@ pub unsafe fn accumulate_avx(acc: &mut [f32; BLOCK_ROWS], part: &Int8Part, x: &[
                 }
             }
         }
-        let [s0, s1, s2] = sums;
+        let [s0, s1] = sums;
         for i in 0..REGS {
             let row = half * HALF_ROWS + 8 * i;
             // SAFETY: `row + 8 ≤ BLOCK_ROWS` for the sums, scales and `acc`.
             unsafe {
                 let q_sums = _mm256_loadu_si256(part.sums.as_ptr().add(row) as *const _);
-                let top = _mm256_sub_epi32(s2[i], _mm256_slli_epi32::<7>(q_sums));
-                let mut total = _mm256_mul_ps(_mm256_cvtepi32_ps(top), _mm256_set1_ps(1.0 / 128.0));
-                total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1[i]), _mm256_set1_ps(pow2(-15)), total);
-                total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0[i]), _mm256_set1_ps(pow2(-23)), total);
+                let top = _mm256_sub_epi32(s1[i], _mm256_slli_epi32::<7>(q_sums));
+                let total = _mm256_mul_ps(_mm256_cvtepi32_ps(top), _mm256_set1_ps(1.0 / 128.0));
+                let total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0[i]), _mm256_set1_ps(pow2(-15)), total);
                 let scales = _mm256_loadu_ps(part.scales.as_ptr().add(row));
                 let out = acc.as_mut_ptr().add(row);
                 _mm256_storeu_ps(out, _mm256_fmadd_ps(total, scales, _mm256_loadu_ps(out)));
@@ -502,7 +500,7 @@ pub unsafe fn accumulate_wide(acc: &mut [f32; BLOCK_ROWS], part: &Int8Part, x: &
     const REGS: usize = HALF_ROWS / 4;
     assert!(part.weights.len() >= x.len() * QUAD_BYTES);
     let w = part.weights.as_ptr();
-    let unit = _mm256_set1_ps(pow2(-(WIDE_FRAC_BITS as i32)));
+    let unit = _mm256_set1_ps(pow2(-(FRAC_BITS as i32)));
     for half in 0..2 {
         let mut sums = [_mm256_setzero_si256(); REGS];
         for (p, words) in x.iter().enumerate() {
@@ -581,29 +579,29 @@ mod tests {
     }
 
     #[test]
-    fn limbs_hold_each_input_to_24_bits() {
+    fn limbs_hold_each_input_to_16_bits() {
         let xs = [-1.0f32, -0.5, 0.0, 0.3, 0.999_999_9, 1.0, 2.0, f32::NAN];
-        let mut limbs = [[0u32; 3]; 2];
+        let mut limbs = [[0u32; 2]; 2];
         split_limbs(&xs, &mut limbs);
         for (k, &x) in xs.iter().enumerate().filter(|(_, x)| !x.is_nan()) {
             let (p, t) = (k / 4, k % 4);
             let byte = |l: usize| (limbs[p][l] >> (8 * t)) & 0xff;
-            let u = byte(0) | byte(1) << 8 | byte(2) << 16;
-            let back = (u as f64 - 8_388_608.0) / 8_388_608.0;
-            assert!((back - x.clamp(-1.0, 1.0) as f64).abs() <= 1.2e-7, "{x} → {back}");
+            let u = byte(0) | byte(1) << 8;
+            let back = (u as f64 - 32768.0) / 32768.0;
+            assert!((back - x.clamp(-1.0, 1.0) as f64).abs() <= 1.0 / 32768.0, "{x} → {back}");
         }
         // NaN (never an LSTM's output, but never undefined either) becomes -1: U = 0.
-        assert_eq!(limbs[1].map(|word| word >> 24), [0, 0, 0]);
-        let mut padded = [[0u32; 3]; 1];
+        assert_eq!(limbs[1].map(|word| word >> 24), [0, 0]);
+        let mut padded = [[0u32; 2]; 1];
         split_limbs(&xs[..3], &mut padded);
-        // The missing fourth input is zero: U = 2^23, whose top byte is 0x80.
-        assert_eq!(padded[0][2] >> 24, 0x80);
+        // The missing fourth input is zero: U = 2^15, whose top byte is 0x80.
+        assert_eq!(padded[0][1] >> 24, 0x80);
     }
 
     #[test]
     fn words_hold_each_input_to_16_bits() {
         let xs = [-1.0f32, -0.5, 0.0, 0.3, 0.999_999_9, 1.0, 2.0, f32::NAN];
-        let mut words = [[0u32; 3]; 2];
+        let mut words = [[0u32; 2]; 2];
         split_words(&xs, &mut words);
         for (k, &x) in xs.iter().enumerate().filter(|(_, x)| !x.is_nan()) {
             let (p, t) = (k / 4, k % 4);
@@ -613,15 +611,14 @@ mod tests {
         }
         // NaN (never an LSTM's output, but never undefined either) becomes -32767.
         assert_eq!((words[1][1] >> 16) as u16 as i16, -32767);
-        assert_eq!(words[0][2], 0, "the third word is unused");
-        let mut padded = [[0u32; 3]; 1];
+        let mut padded = [[0u32; 2]; 1];
         split_words(&xs[..3], &mut padded);
         assert_eq!(padded[0][1] >> 16, 0, "the missing fourth input is zero");
     }
 
     /// Each integer kernel this CPU runs, against the f64 product of the same weights, within
-    /// its inputs' rounding: at most one step of the fixed point at ±1 (`2^-23`, or `2^-15` for
-    /// plain AVX2), so `Σ |w|` steps for a row. The VNNI kernels give each other's bits. Row 1
+    /// its inputs' rounding: at most one step of the fixed point at ±1 (`2^-15`), so `Σ |w|`
+    /// steps for a row. The VNNI kernels give each other's bits. Row 1
     /// holds the largest sums a part of 1024 columns can: every weight at its grid's end, every
     /// input ±1 with its weight's sign.
     #[test]
@@ -642,18 +639,15 @@ mod tests {
             x.iter_mut().zip(&rows[1]).for_each(|(x, w)| *x = w.signum());
             let mut vnni_sums = Vec::new();
             for &kernel in &kernels {
-                let mut limbs = vec![[0u32; 3]; num_quads(columns)];
+                let mut limbs = vec![[0u32; 2]; num_quads(columns)];
                 split_for(kernel, &x, &mut limbs);
                 let mut acc = [0.5f32; BLOCK_ROWS];
                 // SAFETY: `runs_here` held.
                 unsafe { accumulate_with(kernel, &mut acc, &part, &limbs) };
                 for (r, row) in rows.iter().enumerate() {
                     let want = 0.5 + row.iter().zip(&x).map(|(&w, &x)| w as f64 * x as f64).sum::<f64>();
-                    let input_step = match kernel {
-                        Int8Kernel::Avx2Wide => pow2(-(WIDE_FRAC_BITS as i32)),
-                        Int8Kernel::Avx512Vnni | Int8Kernel::AvxVnni => pow2(-(FRAC_BITS as i32)),
-                    };
-                    let bound = row.iter().map(|w| w.abs() as f64).sum::<f64>() * input_step as f64 + 1e-6;
+                    let input_step = pow2(-(FRAC_BITS as i32)) as f64;
+                    let bound = row.iter().map(|w| w.abs() as f64).sum::<f64>() * input_step + 1e-6;
                     let got = acc[r] as f64;
                     assert!((got - want).abs() < bound, "{kernel:?} row {r} of {columns}: {got} vs {want}");
                 }
