@@ -84,8 +84,8 @@ pub struct BenchArgs {
     /// Time only our training step (for profiling it).
     #[arg(long)]
     ours_only: bool,
-    /// Multiply our training step's recurrences in f32 even where the CPU has AMX (as `train
-    /// --f32-products`).
+    /// Multiply our training step's recurrences in f32 even where the CPU multiplies bfloat16
+    /// (as `train --f32-products`).
     #[arg(long)]
     f32_products: bool,
     /// A Python with TensorFlow (e.g. a venv's bin/python): also time the recipe's Keras

@@ -66,9 +66,9 @@ pub struct TrainArgs {
     /// Where to train: cpu, cuda or metal (the last two need the build feature of that name).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Multiply the recurrences in f32 even where the CPU has AMX. By default, where it has,
-    /// training multiplies them in bfloat16 on AMX tiles and sums in f32, several times faster
-    /// (see README, Speed); validation and every score are f32 either way.
+    /// Multiply the recurrences in f32 even where the CPU multiplies bfloat16 (AMX, or AVX-512
+    /// BF16). By default, where it does, training multiplies them in bfloat16 and sums in f32,
+    /// faster (see README, Speed); validation and every score are f32 either way.
     #[arg(long)]
     f32_products: bool,
     /// The data sets whose held-out songs fit the tune memory built after training, pooled:
@@ -231,7 +231,7 @@ pub struct TrainArgs {
 const PLOT_FILE: &str = "loss.png";
 
 /// Sets how this process's training passes multiply (`train::fused::set_training_products`):
-/// bfloat16 where AMX is ready unless `f32_only`; returns the choice in effect.
+/// bfloat16 where the CPU multiplies it unless `f32_only`; returns the choice in effect.
 pub fn choose_products(f32_only: bool) -> Products {
     set_training_products(if f32_only { Products::F32 } else { Products::Bf16 })
 }

@@ -257,8 +257,8 @@ impl PackedB {
     }
 
     /// Rounds the packed matrix to bfloat16 (to nearest, ties to even) in pairs of rows:
-    /// products with it then run on AMX tiles, multiplying bfloat16 and summing in f32. Only
-    /// where `amx_bf16_ready` holds.
+    /// products with it then multiply bfloat16 and sum in f32 (`Bf16Unit`). Only where
+    /// `Bf16Unit::here` finds a unit.
     pub fn round_to_bf16(&mut self) {
         if self.bf16 {
             return;
@@ -330,9 +330,16 @@ pub fn gemm(isa: Isa, m: usize, a: MatRef, b: &PackedB, c: &mut [f32], ldc: usiz
         return;
     }
     if b.bf16 {
-        assert!(amx_bf16_ready(), "gemm: a bfloat16 packing without AMX");
+        let unit = Bf16Unit::here().expect("gemm: a bfloat16 packing on a CPU without bfloat16 products");
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        amx::gemm(m, a, b, c, ldc, accumulate);
+        match unit {
+            Bf16Unit::Amx => bf16::gemm_amx(m, a, b, c, ldc, accumulate),
+            // SAFETY: `Bf16Unit::Avx512` is only found where `has_avx512_bf16` held; the
+            // asserts above keep every access inside `a` and `c`.
+            Bf16Unit::Avx512 => unsafe { bf16::gemm_vdp(m, a, b, c, ldc, accumulate) },
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        let _ = unit;
         return;
     }
     match isa {
@@ -629,25 +636,52 @@ fn bf16_pair(low: f32, high: f32) -> f32 {
     f32::from_bits(u32::from(to_bf16(low)) | (u32::from(to_bf16(high)) << 16))
 }
 
-/// True if products can run in bfloat16 on AMX tiles here: the CPU has AMX-TILE and AMX-BF16,
-/// and the kernel lets this process use the tile registers (asked once, on first call).
-pub fn amx_bf16_ready() -> bool {
-    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    {
-        static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *READY.get_or_init(amx::request)
+/// Where a bfloat16 packing (`PackedB::round_to_bf16`) is multiplied on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Unit {
+    /// AMX tiles (`tdpbf16ps`): Intel's Sapphire Rapids and later.
+    Amx,
+    /// AVX-512 BF16's `vdpbf16ps` on 512-bit registers, where AMX is missing (AMD's Zen 4 and
+    /// later): twice the products of an f32 fused multiply-add per instruction.
+    Avx512,
+}
+
+impl Bf16Unit {
+    /// The unit this CPU multiplies bfloat16 with, if any. AMX needs the kernel's leave to use
+    /// the tile registers, asked once, on first call.
+    pub fn here() -> Option<Self> {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            static UNIT: std::sync::OnceLock<Option<Bf16Unit>> = std::sync::OnceLock::new();
+            *UNIT.get_or_init(|| {
+                if bf16::request_amx() {
+                    Some(Bf16Unit::Amx)
+                } else {
+                    bf16::has_avx512_bf16().then_some(Bf16Unit::Avx512)
+                }
+            })
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        {
+            None
+        }
     }
-    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-    {
-        false
+
+    /// How the tools name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Unit::Amx => "AMX tiles",
+            Bf16Unit::Avx512 => "AVX-512 BF16",
+        }
     }
 }
 
-/// The bfloat16 matrix product on AMX tiles (Sapphire Rapids and later): `C` in 16 × 16 f32
-/// tiles, each summed over 32 depth values per tile instruction. The tile instructions are
-/// written in `asm!`, as their intrinsics are not yet stable.
+/// The bfloat16 matrix products: on AMX tiles (Sapphire Rapids and later), `C` in 16 × 16 f32
+/// tiles, each summed over 32 depth values per tile instruction, the tile instructions written
+/// in `asm!` as their intrinsics are not yet stable; and with AVX-512 BF16's `vdpbf16ps`
+/// elsewhere, `C` in tiles of up to 12 rows of 16 columns in registers.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-mod amx {
+mod bf16 {
     use std::arch::asm;
     use std::cell::RefCell;
 
@@ -658,19 +692,24 @@ mod amx {
     /// Depth pairs per block: 16 panels of `B` (256 columns) take 256 KiB.
     const BLOCK_PAIRS: usize = 256;
 
+    /// The CPU has AVX-512 BF16 (with F and BW): the conversion `pack_a` rounds with, and
+    /// `vdpbf16ps`.
+    pub(super) fn has_avx512_bf16() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
+    }
+
     /// Asks the kernel for the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
-    /// XFEATURE_XTILEDATA)`) once the CPU reports AMX-TILE and AMX-BF16, and the AVX-512 BF16
-    /// conversion `pack_a` rounds with; true if granted.
-    pub(super) fn request() -> bool {
+    /// XFEATURE_XTILEDATA)`) once the CPU reports AMX-TILE and AMX-BF16, and AVX-512 BF16;
+    /// true if granted.
+    pub(super) fn request_amx() -> bool {
         const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
         const XFEATURE_XTILEDATA: libc::c_long = 18;
         // CPUID leaf 7 reports zeros where a feature is missing.
         let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
         let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
-        let converts = is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512bf16");
-        if !(amx_bf16 && amx_tile && converts) {
+        if !(amx_bf16 && amx_tile && has_avx512_bf16()) {
             return false;
         }
         // SAFETY: a system call with integer arguments only; it changes this process's
@@ -758,8 +797,8 @@ mod amx {
         }
     }
 
-    /// `gemm` for a bfloat16 packing; `amx_bf16_ready` holds.
-    pub(super) fn gemm(m: usize, a: MatRef, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
+    /// `gemm` for a bfloat16 packing on AMX tiles; `Bf16Unit::here` found them.
+    pub(super) fn gemm_amx(m: usize, a: MatRef, b: &PackedB, c: &mut [f32], ldc: usize, accumulate: bool) {
         let (k, n) = (b.k, b.n);
         let pairs = amx_pairs(k);
         let mut config =
@@ -775,11 +814,11 @@ mod amx {
         A_ROWS.with_borrow_mut(|a_rows| {
             // Whole pairs of row blocks; `pack_a` writes every word, zeros after `m` and `k`.
             a_rows.resize(m.next_multiple_of(2 * TILE_ROWS) * pitch, 0.0);
-            // SAFETY: `amx_bf16_ready` (asserted by `gemm`) checked AVX-512F, BW and BF16;
-            // `A`'s rows lie inside `a` (checked by `gemm`).
+            // SAFETY: `request_amx` (through `Bf16Unit::here`, asserted by `gemm`) checked
+            // AVX-512F, BW and BF16; `A`'s rows lie inside `a` (checked by `gemm`).
             unsafe { pack_a(a, m, k, pitch, a_rows) };
             // SAFETY: `config` is a valid palette-1 configuration (8 tiles of 16 × 64 bytes);
-            // `amx_bf16_ready` (asserted by `gemm`) means the CPU has AMX and the process may
+            // `Bf16Unit::Amx` (asserted by `gemm`) means the CPU has AMX and the process may
             // use it. `tilerelease` below returns the tiles to their initial state.
             unsafe { asm!("ldtilecfg [{0}]", in(reg) &config, options(nostack, readonly)) };
             // Depth blocks whose panels of `B` stay in the L2 cache while every row block
@@ -873,6 +912,116 @@ mod amx {
             // SAFETY: releases the tiles configured above.
             unsafe { asm!("tilerelease", options(nostack, nomem)) };
         });
+    }
+
+    /// Most rows of a `vdpbf16ps` tile: one register of sums per row, plus the panel's row and
+    /// the broadcast word, within AVX-512's 32 registers with room to spare.
+    const VDP_ROWS: usize = 12;
+
+    /// `gemm` for a bfloat16 packing with `vdpbf16ps`: `A` packed in pairs as for the tiles,
+    /// then for each block of up to `VDP_ROWS` rows (kept in the L1 cache) every panel of `B`
+    /// (from the L2 cache), each row's 16 sums in a register. Each instruction adds the two
+    /// products of a depth pair to each of 16 sums, twice an f32 fused multiply-add's.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F, BW and BF16 (`has_avx512_bf16`); `a` and `c` must hold the
+    /// rows and columns `gemm` checks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn gemm_vdp(
+        m: usize,
+        a: MatRef,
+        b: &PackedB,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let (k, n) = (b.k, b.n);
+        let pairs = amx_pairs(k);
+        let pitch = pairs + AMX_PAIRS;
+        // Pairs past `k`'s are zeros in both packings: no need to sum them.
+        let used_pairs = k.div_ceil(2);
+        let num_panels = n.div_ceil(PANEL_COLS);
+        // Row blocks of near-equal height, so no block is left with one or two rows.
+        let num_blocks = m.div_ceil(VDP_ROWS);
+        A_ROWS.with_borrow_mut(|a_rows| {
+            a_rows.resize(m.next_multiple_of(2 * TILE_ROWS) * pitch, 0.0);
+            // SAFETY: the caller saw AVX-512F, BW and BF16; `A`'s rows lie inside `a`.
+            unsafe { pack_a(a, m, k, pitch, a_rows) };
+            let mut row0 = 0;
+            for block in 0..num_blocks {
+                let rows = (m - row0) / (num_blocks - block);
+                let block_a = &a_rows[row0 * pitch..][..rows * pitch];
+                for p in 0..num_panels {
+                    let panel = &b.data[p * pairs * PANEL_COLS..][..used_pairs * PANEL_COLS];
+                    let col0 = p * PANEL_COLS;
+                    let cols = (n - col0).min(PANEL_COLS);
+                    let c_tile = &mut c[row0 * ldc + col0..];
+                    // SAFETY: the caller saw the instructions; `block_a` holds `rows` rows of
+                    // `pitch ≥ used_pairs` words, `panel` `used_pairs` rows of 16 words, and
+                    // `c_tile` `rows` rows `ldc` apart of which `cols` columns are written.
+                    unsafe {
+                        match rows {
+                            1 => vdp_tile::<1>(block_a, pitch, panel, c_tile, ldc, cols, accumulate),
+                            2 => vdp_tile::<2>(block_a, pitch, panel, c_tile, ldc, cols, accumulate),
+                            3 => vdp_tile::<3>(block_a, pitch, panel, c_tile, ldc, cols, accumulate),
+                            4 => vdp_tile::<4>(block_a, pitch, panel, c_tile, ldc, cols, accumulate),
+                            5 => vdp_tile::<5>(block_a, pitch, panel, c_tile, ldc, cols, accumulate),
+                            6 => vdp_tile::<6>(block_a, pitch, panel, c_tile, ldc, cols, accumulate),
+                            7 => vdp_tile::<7>(block_a, pitch, panel, c_tile, ldc, cols, accumulate),
+                            8 => vdp_tile::<8>(block_a, pitch, panel, c_tile, ldc, cols, accumulate),
+                            9 => vdp_tile::<9>(block_a, pitch, panel, c_tile, ldc, cols, accumulate),
+                            10 => vdp_tile::<10>(block_a, pitch, panel, c_tile, ldc, cols, accumulate),
+                            11 => vdp_tile::<11>(block_a, pitch, panel, c_tile, ldc, cols, accumulate),
+                            _ => vdp_tile::<VDP_ROWS>(block_a, pitch, panel, c_tile, ldc, cols, accumulate),
+                        }
+                    }
+                }
+                row0 += rows;
+            }
+        });
+    }
+
+    /// One `MR × PANEL_COLS` tile of `gemm_vdp`: `a` holds `MR` packed rows `pitch` words
+    /// apart, `panel` the depth pairs' rows of one panel; the first `cols` columns of `c`'s
+    /// `MR` rows (`ldc` apart) get the sums (added to them when `accumulate`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn vdp_tile<const MR: usize>(
+        a: &[f32],
+        pitch: usize,
+        panel: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        use std::arch::x86_64::*;
+        debug_assert!(a.len() >= (MR - 1) * pitch + panel.len() / PANEL_COLS);
+        debug_assert!(c.len() >= (MR - 1) * ldc + cols);
+        let (a_ptr, b_ptr) = (a.as_ptr(), panel.as_ptr());
+        let mut sums = [_mm512_setzero_ps(); MR];
+        for q in 0..panel.len() / PANEL_COLS {
+            // SAFETY: pair `q` of the panel is 16 words; of each row of `a`, one word (the
+            // caller's bounds, restated above).
+            unsafe {
+                let b_pair: __m512bh = std::mem::transmute(_mm512_loadu_ps(b_ptr.add(q * PANEL_COLS)));
+                for (r, sum) in sums.iter_mut().enumerate() {
+                    let a_pair: __m512bh = std::mem::transmute(_mm512_set1_ps(*a_ptr.add(r * pitch + q)));
+                    *sum = _mm512_dpbf16_ps(*sum, a_pair, b_pair);
+                }
+            }
+        }
+        let mask: __mmask16 = if cols == PANEL_COLS { 0xffff } else { (1 << cols) - 1 };
+        for (r, sum) in sums.iter().enumerate() {
+            // SAFETY: row `r` of `c` has `cols` columns (the caller's bounds); the mask keeps
+            // the load and the store to them.
+            unsafe {
+                let out = c.as_mut_ptr().add(r * ldc);
+                let total =
+                    if accumulate { _mm512_add_ps(*sum, _mm512_maskz_loadu_ps(mask, out)) } else { *sum };
+                _mm512_mask_storeu_ps(out, mask, total);
+            }
+        }
     }
 }
 
@@ -991,8 +1140,8 @@ mod tests {
 
     #[test]
     fn bfloat16_product_is_the_product_of_the_rounded_matrices() {
-        if !amx_bf16_ready() {
-            eprintln!("skipped: no AMX-BF16 here");
+        if Bf16Unit::here().is_none() {
+            eprintln!("skipped: no bfloat16 products here");
             return;
         }
         let rounded = |x: f32| f32::from_bits(u32::from(to_bf16(x)) << 16);

@@ -2,7 +2,7 @@
 //! op, with its backward pass (backpropagation through time) written by hand. It replaces the
 //! dozen small tensors candle's graph builds per time step, and candle's autograd still works
 //! around it: the input projection, the output layer and the loss stay ordinary candle ops.
-//! Training passes may multiply in bfloat16 on AMX tiles (`Products`, `set_training_products`);
+//! Training passes may multiply in bfloat16 (`Products`, `set_training_products`);
 //! evaluation always multiplies in f32.
 //! Runs on: offline threads (training, evaluation). Splits the batch across candle's own CPU
 //! worker threads (`candle_core::utils::barrier_pool`), the calling thread among them; spawns
@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Error, IndexOp, Layout, Result, Shape, Storage, Tensor};
 
-use model::kernels::{amx_bf16_ready, gemm, sigmoid, tanh_approx, Isa, Kernel, MatRef, PackedB};
+use model::kernels::{gemm, sigmoid, tanh_approx, Bf16Unit, Isa, Kernel, MatRef, PackedB};
 use model::lstm::{Dropout, LstmState, MelodyLstm};
 
 /// How the recurrent matrix products of a pass multiply.
@@ -37,8 +37,8 @@ pub enum Products {
     /// In f32: the same function as the per-step graph, to float rounding.
     F32,
     /// The recurrent weights and what they multiply rounded to bfloat16, the products summed
-    /// in f32, on AMX tiles (`kernels::amx_bf16_ready`): three to five times the f32 rate on
-    /// the recurrence's step products, 1.5 times on `dW_hh`. Only for training passes, where
+    /// in f32, where the CPU has a `kernels::Bf16Unit`: on AMX tiles three to five times the
+    /// f32 rate on the recurrence's step products, 1.5 times on `dW_hh`. Only for training passes, where
     /// the rounding stays within the noise between runs (`docs/experiments/speed.md` compares
     /// the loss curves).
     Bf16,
@@ -49,7 +49,10 @@ impl Products {
     pub fn describe(self) -> &'static str {
         match self {
             Products::F32 => "f32",
-            Products::Bf16 => "bfloat16 on AMX tiles, summed in f32",
+            Products::Bf16 => match Bf16Unit::here() {
+                Some(Bf16Unit::Amx) => "bfloat16 on AMX tiles, summed in f32",
+                _ => "bfloat16 with AVX-512 BF16, summed in f32",
+            },
         }
     }
 
@@ -65,11 +68,11 @@ impl Products {
 static TRAINING_BF16: AtomicBool = AtomicBool::new(false);
 
 /// Chooses how the training passes (gradients tracked) of this process multiply, and returns
-/// the choice in effect: bfloat16 only where AMX is ready, else f32. Evaluation and
+/// the choice in effect: bfloat16 only where the CPU multiplies it (`Bf16Unit`), else f32. Evaluation and
 /// predictions multiply in f32 whatever the choice, so scores never depend on it. Until
 /// called, training multiplies in f32.
 pub fn set_training_products(wanted: Products) -> Products {
-    let bf16 = wanted == Products::Bf16 && amx_bf16_ready();
+    let bf16 = wanted == Products::Bf16 && Bf16Unit::here().is_some();
     TRAINING_BF16.store(bf16, Ordering::Relaxed);
     training_products()
 }
@@ -1220,8 +1223,8 @@ mod tests {
 
     #[test]
     fn gradients_in_bfloat16_stay_close_to_candle_nn_stock_lstm() {
-        if !amx_bf16_ready() {
-            eprintln!("skipped: no AMX-BF16 here");
+        if Bf16Unit::here().is_none() {
+            eprintln!("skipped: no bfloat16 products here");
             return;
         }
         compare_products(9, 5, 6, 20, 2, 1, Products::Bf16);
@@ -1451,13 +1454,13 @@ mod tests {
     }
 
     /// `linear` against candle's `matmul` + `broadcast_add`: values and the gradients of all
-    /// three inputs, at sizes off the kernels' panel and tile widths; in bfloat16 too where AMX
-    /// is ready, within its precision.
+    /// three inputs, at sizes off the kernels' panel and tile widths; in bfloat16 too where the
+    /// CPU multiplies it, within its precision.
     #[test]
     fn linear_matches_candle() {
         let mut rng = ChaCha8Rng::seed_from_u64(21);
         let mut runs = vec![Products::F32];
-        if amx_bf16_ready() {
+        if Bf16Unit::here().is_some() {
             runs.push(Products::Bf16);
         }
         let sizes = [(37, 20, 52), (5, 256, 1024), (1, 3, 1)];
