@@ -1,7 +1,7 @@
 //! CPU building blocks of the fast generation step (`fast`) and the fused training cell
 //! (`fused`): which vector instructions this CPU has, activation functions written so the
 //! compiler vectorises them, and a small packed matrix product (f32, or bfloat16 on AMX tiles
-//! for training).
+//! or with AVX-512 BF16 for training).
 //! Runs on: the worker thread (generation) and offline threads (training). Nothing the worker
 //! calls allocates or locks; the bfloat16 product, which only training calls, keeps a buffer
 //! per thread for its packed left-hand side.
@@ -664,14 +664,6 @@ impl Bf16Unit {
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
         {
             None
-        }
-    }
-
-    /// How the tools name it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Bf16Unit::Amx => "AMX tiles",
-            Bf16Unit::Avx512 => "AVX-512 BF16",
         }
     }
 }
