@@ -38,9 +38,10 @@ pub enum Products {
     F32,
     /// The recurrent weights and what they multiply rounded to bfloat16, the products summed
     /// in f32, where the CPU has a `kernels::Bf16Unit`: on AMX tiles three to five times the
-    /// f32 rate on the recurrence's step products, 1.5 times on `dW_hh`. Only for training passes, where
-    /// the rounding stays within the noise between runs (`docs/experiments/speed.md` compares
-    /// the loss curves).
+    /// f32 rate on the recurrence's step products, 1.5 times on `dW_hh`; with AVX-512 BF16
+    /// about 1.3 times a whole training step. Only for training passes, where the rounding
+    /// stays within the noise between runs (`docs/experiments/speed.md` compares the loss
+    /// curves).
     Bf16,
 }
 
@@ -68,9 +69,9 @@ impl Products {
 static TRAINING_BF16: AtomicBool = AtomicBool::new(false);
 
 /// Chooses how the training passes (gradients tracked) of this process multiply, and returns
-/// the choice in effect: bfloat16 only where the CPU multiplies it (`Bf16Unit`), else f32. Evaluation and
-/// predictions multiply in f32 whatever the choice, so scores never depend on it. Until
-/// called, training multiplies in f32.
+/// the choice in effect: bfloat16 only where the CPU multiplies it (`Bf16Unit`), else f32.
+/// Evaluation and predictions multiply in f32 whatever the choice, so scores never depend on
+/// it. Until called, training multiplies in f32.
 pub fn set_training_products(wanted: Products) -> Products {
     let bf16 = wanted == Products::Bf16 && Bf16Unit::here().is_some();
     TRAINING_BF16.store(bf16, Ordering::Relaxed);
