@@ -125,13 +125,14 @@ impl PackSource for MelodyLstm {
 /// Most side rows `step_rows` adds in one step.
 pub const MAX_STEP_ROWS: usize = 64;
 
-/// A layer's matrix in one of the `WeightFormat`s.
+/// A layer's matrix in one of the `WeightFormat`s, starting on a cache line (so is every
+/// column of a block, and every quad of an int8 part).
 enum LayerWeights {
-    F32(Vec<f32>),
+    F32(HugePageArray<f32>),
     /// Per block, the input part then the hidden part.
     I8(Vec<Int8Part>),
     /// The `F32` layout, each weight as the bits of a half-precision number.
-    F16(Vec<u16>),
+    F16(HugePageArray<u16>),
 }
 
 impl LayerWeights {
@@ -218,7 +219,7 @@ pub struct FastLstm {
     vocab_len: usize,
     num_blocks: usize,
     /// `[vocab][num_blocks · BLOCK_ROWS]`: layer 0's `W_ih x + b_ih + b_hh` per token, packed.
-    token_gates: Vec<f32>,
+    token_gates: HugePageArray<f32>,
     /// `[side rows][num_blocks · BLOCK_ROWS]`: layer 0's input per row of the side table
     /// (`MelodyLstm::side_table`: bar positions, lookback and repeat tokens, bar numbers),
     /// packed; empty for a model without bar inputs.
@@ -290,9 +291,9 @@ fn pack_blocks(
                 (half.to_f32() == w).then_some(half.to_bits())
             })
             .collect::<Option<Vec<u16>>>()
-            .map(LayerWeights::F16)
+            .map(|halves| LayerWeights::F16(halves.into()))
             .ok_or_else(|| "half precision cannot hold".to_string()),
-        _ => Ok(LayerWeights::F32(weights)),
+        _ => Ok(LayerWeights::F32(weights.into())),
     }
 }
 
@@ -449,7 +450,7 @@ impl FastLstm {
             hidden_size: hidden,
             vocab_len,
             num_blocks,
-            token_gates,
+            token_gates: token_gates.into(),
             side_gates: side_gates.into(),
             side_layout,
             layers,

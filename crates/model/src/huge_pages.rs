@@ -17,6 +17,11 @@
 //! distributions' default) and a free 2 MiB page can be found, and uses 4 KiB pages otherwise;
 //! either way the array is the same. The rounding costs at most 2 MiB of memory an array.
 //! Smaller arrays, and other systems, get an ordinary allocation.
+//!
+//! Every array starts on a cache line (huge pages trivially, smaller arrays by their layout),
+//! which the packed weights of the generation step need: a 64-byte vector load from an
+//! address off a line's boundary reads two lines, and made the step's integer products about
+//! a third slower (see `docs/experiments/speed.md`).
 
 use std::alloc::{self, Layout};
 use std::fmt;
@@ -26,13 +31,15 @@ use std::ptr::NonNull;
 /// Size of a huge page on x86-64 and AArch64 Linux (with 4 KiB base pages).
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const HUGE_PAGE_BYTES: usize = 2 << 20;
+/// Bytes of a cache line: every array starts on one.
+const CACHE_LINE_BYTES: usize = 64;
 /// Arrays smaller than this keep an ordinary allocation: rounding them up to a huge page would
 /// cost more memory than they hold.
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const MIN_HUGE_BYTES: usize = HUGE_PAGE_BYTES / 2;
 
-/// A fixed-length array of plain values, on huge pages where the system gives them (see the
-/// module's notes). Reads as a slice.
+/// A fixed-length array of plain values, starting on a cache line, on huge pages where the
+/// system gives them (see the module's notes). Reads as a slice.
 pub struct HugePageArray<T: Copy> {
     /// Its first element (dangling when empty).
     ptr: NonNull<T>,
@@ -68,15 +75,17 @@ impl<T: Copy> HugePageArray<T> {
         let (raw, memory) = match map_huge_pages(bytes) {
             Some((raw, mapped)) => (raw.cast::<T>(), mapped),
             None => {
-                let layout = Layout::array::<T>(items.len()).expect("a slice's own layout is valid");
+                let layout = Layout::array::<T>(items.len())
+                    .and_then(|layout| layout.align_to(CACHE_LINE_BYTES))
+                    .expect("a slice's own layout, aligned to a cache line, is valid");
                 // SAFETY: the layout's size, `bytes`, is not zero.
                 let raw = unsafe { alloc::alloc(layout) };
                 let Some(raw) = NonNull::new(raw.cast::<T>()) else { alloc::handle_alloc_error(layout) };
                 (raw, Memory::Heap(layout))
             }
         };
-        // SAFETY: the new memory holds `bytes` bytes aligned for `T` (a page boundary, or `T`'s
-        // own layout) and cannot overlap `items`.
+        // SAFETY: the new memory holds `bytes` bytes aligned for `T` (a page boundary, or a
+        // cache line at least as aligned as `T`'s own layout) and cannot overlap `items`.
         unsafe { std::ptr::copy_nonoverlapping(items.as_ptr(), raw.as_ptr(), items.len()) };
         Self { ptr: raw, len: items.len(), memory }
     }
@@ -191,6 +200,9 @@ mod tests {
             let items: Vec<u32> = (0..len as u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
             let array = HugePageArray::from_slice(&items);
             assert_eq!(&array[..], &items[..], "{len} items");
+            if len > 0 {
+                assert_eq!(array.as_ptr() as usize % CACHE_LINE_BYTES, 0, "{len} items start a line");
+            }
             assert_eq!(array.clone()[..], items[..], "a clone of {len} items");
             let large = len * 4 >= MIN_HUGE_BYTES;
             assert_eq!(array.is_on_huge_pages(), large && cfg!(target_os = "linux"), "{len} items");

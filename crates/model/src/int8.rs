@@ -37,6 +37,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
+use super::huge_pages::HugePageArray;
 use super::kernels::Isa;
 use super::lstm::MelodyLstm;
 
@@ -286,8 +287,9 @@ pub fn num_quads(columns: usize) -> usize {
 /// `[quad][row][4]` bytes, with each row's scale and integer sum.
 #[derive(Clone, Debug)]
 pub struct Int8Part {
-    /// `[num_quads][BLOCK_ROWS][4]`: quad `p`, row `r`, byte `t` is `q` of column `4p + t`.
-    pub weights: Vec<i8>,
+    /// `[num_quads][BLOCK_ROWS][4]`: quad `p`, row `r`, byte `t` is `q` of column `4p + t`;
+    /// every quad starts on a cache line, as the kernels' loads need.
+    pub weights: HugePageArray<i8>,
     /// `2^e` of each row (1 for padding rows).
     pub scales: [f32; BLOCK_ROWS],
     /// `Σ q` of each row.
@@ -298,24 +300,20 @@ impl Int8Part {
     /// Packs rows that lie on their grids; `rows[r]` is `None` for a padding row. Every row
     /// holds `columns` weights. Errors (returns `None`) when a row is off its grid.
     pub fn pack(rows: &[Option<&[f32]>], columns: usize) -> Option<Self> {
-        let quads = num_quads(columns);
-        let mut part = Int8Part {
-            weights: vec![0; quads * QUAD_BYTES],
-            scales: [1.0; BLOCK_ROWS],
-            sums: [0; BLOCK_ROWS],
-        };
+        let mut weights = vec![0; num_quads(columns) * QUAD_BYTES];
+        let (mut scales, mut sums) = ([1.0; BLOCK_ROWS], [0; BLOCK_ROWS]);
         for (r, row) in rows.iter().enumerate() {
             let Some(row) = row else { continue };
             let e = row_exponent(row)?;
             let scale = pow2(e);
-            part.scales[r] = scale;
+            scales[r] = scale;
             for (col, &w) in row.iter().enumerate() {
                 let q = (w / scale) as i8;
-                part.weights[(col / 4) * QUAD_BYTES + r * 4 + col % 4] = q;
-                part.sums[r] += q as i32;
+                weights[(col / 4) * QUAD_BYTES + r * 4 + col % 4] = q;
+                sums[r] += q as i32;
             }
         }
-        Some(part)
+        Some(Int8Part { weights: weights.into(), scales, sums })
     }
 }
 
