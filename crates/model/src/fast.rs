@@ -636,7 +636,8 @@ impl FastLstm {
             // Each block's cell update runs after the next block's products are issued: it
             // depends only on sums finished before them, so the CPU overlaps its chains of
             // multiplies and divisions with their loads. (Right after its own products it
-            // waited for their last sums; run in groups of four blocks, it measured the same.)
+            // waited for their last sums; in groups of four blocks after theirs, the int8 step
+            // took as long and the f32 step 0.6 µs longer.)
             let mut pending: Option<(usize, [f32; BLOCK_ROWS])> = None;
             for b in 0..self.num_blocks {
                 let mut acc = [0.0f32; BLOCK_ROWS];
