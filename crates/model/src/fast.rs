@@ -1037,7 +1037,8 @@ mod tests {
         assert_eq!(FastLstm::for_model(&lstm).unwrap().unwrap().format(), expected);
     }
 
-    /// How far the integer kernels may be from candle: their inputs are rounded to `2^-15`.
+    /// How far the integer kernels may be from candle: their inputs are rounded to `2^-15`,
+    /// which puts the built-in model's logits within about 2e-4; the rest is margin.
     const INT8_TOLERANCE: f32 = 5e-4;
 
     /// `lstm` packed as int8 for every integer kernel this CPU runs, each beside every float
@@ -1067,7 +1068,7 @@ mod tests {
     /// against candle on the same weights: trained weights, not only random ones. The VNNI
     /// kernels give the same last logits to the bit.
     #[test]
-    fn builtin_model_int8_step_matches_candle_within_2e_4() {
+    fn builtin_model_int8_step_matches_candle_within_5e_4() {
         let model = crate::io::LoadedModel::builtin().unwrap();
         let stream = model.memory.as_ref().expect("the built-in model has a tune memory").to_bytes();
         let tokens: Vec<u32> = stream[stream.len() / 2..][..200].iter().map(|&t| t as u32).collect();
@@ -1088,7 +1089,7 @@ mod tests {
     /// Int8-grid weights (`int8::quantize_model`, in either scope) through each integer kernel,
     /// against candle on the same weights; and a model off the grid is refused that format.
     #[test]
-    fn int8_weights_match_candle_within_2e_4() {
+    fn int8_weights_match_candle_within_5e_4() {
         if !int8::runs_on(Isa::detect()) {
             return;
         }

@@ -616,9 +616,9 @@ mod tests {
 
     /// Each integer kernel this CPU runs, against the f64 product of the same weights, within
     /// its inputs' rounding: at most one step of the fixed point at ±1 (`2^-15`), so `Σ |w|`
-    /// steps for a row. The VNNI kernels give each other's bits. Row 1
-    /// holds the largest sums a part of 1024 columns can: every weight at its grid's end, every
-    /// input ±1 with its weight's sign.
+    /// steps for a row. The VNNI kernels give each other's bits. Row 1 holds the largest sums a
+    /// part of 1024 columns can: every weight at its grid's end, every input ±1 with its
+    /// weight's sign.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn kernels_match_the_f32_product() {
