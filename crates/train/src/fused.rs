@@ -86,9 +86,12 @@ pub fn training_products() -> Products {
     }
 }
 
-/// True if `lstm_outputs` can run `model`: its weights are f32 on the CPU.
+/// True if `lstm_outputs` can run `model`: its weights are f32, on the CPU or (in a build with
+/// feature `cuda`) on a CUDA GPU, where `gpu_recurrence` runs the recurrence.
 pub fn applies_to(model: &MelodyLstm) -> bool {
-    model.device().is_cpu() && model.layers().iter().all(|l| l.w_hh.dtype() == DType::F32)
+    let device = model.device();
+    (device.is_cpu() || cfg!(feature = "cuda") && device.is_cuda())
+        && model.layers().iter().all(|l| l.w_hh.dtype() == DType::F32)
 }
 
 /// The top layer's outputs for a time-major batch, before dropout and the output layer: the
@@ -173,9 +176,12 @@ pub fn lstm_outputs(
 
 /// `xs Wᵀ + b` with the packed kernels on candle's threads, forward and backward: the input
 /// projection of the layers above the first, where candle's own matrix product is the slower.
-/// `products`: how its three products multiply.
-/// xs: `[n, input]`, w: `[output, input]`, b: `[output]` → `[n, output]` (all f32 on the CPU).
+/// `products`: how its three products multiply. On a GPU, candle's own product (f32).
+/// xs: `[n, input]`, w: `[output, input]`, b: `[output]` → `[n, output]` (all f32).
 pub fn linear(xs: &Tensor, w: &Tensor, b: &Tensor, products: Products) -> Result<Tensor> {
+    if !xs.device().is_cpu() {
+        return xs.matmul(&w.t()?)?.broadcast_add(b);
+    }
     let (_, input) = xs.dims2()?;
     let (output, w_input) = w.dims2()?;
     if w_input != input || b.dims() != [output] {
@@ -320,7 +326,8 @@ pub fn applies(xs_proj: &Tensor, w_hh: &Tensor) -> bool {
 }
 
 /// The recurrence over a whole sequence, given every step's input projection; the same
-/// function as `LstmLayer::recur`'s per-step graph.
+/// function as `LstmLayer::recur`'s per-step graph. On a CUDA GPU (feature `cuda`),
+/// `gpu_recurrence` runs it, multiplying in f32 whatever `products` says.
 /// xs_proj: `[seq, batch, 4 hidden]` (`W_ih x + b_ih + b_hh`), w_hh: `[4 hidden, hidden]`,
 /// h0 and c0: `[batch, hidden]` → (ys `[seq, batch, hidden]`, h `[batch, hidden]`, c
 /// `[batch, hidden]` after the last step). Gradients flow to `xs_proj`, `w_hh`, `h0` and `c0`
@@ -333,6 +340,11 @@ pub fn recur(
     products: Products,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (seq_len, batch, _) = xs_proj.dims3()?;
+    check_fit(xs_proj, w_hh, h0, c0, false, seq_len, batch)?;
+    #[cfg(feature = "cuda")]
+    if xs_proj.device().is_cuda() {
+        return crate::gpu_recurrence::recur(xs_proj, w_hh, h0, c0);
+    }
     recur_on(xs_proj, w_hh, h0, c0, Recurrence { products, ..Recurrence::new() }, seq_len, batch)
 }
 
@@ -368,25 +380,36 @@ pub fn recur_table_rows(
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= num_rows) {
         return Err(Error::Msg(format!("fused LSTM: row {bad} outside a table of {num_rows}")));
     }
+    if !table.device().is_cpu() {
+        // On a GPU the rows are gathered and summed by candle's ops, whose backward pass sums
+        // the gradients into the table's rows.
+        let gate_width = table.dim(1)?;
+        let rows = table
+            .index_select(&Tensor::from_vec(ids, seq_len * batch * rows_per_step, table.device())?, 0)?;
+        let xs_proj = rows.reshape((seq_len, batch, rows_per_step, gate_width))?.sum(2)?;
+        return recur(&xs_proj, w_hh, h0, c0, products);
+    }
+    check_fit(table, w_hh, h0, c0, true, seq_len, batch)?;
     let op = Recurrence { token_ids: Some(ids), rows_per_step, products, ..Recurrence::new() };
     recur_on(table, w_hh, h0, c0, op, seq_len, batch)
 }
 
-/// Checks the shapes and runs `op`; `input` is xs_proj, or the table when `op` has tokens.
-fn recur_on(
+/// An error unless the shapes fit together; `input` is xs_proj, or with `table` the table of
+/// rows the steps' ids pick.
+fn check_fit(
     input: &Tensor,
     w_hh: &Tensor,
     h0: &Tensor,
     c0: &Tensor,
-    op: Recurrence,
+    table: bool,
     seq_len: usize,
     batch: usize,
-) -> Result<(Tensor, Tensor, Tensor)> {
+) -> Result<()> {
     let gate_width = *input.dims().last().unwrap_or(&0);
     let hidden = gate_width / 4;
-    let input_fits = match op.token_ids {
-        Some(_) => input.rank() == 2,
-        None => input.dims() == [seq_len, batch, gate_width],
+    let input_fits = match table {
+        true => input.rank() == 2,
+        false => input.dims() == [seq_len, batch, gate_width],
     };
     if !input_fits
         || seq_len == 0
@@ -402,6 +425,20 @@ fn recur_on(
             c0.dims()
         )));
     }
+    Ok(())
+}
+
+/// Runs `op` on shapes `check_fit` accepted; `input` as there.
+fn recur_on(
+    input: &Tensor,
+    w_hh: &Tensor,
+    h0: &Tensor,
+    c0: &Tensor,
+    op: Recurrence,
+    seq_len: usize,
+    batch: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let hidden = w_hh.dim(1)?;
     let hc0 = Tensor::stack(&[h0, c0], 0)?.contiguous()?;
     let saved = op.saved.clone();
     let op = Recurrence { steps: (seq_len, batch), ..op };

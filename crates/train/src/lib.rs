@@ -1,7 +1,8 @@
 //! Offline only: everything that makes and judges a model, linked by `cargo xtask` and never by
-//! the plugin. Chord models' training (`chords`), training windows and data sets (`data`), the training loop (`trainer`) with its
-//! fused CPU ops (`fused`, `forward`, `loss`), the optimiser (`optim`), distillation (`distill`), and
-//! evaluation against held-out songs (`eval`).
+//! the plugin. Chord models' training (`chords`), training windows and data sets (`data`), the
+//! training loop (`trainer`) with its fused ops (`fused`, `forward`, `loss`; `gpu_recurrence`
+//! on a CUDA GPU), the optimiser (`optim`), distillation (`distill`), and evaluation against
+//! held-out songs (`eval`).
 //! Runs on: offline threads (xtask, tests).
 
 pub mod chords;
@@ -10,6 +11,8 @@ pub mod distill;
 pub mod eval;
 pub mod forward;
 pub mod fused;
+#[cfg(any(feature = "cuda", test))]
+mod gpu_recurrence;
 pub mod loss;
 pub mod optim;
 pub mod trainer;
