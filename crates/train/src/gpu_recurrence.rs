@@ -264,7 +264,7 @@ extern "C" __global__ void lstm_cell_backward(const float* gates, const float* g
     const THREADS: u32 = 256;
 
     /// The kernels' PTX, compiled once per process (or why NVRTC refused them).
-    fn cell_ptx() -> Result<&'static str> {
+    pub(super) fn cell_ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
         PTX.get_or_init(|| {
             nvrtc::compile_ptx(CELL_KERNELS).map(|ptx| ptx.to_src()).map_err(|e| e.to_string())
@@ -681,6 +681,16 @@ mod tests {
                 self.buffers[at.0 as usize][at.1..at.1 + data.len()].copy_from_slice(&data);
             }
             Ok(())
+        }
+    }
+
+    /// NVRTC compiles the cell kernels (no GPU needed), and the PTX has both entry points.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn the_gpu_cell_kernels_compile() {
+        let ptx = on_cuda::cell_ptx().unwrap();
+        for kernel in ["lstm_cell_forward", "lstm_cell_backward"] {
+            assert!(ptx.contains(&format!(".entry {kernel}(")), "no {kernel} in the PTX");
         }
     }
 
