@@ -238,8 +238,9 @@ pub fn choose_products(f32_only: bool) -> Products {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let products = choose_products(args.f32_products);
-    if args.device == "cpu" {
-        println!("recurrent products: {}", products.describe());
+    match args.device.as_str() {
+        "cpu" => println!("recurrent products: {}", products.describe()),
+        _ => println!("recurrent products: f32 on the GPU"),
     }
     match args.kind.as_str() {
         "melody" => {}

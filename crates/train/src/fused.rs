@@ -52,7 +52,9 @@ impl Products {
             Products::F32 => "f32",
             Products::Bf16 => match Bf16Unit::here() {
                 Some(Bf16Unit::Amx) => "bfloat16 on AMX tiles, summed in f32",
-                _ => "bfloat16 with AVX-512 BF16, summed in f32",
+                Some(Bf16Unit::Avx512) => "bfloat16 with AVX-512 BF16, summed in f32",
+                // `set_training_products` grants bfloat16 only where a unit exists.
+                None => "bfloat16, but this CPU has no unit for it",
             },
         }
     }
