@@ -318,9 +318,11 @@ impl CustomOp3 for Linear {
     }
 }
 
-/// True if `recur` can run this recurrence: f32 tensors on the CPU with at least one step.
+/// True if `recur` can run this recurrence: f32 tensors with at least one step, on the CPU or
+/// (feature `cuda`) a CUDA GPU.
 pub fn applies(xs_proj: &Tensor, w_hh: &Tensor) -> bool {
-    xs_proj.device().is_cpu()
+    let device = xs_proj.device();
+    (device.is_cpu() || cfg!(feature = "cuda") && device.is_cuda())
         && xs_proj.dtype() == DType::F32
         && w_hh.dtype() == DType::F32
         && xs_proj.rank() == 3
@@ -382,7 +384,7 @@ pub fn recur_table_rows(
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= num_rows) {
         return Err(Error::Msg(format!("fused LSTM: row {bad} outside a table of {num_rows}")));
     }
-    if !table.device().is_cpu() {
+    if table.device().is_cuda() {
         // On a GPU the rows are gathered and summed by candle's ops, whose backward pass sums
         // the gradients into the table's rows.
         let gate_width = table.dim(1)?;
@@ -1542,7 +1544,7 @@ mod tests {
     }
 
     #[test]
-    fn applies_only_to_f32_on_the_cpu_with_steps() {
+    fn applies_only_to_f32_with_steps() {
         let dev = Device::Cpu;
         let w = Tensor::zeros((8, 2), DType::F32, &dev).unwrap();
         assert!(applies(&Tensor::zeros((3, 1, 8), DType::F32, &dev).unwrap(), &w));
