@@ -3,7 +3,7 @@
 #
 #   scripts/gpu-check.sh build   here, with the CUDA toolkit (or its Python wheels, see README
 #                                "GPU"): builds the CUDA xtask and the GPU tests and packs
-#                                them into target/gpu-check/binaries.tar.gz (25 MB; carry
+#                                them into target/gpu-check/binaries.tar.gz (21 MB; carry
 #                                target/gpu-check to the GPU machine)
 #   scripts/gpu-check.sh run     on the GPU machine, from the repository root: runs the GPU
 #                                tests, the GPU-against-CPU bench, generation and a short
@@ -11,7 +11,9 @@
 #                                ${OUT:-target/gpu-check/out}/
 #
 # CUDA_COMPUTE_CAP picks the GPU generation the kernels are built for (default 90: Hopper,
-# H100/H200; 80 for A100, 89 for Ada).
+# H100/H200; 80 for A100, 89 for Ada). Build with a toolkit no newer than the GPU machine's
+# driver: candle's kernels travel as PTX of the build's CUDA version. The 13.0 wheels (README
+# "GPU") make PTX that every CUDA 13 driver loads; the run's log prints both versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=target/gpu-check
@@ -52,6 +54,8 @@ build() {
     local staging="$CARRY/staging"
     rm -rf "$CARRY" && mkdir -p "$staging"
     cargo build --profile xtask -p xtask --features cuda
+    # candle's kernels travel as PTX of this nvcc's version, which a driver older than it refuses.
+    nvcc --version | grep -o 'release [0-9.]*' >"$staging/nvcc-version"
     cp target/xtask/xtask "$staging/xtask"
     for package in antiphon-model antiphon-train; do
         cargo test --profile xtask -p "$package" --features cuda --lib --no-run --message-format=json |
@@ -85,6 +89,8 @@ run() {
         # Every part runs even when one before it fails; the log says which failed.
         set +e
         nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || true
+        echo "kernels built by nvcc $(cat "$bin/nvcc-version" 2>/dev/null); the driver takes" \
+            "$(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' || echo 'an unknown CUDA version')"
         ldd "$bin/xtask" | grep -E "cuda|cublas|curand" || true
         echo "== GPU tests"
         "$bin/tests-antiphon-model" --test-threads 1 gpu
