@@ -56,13 +56,13 @@ build() {
     cargo build --profile xtask -p xtask --features cuda
     # candle's kernels travel as PTX of this nvcc's version, which a driver older than it refuses.
     nvcc --version | grep -o 'release [0-9.]*' >"$staging/nvcc-version"
-    cp target/xtask/xtask "$staging/xtask"
+    cp "${CARGO_TARGET_DIR:-target}/xtask/xtask" "$staging/xtask"
     for package in antiphon-model antiphon-train; do
         cargo test --profile xtask -p "$package" --features cuda --lib --no-run --message-format=json |
             grep -o '"executable":"[^"]*"' | cut -d'"' -f4 |
             while read -r binary; do cp "$binary" "$staging/tests-$package"; done
     done
-    strip "$staging"/*
+    strip "$staging"/xtask "$staging"/tests-*
     local essen="${SHARED:-../shared}/corpus/essen"
     [ -d "$essen" ] && cp -r "$essen" "$staging/essen"
     tar czf "$CARRY/binaries.tar.gz" -C "$staging" .

@@ -40,6 +40,9 @@ enum Buf {
     GradWHh,
 }
 
+/// How many kinds of `Buf` there are (the last one's index, plus one).
+const BUFFERS: usize = Buf::GradWHh as usize + 1;
+
 /// A place in a buffer: the buffer, and the index of the first number.
 #[derive(Clone, Copy, Debug)]
 struct At(Buf, usize);
@@ -208,7 +211,7 @@ mod on_cuda {
         CpuStorage, CudaDevice, CudaStorage, CustomOp3, Error, Layout, Result, Shape, Storage, Tensor,
     };
 
-    use super::{At, Buf, Launches, Product, Steps};
+    use super::{At, Buf, Launches, Product, Steps, BUFFERS};
 
     /// The cell kernels, one thread per unit of a `[batch, hidden]` block, compiled by NVRTC the
     /// first time a process needs them. Their formulas are the CPU op's (`fused`).
@@ -344,7 +347,7 @@ extern "C" __global__ void lstm_cell_backward(const float* gates, const float* g
     struct CudaLaunches<'a> {
         device: &'a CudaDevice,
         /// Each `Buf`'s address, by `Buf as usize` (0 where the run has no such buffer).
-        addresses: [u64; 9],
+        addresses: [u64; BUFFERS],
     }
 
     impl CudaLaunches<'_> {
@@ -485,7 +488,7 @@ extern "C" __global__ void lstm_cell_backward(const float* gates, const float* g
                 let (hs_address, _hs_sync) = hs.device_ptr_mut(&stream);
                 let (cs_address, _cs_sync) = cs.device_ptr_mut(&stream);
                 let (tanh_address, _tanh_sync) = tanh_cs.device_ptr_mut(&stream);
-                let mut addresses = [0u64; 9];
+                let mut addresses = [0u64; BUFFERS];
                 addresses[Buf::WHh as usize] = w_hh_address;
                 addresses[Buf::Gates as usize] = gates_address;
                 addresses[Buf::Hs as usize] = hs_address;
@@ -537,7 +540,7 @@ extern "C" __global__ void lstm_cell_backward(const float* gates, const float* g
                 let (grad_gates_address, _grad_gates_sync) = grad_gates.device_ptr_mut(&stream);
                 let (grad_state_address, _grad_state_sync) = grad_state.device_ptr_mut(&stream);
                 let (grad_w_address, _grad_w_sync) = grad_w_hh.device_ptr_mut(&stream);
-                let mut addresses = [0u64; 9];
+                let mut addresses = [0u64; BUFFERS];
                 addresses[Buf::WHh as usize] = w_hh_address;
                 addresses[Buf::Gates as usize] = gates_address;
                 addresses[Buf::Hs as usize] = hs_address;
@@ -579,7 +582,7 @@ mod tests {
 
     impl CpuLaunches {
         fn new() -> Self {
-            Self { buffers: vec![Vec::new(); 9] }
+            Self { buffers: vec![Vec::new(); BUFFERS] }
         }
 
         fn buf(&mut self, b: Buf) -> &mut Vec<f32> {
