@@ -359,12 +359,14 @@ extern "C" __global__ void lstm_cell_backward(const float* gates, const float* g
             }
         }
 
-        fn launch(&self, kernel: &str, steps: Steps, addresses: &[u64]) -> Result<()> {
+        /// Runs a cell kernel over one step's units, its pointer parameters at `places`.
+        fn launch(&self, kernel: &str, steps: Steps, places: &[At]) -> Result<()> {
+            let addresses = places.iter().map(|&at| self.address(at)).collect::<Result<Vec<u64>>>()?;
             let function = self.device.get_or_load_custom_func(kernel, MODULE, cell_ptx()?)?;
             let units = steps.block();
             let (batch, hidden) = (steps.batch as i32, steps.hidden as i32);
             let mut args = function.builder();
-            for address in addresses {
+            for address in &addresses {
                 args.arg(address);
             }
             args.arg(&batch).arg(&hidden);
@@ -423,9 +425,7 @@ extern "C" __global__ void lstm_cell_backward(const float* gates, const float* g
             tanh_c: At,
             h: At,
         ) -> Result<()> {
-            let addresses = [gates, c_prev, c, tanh_c, h].map(|at| self.address(at));
-            let addresses: Vec<u64> = addresses.into_iter().collect::<Result<_>>()?;
-            self.launch("lstm_cell_forward", steps, &addresses)
+            self.launch("lstm_cell_forward", steps, &[gates, c_prev, c, tanh_c, h])
         }
 
         fn cell_backward(
@@ -438,9 +438,7 @@ extern "C" __global__ void lstm_cell_backward(const float* gates, const float* g
             state: At,
             grad_gates: At,
         ) -> Result<()> {
-            let addresses = [gates, grad_y, tanh_c, c_prev, state, grad_gates].map(|at| self.address(at));
-            let addresses: Vec<u64> = addresses.into_iter().collect::<Result<_>>()?;
-            self.launch("lstm_cell_backward", steps, &addresses)
+            self.launch("lstm_cell_backward", steps, &[gates, grad_y, tanh_c, c_prev, state, grad_gates])
         }
     }
 
@@ -522,10 +520,9 @@ extern "C" __global__ void lstm_cell_backward(const float* gates, const float* g
             let grad_ys = grad_ys.contiguous()?;
             let (grad_ys_storage, grad_ys_layout) = grad_ys.storage_and_layout();
             let grad_ys = view(cuda_storage(&grad_ys_storage, "the output gradient")?, grad_ys_layout)?;
-            let w_hh_tensor = w_hh;
-            let (w_hh_storage, w_hh_layout) = w_hh_tensor.storage_and_layout();
+            let weights = w_hh.track_op();
+            let (w_hh_storage, w_hh_layout) = w_hh.storage_and_layout();
             let w_hh = view(cuda_storage(&w_hh_storage, "W_hh")?, w_hh_layout)?;
-            let weights = w_hh_tensor.track_op();
             let mut grad_gates = device.alloc_zeros::<f32>(steps.seq_len * steps.gate_block())?;
             let mut grad_state = device.alloc_zeros::<f32>(2 * steps.block())?;
             let mut grad_w_hh =
