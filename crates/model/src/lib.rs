@@ -43,6 +43,9 @@ pub mod compute;
 pub mod config;
 pub mod fast;
 pub mod generate;
+// Its step runs only on CUDA; the tests run its plan on the CPU.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod gpu_step;
 pub mod huge_pages;
 pub mod int8;
 pub mod io;

@@ -35,6 +35,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use arrayvec::ArrayVec;
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
@@ -42,6 +43,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::{InputKind, ModelConfig};
 use super::fast::FastLstm;
+use crate::gpu_step::{GpuStep, MAX_SIDE_ROWS};
 use crate::side::BarReader;
 use music::bar::{NO_BAR_NUMBER, NO_BAR_POSITION};
 use music::TokenId;
@@ -787,12 +789,21 @@ impl MelodyLstm {
             };
             layers.push(StepLayer { input, w_hh_t: layer.w_hh.t()?.contiguous()?.detach() });
         }
-        Ok(StepWeights {
+        let mut weights = StepWeights {
             layers,
             head_w_t: self.head_w.t()?.contiguous()?.detach(),
             head_b: self.head_b.unsqueeze(0)?.detach(),
             fast: FastLstm::for_model(self)?.map(Arc::new),
-        })
+            gpu: None,
+        };
+        let side_per_step = if self.bar_table.is_some() { self.bar_reader.per_step() } else { 0 };
+        weights.gpu = GpuStep::for_weights(&weights, side_per_step, &self.device)?.map(Arc::new);
+        Ok(weights)
+    }
+
+    /// The side-table row of bar input `j` of one step's `bars` (a missing one reads as none).
+    pub fn side_row_at(&self, j: usize, bars: &[u16]) -> Result<u32> {
+        self.side_row(j, bars.get(j).map_or(self.side_layout.missing(j), |&raw| raw as u32))
     }
 
     /// Feeds one token with its bar inputs (`bars`: the bar position, then the tokens one and
@@ -810,6 +821,15 @@ impl MelodyLstm {
         if let Some(fast) = &weights.fast {
             return fast.step_at(token, bars, state, logits);
         }
+        if let Some(gpu) = &weights.gpu {
+            let mut rows = ArrayVec::<u32, MAX_SIDE_ROWS>::new();
+            if self.bar_table.is_some() {
+                for j in 0..self.bar_reader.per_step() {
+                    rows.push(self.side_row_at(j, bars)?);
+                }
+            }
+            return gpu.step(token.0 as usize, &rows, state, logits);
+        }
         let hidden = self.hidden_size;
         let mut x: Option<Tensor> = None;
         for (k, layer) in weights.layers.iter().enumerate() {
@@ -820,8 +840,7 @@ impl MelodyLstm {
                     let mut from_input = tokens.narrow(0, token.0 as usize, 1)?;
                     if let Some(side) = side {
                         for j in 0..self.bar_reader.per_step() {
-                            let raw = bars.get(j).map_or(self.side_layout.missing(j), |&raw| raw as u32);
-                            let row = self.side_row(j, raw)? as usize;
+                            let row = self.side_row_at(j, bars)? as usize;
                             from_input = (from_input + side.narrow(0, row, 1)?)?;
                         }
                     }
@@ -960,14 +979,22 @@ pub struct StepWeights {
     head_b: Tensor,
     /// The same weights packed for the CPU's one-sequence step (`None` off the CPU).
     fast: Option<Arc<FastLstm>>,
+    /// The same weights on a CUDA GPU for its one-sequence step (`None` elsewhere).
+    gpu: Option<Arc<GpuStep>>,
 }
 
 impl StepWeights {
-    /// The same weights without the CPU's packed step: `MelodyLstm::step` then runs candle's
-    /// f32 ops, as it does on a GPU (to compare the two).
+    /// The same weights without their packed step (the CPU's or the CUDA GPU's):
+    /// `MelodyLstm::step` then runs candle's graph of f32 ops (to compare the two).
     pub fn without_fast_step(mut self) -> Self {
         self.fast = None;
+        self.gpu = None;
         self
+    }
+
+    /// The layers, input first.
+    pub(crate) fn layers(&self) -> &[StepLayer] {
+        &self.layers
     }
 
     /// The output layer as arranged here: `[hidden, vocab]` and `[1, vocab]`.
@@ -977,14 +1004,14 @@ impl StepWeights {
 }
 
 #[derive(Clone, Debug)]
-struct StepLayer {
-    input: StepInput,
+pub(crate) struct StepLayer {
+    pub(crate) input: StepInput,
     /// `[hidden, 4 hidden]`.
-    w_hh_t: Tensor,
+    pub(crate) w_hh_t: Tensor,
 }
 
 #[derive(Clone, Debug)]
-enum StepInput {
+pub(crate) enum StepInput {
     /// Layer 0: every token's input contribution, biases included, `[vocab, 4 hidden]`, and
     /// the side table of every bar input's (`MelodyLstm::side_table`), for a model with them.
     Table { tokens: Tensor, bars: Option<Tensor> },

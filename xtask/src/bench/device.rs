@@ -55,9 +55,19 @@ fn fixed_model(config: &ModelConfig, device: &Device) -> Result<LoadedModel> {
     Ok(LoadedModel::new(config.clone(), lstm, "bench")?)
 }
 
-/// µs a symbol of the model's own generation step (`LoadedModel::step`, what the plugin's
-/// worker runs: the int8 or f32 kernels on the CPU, candle's ops elsewhere), batch 1.
-fn step_micros(model: &LoadedModel, symbols: usize, trials: usize) -> Result<f64> {
+/// How a timed one-sequence step runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OneStep {
+    /// The model's own step (`LoadedModel::step`, what the plugin's worker runs): the int8 or
+    /// f32 kernels on the CPU, a kernel a layer on a CUDA GPU, candle's graph on Metal.
+    Own,
+    /// candle's graph of small ops (what a GPU ran before it had its step).
+    Graph,
+}
+
+/// µs a symbol of a one-sequence generation step run `how`.
+fn step_micros(model: &LoadedModel, how: OneStep, symbols: usize, trials: usize) -> Result<f64> {
+    let graph_weights = model.lstm.step_weights()?.without_fast_step();
     let mut logits = vec![0.0f32; model.config.vocab.len()];
     let mut per_trial = Vec::with_capacity(trials);
     for trial in 0..=trials {
@@ -65,7 +75,10 @@ fn step_micros(model: &LoadedModel, symbols: usize, trials: usize) -> Result<f64
         let start = Instant::now();
         for idx in 0..symbols {
             let token = TokenId((idx % model.config.vocab.len()) as u16);
-            model.step(token, &mut state, &mut logits)?;
+            match how {
+                OneStep::Own => model.step(token, &mut state, &mut logits)?,
+                OneStep::Graph => model.lstm.step(&graph_weights, token, &[], &mut state, &mut logits)?,
+            }
         }
         if trial > 0 {
             per_trial.push(start.elapsed().as_secs_f64() * 1e6 / symbols as f64);
@@ -159,23 +172,35 @@ pub fn run(args: &BenchArgs, device: &Device) -> Result<()> {
     let (symbols, trials) = (args.gen_symbols, args.gen_trials);
     println!("\n{gpu} against the CPU, one run; medians of {trials} trials of {symbols} symbols");
     println!(
-        "{:<30} {:>12} {:>12} {:>12} {:>12} {:>8}",
-        "generation, µs a symbol", "GPU batch 1", "CPU batch 1", "GPU batch 8", "CPU batch 8", "Auto"
+        "{:<30} {:>12} {:>12} {:>12} {:>12} {:>12} {:>8}",
+        "generation, µs a symbol",
+        "GPU batch 1",
+        "GPU graph",
+        "CPU batch 1",
+        "GPU batch 8",
+        "CPU batch 8",
+        "Auto"
     );
     let sizes = sizes()?;
     for size in &sizes {
         let on_gpu =
             fixed_model(&size.config, device).with_context(|| format!("{} on the {gpu}", size.name))?;
         let on_cpu = fixed_model(&size.config, &Device::Cpu)?;
-        let (gpu_1, cpu_1) = (step_micros(&on_gpu, symbols, trials)?, step_micros(&on_cpu, symbols, trials)?);
+        let gpu_1 = step_micros(&on_gpu, OneStep::Own, symbols, trials)?;
+        let gpu_graph_1 = step_micros(&on_gpu, OneStep::Graph, symbols, trials)?;
+        let cpu_1 = step_micros(&on_cpu, OneStep::Own, symbols, trials)?;
         let gpu_8 = batched_micros(&on_gpu, GEN_BATCH, symbols / GEN_BATCH + 1, trials)?;
         let cpu_8 = batched_micros(&on_cpu, GEN_BATCH, symbols / GEN_BATCH + 1, trials)?;
         // Auto's rule (`compute::place`): the GPU only where its step is faster.
         let auto = if gpu_1 < cpu_1 { "GPU" } else { "CPU" };
-        println!("{:<30} {gpu_1:>12.1} {cpu_1:>12.1} {gpu_8:>12.1} {cpu_8:>12.1} {auto:>8}", size.name);
+        println!(
+            "{:<30} {gpu_1:>12.1} {gpu_graph_1:>12.1} {cpu_1:>12.1} {gpu_8:>12.1} {cpu_8:>12.1} {auto:>8}",
+            size.name
+        );
     }
-    println!("  batch 1: the model's own step, as the plugin runs it (on the CPU its int8 or f32 kernels); batch 8:");
-    println!("  the batched step over 8 sequences (candle's ops), per symbol. Auto: the device the plugin's Auto keeps.");
+    println!("  batch 1: the model's own step, as the plugin runs it (on the CPU its int8 or f32 kernels, on a CUDA");
+    println!("  GPU a kernel a layer); GPU graph: candle's graph of small ops a step instead; batch 8: the batched");
+    println!("  step over 8 sequences (candle's ops), per symbol. Auto: the device the plugin's Auto keeps.");
 
     let (batch, window) = (args.train_batch, args.train_window);
     println!("\ntraining, batch {batch} × {window} steps, medians of {} batches", args.train_batches);
@@ -201,7 +226,7 @@ pub fn run(args: &BenchArgs, device: &Device) -> Result<()> {
     println!("  cell kernel a step); per step: candle's graph of small ops a step. Both batch the input projection.");
     println!("  GPU/CPU: the one-op rates. `train` runs the one-op form on either device.");
     if device.is_metal() {
-        println!("  Metal has no LSTM op of its own: both GPU columns run the per-step graph there.");
+        println!("  Metal has no LSTM op or step of its own: its GPU columns run candle's graph, batch 1 and training.");
     }
     Ok(())
 }
@@ -235,7 +260,8 @@ mod tests {
         ]);
         run(&cli.bench, &Device::Cpu).unwrap();
         let on_cpu = fixed_model(&sizes().unwrap()[0].config, &Device::Cpu).unwrap();
-        assert!(step_micros(&on_cpu, 8, 1).unwrap() > 0.0);
+        assert!(step_micros(&on_cpu, OneStep::Own, 8, 1).unwrap() > 0.0);
+        assert!(step_micros(&on_cpu, OneStep::Graph, 8, 1).unwrap() > 0.0);
         assert!(batched_micros(&on_cpu, GEN_BATCH, 2, 1).unwrap() > 0.0);
     }
 }
