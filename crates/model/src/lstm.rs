@@ -30,7 +30,9 @@
 //! plain `GenState`, with weights arranged once by `step_weights`: the generation hot spot).
 //! On the CPU both are taken over: steps run through `fast` (packed weights), and training's
 //! whole sequences through the training crate's fused op (one op per layer with a hand-written
-//! backward pass), which calls the `graph_*` functions here wherever it does not apply.
+//! backward pass), which calls the `graph_*` functions here wherever it does not apply. On a
+//! CUDA GPU, steps run through `gpu_step` (a kernel a layer) and the fused op sends the
+//! recurrence to the training crate's `gpu_recurrence`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
