@@ -95,8 +95,12 @@ run() {
         echo "== GPU tests"
         "$bin/tests-antiphon-model" --test-threads 1 gpu
         "$bin/tests-antiphon-train" --test-threads 1 gpu
-        echo "== bench: GPU against CPU"
-        timeout 180 "$bin/xtask" bench --device cuda --gen-trials 5 --train-batches 10
+        echo "== bench: GPU against CPU (and TensorFlow's recipe where this Python has it)"
+        local tensorflow=()
+        if python3 -c "import tensorflow" 2>/dev/null; then
+            tensorflow=(--tensorflow "$(command -v python3)")
+        fi
+        timeout 240 "$bin/xtask" bench --device cuda --gen-trials 5 --train-batches 10 ${tensorflow[@]+"${tensorflow[@]}"}
         echo "== generation from the built-in model, seed 3, on each device"
         "$bin/xtask" generate --device cuda --seed 3 --out "$out/generated-cuda.mid"
         "$bin/xtask" generate --device cpu --seed 3 --out "$out/generated-cpu.mid"

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use antiphon::engine::lstm::LstmFactory;
 use antiphon::engine::timing::first_note_latencies;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::rnn::{LSTMConfig, LSTMState, RNN};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
@@ -565,7 +565,8 @@ fn training(args: &BenchArgs) -> Result<()> {
     let mut tf_sides = Vec::new();
     if let Some(python) = &args.tensorflow {
         for every_position in [false, true] {
-            tf_sides.push(TfStep::spawn(python, every_position, args, vocab.len())?);
+            let sizes = TfSizes::from_args(args, vocab.len());
+            tf_sides.push(TfStep::spawn(python, every_position, &sizes, false)?);
         }
     }
     let mut sides: Vec<Side> = ["ours", "stock"].iter().map(|name| Side::new(name)).collect();
@@ -656,21 +657,50 @@ impl Side {
     }
 }
 
+/// The sizes of TensorFlow's model and batches (`bench_tf.py`'s options).
+pub(crate) struct TfSizes {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    /// The embedding's width; 0 for one-hot input.
+    pub embedding: usize,
+    pub batch: usize,
+    pub window: usize,
+}
+
+impl TfSizes {
+    /// The sizes `bench`'s training options ask for.
+    fn from_args(args: &BenchArgs, vocab: usize) -> Self {
+        Self {
+            vocab,
+            hidden: args.train_hidden,
+            layers: args.train_layers,
+            embedding: args.train_embedding,
+            batch: args.train_batch,
+            window: args.train_window,
+        }
+    }
+}
+
 /// The recipe's Keras model training in a Python subprocess (`bench_tf.py`), one batch per
 /// request, so its batches interleave with ours.
-struct TfStep {
-    name: String,
+pub(crate) struct TfStep {
+    pub name: String,
+    /// Where TensorFlow placed the model: "GPU" or "CPU".
+    pub device: String,
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     stdout: std::io::BufReader<std::process::ChildStdout>,
 }
 
 impl TfStep {
-    fn spawn(
+    /// Starts the script for a model of `sizes`, training every position or each window's last
+    /// symbol; on the CPU unless `may_use_gpu` (then TensorFlow's own choice).
+    pub fn spawn(
         python: &std::path::Path,
         every_position: bool,
-        args: &BenchArgs,
-        vocab_len: usize,
+        sizes: &TfSizes,
+        may_use_gpu: bool,
     ) -> Result<Self> {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
@@ -679,16 +709,15 @@ impl TfStep {
             std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = Command::new(python);
         cmd.arg("-c").arg(include_str!("bench_tf.py"));
-        cmd.args(["--vocab", &vocab_len.to_string(), "--hidden", &args.train_hidden.to_string()]);
-        cmd.args(["--batch", &args.train_batch.to_string(), "--window", &args.train_window.to_string()]);
-        cmd.args([
-            "--layers",
-            &args.train_layers.to_string(),
-            "--embedding",
-            &args.train_embedding.to_string(),
-        ]);
+        cmd.args(["--vocab", &sizes.vocab.to_string(), "--hidden", &sizes.hidden.to_string()]);
+        cmd.args(["--batch", &sizes.batch.to_string(), "--window", &sizes.window.to_string()]);
+        cmd.args(["--layers", &sizes.layers.to_string(), "--embedding", &sizes.embedding.to_string()]);
         if every_position {
             cmd.arg("--every-position");
+        }
+        if !may_use_gpu {
+            // The same CPU as ours, even on a machine with a GPU.
+            cmd.env("CUDA_VISIBLE_DEVICES", "-1");
         }
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -700,22 +729,25 @@ impl TfStep {
         let mut stdout = std::io::BufReader::new(child.stdout.take().context("TensorFlow's stdout")?);
         let mut line = String::new();
         stdout.read_line(&mut line).context("reading from TensorFlow")?;
-        let version = line.strip_prefix("ready ").map(str::trim).with_context(|| {
+        let ready = line.strip_prefix("ready ").map(str::split_whitespace).with_context(|| {
             format!("TensorFlow did not start (its messages are in {})", log_path.display())
         })?;
+        let [version, device] = ready.collect::<Vec<_>>()[..] else {
+            bail!("TensorFlow answered {line:?} where it names its version and device");
+        };
         // The recipe's own model is one layer on one-hot input; other sizes are its recipe
         // scaled up.
-        let is_recipe_model = args.train_layers == 1 && args.train_embedding == 0;
+        let is_recipe_model = sizes.layers == 1 && sizes.embedding == 0;
         let name = match (every_position, is_recipe_model) {
             (false, true) => format!("TensorFlow {version}, recipe (last symbol)"),
             (false, false) => format!("TensorFlow {version}, last symbol"),
             (true, _) => format!("TensorFlow {version}, every position"),
         };
-        Ok(Self { name, child, stdin, stdout })
+        Ok(Self { name, device: device.to_string(), child, stdin, stdout })
     }
 
     /// Runs one batch; its milliseconds as TensorFlow measured them.
-    fn batch(&mut self) -> Result<f64> {
+    pub fn batch(&mut self) -> Result<f64> {
         use std::io::{BufRead, Write};
         writeln!(self.stdin, "1").context("writing to TensorFlow")?;
         let mut line = String::new();

@@ -8,8 +8,9 @@ training's targets); otherwise only each window's last symbol is a target, as in
 instead of one-hot vectors (the built-in model's sizes: --layers 2 --embedding 64).
 Inputs are random windows of the given sizes (speed does not depend on the values).
 
-Protocol: prints "ready" once built and traced; then for each line "N" read from stdin runs N
-training batches and prints one line with the milliseconds of each; exits at end of input.
+Protocol: prints "ready", its version and the device it trains on (GPU or CPU) once built and
+traced; then for each line "N" read from stdin runs N training batches and prints one line with
+the milliseconds of each; exits at end of input.
 """
 import argparse
 import sys
@@ -60,7 +61,8 @@ def main():
 
     for _ in range(3):
         model.train_on_batch(*batch())
-    print("ready", tf.__version__, flush=True)
+    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    print("ready", tf.__version__, device, flush=True)
     for line in sys.stdin:
         times = []
         for _ in range(int(line.strip() or "1")):

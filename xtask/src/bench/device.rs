@@ -14,11 +14,11 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use model::compute::device_name;
 use model::io::ModelSource;
 use model::lstm::LstmState;
-use model::{LoadedModel, MelodyLstm, ModelConfig};
+use model::{InputKind, LoadedModel, MelodyLstm, ModelConfig};
 use music::TokenId;
 use train::SequenceForward;
 
-use super::{median, train_step, BenchArgs};
+use super::{median, train_step, BenchArgs, TfSizes, TfStep};
 
 /// Sequences stepped at once in the batched generation figure (Try Again and variations could
 /// write this many answers together).
@@ -166,6 +166,31 @@ fn training_ms(
     Ok(median(&mut ms))
 }
 
+/// Median ms of a training batch of TensorFlow's recipe scaled to `config` (every position a
+/// target, as ours), run by `python` with the GPU visible, and the device TensorFlow chose.
+fn tensorflow_ms(python: &std::path::Path, config: &ModelConfig, args: &BenchArgs) -> Result<(f64, String)> {
+    let sizes = TfSizes {
+        vocab: config.vocab.len(),
+        hidden: config.hidden_size,
+        layers: config.num_layers,
+        embedding: match config.input {
+            InputKind::Embedding { dim } => dim,
+            InputKind::OneHot => 0,
+        },
+        batch: args.train_batch,
+        window: args.train_window,
+    };
+    let mut tf = TfStep::spawn(python, true, &sizes, true)?;
+    let mut ms = Vec::with_capacity(args.train_batches);
+    for idx in 0..=args.train_batches {
+        let batch_ms = tf.batch()?;
+        if idx > 0 {
+            ms.push(batch_ms);
+        }
+    }
+    Ok((median(&mut ms), tf.device.clone()))
+}
+
 /// Runs the comparison on `device` (a GPU) against the CPU.
 pub fn run(args: &BenchArgs, device: &Device) -> Result<()> {
     let gpu = device_name(device);
@@ -205,16 +230,25 @@ pub fn run(args: &BenchArgs, device: &Device) -> Result<()> {
     let (batch, window) = (args.train_batch, args.train_window);
     println!("\ntraining, batch {batch} × {window} steps, medians of {} batches", args.train_batches);
     println!(
-        "{:<30} {:>14} {:>14} {:>14} {:>10}",
-        "LSTM steps/s", "GPU, one op", "GPU, per step", "CPU", "GPU/CPU"
+        "{:<30} {:>14} {:>14} {:>14} {:>10} {:>12}",
+        "LSTM steps/s", "GPU, one op", "GPU, per step", "CPU", "GPU/CPU", "TensorFlow"
     );
+    let mut tensorflow_devices = Vec::new();
     for size in &sizes {
         let gpu_ms = training_ms(&size.config, device, Recurrence::Fused, args)?;
         let gpu_graph_ms = training_ms(&size.config, device, Recurrence::PerStep, args)?;
         let cpu_ms = training_ms(&size.config, &Device::Cpu, Recurrence::Fused, args)?;
         let per_s = |ms: f64| (batch * window) as f64 / ms * 1e3;
+        let tensorflow = match &args.tensorflow {
+            Some(python) => {
+                let (ms, on) = tensorflow_ms(python, &size.config, args)?;
+                tensorflow_devices.push(on);
+                format!("{:.0}", per_s(ms))
+            }
+            None => "-".to_string(),
+        };
         println!(
-            "{:<30} {:>14.0} {:>14.0} {:>14.0} {:>9.2}×",
+            "{:<30} {:>14.0} {:>14.0} {:>14.0} {:>9.2}× {tensorflow:>12}",
             size.name,
             per_s(gpu_ms),
             per_s(gpu_graph_ms),
@@ -225,6 +259,10 @@ pub fn run(args: &BenchArgs, device: &Device) -> Result<()> {
     println!("  one op: each LSTM layer's recurrence as one op (the CPU's fused op; on the GPU a cuBLAS product and a");
     println!("  cell kernel a step); per step: candle's graph of small ops a step. Both batch the input projection.");
     println!("  GPU/CPU: the one-op rates. `train` runs the one-op form on either device.");
+    match tensorflow_devices.first() {
+        Some(on) => println!("  TensorFlow: the recipe's Keras model at these sizes, every position a target, on its {on}."),
+        None => println!("  TensorFlow: not timed (give --tensorflow PYTHON to time the recipe's Keras model on the same GPU)."),
+    }
     if device.is_metal() {
         println!("  Metal has no LSTM op or step of its own: its GPU columns run candle's graph, batch 1 and training.");
     }
