@@ -52,6 +52,21 @@ pub fn first_gpu() -> Result<Device, String> {
     Err("this build has no GPU support (it was built without the cuda or metal feature)".to_string())
 }
 
+/// The PTX of the CUDA C `source`, compiled by NVRTC the first time a process asks and kept in
+/// `cache`, or why NVRTC refused it (`what` names the kernels in the message).
+#[cfg(feature = "cuda")]
+pub fn ptx_once(
+    cache: &'static std::sync::OnceLock<Result<String, String>>,
+    source: &str,
+    what: &str,
+) -> candle_core::Result<&'static str> {
+    use candle_core::cuda_backend::cudarc::nvrtc;
+    cache
+        .get_or_init(|| nvrtc::compile_ptx(source).map(|ptx| ptx.to_src()).map_err(|e| e.to_string()))
+        .as_deref()
+        .map_err(|e| candle_core::Error::Msg(format!("{what} did not compile: {e}")))
+}
+
 /// A short name of `device` for messages: "CPU", "CUDA GPU" or "Metal GPU".
 pub fn device_name(device: &Device) -> &'static str {
     match device {

@@ -342,7 +342,6 @@ mod on_cuda {
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
     };
-    use candle_core::cuda_backend::cudarc::nvrtc;
     use candle_core::{CudaDevice, Device, Error, Result};
 
     use super::*;
@@ -424,11 +423,7 @@ extern "C" __global__ void dense_step(const float* x, const float* w_t, const fl
     /// The kernels' PTX, compiled once per process (or why NVRTC refused them).
     pub(crate) fn step_ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            nvrtc::compile_ptx(STEP_KERNELS).map(|ptx| ptx.to_src()).map_err(|e| e.to_string())
-        })
-        .as_deref()
-        .map_err(|e| Error::Msg(format!("GPU step: the kernels did not compile: {e}")))
+        crate::compute::ptx_once(&PTX, STEP_KERNELS, "GPU step: the kernels")
     }
 
     /// The launch shape of either kernel for `outputs` outputs: `UNITS` × `SLICES` threads a

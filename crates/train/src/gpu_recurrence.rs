@@ -205,7 +205,6 @@ mod on_cuda {
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
     };
-    use candle_core::cuda_backend::cudarc::nvrtc;
     use candle_core::op::BackpropOp;
     use candle_core::{
         CpuStorage, CudaDevice, CudaStorage, CustomOp3, Error, Layout, Result, Shape, Storage, Tensor,
@@ -269,11 +268,7 @@ extern "C" __global__ void lstm_cell_backward(const float* gates, const float* g
     /// The kernels' PTX, compiled once per process (or why NVRTC refused them).
     pub(super) fn cell_ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            nvrtc::compile_ptx(CELL_KERNELS).map(|ptx| ptx.to_src()).map_err(|e| e.to_string())
-        })
-        .as_deref()
-        .map_err(|e| Error::Msg(format!("GPU LSTM: the cell kernels did not compile: {e}")))
+        model::compute::ptx_once(&PTX, CELL_KERNELS, "GPU LSTM: the cell kernels")
     }
 
     /// The recurrence on the GPU, the same function as `fused::recur` (which checks the shapes
