@@ -26,6 +26,74 @@ const UNITS: usize = 32;
 /// Slices a block splits each product's inner index into (one warp each).
 const SLICES: usize = 8;
 
+/// The kernels (CUDA C), compiled by NVRTC the first time a process needs them. A block is
+/// `UNITS` outputs (`threadIdx.x`) by `SLICES` slices of the inner index (`threadIdx.y`); the
+/// slices' partial sums meet in shared memory, and the first slice finishes each output.
+const STEP_KERNELS: &str = r#"
+#define UNITS 32
+#define SLICES 8
+#define MAX_SIDE_ROWS 16
+
+struct SideRows { int count; int row[MAX_SIDE_ROWS]; };
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+extern "C" __global__ void lstm_step_layer(const float* base, const float* side, SideRows rows,
+                                           const float* x, const float* w_ih_t, int inputs,
+                                           const float* w_hh_t, const float* h_in,
+                                           const float* c_in, float* h_out, float* c_out,
+                                           int hidden) {
+    __shared__ float partial[4][SLICES][UNITS];
+    int lane = threadIdx.x, slice = threadIdx.y;
+    int unit = blockIdx.x * UNITS + lane;
+    long long width = 4LL * hidden;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (unit < hidden) {
+        for (int i = slice; i < inputs; i += SLICES) {
+            float xi = x[i];
+            const float* w = w_ih_t + i * width + unit;
+            for (int g = 0; g < 4; ++g) acc[g] += xi * w[g * hidden];
+        }
+        for (int i = slice; i < hidden; i += SLICES) {
+            float hi = h_in[i];
+            const float* w = w_hh_t + i * width + unit;
+            for (int g = 0; g < 4; ++g) acc[g] += hi * w[g * hidden];
+        }
+    }
+    for (int g = 0; g < 4; ++g) partial[g][slice][lane] = acc[g];
+    __syncthreads();
+    if (slice != 0 || unit >= hidden) return;
+    float gate[4];
+    for (int g = 0; g < 4; ++g) {
+        float sum = base[g * hidden + unit];
+        for (int r = 0; r < rows.count; ++r) sum += side[rows.row[r] * width + g * hidden + unit];
+        for (int s = 0; s < SLICES; ++s) sum += partial[g][s][lane];
+        gate[g] = sum;
+    }
+    float i = sigmoid(gate[0]), f = sigmoid(gate[1]), cand = tanhf(gate[2]), o = sigmoid(gate[3]);
+    float c = f * c_in[unit] + i * cand;
+    c_out[unit] = c;
+    h_out[unit] = o * tanhf(c);
+}
+
+extern "C" __global__ void dense_step(const float* x, const float* w_t, const float* bias,
+                                      float* out, int inputs, int outputs) {
+    __shared__ float partial[SLICES][UNITS];
+    int lane = threadIdx.x, slice = threadIdx.y;
+    int o = blockIdx.x * UNITS + lane;
+    float acc = 0.0f;
+    if (o < outputs) {
+        for (int i = slice; i < inputs; i += SLICES) acc += x[i] * w_t[(long long)i * outputs + o];
+    }
+    partial[slice][lane] = acc;
+    __syncthreads();
+    if (slice != 0 || o >= outputs) return;
+    float sum = bias[o];
+    for (int s = 0; s < SLICES; ++s) sum += partial[s][lane];
+    out[o] = sum;
+}
+"#;
+
 /// The step's numbers, by role; f32, row-major.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Buf {
@@ -345,74 +413,6 @@ mod on_cuda {
     use candle_core::{CudaDevice, Device, Error, Result};
 
     use super::*;
-
-    /// The kernels, compiled by NVRTC the first time a process needs them. A block is `UNITS`
-    /// outputs (`threadIdx.x`) by `SLICES` slices of the inner index (`threadIdx.y`); the
-    /// slices' partial sums meet in shared memory, and the first slice finishes each output.
-    const STEP_KERNELS: &str = r#"
-#define UNITS 32
-#define SLICES 8
-#define MAX_SIDE_ROWS 16
-
-struct SideRows { int count; int row[MAX_SIDE_ROWS]; };
-
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-extern "C" __global__ void lstm_step_layer(const float* base, const float* side, SideRows rows,
-                                           const float* x, const float* w_ih_t, int inputs,
-                                           const float* w_hh_t, const float* h_in,
-                                           const float* c_in, float* h_out, float* c_out,
-                                           int hidden) {
-    __shared__ float partial[4][SLICES][UNITS];
-    int lane = threadIdx.x, slice = threadIdx.y;
-    int unit = blockIdx.x * UNITS + lane;
-    long long width = 4LL * hidden;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (unit < hidden) {
-        for (int i = slice; i < inputs; i += SLICES) {
-            float xi = x[i];
-            const float* w = w_ih_t + i * width + unit;
-            for (int g = 0; g < 4; ++g) acc[g] += xi * w[g * hidden];
-        }
-        for (int i = slice; i < hidden; i += SLICES) {
-            float hi = h_in[i];
-            const float* w = w_hh_t + i * width + unit;
-            for (int g = 0; g < 4; ++g) acc[g] += hi * w[g * hidden];
-        }
-    }
-    for (int g = 0; g < 4; ++g) partial[g][slice][lane] = acc[g];
-    __syncthreads();
-    if (slice != 0 || unit >= hidden) return;
-    float gate[4];
-    for (int g = 0; g < 4; ++g) {
-        float sum = base[g * hidden + unit];
-        for (int r = 0; r < rows.count; ++r) sum += side[rows.row[r] * width + g * hidden + unit];
-        for (int s = 0; s < SLICES; ++s) sum += partial[g][s][lane];
-        gate[g] = sum;
-    }
-    float i = sigmoid(gate[0]), f = sigmoid(gate[1]), cand = tanhf(gate[2]), o = sigmoid(gate[3]);
-    float c = f * c_in[unit] + i * cand;
-    c_out[unit] = c;
-    h_out[unit] = o * tanhf(c);
-}
-
-extern "C" __global__ void dense_step(const float* x, const float* w_t, const float* bias,
-                                      float* out, int inputs, int outputs) {
-    __shared__ float partial[SLICES][UNITS];
-    int lane = threadIdx.x, slice = threadIdx.y;
-    int o = blockIdx.x * UNITS + lane;
-    float acc = 0.0f;
-    if (o < outputs) {
-        for (int i = slice; i < inputs; i += SLICES) acc += x[i] * w_t[(long long)i * outputs + o];
-    }
-    partial[slice][lane] = acc;
-    __syncthreads();
-    if (slice != 0 || o >= outputs) return;
-    float sum = bias[o];
-    for (int s = 0; s < SLICES; ++s) sum += partial[s][lane];
-    out[o] = sum;
-}
-"#;
 
     /// The module name the kernels are loaded under, once per device.
     const MODULE: &str = "antiphon_gpu_step";
@@ -778,6 +778,13 @@ mod tests {
             head,
             HeadLaunch { x: At(Buf::State(Slot::First), 13), out: At(Buf::State(Slot::First), 0) }
         );
+    }
+
+    #[test]
+    fn the_kernels_are_built_for_the_sizes_the_launches_use() {
+        for (name, value) in [("UNITS", UNITS), ("SLICES", SLICES), ("MAX_SIDE_ROWS", MAX_SIDE_ROWS)] {
+            assert!(STEP_KERNELS.contains(&format!("#define {name} {value}\n")), "{name}");
+        }
     }
 
     /// NVRTC compiles the kernels (feature `cuda`; no GPU needed).
