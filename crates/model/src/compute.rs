@@ -39,14 +39,15 @@ pub fn first_gpu() -> Result<Device, String> {
         match Device::new_cuda(0) {
             Ok(device) => return Ok(device),
             Err(err) if !cfg!(feature = "metal") => {
-                return Err(format!("no CUDA GPU could be opened: {err}"))
+                return Err(format!("no CUDA GPU could be opened: {}", crate::candle_message(&err)))
             }
             Err(_) => {}
         }
     }
     #[cfg(feature = "metal")]
     {
-        return Device::new_metal(0).map_err(|err| format!("no Metal GPU could be opened: {err}"));
+        return Device::new_metal(0)
+            .map_err(|err| format!("no Metal GPU could be opened: {}", crate::candle_message(&err)));
     }
     #[allow(unreachable_code)]
     Err("this build has no GPU support (it was built without the cuda or metal feature)".to_string())
@@ -192,6 +193,11 @@ mod tests {
         for choice in [DeviceChoice::Auto, DeviceChoice::Cpu, DeviceChoice::Gpu] {
             let placed = place(choice, load(Some(Duration::from_micros(1))), timed).unwrap();
             if HAS_GPU_SUPPORT {
+                // A GPU build on a machine where no GPU opens: the reason, on one line.
+                if let (Err(reason), DeviceChoice::Gpu) = (first_gpu(), choice) {
+                    assert_eq!(placed.placement, format!("CPU (no GPU: {reason})"));
+                    assert!(!reason.contains('\n'), "{reason}");
+                }
                 continue;
             }
             assert!(placed.model.on_cpu, "{choice:?}");

@@ -70,7 +70,7 @@ pub use candle_core::Device;
 /// feature of the same name.
 pub fn select_device(name: &str) -> Result<Device, ModelError> {
     let unavailable =
-        |e: candle_core::Error| ModelError::Device { name: name.to_string(), reason: e.to_string() };
+        |e: candle_core::Error| ModelError::Device { name: name.to_string(), reason: candle_message(&e) };
     match name {
         "cpu" => Ok(Device::Cpu),
         "cuda" if cfg!(feature = "cuda") => Device::new_cuda(0).map_err(unavailable),
@@ -150,6 +150,37 @@ pub enum ModelError {
     #[error("device '{name}': {reason}")]
     Device { name: String, reason: String },
     /// A tensor operation failed.
-    #[error("tensor operation: {0}")]
+    #[error("tensor operation: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// `err`'s message without the backtraces candle attaches where `RUST_BACKTRACE` is set (a
+/// status line or a log line is no place for forty lines of frames), its context first.
+pub fn candle_message(err: &candle_core::Error) -> String {
+    use candle_core::Error;
+    match err {
+        Error::WithBacktrace { inner, .. } => candle_message(inner),
+        Error::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        Error::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_errors_read_without_their_backtraces() {
+        let backtraced = |inner: candle_core::Error| candle_core::Error::WithBacktrace {
+            inner: Box::new(inner),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let err = backtraced(candle_core::Error::Msg("the device is busy".into()).context("stepping"));
+        assert!(err.to_string().lines().count() > 1, "candle's own message carries the frames");
+        let err = ModelError::from(err);
+        assert_eq!(err.to_string(), "tensor operation: stepping: the device is busy");
+        let err = backtraced(candle_core::Error::UnwrapNone).with_path("model.safetensors");
+        assert_eq!(candle_message(&err), "model.safetensors: unwrap none");
+    }
 }
