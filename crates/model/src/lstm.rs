@@ -824,6 +824,7 @@ impl MelodyLstm {
             return fast.step_at(token, bars, state, logits);
         }
         if let Some(gpu) = &weights.gpu {
+            // A GPU step exists only for models with at most `MAX_SIDE_ROWS` bar inputs a step.
             let mut rows = ArrayVec::<u32, MAX_SIDE_ROWS>::new();
             if self.bar_table.is_some() {
                 for j in 0..self.bar_reader.per_step() {
