@@ -193,8 +193,8 @@ struct HeadLaunch {
     out: At,
 }
 
-/// The launches of one step: `token` (checked against the vocabulary) with the side-table
-/// `rows`, reading the state in slot `from` and writing it, with the logits, into the other.
+/// The launches of one step: `token` with the side-table `rows` (both in range: `Stepper::check`),
+/// reading the state in slot `from` and writing it, with the logits, into the other.
 fn plan(shape: Shape, token: usize, rows: &[u32], from: Slot) -> (Vec<LayerLaunch>, HeadLaunch) {
     let to = from.other();
     let width = 4 * shape.hidden;
