@@ -211,6 +211,10 @@ pub struct PhraseContinuation {
     notes: Vec<Note>,
     /// True while the last note may still grow (no onset, rest or delimiter after it yet).
     is_last_note_open: bool,
+    /// True once the song has a note, the primer's or a generated one: before that it may not
+    /// end (a fresh song ending at once is no song; after the primer's delimiters the model
+    /// often predicts more).
+    has_a_note: bool,
 }
 
 impl PhraseContinuation {
@@ -243,6 +247,7 @@ impl PhraseContinuation {
             symbols: Vec::with_capacity(max_steps),
             notes: Vec::new(),
             is_last_note_open: false,
+            has_a_note: !primer.notes.is_empty(),
         })
     }
 
@@ -265,7 +270,8 @@ impl PhraseContinuation {
     /// The next symbol in the player's key, or `None` once finished. `settings` speak of the
     /// player's key too (pitch classes, range); they may change between any two steps.
     pub fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Option<Symbol>, ModelError> {
-        let model_settings = settings.transposed(self.shift_semitones);
+        let mut model_settings = settings.transposed(self.shift_semitones);
+        model_settings.may_end &= self.has_a_note;
         let Some(symbol) = self.generator.next_symbol(&model_settings)? else {
             return Ok(None);
         };
@@ -279,6 +285,7 @@ impl PhraseContinuation {
             Symbol::Pitch(p) => {
                 self.notes.push(Note::new(p, at_beats, step_beats));
                 self.is_last_note_open = true;
+                self.has_a_note = true;
             }
             Symbol::Hold => {
                 if let (true, Some(last)) = (self.is_last_note_open, self.notes.last_mut()) {
@@ -466,6 +473,26 @@ mod tests {
         }
         let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         Arc::new(LoadedModel::new(cfg.clone(), MelodyLstm::new(&cfg, vb).unwrap(), "test").unwrap())
+    }
+
+    #[test]
+    fn a_fresh_song_does_not_end_before_its_first_note_but_may_after() {
+        let model = Arc::new(LoadedModel::builtin().unwrap());
+        let settings = SamplingSettings::default();
+        let mut num_ended = 0;
+        for seed in 0..12 {
+            let mut phrase = PhraseContinuation::start(Arc::clone(&model), &melody(&[]), 1024, seed).unwrap();
+            while phrase.next_symbol(&settings).unwrap().is_some() {}
+            let symbols = phrase.symbols();
+            let first_note = symbols.iter().position(|s| matches!(s, Symbol::Pitch(_)));
+            let end = symbols.iter().position(|&s| s == Symbol::Delimiter);
+            assert!(first_note.is_some(), "seed {seed}: {symbols:?}");
+            if let Some(end) = end {
+                assert!(first_note.unwrap() < end, "seed {seed}: {symbols:?}");
+                num_ended += 1;
+            }
+        }
+        assert!(num_ended > 0, "no song ended within 1024 steps: ending was lost altogether");
     }
 
     #[test]
