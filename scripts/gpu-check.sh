@@ -101,9 +101,19 @@ run() {
             tensorflow=(--tensorflow "$(command -v python3)")
         fi
         timeout 240 "$bin/xtask" bench --device cuda --gen-trials 5 --train-batches 10 ${tensorflow[@]+"${tensorflow[@]}"}
-        echo "== generation from the built-in model, seed 3, on each device"
-        "$bin/xtask" generate --device cuda --seed 3 --out "$out/generated-cuda.mid"
-        "$bin/xtask" generate --device cpu --seed 3 --out "$out/generated-cpu.mid"
+        echo "== generation from the built-in model, the same primer and seed on each device"
+        local primer="62 _ 64 _ 66 _ 67 _ 69 _ _ _ 67 _ 66 _"
+        for device in cuda cpu; do
+            "$bin/xtask" generate --device "$device" --primer "$primer" --bars 8 --no-end --seed 3 \
+                --out "$out/generated-$device.mid"
+        done
+        # The CPU's int8 step and the GPU's f32 step differ in the last digits, where a draw
+        # near a boundary may go the other way: the files match often, not always.
+        if cmp -s "$out/generated-cuda.mid" "$out/generated-cpu.mid"; then
+            echo "the two devices wrote the same notes"
+        else
+            echo "the two devices wrote different notes"
+        fi
         # Each part has a time limit, so one slow part leaves the rest their turn.
         echo "== training: the same run on each device (time and validation loss per epoch)"
         local data=tests/data/abc
