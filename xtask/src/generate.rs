@@ -93,6 +93,9 @@ pub struct GenerateArgs {
 
 /// The sampling settings the flags describe.
 fn sampling(args: &GenerateArgs) -> Result<SamplingSettings> {
+    if args.lowest > args.highest {
+        bail!("--lowest {} is above --highest {}: no pitch would be allowed", args.lowest, args.highest);
+    }
     Ok(SamplingSettings {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -110,6 +113,13 @@ fn sampling(args: &GenerateArgs) -> Result<SamplingSettings> {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    // Values that would otherwise give nothing, or something other than asked, without a word.
+    if args.steps == Some(0) || args.bars == Some(0) {
+        bail!("--steps or --bars 0: nothing to generate (ask for 1 or more)");
+    }
+    if !(args.tempo.is_finite() && args.tempo > 0.0) {
+        bail!("--tempo {}: expected quarter notes per minute, more than 0", args.tempo);
+    }
     let is_chord_dir = args
         .model
         .as_ref()
@@ -317,7 +327,30 @@ fn parse_key(text: &str) -> Result<Key> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        generate: GenerateArgs,
+    }
+
+    #[test]
+    fn options_that_would_give_nothing_are_refused_with_a_reason() {
+        for (options, refusal) in [
+            (&["--bars", "0"][..], "nothing to generate"),
+            (&["--steps", "0"], "nothing to generate"),
+            (&["--tempo", "0"], "--tempo 0"),
+            (&["--lowest", "100", "--highest", "50"], "no pitch would be allowed"),
+            (&["--chords", "--lowest", "90", "--highest", "80"], "no pitch would be allowed"),
+        ] {
+            let cli = Cli::parse_from(std::iter::once("generate").chain(options.iter().copied()));
+            let err = run(cli.generate).expect_err(&format!("{options:?} is refused"));
+            assert!(err.to_string().contains(refusal), "{options:?}: {err}");
+        }
+    }
 
     #[test]
     fn keys_from_text() {
