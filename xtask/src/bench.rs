@@ -564,8 +564,8 @@ fn training(args: &BenchArgs) -> Result<()> {
     };
     let mut tf_sides = Vec::new();
     if let Some(python) = &args.tensorflow {
+        let sizes = TfSizes::from_args(args, vocab.len());
         for every_position in [false, true] {
-            let sizes = TfSizes::from_args(args, vocab.len());
             tf_sides.push(TfStep::spawn(python, every_position, &sizes, false)?);
         }
     }
@@ -658,14 +658,14 @@ impl Side {
 }
 
 /// The sizes of TensorFlow's model and batches (`bench_tf.py`'s options).
-pub(crate) struct TfSizes {
-    pub vocab: usize,
-    pub hidden: usize,
-    pub layers: usize,
+struct TfSizes {
+    vocab: usize,
+    hidden: usize,
+    layers: usize,
     /// The embedding's width; 0 for one-hot input.
-    pub embedding: usize,
-    pub batch: usize,
-    pub window: usize,
+    embedding: usize,
+    batch: usize,
+    window: usize,
 }
 
 impl TfSizes {
@@ -684,10 +684,10 @@ impl TfSizes {
 
 /// The recipe's Keras model training in a Python subprocess (`bench_tf.py`), one batch per
 /// request, so its batches interleave with ours.
-pub(crate) struct TfStep {
-    pub name: String,
+struct TfStep {
+    name: String,
     /// Where TensorFlow placed the model: "GPU" or "CPU".
-    pub device: String,
+    device: String,
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     stdout: std::io::BufReader<std::process::ChildStdout>,
@@ -696,7 +696,7 @@ pub(crate) struct TfStep {
 impl TfStep {
     /// Starts the script for a model of `sizes`, training every position or each window's last
     /// symbol; on the CPU unless `may_use_gpu` (then TensorFlow's own choice).
-    pub fn spawn(
+    fn spawn(
         python: &std::path::Path,
         every_position: bool,
         sizes: &TfSizes,
@@ -747,7 +747,7 @@ impl TfStep {
     }
 
     /// Runs one batch; its milliseconds as TensorFlow measured them.
-    pub fn batch(&mut self) -> Result<f64> {
+    fn batch(&mut self) -> Result<f64> {
         use std::io::{BufRead, Write};
         writeln!(self.stdin, "1").context("writing to TensorFlow")?;
         let mut line = String::new();

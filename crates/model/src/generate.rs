@@ -211,10 +211,10 @@ pub struct PhraseContinuation {
     notes: Vec<Note>,
     /// True while the last note may still grow (no onset, rest or delimiter after it yet).
     is_last_note_open: bool,
-    /// True once the song has a note, the primer's or a generated one: before that it may not
-    /// end (a fresh song ending at once is no song; after the primer's delimiters the model
-    /// often predicts more).
-    has_a_note: bool,
+    /// True if the primer had notes. A song without a note yet, the primer's or a generated
+    /// one, may not end (a fresh song ending at once is no song; after the primer's delimiters
+    /// the model often predicts more).
+    primer_has_notes: bool,
 }
 
 impl PhraseContinuation {
@@ -247,7 +247,7 @@ impl PhraseContinuation {
             symbols: Vec::with_capacity(max_steps),
             notes: Vec::new(),
             is_last_note_open: false,
-            has_a_note: !primer.notes.is_empty(),
+            primer_has_notes: !primer.notes.is_empty(),
         })
     }
 
@@ -271,7 +271,7 @@ impl PhraseContinuation {
     /// player's key too (pitch classes, range); they may change between any two steps.
     pub fn next_symbol(&mut self, settings: &SamplingSettings) -> Result<Option<Symbol>, ModelError> {
         let mut model_settings = settings.transposed(self.shift_semitones);
-        model_settings.may_end &= self.has_a_note;
+        model_settings.may_end &= self.primer_has_notes || !self.notes.is_empty();
         let Some(symbol) = self.generator.next_symbol(&model_settings)? else {
             return Ok(None);
         };
@@ -285,7 +285,6 @@ impl PhraseContinuation {
             Symbol::Pitch(p) => {
                 self.notes.push(Note::new(p, at_beats, step_beats));
                 self.is_last_note_open = true;
-                self.has_a_note = true;
             }
             Symbol::Hold => {
                 if let (true, Some(last)) = (self.is_last_note_open, self.notes.last_mut()) {

@@ -284,17 +284,16 @@ struct Resident<L> {
     launcher: L,
     /// The slot holding the state after the last step.
     slot: Slot,
-    /// That state's `h` and `c` as the host last saw them (the slot's numbers after the
-    /// logits); empty when the slot holds nothing trustworthy (before the first step, or after
-    /// a failed one).
-    kept: Vec<f32>,
-    /// The last state buffer copied back.
-    downloaded: Vec<f32>,
+    /// That slot's numbers as the host last saw them (`Shape::state_len`, once a step ran).
+    mirror: Vec<f32>,
+    /// True while `slot` holds `mirror`: false before the first step and after a failed one.
+    is_mirrored: bool,
 }
 
 impl<L: Launcher> Stepper<L> {
     fn new(shape: Shape, launcher: L) -> Self {
-        let resident = Resident { launcher, slot: Slot::First, kept: Vec::new(), downloaded: Vec::new() };
+        let mirror = vec![0.0; shape.state_len()];
+        let resident = Resident { launcher, slot: Slot::First, mirror, is_mirrored: false };
         Self { shape, inner: Mutex::new(resident) }
     }
 
@@ -305,42 +304,36 @@ impl<L: Launcher> Stepper<L> {
         self.check(token, rows, state, logits)?;
         let mut guard =
             self.inner.lock().map_err(|_| Error::Msg("GPU step: an earlier step panicked".into()))?;
-        let resident = &mut *guard;
-        let from = resident.slot;
-        let kept_matches = resident.kept.len() == 2 * shape.layers * shape.hidden
-            && state.h.iter().zip(&state.c).enumerate().all(|(k, (h, c))| {
-                let at = 2 * k * shape.hidden;
-                resident.kept[at..at + shape.hidden] == h[..]
-                    && resident.kept[at + shape.hidden..][..shape.hidden] == c[..]
+        let Resident { launcher, slot, mirror, is_mirrored } = &mut *guard;
+        let from = *slot;
+        let layer_states = || state.h.iter().zip(&state.c).enumerate();
+        let is_resident = *is_mirrored
+            && layer_states().all(|(k, (h, c))| {
+                mirror[shape.h(k)..][..shape.hidden] == h[..] && mirror[shape.c(k)..][..shape.hidden] == c[..]
             });
         // Until this step succeeds, the slots hold nothing the next step may trust.
-        let mut kept = std::mem::take(&mut resident.kept);
-        if !kept_matches {
-            kept.clear();
-            for (h, c) in state.h.iter().zip(&state.c) {
-                kept.extend_from_slice(h);
-                kept.extend_from_slice(c);
+        *is_mirrored = false;
+        if !is_resident {
+            for (k, (h, c)) in layer_states() {
+                mirror[shape.h(k)..][..shape.hidden].copy_from_slice(h);
+                mirror[shape.c(k)..][..shape.hidden].copy_from_slice(c);
             }
-            resident.launcher.upload(from, shape.vocab, &kept)?;
+            launcher.upload(from, shape.vocab, &mirror[shape.vocab..])?;
         }
         let (layers, head) = plan(shape, token, rows, from);
         for layer in &layers {
-            resident.launcher.layer(shape, layer)?;
+            launcher.layer(shape, layer)?;
         }
-        resident.launcher.head(shape, &head)?;
+        launcher.head(shape, &head)?;
         let to = from.other();
-        resident.downloaded.resize(shape.state_len(), 0.0);
-        resident.launcher.download(to, &mut resident.downloaded)?;
-        let downloaded = &resident.downloaded;
-        logits.copy_from_slice(&downloaded[..shape.vocab]);
+        launcher.download(to, mirror)?;
+        logits.copy_from_slice(&mirror[..shape.vocab]);
         for (k, (h, c)) in state.h.iter_mut().zip(&mut state.c).enumerate() {
-            h.copy_from_slice(&downloaded[shape.h(k)..][..shape.hidden]);
-            c.copy_from_slice(&downloaded[shape.c(k)..][..shape.hidden]);
+            h.copy_from_slice(&mirror[shape.h(k)..][..shape.hidden]);
+            c.copy_from_slice(&mirror[shape.c(k)..][..shape.hidden]);
         }
-        kept.clear();
-        kept.extend_from_slice(&downloaded[shape.vocab..]);
-        resident.kept = kept;
-        resident.slot = to;
+        *slot = to;
+        *is_mirrored = true;
         Ok(())
     }
 
